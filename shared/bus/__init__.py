@@ -1,0 +1,126 @@
+"""The bus: how services declare what they publish and consume over Kafka.
+
+    bus = Bus(settings, service="router")
+
+    @bus.subscribe(topics.REQUESTS_HIGH, group="router")
+    async def on_request(event: InferenceRequest, ctx: EventContext) -> None: ...
+
+    await bus.start()
+    await bus.publish(topics.AUDIT_EVENTS, audit_event)
+    ...
+    await bus.stop()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import Message
+
+from shared.bus.consumer import EventContext, Handler, Subscriber
+from shared.bus.idempotency import (
+    IdempotencyStore,
+    MemoryIdempotencyStore,
+    SqliteIdempotencyStore,
+)
+from shared.bus.producer import Publisher
+from shared.bus.tracing import Headers
+from shared.settings import MeshSettings
+from shared.topics import Topic
+
+__all__ = ["Bus", "EventContext", "Publisher", "Subscriber"]
+
+
+class Bus:
+    """One publisher and any number of subscribers of a service process."""
+
+    def __init__(self, settings: MeshSettings, *, service: str) -> None:
+        self.settings = settings
+        self.service = service
+        self.publisher = Publisher(settings, service=service)
+        self.subscribers: list[Subscriber] = []
+        self._started = False
+
+    def subscribe(
+        self,
+        *topics: Topic,
+        group: str,
+        max_attempts: int | None = None,
+        durable_dedup: bool = True,
+    ) -> Callable[[Handler], Handler]:
+        """Register the decorated coroutine as the handler of ``topics`` for ``group``.
+
+        ``durable_dedup`` keeps processed event ids in a SQLite file under the data
+        directory, so redeliveries after a restart are recognised too.
+        """
+
+        def register(handler: Handler) -> Handler:
+            self.add_subscriber(
+                topics, group=group, handler=handler, max_attempts=max_attempts,
+                idempotency=self._idempotency_store(group, durable_dedup),
+            )
+            return handler
+
+        return register
+
+    def add_subscriber(
+        self,
+        topics: tuple[Topic, ...] | list[Topic],
+        *,
+        group: str,
+        handler: Handler,
+        idempotency: IdempotencyStore,
+        max_attempts: int | None = None,
+    ) -> Subscriber:
+        subscriber = Subscriber(
+            self.settings,
+            self.publisher,
+            topics=topics,
+            group=group,
+            handler=handler,
+            idempotency=idempotency,
+            max_attempts=max_attempts,
+            client_id=f"{self.settings.kafka.client_id_prefix}-{self.service}",
+        )
+        self.subscribers.append(subscriber)
+        return subscriber
+
+    def _idempotency_store(self, group: str, durable: bool) -> IdempotencyStore:
+        window = self.settings.bus.idempotency_window
+        if not durable:
+            return MemoryIdempotencyStore(window=window)
+        path = Path(self.settings.data_dir) / self.service / f"processed-{group}.sqlite"
+        return SqliteIdempotencyStore(path, window=window)
+
+    @property
+    def ready(self) -> bool:
+        return self.publisher.started and all(s.ready for s in self.subscribers)
+
+    def failure(self) -> BaseException | None:
+        return next((s.failure for s in self.subscribers if s.failure is not None), None)
+
+    async def start(self) -> None:
+        await self.publisher.start()
+        for subscriber in self.subscribers:
+            await subscriber.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        """Stop consuming (committing what was handled), then flush and close the producer."""
+        for subscriber in self.subscribers:
+            await subscriber.stop()
+        await self.publisher.stop()
+        self._started = False
+
+    async def publish(
+        self,
+        topic: Topic,
+        event: Message,
+        *,
+        key: str | bytes | None = None,
+        tenant: str | None = None,
+        headers: Headers | None = None,
+    ) -> Any:
+        return await self.publisher.publish(topic, event, key=key, tenant=tenant, headers=headers)

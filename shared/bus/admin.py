@@ -1,0 +1,74 @@
+"""Creating the registered topics (and their dead-letter topics) on a broker."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError
+
+from shared.logging import get_logger
+from shared.topics import DLQ_PARTITIONS, DLQ_RETENTION_MS, REGISTRY, Topic
+
+log = get_logger(__name__)
+TOPIC_ALREADY_EXISTS = 36
+
+
+def topic_specs(topics: Iterable[Topic], replication: int = 1) -> list[NewTopic]:
+    specs = []
+    for topic in topics:
+        config = {"retention.ms": str(topic.retention_ms), **topic.extra_config}
+        specs.append(NewTopic(topic.name, topic.partitions, replication, topic_configs=config))
+        if topic.consumers:
+            specs.append(
+                NewTopic(
+                    topic.dlq,
+                    DLQ_PARTITIONS,
+                    replication,
+                    topic_configs={"retention.ms": str(DLQ_RETENTION_MS)},
+                )
+            )
+    return specs
+
+
+async def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
+    """Return once the broker answers a metadata request; raise TimeoutError otherwise."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last_error: Exception | None = None
+    while asyncio.get_running_loop().time() < deadline:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+        try:
+            await admin.start()
+            await admin.list_topics()
+            return
+        except (KafkaConnectionError, KafkaError, OSError) as error:
+            last_error = error
+            await asyncio.sleep(0.1)
+        finally:
+            await admin.close()
+    raise TimeoutError(f"no Kafka broker answered at {bootstrap} within {timeout:.0f}s: {last_error}")
+
+
+async def ensure_topics(
+    bootstrap: str, topics: Iterable[Topic] = REGISTRY, replication: int = 1
+) -> list[str]:
+    """Create whichever registered topics are missing; return the names created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [s for s in topic_specs(topics, replication) if s.name not in existing]
+        if not missing:
+            return []
+        response = await admin.create_topics(missing)
+        created = []
+        for name, code, *message in response.topic_errors:
+            if code == 0:
+                created.append(name)
+            elif code != TOPIC_ALREADY_EXISTS:
+                raise RuntimeError(f"could not create topic {name}: error {code} {message}")
+        log.info("topics created", count=len(created))
+        return created
+    finally:
+        await admin.close()

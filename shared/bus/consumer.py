@@ -1,0 +1,308 @@
+"""Consuming events: decode, dedupe, handle with retries, dead-letter, then commit.
+
+Delivery contract, per consumer group:
+- an offset is committed only after its event was handled (or dead-lettered) and
+  marked processed, so a crash loses nothing (at-least-once from Kafka);
+- an event id already marked processed is skipped, so redeliveries and
+  duplicate publishes reach the handler once;
+- an event that cannot be decoded, or whose envelope is unusable, goes straight to
+  ``<topic>.dlq`` with the reason; one whose handler keeps failing goes there after
+  ``max_attempts`` tries; either way the partition moves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+from google.protobuf.message import DecodeError, Message
+from opentelemetry import metrics, trace
+
+from shared import envelope
+from shared.bus.idempotency import IdempotencyStore
+from shared.bus.producer import TYPE_HEADER, Publisher
+from shared.bus.tracing import process_span
+from shared.events.v1 import events_pb2 as ev
+from shared.logging import get_logger
+from shared.settings import MeshSettings
+from shared.topics import Topic
+
+log = get_logger(__name__)
+_meter = metrics.get_meter("meshllm.bus")
+_processed = _meter.create_counter("meshllm.bus.events", description="Events by outcome")
+_duration = _meter.create_histogram(
+    "meshllm.bus.handler.duration", unit="ms", description="Handler time per event"
+)
+
+DLQ_HEADER_PREFIX = "meshllm-dlq-"
+
+
+@dataclass(frozen=True)
+class EventContext:
+    """What a handler may want to know about the record behind an event."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+    envelope: ev.Envelope
+    attempt: int
+
+
+Handler = Callable[[Any, EventContext], Awaitable[None]]
+
+
+class PoisonEvent(Exception):
+    """A record that no retry can make processable (bad bytes, type or envelope)."""
+
+
+class Subscriber:
+    """A consumer group member that feeds one handler from one or more topics."""
+
+    def __init__(
+        self,
+        settings: MeshSettings,
+        publisher: Publisher,
+        *,
+        topics: Sequence[Topic],
+        group: str,
+        handler: Handler,
+        idempotency: IdempotencyStore,
+        max_attempts: int | None = None,
+        client_id: str = "meshllm",
+    ) -> None:
+        if not topics:
+            raise ValueError("a subscriber needs at least one topic")
+        self._settings = settings
+        self._publisher = publisher
+        self._topics = {topic.name: topic for topic in topics}
+        self.group = group
+        self._handler = handler
+        self._idempotency = idempotency
+        self._max_attempts = max_attempts or settings.bus.max_attempts
+        self._client_id = client_id
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self.failure: BaseException | None = None
+
+    @property
+    def ready(self) -> bool:
+        """True once the group has given this member its partitions."""
+        return (
+            self._consumer is not None
+            and self._task is not None
+            and not self._task.done()
+            and bool(self._consumer.assignment())
+        )
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        kafka = self._settings.kafka
+        self._consumer = AIOKafkaConsumer(
+            *self._topics,
+            bootstrap_servers=kafka.bootstrap,
+            group_id=self.group,
+            client_id=self._client_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=self._settings.fetch_max_wait_ms,
+            session_timeout_ms=kafka.session_timeout_ms,
+            heartbeat_interval_ms=kafka.heartbeat_interval_ms,
+            request_timeout_ms=kafka.request_timeout_ms,
+        )
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run(), name=f"subscriber:{self.group}")
+
+    async def stop(self) -> None:
+        """Finish the batch in hand, commit it, and leave the group."""
+        self._stopping.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+        self._idempotency.close()
+
+    async def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            while not self._stopping.is_set():
+                batch = await consumer.getmany(
+                    timeout_ms=100, max_records=self._settings.bus.max_batch
+                )
+                if not batch:
+                    continue
+                committed = await asyncio.gather(
+                    *(self._handle_partition(tp, records) for tp, records in batch.items())
+                )
+                await consumer.commit(dict(committed))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            self.failure = error
+            log.exception("subscriber stopped", group=self.group)
+            raise
+
+    async def _handle_partition(
+        self, tp: TopicPartition, records: list[ConsumerRecord]
+    ) -> tuple[TopicPartition, int]:
+        processed: list[str] = []
+        for record in records:
+            event_id = await self._handle_record(record, processed)
+            if event_id:
+                processed.append(event_id)
+        self._idempotency.mark(processed)
+        return tp, records[-1].offset + 1
+
+    async def _handle_record(self, record: ConsumerRecord, batch: list[str]) -> str | None:
+        """Handle one record; return its event id to mark processed (None if nothing to mark).
+
+        ``batch`` holds the ids handled earlier in this batch, not yet in the store.
+        """
+        topic = self._topics[record.topic]
+        headers = list(record.headers or ())
+        try:
+            event = self._decode(topic, record.value, headers)
+        except PoisonEvent as poison:
+            await self._dead_letter(record, headers, reason="undecodable", error=poison, attempts=0)
+            _processed.add(1, {"topic": topic.name, "outcome": "dead_letter"})
+            return None
+        env: ev.Envelope | None = event.envelope if topic.enveloped else None  # type: ignore[attr-defined]
+        event_id = env.event_id if env is not None else None
+        if event_id and (event_id in batch or self._idempotency.seen(event_id)):
+            _processed.add(1, {"topic": topic.name, "outcome": "duplicate"})
+            log.debug("duplicate event skipped", event_id=event_id, topic=topic.name)
+            return None
+        with process_span(
+            topic.name,
+            self.group,
+            headers,
+            partition=record.partition,
+            offset=record.offset,
+            event_id=event_id,
+        ) as span:
+            outcome = await self._call_with_retries(record, headers, event, env, span)
+        _processed.add(1, {"topic": topic.name, "outcome": outcome})
+        return event_id
+
+    def _decode(self, topic: Topic, value: bytes | None, headers: list[tuple[str, bytes]]) -> Any:
+        if not topic.enveloped:
+            return value
+        type_name = next((v.decode(errors="replace") for k, v in headers if k == TYPE_HEADER), None)
+        if type_name is None:
+            if len(topic.messages) != 1:
+                raise PoisonEvent(f"no {TYPE_HEADER} header on a topic with several message types")
+            message_type: type[Message] | None = topic.messages[0]
+        else:
+            message_type = topic.message_by_name(type_name)
+        if message_type is None:
+            raise PoisonEvent(f"{topic.name} does not carry message type {type_name!r}")
+        event = message_type()
+        try:
+            event.ParseFromString(value or b"")
+        except DecodeError as error:
+            raise PoisonEvent(f"not a valid {message_type.DESCRIPTOR.full_name}: {error}") from None
+        try:
+            envelope.check(event)
+        except envelope.EnvelopeError as error:
+            raise PoisonEvent(str(error)) from None
+        return event
+
+    async def _call_with_retries(
+        self,
+        record: ConsumerRecord,
+        headers: list[tuple[str, bytes]],
+        event: Any,
+        env: ev.Envelope | None,
+        span: trace.Span,
+    ) -> str:
+        backoff = self._settings.bus.retry_backoff_ms / 1000
+        for attempt in range(1, self._max_attempts + 1):
+            context = EventContext(
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                key=record.key,
+                headers=headers,
+                envelope=env if env is not None else ev.Envelope(),
+                attempt=attempt,
+            )
+            started = time.perf_counter()
+            try:
+                await self._handler(event, context)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                span.record_exception(error)
+                log.warning(
+                    "handler failed",
+                    topic=record.topic,
+                    offset=record.offset,
+                    attempt=attempt,
+                    max_attempts=self._max_attempts,
+                    error=f"{type(error).__name__}: {error}",
+                )
+                if attempt == self._max_attempts:
+                    span.set_status(trace.StatusCode.ERROR, f"dead-lettered: {error}")
+                    await self._dead_letter(
+                        record, headers, reason="handler_failed", error=error, attempts=attempt
+                    )
+                    return "dead_letter"
+                await asyncio.sleep(backoff * 2 ** (attempt - 1))
+            else:
+                _duration.record((time.perf_counter() - started) * 1000, {"topic": record.topic})
+                return "handled"
+        raise AssertionError("unreachable: the loop returns on success or last attempt")
+
+    async def _dead_letter(
+        self,
+        record: ConsumerRecord,
+        headers: list[tuple[str, bytes]],
+        *,
+        reason: str,
+        error: BaseException,
+        attempts: int,
+    ) -> None:
+        topic = self._topics[record.topic]
+        dlq_headers = [(k, v) for k, v in headers if not k.startswith(DLQ_HEADER_PREFIX)]
+        for name, value in {
+            "reason": reason,
+            "error": f"{type(error).__name__}: {error}",
+            "topic": record.topic,
+            "partition": str(record.partition),
+            "offset": str(record.offset),
+            "group": self.group,
+            "attempts": str(attempts),
+            "at": datetime.now(UTC).isoformat(),
+        }.items():
+            dlq_headers.append((DLQ_HEADER_PREFIX + name, value.encode()))
+        log.error(
+            "event dead-lettered",
+            topic=record.topic,
+            offset=record.offset,
+            reason=reason,
+            error=str(error),
+            dlq=topic.dlq,
+        )
+        while True:
+            try:
+                await self._publisher.publish_raw(
+                    topic.dlq, record.value or b"", key=record.key, headers=dlq_headers
+                )
+                return
+            except KafkaError:
+                # Committing past an event that is in neither topic would lose it.
+                log.exception("dead-letter publish failed; retrying", dlq=topic.dlq)
+                await asyncio.sleep(1)

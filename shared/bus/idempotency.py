@@ -1,0 +1,87 @@
+"""Remembers which events a consumer group has processed, so redeliveries are absorbed.
+
+The store is durable (SQLite in WAL mode) so a consumer restarted after a crash
+still recognises events it processed but had not yet committed. Marking happens
+before the offset commit; a crash between handler and mark can run a handler a
+second time, so handlers whose effect lives in their own store should make that
+effect idempotent by event id too (the audit store does).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Protocol
+
+
+class IdempotencyStore(Protocol):
+    def seen(self, event_id: str) -> bool: ...
+
+    def mark(self, event_ids: list[str]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SqliteIdempotencyStore:
+    """Processed event ids of one consumer group, in a SQLite file, newest ``window`` kept."""
+
+    def __init__(self, path: Path, *, window: int = 200_000) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL loses nothing when the process dies; only a machine crash can.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS processed "
+            "(seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT UNIQUE NOT NULL)"
+        )
+        self._window = window
+        self._marks_since_prune = 0
+
+    def seen(self, event_id: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM processed WHERE event_id = ?", (event_id,)
+        ).fetchone()
+        return row is not None
+
+    def mark(self, event_ids: list[str]) -> None:
+        if not event_ids:
+            return
+        self._db.execute("BEGIN")
+        self._db.executemany(
+            "INSERT OR IGNORE INTO processed (event_id) VALUES (?)", [(e,) for e in event_ids]
+        )
+        self._db.execute("COMMIT")
+        self._marks_since_prune += len(event_ids)
+        if self._marks_since_prune >= self._window // 10:
+            self._prune()
+
+    def _prune(self) -> None:
+        self._db.execute(
+            "DELETE FROM processed WHERE seq <= (SELECT MAX(seq) FROM processed) - ?",
+            (self._window,),
+        )
+        self._marks_since_prune = 0
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class MemoryIdempotencyStore:
+    """For consumers whose effects are not durable either (caches, live relays)."""
+
+    def __init__(self, *, window: int = 200_000) -> None:
+        self._ids: dict[str, None] = {}
+        self._window = window
+
+    def seen(self, event_id: str) -> bool:
+        return event_id in self._ids
+
+    def mark(self, event_ids: list[str]) -> None:
+        for event_id in event_ids:
+            self._ids[event_id] = None
+        while len(self._ids) > self._window:
+            del self._ids[next(iter(self._ids))]
+
+    def close(self) -> None:
+        self._ids.clear()

@@ -1,0 +1,64 @@
+"""Teach aiokafka the InitProducerId version the embedded broker needs.
+
+aiokafka 0.14 only speaks InitProducerId v0, which carries no producer id or
+epoch. The embedded broker (Tansu) answers a v0 request from an idempotent
+producer with UNKNOWN_SERVER_ERROR, so ``enable_idempotence=True`` fails there.
+v3 (KIP-360) sends producer id and epoch as -1 for a fresh producer, which both
+Tansu and Apache Kafka accept. The version is negotiated per connection, so a
+broker that only knows v0 still gets v0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiokafka.producer.sender as _sender
+from aiokafka.protocol.api import Request, RequestStruct, Response
+from aiokafka.protocol.transaction import InitProducerIdRequest_v0
+from aiokafka.protocol.types import CompactString, Int16, Int32, Int64, Schema, TaggedFields
+
+
+class InitProducerIdResponse_v3(Response):  # noqa: N801 - aiokafka's naming scheme
+    API_KEY = 22
+    API_VERSION = 3
+    SCHEMA = Schema(
+        ("throttle_time_ms", Int32),
+        ("error_code", Int16),
+        ("producer_id", Int64),
+        ("producer_epoch", Int16),
+        ("tags", TaggedFields),
+    )
+
+
+class InitProducerIdRequest_v3(RequestStruct):  # noqa: N801
+    FLEXIBLE_VERSION = True
+    API_KEY = 22
+    API_VERSION = 3
+    RESPONSE_TYPE = InitProducerIdResponse_v3
+    SCHEMA = Schema(
+        ("transactional_id", CompactString("utf-8")),
+        ("transaction_timeout_ms", Int32),
+        ("producer_id", Int64),
+        ("producer_epoch", Int16),
+        ("tags", TaggedFields),
+    )
+
+
+class InitProducerIdRequest(Request[InitProducerIdRequest_v0 | InitProducerIdRequest_v3]):
+    API_KEY = 22
+
+    def __init__(self, transactional_id: str | None, transaction_timeout_ms: int) -> None:
+        self._transactional_id = transactional_id
+        self._transaction_timeout_ms = transaction_timeout_ms
+
+    def build(self, request_struct_class: Any) -> Any:
+        if request_struct_class is InitProducerIdRequest_v3:
+            return request_struct_class(
+                self._transactional_id, self._transaction_timeout_ms, -1, -1, {}
+            )
+        return request_struct_class(self._transactional_id, self._transaction_timeout_ms)
+
+
+def install() -> None:
+    """Make aiokafka's producer negotiate InitProducerId up to v3 (idempotent)."""
+    _sender.InitProducerIdRequest = InitProducerIdRequest  # type: ignore[attr-defined]

@@ -1,0 +1,121 @@
+"""Publishing events: protobuf in, idempotent ``acks=all`` writes out, trace context attached."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from google.protobuf.message import Message
+
+from shared import envelope
+from shared.bus import kafka_compat
+from shared.bus.tracing import Headers, publish_span
+from shared.settings import MeshSettings
+from shared.topics import Topic
+
+TYPE_HEADER = "meshllm-type"
+MAX_REQUEST_BYTES = 16 * 1024 * 1024 + 64 * 1024
+
+kafka_compat.install()
+
+
+def _key_of(topic: Topic, event: Message) -> bytes | None:
+    field = event.DESCRIPTOR.fields_by_name.get(topic.key)
+    if field is None:
+        return None
+    value = getattr(event, topic.key)
+    return str(value).encode() if value else None
+
+
+class Publisher:
+    """One idempotent Kafka producer per process, shared by every publishing component."""
+
+    def __init__(self, settings: MeshSettings, *, service: str) -> None:
+        self._settings = settings
+        self._service = service
+        self._producer: AIOKafkaProducer | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._producer is not None
+
+    async def start(self) -> None:
+        kafka = self._settings.kafka
+        producer = AIOKafkaProducer(
+            bootstrap_servers=kafka.bootstrap,
+            client_id=f"{kafka.client_id_prefix}-{self._service}",
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=kafka.linger_ms,
+            request_timeout_ms=kafka.request_timeout_ms,
+            max_request_size=MAX_REQUEST_BYTES,
+        )
+        await producer.start()
+        self._producer = producer
+
+    async def stop(self) -> None:
+        """Deliver everything already accepted, then close."""
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            await producer.flush()
+            await producer.stop()
+
+    def _require(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("publisher is not started")
+        return self._producer
+
+    async def enqueue(
+        self,
+        topic: Topic,
+        event: Message,
+        *,
+        key: str | bytes | None = None,
+        tenant: str | None = None,
+        headers: Headers | None = None,
+    ) -> asyncio.Future[Any]:
+        """Buffer ``event`` for ``topic``; return a future that resolves once the broker acked.
+
+        Raises:
+            TypeError: the topic does not carry this message type.
+        """
+        if not topic.accepts(type(event)):
+            allowed = ", ".join(m.DESCRIPTOR.full_name for m in topic.messages) or "none"
+            raise TypeError(
+                f"{topic.name} does not carry {event.DESCRIPTOR.full_name} (it carries {allowed})"
+            )
+        env = envelope.stamp(event, producer=self._service, tenant=tenant)
+        record_key = key.encode() if isinstance(key, str) else key
+        if record_key is None:
+            record_key = _key_of(topic, event)
+        all_headers: Headers = [(TYPE_HEADER, event.DESCRIPTOR.full_name.encode())]
+        if headers:
+            all_headers.extend(headers)
+        with publish_span(topic.name, env.event_id, all_headers):
+            return await self._require().send(
+                topic.name,
+                event.SerializeToString(),
+                key=record_key,
+                headers=all_headers,
+            )
+
+    async def publish(
+        self,
+        topic: Topic,
+        event: Message,
+        *,
+        key: str | bytes | None = None,
+        tenant: str | None = None,
+        headers: Headers | None = None,
+    ) -> Any:
+        """Publish ``event`` and wait until the broker has it (all in-sync replicas)."""
+        delivery = await self.enqueue(topic, event, key=key, tenant=tenant, headers=headers)
+        return await delivery
+
+    async def publish_raw(
+        self, topic: str, value: bytes, *, key: bytes | None, headers: Headers
+    ) -> Any:
+        """Publish bytes as they are: dead letters and OTLP spans, which have no envelope."""
+        delivery = await self._require().send(topic, value, key=key, headers=headers)
+        return await delivery

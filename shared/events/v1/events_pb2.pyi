@@ -1,0 +1,545 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIORITY_UNSPECIFIED: _ClassVar[Priority]
+    PRIORITY_LOW: _ClassVar[Priority]
+    PRIORITY_NORMAL: _ClassVar[Priority]
+    PRIORITY_HIGH: _ClassVar[Priority]
+
+class RequestKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REQUEST_KIND_UNSPECIFIED: _ClassVar[RequestKind]
+    REQUEST_KIND_CHAT: _ClassVar[RequestKind]
+    REQUEST_KIND_COMPLETION: _ClassVar[RequestKind]
+    REQUEST_KIND_EMBEDDING: _ClassVar[RequestKind]
+
+class DeploymentAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DEPLOYMENT_ACTION_UNSPECIFIED: _ClassVar[DeploymentAction]
+    DEPLOYMENT_ACTION_CANARY: _ClassVar[DeploymentAction]
+    DEPLOYMENT_ACTION_PROMOTE: _ClassVar[DeploymentAction]
+    DEPLOYMENT_ACTION_ROLLBACK: _ClassVar[DeploymentAction]
+    DEPLOYMENT_ACTION_RETIRE: _ClassVar[DeploymentAction]
+
+class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_STATE_UNSPECIFIED: _ClassVar[ModelState]
+    MODEL_STATE_LOADING: _ClassVar[ModelState]
+    MODEL_STATE_READY: _ClassVar[ModelState]
+    MODEL_STATE_FAILED: _ClassVar[ModelState]
+    MODEL_STATE_UNLOADED: _ClassVar[ModelState]
+
+class AlertState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ALERT_STATE_UNSPECIFIED: _ClassVar[AlertState]
+    ALERT_STATE_FIRING: _ClassVar[AlertState]
+    ALERT_STATE_RESOLVED: _ClassVar[AlertState]
+
+class IndexState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INDEX_STATE_UNSPECIFIED: _ClassVar[IndexState]
+    INDEX_STATE_STARTED: _ClassVar[IndexState]
+    INDEX_STATE_INDEXED: _ClassVar[IndexState]
+    INDEX_STATE_UNCHANGED: _ClassVar[IndexState]
+    INDEX_STATE_DELETED: _ClassVar[IndexState]
+    INDEX_STATE_FAILED: _ClassVar[IndexState]
+PRIORITY_UNSPECIFIED: Priority
+PRIORITY_LOW: Priority
+PRIORITY_NORMAL: Priority
+PRIORITY_HIGH: Priority
+REQUEST_KIND_UNSPECIFIED: RequestKind
+REQUEST_KIND_CHAT: RequestKind
+REQUEST_KIND_COMPLETION: RequestKind
+REQUEST_KIND_EMBEDDING: RequestKind
+DEPLOYMENT_ACTION_UNSPECIFIED: DeploymentAction
+DEPLOYMENT_ACTION_CANARY: DeploymentAction
+DEPLOYMENT_ACTION_PROMOTE: DeploymentAction
+DEPLOYMENT_ACTION_ROLLBACK: DeploymentAction
+DEPLOYMENT_ACTION_RETIRE: DeploymentAction
+MODEL_STATE_UNSPECIFIED: ModelState
+MODEL_STATE_LOADING: ModelState
+MODEL_STATE_READY: ModelState
+MODEL_STATE_FAILED: ModelState
+MODEL_STATE_UNLOADED: ModelState
+ALERT_STATE_UNSPECIFIED: AlertState
+ALERT_STATE_FIRING: AlertState
+ALERT_STATE_RESOLVED: AlertState
+INDEX_STATE_UNSPECIFIED: IndexState
+INDEX_STATE_STARTED: IndexState
+INDEX_STATE_INDEXED: IndexState
+INDEX_STATE_UNCHANGED: IndexState
+INDEX_STATE_DELETED: IndexState
+INDEX_STATE_FAILED: IndexState
+
+class Envelope(_message.Message):
+    __slots__ = ("event_id", "occurred_at", "tenant", "schema_version", "producer", "correlation_id")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRODUCER_FIELD_NUMBER: _ClassVar[int]
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    occurred_at: _timestamp_pb2.Timestamp
+    tenant: str
+    schema_version: int
+    producer: str
+    correlation_id: str
+    def __init__(self, event_id: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tenant: _Optional[str] = ..., schema_version: _Optional[int] = ..., producer: _Optional[str] = ..., correlation_id: _Optional[str] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content", "name")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    name: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class SamplingParams(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k", "seed", "stop", "max_tokens", "n")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    max_tokens: int
+    n: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., max_tokens: _Optional[int] = ..., n: _Optional[int] = ...) -> None: ...
+
+class InferenceRequest(_message.Message):
+    __slots__ = ("envelope", "request_id", "kind", "model", "model_version", "priority", "messages", "inputs", "sampling", "stream", "reply_topic", "deadline", "user", "api_key_id", "rag_collections")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    REPLY_TOPIC_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    RAG_COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    request_id: str
+    kind: RequestKind
+    model: str
+    model_version: str
+    priority: Priority
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    sampling: SamplingParams
+    stream: bool
+    reply_topic: str
+    deadline: _timestamp_pb2.Timestamp
+    user: str
+    api_key_id: str
+    rag_collections: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., kind: _Optional[_Union[RequestKind, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., inputs: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stream: _Optional[bool] = ..., reply_topic: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user: _Optional[str] = ..., api_key_id: _Optional[str] = ..., rag_collections: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReplyChunk(_message.Message):
+    __slots__ = ("envelope", "request_id", "choice_index", "sequence", "delta")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    request_id: str
+    choice_index: int
+    sequence: int
+    delta: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., choice_index: _Optional[int] = ..., sequence: _Optional[int] = ..., delta: _Optional[str] = ...) -> None: ...
+
+class Usage(_message.Message):
+    __slots__ = ("prompt_tokens", "completion_tokens")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    completion_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+
+class Choice(_message.Message):
+    __slots__ = ("index", "text", "finish_reason")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    text: str
+    finish_reason: str
+    def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+
+class Embedding(_message.Message):
+    __slots__ = ("index", "values")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, index: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class Citation(_message.Message):
+    __slots__ = ("document_id", "title", "chunk_id", "collection", "score")
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    document_id: str
+    title: str
+    chunk_id: str
+    collection: str
+    score: float
+    def __init__(self, document_id: _Optional[str] = ..., title: _Optional[str] = ..., chunk_id: _Optional[str] = ..., collection: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class ErrorInfo(_message.Message):
+    __slots__ = ("type", "code", "message", "param")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    PARAM_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    code: str
+    message: str
+    param: str
+    def __init__(self, type: _Optional[str] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., param: _Optional[str] = ...) -> None: ...
+
+class FinalReply(_message.Message):
+    __slots__ = ("envelope", "request_id", "model", "model_version", "choices", "embeddings", "usage", "citations", "error")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    CITATIONS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    request_id: str
+    model: str
+    model_version: str
+    choices: _containers.RepeatedCompositeFieldContainer[Choice]
+    embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
+    usage: Usage
+    citations: _containers.RepeatedCompositeFieldContainer[Citation]
+    error: ErrorInfo
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., error: _Optional[_Union[ErrorInfo, _Mapping]] = ...) -> None: ...
+
+class RequestRecord(_message.Message):
+    __slots__ = ("kind", "messages", "inputs", "sampling", "priority", "source_address")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    kind: RequestKind
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    sampling: SamplingParams
+    priority: Priority
+    source_address: str
+    def __init__(self, kind: _Optional[_Union[RequestKind, str]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., inputs: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ..., source_address: _Optional[str] = ...) -> None: ...
+
+class ResponseRecord(_message.Message):
+    __slots__ = ("choices", "usage", "status_code", "error", "latency_us", "retrieved_chunk_ids")
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_US_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVED_CHUNK_IDS_FIELD_NUMBER: _ClassVar[int]
+    choices: _containers.RepeatedCompositeFieldContainer[Choice]
+    usage: Usage
+    status_code: int
+    error: ErrorInfo
+    latency_us: int
+    retrieved_chunk_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., status_code: _Optional[int] = ..., error: _Optional[_Union[ErrorInfo, _Mapping]] = ..., latency_us: _Optional[int] = ..., retrieved_chunk_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RoutingDecision(_message.Message):
+    __slots__ = ("pool", "replica", "queue_wait_us", "cache", "attempt")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_WAIT_US_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    replica: str
+    queue_wait_us: int
+    cache: str
+    attempt: int
+    def __init__(self, pool: _Optional[str] = ..., replica: _Optional[str] = ..., queue_wait_us: _Optional[int] = ..., cache: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class PolicyDecision(_message.Message):
+    __slots__ = ("allow", "reasons", "action", "resource", "roles")
+    ALLOW_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    allow: bool
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    action: str
+    resource: str
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, allow: _Optional[bool] = ..., reasons: _Optional[_Iterable[str]] = ..., action: _Optional[str] = ..., resource: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AuditEvent(_message.Message):
+    __slots__ = ("envelope", "request_id", "api_key_id", "user", "model", "model_version", "request", "response", "routing", "policy")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    request_id: str
+    api_key_id: str
+    user: str
+    model: str
+    model_version: str
+    request: RequestRecord
+    response: ResponseRecord
+    routing: RoutingDecision
+    policy: PolicyDecision
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., api_key_id: _Optional[str] = ..., user: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., request: _Optional[_Union[RequestRecord, _Mapping]] = ..., response: _Optional[_Union[ResponseRecord, _Mapping]] = ..., routing: _Optional[_Union[RoutingDecision, _Mapping]] = ..., policy: _Optional[_Union[PolicyDecision, _Mapping]] = ...) -> None: ...
+
+class FeedbackEvent(_message.Message):
+    __slots__ = ("envelope", "request_id", "user", "rating", "labels", "correction", "comment")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    RATING_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    CORRECTION_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    request_id: str
+    user: str
+    rating: int
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    correction: str
+    comment: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., user: _Optional[str] = ..., rating: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., correction: _Optional[str] = ..., comment: _Optional[str] = ...) -> None: ...
+
+class DatasetReady(_message.Message):
+    __slots__ = ("envelope", "dataset_id", "uri", "examples", "sha256", "purpose")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    dataset_id: str
+    uri: str
+    examples: int
+    sha256: str
+    purpose: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., dataset_id: _Optional[str] = ..., uri: _Optional[str] = ..., examples: _Optional[int] = ..., sha256: _Optional[str] = ..., purpose: _Optional[str] = ...) -> None: ...
+
+class TrainingJob(_message.Message):
+    __slots__ = ("envelope", "job_id", "method", "base_model", "base_version", "dataset_id", "parameters")
+    class ParametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    job_id: str
+    method: str
+    base_model: str
+    base_version: str
+    dataset_id: str
+    parameters: _containers.ScalarMap[str, str]
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., job_id: _Optional[str] = ..., method: _Optional[str] = ..., base_model: _Optional[str] = ..., base_version: _Optional[str] = ..., dataset_id: _Optional[str] = ..., parameters: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ModelCandidate(_message.Message):
+    __slots__ = ("envelope", "model", "version", "base_version", "artifact_uri", "job_id", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_URI_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    model: str
+    version: str
+    base_version: str
+    artifact_uri: str
+    job_id: str
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., base_version: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., job_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ModelDeployment(_message.Message):
+    __slots__ = ("envelope", "model", "version", "action", "traffic_percent", "pool", "reason")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TRAFFIC_PERCENT_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    model: str
+    version: str
+    action: DeploymentAction
+    traffic_percent: int
+    pool: str
+    reason: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., action: _Optional[_Union[DeploymentAction, str]] = ..., traffic_percent: _Optional[int] = ..., pool: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ModelStatus(_message.Message):
+    __slots__ = ("envelope", "model", "version", "pool", "state", "replicas", "detail")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    model: str
+    version: str
+    pool: str
+    state: ModelState
+    replicas: int
+    detail: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., pool: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., replicas: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class OpsAlert(_message.Message):
+    __slots__ = ("envelope", "alert_id", "rule", "state", "severity", "labels", "value", "threshold", "summary")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    ALERT_ID_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    alert_id: str
+    rule: str
+    state: AlertState
+    severity: str
+    labels: _containers.ScalarMap[str, str]
+    value: float
+    threshold: float
+    summary: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., alert_id: _Optional[str] = ..., rule: _Optional[str] = ..., state: _Optional[_Union[AlertState, str]] = ..., severity: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., summary: _Optional[str] = ...) -> None: ...
+
+class ScalingDecision(_message.Message):
+    __slots__ = ("envelope", "deployment", "pool", "current_replicas", "target_replicas", "reason")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    deployment: str
+    pool: str
+    current_replicas: int
+    target_replicas: int
+    reason: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., deployment: _Optional[str] = ..., pool: _Optional[str] = ..., current_replicas: _Optional[int] = ..., target_replicas: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class KbIngest(_message.Message):
+    __slots__ = ("envelope", "document_id", "collection", "title", "content_type", "content", "acl", "metadata", "delete")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    ACL_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    DELETE_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    document_id: str
+    collection: str
+    title: str
+    content_type: str
+    content: bytes
+    acl: _containers.RepeatedScalarFieldContainer[str]
+    metadata: _containers.ScalarMap[str, str]
+    delete: bool
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., document_id: _Optional[str] = ..., collection: _Optional[str] = ..., title: _Optional[str] = ..., content_type: _Optional[str] = ..., content: _Optional[bytes] = ..., acl: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., delete: _Optional[bool] = ...) -> None: ...
+
+class KbIndexed(_message.Message):
+    __slots__ = ("envelope", "document_id", "collection", "state", "chunks", "content_sha256", "error")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    document_id: str
+    collection: str
+    state: IndexState
+    chunks: int
+    content_sha256: str
+    error: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., document_id: _Optional[str] = ..., collection: _Optional[str] = ..., state: _Optional[_Union[IndexState, str]] = ..., chunks: _Optional[int] = ..., content_sha256: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,127 @@
+"""Settings shared by every service, read from the environment (prefix ``MESHLLM_``).
+
+Nested settings use ``__``: ``MESHLLM_KAFKA__BOOTSTRAP=kafka:9092``. A bad value stops
+start-up with :class:`SettingsError`, whose message names the environment variable.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "MESHLLM_"
+
+
+class SettingsError(ValueError):
+    """Raised at start-up when a setting is missing or invalid."""
+
+
+class Mode(StrEnum):
+    EMBEDDED = "embedded"
+    CLUSTER = "cluster"
+
+
+class LogFormat(StrEnum):
+    AUTO = "auto"
+    JSON = "json"
+    CONSOLE = "console"
+
+
+class KafkaSettings(BaseModel):
+    bootstrap: str = Field(
+        "127.0.0.1:9092", description="Comma-separated host:port list of the Kafka brokers."
+    )
+    client_id_prefix: str = "meshllm"
+    linger_ms: int = Field(0, ge=0, le=1000, description="Producer batching delay.")
+    fetch_max_wait_ms: int | None = Field(
+        None,
+        ge=0,
+        le=30_000,
+        description=(
+            "How long a fetch may wait at the broker for data. Unset: 5 ms on the embedded "
+            "broker, which re-reads storage on a timer instead of waking fetches on new "
+            "data, and 500 ms on Apache Kafka, which wakes them."
+        ),
+    )
+    request_timeout_ms: int = Field(30_000, ge=1_000)
+    session_timeout_ms: int = Field(10_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(1_000, ge=100)
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _bootstrap_has_ports(cls, value: str) -> str:
+        for address in value.split(","):
+            host, _, port = address.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"bootstrap address {address!r} is not host:port")
+        return value
+
+
+class BusSettings(BaseModel):
+    max_attempts: int = Field(3, ge=1, le=100, description="Handler tries before dead-letter.")
+    retry_backoff_ms: int = Field(20, ge=0, le=60_000)
+    max_batch: int = Field(500, ge=1, le=100_000)
+    idempotency_window: int = Field(
+        200_000, ge=1_000, description="Processed event ids remembered per consumer group."
+    )
+
+
+class TelemetrySettings(BaseModel):
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP collector base URL, e.g. http://otel-collector:4318."
+    )
+    spans_to_kafka: bool = Field(True, description="Publish spans to telemetry.spans.")
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
+
+
+class MeshSettings(BaseSettings):
+    """Settings every service reads; services subclass it for their own."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore"
+    )
+
+    mode: Mode = Mode.EMBEDDED
+    service_name: str = "meshllm"
+    instance_id: str = ""
+    data_dir: Path = Path("var")
+    log_level: str = Field("INFO", pattern=r"^(?i:debug|info|warning|error|critical)$")
+    log_format: LogFormat = LogFormat.AUTO
+    health_host: str = "127.0.0.1"
+    health_port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
+    kafka: KafkaSettings = KafkaSettings()
+    bus: BusSettings = BusSettings()
+    telemetry: TelemetrySettings = TelemetrySettings()
+
+    @property
+    def fetch_max_wait_ms(self) -> int:
+        if self.kafka.fetch_max_wait_ms is not None:
+            return self.kafka.fetch_max_wait_ms
+        return 5 if self.mode is Mode.EMBEDDED else 500
+
+
+Settings = TypeVar("Settings", bound=MeshSettings)
+
+
+def _env_name(location: tuple[int | str, ...]) -> str:
+    return ENV_PREFIX + "__".join(str(part).upper() for part in location)
+
+
+def load_settings(cls: type[Settings], **overrides: Any) -> Settings:
+    """Build ``cls`` from the environment, turning validation errors into one clear message.
+
+    Raises:
+        SettingsError: naming each bad environment variable and why it was refused.
+    """
+    try:
+        return cls(**overrides)
+    except ValidationError as error:
+        problems = [
+            f"{_env_name(detail['loc'])}: {detail['msg']} (got {detail.get('input')!r})"
+            for detail in error.errors()
+        ]
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems)) from None

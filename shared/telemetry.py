@@ -1,0 +1,111 @@
+"""OpenTelemetry set-up: traces (to the telemetry.spans topic and/or OTLP) and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Sequence
+
+from opentelemetry import metrics, trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+
+from shared.bus.producer import Publisher
+from shared.logging import get_logger
+from shared.settings import MeshSettings
+from shared.topics import TELEMETRY_SPANS
+
+log = get_logger(__name__)
+
+
+class KafkaSpanExporter(SpanExporter):
+    """Publishes finished spans as one OTLP ExportTraceServiceRequest per batch.
+
+    Runs on the BatchSpanProcessor's thread and hands each batch to the service's
+    event loop, where the shared producer lives; the record key is the service name,
+    so one service's spans stay in order on one partition.
+    """
+
+    def __init__(
+        self, publisher: Publisher, loop: asyncio.AbstractEventLoop, service: str,
+        timeout: float = 10.0,
+    ) -> None:
+        self._publisher = publisher
+        self._loop = loop
+        self._key = service.encode()
+        self._timeout = timeout
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if not spans or not self._publisher.started or self._loop.is_closed():
+            return SpanExportResult.FAILURE if spans else SpanExportResult.SUCCESS
+        payload = encode_spans(spans).SerializeToString()
+        future = asyncio.run_coroutine_threadsafe(
+            self._publisher.publish_raw(TELEMETRY_SPANS.name, payload, key=self._key, headers=[]),
+            self._loop,
+        )
+        try:
+            future.result(self._timeout)
+        except (concurrent.futures.TimeoutError, Exception):
+            log.warning("span export to Kafka failed", spans=len(spans), exc_info=True)
+            return SpanExportResult.FAILURE
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        return None
+
+
+class Telemetry:
+    """The tracer and meter providers of one service process."""
+
+    def __init__(self, settings: MeshSettings, service: str) -> None:
+        resource = Resource.create(
+            {"service.name": service, "service.instance.id": settings.instance_id or service}
+        )
+        self.tracer_provider = TracerProvider(
+            resource=resource, sampler=ParentBasedTraceIdRatio(settings.telemetry.sample_ratio)
+        )
+        readers: list[MetricReader] = []
+        endpoint = settings.telemetry.otlp_endpoint
+        if endpoint:
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            base = endpoint.rstrip("/")
+            self.tracer_provider.add_span_processor(
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{base}/v1/traces"))
+            )
+            readers.append(
+                PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=f"{base}/v1/metrics"))
+            )
+        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        self._settings = settings
+        self._service = service
+
+    def install(self) -> None:
+        """Make these providers the process-wide ones (once per process)."""
+        trace.set_tracer_provider(self.tracer_provider)
+        metrics.set_meter_provider(self.meter_provider)
+
+    def export_spans_to_kafka(self, publisher: Publisher, loop: asyncio.AbstractEventLoop) -> None:
+        if self._settings.telemetry.spans_to_kafka:
+            exporter = KafkaSpanExporter(publisher, loop, self._service)
+            self.tracer_provider.add_span_processor(
+                BatchSpanProcessor(exporter, schedule_delay_millis=500)
+            )
+
+    async def flush(self) -> None:
+        """Export spans still buffered; runs off the loop so the exporter can use it."""
+        await asyncio.to_thread(self.tracer_provider.force_flush, 10_000)
+
+    def shutdown(self) -> None:
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()

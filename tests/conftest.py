@@ -1,0 +1,83 @@
+"""Suite-wide fixtures: the broker (started here unless one is given) and helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from shared.bus.admin import ensure_topics
+from shared.bus.embedded import EmbeddedBroker
+from shared.topics import Topic
+from tests.procs.topics import scratch_topic
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+async def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """A Kafka-compatible broker with the registered topics: ``MESHLLM_TEST_KAFKA`` or embedded."""
+    given = os.environ.get("MESHLLM_TEST_KAFKA")
+    if given:
+        await ensure_topics(given)
+        yield given
+        return
+    broker = EmbeddedBroker(log_file=tmp_path_factory.mktemp("broker") / "broker.log")
+    await broker.start()
+    yield broker.bootstrap
+    await broker.stop()
+
+
+@pytest.fixture
+async def fresh_topic(kafka_bootstrap: str) -> Topic:
+    """A new topic (and its DLQ) no other test uses."""
+    topic = scratch_topic(f"test.{uuid.uuid4().hex[:10]}")
+    await ensure_topics(kafka_bootstrap, [topic])
+    return topic
+
+
+@pytest.fixture
+def service_env(kafka_bootstrap: str, tmp_path: Path) -> Callable[..., dict[str, str]]:
+    """Environment for a child service process pointed at the test broker."""
+
+    def make(**extra: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1",
+            "MESHLLM_KAFKA__BOOTSTRAP": kafka_bootstrap,
+            "MESHLLM_DATA_DIR": str(tmp_path / "data"),
+            "MESHLLM_LOG_FORMAT": "json",
+            **extra,
+        }
+
+    return make
+
+
+async def start_process(
+    module: str, env: dict[str, str], log: Path
+) -> asyncio.subprocess.Process:
+    with open(log, "ab") as out:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", module, env=env, stdout=out, stderr=out, cwd=ROOT
+        )
+
+
+async def poll_until(
+    condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
+    message: str = "condition",
+) -> object:
+    """Return the first truthy value of ``condition()``; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        await asyncio.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {message}")
