@@ -48,8 +48,15 @@ class KafkaSettings(BaseModel):
         ),
     )
     request_timeout_ms: int = Field(30_000, ge=1_000)
-    session_timeout_ms: int = Field(10_000, ge=1_000)
-    heartbeat_interval_ms: int = Field(1_000, ge=100)
+    session_timeout_ms: int | None = Field(
+        None,
+        ge=1_000,
+        le=300_000,
+        description=(
+            "Consumer group session timeout. Unset: 3 s on the embedded broker, whose "
+            "JoinGroup waits half of it before answering, and 10 s on Apache Kafka."
+        ),
+    )
 
     @field_validator("bootstrap")
     @classmethod
@@ -102,6 +109,12 @@ class MeshSettings(BaseSettings):
         if self.kafka.fetch_max_wait_ms is not None:
             return self.kafka.fetch_max_wait_ms
         return 5 if self.mode is Mode.EMBEDDED else 500
+
+    @property
+    def session_timeout_ms(self) -> int:
+        if self.kafka.session_timeout_ms is not None:
+            return self.kafka.session_timeout_ms
+        return 3_000 if self.mode is Mode.EMBEDDED else 10_000
 
 
 Settings = TypeVar("Settings", bound=MeshSettings)

@@ -36,7 +36,15 @@ async def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
     """Return once the broker answers a metadata request; raise TimeoutError otherwise."""
     deadline = asyncio.get_running_loop().time() + timeout
     last_error: Exception | None = None
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
     while asyncio.get_running_loop().time() < deadline:
+        try:
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.close()
+        except OSError as error:
+            last_error = error
+            await asyncio.sleep(0.05)
+            continue
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
         try:
             await admin.start()

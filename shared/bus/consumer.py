@@ -117,8 +117,8 @@ class Subscriber:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             fetch_max_wait_ms=self._settings.fetch_max_wait_ms,
-            session_timeout_ms=kafka.session_timeout_ms,
-            heartbeat_interval_ms=kafka.heartbeat_interval_ms,
+            session_timeout_ms=self._settings.session_timeout_ms,
+            heartbeat_interval_ms=max(100, self._settings.session_timeout_ms // 6),
             request_timeout_ms=kafka.request_timeout_ms,
         )
         await self._consumer.start()
@@ -158,19 +158,16 @@ class Subscriber:
     async def _handle_partition(
         self, tp: TopicPartition, records: list[ConsumerRecord]
     ) -> tuple[TopicPartition, int]:
-        processed: list[str] = []
         for record in records:
-            event_id = await self._handle_record(record, processed)
+            event_id = await self._handle_record(record)
             if event_id:
-                processed.append(event_id)
-        self._idempotency.mark(processed)
+                # Marked at once, not per batch: a crash then re-runs at most the
+                # event in flight, never the ones already handled.
+                self._idempotency.mark([event_id])
         return tp, records[-1].offset + 1
 
-    async def _handle_record(self, record: ConsumerRecord, batch: list[str]) -> str | None:
-        """Handle one record; return its event id to mark processed (None if nothing to mark).
-
-        ``batch`` holds the ids handled earlier in this batch, not yet in the store.
-        """
+    async def _handle_record(self, record: ConsumerRecord) -> str | None:
+        """Handle one record; return its event id to mark processed (None if nothing to mark)."""
         topic = self._topics[record.topic]
         headers = list(record.headers or ())
         try:
@@ -181,7 +178,7 @@ class Subscriber:
             return None
         env: ev.Envelope | None = event.envelope if topic.enveloped else None  # type: ignore[attr-defined]
         event_id = env.event_id if env is not None else None
-        if event_id and (event_id in batch or self._idempotency.seen(event_id)):
+        if event_id and self._idempotency.seen(event_id):
             _processed.add(1, {"topic": topic.name, "outcome": "duplicate"})
             log.debug("duplicate event skipped", event_id=event_id, topic=topic.name)
             return None
