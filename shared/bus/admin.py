@@ -80,3 +80,43 @@ async def ensure_topics(
         return created
     finally:
         await admin.close()
+
+
+async def consumer_lag(bootstrap: str) -> dict[str, int]:
+    """Events not yet committed by each consumer group, over the topics it has committed on."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        groups = [group for group, _ in await admin.list_consumer_groups()]
+        topics = await admin.list_topics()
+    finally:
+        await admin.close()
+    lag: dict[str, int] = {}
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await probe.start()
+    try:
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in topics
+            for p in sorted(probe.partitions_for_topic(topic) or ())
+        ]
+        ends = await probe.end_offsets(partitions) if partitions else {}
+    finally:
+        await probe.stop()
+    for group in groups:
+        member = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+        )
+        await member.start()
+        try:
+            total = 0
+            for tp in partitions:
+                committed = await member.committed(tp)
+                if committed is not None:
+                    total += max(0, ends[tp] - committed)
+            lag[group] = total
+        finally:
+            await member.stop()
+    return lag

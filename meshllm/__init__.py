@@ -1,0 +1,1 @@
+"""The ``meshllm`` command: run the mesh, inspect it, manage its topics."""

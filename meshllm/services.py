@@ -1,0 +1,22 @@
+"""The services ``meshllm up`` starts, in start order.
+
+Each entry is a real service package under ``services/``; a service joins this list
+in the change that builds it, never before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    module: str
+    # Edge services take work from outside; they stop first so the rest can drain.
+    edge: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    ready_timeout_s: float = 60.0
+
+
+SERVICES: tuple[ServiceSpec, ...] = ()

@@ -1,0 +1,153 @@
+"""``meshllm up``: starting, watching and stopping the broker and services."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshllm.services import ServiceSpec
+from meshllm.supervisor import Supervisor, state_path
+from shared.bus.admin import ensure_topics
+from shared.bus.embedded import free_port
+from shared.settings import MeshSettings
+from tests.conftest import ROOT, poll_until
+from tests.procs.topics import scratch_topic
+
+pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
+
+
+def consumer_spec(tmp_path: Path, **env: str) -> ServiceSpec:
+    return ServiceSpec(
+        name="effect-consumer",
+        module="tests.procs.effect_consumer",
+        env={
+            "TEST_TOPIC": "test.supervised",
+            "TEST_GROUP": "supervised",
+            "TEST_EFFECTS": str(tmp_path / "effects.sqlite"),
+            "PYTHONPATH": str(ROOT),
+            **env,
+        },
+        ready_timeout_s=60,
+    )
+
+
+def settings(tmp_path: Path) -> MeshSettings:
+    return MeshSettings(kafka={"bootstrap": f"127.0.0.1:{free_port()}"}, data_dir=tmp_path / "d")
+
+
+async def test_services_start_ready_and_stop_cleanly(tmp_path: Path) -> None:
+    out = io.StringIO()
+    config = settings(tmp_path)
+    supervisor = Supervisor(config, (consumer_spec(tmp_path),), out=out)
+    stop = asyncio.Event()
+    await ensure_topics_later(supervisor)
+    run = asyncio.create_task(supervisor.run(stop))
+    await poll_until(lambda: state_path(config).exists() or run.done(), timeout=90,
+                     message="state file")
+    assert not run.done(), out.getvalue()
+    state = json.loads(state_path(config).read_text())
+    assert set(state["services"]) == {"effect-consumer"}
+
+    status = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "meshllm", "status", "--json"],
+        capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "MESHLLM_DATA_DIR": str(config.data_dir)},
+    )
+    assert status.returncode == 0, status.stdout + status.stderr
+    components = {c["name"]: c for c in json.loads(status.stdout)["components"]}
+    assert components["broker"]["ready"]
+    assert components["effect-consumer"]["ready"]
+    assert "bus: ok" in components["effect-consumer"]["detail"]
+
+    stop.set()
+    assert await run == 0, out.getvalue()
+    log = out.getvalue()
+    assert "effect-consumer | " in log  # child output is prefixed with its name
+    assert "in memory only" in log
+    assert supervisor.children[0].process.returncode == 0
+    assert not state_path(config).exists()
+
+
+async def ensure_topics_later(supervisor: Supervisor) -> None:
+    """The supervised test topic is not in the registry: create it once the broker is up."""
+
+    async def create() -> None:
+        while supervisor.broker is None or not supervisor.broker.running():
+            await asyncio.sleep(0.05)
+        await ensure_topics(supervisor.bootstrap, [scratch_topic("test.supervised")])
+
+    asyncio.get_running_loop().create_task(create())
+
+
+async def test_a_dying_service_stops_the_mesh_and_is_named(tmp_path: Path) -> None:
+    out = io.StringIO()
+    supervisor = Supervisor(settings(tmp_path), (consumer_spec(tmp_path),), out=out)
+    await ensure_topics_later(supervisor)
+    run = asyncio.create_task(supervisor.run(asyncio.Event()))
+    await poll_until(lambda: supervisor.children and supervisor.children[0].process.pid,
+                     message="child started")
+    await poll_until(lambda: "effect-consumer ready" in out.getvalue() or run.done(),
+                     timeout=90, message="child ready")
+    os.kill(supervisor.children[0].process.pid, signal.SIGKILL)
+    assert await asyncio.wait_for(run, 60) == 1
+    assert f"effect-consumer exited with code {-signal.SIGKILL}" in out.getvalue()
+    assert supervisor.broker is not None
+    assert not supervisor.broker.running()
+
+
+async def test_a_misconfigured_service_fails_start_up_naming_the_setting(tmp_path: Path) -> None:
+    out = io.StringIO()
+    spec = consumer_spec(tmp_path, MESHLLM_BUS__MAX_ATTEMPTS="0")
+    supervisor = Supervisor(settings(tmp_path), (spec,), out=out)
+    assert await asyncio.wait_for(supervisor.run(asyncio.Event()), 90) == 1
+    log = out.getvalue()
+    assert "effect-consumer exited with code 2 before it was ready" in log
+    assert "MESHLLM_BUS__MAX_ATTEMPTS" in log
+
+
+def meshllm(*args: str, data_dir: Path, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "meshllm", *args], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "MESHLLM_DATA_DIR": str(data_dir), **env},
+    )
+
+
+async def test_meshllm_up_then_down_from_the_command_line(tmp_path: Path) -> None:
+    port = free_port()
+    up = meshllm("up", "--port", str(port), data_dir=tmp_path)
+    await poll_until(lambda: (tmp_path / "run" / "state.json").exists() or up.poll() is not None,
+                     timeout=60, message="meshllm up")
+    status = meshllm("status", data_dir=tmp_path)
+    assert status.wait(30) == 0, status.stdout.read() if status.stdout else ""
+    down = meshllm("down", data_dir=tmp_path)
+    assert down.wait(60) == 0
+    output = up.stdout.read() if up.stdout else ""
+    assert up.wait(30) == 0, output
+    assert f"broker ready on 127.0.0.1:{port}" in output
+    assert "stopped cleanly" in output
+
+
+async def test_meshllm_up_on_a_taken_port_says_so(tmp_path: Path, kafka_bootstrap: str) -> None:
+    port = kafka_bootstrap.rpartition(":")[2]
+    up = meshllm("up", "--port", port, data_dir=tmp_path)
+    assert up.wait(60) == 1
+    output = up.stdout.read() if up.stdout else ""
+    assert f"port {port} on 127.0.0.1 is already in use" in output
+    assert "MESHLLM_KAFKA__BOOTSTRAP" in output
+
+
+def test_bad_settings_are_named(tmp_path: Path) -> None:
+    status = meshllm("status", data_dir=tmp_path, MESHLLM_KAFKA__BOOTSTRAP="no-port")
+    assert status.wait(30) == 2
+    output = status.stdout.read() if status.stdout else ""
+    assert "MESHLLM_KAFKA__BOOTSTRAP" in output
+    assert "is not host:port" in output
