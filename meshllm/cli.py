@@ -9,7 +9,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import httpx
 import typer
@@ -55,8 +55,9 @@ def up(
     configure_logging("meshllm", settings.log_level, settings.log_format)
     existing = _read_state(settings)
     if existing and _alive(existing["pid"]):
-        errors.print(f"[red]meshllm is already up (pid {existing['pid']}); "
-                     "`meshllm down` stops it[/red]")
+        errors.print(
+            f"[red]meshllm is already up (pid {existing['pid']}); `meshllm down` stops it[/red]"
+        )
         raise typer.Exit(1)
 
     async def main() -> int:
@@ -114,9 +115,13 @@ def status(
         for column in ("component", "pid", "address", "ready", "detail"):
             table.add_column(column)
         for row in rows:
-            table.add_row(row["name"], str(row["pid"] or "-"), row["address"],
-                          "[green]yes[/green]" if row["ready"] else "[red]no[/red]",
-                          row["detail"])
+            table.add_row(
+                row["name"],
+                str(row["pid"] or "-"),
+                row["address"],
+                "[green]yes[/green]" if row["ready"] else "[red]no[/red]",
+                row["detail"],
+            )
         console.print(table)
     raise typer.Exit(0 if all_ready else 1)
 
@@ -149,8 +154,15 @@ def broker(
 def topics_list() -> None:
     """Print the topic registry."""
     table = Table()
-    for column in ("topic", "messages", "key", "partitions", "retention h", "producers",
-                   "consumers"):
+    for column in (
+        "topic",
+        "messages",
+        "key",
+        "partitions",
+        "retention h",
+        "producers",
+        "consumers",
+    ):
         table.add_column(column)
     for topic in REGISTRY:
         table.add_row(
@@ -184,11 +196,13 @@ def topics_create(
     except (TimeoutError, RuntimeError) as error:
         errors.print(f"[red]{error}[/red]")
         raise typer.Exit(1) from None
-    console.print(f"{len(created)} topics created on {settings.kafka.bootstrap}"
-                  + (f": {', '.join(created)}" if created else " (all existed)"))
+    console.print(
+        f"{len(created)} topics created on {settings.kafka.bootstrap}"
+        + (f": {', '.join(created)}" if created else " (all existed)")
+    )
 
 
-def _read_state(settings: MeshSettings) -> dict[str, object] | None:  # type: ignore[misc]
+def _read_state(settings: MeshSettings) -> dict[str, Any] | None:
     path = state_path(settings)
     try:
         return json.loads(path.read_text())  # type: ignore[no-any-return]
@@ -211,9 +225,9 @@ def _alive(pid: object) -> bool:
         return True
 
 
-def _broker_row(state: dict[str, object]) -> dict[str, object]:
+def _broker_row(state: dict[str, Any]) -> dict[str, Any]:
     address = str(state["bootstrap"])
-    host, _, port = address.split(",")[0].rpartition(":")
+    host, _, port = address.split(",", maxsplit=1)[0].rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=2):
             ready, detail = True, "accepting connections"
@@ -221,11 +235,16 @@ def _broker_row(state: dict[str, object]) -> dict[str, object]:
         ready, detail = False, str(error)
     if state.get("broker_pid"):
         detail += " (embedded, in memory)"
-    return {"name": "broker", "pid": state.get("broker_pid"), "address": address,
-            "ready": ready, "detail": detail}
+    return {
+        "name": "broker",
+        "pid": state.get("broker_pid"),
+        "address": address,
+        "ready": ready,
+        "detail": detail,
+    }
 
 
-def _service_row(name: str, service: dict[str, object], host: object) -> dict[str, object]:
+def _service_row(name: str, service: dict[str, Any], host: str) -> dict[str, Any]:
     url = f"http://{host}:{service['health_port']}/readyz"
     try:
         response = httpx.get(url, timeout=2)
@@ -234,5 +253,4 @@ def _service_row(name: str, service: dict[str, object], host: object) -> dict[st
         detail = ", ".join(f"{k}: {v}" for k, v in body.get("checks", {}).items())
     except (httpx.HTTPError, ValueError) as error:
         ready, detail = False, f"no answer from {url}: {error}"
-    return {"name": name, "pid": service["pid"], "address": url, "ready": ready,
-            "detail": detail}
+    return {"name": name, "pid": service["pid"], "address": url, "ready": ready, "detail": detail}

@@ -141,8 +141,12 @@ class Supervisor:
         if "MESHLLM_LOG_FORMAT" not in os.environ and self.settings.log_format is LogFormat.AUTO:
             env["MESHLLM_LOG_FORMAT"] = "console" if self._color else "json"
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", spec.module,
-            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            sys.executable,
+            "-m",
+            spec.module,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
         )
         child = Child(spec, process, port, color)

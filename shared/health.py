@@ -64,7 +64,8 @@ class HealthServer:
             payload = json.dumps(body).encode()
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                + payload
             )
             await writer.drain()
         except (TimeoutError, ConnectionError):
@@ -76,11 +77,14 @@ class HealthServer:
         if method != "GET":
             return "405 Method Not Allowed", {"error": "only GET is served"}
         checks = {"/healthz": self._state.liveness, "/readyz": self._state.readiness}.get(
-            path.split("?")[0]
+            path.split("?", maxsplit=1)[0]
         )
         if checks is None:
             return "404 Not Found", {"error": f"no such path {path!r}; try /healthz or /readyz"}
         ok, results = self._state.report(checks)
-        body = {"service": self._state.service, "status": "ok" if ok else "failing",
-                "checks": results}
+        body: dict[str, object] = {
+            "service": self._state.service,
+            "status": "ok" if ok else "failing",
+            "checks": results,
+        }
         return ("200 OK" if ok else "503 Service Unavailable"), body

@@ -52,10 +52,14 @@ async def serve(name: str, settings: Settings, build: Build) -> int:
     await bus.start()
     telemetry.export_spans_to_kafka(bus.publisher, loop)
     await server.start()
-    log.info("service started", health_port=server.port, pid=os.getpid(),
-             bootstrap=settings.kafka.bootstrap)
+    log.info(
+        "service started",
+        health_port=server.port,
+        pid=os.getpid(),
+        bootstrap=settings.kafka.bootstrap,
+    )
 
-    waiters = [asyncio.create_task(stop.wait(), name="stop-signal")]
+    waiters: list[asyncio.Future[Any]] = [asyncio.create_task(stop.wait(), name="stop-signal")]
     if extra is not None:
         waiters.append(asyncio.ensure_future(extra))
     waiters.extend(asyncio.create_task(_watch(s), name="watch") for s in bus.subscribers)

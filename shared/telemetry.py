@@ -36,7 +36,10 @@ class KafkaSpanExporter(SpanExporter):
     """
 
     def __init__(
-        self, publisher: Publisher, loop: asyncio.AbstractEventLoop, service: str,
+        self,
+        publisher: Publisher,
+        loop: asyncio.AbstractEventLoop,
+        service: str,
         timeout: float = 10.0,
     ) -> None:
         self._publisher = publisher

@@ -60,9 +60,7 @@ def service_env(kafka_bootstrap: str, tmp_path: Path) -> Callable[..., dict[str,
     return make
 
 
-async def start_process(
-    module: str, env: dict[str, str], log: Path
-) -> asyncio.subprocess.Process:
+async def start_process(module: str, env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
     with open(log, "ab") as out:
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", module, env=env, stdout=out, stderr=out, cwd=ROOT
@@ -70,7 +68,9 @@ async def start_process(
 
 
 async def poll_until(
-    condition: Callable[[], object], timeout: float = 30.0, interval: float = 0.05,
+    condition: Callable[[], object],
+    timeout: float = 30.0,
+    interval: float = 0.05,
     message: str = "condition",
 ) -> object:
     """Return the first truthy value of ``condition()``; fail the test after ``timeout``."""

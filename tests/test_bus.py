@@ -26,10 +26,13 @@ def settings_for(bootstrap: str, data_dir: Path, **bus: object) -> MeshSettings:
     )
 
 
-async def read_all(bootstrap: str, topic: str, expected: int, timeout: float = 20) -> list[ConsumerRecord]:
+async def read_all(
+    bootstrap: str, topic: str, expected: int, timeout: float = 20
+) -> list[ConsumerRecord]:
     """Every record of a one-partition topic, from the start, once ``expected`` are there."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                fetch_max_wait_ms=5)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=5
+    )
     await consumer.start()
     try:
         tp = TopicPartition(topic, 0)
@@ -60,8 +63,9 @@ class Recorder:
         self.events.append(event)
 
 
-async def running_bus(settings: MeshSettings, topic: Topic, handler: Recorder,
-                      group: str = "tests") -> Bus:
+async def running_bus(
+    settings: MeshSettings, topic: Topic, handler: Recorder, group: str = "tests"
+) -> Bus:
     bus = Bus(settings, service="tests")
     bus.subscribe(topic, group=group)(handler)
     await bus.start()
@@ -107,7 +111,9 @@ async def test_failing_handler_retries_then_dead_letters_without_blocking(
     topic = scratch_topic(f"test.dlq.{tmp_path.name[-8:]}", partitions=1)
     await ensure_topics(kafka_bootstrap, [topic])
     recorder = Recorder(fail_times={"poison": 99, "flaky": 2})
-    bus = await running_bus(settings_for(kafka_bootstrap, tmp_path, max_attempts=3), topic, recorder)
+    bus = await running_bus(
+        settings_for(kafka_bootstrap, tmp_path, max_attempts=3), topic, recorder
+    )
     try:
         for request_id in ("before", "poison", "flaky", "after"):
             await bus.publish(topic, ev.FeedbackEvent(request_id=request_id))
@@ -137,17 +143,16 @@ async def test_duplicate_event_is_handled_once(
         await bus.publish(fresh_topic, event)
         await bus.publish(fresh_topic, event)
         await bus.publish(fresh_topic, ev.FeedbackEvent(request_id="marker"))
-        await poll_until(lambda: any(e.request_id == "marker" for e in recorder.events),
-                         message="marker event")
+        await poll_until(
+            lambda: any(e.request_id == "marker" for e in recorder.events), message="marker event"
+        )
         assert [e.request_id for e in recorder.events].count("twice") == 1
     finally:
         await bus.stop()
 
 
-async def test_redelivery_after_restart_is_absorbed(
-    kafka_bootstrap: str, tmp_path: Path
-) -> None:
-    """Events handled but never committed come back after a restart; none reach the handler twice."""
+async def test_redelivery_after_restart_is_absorbed(kafka_bootstrap: str, tmp_path: Path) -> None:
+    """Handled but uncommitted events come back after a restart; none reach the handler twice."""
     from shared.bus.admin import ensure_topics
 
     topic = scratch_topic(f"test.redeliver.{tmp_path.name[-8:]}", partitions=1)
@@ -178,18 +183,32 @@ async def test_redelivery_after_restart_is_absorbed(
 @pytest.mark.parametrize(
     ("value", "headers", "reason_part"),
     [
-        (b"\xff\xff\xff not protobuf", [("meshllm-type", b"meshllm.events.v1.FeedbackEvent")],
-         "not a valid meshllm.events.v1.FeedbackEvent"),
-        (ev.FeedbackEvent(envelope=ev.Envelope(event_id="x", schema_version=2)).SerializeToString(),
-         [], "unsupported envelope.schema_version 2"),
+        (
+            b"\xff\xff\xff not protobuf",
+            [("meshllm-type", b"meshllm.events.v1.FeedbackEvent")],
+            "not a valid meshllm.events.v1.FeedbackEvent",
+        ),
+        (
+            ev.FeedbackEvent(
+                envelope=ev.Envelope(event_id="x", schema_version=2)
+            ).SerializeToString(),
+            [],
+            "unsupported envelope.schema_version 2",
+        ),
         (ev.FeedbackEvent(request_id="no envelope").SerializeToString(), [], "has no envelope"),
-        (b"", [("meshllm-type", b"meshllm.events.v1.OpsAlert")],
-         "does not carry message type 'meshllm.events.v1.OpsAlert'"),
+        (
+            b"",
+            [("meshllm-type", b"meshllm.events.v1.OpsAlert")],
+            "does not carry message type 'meshllm.events.v1.OpsAlert'",
+        ),
     ],
     ids=["garbage-bytes", "unknown-version", "no-envelope", "wrong-type"],
 )
 async def test_bad_events_go_to_the_dlq_and_the_consumer_keeps_going(
-    kafka_bootstrap: str, tmp_path: Path, value: bytes, headers: list[tuple[str, bytes]],
+    kafka_bootstrap: str,
+    tmp_path: Path,
+    value: bytes,
+    headers: list[tuple[str, bytes]],
     reason_part: str,
 ) -> None:
     from shared.bus.admin import ensure_topics

@@ -50,13 +50,19 @@ async def wait_ready(port: int, process: asyncio.subprocess.Process, log: Path) 
 
 
 async def start_consumer(
-    service_env: Callable[..., dict[str, str]], topic: Topic, effects_path: Path, log: Path,
+    service_env: Callable[..., dict[str, str]],
+    topic: Topic,
+    effects_path: Path,
+    log: Path,
     delay_ms: int = 0,
 ) -> asyncio.subprocess.Process:
     port = free_port()
     env = service_env(
-        TEST_TOPIC=topic.name, TEST_GROUP="effects", TEST_EFFECTS=str(effects_path),
-        TEST_DELAY_MS=str(delay_ms), MESHLLM_HEALTH_PORT=str(port),
+        TEST_TOPIC=topic.name,
+        TEST_GROUP="effects",
+        TEST_EFFECTS=str(effects_path),
+        TEST_DELAY_MS=str(delay_ms),
+        MESHLLM_HEALTH_PORT=str(port),
     )
     process = await start_process("tests.procs.effect_consumer", env, log)
     await wait_ready(port, process, log)
@@ -65,16 +71,19 @@ async def start_consumer(
 
 async def exported_spans(bootstrap: str, trace_id: str) -> list[tuple[str, object]]:
     """(service name, span) pairs of one trace, read from telemetry.spans."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                fetch_max_wait_ms=5)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=5
+    )
     await consumer.start()
     found = []
     try:
-        partitions = [TopicPartition(TELEMETRY_SPANS.name, p)
-                      for p in range(TELEMETRY_SPANS.partitions)]
+        partitions = [
+            TopicPartition(TELEMETRY_SPANS.name, p) for p in range(TELEMETRY_SPANS.partitions)
+        ]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
+
         async def behind() -> bool:
             return any([await consumer.position(tp) < ends[tp] for tp in partitions])
 
@@ -84,27 +93,39 @@ async def exported_spans(bootstrap: str, trace_id: str) -> list[tuple[str, objec
                 for record in records:
                     request = ExportTraceServiceRequest.FromString(record.value)
                     for resource_spans in request.resource_spans:
-                        service = next(a.value.string_value for a in resource_spans.resource.attributes
-                                       if a.key == "service.name")
+                        service = next(
+                            a.value.string_value
+                            for a in resource_spans.resource.attributes
+                            if a.key == "service.name"
+                        )
                         for scope in resource_spans.scope_spans:
-                            found.extend((service, span) for span in scope.spans
-                                         if span.trace_id.hex() == trace_id)
+                            found.extend(
+                                (service, span)
+                                for span in scope.spans
+                                if span.trace_id.hex() == trace_id
+                            )
     finally:
         await consumer.stop()
     return found
 
 
 async def test_trace_context_crosses_processes(
-    kafka_bootstrap: str, fresh_topic: Topic, service_env: Callable[..., dict[str, str]],
+    kafka_bootstrap: str,
+    fresh_topic: Topic,
+    service_env: Callable[..., dict[str, str]],
     tmp_path: Path,
 ) -> None:
     effects_path = tmp_path / "effects.sqlite"
     consumer = await start_consumer(service_env, fresh_topic, effects_path, tmp_path / "c.log")
     try:
         publisher = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.procs.publish_traced", cwd=ROOT,
+            sys.executable,
+            "-m",
+            "tests.procs.publish_traced",
+            cwd=ROOT,
             env=service_env(TEST_TOPIC=fresh_topic.name, TEST_COUNT="1"),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         out, err = await publisher.communicate()
         assert publisher.returncode == 0, err.decode()[-2000:]
@@ -139,8 +160,9 @@ async def test_trace_context_crosses_processes(
 
 
 async def committed_offsets(bootstrap: str, topic: Topic, group: str) -> dict[int, int]:
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
     await consumer.start()
     try:
         offsets = {}
@@ -154,12 +176,15 @@ async def committed_offsets(bootstrap: str, topic: Topic, group: str) -> dict[in
 
 @pytest.mark.slow
 async def test_sigkilled_consumer_loses_nothing_and_committed_only_what_it_processed(
-    kafka_bootstrap: str, fresh_topic: Topic, service_env: Callable[..., dict[str, str]],
+    kafka_bootstrap: str,
+    fresh_topic: Topic,
+    service_env: Callable[..., dict[str, str]],
     tmp_path: Path,
 ) -> None:
     total = 300
-    bus = Bus(MeshSettings(kafka={"bootstrap": kafka_bootstrap}, data_dir=tmp_path),
-              service="tests")
+    bus = Bus(
+        MeshSettings(kafka={"bootstrap": kafka_bootstrap}, data_dir=tmp_path), service="tests"
+    )
     await bus.start()
     sent = set()
     for i in range(total):
@@ -172,22 +197,29 @@ async def test_sigkilled_consumer_loses_nothing_and_committed_only_what_it_proce
     log = tmp_path / "consumer.log"
     for kill_after in (40, 140):
         consumer = await start_consumer(service_env, fresh_topic, effects_path, log, delay_ms=10)
-        await poll_until(lambda n=kill_after: len(effects(effects_path)) >= n, timeout=60,
-                         message=f"{kill_after} effects")
+        await poll_until(
+            lambda n=kill_after: len(effects(effects_path)) >= n,
+            timeout=60,
+            message=f"{kill_after} effects",
+        )
         os.kill(consumer.pid, signal.SIGKILL)
         await consumer.wait()
 
         processed = {(partition, offset) for _, partition, offset, _, _ in effects(effects_path)}
-        for partition, committed in (await committed_offsets(
-                kafka_bootstrap, fresh_topic, "effects")).items():
+        for partition, committed in (
+            await committed_offsets(kafka_bootstrap, fresh_topic, "effects")
+        ).items():
             missing = [o for o in range(committed) if (partition, o) not in processed]
             assert not missing, f"partition {partition}: committed {committed} past {missing}"
         assert len(processed) < total, "the kill came too late to test anything"
 
     consumer = await start_consumer(service_env, fresh_topic, effects_path, log, delay_ms=0)
     try:
-        await poll_until(lambda: {row[0] for row in effects(effects_path)} >= sent, timeout=60,
-                         message="every event processed")
+        await poll_until(
+            lambda: {row[0] for row in effects(effects_path)} >= sent,
+            timeout=60,
+            message="every event processed",
+        )
     finally:
         consumer.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(consumer.wait(), 30) == 0

@@ -50,15 +50,19 @@ async def test_services_start_ready_and_stop_cleanly(tmp_path: Path) -> None:
     stop = asyncio.Event()
     await ensure_topics_later(supervisor)
     run = asyncio.create_task(supervisor.run(stop))
-    await poll_until(lambda: state_path(config).exists() or run.done(), timeout=90,
-                     message="state file")
+    await poll_until(
+        lambda: state_path(config).exists() or run.done(), timeout=90, message="state file"
+    )
     assert not run.done(), out.getvalue()
     state = json.loads(state_path(config).read_text())
     assert set(state["services"]) == {"effect-consumer"}
 
     status = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "meshllm", "status", "--json"],
-        capture_output=True, text=True, cwd=ROOT,
+        subprocess.run,
+        [sys.executable, "-m", "meshllm", "status", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
         env={**os.environ, "MESHLLM_DATA_DIR": str(config.data_dir)},
     )
     assert status.returncode == 0, status.stdout + status.stderr
@@ -92,10 +96,14 @@ async def test_a_dying_service_stops_the_mesh_and_is_named(tmp_path: Path) -> No
     supervisor = Supervisor(settings(tmp_path), (consumer_spec(tmp_path),), out=out)
     await ensure_topics_later(supervisor)
     run = asyncio.create_task(supervisor.run(asyncio.Event()))
-    await poll_until(lambda: supervisor.children and supervisor.children[0].process.pid,
-                     message="child started")
-    await poll_until(lambda: "effect-consumer ready" in out.getvalue() or run.done(),
-                     timeout=90, message="child ready")
+    await poll_until(
+        lambda: supervisor.children and supervisor.children[0].process.pid, message="child started"
+    )
+    await poll_until(
+        lambda: "effect-consumer ready" in out.getvalue() or run.done(),
+        timeout=90,
+        message="child ready",
+    )
     os.kill(supervisor.children[0].process.pid, signal.SIGKILL)
     assert await asyncio.wait_for(run, 60) == 1
     assert f"effect-consumer exited with code {-signal.SIGKILL}" in out.getvalue()
@@ -115,8 +123,11 @@ async def test_a_misconfigured_service_fails_start_up_naming_the_setting(tmp_pat
 
 def meshllm(*args: str, data_dir: Path, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "meshllm", *args], cwd=ROOT, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "meshllm", *args],
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         env={**os.environ, "MESHLLM_DATA_DIR": str(data_dir), **env},
     )
 
@@ -124,8 +135,11 @@ def meshllm(*args: str, data_dir: Path, **env: str) -> subprocess.Popen[str]:
 async def test_meshllm_up_then_down_from_the_command_line(tmp_path: Path) -> None:
     port = free_port()
     up = meshllm("up", "--port", str(port), data_dir=tmp_path)
-    await poll_until(lambda: (tmp_path / "run" / "state.json").exists() or up.poll() is not None,
-                     timeout=60, message="meshllm up")
+    await poll_until(
+        lambda: (tmp_path / "run" / "state.json").exists() or up.poll() is not None,
+        timeout=60,
+        message="meshllm up",
+    )
     status = meshllm("status", data_dir=tmp_path)
     assert status.wait(30) == 0, status.stdout.read() if status.stdout else ""
     down = meshllm("down", data_dir=tmp_path)

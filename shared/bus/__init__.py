@@ -1,14 +1,14 @@
 """The bus: how services declare what they publish and consume over Kafka.
 
-    bus = Bus(settings, service="router")
+bus = Bus(settings, service="router")
 
-    @bus.subscribe(topics.REQUESTS_HIGH, group="router")
-    async def on_request(event: InferenceRequest, ctx: EventContext) -> None: ...
+@bus.subscribe(topics.REQUESTS_HIGH, group="router")
+async def on_request(event: InferenceRequest, ctx: EventContext) -> None: ...
 
-    await bus.start()
-    await bus.publish(topics.AUDIT_EVENTS, audit_event)
-    ...
-    await bus.stop()
+await bus.start()
+await bus.publish(topics.AUDIT_EVENTS, audit_event)
+...
+await bus.stop()
 """
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ class Bus:
 
         def register(handler: Handler) -> Handler:
             self.add_subscriber(
-                topics, group=group, handler=handler, max_attempts=max_attempts,
+                topics,
+                group=group,
+                handler=handler,
+                max_attempts=max_attempts,
                 idempotency=self._idempotency_store(group, durable_dedup),
             )
             return handler

@@ -36,7 +36,7 @@ async def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
     """Return once the broker answers a metadata request; raise TimeoutError otherwise."""
     deadline = asyncio.get_running_loop().time() + timeout
     last_error: Exception | None = None
-    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    host, _, port = bootstrap.split(",", maxsplit=1)[0].rpartition(":")
     while asyncio.get_running_loop().time() < deadline:
         try:
             _, writer = await asyncio.open_connection(host, int(port))
@@ -55,7 +55,9 @@ async def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
             await asyncio.sleep(0.1)
         finally:
             await admin.close()
-    raise TimeoutError(f"no Kafka broker answered at {bootstrap} within {timeout:.0f}s: {last_error}")
+    raise TimeoutError(
+        f"no Kafka broker answered at {bootstrap} within {timeout:.0f}s: {last_error}"
+    )
 
 
 async def ensure_topics(

@@ -176,7 +176,7 @@ class Subscriber:
             await self._dead_letter(record, headers, reason="undecodable", error=poison, attempts=0)
             _processed.add(1, {"topic": topic.name, "outcome": "dead_letter"})
             return None
-        env: ev.Envelope | None = event.envelope if topic.enveloped else None  # type: ignore[attr-defined]
+        env: ev.Envelope | None = event.envelope if topic.enveloped else None
         event_id = env.event_id if env is not None else None
         if event_id and self._idempotency.seen(event_id):
             _processed.add(1, {"topic": topic.name, "outcome": "duplicate"})

@@ -39,9 +39,7 @@ class SqliteIdempotencyStore:
         self._marks_since_prune = 0
 
     def seen(self, event_id: str) -> bool:
-        row = self._db.execute(
-            "SELECT 1 FROM processed WHERE event_id = ?", (event_id,)
-        ).fetchone()
+        row = self._db.execute("SELECT 1 FROM processed WHERE event_id = ?", (event_id,)).fetchone()
         return row is not None
 
     def mark(self, event_ids: list[str]) -> None:

@@ -18,7 +18,7 @@ from aiokafka.protocol.transaction import InitProducerIdRequest_v0
 from aiokafka.protocol.types import CompactString, Int16, Int32, Int64, Schema, TaggedFields
 
 
-class InitProducerIdResponse_v3(Response):  # noqa: N801 - aiokafka's naming scheme
+class InitProducerIdResponse_v3(Response):  # type: ignore[misc]
     API_KEY = 22
     API_VERSION = 3
     SCHEMA = Schema(
@@ -30,7 +30,7 @@ class InitProducerIdResponse_v3(Response):  # noqa: N801 - aiokafka's naming sch
     )
 
 
-class InitProducerIdRequest_v3(RequestStruct):  # noqa: N801
+class InitProducerIdRequest_v3(RequestStruct):  # type: ignore[misc]
     FLEXIBLE_VERSION = True
     API_KEY = 22
     API_VERSION = 3
@@ -44,7 +44,7 @@ class InitProducerIdRequest_v3(RequestStruct):  # noqa: N801
     )
 
 
-class InitProducerIdRequest(Request[InitProducerIdRequest_v0 | InitProducerIdRequest_v3]):
+class InitProducerIdRequest(Request[InitProducerIdRequest_v0 | InitProducerIdRequest_v3]):  # type: ignore[misc]
     API_KEY = 22
 
     def __init__(self, transactional_id: str | None, transaction_timeout_ms: int) -> None:
@@ -61,4 +61,4 @@ class InitProducerIdRequest(Request[InitProducerIdRequest_v0 | InitProducerIdReq
 
 def install() -> None:
     """Make aiokafka's producer negotiate InitProducerId up to v3 (idempotent)."""
-    _sender.InitProducerIdRequest = InitProducerIdRequest  # type: ignore[attr-defined]
+    _sender.InitProducerIdRequest = InitProducerIdRequest

@@ -93,12 +93,13 @@ class Publisher:
         if headers:
             all_headers.extend(headers)
         with publish_span(topic.name, env.event_id, all_headers):
-            return await self._require().send(
+            delivery: asyncio.Future[Any] = await self._require().send(
                 topic.name,
                 event.SerializeToString(),
                 key=record_key,
                 headers=all_headers,
             )
+        return delivery
 
     async def publish(
         self,

@@ -1,0 +1,92 @@
+# meshllm developer recipes. `just` (or `python3 dev.py`) lists them.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+python := ".venv/bin/python"
+
+[private]
+default:
+    @just --list --unsorted
+
+# Install everything: runtime, dev tools and benchmark peers.
+[group('set-up')]
+setup:
+    {{python}} -m pip install --quiet -e ".[dev,bench]"
+
+# Start the broker and every service on the embedded defaults (Ctrl-C stops all).
+[group('mesh')]
+up *args:
+    {{python}} -m meshllm up {{args}}
+
+# Stop a mesh started by `just up`.
+[group('mesh')]
+down:
+    {{python}} -m meshllm down
+
+# Show the broker and each service with its readiness.
+[group('mesh')]
+status:
+    {{python}} -m meshllm status
+
+# Run only the embedded broker.
+[group('mesh')]
+broker *args:
+    {{python}} -m meshllm broker {{args}}
+
+# The whole default test suite (starts its own broker).
+[group('test')]
+test *args:
+    {{python}} -m pytest {{args}}
+
+# Tests without the slow ones.
+[group('test')]
+test-fast *args:
+    {{python}} -m pytest -m "not slow" {{args}}
+
+# Only the tests that need the broker.
+[group('test')]
+test-kafka *args:
+    {{python}} -m pytest -m kafka {{args}}
+
+# Lint and format check.
+[group('lint')]
+lint:
+    {{python}} -m ruff check .
+    {{python}} -m ruff format --check .
+
+# Format the code.
+[group('lint')]
+fmt:
+    {{python}} -m ruff format .
+    {{python}} -m ruff check --fix .
+
+# Type-check shared/ and the command line.
+[group('lint')]
+typecheck:
+    {{python}} -m mypy
+
+# Regenerate the Python code of proto/ (protoc from grpcio-tools).
+[group('proto')]
+proto:
+    {{python}} scripts/gen_proto.py
+
+# Fail if the generated code is stale.
+[group('proto')]
+proto-check:
+    {{python}} scripts/gen_proto.py --check
+
+# Record the current contracts as released (wire compatibility is checked against it).
+[group('proto')]
+proto-release:
+    {{python}} scripts/gen_proto.py --release
+
+# Regenerate the topic reference (docs/asyncapi.yaml, docs/topics.md).
+[group('docs')]
+docs:
+    {{python}} scripts/gen_asyncapi.py
+
+# Bus latency and throughput, ours vs raw aiokafka and FastStream, on the embedded broker.
+[group('bench')]
+bench-bus *args:
+    {{python}} -m pip install --quiet -e ".[bench]"
+    {{python}} -m benchmarks.bus_bench {{args}}
