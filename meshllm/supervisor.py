@@ -5,9 +5,11 @@ for until its ``/readyz`` answers 200. Then the supervisor watches: Ctrl-C or
 SIGTERM shuts everything down cleanly (exit 0); a child that dies takes the mesh
 down with it (exit 1, naming the child, its exit code and its last lines).
 
-Clean shutdown order: edge services (they take work from outside), then a drain
-that waits until every consumer group has caught up, then the other services
-(each commits what it handled and flushes what it published), then the broker.
+Clean shutdown order: edge services first (they take work from outside), then the
+others in reverse start order; each one, on SIGTERM, first handles what the broker
+already holds for it (its drain), commits, and flushes what it published. The
+broker stops last. Services are listed downstream first, so a service's consumers
+are still running while it drains into them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import IO
 import httpx
 
 from meshllm.services import ServiceSpec
-from shared.bus.admin import consumer_lag, ensure_topics, wait_for_broker
+from shared.bus.admin import ensure_topics, wait_for_broker
 from shared.bus.embedded import EmbeddedBroker, free_port
 from shared.settings import LogFormat, MeshSettings, Mode
 
@@ -60,13 +62,11 @@ class Supervisor:
         specs: tuple[ServiceSpec, ...],
         *,
         out: IO[str] = sys.stdout,
-        drain_timeout_s: float = 15.0,
-        stop_timeout_s: float = 20.0,
+        stop_timeout_s: float = 30.0,
     ) -> None:
         self.settings = settings
         self.specs = specs
         self.out = out
-        self.drain_timeout_s = drain_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.broker: EmbeddedBroker | None = None
         self.children: list[Child] = []
@@ -212,29 +212,12 @@ class Supervisor:
         edge = [c for c in self.children if c.spec.edge]
         inner = [c for c in self.children if not c.spec.edge]
         await self._stop_children(edge)
-        if self.children and self.broker is not None and self.broker.running():
-            await self._drain()
         await self._stop_children(list(reversed(inner)))
         if self.broker is not None:
             await self.broker.stop()
             self.say("broker stopped (its in-memory events are gone)")
         with contextlib.suppress(FileNotFoundError):
             state_path(self.settings).unlink()
-
-    async def _drain(self) -> None:
-        deadline = time.monotonic() + self.drain_timeout_s
-        lag: dict[str, int] = {}
-        while time.monotonic() < deadline:
-            try:
-                lag = await consumer_lag(self.bootstrap)
-            except Exception as error:  # a drain must never block the shutdown
-                self.say(f"drain skipped: cannot read consumer lag ({error})", color="33")
-                return
-            if not any(lag.values()):
-                return
-            await asyncio.sleep(0.2)
-        behind = ", ".join(f"{g}: {n}" for g, n in lag.items() if n)
-        self.say(f"drain timed out; events not yet consumed: {behind}", color="33")
 
     async def _stop_children(self, children: list[Child]) -> None:
         for child in children:

@@ -70,7 +70,7 @@ async def serve(name: str, settings: Settings, build: Build) -> int:
     await asyncio.gather(*pending, return_exceptions=True)
 
     log.info("service stopping", reason="failure" if failure else "signal")
-    await bus.stop()
+    await bus.stop(drain=failure is None)
     await telemetry.flush()
     await server.stop()
     telemetry.shutdown()

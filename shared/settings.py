@@ -72,6 +72,12 @@ class BusSettings(BaseModel):
     max_attempts: int = Field(3, ge=1, le=100, description="Handler tries before dead-letter.")
     retry_backoff_ms: int = Field(20, ge=0, le=60_000)
     max_batch: int = Field(500, ge=1, le=100_000)
+    drain_timeout_ms: int = Field(
+        10_000,
+        ge=0,
+        le=600_000,
+        description="On a clean stop, how long to keep handling what the broker already holds.",
+    )
     idempotency_window: int = Field(
         200_000, ge=1_000, description="Processed event ids remembered per consumer group."
     )

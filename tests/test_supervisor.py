@@ -165,3 +165,38 @@ def test_bad_settings_are_named(tmp_path: Path) -> None:
     output = status.stdout.read() if status.stdout else ""
     assert "MESHLLM_KAFKA__BOOTSTRAP" in output
     assert "is not host:port" in output
+
+
+async def test_clean_stop_drains_what_the_broker_already_accepted(tmp_path: Path) -> None:
+    """Events accepted just before Ctrl-C are all handled before the in-memory broker stops."""
+    import sqlite3
+
+    from shared.bus import Bus
+    from shared.events.v1 import events_pb2 as ev
+
+    out = io.StringIO()
+    config = settings(tmp_path)
+    spec = consumer_spec(tmp_path, TEST_DELAY_MS="20", MESHLLM_BUS__MAX_BATCH="5")
+    supervisor = Supervisor(config, (spec,), out=out)
+    await ensure_topics_later(supervisor)
+    stop = asyncio.Event()
+    run = asyncio.create_task(supervisor.run(stop))
+    await poll_until(
+        lambda: "effect-consumer ready" in out.getvalue() or run.done(),
+        timeout=90,
+        message="child ready",
+    )
+    bus = Bus(
+        MeshSettings(kafka={"bootstrap": supervisor.bootstrap}, data_dir=tmp_path), service="tests"
+    )
+    await bus.start()
+    for i in range(100):
+        await bus.publisher.enqueue(
+            scratch_topic("test.supervised"), ev.FeedbackEvent(request_id=f"d{i}")
+        )
+    await bus.stop()  # flushes: all 100 are accepted by the broker
+    stop.set()
+    assert await asyncio.wait_for(run, 90) == 0, out.getvalue()
+    with sqlite3.connect(tmp_path / "effects.sqlite") as db:
+        handled = {row[0] for row in db.execute("SELECT request_id FROM effects")}
+    assert handled == {f"d{i}" for i in range(100)}, out.getvalue()

@@ -13,6 +13,7 @@ await bus.stop()
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -110,10 +111,14 @@ class Bus:
             await subscriber.start()
         self._started = True
 
-    async def stop(self) -> None:
-        """Stop consuming (committing what was handled), then flush and close the producer."""
-        for subscriber in self.subscribers:
-            await subscriber.stop()
+    async def stop(self, drain: bool = False) -> None:
+        """Stop consuming (committing what was handled), then flush and close the producer.
+
+        ``drain`` first handles what the broker already holds for this service's
+        partitions, for up to ``bus.drain_timeout_ms``.
+        """
+        drain_timeout_s = self.settings.bus.drain_timeout_ms / 1000 if drain else 0.0
+        await asyncio.gather(*(s.stop(drain_timeout_s) for s in self.subscribers))
         await self.publisher.stop()
         self._started = False
 

@@ -91,6 +91,8 @@ class Subscriber:
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._drain_deadline = 0.0
+        self._drain_targets: dict[TopicPartition, int] | None = None
         self.failure: BaseException | None = None
 
     @property
@@ -124,8 +126,14 @@ class Subscriber:
         await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name=f"subscriber:{self.group}")
 
-    async def stop(self) -> None:
-        """Finish the batch in hand, commit it, and leave the group."""
+    async def stop(self, drain_timeout_s: float = 0.0) -> None:
+        """Stop consuming, commit what was handled, and leave the group.
+
+        With ``drain_timeout_s`` > 0, first keep handling until this member has reached
+        the end its partitions had when ``stop`` was called (or the time runs out), so
+        events the broker already accepted are not left behind.
+        """
+        self._drain_deadline = asyncio.get_running_loop().time() + drain_timeout_s
         self._stopping.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
@@ -138,7 +146,7 @@ class Subscriber:
         consumer = self._consumer
         assert consumer is not None
         try:
-            while not self._stopping.is_set():
+            while not (self._stopping.is_set() and await self._drained(consumer)):
                 batch = await consumer.getmany(
                     timeout_ms=100, max_records=self._settings.bus.max_batch
                 )
@@ -154,6 +162,22 @@ class Subscriber:
             self.failure = error
             log.exception("subscriber stopped", group=self.group)
             raise
+
+    async def _drained(self, consumer: AIOKafkaConsumer) -> bool:
+        if asyncio.get_running_loop().time() >= self._drain_deadline:
+            return True
+        if self._drain_targets is None:
+            assignment = list(consumer.assignment())
+            ends = await consumer.end_offsets(assignment) if assignment else {}
+            # The embedded broker's ListOffsets can trail the log end; the high
+            # watermark of the latest fetch response does not.
+            self._drain_targets = {
+                tp: max(ends.get(tp, 0), consumer.highwater(tp) or 0) for tp in assignment
+            }
+        for tp, end in self._drain_targets.items():
+            if await consumer.position(tp) < end:
+                return False
+        return True
 
     async def _handle_partition(
         self, tp: TopicPartition, records: list[ConsumerRecord]
