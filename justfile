@@ -70,10 +70,10 @@ typecheck:
 proto:
     {{python}} scripts/gen_proto.py
 
-# Fail if the generated code is stale.
+# Fail if the generated code is stale or the contracts break wire compatibility.
 [group('proto')]
 proto-check:
-    {{python}} scripts/gen_proto.py --check
+    {{python}} scripts/gen_proto.py --check --compat
 
 # Record the current contracts as released (wire compatibility is checked against it).
 [group('proto')]
@@ -84,6 +84,11 @@ proto-release:
 [group('docs')]
 docs:
     {{python}} scripts/gen_asyncapi.py
+
+# Fail if the topic reference is stale.
+[group('docs')]
+docs-check:
+    {{python}} scripts/gen_asyncapi.py --check
 
 # Bus latency and throughput, ours vs raw aiokafka and FastStream, on the embedded broker.
 [group('bench')]

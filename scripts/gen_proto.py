@@ -2,6 +2,7 @@
 
     python scripts/gen_proto.py            # write shared/events/v1/events_pb2.py(i)
     python scripts/gen_proto.py --check    # exit 1 if the committed code is stale
+    python scripts/gen_proto.py --compat   # exit 1 on wire-breaking changes since release
     python scripts/gen_proto.py --release  # snapshot the descriptors as released
 
 protoc comes from grpcio-tools, so the output depends only on its pinned version.
@@ -61,19 +62,44 @@ def stale_files() -> list[str]:
     return stale
 
 
+def _check_current() -> bool:
+    """Print whether the committed generated code is current; return True if it is."""
+    stale = stale_files()
+    if stale:
+        print("stale generated code (run `just proto`):", *stale, sep="\n  ")
+        return False
+    print("generated code is current")
+    return True
+
+
+def _check_compatible() -> bool:
+    """Print the wire-breaking changes since the release; return True if there are none."""
+    from google.protobuf.descriptor_pb2 import FileDescriptorSet
+    from proto_compat import breaking_changes
+
+    released = FileDescriptorSet.FromString(RELEASED.read_bytes())
+    current = FileDescriptorSet.FromString(descriptor_set())
+    problems = breaking_changes(released, current)
+    if problems:
+        print(f"breaking changes against {RELEASED.relative_to(ROOT)}:", *problems, sep="\n  ")
+        return False
+    print(f"wire-compatible with {RELEASED.relative_to(ROOT)}")
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if generated code is stale")
+    parser.add_argument(
+        "--compat", action="store_true", help="fail on wire-breaking changes since the release"
+    )
     parser.add_argument("--release", action="store_true", help="record the released descriptors")
     args = parser.parse_args()
 
-    if args.check:
-        stale = stale_files()
-        if stale:
-            print("stale generated code (run `just proto`):", *stale, sep="\n  ")
-            return 1
-        print("generated code is current")
-        return 0
+    if args.check or args.compat:
+        current = _check_current() if args.check else True
+        compatible = _check_compatible() if args.compat else True
+        return 0 if current and compatible else 1
     if args.release:
         RELEASED.parent.mkdir(parents=True, exist_ok=True)
         RELEASED.write_bytes(descriptor_set())

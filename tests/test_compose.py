@@ -1,0 +1,189 @@
+"""docker-compose.yml (cluster mode): a valid Compose file that starts Kafka right."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from jsonschema.validators import validator_for
+from pydantic import BaseModel
+from typer.testing import CliRunner
+
+from meshllm.cli import app
+from shared.settings import ENV_PREFIX, MeshSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+KAFKA = "kafka"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    """A service's environment as a mapping, from either Compose syntax."""
+    env = service.get("environment", {})
+    if isinstance(env, list):
+        return dict(item.partition("=")[::2] for item in env)
+    return {name: "" if value is None else str(value) for name, value in env.items()}
+
+
+def build_context(service: dict[str, Any]) -> tuple[Path, str] | None:
+    """(context folder, Dockerfile name) of a service that is built here, else None."""
+    build = service.get("build")
+    if build is None:
+        return None
+    if isinstance(build, str):
+        return ROOT / build, "Dockerfile"
+    return ROOT / build.get("context", "."), build.get("dockerfile", "Dockerfile")
+
+
+def meshllm_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Services that run this repository's image (built from its Dockerfile)."""
+    return {
+        name: service
+        for name, service in compose["services"].items()
+        if build_context(service) is not None
+    }
+
+
+def test_matches_the_compose_specification(compose: dict[str, Any]) -> None:
+    schema_file = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    validator_class = validator_for(schema)
+    validator_class.check_schema(schema)
+    validator = validator_class(schema, format_checker=validator_class.FORMAT_CHECKER)
+    problems = [
+        f"{'/'.join(str(p) for p in error.absolute_path) or '(root)'}: {error.message}"
+        for error in validator.iter_errors(compose)
+    ]
+    assert not problems, "docker-compose.yml breaks the Compose spec:\n  " + "\n  ".join(problems)
+
+
+def test_kafka_runs_in_kraft_mode_with_a_broker_healthcheck(compose: dict[str, Any]) -> None:
+    kafka = compose["services"][KAFKA]
+    env = environment(kafka)
+    roles = set(env["KAFKA_PROCESS_ROLES"].split(","))
+    assert roles == {"broker", "controller"}, "one combined broker and controller node"
+    assert "KAFKA_ZOOKEEPER_CONNECT" not in env
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{env['KAFKA_NODE_ID']}@kafka:9093"
+    assert "CONTROLLER://:9093" in env["KAFKA_LISTENERS"].split(",")
+    assert env["KAFKA_ADVERTISED_LISTENERS"] == "PLAINTEXT://kafka:9092"
+    assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "1"
+
+    healthcheck = kafka["healthcheck"]
+    test = healthcheck["test"]
+    command = test if isinstance(test, str) else " ".join(test[1:])
+    assert "/opt/kafka/bin/kafka-broker-api-versions.sh" in command
+    assert "--bootstrap-server localhost:9092" in command
+    assert {"interval", "timeout", "retries", "start_period"} <= set(healthcheck)
+
+
+def test_kafka_keeps_its_data_in_a_named_volume(compose: dict[str, Any]) -> None:
+    env = environment(compose["services"][KAFKA])
+    mounts = {}
+    for volume in compose["services"][KAFKA]["volumes"]:
+        source, _, target = volume.partition(":")
+        mounts[target] = source
+    assert env["KAFKA_LOG_DIRS"] in mounts, "KAFKA_LOG_DIRS is not on a volume"
+    assert mounts[env["KAFKA_LOG_DIRS"]] in compose.get("volumes", {}), "volume is not declared"
+
+
+def test_services_that_need_kafka_wait_until_it_is_healthy(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    needs_kafka = set(meshllm_services(compose)) | {
+        name for name, service in services.items() if KAFKA in service.get("depends_on", ())
+    }
+    for name in needs_kafka:
+        depends_on = services[name].get("depends_on", {})
+        assert isinstance(depends_on, dict), f"{name}: depends_on needs the long syntax"
+        assert depends_on.get(KAFKA, {}).get("condition") == "service_healthy", (
+            f"{name} must wait until kafka is service_healthy"
+        )
+
+
+def test_every_build_context_has_its_dockerfile(compose: dict[str, Any]) -> None:
+    for name, service in meshllm_services(compose).items():
+        context = build_context(service)
+        assert context is not None
+        folder, dockerfile = context
+        assert (folder / dockerfile).is_file(), f"{name}: no {dockerfile} in {folder}"
+        assert (folder / ".dockerignore").is_file(), f"{name}: no .dockerignore in {folder}"
+
+
+def test_dockerfile_installs_meshllm_for_a_non_root_user() -> None:
+    instructions = [
+        line.split(None, 1)
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line and not line.startswith(("#", " "))
+    ]
+    final = instructions[max(i for i, (op, _) in enumerate(instructions) if op == "FROM") :]
+    assert final[0][1].startswith("python:3.11-slim")
+    users = [arg for op, arg in final if op == "USER"]
+    assert users, "the image runs as root"
+    assert users[-1] not in {"root", "0"}
+    assert ["ENTRYPOINT", '["meshllm"]'] in [[op, arg] for op, arg in final]
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    ignored = set((ROOT / ".dockerignore").read_text().splitlines())
+    assert {".git", ".venv", "var", "**/__pycache__", "benchmarks/results"} <= ignored
+
+
+def setting_exists(name: str) -> bool:
+    """Whether ``MESHLLM_A__B`` names a field of MeshSettings (``a``, nested ``b``)."""
+    model: type[BaseModel] = MeshSettings
+    parts = name.removeprefix(ENV_PREFIX).lower().split("__")
+    for depth, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        if depth < len(parts) - 1:
+            nested = field.annotation
+            if not (isinstance(nested, type) and issubclass(nested, BaseModel)):
+                return False
+            model = nested
+    return True
+
+
+def test_setting_names_are_checked_against_mesh_settings() -> None:
+    assert setting_exists("MESHLLM_MODE")
+    assert setting_exists("MESHLLM_KAFKA__BOOTSTRAP")
+    assert not setting_exists("MESHLLM_KAFKA_BOOTSTRAP")
+    assert not setting_exists("MESHLLM_MODE__X")
+    assert not setting_exists("MESHLLM_KAFKA__NOPE")
+
+
+def test_meshllm_settings_in_compose_are_real_and_valid(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    services = meshllm_services(compose)
+    assert services, "no service is built from this repository"
+    for name, service in services.items():
+        env = {k: v for k, v in environment(service).items() if k.startswith(ENV_PREFIX)}
+        unknown = [k for k in env if not setting_exists(k)]
+        assert not unknown, f"{name}: not meshllm settings: {unknown}"
+        with monkeypatch.context() as patch:
+            for variable in [v for v in os.environ if v.startswith(ENV_PREFIX)]:
+                patch.delenv(variable)
+            for variable, value in env.items():
+                patch.setenv(variable, value)
+            MeshSettings()  # raises on a bad value
+
+
+def test_meshllm_services_run_real_cli_commands(compose: dict[str, Any]) -> None:
+    for name, service in meshllm_services(compose).items():
+        command = service.get("command", [])
+        args = shlex.split(command) if isinstance(command, str) else list(command)
+        result = CliRunner().invoke(app, [*args, "--help"])
+        assert result.exit_code == 0, f"{name}: `meshllm {' '.join(args)}` is no command"
