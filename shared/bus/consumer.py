@@ -25,6 +25,7 @@ from google.protobuf.message import DecodeError, Message
 from opentelemetry import metrics, trace
 
 from shared import envelope
+from shared.bus import kafka_compat
 from shared.bus.idempotency import IdempotencyStore
 from shared.bus.producer import TYPE_HEADER, Publisher
 from shared.bus.tracing import process_span
@@ -41,6 +42,8 @@ _duration = _meter.create_histogram(
 )
 
 DLQ_HEADER_PREFIX = "meshllm-dlq-"
+
+kafka_compat.install()
 
 
 @dataclass(frozen=True)
