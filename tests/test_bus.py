@@ -232,3 +232,25 @@ async def test_bad_events_go_to_the_dlq_and_the_consumer_keeps_going(
     finally:
         await raw.stop()
         await bus.stop()
+
+
+async def test_members_beyond_the_partition_count_are_ready_and_idle(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    from shared.bus.admin import ensure_topics
+
+    topic = scratch_topic(f"test.members.{tmp_path.name[-8:]}", partitions=1)
+    await ensure_topics(kafka_bootstrap, [topic])
+    first, second = Recorder(), Recorder()
+    buses = [
+        await running_bus(settings_for(kafka_bootstrap, tmp_path / "a"), topic, first),
+        await running_bus(settings_for(kafka_bootstrap, tmp_path / "b"), topic, second),
+    ]
+    try:
+        await poll_until(lambda: all(b.ready for b in buses), message="both members ready")
+        await buses[0].publish(topic, ev.FeedbackEvent(request_id="one"))
+        await poll_until(lambda: first.events or second.events, message="delivery")
+        assert len(first.events) + len(second.events) == 1
+    finally:
+        for bus in buses:
+            await bus.stop()

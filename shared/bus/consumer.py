@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from google.protobuf.message import DecodeError, Message
 from opentelemetry import metrics, trace
@@ -62,6 +62,16 @@ class EventContext:
 Handler = Callable[[Any, EventContext], Awaitable[None]]
 
 
+class _Membership(ConsumerRebalanceListener):  # type: ignore[misc]
+    joined = False
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.joined = False
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.joined = True
+
+
 class PoisonEvent(Exception):
     """A record that no retry can make processable (bad bytes, type or envelope)."""
 
@@ -97,16 +107,13 @@ class Subscriber:
         self._drain_deadline = 0.0
         self._drain_targets: dict[TopicPartition, int] | None = None
         self.failure: BaseException | None = None
+        self._membership = _Membership()
 
     @property
     def ready(self) -> bool:
-        """True once the group has given this member its partitions."""
-        return (
-            self._consumer is not None
-            and self._task is not None
-            and not self._task.done()
-            and bool(self._consumer.assignment())
-        )
+        """True while this member holds its share of the group (possibly no partitions,
+        when the group has more members than the topics have partitions)."""
+        return self.running and self._membership.joined
 
     @property
     def running(self) -> bool:
@@ -115,7 +122,6 @@ class Subscriber:
     async def start(self) -> None:
         kafka = self._settings.kafka
         self._consumer = AIOKafkaConsumer(
-            *self._topics,
             bootstrap_servers=kafka.bootstrap,
             group_id=self.group,
             client_id=self._client_id,
@@ -126,6 +132,7 @@ class Subscriber:
             heartbeat_interval_ms=max(100, self._settings.session_timeout_ms // 6),
             request_timeout_ms=kafka.request_timeout_ms,
         )
+        self._consumer.subscribe(list(self._topics), listener=self._membership)
         await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name=f"subscriber:{self.group}")
 
