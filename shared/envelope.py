@@ -35,7 +35,7 @@ def stamp(event: Message, *, producer: str, tenant: str | None = None) -> ev.Env
     if not envelope.event_id:
         envelope.event_id = new_event_id()
     if not envelope.HasField("occurred_at"):
-        envelope.occurred_at.GetCurrentTime()
+        envelope.occurred_at.FromNanoseconds(time.time_ns())
     if not envelope.schema_version:
         envelope.schema_version = SCHEMA_VERSION
     if not envelope.producer:

@@ -107,8 +107,7 @@ class Bus:
 
     async def start(self) -> None:
         await self.publisher.start()
-        for subscriber in self.subscribers:
-            await subscriber.start()
+        await asyncio.gather(*(s.start() for s in self.subscribers))
         self._started = True
 
     async def stop(self, drain: bool = False) -> None:

@@ -9,6 +9,7 @@ effect idempotent by event id too (the audit store does).
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from pathlib import Path
 from typing import Protocol
@@ -23,7 +24,11 @@ class IdempotencyStore(Protocol):
 
 
 class SqliteIdempotencyStore:
-    """Processed event ids of one consumer group, in a SQLite file, newest ``window`` kept."""
+    """Processed event ids of one consumer group, in a SQLite file, newest ``window`` kept.
+
+    The ids are also held in memory (loaded at start), so the check for a duplicate,
+    done for every event, never reads the file; only marking writes to it.
+    """
 
     def __init__(self, path: Path, *, window: int = 200_000) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,30 +41,36 @@ class SqliteIdempotencyStore:
             "(seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT UNIQUE NOT NULL)"
         )
         self._window = window
-        self._marks_since_prune = 0
+        self._ids: dict[str, None] = dict.fromkeys(
+            row[0] for row in self._db.execute("SELECT event_id FROM processed ORDER BY seq")
+        )
+        self._prune()
 
     def seen(self, event_id: str) -> bool:
-        row = self._db.execute("SELECT 1 FROM processed WHERE event_id = ?", (event_id,)).fetchone()
-        return row is not None
+        return event_id in self._ids
 
     def mark(self, event_ids: list[str]) -> None:
-        if not event_ids:
+        fresh = [e for e in event_ids if e not in self._ids]
+        if not fresh:
             return
-        self._db.execute("BEGIN")
+        # One statement is one implicit transaction: durable once it returns.
         self._db.executemany(
-            "INSERT OR IGNORE INTO processed (event_id) VALUES (?)", [(e,) for e in event_ids]
+            "INSERT OR IGNORE INTO processed (event_id) VALUES (?)", [(e,) for e in fresh]
         )
-        self._db.execute("COMMIT")
-        self._marks_since_prune += len(event_ids)
-        if self._marks_since_prune >= self._window // 10:
+        self._ids.update(dict.fromkeys(fresh))
+        if len(self._ids) > self._window + self._window // 10:
             self._prune()
 
     def _prune(self) -> None:
+        excess = len(self._ids) - self._window
+        if excess <= 0:
+            return
         self._db.execute(
             "DELETE FROM processed WHERE seq <= (SELECT MAX(seq) FROM processed) - ?",
             (self._window,),
         )
-        self._marks_since_prune = 0
+        for event_id in list(itertools.islice(self._ids, excess)):
+            del self._ids[event_id]
 
     def close(self) -> None:
         self._db.close()

@@ -10,7 +10,7 @@ from google.protobuf.message import Message
 
 from shared import envelope
 from shared.bus import kafka_compat
-from shared.bus.tracing import Headers, publish_span
+from shared.bus.tracing import Headers, start_publish_span
 from shared.settings import MeshSettings
 from shared.topics import Topic
 
@@ -92,13 +92,13 @@ class Publisher:
         all_headers: Headers = [(TYPE_HEADER, event.DESCRIPTOR.full_name.encode())]
         if headers:
             all_headers.extend(headers)
-        with publish_span(topic.name, env.event_id, all_headers):
+        span = start_publish_span(topic.name, env.event_id, all_headers)
+        try:
             delivery: asyncio.Future[Any] = await self._require().send(
-                topic.name,
-                event.SerializeToString(),
-                key=record_key,
-                headers=all_headers,
+                topic.name, event.SerializeToString(), key=record_key, headers=all_headers
             )
+        finally:
+            span.end()
         return delivery
 
     async def publish(

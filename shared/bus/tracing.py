@@ -42,16 +42,19 @@ def _attributes(topic: str, event_id: str | None, **extra: Any) -> dict[str, Any
     return attributes
 
 
-@contextmanager
-def publish_span(topic: str, event_id: str | None, headers: Headers) -> Iterator[trace.Span]:
-    """A PRODUCER span whose context is injected into ``headers``."""
-    with _tracer.start_as_current_span(
+def start_publish_span(topic: str, event_id: str | None, headers: Headers) -> trace.Span:
+    """Start a PRODUCER span and inject its context into ``headers``; the caller ends it.
+
+    Not a context manager and not made current: this runs once per published event,
+    and the attach/detach of a current span was a third of the publish cost.
+    """
+    span = _tracer.start_span(
         f"{topic} publish",
         kind=trace.SpanKind.PRODUCER,
         attributes=_attributes(topic, event_id, **{"messaging.operation.type": "send"}),
-    ) as span:
-        propagate.inject(headers, setter=_SETTER)
-        yield span
+    )
+    propagate.inject(headers, context=trace.set_span_in_context(span), setter=_SETTER)
+    return span
 
 
 @contextmanager
