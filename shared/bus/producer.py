@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -18,6 +19,17 @@ TYPE_HEADER = "meshllm-type"
 MAX_REQUEST_BYTES = 16 * 1024 * 1024 + 64 * 1024
 
 kafka_compat.install()
+
+
+_TYPE_HEADERS: dict[str, bytes] = {}
+
+
+def _type_header(event: Message) -> bytes:
+    name = event.DESCRIPTOR.full_name
+    value = _TYPE_HEADERS.get(name)
+    if value is None:
+        value = _TYPE_HEADERS[name] = name.encode()
+    return value
 
 
 def _key_of(topic: Topic, event: Message) -> bytes | None:
@@ -80,25 +92,59 @@ class Publisher:
         Raises:
             TypeError: the topic does not carry this message type.
         """
+        self._check_type(topic, event)
+        env = envelope.stamp(event, producer=self._service, tenant=tenant)
+        all_headers: Headers = [(TYPE_HEADER, _type_header(event))]
+        if headers:
+            all_headers.extend(headers)
+        span = start_publish_span(topic.name, env.event_id, all_headers)
+        try:
+            return await self._send(topic, event, key, all_headers)
+        finally:
+            span.end()
+
+    async def enqueue_many(
+        self,
+        topic: Topic,
+        events: Sequence[Message],
+        *,
+        tenant: str | None = None,
+    ) -> list[asyncio.Future[Any]]:
+        """Buffer a batch under one PRODUCER span (a bulk load, a replay); keys as in ``enqueue``.
+
+        Each event keeps its own envelope; they share the trace context of the batch.
+        """
+        for event in events:
+            self._check_type(topic, event)
+        headers: Headers = []
+        span = start_publish_span(topic.name, None, headers, batch_size=len(events))
+        try:
+            deliveries = []
+            for event in events:
+                envelope.stamp(event, producer=self._service, tenant=tenant)
+                event_headers = [(TYPE_HEADER, _type_header(event)), *headers]
+                deliveries.append(await self._send(topic, event, None, event_headers))
+            return deliveries
+        finally:
+            span.end()
+
+    @staticmethod
+    def _check_type(topic: Topic, event: Message) -> None:
         if not topic.accepts(type(event)):
             allowed = ", ".join(m.DESCRIPTOR.full_name for m in topic.messages) or "none"
             raise TypeError(
                 f"{topic.name} does not carry {event.DESCRIPTOR.full_name} (it carries {allowed})"
             )
-        env = envelope.stamp(event, producer=self._service, tenant=tenant)
+
+    async def _send(
+        self, topic: Topic, event: Message, key: str | bytes | None, headers: Headers
+    ) -> asyncio.Future[Any]:
         record_key = key.encode() if isinstance(key, str) else key
         if record_key is None:
             record_key = _key_of(topic, event)
-        all_headers: Headers = [(TYPE_HEADER, event.DESCRIPTOR.full_name.encode())]
-        if headers:
-            all_headers.extend(headers)
-        span = start_publish_span(topic.name, env.event_id, all_headers)
-        try:
-            delivery: asyncio.Future[Any] = await self._require().send(
-                topic.name, event.SerializeToString(), key=record_key, headers=all_headers
-            )
-        finally:
-            span.end()
+        delivery: asyncio.Future[Any] = await self._require().send(
+            topic.name, event.SerializeToString(), key=record_key, headers=headers
+        )
         return delivery
 
     async def publish(
