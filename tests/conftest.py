@@ -11,6 +11,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shared.bus.admin import ensure_topics
 from shared.bus.embedded import EmbeddedBroker
@@ -18,6 +22,25 @@ from shared.topics import Topic
 from tests.procs.topics import scratch_topic
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+_SPANS = InMemorySpanExporter()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracer_provider() -> TracerProvider:
+    """The suite's process-wide tracer provider, as a service's would be, exporting to memory."""
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(_SPANS))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    """Spans finished during this test."""
+    _SPANS.clear()
+    return _SPANS
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shared.bus import Bus, EventContext
 from shared.events.v1 import events_pb2 as ev
@@ -254,3 +255,38 @@ async def test_members_beyond_the_partition_count_are_ready_and_idle(
     finally:
         for bus in buses:
             await bus.stop()
+
+
+async def test_a_batch_shares_one_trace_and_keeps_one_envelope_per_event(
+    kafka_bootstrap: str, fresh_topic: Topic, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    recorder = Recorder()
+    traceparents: list[str] = []
+
+    async def handler(event: ev.FeedbackEvent, ctx: EventContext) -> None:
+        traceparents.append(dict(ctx.headers)["traceparent"].decode())
+        await recorder(event, ctx)
+
+    bus = Bus(settings_for(kafka_bootstrap, tmp_path), service="tests")
+    bus.subscribe(fresh_topic, group="tests")(handler)
+    await bus.start()
+    try:
+        await poll_until(lambda: bus.ready, message="subscriber assignment")
+        events = [ev.FeedbackEvent(request_id=f"b{i}") for i in range(20)]
+        await asyncio.gather(*await bus.publisher.enqueue_many(fresh_topic, events, tenant="t1"))
+        await poll_until(lambda: len(recorder.events) == 20, message="the whole batch")
+        assert len({e.envelope.event_id for e in recorder.events}) == 20
+        assert {e.envelope.tenant for e in recorder.events} == {"t1"}
+        trace_ids = {tp.split("-")[1] for tp in traceparents}
+        assert len(trace_ids) == 1
+        [batch] = [s for s in spans.get_finished_spans() if s.name.endswith(" publish")]
+        assert batch.attributes is not None
+        assert batch.attributes["messaging.batch.message_count"] == 20
+        assert format(batch.context.trace_id, "032x") in trace_ids
+        processed = [s for s in spans.get_finished_spans() if s.name.endswith(" process")]
+        assert len(processed) == 20
+        assert all(
+            s.parent is not None and s.parent.span_id == batch.context.span_id for s in processed
+        )
+    finally:
+        await bus.stop()
