@@ -1,0 +1,1 @@
+"""The meshllm services, one package each."""
