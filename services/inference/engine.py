@@ -1,0 +1,317 @@
+"""The CPU engine: continuous batching over a slot KV cache, streaming, cancellation.
+
+One worker thread owns the model. Requests wait in a queue; at every token
+boundary the worker admits waiting requests into free slots (prefilling each
+prompt), then runs one decode step for every active sequence together. A sequence
+leaves its slot the moment it finishes or its caller goes away, and the next
+waiting request takes the slot at the following boundary.
+
+Dynamic batching limits (settings): ``max_batch`` sequences at once; an idle engine
+waits ``max_wait_ms`` for companions before starting; admission stops while the
+prompt + max_tokens of active sequences would exceed ``max_tokens_in_flight``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from services.inference.llama import KVCache, Llama
+from services.inference.sampling import InvalidRequest, Sampler, SamplingParams
+from services.inference.tokenizer import Tokenizer
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    max_batch: int = 16
+    max_wait_ms: float = 2.0
+    max_tokens_in_flight: int = 32_768
+    max_seq_len: int = 2048
+    stuck_after_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of one sequence's output; the last one has ``finish_reason`` and ``usage``."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    usage: Usage
+
+
+class TextAssembler:
+    """Turns tokens into text deltas: whole UTF-8 characters only, stop strings cut out.
+
+    Text that could be the start of a stop string is held back until it is known not
+    to be one, so a stop string never reaches the caller, not even in part.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]) -> None:
+        self._tokenizer = tokenizer
+        self._stops = tuple(stops)
+        self._ids: list[int] = []
+        self._text = ""
+        self._emitted = 0
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Return (new text, whether a stop string ended the output)."""
+        self._ids.append(token_id)
+        text = self._tokenizer.decode(self._ids)
+        if text.endswith("\ufffd"):
+            return "", False  # a multi-byte character is not complete yet
+        self._text = text
+        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            delta = text[self._emitted : cut]
+            self._emitted = cut
+            return delta, True
+        hold = max(
+            (k for s in self._stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0
+        )
+        safe = len(text) - hold
+        delta = text[self._emitted : safe] if safe > self._emitted else ""
+        self._emitted = max(self._emitted, safe)
+        return delta, False
+
+    def flush(self) -> str:
+        delta = self._text[self._emitted :]
+        self._emitted = len(self._text)
+        return delta
+
+
+@dataclass(eq=False)
+class _Sequence:
+    prompt: list[int]
+    params: SamplingParams
+    sampler: Sampler
+    text: TextAssembler
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Delta | BaseException]
+    slot: int = -1
+    generated: int = 0
+    last_token: int = -1
+    cancelled: bool = False
+    done: bool = False
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def budget(self) -> int:
+        return len(self.prompt) + self.params.max_tokens
+
+    def send(self, item: Delta | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class Engine:
+    def __init__(self, model: Llama, tokenizer: Tokenizer, settings: EngineSettings) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.max_seq_len = min(settings.max_seq_len, model.config.context_length)
+        self._cache: KVCache = model.new_cache(settings.max_batch, self.max_seq_len)
+        self._free = list(range(settings.max_batch - 1, -1, -1))
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._active: list[_Sequence] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.last_step_at = time.monotonic()
+        self.steps = 0
+
+    # ----------------------------------------------------------------- caller side
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def stuck(self) -> str | None:
+        """A reason when there is work but no step has finished for ``stuck_after_s``."""
+        if self._thread is None or not self._thread.is_alive():
+            return "engine thread is not running"
+        idle = time.monotonic() - self.last_step_at
+        if (self._active or self._waiting) and idle > self.settings.stuck_after_s:
+            return f"no step for {idle:.0f}s with {self.active} active, {self.waiting} waiting"
+        return None
+
+    def check(self, prompt: Sequence[int], params: SamplingParams) -> None:
+        """Raise :class:`InvalidRequest` if this request can never run."""
+        params.validate(self.max_seq_len - 1)
+        if not prompt:
+            raise InvalidRequest("prompt", "is empty")
+        if len(prompt) + params.max_tokens > self.max_seq_len:
+            raise InvalidRequest(
+                "max_tokens" if len(prompt) < self.max_seq_len else "prompt",
+                f"the prompt has {len(prompt)} tokens; with max_tokens {params.max_tokens} "
+                f"it exceeds the context length of {self.max_seq_len} tokens",
+            )
+
+    async def stream(
+        self, prompt: Sequence[int], params: SamplingParams
+    ) -> AsyncIterator[Delta]:
+        """Generate for ``prompt`` token ids, yielding text as it is produced.
+
+        Leaving the iteration early (the caller went away) cancels the sequence and
+        frees its slot at the next token boundary.
+        """
+        self.check(prompt, params)
+        sequence = _Sequence(
+            prompt=list(prompt),
+            params=params,
+            sampler=Sampler(params),
+            text=TextAssembler(self.tokenizer, params.stop),
+            loop=asyncio.get_running_loop(),
+            queue=asyncio.Queue(),
+        )
+        with self._wake:
+            self._waiting.append(sequence)
+            self._wake.notify()
+        try:
+            while True:
+                item = await sequence.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not sequence.done:
+                sequence.cancelled = True
+                with self._wake:
+                    self._wake.notify()
+
+    async def complete(self, prompt: Sequence[int], params: SamplingParams) -> Completion:
+        parts: list[str] = []
+        ids: list[int] = []
+        async for delta in self.stream(prompt, params):
+            parts.append(delta.text)
+            ids.extend(delta.token_ids)
+            if delta.finish_reason is not None and delta.usage is not None:
+                return Completion("".join(parts), tuple(ids), delta.finish_reason, delta.usage)
+        raise RuntimeError("generation ended without a final delta")
+
+    # ----------------------------------------------------------------- worker side
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._waiting or self._active):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+            if not self._active and self.settings.max_wait_ms > 0:
+                time.sleep(self.settings.max_wait_ms / 1000)  # let a batch gather
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if self._active:
+                    self._decode()
+            except Exception as error:  # a bug must fail its requests, not hang them
+                log.exception("engine step failed")
+                for sequence in [*self._active]:
+                    sequence.send(error)
+                    self._finish(sequence)
+            self.last_step_at = time.monotonic()
+            self.steps += 1
+        for sequence in [*self._active, *self._waiting]:
+            sequence.send(RuntimeError("engine stopped"))
+
+    def _drop_cancelled(self) -> None:
+        for sequence in [s for s in self._active if s.cancelled]:
+            self._finish(sequence)
+        with self._wake:
+            self._waiting = collections.deque(s for s in self._waiting if not s.cancelled)
+
+    def _admit(self) -> None:
+        in_flight = sum(s.budget for s in self._active)
+        while self._free:
+            with self._wake:
+                if not self._waiting:
+                    return
+                candidate = self._waiting[0]
+                if self._active and in_flight + candidate.budget > self.settings.max_tokens_in_flight:
+                    return
+                self._waiting.popleft()
+            candidate.slot = self._free.pop()
+            self._cache.lengths[candidate.slot] = 0
+            in_flight += candidate.budget
+            self._active.append(candidate)
+            logits = self.model.forward(
+                torch.tensor([candidate.prompt]), [candidate.slot], self._cache
+            )
+            self._emit(candidate, candidate.sampler.pick(logits[0]))
+
+    def _decode(self) -> None:
+        batch = list(self._active)
+        tokens = torch.tensor([[s.last_token] for s in batch])
+        logits = self.model.forward(tokens, [s.slot for s in batch], self._cache)
+        for row, sequence in enumerate(batch):
+            self._emit(sequence, sequence.sampler.pick(logits[row]))
+
+    def _emit(self, sequence: _Sequence, token: int) -> None:
+        sequence.generated += 1
+        sequence.last_token = token
+        finish: str | None = None
+        text = ""
+        if token == self.tokenizer.eos_id:
+            finish = "stop"
+            text = sequence.text.flush()
+        else:
+            text, stopped = sequence.text.add(token)
+            if stopped:
+                finish = "stop"
+            elif sequence.generated >= sequence.params.max_tokens:
+                finish = "length"
+                text += sequence.text.flush()
+        ids = (token,) if token != self.tokenizer.eos_id else ()
+        if finish is None:
+            sequence.send(Delta(text, ids))
+            return
+        usage = Usage(len(sequence.prompt), sequence.generated)
+        sequence.send(Delta(text, ids, finish, usage))
+        self._finish(sequence)
+
+    def _finish(self, sequence: _Sequence) -> None:
+        sequence.done = True
+        if sequence in self._active:
+            self._active.remove(sequence)
+            self._cache.lengths[sequence.slot] = 0
+            self._free.append(sequence.slot)
