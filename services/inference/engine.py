@@ -184,9 +184,7 @@ class Engine:
                 f"it exceeds the context length of {self.max_seq_len} tokens",
             )
 
-    async def stream(
-        self, prompt: Sequence[int], params: SamplingParams
-    ) -> AsyncIterator[Delta]:
+    async def stream(self, prompt: Sequence[int], params: SamplingParams) -> AsyncIterator[Delta]:
         """Generate for ``prompt`` token ids, yielding text as it is produced.
 
         Leaving the iteration early (the caller went away) cancels the sequence and
@@ -267,7 +265,10 @@ class Engine:
                 if not self._waiting:
                     return
                 candidate = self._waiting[0]
-                if self._active and in_flight + candidate.budget > self.settings.max_tokens_in_flight:
+                if (
+                    self._active
+                    and in_flight + candidate.budget > self.settings.max_tokens_in_flight
+                ):
                     return
                 self._waiting.popleft()
             candidate.slot = self._free.pop()

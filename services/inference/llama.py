@@ -17,14 +17,24 @@ import torch.nn.functional as F
 from services.inference.gguf_model import GgufModel, LlamaConfig
 
 
+class Dense:
+    """x @ W.T with an fp32 weight [out, in]."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 @dataclass
 class Layer:
     attn_norm: torch.Tensor
-    qkv: torch.Tensor  # [(H + 2K) * D, hidden]
-    out: torch.Tensor
+    qkv: Dense  # [(H + 2K) * D, hidden]
+    out: Dense
     ffn_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * ffn, hidden]
-    down: torch.Tensor
+    gate_up: Dense  # [2 * ffn, hidden]
+    down: Dense
 
 
 class KVCache:
@@ -51,26 +61,33 @@ class Llama:
         self.config = c
         t = {name: torch.from_numpy(array) for name, array in model.tensors.items()}
         self.embed = t["token_embd.weight"]  # [V, hidden], tied with the output
-        self.output = t.get("output.weight", self.embed)
+        self.output = Dense(t.get("output.weight", self.embed))
         self.norm = t["output_norm.weight"]
         self.layers = [
             Layer(
                 attn_norm=t[f"blk.{i}.attn_norm.weight"],
-                qkv=torch.cat(
-                    [t[f"blk.{i}.attn_q.weight"], t[f"blk.{i}.attn_k.weight"],
-                     t[f"blk.{i}.attn_v.weight"]]
-                ).contiguous(),
-                out=t[f"blk.{i}.attn_output.weight"],
+                qkv=Dense(
+                    torch.cat(
+                        [
+                            t[f"blk.{i}.attn_q.weight"],
+                            t[f"blk.{i}.attn_k.weight"],
+                            t[f"blk.{i}.attn_v.weight"],
+                        ]
+                    )
+                ),
+                out=Dense(t[f"blk.{i}.attn_output.weight"]),
                 ffn_norm=t[f"blk.{i}.ffn_norm.weight"],
-                gate_up=torch.cat(
-                    [t[f"blk.{i}.ffn_gate.weight"], t[f"blk.{i}.ffn_up.weight"]]
-                ).contiguous(),
-                down=t[f"blk.{i}.ffn_down.weight"],
+                gate_up=Dense(
+                    torch.cat([t[f"blk.{i}.ffn_gate.weight"], t[f"blk.{i}.ffn_up.weight"]])
+                ),
+                down=Dense(t[f"blk.{i}.ffn_down.weight"]),
             )
             for i in range(c.num_layers)
         ]
         half = c.head_dim // 2
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(half, dtype=torch.float64) * 2 / c.head_dim))
+        inv_freq = 1.0 / (
+            c.rope_theta ** (torch.arange(half, dtype=torch.float64) * 2 / c.head_dim)
+        )
         positions = torch.arange(c.context_length, dtype=torch.float64)
         angles = torch.outer(positions, inv_freq)  # [ctx, D/2]
         self._cos = angles.cos().float()
@@ -86,76 +103,94 @@ class Llama:
         # x: [B, heads, S, D]; positions: [B, S]
         cos = self._cos[positions].unsqueeze(1)  # [B, 1, S, D/2]
         sin = self._sin[positions].unsqueeze(1)
-        pairs = x.unflatten(-1, (-1, 2))
+        pairs = x.view(*x.shape[:-1], -1, 2)
         even, odd = pairs[..., 0], pairs[..., 1]
         rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
         return rotated.flatten(-2)
 
     @torch.inference_mode()
-    def forward(
-        self, tokens: torch.Tensor, slots: list[int], cache: KVCache
-    ) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, slots: list[int], cache: KVCache) -> torch.Tensor:
         """Run ``tokens`` [B, S] for the sequences in ``slots``; return last-position logits [B, V].
 
         Each sequence continues at its cache length. B > 1 needs S == 1 (decode);
         a prompt (S > 1) is prefilled one sequence at a time.
         """
-        c = self.config
         batch, steps = tokens.shape
         if batch > 1 and steps > 1:
             raise ValueError("prefill one sequence at a time; batch only single-token steps")
         starts = torch.tensor([cache.lengths[s] for s in slots])
         if int(starts.max()) + steps > cache.max_len:
             raise ValueError(f"sequence would exceed the cache length {cache.max_len}")
-        positions = starts.unsqueeze(1) + torch.arange(steps).unsqueeze(0)  # [B, S]
-        ends = starts + steps
-        span = int(ends.max())
-        index = torch.tensor(slots)
-        q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        groups = c.num_heads // c.num_kv_heads
-        if steps > 1:
-            mask = None
-            causal = True
-        else:
-            # keys past each sequence's own end are masked out: [B, 1, 1, span]
-            mask = (torch.arange(span).unsqueeze(0) < ends.unsqueeze(1)).view(batch, 1, 1, span)
-            causal = False
-
+        step = _Step(slots, starts, steps)
         x = self.embed[tokens]  # [B, S, hidden]
         for layer_index, layer in enumerate(self.layers):
-            h = self._rms(x, layer.attn_norm)
-            q, k, v = F.linear(h, layer.qkv).split((q_dim, kv_dim, kv_dim), dim=-1)
-            q = self._rope(q.view(batch, steps, c.num_heads, c.head_dim).transpose(1, 2), positions)
-            k = self._rope(k.view(batch, steps, c.num_kv_heads, c.head_dim).transpose(1, 2),
-                           positions)
-            v = v.view(batch, steps, c.num_kv_heads, c.head_dim).transpose(1, 2)
-            layer_k, layer_v = cache.k[layer_index], cache.v[layer_index]
-            if batch == 1:
-                start = int(starts[0])
-                layer_k[slots[0], :, start : start + steps] = k[0]
-                layer_v[slots[0], :, start : start + steps] = v[0]
-                keys = layer_k[slots[0] : slots[0] + 1, :, :span]
-                values = layer_v[slots[0] : slots[0] + 1, :, :span]
-            else:
-                layer_k[index, :, starts] = k[:, :, 0]
-                layer_v[index, :, starts] = v[:, :, 0]
-                keys = layer_k[index, :, :span]
-                values = layer_v[index, :, :span]
-            keys = keys.repeat_interleave(groups, dim=1)  # [B, H, span, D]
-            values = values.repeat_interleave(groups, dim=1)
-            if causal and span > steps:
-                # a prompt continuing an existing prefix: attend to the prefix and causally
-                mask_full = torch.ones(steps, span, dtype=torch.bool).tril(span - steps)
-                attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask_full)
-            else:
-                attn = F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=mask, is_causal=causal
-                )
-            x = x + F.linear(attn.transpose(1, 2).reshape(batch, steps, q_dim), layer.out)
-            h = self._rms(x, layer.ffn_norm)
-            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
-        for slot, end in zip(slots, ends.tolist(), strict=True):
+            x = x + self._attention(layer, self._rms(x, layer.attn_norm), step, cache, layer_index)
+            gate, up = layer.gate_up(self._rms(x, layer.ffn_norm)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        for slot, end in zip(slots, step.ends.tolist(), strict=True):
             cache.lengths[slot] = end
-        last = self._rms(x[:, -1], self.norm)
-        return F.linear(last, self.output)  # [B, V]
+        return self.output(self._rms(x[:, -1], self.norm))  # [B, V]
+
+    def _attention(
+        self, layer: Layer, h: torch.Tensor, step: _Step, cache: KVCache, layer_index: int
+    ) -> torch.Tensor:
+        c = self.config
+        batch, steps = step.batch, step.steps
+        q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        q, k, v = torch.split(layer.qkv(h), [q_dim, kv_dim, kv_dim], dim=-1)
+        q = self._rope(
+            q.view(batch, steps, c.num_heads, c.head_dim).transpose(1, 2), step.positions
+        )
+        k = self._rope(
+            k.view(batch, steps, c.num_kv_heads, c.head_dim).transpose(1, 2), step.positions
+        )
+        v = v.view(batch, steps, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        keys, values = step.store(cache.k[layer_index], cache.v[layer_index], k, v)
+        groups = c.num_heads // c.num_kv_heads
+        keys = keys.repeat_interleave(groups, dim=1)  # [B, H, span, D]
+        values = values.repeat_interleave(groups, dim=1)
+        attn = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=step.mask, is_causal=step.causal
+        )
+        return layer.out(attn.transpose(1, 2).reshape(batch, steps, q_dim))
+
+
+class _Step:
+    """Positions, cache span and attention mask shared by every layer of one forward call."""
+
+    def __init__(self, slots: list[int], starts: torch.Tensor, steps: int) -> None:
+        self.slots = slots
+        self.index = torch.tensor(slots)
+        self.starts = starts
+        self.steps = steps
+        self.batch = len(slots)
+        self.positions = starts.unsqueeze(1) + torch.arange(steps).unsqueeze(0)  # [B, S]
+        self.ends = starts + steps
+        self.span = int(self.ends.max())
+        self.mask: torch.Tensor | None = None
+        self.causal = False
+        if steps == 1:
+            # keys past each sequence's own end are masked out: [B, 1, 1, span]
+            self.mask = (torch.arange(self.span).unsqueeze(0) < self.ends.unsqueeze(1)).view(
+                self.batch, 1, 1, self.span
+            )
+        elif self.span > steps:
+            # a prompt continuing a cached prefix: all of the prefix, then causal
+            self.mask = torch.ones(steps, self.span, dtype=torch.bool).tril(self.span - steps)
+        else:
+            self.causal = True
+
+    def store(
+        self, layer_k: torch.Tensor, layer_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k/v [B, K, S, D]; return the keys/values [B, K, span, D] to attend."""
+        if self.batch == 1:
+            slot, start = self.slots[0], int(self.starts[0])
+            layer_k[slot, :, start : start + self.steps] = k[0]
+            layer_v[slot, :, start : start + self.steps] = v[0]
+            return layer_k[slot : slot + 1, :, : self.span], layer_v[
+                slot : slot + 1, :, : self.span
+            ]
+        layer_k[self.index, :, self.starts] = k[:, :, 0]
+        layer_v[self.index, :, self.starts] = v[:, :, 0]
+        return layer_k[self.index, :, : self.span], layer_v[self.index, :, : self.span]

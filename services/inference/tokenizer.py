@@ -12,18 +12,22 @@ CONTROL_TOKEN = 3
 DIGIT_SPLITTING_PRE = {"smollm", "default", "gpt-2", "gpt2"}
 
 
+def _merge_pair(merge: str) -> tuple[str, str]:
+    left, _, right = merge.partition(" ")
+    return left, right
+
+
 class Tokenizer:
     """Encodes text to token ids and back; renders chat messages with the model's template."""
 
     def __init__(self, spec: TokenizerSpec) -> None:
-        from tokenizers import AddedToken
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as HfTokenizer
-        from tokenizers import decoders, models, pre_tokenizers
 
         if spec.model != "gpt2":
             raise ModelLoadError(f"tokenizer model {spec.model!r} is not supported (only gpt2 BPE)")
         vocab = {token: index for index, token in enumerate(spec.tokens)}
-        merges = [tuple(m.split(" ", 1)) for m in spec.merges]
+        merges = [_merge_pair(m) for m in spec.merges]
         bpe = HfTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         if spec.pre in DIGIT_SPLITTING_PRE and spec.pre not in {"gpt-2", "gpt2"}:
@@ -60,8 +64,9 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         return self.decode([token_id], skip_special=False)
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
-                    ) -> str:
+    def render_chat(
+        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
+    ) -> str:
         """The prompt the model was trained on for these messages (its own Jinja template)."""
         if not self._chat_template:
             raise ModelLoadError("this model has no chat template; use a completion prompt")
