@@ -95,3 +95,9 @@ docs-check:
 bench-bus *args:
     {{python}} -m pip install --quiet -e ".[bench]"
     {{python}} -m benchmarks.bus_bench {{args}}
+
+# CPU inference: our engine (fp32/int8/int4) vs transformers and llama-cpp-python, same GGUF.
+[group('bench')]
+bench-inference *args:
+    {{python}} -m pip install --quiet -e ".[bench]" llama-cpp-python
+    {{python}} -m benchmarks.inference_bench {{args}}

@@ -292,7 +292,8 @@ class Engine:
         sequence.last_token = token
         finish: str | None = None
         text = ""
-        if token == self.tokenizer.eos_id:
+        end_of_text = token == self.tokenizer.eos_id and not sequence.params.ignore_eos
+        if end_of_text:
             finish = "stop"
             text = sequence.text.flush()
         else:
@@ -302,7 +303,7 @@ class Engine:
             elif sequence.generated >= sequence.params.max_tokens:
                 finish = "length"
                 text += sequence.text.flush()
-        ids = (token,) if token != self.tokenizer.eos_id else ()
+        ids = () if end_of_text else (token,)
         if finish is None:
             sequence.send(Delta(text, ids))
             return

@@ -30,6 +30,8 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    # Keep going past the end-of-text token (benchmarks need a fixed output length).
+    ignore_eos: bool = False
 
     def validate(self, max_tokens_limit: int) -> None:
         """Raise :class:`InvalidRequest` naming the first bad field."""

