@@ -52,8 +52,16 @@ def ensure_environment(extras: str) -> None:
         check=True,
     )
     subprocess.run(
-        [str(BIN / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         "--no-deps", *NO_DEPS],
+        [
+            str(BIN / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            *NO_DEPS,
+        ],
         check=True,
     )
     stamp.write_text(digest)
