@@ -92,7 +92,7 @@ def run_ours(mode: str, plan: Plan) -> Result:
     torch.set_num_threads(THREADS)
     gguf = load_gguf(smollm2_path())
     tokenizer = Tokenizer(gguf.tokenizer)
-    model = Llama(gguf, quant=mode) if mode != "fp32" else Llama(gguf)
+    model = Llama(gguf, mode)
     engine = Engine(model, tokenizer, EngineSettings(max_batch=16, max_seq_len=1024))
     engine.start()
     prompts = [

@@ -19,4 +19,7 @@ class ServiceSpec:
     ready_timeout_s: float = 60.0
 
 
-SERVICES: tuple[ServiceSpec, ...] = ()
+SERVICES: tuple[ServiceSpec, ...] = (
+    # Ray start, model load and a probe generation: ~20-60 s on two cores.
+    ServiceSpec(name="inference", module="services.inference", ready_timeout_s=300.0),
+)

@@ -67,8 +67,9 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aiokafka reports every retriable hiccup at WARNING; its errors still show.
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+    # Chatty at INFO (aiokafka: group chatter; httpx: a line per request); warnings still show.
+    for chatty in ("aiokafka", "httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
 
 
 def get_logger(name: str | None = None) -> Any:

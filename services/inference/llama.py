@@ -15,26 +15,29 @@ import torch
 import torch.nn.functional as F
 
 from services.inference.gguf_model import GgufModel, LlamaConfig
-
-
-class Dense:
-    """x @ W.T with an fp32 weight [out, in]."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+from services.inference.quant import (
+    Embedding,
+    LinearWeight,
+    QuantMode,
+    prepare_embedding,
+    prepare_linear,
+    prepare_tied,
+)
 
 
 @dataclass
 class Layer:
     attn_norm: torch.Tensor
-    qkv: Dense  # [(H + 2K) * D, hidden]
-    out: Dense
+    qkv: LinearWeight  # [(H + 2K) * D, hidden]
+    out: LinearWeight
     ffn_norm: torch.Tensor
-    gate_up: Dense  # [2 * ffn, hidden]
-    down: Dense
+    gate_up: LinearWeight  # [2 * ffn, hidden]
+    down: LinearWeight
+
+    @property
+    def nbytes(self) -> int:
+        norms = (self.attn_norm.numel() + self.ffn_norm.numel()) * 4
+        return norms + sum(w.nbytes for w in (self.qkv, self.out, self.gate_up, self.down))
 
 
 class KVCache:
@@ -56,34 +59,57 @@ class KVCache:
 
 
 class Llama:
-    def __init__(self, model: GgufModel) -> None:
+    """The model, its weights stored as ``quant`` (see :mod:`services.inference.quant`).
+
+    Construction consumes ``model.tensors``: each dequantized GGUF tensor is dropped as soon
+    as its (fused, possibly quantized) copy exists, so peak memory stays near one copy of
+    the weights instead of two. Pass ``keep_source=True`` to leave them in place.
+    """
+
+    def __init__(
+        self,
+        model: GgufModel,
+        quant: QuantMode | str = QuantMode.FP32,
+        *,
+        keep_source: bool = False,
+    ) -> None:
+        try:
+            self.quant = QuantMode(quant)
+        except ValueError:
+            choices = ", ".join(m.value for m in QuantMode)
+            raise ValueError(f"unknown quantization {quant!r}; choose one of {choices}") from None
         c = model.config
         self.config = c
-        t = {name: torch.from_numpy(array) for name, array in model.tensors.items()}
-        self.embed = t["token_embd.weight"]  # [V, hidden], tied with the output
-        self.output = Dense(t.get("output.weight", self.embed))
-        self.norm = t["output_norm.weight"]
+        source = model.tensors if not keep_source else dict(model.tensors)
+
+        def take(*names: str) -> torch.Tensor:
+            parts = [torch.from_numpy(source.pop(name)) for name in names]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        def linear(*names: str) -> LinearWeight:
+            return prepare_linear(take(*names), self.quant)
+
         self.layers = [
             Layer(
-                attn_norm=t[f"blk.{i}.attn_norm.weight"],
-                qkv=Dense(
-                    torch.cat(
-                        [
-                            t[f"blk.{i}.attn_q.weight"],
-                            t[f"blk.{i}.attn_k.weight"],
-                            t[f"blk.{i}.attn_v.weight"],
-                        ]
-                    )
+                attn_norm=take(f"blk.{i}.attn_norm.weight"),
+                qkv=linear(
+                    f"blk.{i}.attn_q.weight", f"blk.{i}.attn_k.weight", f"blk.{i}.attn_v.weight"
                 ),
-                out=Dense(t[f"blk.{i}.attn_output.weight"]),
-                ffn_norm=t[f"blk.{i}.ffn_norm.weight"],
-                gate_up=Dense(
-                    torch.cat([t[f"blk.{i}.ffn_gate.weight"], t[f"blk.{i}.ffn_up.weight"]])
-                ),
-                down=Dense(t[f"blk.{i}.ffn_down.weight"]),
+                out=linear(f"blk.{i}.attn_output.weight"),
+                ffn_norm=take(f"blk.{i}.ffn_norm.weight"),
+                gate_up=linear(f"blk.{i}.ffn_gate.weight", f"blk.{i}.ffn_up.weight"),
+                down=linear(f"blk.{i}.ffn_down.weight"),
             )
             for i in range(c.num_layers)
         ]
+        self.norm = take("output_norm.weight")
+        self.embed: Embedding
+        self.output: LinearWeight
+        if "output.weight" in source:  # untied head
+            self.output = prepare_linear(take("output.weight"), self.quant)
+            self.embed = prepare_embedding(take("token_embd.weight"), self.quant)
+        else:  # tied: one matrix is both the embedding [V, hidden] and the head
+            self.embed, self.output = prepare_tied(take("token_embd.weight"), self.quant)
         half = c.head_dim // 2
         inv_freq = 1.0 / (
             c.rope_theta ** (torch.arange(half, dtype=torch.float64) * 2 / c.head_dim)
@@ -92,6 +118,16 @@ class Llama:
         angles = torch.outer(positions, inv_freq)  # [ctx, D/2]
         self._cos = angles.cos().float()
         self._sin = angles.sin().float()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the weights (a tied embedding/head counted once)."""
+        return (
+            sum(layer.nbytes for layer in self.layers)
+            + self.norm.numel() * 4
+            + self.embed.nbytes
+            + self.output.nbytes
+        )
 
     def new_cache(self, slots: int, max_len: int) -> KVCache:
         return KVCache(self.config, slots, min(max_len, self.config.context_length))

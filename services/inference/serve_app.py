@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import inspect
 import json
 import time
 import uuid
@@ -339,18 +338,15 @@ def parse_request(body: Any, kind: RequestKind) -> GenerationRequest:
 
 
 def build_llama(model: GgufModel, quant: str) -> Llama:
-    """The torch model, with ``quant`` weights where :class:`Llama` supports them.
+    """The torch model with ``quant`` weights; the GGUF's dequantized tensors are freed.
 
     Raises:
-        ModelLoadError: a quantized mode asked of a :class:`Llama` that has none.
+        ModelLoadError: an unknown quantization mode.
     """
-    if "quant" in inspect.signature(Llama).parameters:
-        return Llama(model, quant=quant)  # type: ignore[call-arg]
-    if quant != "fp32":
-        raise ModelLoadError(
-            f"quantization {quant!r} is not available in this build (Llama takes no quant)"
-        )
-    return Llama(model)
+    try:
+        return Llama(model, quant)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
 
 
 @dataclass(eq=False)
@@ -1091,6 +1087,7 @@ def build_app(settings: InferenceSettings) -> serve.Application:
         "health_check_period_s": s.health_check_period_s,
         "health_check_timeout_s": s.health_check_timeout_s,
         "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s,
+        "logging_config": {"enable_access_log": s.access_log},
     }
     chat = ChatDeployment.options(  # type: ignore[attr-defined]
         **common,

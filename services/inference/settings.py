@@ -95,6 +95,7 @@ class ServeConfig(BaseModel):
     graceful_shutdown_timeout_s: float = Field(
         120.0, ge=0, description="How long a stopping replica lets its requests finish."
     )
+    access_log: bool = Field(False, description="Log every call of every replica (noisy).")
 
     @model_validator(mode="after")
     def _replica_range(self) -> ServeConfig:
@@ -131,8 +132,9 @@ class InferenceSettings(MeshSettings):
         True, description="Register the bundled SmolLM2 file when the registry lacks it."
     )
     quant: QuantName = Field(
-        "fp32",
-        description="Weight quantization of the linear layers at load time: fp32, int8, int4.",
+        "int8",
+        description="Weight quantization of the linear layers at load time: fp32, int8, int4 "
+        "(see benchmarks/results/quant_quality.md for speed and agreement with fp32).",
     )
     torch_threads: int = Field(
         0,

@@ -26,7 +26,7 @@ def tokenizer(gguf_model: GgufModel) -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def llama(gguf_model: GgufModel) -> Llama:
-    return Llama(gguf_model)
+    return Llama(gguf_model, keep_source=True)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ from services.inference.quant import (
     HEAD_MODE,
     INT4_GROUP_SIZE,
     INT8_KERNEL_MAX_ROWS,
-    DenseLinear,
     Int4Linear,
     Int8Linear,
     QuantMode,
@@ -181,25 +180,39 @@ def test_int4_head_and_untied_embeddings(generator: torch.Generator) -> None:
         assert lookup.nbytes > 0
 
 
-def test_quantized_model_agrees_with_fp32(gguf_model: GgufModel) -> None:
-    """The whole model, linears swapped for quantized ones: next-token logits stay close."""
+@pytest.fixture(scope="module")
+def quantized(gguf_model: GgufModel) -> dict[QuantMode, Llama]:
+    return {mode: Llama(gguf_model, mode, keep_source=True) for mode in QuantMode}
+
+
+def test_quantized_model_agrees_with_fp32(quantized: dict[QuantMode, Llama]) -> None:
+    """The whole model loaded as int8 / int4: next-token logits stay close to fp32's."""
     prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 4443, 30, 378, 3458, 282]])
-    llama = Llama(gguf_model)
-    fp32 = torch.log_softmax(llama.forward(prompt, [0], llama.new_cache(1, 16))[0], -1)
-    weights = {
-        (i, name): getattr(layer, name)
-        for i, layer in enumerate(llama.layers)
-        for name in ("qkv", "out", "gate_up", "down")
-    }
-    embed = llama.embed
-    for mode, max_kl in ((QuantMode.INT8, 0.02), (QuantMode.INT4, 0.02)):
-        for (i, name), dense in weights.items():
-            assert isinstance(dense.weight, torch.Tensor)
-            setattr(llama.layers[i], name, prepare_linear(dense.weight, mode))
-        llama.embed, llama.output = prepare_tied(embed, mode)  # type: ignore[assignment]
-        logits = llama.forward(prompt, [0], llama.new_cache(1, 16))[0]
-        quant = torch.log_softmax(logits, -1)
+
+    def log_probs(llama: Llama) -> torch.Tensor:
+        return torch.log_softmax(llama.forward(prompt, [0], llama.new_cache(1, 16))[0], -1)
+
+    fp32 = log_probs(quantized[QuantMode.FP32])
+    for mode in (QuantMode.INT8, QuantMode.INT4):
+        quant = log_probs(quantized[mode])
         kl = float((fp32.exp() * (fp32 - quant)).sum())
-        assert kl < max_kl, mode
+        assert kl < 0.02, mode
         assert int(quant.argmax()) == int(fp32.argmax()), mode
-    assert isinstance(prepare_linear(embed, QuantMode.FP32), DenseLinear)
+
+
+def test_quantized_model_is_smaller(quantized: dict[QuantMode, Llama]) -> None:
+    sizes = {mode: llama.nbytes for mode, llama in quantized.items()}
+    assert sizes[QuantMode.FP32] > 500e6  # 135M parameters x 4 bytes
+    assert sizes[QuantMode.INT8] < sizes[QuantMode.FP32] / 3.5
+    assert sizes[QuantMode.INT4] < sizes[QuantMode.INT8] * 0.8
+
+
+def test_unknown_quantization_names_the_choices(gguf_model: GgufModel) -> None:
+    with pytest.raises(ValueError, match=r"unknown quantization 'int3'.*fp32"):
+        Llama(gguf_model, "int3", keep_source=True)
+
+
+def test_construction_drops_the_source_tensors(gguf_model: GgufModel) -> None:
+    copy = GgufModel(**{**gguf_model.__dict__, "tensors": dict(gguf_model.tensors)})
+    Llama(copy, QuantMode.INT8)
+    assert copy.tensors == {}
