@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.inference.llama import KVCache, Llama
+from services.inference.prefix_cache import PrefixCache
 from services.inference.sampling import InvalidRequest, Sampler, SamplingParams
 from services.inference.tokenizer import Tokenizer
 from shared.logging import get_logger
@@ -37,6 +38,8 @@ class EngineSettings:
     max_tokens_in_flight: int = 32_768
     max_seq_len: int = 2048
     stuck_after_s: float = 30.0
+    prefix_cache_mb: float = 128.0  # 0 turns the prefix (L1) cache off
+    prefix_block: int = 16
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,9 @@ class Engine:
         self.max_seq_len = min(settings.max_seq_len, model.config.context_length)
         self._cache: KVCache = model.new_cache(settings.max_batch, self.max_seq_len)
         self._free = list(range(settings.max_batch - 1, -1, -1))
+        self.prefix_cache = PrefixCache(
+            int(settings.prefix_cache_mb * 2**20), settings.prefix_block
+        )
         self._waiting: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []
         self._wake = threading.Condition()
@@ -272,13 +278,17 @@ class Engine:
                     return
                 self._waiting.popleft()
             candidate.slot = self._free.pop()
-            self._cache.lengths[candidate.slot] = 0
             in_flight += candidate.budget
             self._active.append(candidate)
-            logits = self.model.forward(
-                torch.tensor([candidate.prompt]), [candidate.slot], self._cache
-            )
-            self._emit(candidate, candidate.sampler.pick(logits[0]))
+            self._emit(candidate, candidate.sampler.pick(self._prefill(candidate)))
+
+    def _prefill(self, sequence: _Sequence) -> torch.Tensor:
+        """Run the prompt not found in the prefix cache; return the last position's logits."""
+        slot, prompt = sequence.slot, sequence.prompt
+        reused = self.prefix_cache.load(prompt, self._cache, slot)
+        logits = self.model.forward(torch.tensor([prompt[reused:]]), [slot], self._cache)
+        self.prefix_cache.store(prompt, self._cache, slot)
+        return logits[0]
 
     def _decode(self) -> None:
         batch = list(self._active)

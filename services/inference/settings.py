@@ -44,6 +44,12 @@ class EngineConfig(BaseModel):
     stuck_after_s: float = Field(
         30.0, gt=0, description="No engine step for this long with work queued: unhealthy."
     )
+    prefix_cache_mb: float = Field(
+        128.0, ge=0, description="Memory of the prompt-prefix (L1) KV cache; 0 turns it off."
+    )
+    prefix_block: int = Field(
+        16, ge=1, le=1024, description="Tokens per prefix-cache block (reuse granularity)."
+    )
 
     def engine_settings(self) -> EngineSettings:
         return EngineSettings(
@@ -52,6 +58,8 @@ class EngineConfig(BaseModel):
             max_tokens_in_flight=self.max_tokens_in_flight,
             max_seq_len=self.max_seq_len,
             stuck_after_s=self.stuck_after_s,
+            prefix_cache_mb=self.prefix_cache_mb,
+            prefix_block=self.prefix_block,
         )
 
 
