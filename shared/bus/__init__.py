@@ -14,7 +14,7 @@ await bus.stop()
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,11 @@ from shared.bus.idempotency import (
 )
 from shared.bus.producer import Publisher
 from shared.bus.tracing import Headers
+from shared.bus.work import Choose, Waiting, WorkConsumer, oldest_first
 from shared.settings import MeshSettings
 from shared.topics import Topic
 
-__all__ = ["Bus", "EventContext", "Publisher", "Subscriber"]
+__all__ = ["Bus", "EventContext", "Publisher", "Subscriber", "Waiting", "WorkConsumer"]
 
 
 class Bus:
@@ -90,6 +91,35 @@ class Bus:
         )
         self.subscribers.append(subscriber)
         return subscriber
+
+    def add_worker(
+        self,
+        topics: Sequence[Topic],
+        *,
+        group: str,
+        handler: Handler,
+        max_in_flight: int,
+        max_buffered: int = 64,
+        choose: Choose = oldest_first,
+        max_attempts: int | None = None,
+        durable_dedup: bool = True,
+    ) -> WorkConsumer:
+        """Like :meth:`subscribe`, with up to ``max_in_flight`` handlers running at once."""
+        worker = WorkConsumer(
+            self.settings,
+            self.publisher,
+            topics=list(topics),
+            group=group,
+            handler=handler,
+            idempotency=self._idempotency_store(group, durable_dedup),
+            max_attempts=max_attempts,
+            client_id=f"{self.settings.kafka.client_id_prefix}-{self.service}",
+            max_in_flight=max_in_flight,
+            max_buffered=max_buffered,
+            choose=choose,
+        )
+        self.subscribers.append(worker)
+        return worker
 
     def _idempotency_store(self, group: str, durable: bool) -> IdempotencyStore:
         window = self.settings.bus.idempotency_window
