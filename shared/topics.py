@@ -71,6 +71,16 @@ REPLIES = Topic(
     consumers=("gateway",),
     description="Reply chunks then the final reply of each request (the default reply_topic).",
 )
+CANCELLATIONS = Topic(
+    name="llm.cancellations",
+    messages=(ev.CancelRequest,),
+    key="request_id",
+    partitions=1,
+    retention_ms=HOUR_MS,
+    producers=("gateway",),
+    consumers=("router",),
+    description="Requests whose caller went away; every router instance reads all of them.",
+)
 AUDIT_EVENTS = Topic(
     name="audit.events",
     messages=(ev.AuditEvent,),
@@ -202,6 +212,7 @@ REGISTRY: tuple[Topic, ...] = (
     REQUESTS_NORMAL,
     REQUESTS_LOW,
     REPLIES,
+    CANCELLATIONS,
     AUDIT_EVENTS,
     FEEDBACK_EVENTS,
     TRAINING_DATASETS,

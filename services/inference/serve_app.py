@@ -41,7 +41,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, ClassVar, cast
 
 import numpy as np
 from ray import serve
@@ -58,281 +58,22 @@ from services.inference.sampling import InvalidRequest, SamplingParams
 from services.inference.settings import InferenceSettings
 from services.inference.tokenizer import Tokenizer
 from shared.logging import get_logger
+from shared.openai_protocol import (
+    GenerationRequest,
+    InvalidRequestError,
+    ModelNotFoundError,
+    OpenAIError,
+    RequestKind,
+    RouteNotFoundError,
+    ServiceUnavailableError,
+    invalid_field,
+    parse_request,
+)
 
 log = get_logger(__name__)
 
 CHAT_DEPLOYMENT = "ChatDeployment"
 EMBEDDINGS_DEPLOYMENT = "EmbeddingsDeployment"
-
-MAX_N = 16
-"""Most choices one request may ask for (``n`` times the number of prompts)."""
-
-# --------------------------------------------------------------------------- errors
-
-
-class OpenAIError(Exception):
-    """An error with the fields of an OpenAI ``{"error": {...}}`` body and an HTTP status."""
-
-    status: ClassVar[int] = 500
-    error_type: ClassVar[str] = "server_error"
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.message, self.param, self.code))
-
-
-class InvalidRequestError(OpenAIError):
-    """400: a request field is missing, of the wrong type, or out of range (``param``)."""
-
-    status = 400
-    error_type = "invalid_request_error"
-
-
-class ModelNotFoundError(OpenAIError):
-    """404: the requested model or version is not registered, or not served here."""
-
-    status = 404
-    error_type = "invalid_request_error"
-
-    def __init__(self, message: str, param: str | None = "model", code: str | None = None) -> None:
-        super().__init__(message, param, code or "model_not_found")
-
-
-class RouteNotFoundError(OpenAIError):
-    """404: no such HTTP route."""
-
-    status = 404
-    error_type = "invalid_request_error"
-
-
-class ServiceUnavailableError(OpenAIError):
-    """503: the model cannot answer now (it is stopping, or failed)."""
-
-    status = 503
-    error_type = "server_error"
-
-
-def _invalid(param: str, message: str) -> InvalidRequestError:
-    return InvalidRequestError(f"{param}: {message}", param)
-
-
-# --------------------------------------------------------------------------- requests
-
-RequestKind = Literal["chat", "completion"]
-_CHAT_ROLES = {"system", "developer", "user", "assistant"}
-# Accepted only with their "off" value: the engine has no such feature.
-_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "tools": (None, []),
-    "functions": (None, []),
-    "echo": (None, False),
-    "suffix": (None, ""),
-    "best_of": (None, 1),
-}
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """A validated OpenAI chat or completion request (before tokenization)."""
-
-    kind: RequestKind
-    model: str | None
-    version: str | None
-    prompts: tuple[str | tuple[int, ...], ...]
-    max_tokens: int | None
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop: tuple[str, ...]
-    n: int
-    stream: bool
-    include_usage: bool
-    user: str | None
-    ignore_eos: bool
-    messages: tuple[dict[str, Any], ...] = ()
-
-    @property
-    def prompt_param(self) -> str:
-        return "messages" if self.kind == "chat" else "prompt"
-
-
-def _number(body: dict[str, Any], key: str, default: float) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _invalid(key, f"must be a number, got {type(value).__name__}")
-    return float(value)
-
-
-def _integer(body: dict[str, Any], key: str, default: int | None) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _invalid(key, f"must be an integer, got {type(value).__name__}")
-    return value
-
-
-def _message_text(content: Any, index: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text"):
-                raise _invalid(
-                    f"messages[{index}].content", "only text content parts are supported"
-                )
-            text = part.get("text")
-            if not isinstance(text, str):
-                raise _invalid(f"messages[{index}].content", "a text part needs a string 'text'")
-            parts.append(text)
-        return "".join(parts)
-    raise _invalid(f"messages[{index}].content", "must be a string or an array of text parts")
-
-
-def _messages(body: dict[str, Any]) -> tuple[dict[str, Any], ...]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _invalid("messages", "must be a non-empty array of messages")
-    result = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise _invalid(f"messages[{index}]", "must be an object with 'role' and 'content'")
-        role = message.get("role")
-        if role not in _CHAT_ROLES:
-            raise _invalid(
-                f"messages[{index}].role", f"must be one of {', '.join(sorted(_CHAT_ROLES))}"
-            )
-        content = _message_text(message.get("content"), index)
-        result.append({"role": "system" if role == "developer" else role, "content": content})
-    return tuple(result)
-
-
-def _prompts(body: dict[str, Any]) -> tuple[str | tuple[int, ...], ...]:
-    prompt = body.get("prompt")
-    bad = _invalid("prompt", "must be a string, an array of strings, or of token id arrays")
-    if isinstance(prompt, str):
-        return (prompt,)
-    if not isinstance(prompt, list) or not prompt:
-        raise bad
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return (tuple(prompt),)
-    result: list[str | tuple[int, ...]] = []
-    for item in prompt:
-        if isinstance(item, str):
-            result.append(item)
-        elif (
-            isinstance(item, list)
-            and item
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
-        ):
-            result.append(tuple(item))
-        else:
-            raise bad
-    return tuple(result)
-
-
-def _stop(body: dict[str, Any]) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        return (stop,)
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return tuple(stop)
-    raise _invalid("stop", "must be a string or an array of strings")
-
-
-def split_model(value: Any) -> tuple[str | None, str | None]:
-    """``"name"`` / ``"name:version"`` / None -> (name, version).
-
-    Raises:
-        InvalidRequestError: not a string.
-    """
-    if value is None:
-        return None, None
-    if not isinstance(value, str) or not value.strip():
-        raise _invalid("model", "must be a model name, or name:version")
-    name, _, version = value.strip().partition(":")
-    return name, version or None
-
-
-def parse_request(body: Any, kind: RequestKind) -> GenerationRequest:
-    """Validate the fields of an OpenAI chat (``kind="chat"``) or completion request.
-
-    Range checks that depend on the model (``max_tokens`` against the context) are the
-    engine's; this checks presence and types, and refuses features the engine lacks.
-
-    Raises:
-        InvalidRequestError: naming the field at fault.
-    """
-    if not isinstance(body, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    for key, off in _UNSUPPORTED.items():
-        if body.get(key) not in off:
-            raise _invalid(key, "is not supported by this server")
-    name, version = split_model(body.get("model"))
-    messages = _messages(body) if kind == "chat" else ()
-    prompts = ("",) if kind == "chat" else _prompts(body)
-    max_tokens = _integer(body, "max_tokens", None)
-    if kind == "chat" and body.get("max_completion_tokens") is not None:
-        max_tokens = _integer(body, "max_completion_tokens", None)
-    n = _integer(body, "n", 1) or 0
-    if not 1 <= n * len(prompts) <= MAX_N:
-        raise _invalid("n", f"n times the number of prompts must be between 1 and {MAX_N}")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise _invalid("stream", "must be a boolean")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise _invalid("stream_options", "must be an object")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise _invalid("user", "must be a string")
-    ignore_eos = body.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise _invalid("ignore_eos", "must be a boolean")
-    return GenerationRequest(
-        kind=kind,
-        model=name,
-        version=version,
-        prompts=prompts,
-        max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0),
-        top_p=_number(body, "top_p", 1.0),
-        top_k=_integer(body, "top_k", 0) or 0,
-        seed=_integer(body, "seed", None),
-        stop=_stop(body),
-        n=n,
-        stream=stream,
-        include_usage=bool(options.get("include_usage", False)),
-        user=user,
-        ignore_eos=ignore_eos,
-        messages=messages,
-    )
-
 
 # --------------------------------------------------------------------------- models
 
@@ -719,9 +460,9 @@ class ChatService:
             try:
                 text = tokenizer.render_chat(list(request.messages))
             except ModelLoadError as error:
-                raise _invalid("messages", str(error)) from None
+                raise invalid_field("messages", str(error)) from None
             except Exception as error:  # the model's own template refused the messages
-                raise _invalid("messages", f"the chat template failed: {error}") from None
+                raise invalid_field("messages", f"the chat template failed: {error}") from None
             return [tuple(tokenizer.encode(text))]
         prompts: list[tuple[int, ...]] = []
         for index, prompt in enumerate(request.prompts):
@@ -730,7 +471,7 @@ class ChatService:
             elif all(0 <= t < tokenizer.vocab_size for t in prompt):
                 prompts.append(prompt)
             else:
-                raise _invalid(f"prompt[{index}]", "token ids must be in the vocabulary")
+                raise invalid_field(f"prompt[{index}]", "token ids must be in the vocabulary")
         return prompts
 
     def _plan(self, model: LoadedModel, request: GenerationRequest) -> _Plan:
@@ -742,7 +483,7 @@ class ChatService:
             if max_tokens is None:
                 max_tokens = engine.max_seq_len - len(ids)
                 if max_tokens < 1:
-                    raise _invalid(
+                    raise invalid_field(
                         request.prompt_param,
                         f"the prompt has {len(ids)} tokens; the context length is "
                         f"{engine.max_seq_len} tokens",
@@ -764,7 +505,7 @@ class ChatService:
                     engine.check(ids, params)
                 except InvalidRequest as error:
                     param = request.prompt_param if error.param == "prompt" else error.param
-                    raise _invalid(param, error.message) from None
+                    raise invalid_field(param, error.message) from None
                 jobs.append(_Job(len(jobs), prompt_index, ids, params))
         return _Plan(request, jobs, sum(len(ids) for ids in prompts))
 
@@ -865,14 +606,14 @@ class EmbeddingService:
             input_type = "passage"
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
-            raise _invalid("encoding_format", "must be 'float' or 'base64'")
+            raise invalid_field("encoding_format", "must be 'float' or 'base64'")
         dimensions = body.get("dimensions")
         if dimensions is not None and dimensions != self.engine.dim:
-            raise _invalid("dimensions", f"this model only gives {self.engine.dim} dimensions")
+            raise invalid_field("dimensions", f"this model only gives {self.engine.dim} dimensions")
         try:
             result = await asyncio.to_thread(self.engine.embed_with_usage, texts, input_type)
         except EmbeddingInputError as error:
-            raise _invalid(error.param, error.message) from None
+            raise invalid_field(error.param, error.message) from None
         data = []
         for index, vector in enumerate(result.vectors):
             embedding: list[float] | str = vector

@@ -51,11 +51,14 @@ class Bus:
         group: str,
         max_attempts: int | None = None,
         durable_dedup: bool = True,
+        from_latest: bool = False,
     ) -> Callable[[Handler], Handler]:
         """Register the decorated coroutine as the handler of ``topics`` for ``group``.
 
         ``durable_dedup`` keeps processed event ids in a SQLite file under the data
-        directory, so redeliveries after a restart are recognised too.
+        directory, so redeliveries after a restart are recognised too. ``from_latest``
+        makes a group without committed offsets start at the end of the log instead of
+        the beginning (for per-instance groups reading a live stream).
         """
 
         def register(handler: Handler) -> Handler:
@@ -65,6 +68,7 @@ class Bus:
                 handler=handler,
                 max_attempts=max_attempts,
                 idempotency=self._idempotency_store(group, durable_dedup),
+                from_latest=from_latest,
             )
             return handler
 
@@ -78,6 +82,7 @@ class Bus:
         handler: Handler,
         idempotency: IdempotencyStore,
         max_attempts: int | None = None,
+        from_latest: bool = False,
     ) -> Subscriber:
         subscriber = Subscriber(
             self.settings,
@@ -88,6 +93,7 @@ class Bus:
             idempotency=idempotency,
             max_attempts=max_attempts,
             client_id=f"{self.settings.kafka.client_id_prefix}-{self.service}",
+            from_latest=from_latest,
         )
         self.subscribers.append(subscriber)
         return subscriber

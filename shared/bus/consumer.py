@@ -90,6 +90,7 @@ class Subscriber:
         idempotency: IdempotencyStore,
         max_attempts: int | None = None,
         client_id: str = "meshllm",
+        from_latest: bool = False,
     ) -> None:
         if not topics:
             raise ValueError("a subscriber needs at least one topic")
@@ -101,6 +102,8 @@ class Subscriber:
         self._idempotency = idempotency
         self._max_attempts = max_attempts or settings.bus.max_attempts
         self._client_id = client_id
+        # a new group starts at the log end (live streams: replies, cancellations)
+        self._offset_reset = "latest" if from_latest else "earliest"
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -126,7 +129,7 @@ class Subscriber:
             group_id=self.group,
             client_id=self._client_id,
             enable_auto_commit=False,
-            auto_offset_reset="earliest",
+            auto_offset_reset=self._offset_reset,
             fetch_max_wait_ms=self._settings.fetch_max_wait_ms,
             session_timeout_ms=self._settings.session_timeout_ms,
             heartbeat_interval_ms=max(100, self._settings.session_timeout_ms // 6),

@@ -1,0 +1,55 @@
+"""``python -m services.router``: the router service (see :mod:`services.router.routing`)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable
+
+import httpx
+
+from services.router.pools import Pools
+from services.router.routing import Router
+from services.router.scheduling import priority_with_aging
+from services.router.settings import RouterSettings
+from shared.bus import Bus
+from shared.health import HealthState
+from shared.service import run_service
+from shared.topics import CANCELLATIONS, REQUESTS_HIGH, REQUESTS_LOW, REQUESTS_NORMAL
+
+NAME = "router"
+
+
+async def build(settings: RouterSettings, bus: Bus, health: HealthState) -> Awaitable[None] | None:
+    pools = Pools(settings.pools, settings.replica_cooldown_s)
+    limits = httpx.Limits(max_connections=settings.max_in_flight + 8, max_keepalive_connections=64)
+    timeout = httpx.Timeout(settings.default_deadline_s, connect=settings.connect_timeout_s)
+    client = httpx.AsyncClient(limits=limits, timeout=timeout)
+    router = Router(bus.publisher, pools, client, default_deadline_s=settings.default_deadline_s)
+    bus.add_worker(
+        [REQUESTS_HIGH, REQUESTS_NORMAL, REQUESTS_LOW],
+        group=NAME,
+        handler=router.handle,
+        max_in_flight=settings.max_in_flight,
+        max_buffered=settings.scheduling.max_buffered,
+        choose=priority_with_aging(settings.scheduling.aging_s),
+        max_attempts=1,  # the router retries replicas itself; a failure here is a bus problem
+    )
+    # every instance reads every cancellation: its own group, nothing to keep across restarts
+    instance = settings.instance_id or uuid.uuid4().hex[:12]
+    bus.subscribe(
+        CANCELLATIONS, group=f"{NAME}-cancel-{instance}", durable_dedup=False, from_latest=True
+    )(router.on_cancel)
+    health.readiness["pools"] = lambda: (
+        None
+        if any(pool.healthy for pool in pools.pools)
+        else "every replica of every pool failed recently"
+    )
+    return None
+
+
+def main() -> None:
+    run_service(NAME, RouterSettings, build)
+
+
+if __name__ == "__main__":
+    main()
