@@ -22,4 +22,6 @@ class ServiceSpec:
 SERVICES: tuple[ServiceSpec, ...] = (
     # Ray start, model load and a probe generation: ~20-60 s on two cores.
     ServiceSpec(name="inference", module="services.inference", ready_timeout_s=300.0),
+    ServiceSpec(name="router", module="services.router"),
+    ServiceSpec(name="gateway", module="services.gateway", edge=True),
 )

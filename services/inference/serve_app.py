@@ -809,15 +809,51 @@ class EmbeddingsDeployment:
 
 @serve.deployment
 class OpenAIIngress:
-    """The HTTP routes on Ray's proxy; see :class:`HttpFrontend`."""
+    """The HTTP routes on Ray's proxy; see :class:`HttpFrontend`.
+
+    Each call is a SERVER span continuing the caller's trace (``traceparent``), exported
+    like every service's spans to the telemetry topic when a broker is reachable.
+    """
 
     def __init__(
-        self, chat: DeploymentHandle[Any], embeddings: DeploymentHandle[Any] | None
+        self,
+        chat: DeploymentHandle[Any],
+        embeddings: DeploymentHandle[Any] | None,
+        settings: InferenceSettings | None = None,
     ) -> None:
         self._frontend = HttpFrontend(chat, embeddings)
+        self._settings = settings
+        self._telemetry_task: asyncio.Task[None] | None = None
 
     async def __call__(self, request: Request) -> Response:
-        return await self._frontend.handle(request)
+        from opentelemetry import propagate, trace
+
+        if self._telemetry_task is None and self._settings is not None:
+            self._telemetry_task = asyncio.create_task(_export_spans(self._settings))
+        with trace.get_tracer("meshllm.inference").start_as_current_span(
+            f"{request.method} {request.url.path}",
+            context=propagate.extract(dict(request.headers)),
+            kind=trace.SpanKind.SERVER,
+        ):
+            return await self._frontend.handle(request)
+
+
+async def _export_spans(settings: InferenceSettings) -> None:
+    """Install this replica's tracer provider, exporting spans to Kafka (best effort)."""
+    from shared.bus.producer import Publisher
+    from shared.telemetry import Telemetry
+
+    telemetry = Telemetry(settings, "inference")
+    telemetry.install()
+    if not settings.telemetry.spans_to_kafka:
+        return
+    publisher = Publisher(settings, service="inference")
+    try:
+        await asyncio.wait_for(publisher.start(), 30)
+    except Exception as error:
+        log.warning("spans stay local: no broker", error=f"{type(error).__name__}: {error}")
+        return
+    telemetry.export_spans_to_kafka(publisher, asyncio.get_running_loop())
 
 
 def build_app(settings: InferenceSettings) -> serve.Application:
@@ -851,7 +887,7 @@ def build_app(settings: InferenceSettings) -> serve.Application:
         **common,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=max(s.chat_max_ongoing_requests * 4, 256),
-    ).bind(chat, embeddings)
+    ).bind(chat, embeddings, settings)
     return app
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from opentelemetry import propagate
 
 
 class ReplicaFailed(Exception):
@@ -53,8 +54,10 @@ async def stream_generation(
         UpstreamRejected: the replica answered 4xx (the request itself is at fault).
     """
     end = StreamEnd()
+    headers: dict[str, str] = {}
+    propagate.inject(headers)  # the replica continues this trace
     try:
-        async with client.stream("POST", base_url + path, json=body) as response:
+        async with client.stream("POST", base_url + path, json=body, headers=headers) as response:
             if response.status_code >= 400:
                 raw = await response.aread()
                 error = _error_of(raw, response.status_code)
@@ -95,8 +98,10 @@ async def embed(client: httpx.AsyncClient, base_url: str, body: dict[str, Any]) 
     Raises:
         ReplicaFailed, UpstreamRejected: as :func:`stream_generation`.
     """
+    headers: dict[str, str] = {}
+    propagate.inject(headers)
     try:
-        response = await client.post(base_url + "/v1/embeddings", json=body)
+        response = await client.post(base_url + "/v1/embeddings", json=body, headers=headers)
     except httpx.HTTPError as error:
         raise ReplicaFailed(f"{type(error).__name__}: {error}") from error
     if response.status_code >= 400:

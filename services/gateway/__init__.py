@@ -1,0 +1,1 @@
+"""The gateway: the OpenAI-compatible edge (authentication, policy, limits) of the mesh."""

@@ -1,0 +1,95 @@
+"""``python -m services.gateway``: the OpenAI-compatible edge of the mesh (see ``app.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Generator
+
+import uvicorn
+
+from services.gateway.app import Gateway
+from services.gateway.auth import Authenticator, KeyStore
+from services.gateway.limits import ConcurrencyLimiter, LocalRateLimiter
+from services.gateway.policy import RegoPolicy
+from services.gateway.relay import ReplyRelay
+from services.gateway.settings import GatewaySettings
+from shared.bus import Bus
+from shared.health import HealthState
+from shared.logging import get_logger
+from shared.service import run_service
+from shared.topics import REPLIES
+
+NAME = "gateway"
+log = get_logger("services.gateway")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the service's shutdown drives it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def build_gateway(settings: GatewaySettings, bus: Bus) -> Gateway:
+    """The gateway and its reply subscription, on ``bus`` (not yet started)."""
+    relay = ReplyRelay()
+    instance = settings.instance_id or uuid.uuid4().hex[:12]
+    # each instance reads every reply and keeps its own requests' ones
+    bus.subscribe(REPLIES, group=f"{NAME}-{instance}", durable_dedup=False, from_latest=True)(
+        relay.on_reply
+    )
+    limits = settings.limits
+    return Gateway(
+        settings,
+        publisher=bus.publisher,
+        relay=relay,
+        authenticator=Authenticator(
+            KeyStore(settings.keys_db_path, settings.key_cache_ttl_s), settings.jwt.verifier()
+        ),
+        policy=RegoPolicy.from_dir(settings.policy_dir),
+        rate_limiter=LocalRateLimiter(),
+        concurrency=ConcurrencyLimiter(
+            limits.max_concurrent_per_key, limits.max_concurrent_per_tenant
+        ),
+    )
+
+
+async def build(settings: GatewaySettings, bus: Bus, health: HealthState) -> Awaitable[None]:
+    gateway = build_gateway(settings, bus)
+    config = uvicorn.Config(
+        gateway.app(),
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level="warning",
+        lifespan="off",
+        timeout_graceful_shutdown=int(settings.request_timeout_s),
+    )
+    server = _Server(config)
+    health.readiness["http"] = lambda: None if server.started else "HTTP not listening yet"
+    return _serve(server, settings)
+
+
+async def _serve(server: _Server, settings: GatewaySettings) -> None:
+    """Serve until cancelled; then stop taking connections and finish open requests."""
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        log.info("gateway listening", url=f"http://{settings.http_host}:{settings.http_port}/v1")
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        server.should_exit = True
+        await asyncio.gather(task, return_exceptions=True)
+        raise
+
+
+def main() -> None:
+    run_service(NAME, GatewaySettings, build)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""OpenAI response bodies and stream chunks built from the router's replies."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from shared.events.v1 import events_pb2 as ev
+from shared.openai_protocol import OpenAIError
+
+# FinalReply.error.type -> HTTP status (OpenAI's statuses for these error types)
+STATUS_OF_TYPE = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "rate_limit_error": 429,
+    "timeout": 504,
+    "server_error": 502,
+}
+
+
+class ReplyError(OpenAIError):
+    """An error the router reported for a request, with the status its type maps to."""
+
+    def __init__(self, info: ev.ErrorInfo) -> None:
+        super().__init__(
+            info.message or "the request failed", info.param or None, info.code or None
+        )
+        self.error_type = info.type or "server_error"  # type: ignore[misc]
+        status = STATUS_OF_TYPE.get(self.error_type, 502)
+        if info.code == "model_not_found":
+            status = 404
+        self.status = status  # type: ignore[misc]
+
+
+def model_name(reply: ev.FinalReply) -> str:
+    return f"{reply.model}:{reply.model_version}" if reply.model_version else reply.model
+
+
+class ResponseBuilder:
+    """The ids and shapes of one OpenAI chat or completion response."""
+
+    def __init__(self, kind: str, request_id: str, model: str) -> None:
+        self.kind = kind
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
+        self.created = int(time.time())
+        self.model = model
+        self.object = "chat.completion" if kind == "chat" else "text_completion"
+
+    def _choice(self, index: int, text: str, finish: str | None) -> dict[str, Any]:
+        if self.kind == "chat":
+            return {
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def whole(self, reply: ev.FinalReply) -> dict[str, Any]:
+        self.model = model_name(reply) or self.model
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [self._choice(c.index, c.text, c.finish_reason) for c in reply.choices],
+            "usage": usage(reply),
+        }
+
+    def chunk(self, index: int, text: str | None, finish: str | None = None) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {} if text is None else {"content": text}
+            if text == "" and finish is None:
+                delta = {"role": "assistant", "content": ""}
+            choice: dict[str, Any] = {
+                "index": index,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+            kind = "chat.completion.chunk"
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            kind = "text_completion"
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+
+    def usage_chunk(self, reply: ev.FinalReply) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage(reply),
+        }
+
+
+def usage(reply: ev.FinalReply) -> dict[str, int]:
+    prompt, completion = reply.usage.prompt_tokens, reply.usage.completion_tokens
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def embeddings_body(reply: ev.FinalReply) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": e.index, "embedding": list(e.values)}
+            for e in reply.embeddings
+        ],
+        "model": model_name(reply),
+        "usage": {
+            "prompt_tokens": reply.usage.prompt_tokens,
+            "total_tokens": reply.usage.prompt_tokens,
+        },
+    }

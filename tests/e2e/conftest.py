@@ -1,0 +1,114 @@
+"""A whole mesh for end-to-end tests: real broker, real model, inference, router, gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.gateway.auth import KeyStore
+from shared.bus.embedded import free_port
+from tests.conftest import ROOT, poll_until, start_process
+
+
+@dataclass
+class Service:
+    module: str
+    health_port: int
+    env: dict[str, str]
+    log: Path
+    process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        env = {**self.env, "MESHLLM_HEALTH_PORT": str(self.health_port)}
+        self.process = await start_process(self.module, env, self.log)
+
+    async def ready(self, timeout: float) -> None:
+        async def check() -> bool:
+            if self.process is not None and self.process.returncode is not None:
+                pytest.fail(f"{self.module} exited: {self.log.read_text()[-3000:]}")
+            try:
+                async with httpx.AsyncClient() as client:
+                    reply = await client.get(f"http://127.0.0.1:{self.health_port}/readyz")
+                return reply.status_code == 200
+            except httpx.TransportError:
+                return False
+
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not await check():
+            if asyncio.get_running_loop().time() > deadline:
+                pytest.fail(
+                    f"{self.module} not ready in {timeout:.0f}s: {self.log.read_text()[-3000:]}"
+                )
+            await asyncio.sleep(0.2)
+
+    async def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.send_signal(sig)
+        try:
+            await asyncio.wait_for(self.process.wait(), 60)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+
+@dataclass
+class Mesh:
+    base_url: str
+    inference_url: str
+    keys: dict[str, str]
+    data_dir: Path
+    services: dict[str, Service] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+async def mesh(
+    kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Mesh]:
+    data = tmp_path_factory.mktemp("mesh")
+    with KeyStore(data / "gateway" / "keys.sqlite") as store:
+        keys = {
+            "admin": store.create("acme", ["admin"])[1],
+            "user": store.create("acme", ["user"])[1],
+            "limited": store.create("acme", ["user"], rpm=2)[1],
+            "revoked": store.create("acme", ["user"])[1],
+        }
+        store.revoke(keys["revoked"].split("-")[1])
+    inference_port, gateway_port = free_port(), free_port()
+    inference_url = f"http://127.0.0.1:{inference_port}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "MESHLLM_KAFKA__BOOTSTRAP": kafka_bootstrap,
+        "MESHLLM_DATA_DIR": str(data),
+        "MESHLLM_LOG_FORMAT": "json",
+        "MESHLLM_SERVE__HTTP_PORT": str(inference_port),
+        "MESHLLM_SERVE__EMBEDDINGS_REPLICAS": "0",
+        "MESHLLM_POOLS": json.dumps([{"name": "cpu", "replicas": [inference_url]}]),
+        "MESHLLM_HTTP_PORT": str(gateway_port),
+        "MESHLLM_REQUEST_TIMEOUT_S": "90",
+    }
+    mesh = Mesh(f"http://127.0.0.1:{gateway_port}/v1", inference_url, keys, data)
+    for name in ("inference", "router", "gateway"):
+        mesh.services[name] = Service(f"services.{name}", free_port(), env, data / f"{name}.log")
+    try:
+        for service in mesh.services.values():
+            await service.start()
+        for name, service in mesh.services.items():
+            await service.ready(timeout=300 if name == "inference" else 60)
+        yield mesh
+    finally:
+        for name in ("gateway", "router", "inference"):
+            await mesh.services[name].stop()
+
+
+__all__ = ["Mesh", "Service", "poll_until"]

@@ -1,0 +1,208 @@
+"""The request path end to end: the official OpenAI client -> gateway -> Kafka -> router ->
+Ray Serve inference on the real model, and back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import openai
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from shared.topics import REQUESTS_HIGH, REQUESTS_LOW, REQUESTS_NORMAL
+from tests.e2e.conftest import Mesh
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(600)]
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def client(mesh: Mesh, key: str = "admin") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=mesh.base_url, api_key=mesh.keys[key], max_retries=0)
+
+
+async def test_chat_completion_through_the_mesh(mesh: Mesh) -> None:
+    reply = await client(mesh).chat.completions.create(
+        model="smollm2-135m-instruct", messages=QUESTION, temperature=0, max_tokens=20
+    )
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens > 0
+    assert reply.model.startswith("smollm2-135m-instruct")
+
+
+async def test_streamed_chunks_arrive_as_they_are_made(mesh: Mesh) -> None:
+    stream = await client(mesh).chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "Write a short poem about the sea."}],
+        temperature=0,
+        max_tokens=48,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    arrivals: list[float] = []
+    text = []
+    finish = None
+    usage = None
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                arrivals.append(time.monotonic())
+                text.append(choice.delta.content)
+            finish = choice.finish_reason or finish
+    assert len(text) >= 20
+    assert finish == "length"
+    assert usage is not None
+    assert usage.completion_tokens == 48
+    # incrementally: the chunks are spread over the generation, not delivered at the end
+    spread = arrivals[-1] - arrivals[0]
+    assert spread > 0.1
+    halfway = arrivals[0] + spread / 2
+    assert sum(t < halfway for t in arrivals) >= len(arrivals) // 4
+
+
+async def test_n_seed_and_stop_are_honoured(mesh: Mesh) -> None:
+    reply = await client(mesh).chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "Name three colours."}],
+        temperature=0.9,
+        seed=7,
+        n=2,
+        max_tokens=24,
+        stop=["\n\n"],
+        user="alice",
+    )
+    assert len(reply.choices) == 2
+    again = await client(mesh).chat.completions.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": "Name three colours."}],
+        temperature=0.9,
+        seed=7,
+        n=2,
+        max_tokens=24,
+        stop=["\n\n"],
+    )
+    assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+    assert all("\n\n" not in (c.message.content or "") for c in reply.choices)
+
+
+async def test_completions_and_models(mesh: Mesh) -> None:
+    api = client(mesh)
+    reply = await api.completions.create(
+        model="smollm2-135m-instruct",
+        prompt="The capital of France is",
+        max_tokens=5,
+        temperature=0,
+    )
+    assert reply.choices[0].text
+    models = await api.models.list()
+    assert [m.id for m in models.data] == ["smollm2-135m-instruct"]
+
+
+async def test_a_bad_key_is_401(mesh: Mesh) -> None:
+    for key in ("mk-000000000000-nope", "revoked"):
+        api = openai.AsyncOpenAI(
+            base_url=mesh.base_url, api_key=mesh.keys.get(key, key), max_retries=0
+        )
+        with pytest.raises(openai.AuthenticationError) as caught:
+            await api.chat.completions.create(model="smollm2-135m-instruct", messages=QUESTION)
+        assert caught.value.status_code == 401
+
+
+async def test_a_denied_model_is_403(mesh: Mesh) -> None:
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        await client(mesh, "user").chat.completions.create(model="gpt-4o", messages=QUESTION)
+    assert "gpt-4o" in str(caught.value)
+
+
+async def test_a_rate_limited_key_is_429_with_retry_after(mesh: Mesh) -> None:
+    api = client(mesh, "limited")
+    for _ in range(2):
+        await api.chat.completions.create(
+            model="smollm2-135m-instruct", messages=QUESTION, max_tokens=2
+        )
+    with pytest.raises(openai.RateLimitError) as caught:
+        await api.chat.completions.create(
+            model="smollm2-135m-instruct", messages=QUESTION, max_tokens=2
+        )
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+
+
+async def _published_requests(bootstrap: str) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await consumer.start()
+    try:
+        partitions = [
+            TopicPartition(topic.name, p)
+            for topic in (REQUESTS_HIGH, REQUESTS_NORMAL, REQUESTS_LOW)
+            for p in range(topic.partitions)
+        ]
+        return sum((await consumer.end_offsets(partitions)).values())
+    finally:
+        await consumer.stop()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        (b'{"model": "smollm2-135m-instruct", "messages": [', 400, "not valid JSON"),
+        (
+            b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}],'
+            b' "temprature": 0.5}',
+            400,
+            "temprature",
+        ),
+        (b'{"model": "smollm2-135m-instruct", "messages": "hi"}', 400, "messages"),
+        (b'{"model": "smollm2-135m-instruct", "messages": []}', 400, "messages"),
+        (
+            b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}],'
+            b' "max_tokens": "ten"}',
+            400,
+            "max_tokens",
+        ),
+        (
+            b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}],'
+            b' "max_tokens": 5000}',
+            403,
+            "max_tokens",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "' + b"x" * 1_100_000 + b'"}]}',
+            413,
+            "larger",
+        ),
+    ],
+    ids=[
+        "malformed",
+        "unknown-field",
+        "wrong-type",
+        "empty-messages",
+        "bad-max-tokens",
+        "over-policy-limit",
+        "oversized",
+    ],
+)
+async def test_bad_input_is_refused_before_kafka(
+    mesh: Mesh, kafka_bootstrap: str, body: bytes, status: int, needle: str
+) -> None:
+    before = await _published_requests(kafka_bootstrap)
+    async with httpx.AsyncClient(timeout=30) as http:
+        reply = await http.post(
+            f"{mesh.base_url}/chat/completions",
+            content=body,
+            headers={
+                "authorization": f"Bearer {mesh.keys['user']}",
+                "content-type": "application/json",
+            },
+        )
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert needle in error["message"] or needle == error.get("param")
+    assert error["type"]
+    await asyncio.sleep(0.2)
+    assert await _published_requests(kafka_bootstrap) == before
