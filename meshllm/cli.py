@@ -9,18 +9,24 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from meshllm.access import api_key, base_url, ensure_dev_key, gateway_settings, greeting
 from meshllm.services import SERVICES
 from meshllm.supervisor import Supervisor, state_path
 from shared.logging import configure_logging
 from shared.settings import MeshSettings, SettingsError, load_settings
 from shared.topics import REGISTRY
+
+if TYPE_CHECKING:
+    from services.gateway.auth import KeyStore
+    from services.gateway.settings import GatewaySettings
 
 app = typer.Typer(
     help="meshllm: an enterprise LLM platform as an event-driven mesh over Kafka.",
@@ -29,6 +35,8 @@ app = typer.Typer(
 )
 topics_app = typer.Typer(help="The registered Kafka topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
+keys_app = typer.Typer(help="API keys of the gateway.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
@@ -60,14 +68,73 @@ def up(
         )
         raise typer.Exit(1)
 
+    gateway = _gateway_settings()
+    lines = greeting(gateway, ensure_dev_key(gateway))
+
     async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        return await Supervisor(settings, SERVICES).run(stop)
+        return await Supervisor(settings, SERVICES, greeting=lines).run(stop)
 
     raise typer.Exit(asyncio.run(main()))
+
+
+def _gateway_settings() -> GatewaySettings:
+    try:
+        return gateway_settings()
+    except SettingsError as error:
+        errors.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def chat(
+    message: Annotated[str, typer.Argument(help="What to ask.")],
+    model: Annotated[str | None, typer.Option(help="Model (default: the gateway's).")] = None,
+    system: Annotated[str | None, typer.Option(help="A system prompt.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.0,
+) -> None:
+    """Ask the running mesh one question; the answer streams as it is generated."""
+    settings = _gateway_settings()
+    key = api_key(settings)
+    if not key:
+        errors.print("[red]no API key: set MESHLLM_API_KEY (see `meshllm keys create`)[/red]")
+        raise typer.Exit(2)
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": message})
+    body = {
+        "model": model or settings.default_model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "stream": True,
+    }
+    url = base_url(settings) + "/chat/completions"
+    try:
+        with httpx.stream(
+            "POST", url, json=body, headers={"authorization": f"Bearer {key}"}, timeout=300
+        ) as reply:
+            if reply.status_code != 200:
+                reply.read()
+                detail = reply.json().get("error", {}).get("message", reply.text)
+                errors.print(f"[red]{reply.status_code}: {escape(str(detail))}[/red]")
+                raise typer.Exit(1)
+            for line in reply.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    errors.print(f"[red]{escape(chunk['error'].get('message', ''))}[/red]")
+                    raise typer.Exit(1)
+                for choice in chunk.get("choices", ()):
+                    print(choice.get("delta", {}).get("content") or "", end="", flush=True)
+    except httpx.TransportError as error:
+        errors.print(f"[red]cannot reach the gateway at {url}: {error} (is `meshllm up` running?)")
+        raise typer.Exit(1) from None
+    print()
 
 
 @app.command()
@@ -200,6 +267,94 @@ def topics_create(
         f"{len(created)} topics created on {settings.kafka.bootstrap}"
         + (f": {', '.join(created)}" if created else " (all existed)")
     )
+
+
+def _key_store() -> KeyStore:
+    import sqlite3
+
+    from services.gateway.auth import KeyStore
+    from services.gateway.settings import GatewaySettings
+
+    try:
+        settings = load_settings(GatewaySettings)
+    except SettingsError as error:
+        errors.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    try:
+        return KeyStore(settings.keys_db_path, cache_ttl_s=0)
+    except (OSError, sqlite3.Error) as error:
+        errors.print(f"[red]cannot open the key database {settings.keys_db_path}: {error}[/red]")
+        raise typer.Exit(1) from None
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="The tenant the key belongs to.")],
+    role: Annotated[list[str], typer.Option("--role", help="A role of the key (repeatable).")],
+    name: Annotated[str, typer.Option(help="A note saying what the key is for.")] = "",
+    rpm: Annotated[
+        int | None, typer.Option(help="Requests per minute (default: the gateway's).")
+    ] = None,
+    tpm: Annotated[
+        int | None, typer.Option(help="Tokens per minute (default: the gateway's).")
+    ] = None,
+) -> None:
+    """Create an API key and print it (once: only its hash is stored)."""
+    with _key_store() as store:
+        try:
+            record, key = store.create(tenant, role, name=name, rpm=rpm, tpm=tpm)
+        except ValueError as error:
+            errors.print(f"[red]{error}[/red]")
+            raise typer.Exit(2) from None
+    errors.print(
+        f"created key {record.key_id} for tenant {record.tenant} (roles: {', '.join(record.roles)})"
+    )
+    print(key, flush=True)
+    errors.print("Keep it now: it will not be shown again.")
+
+
+@keys_app.command("list")
+def keys_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List the API keys (never their secrets), revoked ones included."""
+    with _key_store() as store:
+        records = store.list()
+    if as_json:
+        print(json.dumps([record.to_json() for record in records], indent=2))
+        return
+    table = Table()
+    table.add_column("key id", no_wrap=True)
+    table.add_column("tenant", no_wrap=True)
+    for column in ("roles", "name", "rpm", "tpm"):
+        table.add_column(column)
+    table.add_column("created", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    for record in records:
+        table.add_row(
+            record.key_id,
+            record.tenant,
+            ", ".join(record.roles),
+            escape(record.name),
+            str(record.rpm or "-"),
+            str(record.tpm or "-"),
+            record.created_at.strftime("%Y-%m-%d"),
+            "[red]revoked[/red]" if record.revoked else "[green]active[/green]",
+        )
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (the 12 hex characters after mk-).")],
+) -> None:
+    """Revoke an API key; gateways refuse it within their key cache time (a few seconds)."""
+    with _key_store() as store:
+        revoked = store.revoke(key_id)
+    if not revoked:
+        errors.print(f"[red]no active key {key_id!r}[/red]")
+        raise typer.Exit(1)
+    console.print(f"key {key_id} revoked")
 
 
 def _read_state(settings: MeshSettings) -> dict[str, Any] | None:

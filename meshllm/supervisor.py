@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -63,8 +64,10 @@ class Supervisor:
         *,
         out: IO[str] = sys.stdout,
         stop_timeout_s: float = 30.0,
+        greeting: Sequence[str] = (),
     ) -> None:
         self.settings = settings
+        self.greeting = list(greeting)
         self.specs = specs
         self.out = out
         self.stop_timeout_s = stop_timeout_s
@@ -259,4 +262,6 @@ class Supervisor:
                 "(use MESHLLM_MODE=cluster with Apache Kafka for durability)",
                 color="33",
             )
+        for line in self.greeting:
+            self.say(line, color="32")
         self.say("Ctrl-C stops everything; `meshllm status` shows what runs")

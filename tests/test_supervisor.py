@@ -137,35 +137,51 @@ def meshllm(*args: str, data_dir: Path, **env: str) -> subprocess.Popen[str]:
 @pytest.mark.timeout(480)
 async def test_meshllm_up_then_down_from_the_command_line(tmp_path: Path) -> None:
     """The whole mesh on its defaults: the broker and every registered service, for real."""
-    port, http_port = free_port(), free_port()
+    port, http_port, gateway_port = free_port(), free_port(), free_port()
     up = meshllm(
-        "up", "--port", str(port), data_dir=tmp_path, MESHLLM_SERVE__HTTP_PORT=str(http_port)
+        "up",
+        "--port",
+        str(port),
+        data_dir=tmp_path,
+        MESHLLM_SERVE__HTTP_PORT=str(http_port),
+        MESHLLM_HTTP_PORT=str(gateway_port),
+        MESHLLM_POOLS=json.dumps([{"name": "cpu", "replicas": [f"http://127.0.0.1:{http_port}"]}]),
     )
-    await poll_until(
-        lambda: (tmp_path / "run" / "state.json").exists() or up.poll() is not None,
-        timeout=300,
-        message="meshllm up",
-    )
-    status = meshllm("status", data_dir=tmp_path)
-    assert status.wait(30) == 0, status.stdout.read() if status.stdout else ""
-    async with httpx.AsyncClient(timeout=60) as client:
-        reply = await client.post(
-            f"http://127.0.0.1:{http_port}/v1/chat/completions",
-            json={
-                "model": "smollm2-135m-instruct",
-                "messages": [{"role": "user", "content": "What is the capital of France?"}],
-                "temperature": 0,
-                "max_tokens": 20,
-            },
+    try:
+        await poll_until(
+            lambda: (tmp_path / "run" / "state.json").exists() or up.poll() is not None,
+            timeout=300,
+            message="meshllm up",
         )
-    assert reply.status_code == 200, reply.text
-    assert "Paris" in reply.json()["choices"][0]["message"]["content"]
+        status = meshllm("status", data_dir=tmp_path)
+        assert status.wait(30) == 0, status.stdout.read() if status.stdout else ""
+        key = (tmp_path / "run" / "api-key").read_text().strip()
+        async with httpx.AsyncClient(timeout=60) as client:
+            reply = await client.post(
+                f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
+                headers={"authorization": f"Bearer {key}"},
+                json={
+                    "model": "smollm2-135m-instruct",
+                    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                    "temperature": 0,
+                    "max_tokens": 20,
+                },
+            )
+        assert reply.status_code == 200, reply.text
+        assert "Paris" in reply.json()["choices"][0]["message"]["content"]
+    except BaseException:
+        up.send_signal(signal.SIGINT)  # never leave a mesh running behind a failed test
+        up.wait(120)
+        raise
     down = meshllm("down", data_dir=tmp_path)
     assert down.wait(120) == 0
     output = up.stdout.read() if up.stdout else ""
     assert up.wait(60) == 0, output
     assert f"broker ready on 127.0.0.1:{port}" in output
     assert "inference ready" in output
+    assert f"http://127.0.0.1:{gateway_port}/v1" in output
+    assert "curl" in output
+    assert key not in output.replace(str(tmp_path), "")  # the key is in a file, not the log
     assert "stopped cleanly" in output
 
 

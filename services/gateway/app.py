@@ -180,8 +180,17 @@ class Gateway:
             f"{request.method} {request.url.path}",
             kind=trace.SpanKind.SERVER,
             attributes={"http.request.method": request.method, "url.path": request.url.path},
-        ):
-            return await self._handle(request, kind)
+        ) as span:
+            trace_id = format(span.get_span_context().trace_id, "032x")
+            try:
+                response = await self._handle(request, kind)
+            except OpenAIError as error:
+                span.set_attribute("http.response.status_code", error.status)
+                error.trace_id = trace_id  # type: ignore[attr-defined]
+                raise
+            span.set_attribute("http.response.status_code", response.status_code)
+            response.headers["x-trace-id"] = trace_id
+            return response
 
     async def _handle(self, request: Request, kind: str) -> Response:
         body = await self._read_json(request)
@@ -566,7 +575,10 @@ async def _disconnect(request: Request) -> None:
 
 async def _error_response(request: Request, error: Exception) -> Response:
     assert isinstance(error, OpenAIError)
-    headers = {"retry-after": str(error.retry_after)} if isinstance(error, RateLimited) else None
+    headers = {"retry-after": str(error.retry_after)} if isinstance(error, RateLimited) else {}
+    trace_id = getattr(error, "trace_id", None)
+    if trace_id:
+        headers["x-trace-id"] = trace_id
     return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
 
 

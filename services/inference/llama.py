@@ -181,13 +181,31 @@ class Llama:
             k.view(batch, steps, c.num_kv_heads, c.head_dim).transpose(1, 2), step.positions
         )
         v = v.view(batch, steps, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        keys, values = step.store(cache.k[layer_index], cache.v[layer_index], k, v)
-        groups = c.num_heads // c.num_kv_heads
-        keys = keys.repeat_interleave(groups, dim=1)  # [B, H, span, D]
-        values = values.repeat_interleave(groups, dim=1)
-        attn = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=step.mask, is_causal=step.causal
-        )
+        layer_k, layer_v = cache.k[layer_index], cache.v[layer_index]  # [slots, K, T, D]
+        step.write(layer_k, layer_v, k, v)
+        if steps == 1:
+            # Each sequence attends over exactly its own keys, so its result is bit-identical
+            # whether it is decoded alone or in any batch (greedy output is reproducible).
+            rows = [
+                F.scaled_dot_product_attention(
+                    q[row : row + 1],
+                    layer_k[slot : slot + 1, :, :end],
+                    layer_v[slot : slot + 1, :, :end],
+                    enable_gqa=True,
+                )
+                for row, (slot, end) in enumerate(zip(step.slots, step.end_list, strict=True))
+            ]
+            attn = rows[0] if batch == 1 else torch.cat(rows)  # [B, H, 1, D]
+        else:
+            slot, span = step.slots[0], step.span
+            attn = F.scaled_dot_product_attention(
+                q,
+                layer_k[slot : slot + 1, :, :span],
+                layer_v[slot : slot + 1, :, :span],
+                attn_mask=step.mask,
+                is_causal=step.causal,
+                enable_gqa=True,
+            )  # [1, H, S, D]
         return layer.out(attn.transpose(1, 2).reshape(batch, steps, q_dim))
 
 
@@ -202,31 +220,24 @@ class _Step:
         self.batch = len(slots)
         self.positions = starts.unsqueeze(1) + torch.arange(steps).unsqueeze(0)  # [B, S]
         self.ends = starts + steps
+        self.end_list: list[int] = self.ends.tolist()
         self.span = int(self.ends.max())
         self.mask: torch.Tensor | None = None
         self.causal = False
-        if steps == 1:
-            # keys past each sequence's own end are masked out: [B, 1, 1, span]
-            self.mask = (torch.arange(self.span).unsqueeze(0) < self.ends.unsqueeze(1)).view(
-                self.batch, 1, 1, self.span
-            )
-        elif self.span > steps:
+        if steps > 1 and self.span > steps:
             # a prompt continuing a cached prefix: all of the prefix, then causal
             self.mask = torch.ones(steps, self.span, dtype=torch.bool).tril(self.span - steps)
-        else:
+        elif steps > 1:
             self.causal = True
 
-    def store(
+    def write(
         self, layer_k: torch.Tensor, layer_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's k/v [B, K, S, D]; return the keys/values [B, K, span, D] to attend."""
+    ) -> None:
+        """Store this step's keys and values [B, K, S, D] at each sequence's position."""
         if self.batch == 1:
             slot, start = self.slots[0], int(self.starts[0])
             layer_k[slot, :, start : start + self.steps] = k[0]
             layer_v[slot, :, start : start + self.steps] = v[0]
-            return layer_k[slot : slot + 1, :, : self.span], layer_v[
-                slot : slot + 1, :, : self.span
-            ]
+            return
         layer_k[self.index, :, self.starts] = k[:, :, 0]
         layer_v[self.index, :, self.starts] = v[:, :, 0]
-        return layer_k[self.index, :, : self.span], layer_v[self.index, :, : self.span]

@@ -830,6 +830,9 @@ class OpenAIIngress:
 
         if self._telemetry_task is None and self._settings is not None:
             self._telemetry_task = asyncio.create_task(_export_spans(self._settings))
+        if self._telemetry_task is not None and not self._telemetry_task.done():
+            # the first call waits (briefly) so that its own span is exported too
+            await asyncio.wait({self._telemetry_task}, timeout=5)
         with trace.get_tracer("meshllm.inference").start_as_current_span(
             f"{request.method} {request.url.path}",
             context=propagate.extract(dict(request.headers)),
