@@ -101,3 +101,8 @@ bench-bus *args:
 bench-inference *args:
     {{python}} -m pip install --quiet -e ".[bench]" llama-cpp-python
     {{python}} -m benchmarks.inference_bench {{args}}
+
+# Quality of int8/int4 vs fp32: greedy agreement, perplexity and KL, weight memory.
+[group('bench')]
+bench-quant *args:
+    {{python}} -m benchmarks.quant_quality {{args}}

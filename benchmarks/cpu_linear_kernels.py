@@ -48,14 +48,18 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from services.inference.gguf_model import GgufModel, load_gguf, smollm2_path
+from services.inference.llama import Llama
 from services.inference.quant import (
     QuantMode,
     dequantize_int4,
+    prepare_embedding,
     prepare_linear,
     prepare_tied,
     quantize_int4,
     quantize_int8,
 )
+from services.inference.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
@@ -405,35 +409,26 @@ class _FbgemmDynamicLinear:
         return y.view(*x.shape[:-1], self.out_features)  # type: ignore[no-any-return]
 
 
-def _quantized_llama(model: Any, mode: str) -> tuple[Any, int]:
-    """A Llama whose linears (and tied embedding/head) are prepared for ``mode``."""
-    from services.inference.llama import Llama
-
-    llama = Llama(model)
-    total = 0
-    for layer in llama.layers:
-        for name in ("qkv", "out", "gate_up", "down"):
-            weight = getattr(layer, name).weight
-            prepared: Any = (
-                _FbgemmDynamicLinear(weight)
-                if mode == FBGEMM_DYNAMIC
-                else prepare_linear(weight, QuantMode(mode.split(maxsplit=1)[0]))
-            )
-            setattr(layer, name, prepared)
-            total += prepared.nbytes
+def _model_variant(model: GgufModel, mode: str) -> Llama:
+    """The Llama loaded as ``mode``: a :class:`QuantMode`, or a benchmark-only variant."""
     if mode == FBGEMM_DYNAMIC:
-        embed, _ = prepare_tied(llama.embed, QuantMode.INT8)
-        head: Any = _FbgemmDynamicLinear(llama.embed)
-    elif mode == INT4_HEAD:
-        embed, head = prepare_tied(llama.embed, QuantMode.INT4, head_mode=QuantMode.INT4)
-    else:
-        embed, head = prepare_tied(llama.embed, QuantMode(mode))
-    llama.embed = embed  # type: ignore[assignment]
-    llama.output = head
-    return llama, total + embed.nbytes + head.nbytes
+        llama = Llama(model, QuantMode.FP32, keep_source=True)
+        for layer in llama.layers:
+            for name in ("qkv", "out", "gate_up", "down"):
+                setattr(layer, name, _FbgemmDynamicLinear(getattr(layer, name).dequantize()))
+        tied = llama.output.dequantize()
+        llama.embed = prepare_embedding(tied, QuantMode.INT8)
+        llama.output = _FbgemmDynamicLinear(tied)  # type: ignore[assignment]
+        return llama
+    if mode == INT4_HEAD:
+        llama = Llama(model, QuantMode.INT4, keep_source=True)
+        tied = torch.from_numpy(model.tensors["token_embd.weight"])
+        llama.embed, llama.output = prepare_tied(tied, QuantMode.INT4, head_mode=QuantMode.INT4)
+        return llama
+    return Llama(model, mode, keep_source=True)
 
 
-def _decode_tps(llama: Any, prompt: list[int], batch: int, steps: int) -> float:
+def _decode_tps(llama: Llama, prompt: list[int], batch: int, steps: int) -> float:
     """Tokens/s of greedy decode steps for ``batch`` sequences: batch / median step time."""
     cache = llama.new_cache(batch, len(prompt) + steps + 2)
     for slot in range(batch):
@@ -449,7 +444,7 @@ def _decode_tps(llama: Any, prompt: list[int], batch: int, steps: int) -> float:
     return batch / statistics.median(times)
 
 
-def _teacher_forced(llama: Any, ids: list[int]) -> torch.Tensor:
+def teacher_forced_logprobs(llama: Llama, ids: list[int]) -> torch.Tensor:
     """Log-probabilities [T - 1, V] after each prefix of ``ids``, one decode step at a time."""
     cache = llama.new_cache(1, len(ids))
     out = [
@@ -459,22 +454,19 @@ def _teacher_forced(llama: Any, ids: list[int]) -> torch.Tensor:
 
 
 def measure_model(console: Console, steps: int) -> tuple[list[ModelRow], dict[str, Any]]:
-    from services.inference.gguf_model import load_gguf, smollm2_path
-    from services.inference.tokenizer import Tokenizer
-
     model = load_gguf(smollm2_path())
     ids = Tokenizer(model.tokenizer).encode(TEXT)
     prompt = ids[:16]
     rows: list[ModelRow] = []
     reference: torch.Tensor | None = None
     for mode in [*QuantMode, INT4_HEAD, FBGEMM_DYNAMIC]:
-        llama, nbytes = _quantized_llama(model, str(mode))
-        logp = _teacher_forced(llama, ids)  # [T - 1, V]
+        llama = _model_variant(model, str(mode))
+        logp = teacher_forced_logprobs(llama, ids)  # [T - 1, V]
         targets = torch.tensor(ids[1:])
         nll = -logp.gather(1, targets[:, None]).mean()
         row = ModelRow(
             mode=str(mode),
-            weight_mb=nbytes / 1e6,
+            weight_mb=llama.nbytes / 1e6,
             decode_tps=_decode_tps(llama, prompt, 1, steps),
             batch16_tps=_decode_tps(llama, prompt, 16, max(8, steps // 4)),
             ppl=float(nll.exp()),
@@ -611,8 +603,6 @@ def main(argv: list[str] | None = None) -> None:
     if kernel_rows:
         tables.append(kernel_table(kernel_rows))
     with torch.inference_mode():
-        from services.inference.gguf_model import load_gguf, smollm2_path
-
         real = {k: torch.from_numpy(v) for k, v in load_gguf(smollm2_path()).tensors.items()}
         tables.append(quality_table(measure_quality(real)))
         del real

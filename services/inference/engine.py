@@ -39,7 +39,7 @@ class EngineSettings:
     max_seq_len: int = 2048
     stuck_after_s: float = 30.0
     prefix_cache_mb: float = 128.0  # 0 turns the prefix (L1) cache off
-    prefix_block: int = 16
+    prefix_block: int = 32  # also the prefill chunk
 
 
 @dataclass(frozen=True)
@@ -283,10 +283,20 @@ class Engine:
             self._emit(candidate, candidate.sampler.pick(self._prefill(candidate)))
 
     def _prefill(self, sequence: _Sequence) -> torch.Tensor:
-        """Run the prompt not found in the prefix cache; return the last position's logits."""
-        slot, prompt = sequence.slot, sequence.prompt
-        reused = self.prefix_cache.load(prompt, self._cache, slot)
-        logits = self.model.forward(torch.tensor([prompt[reused:]]), [slot], self._cache)
+        """Run the prompt not found in the prefix cache; return the last position's logits.
+
+        The prompt runs in chunks aligned to the cache's blocks, so every block's keys and
+        values come from the same computation (same shapes, same rounding) whether it was
+        prefilled here, in another prompt sharing the prefix, or taken from the cache:
+        output does not depend on what the cache held.
+        """
+        slot, prompt, block = sequence.slot, sequence.prompt, self.prefix_cache.block
+        position = self.prefix_cache.load(prompt, self._cache, slot)
+        logits = torch.empty(0)
+        while position < len(prompt):
+            end = min(len(prompt), (position // block + 1) * block)
+            logits = self.model.forward(torch.tensor([prompt[position:end]]), [slot], self._cache)
+            position = end
         self.prefix_cache.store(prompt, self._cache, slot)
         return logits[0]
 

@@ -85,6 +85,26 @@ def _field(fields: dict[str, Any], key: str, path: Path, default: Any = ...) -> 
     return field.contents()
 
 
+@dataclass(frozen=True)
+class GgufHeader:
+    """What a GGUF file says about its model, without the tensors."""
+
+    path: Path
+    architecture: str
+    name: str
+    config: LlamaConfig
+    tokenizer: TokenizerSpec
+
+
+def read_gguf_header(path: Path | str) -> GgufHeader:
+    """Read the metadata of ``path`` (hyper-parameters and tokenizer); no tensor is read.
+
+    Raises:
+        ModelLoadError: unreadable file, unsupported architecture or missing metadata.
+    """
+    return _read_header(_open(Path(path)), Path(path))
+
+
 def load_gguf(path: Path | str, *, dequantize: bool = True) -> GgufModel:
     """Read ``path``; with ``dequantize`` every tensor comes back as float32.
 
@@ -95,12 +115,45 @@ def load_gguf(path: Path | str, *, dequantize: bool = True) -> GgufModel:
     import gguf
 
     path = Path(path)
+    reader = _open(path)
+    header = _read_header(reader, path)
+    tensors: dict[str, np.ndarray] = {}
+    for tensor in reader.tensors:
+        try:
+            data = (
+                gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+                if dequantize
+                else np.asarray(tensor.data)
+            )
+        except Exception as error:
+            raise ModelLoadError(f"{path}: tensor {tensor.name} is unreadable ({error})") from None
+        array = np.ascontiguousarray(data, dtype=np.float32)
+        # Unquantized tensors come back as read-only views of the memory-mapped file.
+        tensors[tensor.name] = array if array.flags.writeable else array.copy()
+    model = GgufModel(
+        path=path,
+        architecture=header.architecture,
+        name=header.name,
+        config=header.config,
+        tokenizer=header.tokenizer,
+        tensors=tensors,
+    )
+    _check_shapes(model)
+    return model
+
+
+def _open(path: Path) -> Any:
+    import gguf
+
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such model file")
     try:
-        reader = gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(str(path))
     except Exception as error:
         raise ModelLoadError(f"{path}: not a readable GGUF file ({error})") from None
+
+
+def _read_header(reader: Any, path: Path) -> GgufHeader:
     fields = reader.fields
     arch = _field(fields, "general.architecture", path)
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -134,29 +187,13 @@ def load_gguf(path: Path | str, *, dequantize: bool = True) -> GgufModel:
         add_bos=bool(_field(fields, "tokenizer.ggml.add_bos_token", path, False)),
         chat_template=_field(fields, "tokenizer.chat_template", path, None),
     )
-    tensors: dict[str, np.ndarray] = {}
-    for tensor in reader.tensors:
-        try:
-            data = (
-                gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-                if dequantize
-                else np.asarray(tensor.data)
-            )
-        except Exception as error:
-            raise ModelLoadError(f"{path}: tensor {tensor.name} is unreadable ({error})") from None
-        array = np.ascontiguousarray(data, dtype=np.float32)
-        # Unquantized tensors come back as read-only views of the memory-mapped file.
-        tensors[tensor.name] = array if array.flags.writeable else array.copy()
-    model = GgufModel(
+    return GgufHeader(
         path=path,
         architecture=arch,
         name=str(_field(fields, "general.name", path, path.stem)),
         config=config,
         tokenizer=tokenizer,
-        tensors=tensors,
     )
-    _check_shapes(model)
-    return model
 
 
 def _optional_int(fields: dict[str, Any], key: str) -> int | None:

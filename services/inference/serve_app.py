@@ -51,12 +51,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from services.inference.embeddings import EmbeddingEngine, EmbeddingInputError
 from services.inference.engine import Delta, Engine, EngineSettings
+from services.inference.engine_protocol import TextEngine
 from services.inference.gguf_model import GgufModel, ModelLoadError, load_gguf
 from services.inference.llama import Llama
 from services.inference.registry import ModelEntry, ModelRegistry, UnknownModel
 from services.inference.sampling import InvalidRequest, SamplingParams
 from services.inference.settings import InferenceSettings
 from services.inference.tokenizer import Tokenizer
+from services.inference.vllm_engine import VllmEngine, VllmEngineSettings
 from shared.logging import get_logger
 from shared.openai_protocol import (
     GenerationRequest,
@@ -95,7 +97,7 @@ class LoadedModel:
     """One model version on its own running engine, with its in-flight request count."""
 
     entry: ModelEntry
-    engine: Engine
+    engine: TextEngine
     tokenizer: Tokenizer
     quant: str
     in_flight: int = 0
@@ -127,17 +129,26 @@ def load_model(
 ) -> LoadedModel:
     """Read, build and start ``entry`` (blocking: seconds; run it in a thread).
 
+    :class:`VllmEngineSettings` select the vLLM backend, which runs the file's own
+    quantization (``quant`` does not apply); any other settings, the torch engine.
+
     Raises:
-        ModelLoadError: the file is corrupt (``CorruptModel``) or unusable.
+        ModelLoadError: the file is corrupt (``CorruptModel``) or unusable, or the vLLM
+            backend is selected where vLLM is not installed.
     """
     started = time.monotonic()
     if verify:
         entry.verify()
-    gguf = load_gguf(entry.path)
-    llama = build_llama(gguf, quant)
-    tokenizer = Tokenizer(gguf.tokenizer)
-    del gguf
-    engine = Engine(llama, tokenizer, settings)
+    engine: TextEngine
+    if isinstance(settings, VllmEngineSettings):
+        vllm_engine = VllmEngine(entry.path, settings)
+        engine, tokenizer, quant = vllm_engine, vllm_engine.tokenizer, "gguf"
+    else:
+        gguf = load_gguf(entry.path)
+        llama = build_llama(gguf, quant)
+        tokenizer = Tokenizer(gguf.tokenizer)
+        del gguf
+        engine = Engine(llama, tokenizer, settings)
     engine.start()
     log.info(
         "model loaded",
@@ -238,8 +249,8 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def _stream(engine: Engine, job: _Job) -> AsyncGenerator[Delta, None]:
-    # Engine.stream is an async generator (typed as an iterator): close it when done.
+def _stream(engine: TextEngine, job: _Job) -> AsyncGenerator[Delta, None]:
+    # TextEngine.stream is an async generator (typed as an iterator): close it when done.
     return cast(AsyncGenerator[Delta, None], engine.stream(job.ids, job.params))
 
 
@@ -874,7 +885,13 @@ def build_app(settings: InferenceSettings) -> serve.Application:
         name=CHAT_DEPLOYMENT,
         **s.chat_scaling(),
         max_ongoing_requests=s.chat_max_ongoing_requests,
-        ray_actor_options={"num_cpus": s.chat_num_cpus},
+        ray_actor_options={
+            "num_cpus": s.chat_num_cpus,
+            # a vLLM replica holds its GPUs (one per tensor-parallel shard)
+            "num_gpus": settings.engine.vllm.tensor_parallel_size
+            if settings.engine.backend == "vllm"
+            else 0,
+        },
         user_config={"model_version": settings.model_version},
     ).bind(settings)
     embeddings = None

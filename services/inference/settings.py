@@ -8,16 +8,20 @@ Examples::
     MESHLLM_ENGINE__MAX_BATCH=8
     MESHLLM_SERVE__CHAT_REPLICAS=2
     MESHLLM_SERVE__RAY_ADDRESS=ray://head:10001
+    MESHLLM_ENGINE__BACKEND=vllm          # GPU pools: vLLM (the `vllm` extra)
+    MESHLLM_ENGINE__VLLM__GPU_MEMORY_UTILIZATION=0.45
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
 from services.inference.engine import EngineSettings
+from services.inference.vllm_engine import VllmEngineSettings
 from shared.settings import MeshSettings
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -27,10 +31,37 @@ DEFAULT_MODEL_VERSION = "q4_1-1"
 QuantName = Literal["fp32", "int8", "int4"]
 """Weight quantization modes (see :mod:`services.inference.quant`)."""
 
+BackendName = Literal["torch", "vllm"]
+"""Engines: the torch engine (CPU) or vLLM (CUDA GPU, the ``vllm`` extra)."""
+
+
+class VllmConfig(BaseModel):
+    """vLLM's own options, used when ``backend`` is ``vllm``."""
+
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Share of GPU memory vLLM takes for weights and KV cache; a model switch "
+        "loads the new engine beside the old one, so keep it under 0.5 to switch in place.",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model is split across.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Activation dtype; auto: vLLM's choice for the model."
+    )
+    enforce_eager: bool = Field(
+        False, description="Skip CUDA graph capture: faster start and less memory, slower decode."
+    )
+
 
 class EngineConfig(BaseModel):
     """The engine's batching limits; mirrors :class:`~services.inference.engine.EngineSettings`."""
 
+    backend: BackendName = Field(
+        "torch",
+        description="torch: the CPU engine; vllm: vLLM on a CUDA GPU, from the `vllm` extra "
+        "(serves the GGUF's own quantization: `quant` does not apply).",
+    )
     max_batch: int = Field(16, ge=1, le=256, description="Sequences decoded together.")
     max_wait_ms: float = Field(
         2.0, ge=0, le=1000, description="How long an idle engine waits for companions."
@@ -48,11 +79,16 @@ class EngineConfig(BaseModel):
         128.0, ge=0, description="Memory of the prompt-prefix (L1) KV cache; 0 turns it off."
     )
     prefix_block: int = Field(
-        16, ge=1, le=1024, description="Tokens per prefix-cache block (reuse granularity)."
+        32,
+        ge=1,
+        le=1024,
+        description="Tokens per prefix-cache block (reuse granularity), and per prefill chunk.",
     )
+    vllm: VllmConfig = VllmConfig()
 
     def engine_settings(self) -> EngineSettings:
-        return EngineSettings(
+        """The engine's settings; :class:`VllmEngineSettings` when the backend is vLLM."""
+        common = EngineSettings(
             max_batch=self.max_batch,
             max_wait_ms=self.max_wait_ms,
             max_tokens_in_flight=self.max_tokens_in_flight,
@@ -61,6 +97,9 @@ class EngineConfig(BaseModel):
             prefix_cache_mb=self.prefix_cache_mb,
             prefix_block=self.prefix_block,
         )
+        if self.backend == "vllm":
+            return VllmEngineSettings(**asdict(common), **self.vllm.model_dump())
+        return common
 
 
 class ServeConfig(BaseModel):
