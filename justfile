@@ -106,3 +106,9 @@ bench-inference *args:
 [group('bench')]
 bench-quant *args:
     {{python}} -m benchmarks.quant_quality {{args}}
+
+# Mesh overhead: direct model calls vs gateway + Kafka + router; the mesh vs LiteLLM's proxy.
+[group('bench')]
+bench-mesh *args:
+    {{python}} -m pip install --quiet -e ".[bench]"
+    {{python}} -m benchmarks.mesh_bench {{args}}

@@ -138,6 +138,24 @@ def chat(
 
 
 @app.command()
+def run(
+    name: Annotated[
+        str, typer.Argument(help="The service: " + ", ".join(s.name for s in SERVICES))
+    ],
+) -> None:
+    """Run one service in this process (as a container's command, or for debugging)."""
+    import runpy
+
+    spec = next((s for s in SERVICES if s.name == name), None)
+    if spec is None:
+        errors.print(
+            f"[red]no service {name!r}; choose one of {', '.join(s.name for s in SERVICES)}[/red]"
+        )
+        raise typer.Exit(2)
+    runpy.run_module(spec.module, run_name="__main__", alter_sys=True)
+
+
+@app.command()
 def down(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a clean stop.")] = 60.0,
 ) -> None:

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from meshllm.cli import app
+from meshllm.services import SERVICES
 from shared.settings import ENV_PREFIX, MeshSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,9 +141,26 @@ def test_dockerignore_keeps_local_state_out() -> None:
     assert {".git", ".venv", "var", "**/__pycache__", "benchmarks/results"} <= ignored
 
 
-def setting_exists(name: str) -> bool:
-    """Whether ``MESHLLM_A__B`` names a field of MeshSettings (``a``, nested ``b``)."""
-    model: type[BaseModel] = MeshSettings
+def settings_class(service: dict[str, Any]) -> type[MeshSettings]:
+    """The settings a Compose service reads: its service's (``meshllm run NAME``) or the mesh's."""
+    from services.gateway.settings import GatewaySettings
+    from services.inference.settings import InferenceSettings
+    from services.router.settings import RouterSettings
+
+    command = service.get("command", [])
+    args = shlex.split(command) if isinstance(command, str) else list(command)
+    if args[:1] == ["run"]:
+        return {
+            "gateway": GatewaySettings,
+            "router": RouterSettings,
+            "inference": InferenceSettings,
+        }[args[1]]
+    return MeshSettings
+
+
+def setting_exists(name: str, settings: type[MeshSettings] = MeshSettings) -> bool:
+    """Whether ``MESHLLM_A__B`` names a field of ``settings`` (``a``, nested ``b``)."""
+    model: type[BaseModel] = settings
     parts = name.removeprefix(ENV_PREFIX).lower().split("__")
     for depth, part in enumerate(parts):
         field = model.model_fields.get(part)
@@ -170,15 +188,16 @@ def test_meshllm_settings_in_compose_are_real_and_valid(
     services = meshllm_services(compose)
     assert services, "no service is built from this repository"
     for name, service in services.items():
+        settings = settings_class(service)
         env = {k: v for k, v in environment(service).items() if k.startswith(ENV_PREFIX)}
-        unknown = [k for k in env if not setting_exists(k)]
-        assert not unknown, f"{name}: not meshllm settings: {unknown}"
+        unknown = [k for k in env if not setting_exists(k, settings)]
+        assert not unknown, f"{name}: not {settings.__name__} settings: {unknown}"
         with monkeypatch.context() as patch:
             for variable in [v for v in os.environ if v.startswith(ENV_PREFIX)]:
                 patch.delenv(variable)
             for variable, value in env.items():
                 patch.setenv(variable, value)
-            MeshSettings()  # raises on a bad value
+            settings()  # raises on a bad value
 
 
 def test_meshllm_services_run_real_cli_commands(compose: dict[str, Any]) -> None:
@@ -187,3 +206,15 @@ def test_meshllm_services_run_real_cli_commands(compose: dict[str, Any]) -> None
         args = shlex.split(command) if isinstance(command, str) else list(command)
         result = CliRunner().invoke(app, [*args, "--help"])
         assert result.exit_code == 0, f"{name}: `meshllm {' '.join(args)}` is no command"
+        if args[:1] == ["run"]:
+            assert args[1] in {spec.name for spec in SERVICES}, f"{name}: no service {args[1]}"
+
+
+def test_the_mesh_services_run_in_compose(compose: dict[str, Any]) -> None:
+    commands = {tuple(service.get("command", [])) for service in meshllm_services(compose).values()}
+    for spec in SERVICES:
+        assert ("run", spec.name) in commands, f"{spec.name} is missing from docker-compose.yml"
+    gateway = next(
+        s for s in compose["services"].values() if s.get("command") == ["run", "gateway"]
+    )
+    assert any(str(p).endswith(":8080") for p in gateway.get("ports", ()))

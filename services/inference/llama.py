@@ -17,12 +17,17 @@ import torch.nn.functional as F
 from services.inference.gguf_model import GgufModel, LlamaConfig
 from services.inference.quant import (
     Embedding,
+    Int8Linear,
     LinearWeight,
     QuantMode,
     prepare_embedding,
     prepare_linear,
     prepare_tied,
 )
+
+HEAD_REFINE_TOP = 16
+"""Best tokens per step whose logits an int8 LM head recomputes in fp32 (see
+:meth:`~services.inference.quant.Int8Linear.refine_top`)."""
 
 
 @dataclass
@@ -165,7 +170,11 @@ class Llama:
             x = x + layer.down(F.silu(gate) * up)
         for slot, end in zip(slots, step.ends.tolist(), strict=True):
             cache.lengths[slot] = end
-        return self.output(self._rms(x[:, -1], self.norm))  # [B, V]
+        h = self._rms(x[:, -1], self.norm)  # [B, hidden]
+        logits = self.output(h)  # [B, V]
+        if isinstance(self.output, Int8Linear):
+            logits = self.output.refine_top(h, logits, HEAD_REFINE_TOP)
+        return logits
 
     def _attention(
         self, layer: Layer, h: torch.Tensor, step: _Step, cache: KVCache, layer_index: int

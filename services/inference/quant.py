@@ -200,6 +200,20 @@ class Int8Linear(LinearWeight):
     def dequantize(self) -> torch.Tensor:
         return self.codes.float() * self.scale.float()[:, None]
 
+    def refine_top(self, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+        """Recompute the ``k`` largest outputs of each row of ``y = self(x)`` in fp32.
+
+        The kernel's bf16 output rounds logits to steps of ~0.1, turning close calls
+        between the best tokens into ties or flips. Re-scoring the top candidates with
+        fp32 dot products on the same int8 weights (k rows of K each) makes greedy
+        choices as exact as the weights allow, for a negligible cost.
+        x: [M, K], y: [M, N] -> y with its top-k entries per row replaced.
+        """
+        top = y.topk(k, dim=-1).indices  # [M, k]
+        rows = self.codes[top].float()  # [M, k, K]
+        exact = torch.einsum("mk,mjk->mj", x.float(), rows) * self._scale_f32[top]
+        return y.scatter(-1, top, exact.to(y.dtype))
+
 
 class Int8Embedding(Embedding):
     """Row lookup in per-row int8 codes, usually those of a tied :class:`Int8Linear` head."""
