@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
@@ -240,7 +241,43 @@ def run_llama_cpp(plan: Plan) -> Result:
 # ------------------------------------------------------------------ driver
 
 
+def profile_decode(mode: str = "int8", steps: int = 16) -> dict[str, list[list[Any]]]:
+    """Where one decode step spends its time (torch profiler, self CPU time per op)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from services.inference.gguf_model import load_gguf, smollm2_path
+    from services.inference.llama import Llama
+
+    torch.set_num_threads(THREADS)
+    model = Llama(load_gguf(smollm2_path()), mode)
+    tables: dict[str, list[list[Any]]] = {}
+    for batch in (1, 16):
+        cache = model.new_cache(batch, 512)
+        for slot in range(batch):
+            model.forward(torch.randint(0, 1000, (1, 96)), [slot], cache)
+        tokens = torch.randint(0, 1000, (batch, 1))
+        slots = list(range(batch))
+        for _ in range(3):
+            model.forward(tokens, slots, cache)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                model.forward(tokens, slots, cache)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) or 1.0
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
+        tables[f"{mode}, batch {batch}"] = [
+            [e.key, round(e.self_cpu_time_total / steps / 1000, 2),
+             round(100 * e.self_cpu_time_total / total, 1)]
+            for e in top
+        ]  # fmt: skip
+    return tables
+
+
 def worker(case: str, plan: Plan) -> None:
+    if case == "profile":
+        print("PROFILE " + json.dumps(profile_decode()), flush=True)
+        return
     runners: dict[str, Callable[[], Result]] = {
         "fp32": lambda: run_ours("fp32", plan),
         "int8": lambda: run_ours("int8", plan),
@@ -332,7 +369,34 @@ def verdicts(results: list[Result]) -> list[str]:
     return lines
 
 
-def write_results(results: list[Result], plan: Plan, argv: list[str]) -> None:
+def run_profile() -> dict[str, list[list[Any]]]:
+    command = [sys.executable, "-m", "benchmarks.inference_bench", "--worker", "profile"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("PROFILE ")), None)
+    return json.loads(line.removeprefix("PROFILE ")) if line else {}
+
+
+def profile_lines(profile: dict[str, list[list[Any]]]) -> list[str]:
+    lines = ["## Where a decode step spends its time", ""]
+    for label, rows in profile.items():
+        lines += [
+            f"**{label}** (torch profiler, self CPU time per step):",
+            "",
+            "| op | ms / step | share |",
+            "|---|---|---|",
+            *[f"| `{op}` | {ms} | {pct}% |" for op, ms, pct in rows],
+            "",
+        ]
+    return lines
+
+
+def write_results(
+    results: list[Result],
+    plan: Plan,
+    argv: list[str],
+    profile: dict[str, list[list[Any]]] | None = None,
+) -> None:
     headers, rows = table_rows(results)
     RESULTS.mkdir(exist_ok=True)
     lines = [
@@ -355,6 +419,7 @@ def write_results(results: list[Result], plan: Plan, argv: list[str]) -> None:
         "",
         *[f"- {v}" for v in verdicts(results)],
         "",
+        *profile_lines(profile or {}),
     ]
     (RESULTS / "inference.md").write_text("\n".join(lines))
     try:
@@ -419,7 +484,12 @@ def main() -> None:
     console.print(table)
     for line in verdicts(results):
         console.print(line)
-    write_results(results, plan, sys.argv[1:])
+    status_profile = console.status("profiling the int8 decode step …")
+    with status_profile:
+        profile = run_profile()
+    for label, rows in profile.items():
+        console.print(f"{label}: " + ", ".join(f"{op} {pct}%" for op, _, pct in rows[:4]))
+    write_results(results, plan, sys.argv[1:], profile)
     console.print(f"results in {RESULTS / 'inference.md'}")
 
 

@@ -169,6 +169,15 @@ async def test_meshllm_up_then_down_from_the_command_line(tmp_path: Path) -> Non
             )
         assert reply.status_code == 200, reply.text
         assert "Paris" in reply.json()["choices"][0]["message"]["content"]
+        chat = meshllm(
+            "chat",
+            "What is the capital of France?",
+            data_dir=tmp_path,
+            MESHLLM_HTTP_PORT=str(gateway_port),
+        )
+        answer = chat.stdout.read() if chat.stdout else ""
+        assert chat.wait(60) == 0, answer
+        assert "Paris" in answer
     except BaseException:
         up.send_signal(signal.SIGINT)  # never leave a mesh running behind a failed test
         up.wait(120)
