@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COMMAND = "python -m benchmarks.mesh_bench"
 LITELLM_VENV = ROOT / ".venv-litellm"
+LITELLM_KEY = "sk-meshllm-bench-0123456789abcdef0123456789abcdef"
 MODEL = "smollm2-135m-instruct"
 QUESTIONS = [
     "What is the capital of France?",
@@ -352,6 +353,8 @@ def litellm_config(fake_url: str) -> Iterator[Path]:
             }
         ],
         "litellm_settings": {"drop_params": True, "telemetry": False},
+        # authenticated like the mesh (its fast path: one master key, no database)
+        "general_settings": {"master_key": LITELLM_KEY},
     }
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as out:
         json.dump(config, out)  # JSON is YAML
@@ -427,7 +430,7 @@ async def proxy_part(
                 "mesh": (mesh_base + "/chat/completions", {"authorization": f"Bearer {key}"}),
                 "litellm": (
                     f"http://127.0.0.1:{litellm_port}/v1/chat/completions",
-                    {"authorization": "Bearer none"},
+                    {"authorization": f"Bearer {LITELLM_KEY}"},
                 ),
             }
             rows = []
