@@ -617,6 +617,7 @@ async def main_async(args: argparse.Namespace) -> None:
         "",
         "![mesh](mesh.png)",
         "",
+        "",
     ]
     (RESULTS_DIR / "mesh.md").write_text(
         "\n".join(header) + "\n\n".join(markdown(t) for t in tables) + "\n"
