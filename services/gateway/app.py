@@ -9,6 +9,7 @@ the deadline (504). A caller that goes away cancels the request downstream.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import time
@@ -271,7 +272,7 @@ class Gateway:
             )
             raise PermissionDenied(reason, param, "policy_denied")
         if generation is not None and generation.max_tokens is None and decision.max_tokens:
-            generation = _with_max_tokens(generation, decision.max_tokens)
+            generation = dataclasses.replace(generation, max_tokens=decision.max_tokens)
         estimated = _estimate_tokens(body, generation)
         key_id = _limit_key(principal)
         limits = self.settings.limits
@@ -499,20 +500,12 @@ def _embedding_inputs(body: dict[str, Any]) -> list[str]:
     raise invalid_field("input", "must be a non-empty string or array of non-empty strings")
 
 
-def _with_max_tokens(generation: GenerationRequest, max_tokens: int) -> GenerationRequest:
-    from dataclasses import replace
-
-    return replace(generation, max_tokens=max_tokens)
-
-
 def _estimate_tokens(body: dict[str, Any], generation: GenerationRequest | None) -> int:
     """Tokens charged before the reply: ~4 characters a token of input, plus max_tokens."""
     text = json.dumps(body.get("messages") or body.get("prompt") or body.get("input") or "")
-    completion = (
-        (generation.max_tokens or DEFAULT_MAX_TOKENS) * (generation.n if generation else 1)
-        if generation
-        else 0
-    )
+    completion = 0
+    if generation is not None:
+        completion = (generation.max_tokens or DEFAULT_MAX_TOKENS) * generation.n
     return len(text) // 4 + 1 + completion
 
 

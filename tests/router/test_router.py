@@ -7,6 +7,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +73,25 @@ def _settings(bootstrap: str, data_dir: Path, pools: list[PoolConfig]) -> Router
     )
 
 
-async def running_router(bootstrap: str, data_dir: Path, pools: list[PoolConfig]) -> Bus:
-    settings = _settings(bootstrap, data_dir, pools)
+@asynccontextmanager
+async def running_router(bootstrap: str, data_dir: Path, *urls: str) -> AsyncIterator[Bus]:
+    """The router service, built as its process builds it, with one pool of ``urls``."""
+    settings = _settings(bootstrap, data_dir, [PoolConfig(name="cpu", replicas=list(urls))])
     bus = Bus(settings, service="router")
     await build(settings, bus, HealthState(service="router"))
     await bus.start()
-    await poll_until(lambda: bus.ready, message="router ready")
-    return bus
+    try:
+        await poll_until(lambda: bus.ready, message="router ready")
+        yield bus
+    finally:
+        await bus.stop()
+
+
+async def answered(client: Bus, replies: Replies, event: ev.InferenceRequest) -> ev.FinalReply:
+    """Publish ``event`` and wait for its (first) final reply."""
+    await client.publish(REQUESTS_NORMAL, event)
+    await poll_until(lambda: replies.finals.get(event.request_id), message="final reply")
+    return replies.finals[event.request_id][0]
 
 
 def request(stream: bool = True, max_tokens: int = 5, **fields: Any) -> ev.InferenceRequest:
@@ -104,16 +117,11 @@ async def test_streams_chunks_then_one_final_reply(
 ) -> None:
     client, replies = mesh
     with FakeBackend(free_port()) as fake:
-        router = await running_router(
-            kafka_bootstrap, tmp_path, [PoolConfig(name="cpu", replicas=[fake.url])]
-        )
-        try:
+        async with running_router(kafka_bootstrap, tmp_path, fake.url):
             event = request(max_tokens=5)
             await client.publish(REQUESTS_NORMAL, event)
             await poll_until(lambda: replies.finals.get(event.request_id), message="final reply")
             await poll_until(lambda: event.request_id in replies.routing, message="routing audit")
-        finally:
-            await router.stop()
     chunks = replies.chunks[event.request_id]
     assert [c.sequence for c in chunks] == [0, 1, 2, 3, 4]
     assert "".join(c.delta for c in chunks) == "the quick brown fox jumps "
@@ -132,9 +140,7 @@ async def test_a_failed_replica_is_retried_once_on_another(
     client, replies = mesh
     with FakeBackend(free_port()) as broken, FakeBackend(free_port()) as good:
         broken.behaviour.fail_status = 500
-        pool = PoolConfig(name="cpu", replicas=[broken.url, good.url])
-        router = await running_router(kafka_bootstrap, tmp_path, [pool])
-        try:
+        async with running_router(kafka_bootstrap, tmp_path, broken.url, good.url):
             events = [request(stream=False) for _ in range(3)]
             for event in events:
                 await client.publish(REQUESTS_NORMAL, event)
@@ -144,8 +150,6 @@ async def test_a_failed_replica_is_retried_once_on_another(
             later = request(stream=False)
             await client.publish(REQUESTS_NORMAL, later)
             await poll_until(lambda: replies.finals.get(later.request_id), message="later reply")
-        finally:
-            await router.stop()
     for event in [*events, later]:
         [final] = replies.finals[event.request_id]
         assert not final.HasField("error"), final.error
@@ -160,14 +164,9 @@ async def test_every_replica_failing_is_a_clear_error(
     client, replies = mesh
     with FakeBackend(free_port()) as first, FakeBackend(free_port()) as second:
         first.behaviour.fail_status = second.behaviour.fail_status = 503
-        pool = PoolConfig(name="cpu", replicas=[first.url, second.url])
-        router = await running_router(kafka_bootstrap, tmp_path, [pool])
-        try:
+        async with running_router(kafka_bootstrap, tmp_path, first.url, second.url):
             event = request()
-            await client.publish(REQUESTS_NORMAL, event)
-            await poll_until(lambda: replies.finals.get(event.request_id), message="final reply")
-        finally:
-            await router.stop()
+            await answered(client, replies, event)
     [final] = replies.finals[event.request_id]
     assert final.error.code == "inference_unavailable"
     assert "2 replica(s) of pool cpu" in final.error.message
@@ -181,14 +180,9 @@ async def test_a_rejected_request_is_not_retried(
         first.behaviour.fail_status = second.behaviour.fail_status = 400
         first.behaviour.reject_message = "max_tokens: too large"
         second.behaviour.reject_message = "max_tokens: too large"
-        pool = PoolConfig(name="cpu", replicas=[first.url, second.url])
-        router = await running_router(kafka_bootstrap, tmp_path, [pool])
-        try:
+        async with running_router(kafka_bootstrap, tmp_path, first.url, second.url):
             event = request()
-            await client.publish(REQUESTS_NORMAL, event)
-            await poll_until(lambda: replies.finals.get(event.request_id), message="final reply")
-        finally:
-            await router.stop()
+            await answered(client, replies, event)
     [final] = replies.finals[event.request_id]
     assert final.error.type == "invalid_request_error"
     assert final.error.message == "max_tokens: too large"
@@ -201,18 +195,13 @@ async def test_cancellation_stops_the_generation(
     client, replies = mesh
     with FakeBackend(free_port()) as slow:
         slow.behaviour.token_delay_s = 0.2
-        router = await running_router(
-            kafka_bootstrap, tmp_path, [PoolConfig(name="cpu", replicas=[slow.url])]
-        )
-        try:
+        async with running_router(kafka_bootstrap, tmp_path, slow.url):
             event = request(max_tokens=200)
             await client.publish(REQUESTS_NORMAL, event)
             await poll_until(lambda: replies.chunks.get(event.request_id), message="first chunk")
             await client.publish(CANCELLATIONS, ev.CancelRequest(request_id=event.request_id))
             await poll_until(lambda: slow.behaviour.cancelled == 1, message="upstream cancelled")
             await asyncio.sleep(0.5)
-        finally:
-            await router.stop()
     assert replies.finals.get(event.request_id) is None
     assert len(replies.chunks[event.request_id]) < 50
 
@@ -222,16 +211,11 @@ async def test_an_expired_request_is_answered_with_a_timeout(
 ) -> None:
     client, replies = mesh
     with FakeBackend(free_port()) as fake:
-        router = await running_router(
-            kafka_bootstrap, tmp_path, [PoolConfig(name="cpu", replicas=[fake.url])]
-        )
-        try:
+        async with running_router(kafka_bootstrap, tmp_path, fake.url):
             event = request()
             event.deadline.FromNanoseconds(time.time_ns() - 1)
             await client.publish(REQUESTS_NORMAL, event)
             await poll_until(lambda: replies.finals.get(event.request_id), message="final reply")
-        finally:
-            await router.stop()
     assert replies.finals[event.request_id][0].error.code == "deadline_exceeded"
     assert fake.behaviour.calls == 0
 
