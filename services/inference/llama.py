@@ -17,17 +17,13 @@ import torch.nn.functional as F
 from services.inference.gguf_model import GgufModel, LlamaConfig
 from services.inference.quant import (
     Embedding,
-    Int8Linear,
     LinearWeight,
     QuantMode,
     prepare_embedding,
+    prepare_head,
     prepare_linear,
     prepare_tied,
 )
-
-HEAD_REFINE_TOP = 16
-"""Best tokens per step whose logits an int8 LM head recomputes in fp32 (see
-:meth:`~services.inference.quant.Int8Linear.refine_top`)."""
 
 
 @dataclass
@@ -111,7 +107,7 @@ class Llama:
         self.embed: Embedding
         self.output: LinearWeight
         if "output.weight" in source:  # untied head
-            self.output = prepare_linear(take("output.weight"), self.quant)
+            self.output = prepare_head(take("output.weight"), self.quant)
             self.embed = prepare_embedding(take("token_embd.weight"), self.quant)
         else:  # tied: one matrix is both the embedding [V, hidden] and the head
             self.embed, self.output = prepare_tied(take("token_embd.weight"), self.quant)
@@ -170,11 +166,7 @@ class Llama:
             x = x + layer.down(F.silu(gate) * up)
         for slot, end in zip(slots, step.ends.tolist(), strict=True):
             cache.lengths[slot] = end
-        h = self._rms(x[:, -1], self.norm)  # [B, hidden]
-        logits = self.output(h)  # [B, V]
-        if isinstance(self.output, Int8Linear):
-            logits = self.output.refine_top(h, logits, HEAD_REFINE_TOP)
-        return logits
+        return self.output(self._rms(x[:, -1], self.norm))  # [B, V]
 
     def _attention(
         self, layer: Layer, h: torch.Tensor, step: _Step, cache: KVCache, layer_index: int

@@ -166,11 +166,14 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear(LinearWeight):
     """Per-output-channel int8 weight; bf16 activations into ``_weight_int8pack_mm``."""
 
-    def __init__(self, weight: torch.Tensor, *, wide_prefill: bool = False) -> None:
+    def __init__(
+        self, weight: torch.Tensor, *, wide_prefill: bool = False, refine_top: int = 0
+    ) -> None:
         self.out_features, self.in_features = weight.shape
         self.codes, self.scale = quantize_int8(weight)  # int8 [N, K], bf16 [N]
         self._scale_f32 = self.scale.float()  # [N], for the wide-batch path
         self.wide_prefill = wide_prefill
+        self.refine_top = refine_top
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xb = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # [M, K]
@@ -179,7 +182,10 @@ class Int8Linear(LinearWeight):
             y = _INT8_MM(xb, self.codes, self.scale)  # [M, N]
         else:
             y = self._wide(xb)
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        y = y.to(x.dtype)
+        if self.refine_top:
+            y = self._refine(x.reshape(-1, self.in_features), y, self.refine_top)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _wide(self, xb: torch.Tensor) -> torch.Tensor:
         """Many rows (prefill): bf16 ``F.linear`` on the codes, a block of outputs at a time.
@@ -200,8 +206,8 @@ class Int8Linear(LinearWeight):
     def dequantize(self) -> torch.Tensor:
         return self.codes.float() * self.scale.float()[:, None]
 
-    def refine_top(self, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
-        """Recompute the ``k`` largest outputs of each row of ``y = self(x)`` in fp32.
+    def _refine(self, x: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+        """Recompute the ``k`` largest outputs of each row of ``y`` (the kernel's) in fp32.
 
         The kernel's bf16 output rounds logits to steps of ~0.1, turning close calls
         between the best tokens into ties or flips. Re-scoring the top candidates with
@@ -378,6 +384,26 @@ def prepare_embedding(weight: torch.Tensor, mode: QuantMode | str) -> Embedding:
     return DenseEmbedding(weight.float().contiguous())
 
 
+HEAD_REFINE_TOP = 16
+"""Best tokens per row that an int8 LM head recomputes in fp32 (its kernel's bf16 output
+turns close calls between the best tokens into ties or flips)."""
+
+
+@torch.no_grad()
+def prepare_head(
+    weight: torch.Tensor, mode: QuantMode | str, *, head_mode: QuantMode | str | None = None
+) -> LinearWeight:
+    """The LM head [V, K] for a model whose other layers are ``mode``.
+
+    Stored as ``head_mode``, by default ``HEAD_MODE[mode]``; an int8 head re-scores its
+    :data:`HEAD_REFINE_TOP` best outputs in fp32.
+    """
+    resolved = HEAD_MODE[QuantMode(mode)] if head_mode is None else QuantMode(head_mode)
+    if resolved is QuantMode.INT8:
+        return Int8Linear(weight, refine_top=HEAD_REFINE_TOP)
+    return prepare_linear(weight, resolved)
+
+
 @torch.no_grad()
 def prepare_tied(
     weight: torch.Tensor, mode: QuantMode | str, *, head_mode: QuantMode | str | None = None
@@ -387,8 +413,7 @@ def prepare_tied(
     Both are stored as ``head_mode``, by default ``HEAD_MODE[mode]`` (int8 for INT4), and
     the lookup returns the same (dequantized) rows the head multiplies by.
     """
-    resolved = HEAD_MODE[QuantMode(mode)] if head_mode is None else QuantMode(head_mode)
-    head = prepare_linear(weight, resolved)
+    head = prepare_head(weight, mode, head_mode=head_mode)
     if isinstance(head, Int8Linear):
         return Int8Embedding(head.codes, head.scale, shared=True), head
     if isinstance(head, Int4Linear):

@@ -9,6 +9,7 @@ from services.inference.gguf_model import GgufModel
 from services.inference.llama import Llama
 from services.inference.quant import (
     HEAD_MODE,
+    HEAD_REFINE_TOP,
     INT4_GROUP_SIZE,
     INT8_KERNEL_MAX_ROWS,
     Int4Linear,
@@ -17,6 +18,7 @@ from services.inference.quant import (
     dequantize_int4,
     pack_int4,
     prepare_embedding,
+    prepare_head,
     prepare_linear,
     prepare_tied,
     quantize_int4,
@@ -228,3 +230,18 @@ def test_construction_drops_the_source_tensors(gguf_model: GgufModel) -> None:
     copy = GgufModel(**{**gguf_model.__dict__, "tensors": dict(gguf_model.tensors)})
     Llama(copy, QuantMode.INT8)
     assert copy.tensors == {}
+
+
+def test_an_int8_head_rescores_its_best_outputs_in_fp32(generator: torch.Generator) -> None:
+    weight = torch.randn(1000, 64, generator=generator)
+    head = prepare_head(weight, QuantMode.INT8)
+    x = torch.randn(3, 64, generator=generator)
+    y = head(x)
+    exact = x @ head.dequantize().T  # fp32 maths on the same int8 weights
+    plain = prepare_linear(weight, QuantMode.INT8)(x)  # the kernel's bf16-rounded output
+    top = plain.topk(HEAD_REFINE_TOP, dim=-1).indices  # the candidates the head re-scores
+    refined_error = (y.gather(-1, top) - exact.gather(-1, top)).abs().max()
+    plain_error = (plain.gather(-1, top) - exact.gather(-1, top)).abs().max()
+    assert refined_error < 1e-4  # fp32 rounding only
+    assert plain_error > 100 * refined_error
+    assert isinstance(prepare_head(weight, QuantMode.INT4), Int8Linear)  # int4 keeps an int8 head
