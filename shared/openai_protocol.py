@@ -116,6 +116,7 @@ class GenerationRequest:
     user: str | None
     ignore_eos: bool
     messages: tuple[dict[str, Any], ...] = ()
+    max_tokens_cap: int | None = None
 
     @property
     def prompt_param(self) -> str:
@@ -262,6 +263,9 @@ def parse_request(body: Any, kind: RequestKind) -> GenerationRequest:
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise invalid_field("ignore_eos", "must be a boolean")
+    cap = _integer(body, "max_tokens_cap", None)
+    if cap is not None and cap < 1:
+        raise invalid_field("max_tokens_cap", f"must be at least 1, got {cap}")
     return GenerationRequest(
         kind=kind,
         model=name,
@@ -279,15 +283,17 @@ def parse_request(body: Any, kind: RequestKind) -> GenerationRequest:
         user=user,
         ignore_eos=ignore_eos,
         messages=messages,
+        max_tokens_cap=cap,
     )
 
 
 # Fields of OpenAI's API this server knows (some only with their "off" value, see
-# _UNSUPPORTED), plus meshllm's own: top_k, ignore_eos (fixed-length runs), priority.
+# _UNSUPPORTED), plus meshllm's own: top_k, ignore_eos (fixed-length runs), priority,
+# max_tokens_cap (without max_tokens: at most this many, or until the context is full).
 _COMMON_FIELDS = {
     "model", "max_tokens", "n", "seed", "stop", "stream", "stream_options", "temperature",
     "top_p", "user", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
-    "top_k", "ignore_eos", "priority", "metadata", "store", "service_tier",
+    "top_k", "ignore_eos", "priority", "metadata", "store", "service_tier", "max_tokens_cap",
 }  # fmt: skip
 KNOWN_FIELDS: dict[str, frozenset[str]] = {
     "chat": frozenset(

@@ -272,7 +272,9 @@ class Gateway:
             )
             raise PermissionDenied(reason, param, "policy_denied")
         if generation is not None and generation.max_tokens is None and decision.max_tokens:
-            generation = dataclasses.replace(generation, max_tokens=decision.max_tokens)
+            # the policy's limit caps the answer; it is not a length to ask of the model
+            cap = min(generation.max_tokens_cap or decision.max_tokens, decision.max_tokens)
+            generation = dataclasses.replace(generation, max_tokens_cap=cap)
         estimated = _estimate_tokens(body, generation)
         key_id = _limit_key(principal)
         limits = self.settings.limits
@@ -505,7 +507,8 @@ def _estimate_tokens(body: dict[str, Any], generation: GenerationRequest | None)
     text = json.dumps(body.get("messages") or body.get("prompt") or body.get("input") or "")
     completion = 0
     if generation is not None:
-        completion = (generation.max_tokens or DEFAULT_MAX_TOKENS) * generation.n
+        limit = generation.max_tokens or generation.max_tokens_cap or DEFAULT_MAX_TOKENS
+        completion = limit * generation.n
     return len(text) // 4 + 1 + completion
 
 
@@ -550,6 +553,7 @@ def _inference_request(
         s.seed = generation.seed
     s.stop.extend(generation.stop)
     s.max_tokens = generation.max_tokens or 0
+    s.max_tokens_cap = generation.max_tokens_cap or 0
     s.n = generation.n
     return event
 

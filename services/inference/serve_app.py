@@ -493,6 +493,8 @@ class ChatService:
             max_tokens = request.max_tokens
             if max_tokens is None:
                 max_tokens = engine.max_seq_len - len(ids)
+                if request.max_tokens_cap is not None:
+                    max_tokens = min(max_tokens, request.max_tokens_cap)
                 if max_tokens < 1:
                     raise invalid_field(
                         request.prompt_param,

@@ -79,6 +79,8 @@ def upstream_body(request: ev.InferenceRequest) -> tuple[str, dict[str, Any]]:
         body["top_k"] = s.top_k
     if s.max_tokens:
         body["max_tokens"] = s.max_tokens
+    elif s.max_tokens_cap:
+        body["max_tokens_cap"] = s.max_tokens_cap
     if s.stop:
         body["stop"] = list(s.stop)
     if s.HasField("seed"):

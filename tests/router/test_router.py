@@ -257,3 +257,13 @@ def test_sampling_requests_get_a_seed_derived_from_their_id() -> None:
     assert body["seed"] == derived_seed(event.request_id)
     event.sampling.seed = 7
     assert upstream_body(event)[1]["seed"] == 7
+
+
+def test_a_policy_cap_travels_as_a_cap_not_as_max_tokens() -> None:
+    event = request(max_tokens=0)
+    event.sampling.max_tokens_cap = 512
+    _, body = upstream_body(event)
+    assert body["max_tokens_cap"] == 512
+    assert "max_tokens" not in body
+    event.sampling.max_tokens = 20
+    assert "max_tokens_cap" not in upstream_body(event)[1]
