@@ -206,6 +206,8 @@ class Gateway:
             await self._publish(admitted, request)
         except BaseException:
             self._release(admitted, pending)
+            # never sent: give back what the rate limiter charged for it
+            self.rate_limiter.settle(key_id, principal.tenant, admitted.estimated_tokens, 0)
             raise
         if admitted.event.stream:
             return StreamingResponse(
