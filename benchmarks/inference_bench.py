@@ -93,9 +93,8 @@ def run_ours(mode: str, plan: Plan) -> Result:
     torch.set_num_threads(THREADS)
     gguf = load_gguf(smollm2_path())
     tokenizer = Tokenizer(gguf.tokenizer)
-    model = Llama(gguf, mode)
-    engine = Engine(model, tokenizer, EngineSettings(max_batch=16, max_seq_len=1024))
-    engine.start()
+    settings = EngineSettings(max_batch=16, max_seq_len=1024)
+    engine = Engine.launch(lambda: Llama(gguf, mode), tokenizer, settings)
     prompts = [
         tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": q}])) for q in QUESTIONS
     ]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from services.inference.gguf_model import GgufModel, LlamaConfig
 from services.inference.quant import (
     Embedding,
+    Int8Linear,
     LinearWeight,
     QuantMode,
     prepare_embedding,
@@ -117,8 +118,11 @@ class Llama:
         )
         positions = torch.arange(c.context_length, dtype=torch.float64)
         angles = torch.outer(positions, inv_freq)  # [ctx, D/2]
-        self._cos = angles.cos().float()
-        self._sin = angles.sin().float()
+        cos, sin = angles.cos().float(), angles.sin().float()
+        # Per position, over interleaved pairs: (cos, cos) and (-sin, +sin) [ctx, D], so a
+        # rotation is x * cos + pair_swapped(x) * sin: three ops for q and k together.
+        self._cos = torch.stack((cos, cos), dim=-1).flatten(-2)
+        self._sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
 
     @property
     def nbytes(self) -> int:
@@ -136,21 +140,26 @@ class Llama:
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.config.rms_norm_eps)
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [B, heads, S, D]; positions: [B, S]
-        cos = self._cos[positions].unsqueeze(1)  # [B, 1, S, D/2]
-        sin = self._sin[positions].unsqueeze(1)
-        pairs = x.view(*x.shape[:-1], -1, 2)
-        even, odd = pairs[..., 0], pairs[..., 1]
-        rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-        return rotated.flatten(-2)
+    @staticmethod
+    def _rope(x: torch.Tensor, step: _Step) -> torch.Tensor:
+        """Rotate adjacent pairs (x[2i], x[2i+1]) of ``x`` [T, heads, D] by each token's angle.
+
+        (even, odd) -> (even * cos - odd * sin, odd * cos + even * sin), elementwise the
+        same arithmetic as the textbook form.
+        """
+        swapped = x.view(*x.shape[:-1], -1, 2).flip(-1).view(x.shape)
+        return x * step.cos + swapped * step.sin
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, slots: list[int], cache: KVCache) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, slots: list[int], cache: KVCache, *, best_only: bool = False
+    ) -> torch.Tensor:
         """Run ``tokens`` [B, S] for the sequences in ``slots``; return last-position logits [B, V].
 
         Each sequence continues at its cache length. B > 1 needs S == 1 (decode);
-        a prompt (S > 1) is prefilled one sequence at a time.
+        a prompt (S > 1) is prefilled one sequence at a time. ``best_only``: the caller
+        only needs the best tokens (greedy or small top-k sampling); an int8 head with a
+        screen then scores only its candidates, the rest of the logits are -inf.
         """
         batch, steps = tokens.shape
         if batch > 1 and steps > 1:
@@ -159,29 +168,31 @@ class Llama:
         if int(starts.max()) + steps > cache.max_len:
             raise ValueError(f"sequence would exceed the cache length {cache.max_len}")
         step = _Step(slots, starts, steps)
-        x = self.embed[tokens]  # [B, S, hidden]
+        step.cos = self._cos[step.positions.view(-1)].unsqueeze(1)  # [T, 1, D]
+        step.sin = self._sin[step.positions.view(-1)].unsqueeze(1)
+        x = self.embed[tokens.view(-1)]  # [T, hidden], T = B * S tokens, sequence-major
         for layer_index, layer in enumerate(self.layers):
-            x = x + self._attention(layer, self._rms(x, layer.attn_norm), step, cache, layer_index)
+            x += self._attention(layer, self._rms(x, layer.attn_norm), step, cache, layer_index)
             gate, up = layer.gate_up(self._rms(x, layer.ffn_norm)).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
-        for slot, end in zip(slots, step.ends.tolist(), strict=True):
+            x += layer.down(F.silu(gate).mul_(up))
+        for slot, end in zip(slots, step.end_list, strict=True):
             cache.lengths[slot] = end
-        return self.output(self._rms(x[:, -1], self.norm))  # [B, V]
+        last = self._rms(x.view(batch, steps, -1)[:, -1], self.norm)  # [B, hidden]
+        if best_only and isinstance(self.output, Int8Linear):
+            return self.output.best(last)
+        return self.output(last)  # [B, V]
 
     def _attention(
         self, layer: Layer, h: torch.Tensor, step: _Step, cache: KVCache, layer_index: int
     ) -> torch.Tensor:
         c = self.config
         batch, steps = step.batch, step.steps
-        q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        q, k, v = torch.split(layer.qkv(h), [q_dim, kv_dim, kv_dim], dim=-1)
-        q = self._rope(
-            q.view(batch, steps, c.num_heads, c.head_dim).transpose(1, 2), step.positions
-        )
-        k = self._rope(
-            k.view(batch, steps, c.num_kv_heads, c.head_dim).transpose(1, 2), step.positions
-        )
-        v = v.view(batch, steps, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        heads, kv_heads, d = c.num_heads, c.num_kv_heads, c.head_dim
+        qkv = layer.qkv(h)  # [T, (H + 2K) * D]
+        qk = self._rope(qkv[:, : (heads + kv_heads) * d].view(-1, heads + kv_heads, d), step)
+        qk = qk.view(batch, steps, heads + kv_heads, d).transpose(1, 2)  # [B, H + K, S, D]
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[:, (heads + kv_heads) * d :].view(batch, steps, kv_heads, d).transpose(1, 2)
         layer_k, layer_v = cache.k[layer_index], cache.v[layer_index]  # [slots, K, T, D]
         step.write(layer_k, layer_v, k, v)
         if steps == 1:
@@ -207,7 +218,7 @@ class Llama:
                 is_causal=step.causal,
                 enable_gqa=True,
             )  # [1, H, S, D]
-        return layer.out(attn.transpose(1, 2).reshape(batch, steps, q_dim))
+        return layer.out(attn.transpose(1, 2).reshape(batch * steps, heads * d))
 
 
 class _Step:
@@ -225,6 +236,7 @@ class _Step:
         self.span = int(self.ends.max())
         self.mask: torch.Tensor | None = None
         self.causal = False
+        self.cos = self.sin = torch.empty(0)  # [T, 1, D] rotary tables, set by the model
         if steps > 1 and self.span > steps:
             # a prompt continuing a cached prefix: all of the prefix, then causal
             self.mask = torch.ones(steps, self.span, dtype=torch.bool).tril(self.span - steps)

@@ -59,6 +59,10 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
+    def needs_only_best(self, best: int) -> bool:
+        """Whether picking a token needs only the ``best`` highest logits, not all of them."""
+        return self.greedy or 0 < self.top_k <= best
+
 
 class Sampler:
     """Picks tokens for one sequence; seeded sequences are reproducible."""

@@ -145,10 +145,9 @@ def load_model(
         engine, tokenizer, quant = vllm_engine, vllm_engine.tokenizer, "gguf"
     else:
         gguf = load_gguf(entry.path)
-        llama = build_llama(gguf, quant)
         tokenizer = Tokenizer(gguf.tokenizer)
+        engine = Engine.launch(lambda: build_llama(gguf, quant), tokenizer, settings)
         del gguf
-        engine = Engine(llama, tokenizer, settings)
     engine.start()
     log.info(
         "model loaded",

@@ -9,6 +9,7 @@ import pytest
 from services.inference.engine import Engine, EngineSettings, TextAssembler
 from services.inference.gguf_model import GgufModel
 from services.inference.llama import Llama
+from services.inference.quant import HEAD_REFINE_TOP
 from services.inference.sampling import InvalidRequest, SamplingParams
 from services.inference.tokenizer import Tokenizer
 from tests.conftest import poll_until
@@ -151,3 +152,21 @@ def test_text_assembler_emits_whole_characters_only(tokenizer: Tokenizer) -> Non
     pieces = [assembler.add(i)[0] for i in tokenizer.encode("你好，世界 🌍")]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == "你好，世界 🌍"
+
+
+@pytest.mark.parametrize(
+    ("params", "only_best"),
+    [
+        (SamplingParams(temperature=0), True),
+        (SamplingParams(temperature=0.7, top_k=1), True),
+        (SamplingParams(temperature=0.7, top_k=16), True),
+        (SamplingParams(temperature=0.7, top_k=17), False),
+        (SamplingParams(temperature=0.7), False),
+        (SamplingParams(temperature=0.7, top_p=0.9), False),
+    ],
+)
+def test_only_greedy_and_small_top_k_use_the_screened_head(
+    params: SamplingParams, only_best: bool
+) -> None:
+    # sampling from the whole distribution must see every logit, not just the candidates
+    assert params.needs_only_best(HEAD_REFINE_TOP) is only_best

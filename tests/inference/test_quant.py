@@ -10,6 +10,7 @@ from services.inference.llama import Llama
 from services.inference.quant import (
     HEAD_MODE,
     HEAD_REFINE_TOP,
+    HEAD_SCREEN_TOP,
     INT4_GROUP_SIZE,
     INT8_KERNEL_MAX_ROWS,
     Int4Linear,
@@ -178,7 +179,26 @@ def test_tied_embedding_and_head(
     assert _rel(head(x), x @ weight.T) < bound
     assert embed.nbytes == 0  # the lookup shares the head's storage
     if mode is not QuantMode.FP32:
-        assert head.nbytes < weight.numel() * 4 / 3.9  # int8 codes + scales
+        # int8 codes + scales, and the int4 screen (half a byte a weight, scales and zeros per 32)
+        assert head.nbytes < weight.numel() * 1.7
+
+
+def test_screened_head_scores_its_candidates_exactly(
+    gguf_model: GgufModel, generator: torch.Generator
+) -> None:
+    weight = torch.from_numpy(gguf_model.tensors["token_embd.weight"])  # [V, K]
+    head = prepare_head(weight, QuantMode.INT8)
+    assert isinstance(head, Int8Linear)
+    assert head.screen is not None
+    x = torch.randn(3, 576, generator=generator)
+    full, best = head(x), head.best(x)  # [3, V]
+    candidates = torch.isfinite(best)
+    assert candidates.sum(-1).tolist() == [HEAD_SCREEN_TOP] * 3
+    # the candidates carry the same exact fp32 scores the full head gives its best tokens
+    exact = x @ head.dequantize().T
+    assert torch.allclose(best[candidates], exact[candidates], rtol=1e-5, atol=1e-4)
+    # and the best token is the full head's best token
+    assert torch.equal(best.argmax(-1), full.argmax(-1))
 
 
 def test_int4_head_and_untied_embeddings(generator: torch.Generator) -> None:
