@@ -25,6 +25,11 @@ from shared.settings import MeshSettings, SettingsError, load_settings
 from shared.topics import REGISTRY
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from services.audit.checkpoint import Checkpoint, CheckpointSigner, CheckpointVerifier
+    from services.audit.settings import AuditSettings
+    from services.audit.store import AuditStore
     from services.gateway.auth import KeyStore
     from services.gateway.settings import GatewaySettings
 
@@ -37,6 +42,11 @@ topics_app = typer.Typer(help="The registered Kafka topics.", no_args_is_help=Tr
 app.add_typer(topics_app, name="topics")
 keys_app = typer.Typer(help="API keys of the gateway.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+audit_app = typer.Typer(
+    help="The tamper-evident audit log: verify it, export its public key and checkpoints.",
+    no_args_is_help=True,
+)
+app.add_typer(audit_app, name="audit")
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
@@ -373,6 +383,237 @@ def keys_revoke(
         errors.print(f"[red]no active key {key_id!r}[/red]")
         raise typer.Exit(1)
     console.print(f"key {key_id} revoked")
+
+
+def _audit_settings() -> AuditSettings:
+    from services.audit.settings import AuditSettings
+
+    try:
+        return load_settings(AuditSettings, service_name="audit")
+    except SettingsError as error:
+        errors.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _audit_store(db: Path | None, opensearch: str | None, index_prefix: str | None) -> AuditStore:
+    from services.audit.opensearch_store import OpenSearchAuditStore
+    from services.audit.sqlite_store import SqliteAuditStore
+    from services.audit.store import StoreError, open_store
+
+    settings = _audit_settings()
+    try:
+        if db is not None:
+            return SqliteAuditStore(db, read_only=True)
+        if opensearch is not None:
+            return OpenSearchAuditStore.connect(
+                [opensearch],
+                index_prefix=index_prefix or settings.opensearch.index_prefix,
+                create=False,
+            )
+        return open_store(settings, read_only=True)
+    except StoreError as error:
+        errors.print(f"[red]{escape(str(error))}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _audit_keys(
+    public_keys: list[Path], signing_key: Path | None
+) -> tuple[CheckpointVerifier, CheckpointSigner | None]:
+    """The trusted public keys, and the signing key when it can be read (for seals)."""
+    from services.audit.checkpoint import (
+        CheckpointError,
+        CheckpointSigner,
+        CheckpointVerifier,
+        SigningKeyError,
+        public_key_from_pem,
+    )
+
+    path = signing_key or _audit_settings().signing_key_path
+    signer = None
+    if signing_key is not None or path.exists():
+        try:
+            signer = CheckpointSigner.load(path)
+        except SigningKeyError as error:
+            if signing_key is not None or not public_keys:
+                errors.print(f"[red]{escape(str(error))}[/red]")
+                raise typer.Exit(2) from None
+            errors.print(f"[yellow]seals not checked: {escape(str(error))}[/yellow]")
+    try:
+        keys = [public_key_from_pem(pem.read_bytes()) for pem in public_keys]
+    except (OSError, CheckpointError) as error:
+        errors.print(f"[red]cannot read a public key: {escape(str(error))}[/red]")
+        raise typer.Exit(2) from None
+    if signer is not None:
+        keys.append(signer.public_key)
+    if not keys:
+        errors.print(
+            f"[red]no key to verify with: pass --public-key FILE, or run where the signing "
+            f"key is ({path})[/red]"
+        )
+        raise typer.Exit(2)
+    return CheckpointVerifier(keys), signer
+
+
+def _trusted_checkpoints(paths: list[Path]) -> list[Checkpoint]:
+    from services.audit.checkpoint import Checkpoint, CheckpointError
+
+    found: list[Checkpoint] = []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+            items = data if isinstance(data, list) else [data]
+            found.extend(Checkpoint.from_json(item) for item in items)
+        except (OSError, ValueError, CheckpointError) as error:
+            errors.print(f"[red]cannot read checkpoint file {path}: {escape(str(error))}[/red]")
+            raise typer.Exit(2) from None
+    return found
+
+
+StoreOption = Annotated[
+    Path | None, typer.Option("--db", help="A SQLite audit store (default: from settings).")
+]
+OpenSearchOption = Annotated[
+    str | None, typer.Option("--opensearch", help="URL of an OpenSearch audit store.")
+]
+PrefixOption = Annotated[
+    str | None, typer.Option(help="Index prefix of the OpenSearch store (default: settings).")
+]
+
+
+@audit_app.command("verify")
+def audit_verify(
+    *,
+    record: Annotated[
+        int | None, typer.Option("--record", help="Verify one record (leaf index) instead.")
+    ] = None,
+    event_id: Annotated[
+        str | None, typer.Option("--event-id", help="Verify one record (event id) instead.")
+    ] = None,
+    size: Annotated[
+        int | None,
+        typer.Option(help="With --record/--event-id: the checkpoint's size (default: latest)."),
+    ] = None,
+    consistency: Annotated[
+        tuple[int, int] | None,
+        typer.Option(help="OLD NEW: prove the checkpoint of size OLD a prefix of NEW's."),
+    ] = None,
+    proof: Annotated[
+        Path | None,
+        typer.Option(help="Check a record proof file from the audit API (no store needed)."),
+    ] = None,
+    public_key: Annotated[
+        list[Path] | None,
+        typer.Option("--public-key", help="A trusted PEM public key (repeatable)."),
+    ] = None,
+    signing_key: Annotated[
+        Path | None,
+        typer.Option(help="The signing key, to name exact records by their seals."),
+    ] = None,
+    checkpoint: Annotated[
+        list[Path] | None,
+        typer.Option("--checkpoint", help="Checkpoints exported earlier (JSON), trusted too."),
+    ] = None,
+    db: StoreOption = None,
+    opensearch: OpenSearchOption = None,
+    index_prefix: PrefixOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Verify the audit log (every record and checkpoint), one record, or two checkpoints."""
+    from services.audit.proofs import RecordProof
+    from services.audit.render import print_proof_report, print_store_report
+    from services.audit.verify import (
+        check_record_proof,
+        verify_checkpoints,
+        verify_record,
+        verify_store,
+    )
+
+    verifier, signer = _audit_keys(public_key or [], signing_key)
+    trusted = _trusted_checkpoints(checkpoint or [])
+    if proof is not None:
+        try:
+            bundle = RecordProof.from_json(json.loads(proof.read_text()))
+        except (OSError, ValueError) as error:
+            errors.print(f"[red]cannot read the proof {proof}: {escape(str(error))}[/red]")
+            raise typer.Exit(2) from None
+        report = check_record_proof(bundle, verifier)
+        _show(report.to_json() if as_json else None, lambda: print_proof_report(console, report))
+        raise typer.Exit(0 if report.ok else 1)
+    with _audit_store(db, opensearch, index_prefix) as store:
+        if record is not None or event_id is not None:
+            result = verify_record(
+                store, verifier, leaf_index=record, event_id=event_id, tree_size=size,
+                trusted=trusted,
+            )  # fmt: skip
+        elif consistency is not None:
+            result = verify_checkpoints(store, verifier, *consistency, trusted=trusted)
+        else:
+            sealer = signer.sealer(store.log_id) if signer is not None else None
+            full = verify_store(store, verifier, sealer=sealer, trusted=trusted)
+            _show(full.to_json() if as_json else None, lambda: print_store_report(console, full))
+            raise typer.Exit(0 if full.ok else 1)
+    _show(result.to_json() if as_json else None, lambda: print_proof_report(console, result))
+    raise typer.Exit(0 if result.ok else 1)
+
+
+def _show(data: dict[str, Any] | None, render: Callable[[], None]) -> None:
+    if data is not None:
+        print(json.dumps(data, indent=2))
+    else:
+        render()
+
+
+@audit_app.command("public-key")
+def audit_public_key(
+    out: Annotated[Path | None, typer.Option(help="Write it to this file.")] = None,
+) -> None:
+    """Print (or write) the PEM public key that verifies the audit log's checkpoints."""
+    from services.audit.checkpoint import CheckpointSigner, SigningKeyError
+
+    path = _audit_settings().signing_key_path
+    created = not path.exists()
+    try:
+        signer = CheckpointSigner.load_or_create(path)
+    except SigningKeyError as error:
+        errors.print(f"[red]{escape(str(error))}[/red]")
+        raise typer.Exit(2) from None
+    if created:
+        errors.print(f"created the audit signing key {path} (0600)")
+    pem = signer.public_key_pem().decode()
+    if out is not None:
+        out.write_text(pem)
+        errors.print(f"public key {signer.key_id} written to {out}")
+    else:
+        print(pem, end="")
+
+
+@audit_app.command("checkpoints")
+def audit_checkpoints(
+    latest: Annotated[bool, typer.Option(help="Only the latest checkpoint.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON, to keep elsewhere.")] = False,
+    db: StoreOption = None,
+    opensearch: OpenSearchOption = None,
+    index_prefix: PrefixOption = None,
+) -> None:
+    """List the signed checkpoints (keep the JSON elsewhere: `verify --checkpoint` trusts it)."""
+    from services.audit.records import iso
+
+    with _audit_store(db, opensearch, index_prefix) as store:
+        found = store.checkpoints()
+        log_id = store.log_id
+    if latest:
+        found = found[-1:]
+    if as_json:
+        print(json.dumps([c.to_json() for c in found], indent=2))
+        return
+    table = Table(title=f"checkpoints of {log_id}")
+    for column in ("size", "root", "signed", "key"):
+        table.add_column(column, no_wrap=True)
+    for item in found:
+        table.add_row(
+            str(item.tree_size), item.root_hash.hex(), iso(item.timestamp_ns), item.key_id
+        )
+    console.print(table)
 
 
 def _read_state(settings: MeshSettings) -> dict[str, Any] | None:
