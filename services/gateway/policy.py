@@ -1,74 +1,98 @@
-"""What a caller may do: a policy decision for each request, from Rego evaluated in-process.
+"""What a caller may do at the gateway: the platform's access policy asked for each request.
 
-The embedded mode evaluates the repository's ``policies/*.rego`` with regorus; the
-cluster mode can ask an OPA server the same question with the same files, behind the same
-:class:`Policy` protocol.
+The gateway's questions are about models: may this principal chat with, complete on,
+embed with or list a model, at which priority, with how many tokens. They are asked of
+the policy in ``policies/`` through :mod:`shared.policy`, evaluated in process by regorus
+or by an OPA server (``MESHLLM_POLICY__ENGINE``), both behind the same :class:`Policy`.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
-import regorus  # type: ignore[import-untyped]
-
 from services.gateway.auth import Principal
-from shared.logging import get_logger
+from services.gateway.settings import GatewaySettings
+from shared.policy import (
+    DECISION_RULE,
+    FAILED,
+    PRIORITIES,
+    AccessRequest,
+    Decision,
+    EmbeddedEvaluator,
+    PolicyBundle,
+    PolicyError,
+    PolicyEvaluator,
+    Priority,
+    Resource,
+    Subject,
+    load_evaluator,
+)
+from shared.policy.decision import evaluation_failed
+from shared.policy.files import DATA_FILE, read_data
 
-log = get_logger(__name__)
+__all__ = [
+    "ACTIONS",
+    "DATA_FILE",
+    "DECISION_RULE",
+    "MODEL_ACTIONS",
+    "PRIORITIES",
+    "Action",
+    "Decision",
+    "GatewayPolicy",
+    "Policy",
+    "PolicyError",
+    "PolicyRequest",
+    "Priority",
+    "RegoPolicy",
+    "build_policy",
+]
 
-Priority = Literal["high", "normal", "low"]
 Action = Literal["chat.completions", "completions", "embeddings", "models.list"]
-PRIORITIES: tuple[Priority, ...] = get_args(Priority)
 ACTIONS: tuple[Action, ...] = get_args(Action)
-DECISION_RULE = "data.meshllm.authz.decision"
-DATA_FILE = "data.json"
+MODEL_ACTIONS: Mapping[Action, str] = {
+    "chat.completions": "chat",
+    "completions": "complete",
+    "embeddings": "embed",
+    "models.list": "list",
+}
+"""The policy's action on a model for each of the gateway's routes."""
 
 
 @dataclass(frozen=True)
 class PolicyRequest:
-    """The question asked of the policy: may ``principal`` do ``action`` on ``model``?"""
+    """The question asked of the policy: may ``principal`` do ``action`` on ``model``?
+
+    The model belongs to the principal's tenant (the gateway serves a tenant's callers the
+    models of their tenant). ``source_ip`` is needed where a role or tenant is restricted
+    to networks.
+    """
 
     principal: Principal
     action: Action
     model: str | None = None
     requested_priority: str | None = None
     max_tokens: int | None = None
+    model_version: str | None = None
+    source_ip: str | None = None
+
+    def to_access_request(self) -> AccessRequest:
+        """The request in the policy's terms: an action on a model resource."""
+        principal = self.principal
+        return AccessRequest(
+            subject=Subject(principal.subject, principal.tenant, principal.roles),
+            action=MODEL_ACTIONS[self.action],
+            resource=Resource("model", principal.tenant, self.model, self.model_version),
+            priority=self.requested_priority,
+            max_tokens=self.max_tokens,
+            source_ip=self.source_ip,
+        )
 
     def to_input(self) -> dict[str, Any]:
-        """The OPA input document."""
-        return {
-            "subject": self.principal.subject,
-            "tenant": self.principal.tenant,
-            "roles": list(self.principal.roles),
-            "action": self.action,
-            "model": self.model,
-            "priority": self.requested_priority,
-            "max_tokens": self.max_tokens,
-        }
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The policy's answer.
-
-    Attributes:
-        allow: whether the request may proceed.
-        reasons: why not, one sentence each, fit to show the caller; empty when allowed.
-        max_tokens: the max_tokens to run the request with: the requested one, or the
-            caller's limit when none was asked; None for actions that generate nothing.
-        priority: the priority to run the request at: the requested one, else ``normal``
-            when allowed, else the best one allowed.
-    """
-
-    allow: bool
-    reasons: tuple[str, ...]
-    max_tokens: int | None
-    priority: Priority
+        """The policy's input document (the schema is in ``policies/authz.rego``)."""
+        return self.to_access_request().to_input()
 
 
 class Policy(Protocol):
@@ -76,42 +100,38 @@ class Policy(Protocol):
         """Decide ``request``; never raises: a failure is a denial."""
         ...
 
-
-class PolicyError(Exception):
-    """A policy file or its data cannot be loaded; the message names the file."""
-
-
-_FAILED = Decision(
-    allow=False, reasons=("policy evaluation failed",), max_tokens=None, priority="normal"
-)
-_PROBE = PolicyRequest(
-    principal=Principal(subject="probe", tenant="probe", roles=(), key_id=None, method="jwt"),
-    action="models.list",
-)
+    def authorize(self, access: AccessRequest) -> Decision:
+        """Decide any action on any resource (audit records, collections...); never raises."""
+        ...
 
 
-def _engine_message(error: Exception) -> str:
-    # regorus appends a Rust backtrace when RUST_BACKTRACE is set; the caller needs the cause.
-    return str(error).split("Stack backtrace:", 1)[0].strip()
+class GatewayPolicy:
+    """The gateway's :class:`Policy` over either evaluator of :mod:`shared.policy`."""
+
+    def __init__(self, evaluator: PolicyEvaluator) -> None:
+        self.evaluator = evaluator
+
+    def decide(self, request: PolicyRequest) -> Decision:
+        """The decision on ``request``; a failure denies it (fail closed)."""
+        try:
+            access = request.to_access_request()
+        except Exception:  # an action the mapping lacks: deny, never raise
+            return FAILED
+        return self.authorize(access)
+
+    def authorize(self, access: AccessRequest) -> Decision:
+        """The decision on ``access``; a failure denies it (fail closed)."""
+        try:
+            return self.evaluator.decide(access)
+        except Exception as error:  # an evaluator breaking its promise still denies
+            return evaluation_failed(type(self.evaluator).__name__, DECISION_RULE, access, error)
+
+    def close(self) -> None:
+        self.evaluator.close()
 
 
-class RegoPolicy:
-    """Rego policies evaluated in-process by regorus; the decision is the object of
-    ``data.meshllm.authz.decision`` (see ``policies/authz.rego``).
-
-    A regorus engine keeps its input between calls and is bound to the thread that made
-    it (using it from another thread panics), so each thread evaluates on an engine of its
-    own, made from the policy text on its first decision (parsing the repository's policy
-    takes about a millisecond). In the event loop's thread that is one engine, and decisions
-    need no lock.
-
-    One decision with the repository's policy takes about 0.14 ms on a 2-core machine::
-
-        python -m timeit -s "from pathlib import Path; from services.gateway.auth import \\
-        Principal; from services.gateway.policy import RegoPolicy, PolicyRequest; \\
-        p = RegoPolicy.from_dir(Path('policies')); r = PolicyRequest(Principal('s', 't', \\
-        ('user',), 'k', 'api_key'), 'chat.completions', 'smollm2-135m', None, 256)" \\
-        "p.decide(r)"
+class RegoPolicy(GatewayPolicy):
+    """The policy evaluated in process by regorus (:class:`~shared.policy.EmbeddedEvaluator`).
 
     Args:
         paths: ``.rego`` files, or directories whose ``*.rego`` files (not ``*_test.rego``)
@@ -121,7 +141,8 @@ class RegoPolicy:
 
     Raises:
         PolicyError: a file is missing, unreadable or not valid Rego, no policy was
-            given, or the policy does not yield a well-formed decision for a probe request.
+            given, the data breaks its rules, or the policy does not yield a well-formed
+            decision for a probe request.
     """
 
     def __init__(
@@ -130,27 +151,7 @@ class RegoPolicy:
         data: Mapping[str, Any] | None = None,
         rule: str = DECISION_RULE,
     ) -> None:
-        self.rule = rule
-        self.files = _rego_files(paths)
-        self._sources: list[tuple[Path, str]] = []
-        for file in self.files:
-            try:
-                self._sources.append((file, file.read_text(encoding="utf-8")))
-            except (OSError, UnicodeDecodeError) as error:
-                raise PolicyError(f"policy file {file}: {error}") from None
-        try:
-            self._data_json = None if data is None else json.dumps(dict(data))
-        except (TypeError, ValueError) as error:
-            raise PolicyError(f"policy data: {error}") from None
-        self._local = threading.local()
-        self._local.engine = self._engine()
-        try:
-            self._parse(self._evaluate(_PROBE))
-        except (RuntimeError, PolicyError) as error:
-            names = ", ".join(str(file) for file in self.files)
-            raise PolicyError(
-                f"policy {names}: {rule} does not give a decision: {_engine_message(error)}"
-            ) from None
+        super().__init__(EmbeddedEvaluator(PolicyBundle.load(paths, data), rule))
 
     @classmethod
     def from_dir(cls, directory: Path) -> RegoPolicy:
@@ -160,96 +161,13 @@ class RegoPolicy:
             PolicyError: as :class:`RegoPolicy`, or ``data.json`` is not a JSON object.
         """
         directory = Path(directory)
-        data_file = directory / DATA_FILE
-        data: Any = None
-        if data_file.is_file():
-            try:
-                data = json.loads(data_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as error:
-                raise PolicyError(f"policy data {data_file}: {error}") from None
-            if not isinstance(data, dict):
-                raise PolicyError(f"policy data {data_file}: must be a JSON object")
-        return cls([directory], data)
-
-    def decide(self, request: PolicyRequest) -> Decision:
-        """The decision on ``request``; an evaluation error denies it (fail closed)."""
-        try:
-            return self._parse(self._evaluate(request))
-        except Exception as error:  # fail closed, whatever went wrong
-            log.exception(
-                "policy evaluation failed",
-                error=_engine_message(error),
-                rule=self.rule,
-                action=request.action,
-                tenant=request.principal.tenant,
-                subject=request.principal.subject,
-            )
-            return _FAILED
-
-    def _engine(self) -> Any:
-        engine = regorus.Engine()
-        for file, text in self._sources:
-            try:
-                engine.add_policy(str(file), text)
-            except RuntimeError as error:
-                raise PolicyError(f"policy file {file}: {_engine_message(error)}") from None
-        if self._data_json is not None:
-            try:
-                engine.add_data_json(self._data_json)
-            except RuntimeError as error:
-                raise PolicyError(f"policy data: {_engine_message(error)}") from None
-        return engine
-
-    def _evaluate(self, request: PolicyRequest) -> Any:
-        engine = getattr(self._local, "engine", None)
-        if engine is None:
-            engine = self._local.engine = self._engine()
-        engine.set_input(request.to_input())
-        return engine.eval_rule(self.rule)
-
-    @staticmethod
-    def _parse(result: Any) -> Decision:
-        if result is None:
-            raise PolicyError("the rule is undefined")
-        if not isinstance(result, dict):
-            raise PolicyError(f"the decision is {type(result).__name__}, not an object")
-        allow = result.get("allow")
-        reasons = result.get("reasons", [])
-        max_tokens = result.get("max_tokens")
-        priority = result.get("priority", "normal")
-        if not isinstance(allow, bool):
-            raise PolicyError(f"allow is {allow!r}, not a boolean")
-        if not isinstance(reasons, list | tuple | set | frozenset) or not all(
-            isinstance(reason, str) for reason in reasons
-        ):
-            raise PolicyError(f"reasons is {reasons!r}, not a list of strings")
-        if max_tokens is not None and (
-            isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-        ):
-            raise PolicyError(f"max_tokens is {max_tokens!r}, not an integer or null")
-        if priority not in PRIORITIES:
-            raise PolicyError(f"priority is {priority!r}, not one of {', '.join(PRIORITIES)}")
-        ordered = sorted(reasons) if isinstance(reasons, set | frozenset) else list(reasons)
-        return Decision(
-            allow=allow,
-            reasons=tuple(ordered),
-            max_tokens=max_tokens,
-            priority=priority,
-        )
+        return cls([directory], read_data(directory / DATA_FILE))
 
 
-def _rego_files(paths: Sequence[Path]) -> list[Path]:
-    if not paths:
-        raise PolicyError("no policy files given")
-    files: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(p for p in path.glob("*.rego") if not p.name.endswith("_test.rego"))
-            if not found:
-                raise PolicyError(f"policy directory {path} holds no .rego files")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise PolicyError(f"policy file {path} does not exist")
-    return files
+def build_policy(settings: GatewaySettings) -> GatewayPolicy:
+    """The policy of ``settings.policy_dir`` on the evaluator ``settings.policy`` chooses.
+
+    Raises:
+        PolicyError: the files, the data or the OPA server are unusable.
+    """
+    return GatewayPolicy(load_evaluator(settings.policy, settings.policy_dir))

@@ -5,6 +5,8 @@ Examples::
     MESHLLM_HTTP_PORT=8080
     MESHLLM_KEYS_DB=/var/lib/meshllm/keys.sqlite     # unset: <data_dir>/gateway/keys.sqlite
     MESHLLM_POLICY_DIR=/etc/meshllm/policies          # unset: the repository's policies/
+    MESHLLM_POLICY__ENGINE=opa                        # unset: embedded (regorus, in process)
+    MESHLLM_POLICY__OPA_URL=http://opa:8181
     MESHLLM_JWT__ISSUER=https://idp.example.com/
     MESHLLM_JWT__KEY="$(cat idp-public-key.pem)"
     MESHLLM_JWT__ALGORITHMS='["RS256"]'
@@ -17,7 +19,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
 
+from services.gateway.audit import AuditSettings
 from services.gateway.auth import JwtVerifier
+from shared.policy.settings import PolicySettings
 from shared.settings import MeshSettings
 
 REPO_POLICY_DIR = Path(__file__).resolve().parents[2] / "policies"
@@ -113,6 +117,7 @@ class GatewaySettings(MeshSettings):
     policy_dir: Path = Field(
         REPO_POLICY_DIR, description="The `.rego` files and their `data.json`."
     )
+    policy: PolicySettings = PolicySettings()
     jwt: JwtConfig = JwtConfig()
     limits: LimitsConfig = LimitsConfig()
     request_timeout_s: float = Field(
@@ -123,6 +128,15 @@ class GatewaySettings(MeshSettings):
         default_factory=lambda: ["smollm2-135m-instruct"],
         description="What GET /v1/models lists (each filtered by the caller's policy).",
     )
+
+    audit: AuditSettings = AuditSettings()
+
+    @property
+    def audit_spool_path(self) -> Path:
+        """Where audit records wait when Kafka does not ack them."""
+        if self.audit.spool is not None:
+            return self.audit.spool
+        return self.data_dir / "gateway" / "audit-spool.jsonl"
 
     @property
     def keys_db_path(self) -> Path:

@@ -1,0 +1,203 @@
+"""Audit records the gateway will not lose: acked by Kafka, or spooled to local disk first.
+
+The gateway answers a request only once the request's and the response's audit records
+are durable somewhere. Normally that is Kafka (``acks=all``). When the broker does not
+ack in time, the record goes to an append-only spool file (fsync'd before the answer is
+returned) and a background task replays the spool to Kafka once the broker is back.
+Replayed records keep their envelope's event id, so the audit service absorbs any that
+did reach Kafka after all. Only when neither the broker nor the disk takes the record
+does the gateway refuse (503) instead of answering.
+
+Why a spool rather than refusing whenever Kafka is slow: a response that was already
+generated (and paid for) is not thrown away because of a broker hiccup between the
+request and the answer; and a request cannot even start without the broker, since the
+request itself travels over Kafka. The spool keeps the one guarantee that matters: no
+answer without a durable audit record.
+
+Spool format: one JSON object a line, ``{"key": str, "tenant": str, "event": base64}``,
+where ``event`` is the serialized, stamped :class:`AuditEvent`. A torn last line (a
+crash mid-write) is skipped on replay and reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from shared import envelope
+from shared.bus import Publisher
+from shared.events.v1 import events_pb2 as ev
+from shared.logging import get_logger
+from shared.topics import AUDIT_EVENTS
+
+log = get_logger(__name__)
+
+
+class AuditUnavailable(Exception):
+    """Neither Kafka nor the local spool took an audit record."""
+
+
+class AuditSettings(BaseModel):
+    """Where the gateway's audit records go when the broker does not take them."""
+
+    ack_timeout_s: float = Field(
+        5.0, gt=0, le=120, description="How long to wait for Kafka's ack before spooling."
+    )
+    spool: Path | None = Field(
+        None, description="The spool file; unset: <data_dir>/gateway/audit-spool.jsonl."
+    )
+    replay_every_s: float = Field(
+        2.0, gt=0, le=600, description="How often a non-empty spool is replayed to Kafka."
+    )
+    service_url: str = Field(
+        "http://127.0.0.1:8090",
+        description="The audit service's query API, which /v1/audit/* forwards to.",
+    )
+
+
+def _line(key: str, tenant: str, event: ev.AuditEvent) -> str:
+    payload = base64.b64encode(event.SerializeToString()).decode()
+    return json.dumps({"key": key, "tenant": tenant, "event": payload}) + "\n"
+
+
+class AuditSpool:
+    """An append-only file of audit records waiting for Kafka (thread-safe)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def append(self, key: str, tenant: str, event: ev.AuditEvent) -> None:
+        """Write one record and fsync it; raises OSError when the disk does not take it."""
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as spool:
+                spool.write(_line(key, tenant, event))
+                spool.flush()
+                os.fsync(spool.fileno())
+
+    def records(self) -> list[tuple[str, str, ev.AuditEvent]]:
+        """Everything spooled, oldest first; a torn or corrupt line is skipped and logged."""
+        with self._lock:
+            return list(self._read())
+
+    def _read(self) -> Iterator[tuple[str, str, ev.AuditEvent]]:
+        if not self.path.exists():
+            return
+        with self.path.open(encoding="utf-8") as spool:
+            for number, line in enumerate(spool, start=1):
+                try:
+                    item: dict[str, Any] = json.loads(line)
+                    event = ev.AuditEvent.FromString(base64.b64decode(item["event"]))
+                    yield str(item["key"]), str(item["tenant"]), event
+                except (ValueError, KeyError, TypeError):
+                    log.exception("unreadable audit spool line", line=number)
+
+    def remove(self, delivered: int) -> None:
+        """Drop the first ``delivered`` records (replayed), keeping any appended meanwhile."""
+        with self._lock:
+            kept = list(self._read())[delivered:]
+            temporary = self.path.with_suffix(".tmp")
+            with temporary.open("w", encoding="utf-8") as spool:
+                spool.writelines(_line(*record) for record in kept)
+                spool.flush()
+                os.fsync(spool.fileno())
+            temporary.replace(self.path)
+
+    def __len__(self) -> int:
+        return len(self.records())
+
+
+class AuditRecorder:
+    """Makes each audit record durable: Kafka's ack, else the spool; replays the spool."""
+
+    def __init__(
+        self, publisher: Publisher, spool: AuditSpool, settings: AuditSettings, *, producer: str
+    ) -> None:
+        self.publisher = publisher
+        self.spool = spool
+        self.settings = settings
+        self.producer = producer
+        self._replayer: asyncio.Task[None] | None = None
+
+    async def record(self, event: ev.AuditEvent, *, key: str, tenant: str) -> None:
+        """Return once ``event`` is acked by Kafka or fsync'd to the spool.
+
+        Raises:
+            AuditUnavailable: neither took it.
+        """
+        envelope.stamp(event, producer=self.producer, tenant=tenant)  # one id, kept on replay
+        try:
+            delivery = await asyncio.wait_for(
+                self.publisher.enqueue(AUDIT_EVENTS, event, key=key, tenant=tenant),
+                self.settings.ack_timeout_s,
+            )
+            await asyncio.wait_for(delivery, self.settings.ack_timeout_s)
+            return
+        except Exception as error:  # the broker's errors, timeouts, a stopped producer
+            log.warning(
+                "audit record not acked by Kafka; spooling it",
+                request_id=key,
+                event_id=event.envelope.event_id,
+                error=f"{type(error).__name__}: {error}",
+            )
+        try:
+            await asyncio.to_thread(self.spool.append, key, tenant, event)
+        except OSError as error:
+            log.exception("audit record lost by both Kafka and the spool", request_id=key)
+            raise AuditUnavailable(
+                f"audit record could not be stored (Kafka and spool failed: {error})"
+            ) from error
+        self._ensure_replayer()
+
+    def _ensure_replayer(self) -> None:
+        if self._replayer is None or self._replayer.done():
+            self._replayer = asyncio.ensure_future(self._replay_loop())
+
+    def start(self) -> None:
+        """Replay what an earlier run left in the spool (call from the running loop)."""
+        if self.spool.path.exists():
+            self._ensure_replayer()
+
+    async def stop(self) -> None:
+        if self._replayer is not None:
+            self._replayer.cancel()
+            await asyncio.gather(self._replayer, return_exceptions=True)
+
+    async def _replay_loop(self) -> None:
+        while True:
+            pending = await asyncio.to_thread(self.spool.records)
+            if not pending:
+                return
+            delivered = await self.replay(pending)
+            if delivered < len(pending):
+                await asyncio.sleep(self.settings.replay_every_s)
+
+    async def replay(self, pending: list[tuple[str, str, ev.AuditEvent]]) -> int:
+        """Send ``pending`` in order; drop what Kafka acked from the spool; return how many."""
+        delivered = 0
+        for key, tenant, event in pending:
+            try:
+                delivery = await asyncio.wait_for(
+                    self.publisher.enqueue(AUDIT_EVENTS, event, key=key, tenant=tenant),
+                    self.settings.ack_timeout_s,
+                )
+                await asyncio.wait_for(delivery, self.settings.ack_timeout_s)
+            except Exception as error:
+                log.info(
+                    "audit spool replay paused", left=len(pending) - delivered, error=str(error)
+                )
+                break
+            delivered += 1
+        if delivered:
+            await asyncio.to_thread(self.spool.remove, delivered)
+            log.info("audit spool replayed", records=delivered, left=len(pending) - delivered)
+        return delivered

@@ -1,0 +1,116 @@
+"""The gateway's audit durability: Kafka's ack, else an fsync'd spool replayed later."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from services.gateway.audit import AuditRecorder, AuditSettings, AuditSpool, AuditUnavailable
+from shared.bus import Publisher
+from shared.events.v1 import events_pb2 as ev
+from shared.settings import MeshSettings
+from shared.topics import AUDIT_EVENTS
+from tests.conftest import poll_until
+
+SETTINGS = AuditSettings(ack_timeout_s=1.0, replay_every_s=0.1)
+
+
+def _event(request_id: str) -> ev.AuditEvent:
+    event = ev.AuditEvent(request_id=request_id, model="smollm2-135m-instruct")
+    event.response.status_code = 200
+    return event
+
+
+def test_spool_keeps_records_in_order_and_skips_a_torn_line(tmp_path: Path) -> None:
+    spool = AuditSpool(tmp_path / "spool.jsonl")
+    spool.append("r1", "acme", _event("r1"))
+    spool.append("r2", "acme", _event("r2"))
+    with spool.path.open("a") as raw:
+        raw.write('{"key": "r3", "tenant": "acme", "ev')  # a crash mid-write
+    assert [key for key, _, _ in spool.records()] == ["r1", "r2"]
+    spool.remove(1)
+    assert [(key, event.request_id) for key, _, event in spool.records()] == [("r2", "r2")]
+
+
+async def test_a_record_kafka_does_not_take_is_spooled(tmp_path: Path) -> None:
+    # a publisher that was never started fails every send, as a lost broker does
+    publisher = Publisher(MeshSettings(data_dir=tmp_path), service="gateway")
+    recorder = AuditRecorder(
+        publisher, AuditSpool(tmp_path / "spool.jsonl"), SETTINGS, producer="gw"
+    )
+    event = _event("r1")
+    await recorder.record(event, key="r1", tenant="acme")
+    [(key, tenant, spooled)] = recorder.spool.records()
+    assert (key, tenant) == ("r1", "acme")
+    assert spooled.envelope.event_id == event.envelope.event_id  # stamped before spooling
+    await recorder.stop()
+
+
+async def test_no_broker_and_no_disk_is_an_error(tmp_path: Path) -> None:
+    publisher = Publisher(MeshSettings(data_dir=tmp_path), service="gateway")
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the spool's folder should be")
+    recorder = AuditRecorder(
+        publisher, AuditSpool(blocked / "spool.jsonl"), SETTINGS, producer="gw"
+    )
+    with pytest.raises(AuditUnavailable, match="could not be stored"):
+        await recorder.record(_event("r1"), key="r1", tenant="acme")
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(90)
+async def test_the_spool_is_replayed_to_kafka_with_the_same_event_ids(
+    kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    spool = AuditSpool(tmp_path / "spool.jsonl")
+    offline = AuditRecorder(
+        Publisher(MeshSettings(data_dir=tmp_path), service="gateway"),
+        spool,
+        SETTINGS,
+        producer="gw",
+    )
+    events = [_event(f"replay-{i}") for i in range(3)]
+    for event in events:
+        await offline.record(event, key=event.request_id, tenant="acme")
+    await offline.stop()
+    assert len(spool) == 3
+
+    publisher = Publisher(
+        MeshSettings(kafka={"bootstrap": kafka_bootstrap}, data_dir=tmp_path), service="gateway"
+    )
+    await publisher.start()
+    online = AuditRecorder(publisher, spool, SETTINGS, producer="gw")
+    try:
+        online.start()  # a restarted gateway replays what is left
+        await poll_until(lambda: len(spool) == 0, timeout=30, message="the spool to drain")
+        wanted = {event.envelope.event_id for event in events}
+        assert wanted <= await _audit_event_ids(kafka_bootstrap, wanted)
+    finally:
+        await online.stop()
+        await publisher.stop()
+
+
+async def _audit_event_ids(bootstrap: str, wanted: set[str], timeout: float = 20) -> set[str]:
+    """Event ids on audit.events, read from the start until ``wanted`` are all seen."""
+    consumer = AIOKafkaConsumer(
+        AUDIT_EVENTS.name,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=50,
+    )
+    await consumer.start()
+    seen: set[str] = set()
+    try:
+        async with asyncio.timeout(timeout):
+            while not wanted <= seen:
+                batches = await consumer.getmany(timeout_ms=200)
+                for records in batches.values():
+                    for record in records:
+                        seen.add(ev.AuditEvent.FromString(record.value).envelope.event_id)
+    finally:
+        await consumer.stop()
+    return seen
