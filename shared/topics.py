@@ -91,6 +91,16 @@ AUDIT_EVENTS = Topic(
     consumers=("audit",),
     description="Requests, responses, routing and policy decisions, for the audit store.",
 )
+AUDIT_CHECKPOINTS = Topic(
+    name="audit.checkpoints",
+    messages=(ev.AuditCheckpoint,),
+    key="log_id",
+    partitions=1,
+    retention_ms=-1,  # kept forever: witnesses of the audit log's history
+    producers=("audit",),
+    consumers=("witnesses",),
+    description="Signed checkpoints (tree size and Merkle root) of the audit log.",
+)
 FEEDBACK_EVENTS = Topic(
     name="feedback.events",
     messages=(ev.FeedbackEvent,),
@@ -214,6 +224,7 @@ REGISTRY: tuple[Topic, ...] = (
     REPLIES,
     CANCELLATIONS,
     AUDIT_EVENTS,
+    AUDIT_CHECKPOINTS,
     FEEDBACK_EVENTS,
     TRAINING_DATASETS,
     TRAINING_JOBS,

@@ -9,6 +9,7 @@ Examples::
     MESHLLM_OPENSEARCH__HOSTS='["https://opensearch:9200"]'
     MESHLLM_RETENTION_DAYS='{"acme": 90, "globex": 365}'
     MESHLLM_DEFAULT_RETENTION_DAYS=400                # unset: keep content forever
+    MESHLLM_AUDIT_API_PORT=8090                       # the query and proof API
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ class OpenSearchSettings(BaseModel):
 
 class AuditSettings(MeshSettings):
     service_name: str = "audit"
+    audit_api_host: str = Field("127.0.0.1", description="Where the query and proof API listens.")
+    audit_api_port: int = Field(8090, ge=0, le=65535, description="0 picks a free port.")
     audit_store: Literal["sqlite", "opensearch"] | None = Field(
         None, description="The back end; unset: sqlite in embedded mode, opensearch in cluster."
     )

@@ -10,9 +10,10 @@ from collections.abc import Awaitable, Generator
 import uvicorn
 
 from services.gateway.app import Gateway
+from services.gateway.audit import AuditRecorder, AuditSpool
 from services.gateway.auth import Authenticator, KeyStore
 from services.gateway.limits import ConcurrencyLimiter, LocalRateLimiter
-from services.gateway.policy import RegoPolicy
+from services.gateway.policy import build_policy
 from services.gateway.relay import ReplyRelay
 from services.gateway.settings import GatewaySettings
 from shared.bus import Bus
@@ -42,6 +43,9 @@ def build_gateway(settings: GatewaySettings, bus: Bus) -> Gateway:
         relay.on_reply
     )
     limits = settings.limits
+    audit = AuditRecorder(
+        bus.publisher, AuditSpool(settings.audit_spool_path), settings.audit, producer=NAME
+    )
     return Gateway(
         settings,
         publisher=bus.publisher,
@@ -49,16 +53,18 @@ def build_gateway(settings: GatewaySettings, bus: Bus) -> Gateway:
         authenticator=Authenticator(
             KeyStore(settings.keys_db_path, settings.key_cache_ttl_s), settings.jwt.verifier()
         ),
-        policy=RegoPolicy.from_dir(settings.policy_dir),
+        policy=build_policy(settings),
         rate_limiter=LocalRateLimiter(),
         concurrency=ConcurrencyLimiter(
             limits.max_concurrent_per_key, limits.max_concurrent_per_tenant
         ),
+        audit=audit,
     )
 
 
 async def build(settings: GatewaySettings, bus: Bus, health: HealthState) -> Awaitable[None]:
     gateway = build_gateway(settings, bus)
+    gateway.audit.start()  # replay what an earlier run left in the spool
     config = uvicorn.Config(
         gateway.app(),
         host=settings.http_host,

@@ -24,6 +24,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from services.gateway.audit import AuditRecorder, AuditUnavailable
+from services.gateway.audit_routes import AuditRoutes
 from services.gateway.auth import Authenticator, AuthError, Principal
 from services.gateway.limits import ConcurrencyLimiter, Limit, LocalRateLimiter
 from services.gateway.policy import Action, Policy, PolicyRequest
@@ -37,13 +39,13 @@ from shared.openai_protocol import (
     GenerationRequest,
     InvalidRequestError,
     OpenAIError,
+    ServiceUnavailableError,
     invalid_field,
     parse_request,
     reject_unknown_fields,
     split_model,
 )
 from shared.topics import (
-    AUDIT_EVENTS,
     CANCELLATIONS,
     REPLIES,
     REQUESTS_HIGH,
@@ -133,15 +135,23 @@ class Gateway:
         policy: Policy,
         rate_limiter: LocalRateLimiter,
         concurrency: ConcurrencyLimiter,
+        audit: AuditRecorder,
     ) -> None:
         self.settings = settings
         self.publisher = publisher
+        self.audit = audit
         self.relay = relay
         self.authenticator = authenticator
         self.policy = policy
         self.rate_limiter = rate_limiter
         self.concurrency = concurrency
         self._background: set[asyncio.Task[Any]] = set()
+        self.audit_routes = AuditRoutes(
+            service_url=settings.audit.service_url,
+            authenticate=self._authenticate,
+            policy=policy,
+            record=lambda event, key, tenant: audit.record(event, key=key, tenant=tenant),
+        )
 
     # ----------------------------------------------------------------- HTTP routes
 
@@ -151,6 +161,7 @@ class Gateway:
             Route("/v1/completions", self._route("completion"), methods=["POST"]),
             Route("/v1/embeddings", self._route("embedding"), methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            *self.audit_routes.routes(),
         ]
         return Starlette(
             routes=routes,
@@ -220,7 +231,7 @@ class Gateway:
         finally:
             self._release(admitted, pending)
         return JSONResponse(
-            self._whole(admitted, reply), headers={"x-request-id": admitted.request_id}
+            await self._whole(admitted, reply), headers={"x-request-id": admitted.request_id}
         )
 
     async def _read_json(self, request: Request) -> Any:
@@ -256,7 +267,15 @@ class Gateway:
             raise invalid_field("priority", "must be one of high, normal, low")
         max_tokens = generation.max_tokens if generation else None
         decision = self.policy.decide(
-            PolicyRequest(principal, ACTIONS[kind], model, requested, max_tokens)
+            PolicyRequest(
+                principal,
+                ACTIONS[kind],
+                model,
+                requested,
+                max_tokens,
+                model_version=version or None,
+                source_ip=request.client.host if request.client else None,
+            )
         )
         request_id = uuid.uuid4().hex
         self._audit_policy(
@@ -327,8 +346,23 @@ class Gateway:
         record.sampling.CopyFrom(admitted.event.sampling)
         record.priority = admitted.event.priority
         record.source_address = request.client.host if request.client else ""
-        await self.publisher.enqueue(AUDIT_EVENTS, audit, key=admitted.request_id, tenant=tenant)
-        await self.publisher.publish(topic, admitted.event, key=admitted.request_id, tenant=tenant)
+        # both go out together; the request is answered only if its audit record is durable
+        outcomes: tuple[Any, ...] = await asyncio.gather(
+            self.audit.record(audit, key=admitted.request_id, tenant=tenant),
+            self.publisher.publish(topic, admitted.event, key=admitted.request_id, tenant=tenant),
+            return_exceptions=True,
+        )
+        recorded, published = outcomes
+        if isinstance(published, BaseException):
+            log.warning(
+                "request not published", request_id=admitted.request_id, error=str(published)
+            )
+            raise ServiceUnavailableError(
+                "the mesh's message broker did not take the request; retry later"
+            ) from published
+        if isinstance(recorded, BaseException):
+            self._cancel(admitted, "audit record not durable")
+            raise _audit_failure(recorded)
 
     async def _final(self, admitted: Admitted, pending: Pending, request: Request) -> ev.FinalReply:
         """Wait for the final reply; 504 at the deadline; cancel when the caller leaves."""
@@ -357,20 +391,25 @@ class Gateway:
         getter.cancel()
         if disconnected is not None and disconnected in done:
             self._cancel(admitted, "client disconnected")
-            self._audit_response(admitted, None, 499, "client disconnected")
+            self._spawn(self._audit_response(admitted, None, 499, "client disconnected"))
             raise ClientClosed("the client disconnected before the reply")
         self._cancel(admitted, "deadline exceeded")
-        self._audit_response(admitted, None, 504, "deadline exceeded")
+        self._spawn(self._audit_response(admitted, None, 504, "deadline exceeded"))
         raise GatewayTimeout(
             f"no reply within {self.settings.request_timeout_s:g} s", None, "deadline_exceeded"
         )
 
-    def _whole(self, admitted: Admitted, reply: ev.FinalReply) -> dict[str, Any]:
-        if reply.HasField("error"):
-            error = ReplyError(reply.error)
-            self._audit_response(admitted, reply, error.status, reply.error.message)
-            raise error
-        self._audit_response(admitted, reply, 200, None)
+    async def _whole(self, admitted: Admitted, reply: ev.FinalReply) -> dict[str, Any]:
+        failure = ReplyError(reply.error) if reply.HasField("error") else None
+        try:
+            if failure is not None:
+                await self._audit_response(admitted, reply, failure.status, reply.error.message)
+            else:
+                await self._audit_response(admitted, reply, 200, None)
+        except AuditUnavailable as error:
+            raise _audit_failure(error) from error
+        if failure is not None:
+            raise failure
         if admitted.kind == "embedding":
             return embeddings_body(reply)
         return ResponseBuilder(admitted.kind, admitted.request_id, admitted.event.model).whole(
@@ -398,20 +437,24 @@ class Gateway:
                 finished = True
                 if reply.HasField("error"):
                     failure = ReplyError(reply.error)
-                    self._audit_response(admitted, reply, failure.status, reply.error.message)
+                    await self._audit_response(admitted, reply, failure.status, reply.error.message)
                     yield _sse(failure.to_dict())
+                    return
+                try:  # the end of the answer goes out only once its audit record is durable
+                    await self._audit_response(admitted, reply, 200, None)
+                except AuditUnavailable as error:
+                    yield _sse(_audit_failure(error).to_dict())
                     return
                 for choice in reply.choices:
                     yield _sse(builder.chunk(choice.index, None, choice.finish_reason or "stop"))
                 if options.get("include_usage"):
                     yield _sse(builder.usage_chunk(reply))
                 yield "data: [DONE]\n\n"
-                self._audit_response(admitted, reply, 200, None)
                 return
         finally:
             if not finished:  # the caller went away mid-stream
                 self._cancel(admitted, "client disconnected")
-                self._audit_response(admitted, None, 499, "client disconnected")
+                self._spawn(self._audit_response(admitted, None, 499, "client disconnected"))
             self._release(admitted, pending)
 
     # ----------------------------------------------------------------- bookkeeping
@@ -449,13 +492,12 @@ class Gateway:
         event.policy.action = ACTIONS[kind]
         event.policy.resource = model
         event.policy.roles.extend(principal.roles)
-        self._spawn(
-            self.publisher.enqueue(AUDIT_EVENTS, event, key=request_id, tenant=principal.tenant)
-        )
+        self._spawn(self.audit.record(event, key=request_id, tenant=principal.tenant))
 
-    def _audit_response(
+    async def _audit_response(
         self, admitted: Admitted, reply: ev.FinalReply | None, status: int, error: str | None
     ) -> None:
+        """Record the response; returns once the record is durable (raises AuditUnavailable)."""
         actual = 0
         event = ev.AuditEvent(
             request_id=admitted.request_id,
@@ -481,14 +523,16 @@ class Gateway:
             admitted.estimated_tokens,
             actual,
         )
-        self._spawn(
-            self.publisher.enqueue(
-                AUDIT_EVENTS, event, key=admitted.request_id, tenant=admitted.principal.tenant
-            )
-        )
+        await self.audit.record(event, key=admitted.request_id, tenant=admitted.principal.tenant)
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _audit_failure(error: BaseException) -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        f"the answer is withheld because its audit record could not be stored ({error})"
+    )
 
 
 def _limit_key(principal: Principal) -> str:

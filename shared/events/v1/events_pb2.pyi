@@ -344,6 +344,24 @@ class AuditEvent(_message.Message):
     policy: PolicyDecision
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., api_key_id: _Optional[str] = ..., user: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., request: _Optional[_Union[RequestRecord, _Mapping]] = ..., response: _Optional[_Union[ResponseRecord, _Mapping]] = ..., routing: _Optional[_Union[RoutingDecision, _Mapping]] = ..., policy: _Optional[_Union[PolicyDecision, _Mapping]] = ...) -> None: ...
 
+class AuditCheckpoint(_message.Message):
+    __slots__ = ("envelope", "log_id", "tree_size", "root_hash", "signed_at_ns", "key_id", "signature")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    LOG_ID_FIELD_NUMBER: _ClassVar[int]
+    TREE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ROOT_HASH_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_AT_NS_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    log_id: str
+    tree_size: int
+    root_hash: bytes
+    signed_at_ns: int
+    key_id: str
+    signature: bytes
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., log_id: _Optional[str] = ..., tree_size: _Optional[int] = ..., root_hash: _Optional[bytes] = ..., signed_at_ns: _Optional[int] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
 class FeedbackEvent(_message.Message):
     __slots__ = ("envelope", "request_id", "user", "rating", "labels", "correction", "comment")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]

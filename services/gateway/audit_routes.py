@@ -1,0 +1,119 @@
+"""``/v1/audit/*`` at the gateway: the policy decides, the audit service answers.
+
+Each call is authenticated, then the policy is asked whether the caller may ``read``
+(records, proofs) or ``verify`` (checkpoints, consistency proofs, the public key) the audit
+records of the tenant asked for: the ``tenant`` query parameter, else the caller's own.
+Only auditors and admins of that tenant, and platform admins, are allowed (see
+``policies/``); the decision itself is audited. An allowed call is forwarded to the audit
+service with the tenant fixed, so a caller never sees another tenant's records.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from services.gateway.auth import Principal
+from services.gateway.policy import Policy
+from shared.events.v1 import events_pb2 as ev
+from shared.openai_protocol import OpenAIError, ServiceUnavailableError, invalid_field
+from shared.policy import AccessRequest, Resource, Subject
+
+READ_PATHS = (
+    "/v1/audit/records",
+    "/v1/audit/records/{event_id}",
+    "/v1/audit/records/{event_id}/proof",
+)
+VERIFY_PATHS = ("/v1/audit/checkpoints", "/v1/audit/consistency", "/v1/audit/public-key")
+MAX_TENANT_LENGTH = 128
+
+
+class AuditDenied(OpenAIError):
+    status = 403
+    error_type = "permission_error"
+
+
+class AuditRoutes:
+    def __init__(
+        self,
+        *,
+        service_url: str,
+        authenticate: Callable[[Request], Principal],
+        policy: Policy,
+        record: Callable[[ev.AuditEvent, str, str], Awaitable[None]],
+        timeout_s: float = 10.0,
+    ) -> None:
+        self.service_url = service_url.rstrip("/")
+        self.authenticate = authenticate
+        self.policy = policy
+        self.record = record
+        self._client = httpx.AsyncClient(timeout=timeout_s)
+
+    def routes(self) -> list[Route]:
+        return [
+            *(Route(path, self._endpoint("read"), methods=["GET"]) for path in READ_PATHS),
+            *(Route(path, self._endpoint("verify"), methods=["GET"]) for path in VERIFY_PATHS),
+        ]
+
+    def _endpoint(self, action: str) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            return await self.handle(request, action)
+
+        return endpoint
+
+    async def handle(self, request: Request, action: str) -> Response:
+        principal = self.authenticate(request)
+        tenant = request.query_params.get("tenant") or principal.tenant
+        if len(tenant) > MAX_TENANT_LENGTH:
+            raise invalid_field("tenant", f"must have at most {MAX_TENANT_LENGTH} characters")
+        source = request.client.host if request.client else None
+        decision = self.policy.authorize(
+            AccessRequest(
+                Subject(principal.subject, principal.tenant, principal.roles),
+                action,
+                Resource("audit", tenant),
+                source_ip=source,
+            )
+        )
+        await self._audit_decision(principal, action, tenant, decision.allow, decision.reasons)
+        if not decision.allow:
+            reason = "; ".join(decision.reasons) or "denied by policy"
+            raise AuditDenied(reason, "tenant", "policy_denied")
+        params = dict(request.query_params)
+        if action == "read":
+            params["tenant"] = tenant  # the records of the allowed tenant, never more
+        else:
+            params.pop("tenant", None)
+        try:
+            reply = await self._client.get(self.service_url + request.url.path, params=params)
+        except httpx.HTTPError as error:
+            raise ServiceUnavailableError(
+                f"the audit service is unreachable ({type(error).__name__}); retry later"
+            ) from error
+        try:
+            body: Any = reply.json()
+        except ValueError:
+            raise ServiceUnavailableError("the audit service gave an unreadable answer") from None
+        return JSONResponse(body, status_code=reply.status_code)
+
+    async def _audit_decision(
+        self, principal: Principal, action: str, tenant: str, allow: bool, reasons: tuple[str, ...]
+    ) -> None:
+        request_id = uuid.uuid4().hex
+        event = ev.AuditEvent(request_id=request_id, api_key_id=principal.key_id or "")
+        event.user = principal.subject
+        event.policy.allow = allow
+        event.policy.reasons.extend(reasons)
+        event.policy.action = f"audit.{action}"
+        event.policy.resource = f"audit:{tenant}"
+        event.policy.roles.extend(principal.roles)
+        await self.record(event, request_id, principal.tenant)
+
+    async def close(self) -> None:
+        await self._client.aclose()
