@@ -8,12 +8,16 @@ go through the same renderer.
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
 from opentelemetry import trace
 
+from shared.pii.log_processor import PiiLogProcessor
+from shared.pii.settings import TenantPiiSettings
 from shared.settings import LogFormat
 
 
@@ -25,10 +29,39 @@ def _add_trace_ids(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+_CREDENTIAL = re.compile(
+    r"(?P<key>mk-[0-9a-f]{12}-)[A-Za-z0-9_-]{32}|(?P<scheme>[Bb]earer\s+)[A-Za-z0-9._~+/=-]{8,}"
+)
+
+
+def _hide(value: Any) -> Any:
+    if isinstance(value, str):
+        return _CREDENTIAL.sub(lambda m: (m["key"] or m["scheme"]) + "[REDACTED]", value)
+    if isinstance(value, dict):
+        return {key: _hide(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_hide(item) for item in value]
+    return value
+
+
+def _scrub_credentials(_: Any, __: str, event: MutableMapping[str, Any]) -> Any:
+    """API keys (``mk-<id>-<secret>``: the id stays) and bearer tokens never reach a log."""
+    for key, value in event.items():
+        event[key] = _hide(value)
+    return event
+
+
 def configure_logging(
-    service: str, level: str = "INFO", log_format: LogFormat = LogFormat.AUTO
+    service: str,
+    level: str = "INFO",
+    log_format: LogFormat = LogFormat.AUTO,
+    pii: TenantPiiSettings | None = None,
 ) -> None:
-    """Route structlog and stdlib logging to stderr in one format."""
+    """Route structlog and stdlib logging to stderr in one format.
+
+    Every line, structlog's and the standard library's alike, passes the PII filter of
+    its tenant's ``logs`` policy (``pii``; default: mask) before it is written.
+    """
     use_json = log_format is LogFormat.JSON or (
         log_format is LogFormat.AUTO and not sys.stderr.isatty()
     )
@@ -59,6 +92,8 @@ def configure_logging(
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info if use_json else lambda _, __, e: e,
+            PiiLogProcessor(pii),
+            _scrub_credentials,
             renderer,
         ],
     )

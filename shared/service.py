@@ -95,7 +95,7 @@ def run_service(name: str, settings_cls: type[Settings], build: Build) -> None:
     except SettingsError as error:
         print(f"{name}: {error}", file=sys.stderr)
         sys.exit(2)
-    configure_logging(name, settings.log_level, settings.log_format)
+    configure_logging(name, settings.log_level, settings.log_format, settings.pii)
     code = 1
     with contextlib.suppress(KeyboardInterrupt):
         code = asyncio.run(serve(name, settings, build))

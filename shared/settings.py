@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.pii.settings import TenantPiiSettings
+
 ENV_PREFIX = "MESHLLM_"
 
 
@@ -109,6 +111,8 @@ class MeshSettings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     bus: BusSettings = BusSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    # What PII is masked, tokenized or dropped per tenant, in logs, audit, feedback, training
+    pii: TenantPiiSettings = TenantPiiSettings()
 
     @property
     def fetch_max_wait_ms(self) -> int:

@@ -115,3 +115,23 @@ def test_log_lines_are_json_with_trace_ids(capsys: pytest.CaptureFixture[str]) -
     assert lines[0]["trace_id"] == trace_id
     assert lines[1]["event"] == "from the stdlib"
     assert lines[1]["trace_id"] == trace_id
+
+
+def test_log_lines_carry_no_pii_and_no_credentials(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("demo", "INFO", LogFormat.JSON)  # default PII policy for logs: mask
+    key = "mk-0123456789ab-" + "S" * 32
+    structlog.get_logger("x").info(
+        "request failed",
+        prompt="我的手机号是13812345678，邮箱 zhang.wei@example.com",
+        header=f"Bearer {key}",
+        nested={"card": "6222020200112233446"},
+    )
+    logging.getLogger("uvicorn.error").warning("bad key %s from 36.110.12.34", key)
+    out = capsys.readouterr().err
+    for secret in ("13812345678", "zhang.wei@example.com", "6222020200112233446", "S" * 32):
+        assert secret not in out
+    assert "36.110.12.34" not in out
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert "[PHONE:" in lines[0]["prompt"]
+    assert lines[0]["header"] == "Bearer [REDACTED]"
+    assert "mk-0123456789ab-[REDACTED]" in lines[1]["event"]  # the key id stays, for tracing

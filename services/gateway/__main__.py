@@ -44,7 +44,11 @@ def build_gateway(settings: GatewaySettings, bus: Bus) -> Gateway:
     )
     limits = settings.limits
     audit = AuditRecorder(
-        bus.publisher, AuditSpool(settings.audit_spool_path), settings.audit, producer=NAME
+        bus.publisher,
+        AuditSpool(settings.audit_spool_path),
+        settings.audit,
+        producer=NAME,
+        pii=settings.pii,
     )
     return Gateway(
         settings,

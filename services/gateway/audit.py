@@ -36,6 +36,7 @@ from shared import envelope
 from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
 from shared.logging import get_logger
+from shared.pii import Purpose, Redactor, TenantPiiSettings
 from shared.topics import AUDIT_EVENTS
 
 log = get_logger(__name__)
@@ -116,24 +117,48 @@ class AuditSpool:
         return len(self.records())
 
 
+def redact_event(event: ev.AuditEvent, redactor: Redactor) -> None:
+    """Redact, in place, the text an audit event carries: prompts, inputs and answers."""
+    if not redactor.policy.enabled:
+        return
+    for message in event.request.messages:
+        message.content = redactor.redact(message.content).text
+    inputs = [redactor.redact(text).text for text in event.request.inputs]
+    del event.request.inputs[:]
+    event.request.inputs.extend(inputs)
+    for choice in event.response.choices:
+        choice.text = redactor.redact(choice.text).text
+
+
 class AuditRecorder:
     """Makes each audit record durable: Kafka's ack, else the spool; replays the spool."""
 
     def __init__(
-        self, publisher: Publisher, spool: AuditSpool, settings: AuditSettings, *, producer: str
+        self,
+        publisher: Publisher,
+        spool: AuditSpool,
+        settings: AuditSettings,
+        *,
+        producer: str,
+        pii: TenantPiiSettings | None = None,
     ) -> None:
         self.publisher = publisher
         self.spool = spool
         self.settings = settings
         self.producer = producer
+        self.pii = pii if pii is not None else TenantPiiSettings()
         self._replayer: asyncio.Task[None] | None = None
 
     async def record(self, event: ev.AuditEvent, *, key: str, tenant: str) -> None:
         """Return once ``event`` is acked by Kafka or fsync'd to the spool.
 
+        The tenant's ``audit`` PII policy applies first (off unless configured: an audit
+        trail usually must keep what was said).
+
         Raises:
             AuditUnavailable: neither took it.
         """
+        redact_event(event, self.pii.redactor(tenant, Purpose.AUDIT))
         envelope.stamp(event, producer=self.producer, tenant=tenant)  # one id, kept on replay
         try:
             delivery = await asyncio.wait_for(

@@ -178,7 +178,7 @@ def main() -> None:
     except SettingsError as error:
         print(f"{NAME}: {error}", file=sys.stderr)
         sys.exit(2)
-    configure_logging(NAME, settings.log_level, settings.log_format)
+    configure_logging(NAME, settings.log_level, settings.log_format, settings.pii)
     code = 1
     with contextlib.suppress(KeyboardInterrupt):
         code = asyncio.run(run(settings))

@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaConsumer
 from services.gateway.audit import AuditRecorder, AuditSettings, AuditSpool, AuditUnavailable
 from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
+from shared.pii import PiiPolicy, Purpose, TenantPiiSettings
 from shared.settings import MeshSettings
 from shared.topics import AUDIT_EVENTS
 from tests.conftest import poll_until
@@ -114,3 +115,23 @@ async def _audit_event_ids(bootstrap: str, wanted: set[str], timeout: float = 20
     finally:
         await consumer.stop()
     return seen
+
+
+async def test_audit_text_is_redacted_only_for_tenants_that_ask(tmp_path: Path) -> None:
+    pii = TenantPiiSettings(tenants={"acme": {Purpose.AUDIT: PiiPolicy(enabled=True)}})
+    publisher = Publisher(MeshSettings(data_dir=tmp_path), service="gateway")
+    recorder = AuditRecorder(
+        publisher, AuditSpool(tmp_path / "spool.jsonl"), SETTINGS, producer="gw", pii=pii
+    )
+    for tenant in ("acme", "globex"):
+        event = ev.AuditEvent(request_id=f"r-{tenant}")
+        event.request.messages.add(role="user", content="call me at 13812345678")
+        event.request.inputs.append("mail zhang.wei@example.com")
+        await recorder.record(event, key=event.request_id, tenant=tenant)
+    stored = {event.request_id: event for _, _, event in recorder.spool.records()}
+    redacted, kept = stored["r-acme"].request, stored["r-globex"].request
+    assert "13812345678" not in redacted.messages[0].content
+    assert "[PHONE:" in redacted.messages[0].content
+    assert "zhang.wei@example.com" not in redacted.inputs[0]
+    assert kept.messages[0].content == "call me at 13812345678"  # audit keeps text by default
+    await recorder.stop()
