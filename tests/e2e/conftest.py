@@ -68,6 +68,17 @@ class Mesh:
     data_dir: Path
     services: dict[str, Service] = field(default_factory=dict)
 
+    def logs(self) -> str:
+        """Everything the services have logged so far."""
+        return "".join(
+            service.log.read_text(errors="replace") for service in self.services.values()
+        )
+
+
+SERVICES = ("inference", "router", "audit", "gateway")
+# tenant initech has its audit text redacted; the others keep it (the default)
+PII_TENANTS = {"initech": {"audit": {"enabled": True}}}
+
 
 @pytest.fixture(scope="module")
 async def mesh(
@@ -80,9 +91,13 @@ async def mesh(
             "user": store.create("acme", ["user"])[1],
             "limited": store.create("acme", ["user"], rpm=2)[1],
             "revoked": store.create("acme", ["user"])[1],
+            "auditor": store.create("acme", ["auditor"])[1],
+            "analyst": store.create("acme", ["analyst"])[1],
+            "globex-auditor": store.create("globex", ["auditor"])[1],
+            "initech": store.create("initech", ["analyst"])[1],
         }
         store.revoke(keys["revoked"].split("-")[1])
-    inference_port, gateway_port = free_port(), free_port()
+    inference_port, gateway_port, audit_port = free_port(), free_port(), free_port()
     inference_url = f"http://127.0.0.1:{inference_port}"
     env = {
         **os.environ,
@@ -96,9 +111,13 @@ async def mesh(
         "MESHLLM_POOLS": json.dumps([{"name": "cpu", "replicas": [inference_url]}]),
         "MESHLLM_HTTP_PORT": str(gateway_port),
         "MESHLLM_REQUEST_TIMEOUT_S": "90",
+        "MESHLLM_AUDIT_API_PORT": str(audit_port),
+        "MESHLLM_AUDIT__SERVICE_URL": f"http://127.0.0.1:{audit_port}",
+        "MESHLLM_CHECKPOINT_INTERVAL_S": "1",
+        "MESHLLM_PII__TENANTS": json.dumps(PII_TENANTS),
     }
     mesh = Mesh(f"http://127.0.0.1:{gateway_port}/v1", inference_url, keys, data)
-    for name in ("inference", "router", "gateway"):
+    for name in SERVICES:
         mesh.services[name] = Service(f"services.{name}", free_port(), env, data / f"{name}.log")
     try:
         for service in mesh.services.values():
@@ -107,7 +126,7 @@ async def mesh(
             await service.ready(timeout=300 if name == "inference" else 60)
         yield mesh
     finally:
-        for name in ("gateway", "router", "inference"):
+        for name in reversed(SERVICES):
             await mesh.services[name].stop()
 
 
