@@ -209,7 +209,7 @@ async def test_bad_input_is_refused_before_kafka(
     assert await _published_requests(kafka_bootstrap) == before
 
 
-async def test_one_trace_spans_gateway_router_and_inference(
+async def test_one_trace_spans_gateway_router_inference_and_audit(
     mesh: Mesh, kafka_bootstrap: str
 ) -> None:
     from tests.test_bus_processes import exported_spans
@@ -223,7 +223,8 @@ async def test_one_trace_spans_gateway_router_and_inference(
         return {service for service, _ in await exported_spans(kafka_bootstrap, trace_id)}
 
     deadline = time.monotonic() + 30
-    while (found := await services()) != {"gateway", "router", "inference"}:
+    # the audit service's storing of the request's audit records joins the trace too
+    while (found := await services()) != {"gateway", "router", "inference", "audit"}:
         if time.monotonic() > deadline:
             pytest.fail(f"trace {trace_id} has spans of {sorted(found)} only")
         await asyncio.sleep(0.5)
