@@ -112,3 +112,15 @@ bench-quant *args:
 bench-mesh *args:
     {{python}} -m pip install --quiet -e ".[bench]"
     {{python}} -m benchmarks.mesh_bench {{args}}
+
+# Policy decision latency: regorus in process (ours) vs regopy, and over the OPA REST API.
+[group('bench')]
+bench-policy *args:
+    {{python}} -m pip install --quiet -e ".[bench]"
+    {{python}} -m benchmarks.policy_bench {{args}}
+
+# PII detection: precision and recall per type on a generated corpus, vs a naive regex.
+[group('bench')]
+bench-pii *args:
+    {{python}} -m pip install --quiet -e ".[bench]"
+    {{python}} -m benchmarks.pii_bench {{args}}
