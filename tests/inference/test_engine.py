@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -35,10 +36,14 @@ async def test_quantized_models_answer_the_same_question(
     # The bare question is a near tie for this model ("The" leads "L" by 0.08 nats in
     # fp32, and int4 answers "L'Étoile, ..."); asking for a sentence leaves a wide margin.
     question = "What is the capital of France? Answer in one sentence."
-    engine = Engine(
-        Llama(gguf_model, quant, keep_source=True), tokenizer, EngineSettings(max_batch=2)
-    )
-    engine.start()
+    built_on: list[threading.Thread] = []
+
+    def build() -> Llama:
+        built_on.append(threading.current_thread())
+        return Llama(gguf_model, quant, keep_source=True)
+
+    engine = Engine.launch(build, tokenizer, EngineSettings(max_batch=2))
+    assert built_on == [engine._thread]  # built on the thread that runs it: one OpenMP team
     try:
         completion = await engine.complete(chat_ids(tokenizer, question), GREEDY)
     finally:
@@ -170,3 +175,11 @@ def test_only_greedy_and_small_top_k_use_the_screened_head(
 ) -> None:
     # sampling from the whole distribution must see every logit, not just the candidates
     assert params.needs_only_best(HEAD_REFINE_TOP) is only_best
+
+
+def test_a_model_that_fails_to_build_fails_the_launch(tokenizer: Tokenizer) -> None:
+    def build() -> Llama:
+        raise ValueError("unknown quantization 'int3'")
+
+    with pytest.raises(ValueError, match="int3"):
+        Engine.launch(build, tokenizer, EngineSettings(max_batch=1))
