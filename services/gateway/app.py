@@ -29,6 +29,7 @@ from services.gateway.audit_routes import AuditRoutes
 from services.gateway.auth import Authenticator, AuthError, Principal
 from services.gateway.limits import ConcurrencyLimiter, Limit, LocalRateLimiter
 from services.gateway.policy import Action, Policy, PolicyRequest
+from services.gateway.rag import RagRequest, parse_rag
 from services.gateway.relay import Pending, ReplyRelay
 from services.gateway.responses import ReplyError, ResponseBuilder, embeddings_body
 from services.gateway.settings import GatewaySettings
@@ -45,6 +46,7 @@ from shared.openai_protocol import (
     reject_unknown_fields,
     split_model,
 )
+from shared.policy import AccessRequest, Resource, Subject
 from shared.topics import (
     CANCELLATIONS,
     REPLIES,
@@ -257,6 +259,9 @@ class Gateway:
             raise AuthenticationFailed(str(error), None, "invalid_api_key") from None
 
     def _admit(self, principal: Principal, body: Any, kind: str, request: Request) -> Admitted:
+        rag = (
+            parse_rag(body.pop("rag", None)) if isinstance(body, dict) and kind == "chat" else None
+        )
         reject_unknown_fields(body, kind)
         generation = parse_request(body, kind) if kind != "embedding" else None  # type: ignore[arg-type]
         inputs = _embedding_inputs(body) if kind == "embedding" else []
@@ -323,6 +328,11 @@ class Gateway:
             principal=principal,
             priority=decision.priority,
         )
+        if rag is not None:
+            self._check_rag(principal, rag, request_id)
+            event.rag_collections.extend(rag.collections)
+            event.rag_top_k = rag.top_k or 0
+            event.acl_groups.extend(principal.roles)
         timeout = self.settings.request_timeout_s
         event.deadline.FromNanoseconds(time.time_ns() + int(timeout * 1e9))
         return Admitted(
@@ -447,6 +457,8 @@ class Gateway:
                     return
                 for choice in reply.choices:
                     yield _sse(builder.chunk(choice.index, None, choice.finish_reason or "stop"))
+                if reply.citations:
+                    yield _sse(builder.citations_chunk(reply))
                 if options.get("include_usage"):
                     yield _sse(builder.usage_chunk(reply))
                 yield "data: [DONE]\n\n"
@@ -475,6 +487,27 @@ class Gateway:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _check_rag(self, principal: Principal, rag: RagRequest, request_id: str) -> None:
+        """403 unless the caller may read every collection the request names."""
+        subject = Subject(principal.subject, principal.tenant, principal.roles)
+        for collection in rag.collections:
+            decision = self.policy.authorize(
+                AccessRequest(
+                    subject, "read", Resource("kb_collection", principal.tenant, collection)
+                )
+            )
+            if not decision.allow:
+                self._audit_policy(
+                    request_id,
+                    principal=principal,
+                    model=f"kb_collection:{collection}",
+                    kind="chat",
+                    allow=False,
+                    reasons=decision.reasons,
+                )
+                reason = "; ".join(decision.reasons) or "denied by policy"
+                raise PermissionDenied(reason, "rag.collections", "policy_denied")
 
     def _audit_policy(
         self,
@@ -511,6 +544,7 @@ class Gateway:
         record.latency_us = int((time.monotonic() - admitted.started) * 1e6)
         if reply is not None:
             record.choices.extend(reply.choices)
+            record.retrieved_chunk_ids.extend(c.chunk_id for c in reply.citations)
             record.usage.CopyFrom(reply.usage)
             actual = reply.usage.prompt_tokens + reply.usage.completion_tokens
             if reply.HasField("error"):

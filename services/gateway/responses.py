@@ -60,13 +60,27 @@ class ResponseBuilder:
 
     def whole(self, reply: ev.FinalReply) -> dict[str, Any]:
         self.model = model_name(reply) or self.model
-        return {
+        body = {
             "id": self.id,
             "object": self.object,
             "created": self.created,
             "model": self.model,
             "choices": [self._choice(c.index, c.text, c.finish_reason) for c in reply.choices],
             "usage": usage(reply),
+        }
+        if reply.citations:
+            body["citations"] = citations(reply)
+        return body
+
+    def citations_chunk(self, reply: ev.FinalReply) -> dict[str, Any]:
+        """A stream chunk with no choices that carries the answer's sources (extension)."""
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "citations": citations(reply),
         }
 
     def chunk(self, index: int, text: str | None, finish: str | None = None) -> dict[str, Any]:
@@ -101,6 +115,21 @@ class ResponseBuilder:
             "choices": [],
             "usage": usage(reply),
         }
+
+
+def citations(reply: ev.FinalReply) -> list[dict[str, Any]]:
+    """The sources of a RAG answer: ``[n]`` in the answer is the n-th entry (from 1)."""
+    return [
+        {
+            "index": number,
+            "document_id": c.document_id,
+            "title": c.title,
+            "collection": c.collection,
+            "chunk_id": c.chunk_id,
+            "score": round(float(c.score), 6),
+        }
+        for number, c in enumerate(reply.citations, start=1)
+    ]
 
 
 def usage(reply: ev.FinalReply) -> dict[str, int]:

@@ -24,7 +24,13 @@ async def build(settings: RouterSettings, bus: Bus, health: HealthState) -> Awai
     limits = httpx.Limits(max_connections=settings.max_in_flight + 8, max_keepalive_connections=64)
     timeout = httpx.Timeout(settings.default_deadline_s, connect=settings.connect_timeout_s)
     client = httpx.AsyncClient(limits=limits, timeout=timeout)
-    router = Router(bus.publisher, pools, client, default_deadline_s=settings.default_deadline_s)
+    router = Router(
+        bus.publisher,
+        pools,
+        client,
+        default_deadline_s=settings.default_deadline_s,
+        rag=settings.rag,
+    )
     bus.add_worker(
         [REQUESTS_HIGH, REQUESTS_NORMAL, REQUESTS_LOW],
         group=NAME,

@@ -20,7 +20,9 @@ from typing import Any
 import httpx
 from opentelemetry import trace
 
+from services.router import rag
 from services.router.pools import Pool, Pools, Replica
+from services.router.settings import RagConfig
 from services.router.upstream import (
     Piece,
     ReplicaFailed,
@@ -115,11 +117,13 @@ class Router:
         *,
         default_deadline_s: float,
         service: str = "router",
+        rag: RagConfig | None = None,
     ) -> None:
         self._publisher = publisher
         self._pools = pools
         self._client = client
         self._default_deadline_s = default_deadline_s
+        self._rag = rag if rag is not None else RagConfig()
         self._service = service
         self._running: dict[str, asyncio.Task[None]] = {}
         # ids cancelled before (or while) they ran; bounded, oldest forgotten first
@@ -171,11 +175,14 @@ class Router:
         outcome: _Outcome | None = None
         try:
             self._check_deadline(request)
+            sources = await self._sources(request)
+            prompted = rag.augmented(request, sources) if sources else request
             pool = self._choose_pool(priority)
             async with pool.slots:
                 self._check_deadline(request)  # it may have expired while waiting for a slot
-                outcome = await self._attempts(request, pool, reply_topic)
+                outcome = await self._attempts(prompted, pool, reply_topic)
             final = outcome.reply
+            final.citations.extend(rag.citations(sources))
         except RequestFailed as failure:
             final = ev.FinalReply(request_id=request.request_id, model=request.model)
             final.error.CopyFrom(failure.info)
@@ -190,6 +197,19 @@ class Router:
             reply_topic, final, key=request.request_id, tenant=request.envelope.tenant
         )
         await self._audit(request, pool, outcome, queue_wait_us)
+
+    async def _sources(self, request: ev.InferenceRequest) -> list[rag.Source]:
+        """The knowledge-base sources of a RAG request, within the context budget."""
+        if not request.rag_collections or request.kind != ev.REQUEST_KIND_CHAT:
+            return []
+        with tracer.start_as_current_span(
+            "retrieve", attributes={"collections": list(request.rag_collections)}
+        ):
+            try:
+                found = await rag.retrieve(self._client, self._rag, request)
+            except rag.RetrievalFailed as error:
+                raise RequestFailed(error_info("server_error", error.code, str(error))) from None
+        return rag.within_budget(found, self._rag.max_context_chars)
 
     def _choose_pool(self, priority: str) -> Pool:
         pool = self._pools.choose(priority)

@@ -54,6 +54,22 @@ class SchedulingConfig(BaseModel):
     )
 
 
+class RagConfig(BaseModel):
+    """Retrieval-augmented answers: where the knowledge base is and how much goes in."""
+
+    retrieval_url: str = Field(
+        "http://127.0.0.1:8091", description="The retrieval service's search API."
+    )
+    top_k: int = Field(4, ge=1, le=16, description="Chunks put into the prompt by default.")
+    max_context_chars: int = Field(
+        3000,
+        ge=200,
+        le=100_000,
+        description="Characters of sources the prompt may hold (the model's context budget).",
+    )
+    timeout_s: float = Field(10.0, gt=0, description="How long a search may take.")
+
+
 class RouterSettings(MeshSettings):
     service_name: str = "router"
     pools: list[PoolConfig] = Field(
@@ -63,6 +79,7 @@ class RouterSettings(MeshSettings):
         min_length=1,
     )
     scheduling: SchedulingConfig = SchedulingConfig()
+    rag: RagConfig = RagConfig()
     connect_timeout_s: float = Field(2.0, gt=0)
     replica_cooldown_s: float = Field(
         10.0, ge=0, description="How long a replica that failed is passed over."

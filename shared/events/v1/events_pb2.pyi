@@ -129,7 +129,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., max_tokens: _Optional[int] = ..., n: _Optional[int] = ..., max_tokens_cap: _Optional[int] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
-    __slots__ = ("envelope", "request_id", "kind", "model", "model_version", "priority", "messages", "inputs", "sampling", "stream", "reply_topic", "deadline", "user", "api_key_id", "rag_collections")
+    __slots__ = ("envelope", "request_id", "kind", "model", "model_version", "priority", "messages", "inputs", "sampling", "stream", "reply_topic", "deadline", "user", "api_key_id", "rag_collections", "acl_groups", "rag_top_k")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,8 @@ class InferenceRequest(_message.Message):
     USER_FIELD_NUMBER: _ClassVar[int]
     API_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     RAG_COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
+    ACL_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    RAG_TOP_K_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     request_id: str
     kind: RequestKind
@@ -160,7 +162,9 @@ class InferenceRequest(_message.Message):
     user: str
     api_key_id: str
     rag_collections: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., kind: _Optional[_Union[RequestKind, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., inputs: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stream: _Optional[bool] = ..., reply_topic: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user: _Optional[str] = ..., api_key_id: _Optional[str] = ..., rag_collections: _Optional[_Iterable[str]] = ...) -> None: ...
+    acl_groups: _containers.RepeatedScalarFieldContainer[str]
+    rag_top_k: int
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., kind: _Optional[_Union[RequestKind, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., inputs: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stream: _Optional[bool] = ..., reply_topic: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user: _Optional[str] = ..., api_key_id: _Optional[str] = ..., rag_collections: _Optional[_Iterable[str]] = ..., acl_groups: _Optional[_Iterable[str]] = ..., rag_top_k: _Optional[int] = ...) -> None: ...
 
 class ReplyChunk(_message.Message):
     __slots__ = ("envelope", "request_id", "choice_index", "sequence", "delta")

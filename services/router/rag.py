@@ -1,0 +1,138 @@
+"""Retrieval-augmented generation: the knowledge base's best chunks into the prompt.
+
+For a chat request that names ``rag_collections``, the router asks the retrieval service
+for the chunks of those collections that best answer the last user message, within the
+request's tenant and the caller's ACL groups (the retrieval service applies that scope
+before ranking). The chunks go into a system message as numbered sources, as many as fit
+the context budget; the reply's citations list exactly those sources, in that order, so
+``[n]`` in the answer is the n-th citation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from services.router.settings import RagConfig
+from shared.events.v1 import events_pb2 as ev
+
+INSTRUCTIONS = (
+    "Answer the question using the sources below. Cite the sources you use as [1], [2], "
+    "and say so when they do not contain the answer."
+)
+
+
+class RetrievalFailed(Exception):
+    """The knowledge base could not be searched; ``code`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Source:
+    chunk_id: str
+    document_id: str
+    title: str
+    collection: str
+    text: str
+    score: float
+
+
+def question_of(request: ev.InferenceRequest) -> str:
+    """The text to search for: the last user message."""
+    for message in reversed(request.messages):
+        if message.role == "user" and message.content.strip():
+            return message.content
+    return ""
+
+
+async def retrieve(
+    client: httpx.AsyncClient, config: RagConfig, request: ev.InferenceRequest
+) -> list[Source]:
+    """The request's best sources, best first (raises :class:`RetrievalFailed`)."""
+    query = question_of(request)
+    if not query:
+        return []
+    body: dict[str, Any] = {
+        "tenant": request.envelope.tenant,
+        "collections": list(request.rag_collections),
+        "groups": list(request.acl_groups),
+        "query": query[:4000],
+        "top_k": request.rag_top_k or config.top_k,
+    }
+    try:
+        reply = await client.post(
+            f"{config.retrieval_url.rstrip('/')}/v1/kb/search", json=body, timeout=config.timeout_s
+        )
+    except httpx.HTTPError as error:
+        raise RetrievalFailed(
+            "retrieval_unavailable", f"the knowledge base is unreachable ({type(error).__name__})"
+        ) from error
+    if reply.status_code != 200:
+        try:
+            message = str(reply.json()["error"]["message"])
+        except (ValueError, KeyError, TypeError):
+            message = reply.text[:200]
+        raise RetrievalFailed("retrieval_failed", f"knowledge base search failed: {message}")
+    return [
+        Source(
+            chunk_id=str(hit["chunk_id"]),
+            document_id=str(hit["document_id"]),
+            title=str(hit.get("title") or ""),
+            collection=str(hit["collection"]),
+            text=str(hit["text"]),
+            score=float(hit.get("score") or 0.0),
+        )
+        for hit in reply.json()["hits"]
+    ]
+
+
+def within_budget(sources: list[Source], max_chars: int) -> list[Source]:
+    """The best sources whose text fits ``max_chars``; the first is cut to fit if alone."""
+    kept: list[Source] = []
+    used = 0
+    for source in sources:
+        cost = len(source.title) + len(source.text) + 8
+        if used + cost > max_chars:
+            if not kept:  # one long chunk: keep its beginning rather than nothing
+                room = max(0, max_chars - len(source.title) - 8)
+                kept.append(Source(**{**source.__dict__, "text": source.text[:room]}))
+            break
+        kept.append(source)
+        used += cost
+    return kept
+
+
+def augmented(request: ev.InferenceRequest, sources: list[Source]) -> ev.InferenceRequest:
+    """A copy of ``request`` whose system message carries ``sources`` as numbered sources."""
+    numbered = "\n\n".join(
+        f"[{number}] {source.title}\n{source.text}" if source.title else f"[{number}] {source.text}"
+        for number, source in enumerate(sources, start=1)
+    )
+    context = f"{INSTRUCTIONS}\n\nSources:\n\n{numbered}"
+    result = ev.InferenceRequest()
+    result.CopyFrom(request)
+    del result.messages[:]
+    system = [m.content for m in request.messages if m.role == "system"]
+    result.messages.add(role="system", content="\n\n".join([context, *system]))
+    for message in request.messages:
+        if message.role != "system":
+            result.messages.add(role=message.role, content=message.content, name=message.name)
+    return result
+
+
+def citations(sources: list[Source]) -> list[ev.Citation]:
+    return [
+        ev.Citation(
+            document_id=s.document_id,
+            title=s.title,
+            chunk_id=s.chunk_id,
+            collection=s.collection,
+            score=s.score,
+        )
+        for s in sources
+    ]
