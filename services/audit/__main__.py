@@ -49,25 +49,36 @@ async def build(settings: AuditSettings, bus: Bus, health: HealthState) -> Await
             host=settings.audit_api_host,
             port=settings.audit_api_port,
             log_level="warning",
+            # uvicorn's own handlers would print plain text past the PII and credential filters
+            log_config=None,
             lifespan="off",
         )
     )
     health.readiness["http"] = lambda: None if server.started else "HTTP not listening yet"
-    return _serve(server, service, settings)
+    return _serve(server, service, bus, settings)
 
 
-async def _serve(server: _Server, service: AuditService, settings: AuditSettings) -> None:
+async def _listen(server: _Server, settings: AuditSettings) -> None:
+    try:
+        await server.serve()
+    except SystemExit:  # uvicorn exits the process when it cannot bind; fail like a service
+        raise RuntimeError(
+            f"the audit API cannot listen on {settings.audit_api_host}:{settings.audit_api_port} "
+            "(MESHLLM_AUDIT_API_HOST, MESHLLM_AUDIT_API_PORT)"
+        ) from None
+
+
+async def _serve(server: _Server, service: AuditService, bus: Bus, settings: AuditSettings) -> None:
     background = [
         asyncio.create_task(service.run_checkpoints(), name="checkpoints"),
         asyncio.create_task(service.run_retention(), name="retention"),
     ]
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(_listen(server, settings), name="audit-api")
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
-        log.info(
-            "audit API listening", url=f"http://{settings.audit_api_host}:{settings.audit_api_port}"
-        )
+        port = server.servers[0].sockets[0].getsockname()[1]  # the one picked, for port 0
+        log.info("audit API listening", url=f"http://{settings.audit_api_host}:{port}")
     try:
         await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -75,6 +86,10 @@ async def _serve(server: _Server, service: AuditService, settings: AuditSettings
         for work in background:
             work.cancel()
         await asyncio.gather(task, *background, return_exceptions=True)
+        # Drain what the broker already holds before the last checkpoint, so that it covers
+        # them; the bus stops these subscribers again after this returns, which is a no-op.
+        drain_s = settings.bus.drain_timeout_ms / 1000
+        await asyncio.gather(*(subscriber.stop(drain_s) for subscriber in bus.subscribers))
         await service.close()
         raise
 

@@ -31,11 +31,18 @@ from starlette.routing import Route
 from services.audit.log import AuditLog
 from services.audit.merkle import ProofError
 from services.audit.records import KINDS, UNKNOWN_KIND, AuditQuery
+from shared.logging import get_logger
 from shared.openai_protocol import InvalidRequestError, OpenAIError, invalid_field
+
+log = get_logger(__name__)
 
 FILTERS = ("tenant", "api_key_id", "user", "model", "model_version", "request_id", "kind")
 QUERY_PARAMS = frozenset((*FILTERS, "since", "until", "cursor", "limit", "order"))
 MAX_FILTER_LENGTH = 256
+MAX_INTEGER = 2**63 - 1  # leaf indices and tree sizes are SQLite/OpenSearch 64-bit integers
+# The span of int64 nanoseconds since the epoch, which occurred_at is stored as.
+EARLIEST = datetime(1677, 9, 22, tzinfo=UTC)
+LATEST = datetime(2262, 4, 11, tzinfo=UTC)
 
 
 class NotFound(OpenAIError):
@@ -57,16 +64,20 @@ def _only(params: Mapping[str, str], allowed: frozenset[str]) -> None:
         raise invalid_field(unknown[0], f"unknown query parameter (allowed: {names})")
 
 
-def _integer(params: Mapping[str, str], name: str, low: int, high: int | None = None) -> int | None:
+def _digits(value: str) -> bool:
+    # str.isdigit() also takes "²" (which int() refuses) and other scripts' digits
+    return value.isascii() and value.isdigit()
+
+
+def _integer(params: Mapping[str, str], name: str, low: int, high: int = MAX_INTEGER) -> int | None:
     value = params.get(name)
     if value is None:
         return None
-    if not value.isdigit():
+    if not _digits(value):
         raise invalid_field(name, f"must be a whole number, got {value[:40]!r}")
     number = int(value)
-    if number < low or (high is not None and number > high):
-        bound = f"between {low} and {high}" if high is not None else f"{low} or more"
-        raise invalid_field(name, f"must be {bound}, got {number}")
+    if not low <= number <= high:
+        raise invalid_field(name, f"must be between {low} and {high}, got {value[:40]}")
     return number
 
 
@@ -75,7 +86,7 @@ def _moment(params: Mapping[str, str], name: str) -> datetime | None:
     if value is None:
         return None
     try:
-        if value.replace(".", "", 1).isdigit():
+        if _digits(value.replace(".", "", 1)):
             return datetime.fromtimestamp(float(value), UTC)
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except (ValueError, OverflowError, OSError):
@@ -85,6 +96,14 @@ def _moment(params: Mapping[str, str], name: str) -> datetime | None:
     if moment.tzinfo is None:
         raise invalid_field(name, f"needs a time zone (e.g. {value}Z), got {value[:40]!r}")
     return moment
+
+
+def _representable(moment: datetime | None) -> datetime | None:
+    """``moment`` within the times a record can have (int64 nanoseconds since the epoch):
+    ``until=9999-12-31T00:00:00Z`` means "no end", not an overflow in the store."""
+    if moment is None:
+        return None
+    return min(max(moment, EARLIEST), LATEST)
 
 
 def parse_query(params: Mapping[str, str], max_page_size: int) -> AuditQuery:
@@ -106,8 +125,8 @@ def parse_query(params: Mapping[str, str], max_page_size: int) -> AuditQuery:
     limit = _integer(params, "limit", 1, max_page_size)
     return AuditQuery(
         **{name: params.get(name) for name in FILTERS},
-        since=since,
-        until=until,
+        since=_representable(since),
+        until=_representable(until),
         after=_integer(params, "cursor", 0),
         limit=limit if limit is not None else min(100, max_page_size),
         descending=order == "desc",
@@ -126,6 +145,12 @@ class AuditApi:
                     return JSONResponse(await handler(request))
                 except OpenAIError as error:
                     return JSONResponse(error.to_dict(), status_code=error.status)
+                except Exception:
+                    # logged here, through the service's JSON and PII-filtered logging, and
+                    # answered in the API's error format, not as uvicorn's plain-text 500
+                    log.exception("audit API request failed", path=request.url.path)
+                    failed = OpenAIError("the audit service failed to answer; see its logs")
+                    return JSONResponse(failed.to_dict(), status_code=failed.status)
 
             return Route(path, endpoint, methods=["GET"])
 
@@ -160,13 +185,19 @@ class AuditApi:
         return result
 
     async def proof(self, request: Request) -> dict[str, Any]:
-        found = await self._scoped(request, frozenset({"tenant", "tree_size"}))
+        _only(request.query_params, frozenset({"tenant", "tree_size"}))
         size = _integer(request.query_params, "tree_size", 1)
+        found = await self._scoped(request, frozenset({"tenant", "tree_size"}))
         checkpoint = None
         if size is not None:
             checkpoint = await asyncio.to_thread(self.log.store.checkpoint_at, size)
             if checkpoint is None:
                 raise invalid_field("tree_size", f"no signed checkpoint has size {size}")
+            if size <= found.leaf_index:
+                raise invalid_field(
+                    "tree_size",
+                    f"the checkpoint of size {size} does not cover leaf {found.leaf_index}",
+                )
         try:
             bundle = await asyncio.to_thread(
                 self.log.record_proof, leaf_index=found.leaf_index, checkpoint=checkpoint
@@ -191,7 +222,7 @@ class AuditApi:
         if first is None:
             raise invalid_field("first", "is required (a tree size)")
         try:
-            proof = self.log.consistency_proof(first, second)
+            proof = await asyncio.to_thread(self.log.consistency_proof, first, second)
         except ProofError as error:
             raise InvalidRequestError(str(error), "second" if second else "first") from error
         result: dict[str, Any] = proof.to_json()
