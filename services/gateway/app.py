@@ -27,6 +27,7 @@ from starlette.routing import Route
 from services.gateway.audit import AuditRecorder, AuditUnavailable
 from services.gateway.audit_routes import AuditRoutes
 from services.gateway.auth import Authenticator, AuthError, Principal
+from services.gateway.kb_routes import KbRoutes
 from services.gateway.limits import ConcurrencyLimiter, Limit, LocalRateLimiter
 from services.gateway.policy import Action, Policy, PolicyRequest
 from services.gateway.rag import RagRequest, parse_rag
@@ -154,6 +155,13 @@ class Gateway:
             policy=policy,
             record=lambda event, key, tenant: audit.record(event, key=key, tenant=tenant),
         )
+        self.kb_routes = KbRoutes(
+            settings=settings.kb,
+            authenticate=self._authenticate,
+            policy=policy,
+            publisher=publisher,
+            record=lambda event, key, tenant: audit.record(event, key=key, tenant=tenant),
+        )
 
     # ----------------------------------------------------------------- HTTP routes
 
@@ -164,6 +172,7 @@ class Gateway:
             Route("/v1/embeddings", self._route("embedding"), methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             *self.audit_routes.routes(),
+            *self.kb_routes.routes(),
         ]
         return Starlette(
             routes=routes,

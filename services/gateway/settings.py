@@ -98,6 +98,18 @@ class LimitsConfig(BaseModel):
     max_body_bytes: int = Field(1_048_576, ge=1_024, description="Larger request bodies: 413.")
 
 
+class KbSettings(BaseModel):
+    service_url: str = Field(
+        "http://127.0.0.1:8091", description="The retrieval service that /v1/kb/* forwards to."
+    )
+    max_document_bytes: int = Field(
+        15 * 2**20,
+        ge=1024,
+        le=15 * 2**20,
+        description="Largest document accepted (kb.ingest carries at most 16 MiB a message).",
+    )
+
+
 class GatewaySettings(MeshSettings):
     """The gateway: where it listens, where keys and policies live, who it trusts, its limits."""
 
@@ -130,6 +142,7 @@ class GatewaySettings(MeshSettings):
     )
 
     audit: AuditSettings = AuditSettings()
+    kb: KbSettings = KbSettings()
 
     @property
     def audit_spool_path(self) -> Path:
