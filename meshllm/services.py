@@ -22,6 +22,8 @@ class ServiceSpec:
 SERVICES: tuple[ServiceSpec, ...] = (
     # Ray start, model load and a probe generation: ~20-60 s on two cores.
     ServiceSpec(name="inference", module="services.inference", ready_timeout_s=300.0),
+    # the knowledge base; it embeds through the inference service's embeddings deployment
+    ServiceSpec(name="retrieval", module="services.retrieval"),
     ServiceSpec(name="router", module="services.router"),
     # before the gateway: it answers nothing whose audit record the store has not taken
     ServiceSpec(name="audit", module="services.audit"),

@@ -1,0 +1,1 @@
+"""The knowledge base: ingestion, chunking, embeddings, hybrid search, RAG context."""

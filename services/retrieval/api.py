@@ -1,0 +1,236 @@
+"""The retrieval service's API (internal: the router and the gateway call it; the gateway
+has checked the caller's policy and fills in the tenant and groups).
+
+- ``POST /v1/kb/search``: ``{"tenant", "collections": [...], "groups": [...], "query",
+  "top_k", "mode": "hybrid"|"bm25"|"vector"}`` -> ``{"hits": [{chunk_id, document_id,
+  title, collection, text, score, ordinal, bm25_rank, vector_rank}]}``. Only chunks of
+  that tenant and those collections whose ACL is empty or names one of the groups are
+  searched at all.
+- ``GET /v1/kb/collections?tenant=`` -> the tenant's collections with their sizes.
+- ``GET /v1/kb/collections/{collection}/documents?tenant=&after=&limit=``
+- ``GET /v1/kb/collections/{collection}/documents/{document_id}?tenant=`` -> the stored
+  document and the outcome of its last ingestion (``failed`` with the reason, too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from services.retrieval.embedder import EmbedderError
+from services.retrieval.index import DocumentInfo, KnowledgeIndex, Scope
+from services.retrieval.search import HybridSearcher
+from services.retrieval.service import COLLECTION, DOCUMENT_ID, StatusStore
+from shared.openai_protocol import (
+    InvalidRequestError,
+    OpenAIError,
+    ServiceUnavailableError,
+    invalid_field,
+)
+
+SEARCH_FIELDS = frozenset({"tenant", "collections", "groups", "query", "top_k", "mode"})
+MODES = ("hybrid", "bm25", "vector")
+MAX_QUERY_CHARS = 4000
+MAX_COLLECTIONS = 32
+MAX_GROUPS = 64
+
+
+class NotFound(OpenAIError):
+    status = 404
+    error_type = "not_found_error"
+
+
+def parse_search(body: Any, max_top_k: int) -> tuple[Scope, str, int, str]:
+    """(scope, query, top_k, mode) of a search body; 400 naming the field at fault."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the body must be a JSON object")
+    for key in body:
+        if key not in SEARCH_FIELDS:
+            raise invalid_field(str(key), f"is not a field ({', '.join(sorted(SEARCH_FIELDS))})")
+    tenant = body.get("tenant")
+    if not isinstance(tenant, str) or not tenant:
+        raise invalid_field("tenant", "is required (a non-empty string)")
+    query = body.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise invalid_field("query", "is required (non-empty text)")
+    if len(query) > MAX_QUERY_CHARS:
+        raise invalid_field("query", f"must have at most {MAX_QUERY_CHARS} characters")
+    collections = body.get("collections")
+    if (
+        not isinstance(collections, list)
+        or not 1 <= len(collections) <= MAX_COLLECTIONS
+        or not all(isinstance(c, str) and COLLECTION.match(c) for c in collections)
+    ):
+        raise invalid_field(
+            "collections",
+            f"must list 1 to {MAX_COLLECTIONS} collection names (letters, digits, _ . -)",
+        )
+    groups = body.get("groups", [])
+    if (
+        not isinstance(groups, list)
+        or len(groups) > MAX_GROUPS
+        or not all(isinstance(g, str) and 0 < len(g) <= 128 for g in groups)
+    ):
+        raise invalid_field("groups", f"must be a list of at most {MAX_GROUPS} names")
+    top_k = body.get("top_k", 5)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= max_top_k:
+        raise invalid_field("top_k", f"must be an integer from 1 to {max_top_k}")
+    mode = body.get("mode", "hybrid")
+    if mode not in MODES:
+        raise invalid_field("mode", f"must be one of {', '.join(MODES)}")
+    scope = Scope(tenant, tuple(dict.fromkeys(collections)), tuple(groups))
+    return scope, query, top_k, str(mode)
+
+
+def document_json(info: DocumentInfo) -> dict[str, Any]:
+    return {
+        "document_id": info.document_id,
+        "collection": info.collection,
+        "title": info.title,
+        "content_type": info.content_type,
+        "content_sha256": info.content_sha256,
+        "chunks": info.chunks,
+        "acl": list(info.acl),
+        "metadata": dict(info.metadata),
+        "indexed_at_ns": info.indexed_at_ns,
+    }
+
+
+class RetrievalApi:
+    def __init__(
+        self,
+        index: KnowledgeIndex,
+        searcher: HybridSearcher,
+        statuses: StatusStore,
+        *,
+        max_top_k: int,
+    ) -> None:
+        self.index = index
+        self.searcher = searcher
+        self.statuses = statuses
+        self.max_top_k = max_top_k
+
+    def app(self) -> Starlette:
+        def route(path: str, handler: Callable[[Request], Awaitable[Any]], method: str) -> Route:
+            async def endpoint(request: Request) -> Response:
+                try:
+                    return JSONResponse(await handler(request))
+                except OpenAIError as error:
+                    return JSONResponse(error.to_dict(), status_code=error.status)
+
+            return Route(path, endpoint, methods=[method])
+
+        return Starlette(
+            routes=[
+                route("/v1/kb/search", self.search, "POST"),
+                route("/v1/kb/collections", self.collections, "GET"),
+                route("/v1/kb/collections/{collection}/documents", self.documents, "GET"),
+                route(
+                    "/v1/kb/collections/{collection}/documents/{document_id:path}",
+                    self.document,
+                    "GET",
+                ),
+            ]
+        )
+
+    async def search(self, request: Request) -> dict[str, Any]:
+        try:
+            body = json.loads(await request.body())
+        except ValueError as error:
+            raise InvalidRequestError(f"the body is not valid JSON ({error})") from None
+        scope, query, top_k, mode = parse_search(body, self.max_top_k)
+        try:
+            hits = await asyncio.to_thread(self.searcher.search, scope, query, top_k, mode)
+        except EmbedderError as error:
+            raise ServiceUnavailableError(f"the query could not be embedded: {error}") from error
+        return {
+            "hits": [
+                {
+                    "chunk_id": hit.chunk.chunk_id,
+                    "document_id": hit.chunk.document_id,
+                    "title": hit.chunk.title,
+                    "collection": hit.chunk.collection,
+                    "ordinal": hit.chunk.ordinal,
+                    "text": hit.chunk.text,
+                    "score": hit.score,
+                    "bm25_rank": hit.bm25_rank,
+                    "vector_rank": hit.vector_rank,
+                }
+                for hit in hits
+            ]
+        }
+
+    @staticmethod
+    def _tenant(request: Request, allowed: frozenset[str]) -> str:
+        for key in request.query_params:
+            if key not in allowed:
+                raise invalid_field(key, "is not a query parameter here")
+        tenant = request.query_params.get("tenant")
+        if not tenant:
+            raise invalid_field("tenant", "is required")
+        return tenant
+
+    @staticmethod
+    def _collection(request: Request) -> str:
+        collection = str(request.path_params["collection"])
+        if not COLLECTION.match(collection):
+            raise invalid_field("collection", "use 1-64 letters, digits, '_', '.' or '-'")
+        return collection
+
+    async def collections(self, request: Request) -> dict[str, Any]:
+        tenant = self._tenant(request, frozenset({"tenant"}))
+        found = await asyncio.to_thread(self.index.collections, tenant)
+        return {
+            "collections": [
+                {"collection": c.collection, "documents": c.documents, "chunks": c.chunks}
+                for c in found
+            ]
+        }
+
+    async def documents(self, request: Request) -> dict[str, Any]:
+        tenant = self._tenant(request, frozenset({"tenant", "after", "limit"}))
+        collection = self._collection(request)
+        limit_text = request.query_params.get("limit", "100")
+        if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+            raise invalid_field("limit", "must be an integer from 1 to 1000")
+        found = await asyncio.to_thread(
+            self.index.documents,
+            tenant,
+            collection,
+            after=request.query_params.get("after"),
+            limit=int(limit_text),
+        )
+        return {
+            "documents": [document_json(info) for info in found],
+            "next_after": found[-1].document_id if len(found) == int(limit_text) else None,
+        }
+
+    async def document(self, request: Request) -> dict[str, Any]:
+        tenant = self._tenant(request, frozenset({"tenant"}))
+        collection = self._collection(request)
+        document_id = str(request.path_params["document_id"])
+        if not DOCUMENT_ID.match(document_id):
+            raise invalid_field("document_id", "use 1-200 letters, digits and _ . : @ / -")
+        info = await asyncio.to_thread(self.index.document, tenant, collection, document_id)
+        status = await asyncio.to_thread(self.statuses.get, tenant, collection, document_id)
+        if info is None and status is None:
+            raise NotFound(f"no document {document_id!r} in {collection!r}", "document_id")
+        return {
+            "document": None if info is None else document_json(info),
+            "last_ingestion": None
+            if status is None
+            else {
+                "state": status.state,
+                "chunks": status.chunks,
+                "content_sha256": status.content_sha256,
+                "error": status.error or None,
+                "updated_at_ns": status.updated_at_ns,
+            },
+        }

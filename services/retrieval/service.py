@@ -1,0 +1,281 @@
+"""The retrieval service's ingestion: kb.ingest events into the index, progress on kb.indexed.
+
+Each document goes parse -> chunk -> embed (passage vectors) -> replace its chunks in the
+index. Every outcome is reported on ``kb.indexed`` and remembered per document, so the
+API can tell a caller what became of an upload:
+
+- ``STARTED`` then ``INDEXED`` (with the chunk count) for a new or changed document;
+- ``UNCHANGED`` when the same bytes, title, ACL and metadata are indexed already
+  (re-ingesting is idempotent by document id and content hash);
+- ``DELETED`` for a deletion (also of a document that was never there);
+- ``FAILED`` with the reason for a document that cannot be indexed (unsupported type,
+  empty, too large, unparseable). A failure is a result, not an error of the consumer:
+  the offset moves on and the next document is not held up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.retrieval.chunking import chunk_text
+from services.retrieval.embedder import EmbedderError, EmbedderUnavailable
+from services.retrieval.index import Chunk, DocumentInfo, KnowledgeIndex, Vectors
+from services.retrieval.parsing import ParseError, parse_document
+from shared.bus import Publisher
+from shared.bus.consumer import EventContext
+from shared.events.v1 import events_pb2 as ev
+from shared.logging import get_logger
+from shared.topics import KB_INDEXED
+
+log = get_logger(__name__)
+
+COLLECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DOCUMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,199}$")
+STATE_NAMES = {
+    ev.INDEX_STATE_STARTED: "started",
+    ev.INDEX_STATE_INDEXED: "indexed",
+    ev.INDEX_STATE_UNCHANGED: "unchanged",
+    ev.INDEX_STATE_DELETED: "deleted",
+    ev.INDEX_STATE_FAILED: "failed",
+}
+
+Embed = Callable[[list[str], str], Vectors]
+EMBED_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+"""Waits between tries while the embeddings service is unreachable (~1 minute in all)."""
+
+
+class IngestRefused(ValueError):
+    """A document that cannot be indexed; the message says why (it goes to kb.indexed)."""
+
+
+def check_names(tenant: str, collection: str, document_id: str) -> None:
+    """Raise :class:`IngestRefused` for a missing tenant or a malformed name."""
+    if not tenant:
+        raise IngestRefused("the event names no tenant (envelope.tenant)")
+    if not COLLECTION.match(collection):
+        raise IngestRefused(
+            f"collection {collection[:80]!r}: use 1-64 letters, digits, '_', '.' or '-'"
+        )
+    if not DOCUMENT_ID.match(document_id):
+        raise IngestRefused(
+            f"document_id {document_id[:80]!r}: use 1-200 letters, digits and _ . : @ / -"
+        )
+
+
+@dataclass(frozen=True)
+class Status:
+    state: str
+    chunks: int
+    content_sha256: str
+    error: str
+    updated_at_ns: int
+
+
+class StatusStore:
+    """The last outcome of each document, durable (a small SQLite file)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS status (tenant TEXT, collection TEXT, document_id TEXT,"
+            " state TEXT, chunks INTEGER, sha256 TEXT, error TEXT, updated_ns INTEGER,"
+            " PRIMARY KEY (tenant, collection, document_id))"
+        )
+        self._lock = threading.Lock()
+
+    def put(self, tenant: str, collection: str, document_id: str, status: Status) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO status VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    tenant,
+                    collection,
+                    document_id,
+                    status.state,
+                    status.chunks,
+                    status.content_sha256,
+                    status.error,
+                    status.updated_at_ns,
+                ),
+            )
+
+    def get(self, tenant: str, collection: str, document_id: str) -> Status | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT state, chunks, sha256, error, updated_ns FROM status"
+                " WHERE tenant = ? AND collection = ? AND document_id = ?",
+                (tenant, collection, document_id),
+            ).fetchone()
+        return None if row is None else Status(*row)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class Ingestor:
+    """Turns kb.ingest events into index updates and kb.indexed reports."""
+
+    def __init__(
+        self,
+        index: KnowledgeIndex,
+        embed: Embed,
+        publisher: Publisher,
+        statuses: StatusStore,
+        *,
+        max_document_bytes: int,
+    ) -> None:
+        self.index = index
+        self.embed = embed
+        self.publisher = publisher
+        self.statuses = statuses
+        self.max_document_bytes = max_document_bytes
+        self._write = asyncio.Lock()
+
+    async def on_ingest(self, event: ev.KbIngest, ctx: EventContext) -> None:
+        tenant = ctx.envelope.tenant
+        started = time.monotonic()
+        report = ev.KbIndexed(document_id=event.document_id, collection=event.collection)
+        try:
+            check_names(tenant, event.collection, event.document_id)
+            async with self._write:  # one document at a time: replacements never interleave
+                await self._apply(tenant, event, report)
+        except IngestRefused as refused:
+            report.state = ev.INDEX_STATE_FAILED
+            report.error = str(refused)
+        except Exception as error:  # a bug or a broken store: report it, keep consuming
+            log.exception("ingestion failed", document_id=event.document_id)
+            report.state = ev.INDEX_STATE_FAILED
+            report.error = f"internal error: {type(error).__name__}"
+        await self._report(tenant, report)
+        log.info(
+            "document ingested",
+            tenant=tenant,
+            collection=event.collection,
+            document_id=event.document_id,
+            state=STATE_NAMES.get(report.state, "?"),
+            chunks=report.chunks,
+            error=report.error or None,
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    async def _apply(self, tenant: str, event: ev.KbIngest, report: ev.KbIndexed) -> None:
+        if event.delete:
+            await asyncio.to_thread(self.index.delete, tenant, event.collection, event.document_id)
+            report.state = ev.INDEX_STATE_DELETED
+            return
+        if len(event.content) > self.max_document_bytes:
+            raise IngestRefused(
+                f"the document has {len(event.content)} bytes; the limit is "
+                f"{self.max_document_bytes}"
+            )
+        digest = hashlib.sha256(event.content).hexdigest()
+        report.content_sha256 = digest
+        acl, metadata = tuple(sorted(set(event.acl))), dict(sorted(event.metadata.items()))
+        existing = await asyncio.to_thread(
+            self.index.document, tenant, event.collection, event.document_id
+        )
+        if (
+            existing is not None
+            and existing.content_sha256 == digest
+            and existing.acl == acl
+            and dict(existing.metadata) == metadata
+            and existing.title == (event.title or existing.title)
+        ):
+            report.state = ev.INDEX_STATE_UNCHANGED
+            report.chunks = existing.chunks
+            return
+        await self._report(
+            tenant,
+            ev.KbIndexed(
+                document_id=event.document_id,
+                collection=event.collection,
+                state=ev.INDEX_STATE_STARTED,
+                content_sha256=digest,
+            ),
+        )
+        try:
+            parsed = await asyncio.to_thread(
+                functools.partial(
+                    parse_document,
+                    event.content,
+                    event.content_type,
+                    event.title or None,
+                    max_bytes=self.max_document_bytes,
+                )
+            )
+        except ParseError as error:
+            raise IngestRefused(str(error)) from error
+        texts = chunk_text(parsed.text)
+        if not texts:
+            raise IngestRefused("the document has no text to index")
+        title = event.title or parsed.title or event.document_id
+        chunks = [
+            Chunk(
+                chunk_id=f"{event.document_id}#{ordinal}",
+                document_id=event.document_id,
+                tenant=tenant,
+                collection=event.collection,
+                title=title,
+                text=text,
+                ordinal=ordinal,
+                acl=acl,
+                metadata=metadata,
+            )
+            for ordinal, text in enumerate(texts)
+        ]
+        # the title helps the vector find the chunk ("Leave policy: ..."), as in e5's training
+        vectors = await self._embed([f"{title}: {c.text}" for c in chunks])
+        info = DocumentInfo(
+            tenant=tenant,
+            collection=event.collection,
+            document_id=event.document_id,
+            title=title,
+            content_sha256=digest,
+            content_type=event.content_type,
+            chunks=len(chunks),
+            acl=acl,
+            metadata=metadata,
+            indexed_at_ns=time.time_ns(),
+        )
+        await asyncio.to_thread(self.index.upsert, info, chunks, vectors)
+        report.state = ev.INDEX_STATE_INDEXED
+        report.chunks = len(chunks)
+
+    async def _embed(self, texts: list[str]) -> Vectors:
+        """Passage vectors; waits out an embeddings service that is down for a while."""
+        for delay in EMBED_RETRY_S:
+            try:
+                return await asyncio.to_thread(self.embed, texts, "passage")
+            except EmbedderUnavailable as error:
+                log.warning("embeddings unavailable; retrying", retry_in_s=delay, error=str(error))
+                await asyncio.sleep(delay)
+            except EmbedderError as error:
+                raise IngestRefused(f"the text could not be embedded: {error}") from error
+        raise IngestRefused("the embeddings service stayed unavailable; ingest the document again")
+
+    async def _report(self, tenant: str, report: ev.KbIndexed) -> None:
+        status = Status(
+            STATE_NAMES.get(report.state, "unknown"),
+            report.chunks,
+            report.content_sha256,
+            report.error,
+            time.time_ns(),
+        )
+        if report.collection and report.document_id:
+            await asyncio.to_thread(
+                self.statuses.put, tenant, report.collection, report.document_id, status
+            )
+        await self.publisher.publish(
+            KB_INDEXED, report, key=report.document_id, tenant=tenant or None
+        )
