@@ -75,7 +75,7 @@ class Mesh:
         )
 
 
-SERVICES = ("inference", "router", "audit", "gateway")
+SERVICES = ("inference", "retrieval", "router", "audit", "gateway")
 # tenant initech has its audit text redacted; the others keep it (the default)
 PII_TENANTS = {"initech": {"audit": {"enabled": True}}}
 
@@ -95,9 +95,11 @@ async def mesh(
             "analyst": store.create("acme", ["analyst"])[1],
             "globex-auditor": store.create("globex", ["auditor"])[1],
             "initech": store.create("initech", ["analyst"])[1],
+            "developer": store.create("acme", ["developer"])[1],
+            "globex-analyst": store.create("globex", ["analyst"])[1],
         }
         store.revoke(keys["revoked"].split("-")[1])
-    inference_port, gateway_port, audit_port = free_port(), free_port(), free_port()
+    inference_port, gateway_port, audit_port, kb_port = (free_port() for _ in range(4))
     inference_url = f"http://127.0.0.1:{inference_port}"
     env = {
         **os.environ,
@@ -107,7 +109,6 @@ async def mesh(
         "MESHLLM_DATA_DIR": str(data),
         "MESHLLM_LOG_FORMAT": "json",
         "MESHLLM_SERVE__HTTP_PORT": str(inference_port),
-        "MESHLLM_SERVE__EMBEDDINGS_REPLICAS": "0",
         "MESHLLM_POOLS": json.dumps([{"name": "cpu", "replicas": [inference_url]}]),
         "MESHLLM_HTTP_PORT": str(gateway_port),
         "MESHLLM_REQUEST_TIMEOUT_S": "90",
@@ -115,6 +116,10 @@ async def mesh(
         "MESHLLM_AUDIT__SERVICE_URL": f"http://127.0.0.1:{audit_port}",
         "MESHLLM_CHECKPOINT_INTERVAL_S": "1",
         "MESHLLM_PII__TENANTS": json.dumps(PII_TENANTS),
+        "MESHLLM_KB_API_PORT": str(kb_port),
+        "MESHLLM_KB__SERVICE_URL": f"http://127.0.0.1:{kb_port}",
+        "MESHLLM_RAG__RETRIEVAL_URL": f"http://127.0.0.1:{kb_port}",
+        "MESHLLM_EMBEDDINGS_URL": inference_url,
     }
     mesh = Mesh(f"http://127.0.0.1:{gateway_port}/v1", inference_url, keys, data)
     for name in SERVICES:
