@@ -144,6 +144,7 @@ def test_dockerignore_keeps_local_state_out() -> None:
 def settings_class(service: dict[str, Any]) -> type[MeshSettings]:
     """The settings a Compose service reads: its service's (``meshllm run NAME``) or the mesh's."""
     from services.audit.settings import AuditSettings
+    from services.retrieval.settings import RetrievalSettings
     from services.gateway.settings import GatewaySettings
     from services.inference.settings import InferenceSettings
     from services.router.settings import RouterSettings
@@ -153,6 +154,7 @@ def settings_class(service: dict[str, Any]) -> type[MeshSettings]:
     if args[:1] == ["run"]:
         return {
             "audit": AuditSettings,
+            "retrieval": RetrievalSettings,
             "gateway": GatewaySettings,
             "router": RouterSettings,
             "inference": InferenceSettings,
