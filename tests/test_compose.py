@@ -144,9 +144,9 @@ def test_dockerignore_keeps_local_state_out() -> None:
 def settings_class(service: dict[str, Any]) -> type[MeshSettings]:
     """The settings a Compose service reads: its service's (``meshllm run NAME``) or the mesh's."""
     from services.audit.settings import AuditSettings
-    from services.retrieval.settings import RetrievalSettings
     from services.gateway.settings import GatewaySettings
     from services.inference.settings import InferenceSettings
+    from services.retrieval.settings import RetrievalSettings
     from services.router.settings import RouterSettings
 
     command = service.get("command", [])

@@ -126,7 +126,7 @@ def test_log_lines_carry_no_pii_and_no_credentials(capsys: pytest.CaptureFixture
         header=f"Bearer {key}",
         nested={"card": "6222020200112233446"},
     )
-    logging.getLogger("uvicorn.error").warning("bad key %s from 36.110.12.34", key)
+    logging.getLogger("demo.stdlib").warning("bad key %s from 36.110.12.34", key)
     out = capsys.readouterr().err
     for secret in ("13812345678", "zhang.wei@example.com", "6222020200112233446", "S" * 32):
         assert secret not in out
