@@ -124,3 +124,9 @@ bench-policy *args:
 bench-pii *args:
     {{python}} -m pip install --quiet -e ".[bench]"
     {{python}} -m benchmarks.pii_bench {{args}}
+
+# Retrieval quality (BM25, vectors, hybrid) on a bilingual set; vector search vs faiss at 10k/100k.
+[group('bench')]
+bench-retrieval *args:
+    {{python}} -m pip install --quiet -e ".[bench]"
+    {{python}} -m benchmarks.retrieval_bench {{args}}

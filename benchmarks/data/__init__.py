@@ -1,0 +1,1 @@
+"""Generated data sets of the benchmarks, with the code that generates them."""
