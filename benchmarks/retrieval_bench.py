@@ -62,13 +62,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 COMMAND = "python -m benchmarks.retrieval_bench"
 THREADS = 2  # faiss builds and the embedding model
 # One query on two OpenMP threads waits for the busier core of a shared machine: an exact
-# faiss search of 10k vectors took 16 ms so, 0.3 ms on one thread. Searches run on one.
+# faiss search of 10k vectors took 16 ms that way, 0.3 ms on one thread. Searches run on one.
 SEARCH_THREADS = 1
 DIM = 384
 K = 10
 SCOPE = Scope("bench", ("kb",))
 # the back end's HNSW defaults, passed to both it and the faiss peer so they build alike
-HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 200, 128
+_BACK_END = inspect.signature(SqliteKnowledgeIndex).parameters
+HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = (
+    int(_BACK_END[name].default) for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search")
+)
 CHUNKS_PER_DOCUMENT = 50  # synthetic documents of the speed part
 METHODS = {  # name: (mode, fusion) as HybridSearcher.search takes them
     "BM25": ("bm25", None),
@@ -340,24 +343,30 @@ def synthetic_texts(data: RetrievalSet, count: int, seed: int) -> list[str]:
     return [" ".join(rng.sample(sentences, 3)) for _ in range(count)]
 
 
-def timed(calls: Sequence[Callable[[], Any]], warm_up: int = 5) -> tuple[list[float], list[Any]]:
-    """Latency in ms of each call, one after the other, and their results; the first
-    ``warm_up`` calls run once before, untimed (first-call costs: caches, thread pools).
-    faiss runs on :data:`SEARCH_THREADS` meanwhile."""
+def interleaved(
+    engines: dict[str, Callable[[Any], Any]], inputs: Sequence[Any], block: int = 25
+) -> dict[str, tuple[list[float], list[Any]]]:
+    """Latency in ms and result of each engine on each input. The engines take turns, a
+    block of inputs each, so that a burst of load on a shared machine hits them all alike
+    while each keeps its data in the caches for a block; each turn starts with one untimed
+    call (first-call costs: caches, thread pools). faiss runs on :data:`SEARCH_THREADS`."""
     import faiss
 
+    measured: dict[str, tuple[list[float], list[Any]]] = {name: ([], []) for name in engines}
     faiss.omp_set_num_threads(SEARCH_THREADS)
     try:
-        for call in calls[:warm_up]:
-            call()
-        latencies, results = [], []
-        for call in calls:
-            started = time.perf_counter()
-            results.append(call())
-            latencies.append((time.perf_counter() - started) * 1000)
+        for start in range(0, len(inputs), block):
+            items = inputs[start : start + block]
+            for name, search in engines.items():
+                search(items[0])
+                for item in items:
+                    started = time.perf_counter()
+                    result = search(item)
+                    measured[name][0].append((time.perf_counter() - started) * 1000)
+                    measured[name][1].append(result)
     finally:
         faiss.omp_set_num_threads(THREADS)
-    return latencies, results
+    return measured
 
 
 def overlap(found: Sequence[Sequence[int]], exact: np.ndarray) -> float:
@@ -365,35 +374,6 @@ def overlap(found: Sequence[Sequence[int]], exact: np.ndarray) -> float:
     return statistics.fmean(
         len(set(f) & set(e.tolist())) / len(e) for f, e in zip(found, exact, strict=True)
     )
-
-
-def faiss_rows(vectors: Vectors, queries: Vectors) -> tuple[list[SpeedRow], np.ndarray]:
-    """Plain faiss on ``vectors``: exact and HNSW rows, and the exact top 10 of each query."""
-    import faiss
-
-    chunks = len(vectors)
-    flat = faiss.IndexFlatIP(DIM)
-    started = time.perf_counter()
-    flat.add(vectors)
-    flat_build = time.perf_counter() - started
-    _, exact = flat.search(queries, K)
-    latencies, _ = timed([lambda q=q: flat.search(q[None], K) for q in queries])
-    rows = [SpeedRow(chunks, "faiss IndexFlatIP", "exact", flat_build, latencies, None)]
-
-    hnsw = faiss.IndexHNSWFlat(DIM, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-    hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-    hnsw.hnsw.efSearch = HNSW_EF_SEARCH
-    started = time.perf_counter()
-    hnsw.add(vectors)
-    hnsw_build = time.perf_counter() - started
-    for ef in (HNSW_EF_SEARCH, 4 * HNSW_EF_SEARCH):
-        hnsw.hnsw.efSearch = ef
-        latencies, found = timed([lambda q=q: hnsw.search(q[None], K)[1][0] for q in queries])
-        how = f"HNSW M={HNSW_M} efC={HNSW_EF_CONSTRUCTION} ef={ef}"
-        built = hnsw_build if ef == HNSW_EF_SEARCH else 0.0
-        recall = overlap(found, exact)
-        rows.append(SpeedRow(chunks, "faiss IndexHNSWFlat", how, built, latencies, recall))
-    return rows, exact
 
 
 def speed_case(
@@ -405,53 +385,98 @@ def speed_case(
     faiss.omp_set_num_threads(THREADS)
     vectors = unit_vectors(chunks, seed)
     queries = unit_vectors(vector_queries, seed + 1)
-    rows, exact = faiss_rows(vectors, queries)
-    texts = synthetic_texts(data, chunks, seed)
+    flat = faiss.IndexFlatIP(DIM)
+    started = time.perf_counter()
+    flat.add(vectors)
+    flat_s = time.perf_counter() - started
+    _, exact = flat.search(queries, K)
+    hnsw = faiss.IndexHNSWFlat(DIM, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    started = time.perf_counter()
+    hnsw.add(vectors)
+    hnsw_s = time.perf_counter() - started
+    efs = (HNSW_EF_SEARCH, 4 * HNSW_EF_SEARCH)
+    params = {ef: faiss.SearchParametersHNSW(efSearch=ef) for ef in efs}
     with tempfile.TemporaryDirectory(prefix="retrieval-speed-") as directory:
-        index = SqliteKnowledgeIndex(
-            directory,
-            dim=DIM,
-            hnsw_m=HNSW_M,
-            hnsw_ef_construction=HNSW_EF_CONSTRUCTION,
-            hnsw_ef_search=HNSW_EF_SEARCH,
-        )
+        index, upsert_s, ready_s = synthetic_index(Path(directory), data, vectors, seed)
         try:
-            started = time.perf_counter()
-            for first in range(0, chunks, CHUNKS_PER_DOCUMENT):
-                _upsert_synthetic(index, first, texts, vectors)
-            upsert_s = time.perf_counter() - started
-            # a graph, if the index wants one, builds in the background meanwhile
-            uses_graph = index.wait_for_graph()
-            build_s = time.perf_counter() - started
-            latencies, hits = timed([lambda q=q: index.search_vector(SCOPE, q, K) for q in queries])
-            found = [[_position(s) for s in result] for result in hits]
-            rows.append(
-                SpeedRow(
-                    chunks,
-                    "embedded (sqlite_index) vector",
-                    "HNSW graph, scope filter" if uses_graph else "exact scan (numpy)",
-                    build_s,
-                    latencies,
-                    overlap(found, exact) if uses_graph else None,
-                    f" (upserts {upsert_s:.1f})" if uses_graph else "",
-                )
-            )
+            uses_graph = index.wait_for_graph(0)
+            engines: dict[str, Callable[[Any], Any]] = {"flat": _faiss_search(flat, None)}
+            engines |= {f"hnsw {ef}": _faiss_search(hnsw, params[ef]) for ef in efs}
+            engines["embedded"] = lambda q: [_position(s) for s in index.search_vector(SCOPE, q, K)]
+            vector = interleaved(engines, queries)
             asked = [q.text for q in data.queries]
             asked = [asked[i % len(asked)] for i in range(text_queries)]
-            latencies, _ = timed([lambda t=t: index.search_bm25(SCOPE, t, K) for t in asked])
-            rows.append(SpeedRow(chunks, "embedded BM25", "FTS5 postings", 0.0, latencies, None))
-            random_vectors = QueryVectors(
-                list(dict.fromkeys(asked)), unit_vectors(len(set(asked)), seed + 2)
+            searcher = HybridSearcher(
+                index,
+                QueryVectors(list(dict.fromkeys(asked)), unit_vectors(len(set(asked)), seed + 2)),
             )
-            searcher = HybridSearcher(index, random_vectors)
-            latencies, _ = timed([lambda t=t: searcher.search(SCOPE, t, K) for t in asked])
-            rows.append(
-                SpeedRow(chunks, "embedded hybrid (RRF)", "BM25 + vector, depth 40", 0.0,
-                         latencies, None)
-            )  # fmt: skip
+            text = interleaved(
+                {
+                    "bm25": lambda t: index.search_bm25(SCOPE, t, K),
+                    "hybrid": lambda t: searcher.search(SCOPE, t, K),
+                },
+                asked,
+            )
         finally:
             index.close()
+    rows = [SpeedRow(chunks, "faiss IndexFlatIP", "exact", flat_s, vector["flat"][0], None)]
+    for ef in efs:
+        latencies, found = vector[f"hnsw {ef}"]
+        how = f"HNSW M={HNSW_M} efC={HNSW_EF_CONSTRUCTION} ef={ef}"
+        built = hnsw_s if ef == HNSW_EF_SEARCH else 0.0
+        rows.append(
+            SpeedRow(chunks, "faiss IndexHNSWFlat", how, built, latencies, overlap(found, exact))
+        )
+    latencies, found = vector["embedded"]
+    rows.append(
+        SpeedRow(
+            chunks,
+            "embedded (sqlite_index) vector",
+            "HNSW graph, scope filter" if uses_graph else "exact scan (numpy)",
+            ready_s,
+            latencies,
+            overlap(found, exact),
+            f" (upserts {upsert_s:.1f})" if uses_graph else "",
+        )
+    )
+    rows.append(SpeedRow(chunks, "embedded BM25", "FTS5 postings", 0.0, text["bm25"][0], None))
+    rows.append(
+        SpeedRow(chunks, "embedded hybrid (RRF)", "BM25 + vector, depth 40", 0.0,
+                 text["hybrid"][0], None)
+    )  # fmt: skip
     return rows
+
+
+def _faiss_search(index: Any, params: Any) -> Callable[[Any], Any]:
+    """One query's top ``K`` ids from a faiss index (with search parameters, or None)."""
+
+    def search(query: Any) -> Any:
+        return index.search(query[None], K, params=params)[1][0]
+
+    return search
+
+
+def synthetic_index(
+    directory: Path, data: RetrievalSet, vectors: Vectors, seed: int
+) -> tuple[SqliteKnowledgeIndex, float, float]:
+    """The back end holding ``vectors`` with synthetic texts: the index, the seconds its
+    upserts took, and the seconds until it was ready (its HNSW graph built, if it has one)."""
+    texts = synthetic_texts(data, len(vectors), seed)
+    index = SqliteKnowledgeIndex(
+        directory,
+        dim=DIM,
+        hnsw_m=HNSW_M,
+        hnsw_ef_construction=HNSW_EF_CONSTRUCTION,
+        hnsw_ef_search=HNSW_EF_SEARCH,
+    )
+    started = time.perf_counter()
+    for first in range(0, len(vectors), CHUNKS_PER_DOCUMENT):
+        _upsert_synthetic(index, first, texts, vectors)
+    upsert_s = time.perf_counter() - started
+    # a graph, if the index wants one, builds in the background meanwhile
+    index.wait_for_graph()
+    return index, upsert_s, time.perf_counter() - started
 
 
 def _upsert_synthetic(
@@ -875,7 +900,7 @@ def speed_section(report: Report) -> str:
     largest = max(r.chunks for r in report.speed)
     minutes = largest / quality.passages_per_s / 60
     sizes = " and ".join(f"{n:,}" for n in sorted({r.chunks for r in report.speed}))
-    exact_max = inspect.signature(SqliteKnowledgeIndex).parameters["exact_search_max"].default
+    exact_max = _BACK_END["exact_search_max"].default
     return f"""Random unit vectors (384-d, seeded) stand in for embeddings at {sizes} chunks: \
 embedding {largest:,} real chunks at the {quality.passages_per_s:.0f} passages/s measured \
 above would take about {minutes:.0f} minutes. Each chunk's text is three sentences drawn \
@@ -894,7 +919,11 @@ efConstruction={HNSW_EF_CONSTRUCTION}, efSearch={HNSW_EF_SEARCH}); the faiss HNS
 searched with efSearch={4 * HNSW_EF_SEARCH} to show what recall costs. "recall@10 vs \
 exact": the share of `IndexFlatIP`'s top 10 that the search returns; random vectors are \
 the hard case for HNSW (no clusters, every neighbour nearly as far as the next), so real \
-embeddings should do better. The p99 of a few hundred queries is close to their maximum.
+embeddings should do better; the back end's recall is measured the same way (at sizes it \
+scans exactly it is 1). The searches of one size take turns, 25 queries each (exact, \
+HNSW, the back end; then BM25 and hybrid), so a burst of load on this shared machine hits \
+them alike; between runs, latencies here moved by up to a few times with the load. The p99 of \
+a few hundred queries is close to their maximum.
 
 {markdown_table(*speed_rows(report.speed))}"""
 
