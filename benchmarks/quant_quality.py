@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from benchmarks.cpu_linear_kernels import TEXT, teacher_forced_logprobs
+from benchmarks.report import markdown_table, rich_table
 from services.inference.engine import Engine, EngineSettings
 from services.inference.gguf_model import load_gguf, smollm2_path
 from services.inference.llama import Llama
@@ -212,21 +212,6 @@ def per_prompt(results: list[ModeResult]) -> tuple[list[str], list[list[str]]]:
         cells += ["identical" if r.divergence[i] is None else str(r.divergence[i]) for r in others]
         rows.append(cells)
     return headers, rows
-
-
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def rich_table(title: str, headers: list[str], rows: list[list[str]]) -> Table:
-    table = Table(title=title)
-    for header in headers:
-        table.add_column(header)
-    for row in rows:
-        table.add_row(*row)
-    return table
 
 
 def differing_completions(results: list[ModeResult]) -> str:

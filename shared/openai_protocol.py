@@ -7,6 +7,7 @@ OpenAI ``{"error": {...}}`` body and the HTTP status the API uses for them.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -315,6 +316,21 @@ KNOWN_FIELDS: dict[str, frozenset[str]] = {
         {"model", "input", "encoding_format", "dimensions", "user", "input_type", "priority"}
     ),
 }
+
+
+def reject_unknown(
+    names: Iterable[Any], allowed: Collection[str], *, what: str = "a field", prefix: str = ""
+) -> None:
+    """Refuse the first of ``names`` (body fields, query parameters) not in ``allowed``.
+
+    Raises:
+        InvalidRequestError: 400 naming it (with ``prefix``, e.g. ``"rag."``) and listing
+            what is allowed.
+    """
+    for name in names:
+        if name not in allowed:
+            listed = ", ".join(sorted(allowed)) or "none"
+            raise invalid_field(f"{prefix}{name}", f"is not {what} ({listed})")
 
 
 def reject_unknown_fields(body: Any, kind: str) -> None:

@@ -32,7 +32,12 @@ from services.audit.log import AuditLog
 from services.audit.merkle import ProofError
 from services.audit.records import KINDS, UNKNOWN_KIND, AuditQuery
 from shared.logging import get_logger
-from shared.openai_protocol import InvalidRequestError, OpenAIError, invalid_field
+from shared.openai_protocol import (
+    InvalidRequestError,
+    OpenAIError,
+    invalid_field,
+    reject_unknown,
+)
 
 log = get_logger(__name__)
 
@@ -58,10 +63,7 @@ class NotCheckpointed(OpenAIError):
 
 
 def _only(params: Mapping[str, str], allowed: frozenset[str]) -> None:
-    unknown = sorted(set(params) - allowed)
-    if unknown:
-        names = ", ".join(sorted(allowed)) or "none"
-        raise invalid_field(unknown[0], f"unknown query parameter (allowed: {names})")
+    reject_unknown(sorted(params), allowed, what="a query parameter")
 
 
 def _digits(value: str) -> bool:

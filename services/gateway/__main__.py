@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
-from collections.abc import Awaitable, Generator
-
-import uvicorn
+from collections.abc import Awaitable
 
 from services.gateway.app import Gateway
 from services.gateway.audit import AuditRecorder, AuditSpool
@@ -18,20 +14,13 @@ from services.gateway.relay import ReplyRelay
 from services.gateway.settings import GatewaySettings
 from shared.bus import Bus
 from shared.health import HealthState
+from shared.http_server import HttpApi
 from shared.logging import get_logger
 from shared.service import run_service
 from shared.topics import REPLIES
 
 NAME = "gateway"
 log = get_logger("services.gateway")
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the service's shutdown drives it."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
 
 
 def build_gateway(settings: GatewaySettings, bus: Bus) -> Gateway:
@@ -69,33 +58,16 @@ def build_gateway(settings: GatewaySettings, bus: Bus) -> Gateway:
 async def build(settings: GatewaySettings, bus: Bus, health: HealthState) -> Awaitable[None]:
     gateway = build_gateway(settings, bus)
     gateway.audit.start()  # replay what an earlier run left in the spool
-    config = uvicorn.Config(
+    server = HttpApi(
         gateway.app(),
+        name="gateway",
         host=settings.http_host,
         port=settings.http_port,
-        log_level="warning",
-        log_config=None,  # its lines go through our logging (JSON, PII, credentials)
-        lifespan="off",
-        timeout_graceful_shutdown=int(settings.request_timeout_s),
+        settings_hint="MESHLLM_HTTP_HOST, MESHLLM_HTTP_PORT",
+        graceful_shutdown_s=settings.request_timeout_s,  # open requests may finish
     )
-    server = _Server(config)
-    health.readiness["http"] = lambda: None if server.started else "HTTP not listening yet"
-    return _serve(server, settings)
-
-
-async def _serve(server: _Server, settings: GatewaySettings) -> None:
-    """Serve until cancelled; then stop taking connections and finish open requests."""
-    task = asyncio.create_task(server.serve())
-    while not server.started and not task.done():
-        await asyncio.sleep(0.05)
-    if server.started:
-        log.info("gateway listening", url=f"http://{settings.http_host}:{settings.http_port}/v1")
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        server.should_exit = True
-        await asyncio.gather(task, return_exceptions=True)
-        raise
+    server.report_readiness(health)
+    return server.serve()
 
 
 def main() -> None:

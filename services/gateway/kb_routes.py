@@ -38,6 +38,7 @@ from shared.openai_protocol import (
     OpenAIError,
     ServiceUnavailableError,
     invalid_field,
+    reject_unknown,
 )
 from shared.policy import AccessRequest, Resource, Subject
 from shared.topics import KB_INGEST
@@ -133,11 +134,7 @@ class KbRoutes:
 
     async def search(self, request: Request) -> Response:
         body = await self._json(request, 64 * 1024)
-        for key in body:
-            if key not in SEARCH_FIELDS:
-                raise invalid_field(
-                    str(key), f"is not a field ({', '.join(sorted(SEARCH_FIELDS))})"
-                )
+        reject_unknown(body, SEARCH_FIELDS)
         collections = body.get("collections")
         if not isinstance(collections, list) or not collections:
             raise invalid_field("collections", "must be a non-empty list of collection names")
@@ -172,11 +169,7 @@ class KbRoutes:
         collection = self._collection(request)
         limit = self.settings.max_document_bytes
         body = await self._json(request, limit * 4 // 3 + 64 * 1024)  # base64 and fields
-        for key in body:
-            if key not in INGEST_FIELDS:
-                raise invalid_field(
-                    str(key), f"is not a field ({', '.join(sorted(INGEST_FIELDS))})"
-                )
+        reject_unknown(body, INGEST_FIELDS)
         content_type = body.get("content_type")
         if content_type not in CONTENT_TYPES:
             raise invalid_field(
@@ -278,12 +271,6 @@ class KbRoutes:
                 f"the knowledge base is unreachable ({type(error).__name__}); retry later"
             ) from error
         return JSONResponse(body, status_code=reply.status_code)
-
-
-def _only(body: dict[str, Any], fields: frozenset[str]) -> None:
-    for key in body:
-        if key not in fields:
-            raise invalid_field(str(key), f"is not a field ({', '.join(sorted(fields))})")
 
 
 def _group(name: Any) -> bool:

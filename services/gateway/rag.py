@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from shared.openai_protocol import invalid_field
+from shared.openai_protocol import invalid_field, reject_unknown
 
 COLLECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_COLLECTIONS = 8
@@ -32,9 +32,7 @@ def parse_rag(value: Any) -> RagRequest | None:
         return None
     if not isinstance(value, dict):
         raise invalid_field("rag", "must be an object with collections (and optionally top_k)")
-    for key in value:
-        if key not in FIELDS:
-            raise invalid_field(f"rag.{key}", "is not a field of rag (collections, top_k)")
+    reject_unknown(value, FIELDS, what="a field of rag", prefix="rag.")
     collections = value.get("collections")
     if not isinstance(collections, list) or not 1 <= len(collections) <= MAX_COLLECTIONS:
         raise invalid_field("rag.collections", f"must be a list of 1 to {MAX_COLLECTIONS} names")

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Awaitable, Generator
-
-import uvicorn
+from collections.abc import Awaitable
 
 from services.retrieval.api import RetrievalApi
 from services.retrieval.embedder import HttpEmbedder, LocalEmbedder
@@ -16,6 +13,7 @@ from services.retrieval.service import Embed, Ingestor, StatusStore
 from services.retrieval.settings import RetrievalSettings
 from shared.bus import Bus
 from shared.health import HealthState
+from shared.http_server import HttpApi
 from shared.logging import get_logger
 from shared.service import run_service
 from shared.topics import KB_INGEST
@@ -23,14 +21,6 @@ from shared.topics import KB_INGEST
 NAME = "retrieval"
 EMBEDDING_DIM = 384  # multilingual-e5-small
 log = get_logger("services.retrieval")
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the service's shutdown drives it."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
 
 
 def open_index(settings: RetrievalSettings) -> KnowledgeIndex:
@@ -60,34 +50,23 @@ async def build(settings: RetrievalSettings, bus: Bus, health: HealthState) -> A
     )
     # one outcome per document id; a redelivered event re-applies the same content
     bus.subscribe(KB_INGEST, group=NAME)(ingestor.on_ingest)
-    api = RetrievalApi(index, HybridSearcher(index, embed), statuses, max_top_k=settings.max_top_k)
-    server = _Server(
-        uvicorn.Config(
-            api.app(),
-            host=settings.kb_api_host,
-            port=settings.kb_api_port,
-            log_level="warning",
-            log_config=None,  # its lines go through our logging (JSON, PII, credentials)
-            lifespan="off",
-        )
+    searcher = HybridSearcher(
+        index,
+        embed,
+        fusion=settings.kb_fusion,
+        vector_weight=settings.kb_vector_weight,
+        candidates=settings.kb_candidates,
     )
-    health.readiness["http"] = lambda: None if server.started else "HTTP not listening yet"
-    return _serve(server, settings)
-
-
-async def _serve(server: _Server, settings: RetrievalSettings) -> None:
-    task = asyncio.create_task(server.serve())
-    while not server.started and not task.done():
-        await asyncio.sleep(0.05)
-    if server.started:
-        url = f"http://{settings.kb_api_host}:{settings.kb_api_port}"
-        log.info("retrieval API listening", url=url)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        server.should_exit = True
-        await asyncio.gather(task, return_exceptions=True)
-        raise
+    api = RetrievalApi(index, searcher, statuses, max_top_k=settings.max_top_k)
+    server = HttpApi(
+        api.app(),
+        name="retrieval API",
+        host=settings.kb_api_host,
+        port=settings.kb_api_port,
+        settings_hint="MESHLLM_KB_API_HOST, MESHLLM_KB_API_PORT",
+    )
+    server.report_readiness(health)
+    return server.serve()
 
 
 def main() -> None:

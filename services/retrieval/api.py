@@ -33,6 +33,7 @@ from shared.openai_protocol import (
     OpenAIError,
     ServiceUnavailableError,
     invalid_field,
+    reject_unknown,
 )
 
 SEARCH_FIELDS = frozenset({"tenant", "collections", "groups", "query", "top_k", "mode"})
@@ -51,9 +52,7 @@ def parse_search(body: Any, max_top_k: int) -> tuple[Scope, str, int, str]:
     """(scope, query, top_k, mode) of a search body; 400 naming the field at fault."""
     if not isinstance(body, dict):
         raise InvalidRequestError("the body must be a JSON object")
-    for key in body:
-        if key not in SEARCH_FIELDS:
-            raise invalid_field(str(key), f"is not a field ({', '.join(sorted(SEARCH_FIELDS))})")
+    reject_unknown(body, SEARCH_FIELDS)
     tenant = body.get("tenant")
     if not isinstance(tenant, str) or not tenant:
         raise invalid_field("tenant", "is required (a non-empty string)")

@@ -6,6 +6,7 @@ Examples::
     MESHLLM_KB_DIR=/var/lib/meshllm/kb             # unset: <data_dir>/kb
     MESHLLM_EMBEDDER=local                         # unset: the inference service (http)
     MESHLLM_EMBEDDINGS_URL=http://inference:8000   # where /v1/embeddings is
+    MESHLLM_KB_FUSION=zscore                       # hybrid search: zscore, minmax or rrf
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ class RetrievalSettings(MeshSettings):
         20 * 2**20, ge=1024, le=256 * 2**20, description="Larger documents are refused."
     )
     max_top_k: int = Field(50, ge=1, le=1000)
+    kb_fusion: Literal["zscore", "minmax", "rrf"] = Field(
+        "zscore", description="How hybrid search fuses BM25 and vector scores."
+    )
+    kb_vector_weight: float = Field(
+        0.7, ge=0.0, le=1.0, description="The vector list's weight in score fusion."
+    )
+    kb_candidates: int = Field(
+        2, ge=1, le=50, description="Each ranker fetches this many times top_k (at least 20)."
+    )
 
     @property
     def store_kind(self) -> Literal["sqlite", "opensearch"]:

@@ -84,7 +84,7 @@ def test_a_speed_case_measures_every_search(small: RetrievalSet) -> None:
         "faiss IndexHNSWFlat",
         "embedded (sqlite_index) vector",
         "embedded BM25",
-        "embedded hybrid (RRF)",
+        "embedded hybrid (zscore)",
     }
     assert by_engine["faiss IndexHNSWFlat"].recall is not None
     assert by_engine["faiss IndexHNSWFlat"].recall >= 0.9  # 600 vectors: nearly exact
@@ -100,5 +100,6 @@ def test_a_run_writes_the_results(quality: retrieval_bench.Quality, tmp_path: Pa
     text = path.read_text(encoding="utf-8")
     assert "Command: `python -m benchmarks.retrieval_bench --queries 20`" in text
     assert "| hybrid RRF |" in text
+    assert "| hybrid z-score |" in text
     assert "No plot" in text
     assert "Not measured in this run" in text

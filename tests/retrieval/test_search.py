@@ -94,7 +94,7 @@ def test_modes_and_candidate_depth() -> None:
         embedded.append((texts, input_type))
         return np.ones((len(texts), 4), dtype=np.float32)
 
-    searcher = HybridSearcher(index, embed, candidates=4)  # type: ignore[arg-type]
+    searcher = HybridSearcher(index, embed, fusion="rrf", candidates=4)  # type: ignore[arg-type]
     bm25 = searcher.search(SCOPE, "q", 1, "bm25")
     assert [(h.chunk.document_id, h.bm25_rank, h.vector_rank) for h in bm25] == [("a", 1, None)]
     assert embedded == []  # BM25 alone needs no embedding
@@ -108,6 +108,39 @@ def test_modes_and_candidate_depth() -> None:
     index.calls.clear()
     searcher.search(SCOPE, "q", 2, "hybrid", fusion="zscore")
     assert index.calls == [("bm25", 20), ("vector", 20)]  # at least 20 candidates
+
+
+def test_the_default_hybrid_is_weighted_zscore_over_twice_k() -> None:
+    index = FakeIndex()
+    searcher = HybridSearcher(index, lambda t, i: np.ones((1, 4), np.float32))  # type: ignore[arg-type]
+    hits = searcher.search(SCOPE, "q", 12)
+    assert index.calls == [("bm25", 24), ("vector", 24)]
+    lexical = index.search_bm25(SCOPE, "q", 24)
+    semantic = index.search_vector(SCOPE, np.ones(4, np.float32), 24)
+    expected = fuse(lexical, semantic, 12, fusion="zscore", vector_weight=0.7)
+    assert [(h.chunk.chunk_id, h.score) for h in hits] == [
+        (h.chunk.chunk_id, h.score) for h in expected
+    ]
+
+
+def test_fusion_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.retrieval.settings import RetrievalSettings
+    from shared.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("MESHLLM_KB_FUSION", "rrf")
+    monkeypatch.setenv("MESHLLM_KB_CANDIDATES", "4")
+    settings = load_settings(RetrievalSettings)
+    assert (settings.kb_fusion, settings.kb_vector_weight, settings.kb_candidates) == (
+        "rrf",
+        0.7,
+        4,
+    )
+    monkeypatch.setenv("MESHLLM_KB_FUSION", "borda")
+    monkeypatch.setenv("MESHLLM_KB_VECTOR_WEIGHT", "1.5")
+    with pytest.raises(SettingsError) as refused:
+        load_settings(RetrievalSettings)
+    assert "MESHLLM_KB_FUSION" in str(refused.value)
+    assert "MESHLLM_KB_VECTOR_WEIGHT" in str(refused.value)
 
 
 @pytest.mark.parametrize(
