@@ -148,6 +148,7 @@ class AuditRecorder:
         self.producer = producer
         self.pii = pii if pii is not None else TenantPiiSettings()
         self._replayer: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def record(self, event: ev.AuditEvent, *, key: str, tenant: str) -> None:
         """Return once ``event`` is acked by Kafka or fsync'd to the spool.
@@ -184,6 +185,8 @@ class AuditRecorder:
         self._ensure_replayer()
 
     def _ensure_replayer(self) -> None:
+        if self._stopping:
+            return
         if self._replayer is None or self._replayer.done():
             self._replayer = asyncio.ensure_future(self._replay_loop())
 
@@ -193,12 +196,15 @@ class AuditRecorder:
             self._ensure_replayer()
 
     async def stop(self) -> None:
+        # The flag ends the loop even if a cancellation is lost: Python 3.11's wait_for can
+        # swallow one that lands as the awaited call completes.
+        self._stopping = True
         if self._replayer is not None:
             self._replayer.cancel()
             await asyncio.gather(self._replayer, return_exceptions=True)
 
     async def _replay_loop(self) -> None:
-        while True:
+        while not self._stopping:
             pending = await asyncio.to_thread(self.spool.records)
             if not pending:
                 return
