@@ -623,7 +623,8 @@ def main(argv: list[str] | None = None) -> None:
         f"""# CPU linear kernels (SmolLM2-135M shapes)
 
 Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Command: `python -m benchmarks.cpu_linear_kernels\
-{" --quick" if args.quick else ""}{"" if args.compile else " --no-compile"}`. Took {took:.0f} s.
+{" --quick" if args.quick else ""}{"" if args.compile else " --no-compile"}\
+{"" if args.model else " --no-model"}{"" if args.kernels else " --no-kernels"}`. Took {took:.0f} s.
 
 Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__} \
 (CPU capability {torch.backends.cpu.get_cpu_capability()}), Python {platform.python_version()}.
