@@ -47,7 +47,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from benchmarks.report import machine_lines, package_version
+from benchmarks.report import machine_lines, package_version, results_console
 from shared import envelope
 from shared.bus import Bus, EventContext, Publisher, kafka_compat
 from shared.bus.admin import ensure_topics
@@ -646,11 +646,10 @@ def verdicts(rows: list[Row]) -> list[tuple[str, bool]]:
 
 def machine_info() -> list[str]:
     """What the numbers were measured on."""
-    version = package_version
     return [
         *machine_lines(),
         f"broker: {Path(broker_binary()).name}, memory storage",
-        f"aiokafka {version('aiokafka')}, faststream {version('faststream')}",
+        f"aiokafka {package_version('aiokafka')}, faststream {package_version('faststream')}",
     ]
 
 
@@ -808,9 +807,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    console = Console()
-    if not console.is_terminal:  # rich would wrap the table at 80 columns
-        console = Console(width=150)
+    console = results_console(150)
     started = time.monotonic()
     rows = asyncio.run(run(args, console))
     took = time.monotonic() - started

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.report import results_console
 from services.inference.gguf_model import GgufModel, load_gguf, smollm2_path
 from services.inference.llama import Llama
 from services.inference.quant import (
@@ -594,9 +595,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(THREADS)
     torch._dynamo.config.cache_size_limit = 64
-    console = Console()
-    if not console.is_terminal:  # rich would wrap the tables at 80 columns
-        console = Console(width=200)
+    console = results_console()
     started = time.monotonic()
     kernel_rows = measure_kernels(args, console) if args.kernels else []
     tables: list[Table] = []

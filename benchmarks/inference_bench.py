@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import cpu_model, markdown_table, rich_table
+from benchmarks.report import cpu_model, markdown_table, results_console, rich_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
@@ -501,9 +501,7 @@ def main() -> None:
         worker(args.worker, plan)
         return
 
-    from rich.console import Console
-
-    console = Console()
+    console = results_console()
     load_before = os.getloadavg()[0]
     results = []
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]

@@ -41,9 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-from rich.console import Console
-
-from benchmarks.report import markdown_table, rich_table
+from benchmarks.report import markdown_table, results_console, rich_table
 from shared.pii import PiiKey, PiiMode, PiiPolicy, PiiType, Redactor, detect
 from shared.pii.types import STRUCTURED_TYPES
 
@@ -775,9 +773,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    console = Console()
-    if not console.is_terminal:  # rich would wrap the tables at 80 columns
-        console = Console(width=160)
+    console = results_console(160)
     report = run(args.sentences, args.seed)
     console.print(rich_table("PII detection per type", *quality_rows(report)))
     console.print(rich_table("Decoys flagged", *decoy_rows(report)))

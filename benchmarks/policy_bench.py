@@ -283,11 +283,10 @@ def measure_opa_path(bundle: PolicyBundle, mix: list[AccessRequest], samples: in
 
 def machine_info() -> list[str]:
     """What the numbers were measured on."""
-    version = package_version
     return [
         *machine_lines(load=True),
-        f"regorus (gordon-to-regorus) {version('gordon-to-regorus')}, regopy "
-        f"{version('regopy')}, opa-python-client {version('opa-python-client')}",
+        f"regorus (gordon-to-regorus) {package_version('gordon-to-regorus')}, regopy "
+        f"{package_version('regopy')}, opa-python-client {package_version('opa-python-client')}",
     ]
 
 

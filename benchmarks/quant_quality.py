@@ -36,11 +36,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks.cpu_linear_kernels import TEXT, teacher_forced_logprobs
-from benchmarks.report import markdown_table, rich_table
+from benchmarks.report import markdown_table, results_console, rich_table
 from services.inference.engine import Engine, EngineSettings
 from services.inference.gguf_model import load_gguf, smollm2_path
 from services.inference.llama import Llama
@@ -295,9 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch.set_num_threads(THREADS)
-    console = Console()
-    if not console.is_terminal:  # rich would wrap the tables at 80 columns
-        console = Console(width=200)
+    console = results_console()
     started = time.monotonic()
     results: list[ModeResult] = []
     with Progress(

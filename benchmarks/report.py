@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
+from rich.console import Console
 from rich.table import Table
 
 
@@ -27,6 +28,13 @@ def rich_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def results_console(width: int = 200) -> Console:
+    """A console for result tables: ``width`` columns when output is not a terminal (a log
+    or a pipe), where rich would otherwise wrap the tables at 80."""
+    console = Console()
+    return console if console.is_terminal else Console(width=width)
 
 
 def cpu_model() -> str:

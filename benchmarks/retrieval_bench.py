@@ -51,7 +51,7 @@ import numpy as np
 from rich.console import Console
 
 from benchmarks.data.retrieval_set import DATA_FILE, KINDS, RetrievalSet, describe
-from benchmarks.report import cpu_model, markdown_table, rich_table
+from benchmarks.report import cpu_model, markdown_table, results_console, rich_table
 from services.retrieval.chunking import chunk_text
 from services.retrieval.embedder import LocalEmbedder
 from services.retrieval.index import Chunk, DocumentInfo, Scope, Scored, Vectors
@@ -976,9 +976,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    console = Console()
-    if not console.is_terminal:  # rich would wrap the tables at 80 columns
-        console = Console(width=200)
+    console = results_console()
     report = run(args, console)
     console.print(rich_table("Recall@10", *quality_rows(report.quality, "recall")))
     console.print(rich_table("nDCG@10", *quality_rows(report.quality, "ndcg")))

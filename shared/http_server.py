@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable
 from typing import Any
 
 import uvicorn
@@ -94,34 +94,32 @@ class HttpApi:
     async def serve(
         self,
         *,
-        background: Callable[[], list[asyncio.Task[Any]]] | None = None,
+        background: Iterable[Coroutine[Any, Any, None]] = (),
         on_stop: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Serve until cancelled; then stop listening, finish open requests, cancel the
-        ``background`` tasks and await ``on_stop`` before re-raising the cancellation.
+        """Serve, with the ``background`` work beside it, until cancelled or the server
+        fails; then stop listening, finish open requests, cancel the background work and
+        await ``on_stop``, in that order.
 
         Raises:
             RuntimeError: the port cannot be bound (the message names ``settings_hint``).
         """
-        tasks = background() if background else []
+        tasks = [asyncio.create_task(work) for work in background]
         listening = asyncio.create_task(self._listen(), name=self.name)
-        while not self._server.started and not listening.done():
-            await asyncio.sleep(0.05)
-        if self._server.started:
-            log.info(f"{self.name} listening", url=self.url)
         try:
+            while not self._server.started and not listening.done():
+                await asyncio.sleep(0.05)
+            if self._server.started:
+                log.info(f"{self.name} listening", url=self.url)
             await asyncio.shield(listening)
-        except asyncio.CancelledError:
+        finally:
             self._server.should_exit = True
+            await asyncio.gather(listening, return_exceptions=True)
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(listening, *tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             if on_stop is not None:
                 await on_stop()
-            raise
-        finally:
-            for task in tasks:
-                task.cancel()
 
     async def _listen(self) -> None:
         try:

@@ -41,9 +41,7 @@ async def test_serves_until_cancelled_then_stops_its_work() -> None:
     async def on_stop() -> None:
         stopped.append("stopped")
 
-    serving = asyncio.create_task(
-        api.serve(background=lambda: [asyncio.create_task(work())], on_stop=on_stop)
-    )
+    serving = asyncio.create_task(api.serve(background=[work()], on_stop=on_stop))
     await poll_until(lambda: api.started, message="listening")
     assert health.readiness["http"]() is None
     async with httpx.AsyncClient() as client:

@@ -42,12 +42,6 @@ async def build(settings: AuditSettings, bus: Bus, health: HealthState) -> Await
     )
     server.report_readiness(health)
 
-    def background() -> list[asyncio.Task[None]]:
-        return [
-            asyncio.create_task(service.run_checkpoints(), name="checkpoints"),
-            asyncio.create_task(service.run_retention(), name="retention"),
-        ]
-
     async def on_stop() -> None:
         # Drain what the broker already holds before the last checkpoint, so that it covers
         # them; the bus stops these subscribers again after this returns, which is a no-op.
@@ -55,7 +49,9 @@ async def build(settings: AuditSettings, bus: Bus, health: HealthState) -> Await
         await asyncio.gather(*(subscriber.stop(drain_s) for subscriber in bus.subscribers))
         await service.close()
 
-    return server.serve(background=background, on_stop=on_stop)
+    return server.serve(
+        background=[service.run_checkpoints(), service.run_retention()], on_stop=on_stop
+    )
 
 
 def main() -> None:

@@ -15,12 +15,10 @@ from services.gateway.settings import GatewaySettings
 from shared.bus import Bus
 from shared.health import HealthState
 from shared.http_server import HttpApi
-from shared.logging import get_logger
 from shared.service import run_service
 from shared.topics import REPLIES
 
 NAME = "gateway"
-log = get_logger("services.gateway")
 
 
 def build_gateway(settings: GatewaySettings, bus: Bus) -> Gateway:

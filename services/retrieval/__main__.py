@@ -14,13 +14,11 @@ from services.retrieval.settings import RetrievalSettings
 from shared.bus import Bus
 from shared.health import HealthState
 from shared.http_server import HttpApi
-from shared.logging import get_logger
 from shared.service import run_service
 from shared.topics import KB_INGEST
 
 NAME = "retrieval"
 EMBEDDING_DIM = 384  # multilingual-e5-small
-log = get_logger("services.retrieval")
 
 
 def open_index(settings: RetrievalSettings) -> KnowledgeIndex:
