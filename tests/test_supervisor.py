@@ -24,6 +24,9 @@ from tests.procs.topics import scratch_topic
 
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
 
+# a question every weight mode answers with a clear margin (the bare one is a near tie)
+QUESTION = "What is the capital of France? Answer in one sentence."
+
 
 def consumer_spec(tmp_path: Path, **env: str) -> ServiceSpec:
     return ServiceSpec(
@@ -162,7 +165,7 @@ async def test_meshllm_up_then_down_from_the_command_line(tmp_path: Path) -> Non
                 headers={"authorization": f"Bearer {key}"},
                 json={
                     "model": "smollm2-135m-instruct",
-                    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                    "messages": [{"role": "user", "content": QUESTION}],
                     "temperature": 0,
                     "max_tokens": 20,
                 },
@@ -171,7 +174,7 @@ async def test_meshllm_up_then_down_from_the_command_line(tmp_path: Path) -> Non
         assert "Paris" in reply.json()["choices"][0]["message"]["content"]
         chat = meshllm(
             "chat",
-            "What is the capital of France?",
+            QUESTION,
             data_dir=tmp_path,
             MESHLLM_HTTP_PORT=str(gateway_port),
         )

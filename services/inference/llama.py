@@ -16,10 +16,12 @@ import torch.nn.functional as F
 
 from services.inference.gguf_model import GgufModel, LlamaConfig
 from services.inference.quant import (
+    BlockInt8Linear,
     Embedding,
     Int8Linear,
     LinearWeight,
     QuantMode,
+    block_kernels,
     prepare_embedding,
     prepare_head,
     prepare_linear,
@@ -66,6 +68,8 @@ class Llama:
     Construction consumes ``model.tensors``: each dequantized GGUF tensor is dropped as soon
     as its (fused, possibly quantized) copy exists, so peak memory stays near one copy of
     the weights instead of two. Pass ``keep_source=True`` to leave them in place.
+    ``block`` chooses the kernels of int8/int4 layers (see :func:`~services.inference.quant.
+    prepare_linear`): None takes the block-quantized ones wherever they built.
     """
 
     def __init__(
@@ -74,6 +78,7 @@ class Llama:
         quant: QuantMode | str = QuantMode.FP32,
         *,
         keep_source: bool = False,
+        block: bool | None = None,
     ) -> None:
         try:
             self.quant = QuantMode(quant)
@@ -89,7 +94,7 @@ class Llama:
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
         def linear(*names: str) -> LinearWeight:
-            return prepare_linear(take(*names), self.quant)
+            return prepare_linear(take(*names), self.quant, block=block)
 
         self.layers = [
             Layer(
@@ -108,10 +113,17 @@ class Llama:
         self.embed: Embedding
         self.output: LinearWeight
         if "output.weight" in source:  # untied head
-            self.output = prepare_head(take("output.weight"), self.quant)
-            self.embed = prepare_embedding(take("token_embd.weight"), self.quant)
+            self.output = prepare_head(take("output.weight"), self.quant, block=block)
+            self.embed = prepare_embedding(take("token_embd.weight"), self.quant, block=block)
         else:  # tied: one matrix is both the embedding [V, hidden] and the head
-            self.embed, self.output = prepare_tied(take("token_embd.weight"), self.quant)
+            self.embed, self.output = prepare_tied(
+                take("token_embd.weight"), self.quant, block=block
+            )
+        # Decode attention in one kernel call a layer (kernels/cpu) wherever the layers run on
+        # the block kernels; fp32 and torch's kernels keep torch's attention.
+        self._decode_kernel = (
+            self.quant is not QuantMode.FP32 and block is not False and block_kernels()
+        )
         half = c.head_dim // 2
         inv_freq = 1.0 / (
             c.rope_theta ** (torch.arange(half, dtype=torch.float64) * 2 / c.head_dim)
@@ -178,7 +190,7 @@ class Llama:
         for slot, end in zip(slots, step.end_list, strict=True):
             cache.lengths[slot] = end
         last = self._rms(x.view(batch, steps, -1)[:, -1], self.norm)  # [B, hidden]
-        if best_only and isinstance(self.output, Int8Linear):
+        if best_only and isinstance(self.output, Int8Linear | BlockInt8Linear):
             return self.output.best(last)
         return self.output(last)  # [B, V]
 
@@ -195,6 +207,12 @@ class Llama:
         v = qkv[:, (heads + kv_heads) * d :].view(batch, steps, kv_heads, d).transpose(1, 2)
         layer_k, layer_v = cache.k[layer_index], cache.v[layer_index]  # [slots, K, T, D]
         step.write(layer_k, layer_v, k, v)
+        if steps == 1 and self._decode_kernel:
+            # every (sequence, head) over exactly its own keys, all in one call
+            attn = torch.ops.meshllm_kernels.decode_attention.default(
+                q[:, :, 0], layer_k, layer_v, step.index, step.ends
+            )  # [B, H, D]
+            return layer.out(attn.view(batch, heads * d))
         if steps == 1:
             # Each sequence attends over exactly its own keys, so its result is bit-identical
             # whether it is decoded alone or in any batch (greedy output is reproducible).

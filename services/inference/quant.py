@@ -1,38 +1,45 @@
-"""Weight-only int8 / int4 quantization of the Llama linear layers, for CPU decode.
+"""Quantized linear layers of the Llama model, for CPU decode.
 
 Decode at batch 1 is memory-bound: every token streams every weight once, so fewer
-weight bytes means more tokens per second. Measured on the 2-core AVX-512 box (see
-``benchmarks/cpu_linear_kernels.py`` and ``benchmarks/results/cpu_linear_kernels.md``):
+weight bytes means more tokens per second, as long as the kernel keeps up with memory.
 
-- fp32 ``F.linear`` streams weights at only ~16 GB/s at batch 1 (27 tok/s for the model).
-- ``aten._weight_int8pack_mm`` and ``aten._weight_int4pack_mm_for_cpu`` are fast **only with
-  bfloat16 activations**: their fp32/fp16 paths are scalar, slower than fp32 ``F.linear``
-  even on a quarter of the bytes. With bf16 activations they stream 20-31 GB/s at
-  batch 1 (5-12x fp32 ``F.linear`` per call) and stay ~3x faster than it at batch 16.
-- So both quantized modes cast ``x`` to bf16 for the kernel and the result back to the
-  input dtype (~5 µs a call; pass bf16 ``x`` to skip it). That is the only numerical
-  change beyond the weights themselves: activations are rounded to bf16 (8-bit mantissa)
-  and so is the kernel's output (~0.2% relative error); accumulation is fp32.
-  Activations are *not* quantized to integers: fbgemm's dynamic int8 (activations
-  quantized per tensor each call) was faster at batch 16 but 5x further from fp32
-  in KL divergence on SmolLM2, and it degrades badly with activation outliers.
+Two kernel families; :func:`prepare_linear` picks the first wherever it is available:
 
-Whole-model decode at batch 1 (SmolLM2-135M, 2 threads, the benchmark's model section):
-fp32 27 tok/s, INT8 ~105, INT4 ~125-130 (llama.cpp on the Q4_1 file, as reported to us: ~109).
+1. **Block-quantized kernels** (``kernels/cpu/blockquant.cpp``, built on first use, see
+   :mod:`kernels.cpu`): weights in blocks of 32 inputs with an fp16 scale (int8, GGUF
+   Q8_0's grid) or an fp16 scale and offset (int4, Q4_1's grid with centred codes), and
+   every row of ``x`` quantized to int8 per block of 32 inside the call, so each block's
+   product is an integer dot product (AVX2 ``maddubs``), scaled once: the arithmetic
+   llama.cpp uses. int4's offsets multiply the exact fp32 block sums of ``x``. Output is
+   fp32. On the 2-vCPU AVX2 machine they run a SmolLM2 decode step ~1.6x faster than
+   torch's kernels at batch 1 (``benchmarks/results/inference.md``); the int8 rounding of
+   activations costs about as much accuracy as bf16 activations do
+   (``benchmarks/results/quant_quality.md``).
+2. **torch's weight-only kernels** (the fallback): ``aten._weight_int8pack_mm`` and
+   ``aten._weight_int4pack_mm_for_cpu``, fast only with bfloat16 activations (their fp32
+   paths are scalar), so ``x`` is cast to bf16 for the call and back; per-channel int8 or
+   int4 in groups of 32 with bf16 scales. Measured in
+   ``benchmarks/results/cpu_linear_kernels*.md``: with AVX-512 they stream 20-31 GB/s at
+   batch 1, with AVX2 only ~6 GB/s. fbgemm's dynamic int8 (activations quantized per
+   tensor, over the whole batch) is not used: a row's result would depend on its
+   neighbours, and it was 5x further from fp32 in KL divergence.
+
+Both families compute each row of ``x`` independently, in the same order whatever the
+other rows are (batch-invariant: a prompt prefilled whole or in parts, or a sequence decoded
+alone or in a batch gives bit-identical logits, so greedy output is reproducible and a
+rerun after a failure streams the same text).
 
 Modes:
 
 - ``FP32``: the weight as is, ``F.linear``.
-- ``INT8``: symmetric per-output-channel int8, bf16 scale; ``_weight_int8pack_mm`` for any
-  number of rows, so each row's result does not depend on the other rows of the call
-  (batch-invariant: a prompt prefilled whole, in parts after a prefix-cache hit, or a
-  sequence decoded alone or in a batch gives bit-identical logits, so greedy output is
-  reproducible and a rerun after a failure streams the same text). ``wide_prefill=True``
+- ``INT8``: block int8 (:class:`BlockInt8Linear`), or torch's per-output-channel int8 with
+  a bf16 scale, ``_weight_int8pack_mm`` for any number of rows. ``wide_prefill=True``
   trades that for faster long prefills: above :data:`INT8_KERNEL_MAX_ROWS` rows it runs
   ``F.linear`` in bf16 on the int8 codes (exact in bf16) with the scale applied after,
   1.3-2.7x faster at 32-256 rows but rounded differently.
-- ``INT4``: asymmetric int4 in groups of :data:`INT4_GROUP_SIZE` along the input dimension,
-  bf16 scale and zero per group, ``_weight_int4pack_mm_for_cpu``. Asymmetric groups of 32
+- ``INT4``: block int4 (:class:`BlockInt4Linear`), or torch's asymmetric int4 in groups of
+  :data:`INT4_GROUP_SIZE` along the input dimension, bf16 scale and zero per group,
+  ``_weight_int4pack_mm_for_cpu``. Asymmetric groups of 32
   are the grid GGUF Q4_1 uses, so SmolLM2's Q4_1 weights re-quantize almost exactly.
 
 Embedding and LM head: :func:`prepare_tied` gives the token-embedding lookup and the LM
@@ -41,8 +48,10 @@ head is the largest matrix (49152 x 576) and the most sensitive one: in INT4 mod
 int8 by default (:data:`HEAD_MODE`). SmolLM2 ships it as Q8_0; an int4 head raised the KL
 divergence from fp32 on a test text from 0.002 to 0.068 (top-1 agreement 98.6% -> 83.6%)
 for at most ~4% more decode speed (within run-to-run noise). INT8 lookups gather rows of
-the head's int8 codes (no extra storage); INT4's kernel layout is opaque, so an int4
-lookup keeps its own row-major nibble-packed copy of the same codes.
+the head's int8 codes (no extra storage); an int4 head (``head_mode``) with the block
+kernels reads its own codes, while torch's int4 layout is opaque, so its lookup keeps a
+row-major nibble-packed copy of the same codes. A greedy step screens the int8 head with
+an int4 copy of itself and scores only the screen's best candidates (:data:`HEAD_SCREEN`).
 
 Shapes: N output features, K input features, G = K / group size, M rows of ``x``.
 """
@@ -370,12 +379,196 @@ class Int4Embedding(Embedding):
         return _nbytes(self.packed) + _nbytes(self.scale) + _nbytes(self.zero)
 
 
+# --------------------------------------------------------------------------- block kernels
+
+BLOCK = 32
+"""Inputs per block of the block-quantized kernels (``kernels/cpu/blockquant.cpp``)."""
+
+
+def block_kernels() -> bool:
+    """Whether the block-quantized CPU kernels are built and loaded (see :mod:`kernels.cpu`)."""
+    from kernels import cpu
+
+    return cpu.available()
+
+
+def _require_block_kernels() -> None:
+    if not block_kernels():
+        raise RuntimeError(
+            "the block-quantized CPU kernels are not available: MESHLLM_CPU_KERNELS=off, or "
+            "their build failed (the log says why)"
+        )
+
+
+def quantize_q4_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in blocks of 32: ``w ~ d * (q - 8) + c``, q in [0, 15].
+
+    That is GGUF Q4_1's grid (d = (max - min) / 15, from the block's minimum up) with the
+    codes centred: c = min + 8 d, so the kernel's rounding of x does not scale with the
+    block's offset. d and c are rounded to fp16 (the stored dtype) before the codes are
+    chosen against them. Returns the codes packed as the kernel reads them (per block,
+    byte j holds inputs j and j + 16 in its low and high nibble): uint8 [N, K/2]; the fp16
+    scale and offset [N, G] each.
+    """
+    n, k = weight.shape
+    if k % BLOCK:
+        raise ValueError(f"in_features {k} is not a multiple of the block size {BLOCK}")
+    w = weight.float().reshape(n, k // BLOCK, BLOCK)  # [N, G, 32]
+    lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # [N, G]
+    d = ((hi - lo) / 15).half()
+    c = (lo + 8 * d.float()).half()
+    step = torch.where(d.float() > 0, d.float(), 1.0)
+    codes = torch.round((w - c.float()[..., None]) / step[..., None] + 8).clamp(0, 15)
+    codes = codes.to(torch.uint8)
+    packed = (codes[..., : BLOCK // 2] | (codes[..., BLOCK // 2 :] << 4)).reshape(n, k // 2)
+    return packed.contiguous(), d.contiguous(), c.contiguous()
+
+
+def quantize_q8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 in blocks of 32, GGUF Q8_0's grid: ``w ~ d * q``, q in [-127, 127].
+
+    Returns codes int8 [N, K] and the fp16 scale [N, G].
+    """
+    n, k = weight.shape
+    if k % BLOCK:
+        raise ValueError(f"in_features {k} is not a multiple of the block size {BLOCK}")
+    w = weight.float().reshape(n, k // BLOCK, BLOCK)  # [N, G, 32]
+    d = (w.abs().amax(dim=-1) / 127).half()  # [N, G]
+    step = torch.where(d.float() > 0, d.float(), 1.0)
+    codes = torch.round(w / step[..., None]).clamp(-127, 127).to(torch.int8)
+    return codes.reshape(n, k).contiguous(), d.contiguous()
+
+
+def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``x`` [..., K] as the fp32 rows [M, K] the block kernels take."""
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} input features; this weight takes {in_features}")
+    return x.reshape(-1, in_features).float()
+
+
+class BlockInt4Linear(LinearWeight):
+    """int4 weight in blocks of 32 times int8 activations (``meshllm_kernels.q4_linear``).
+
+    Each row of ``x`` is quantized to int8 per block of 32 inside the kernel, so a block's
+    product is an integer dot product of the centred codes; the block's offset multiplies
+    the exact fp32 sum of its inputs. Rows are independent: results are batch-invariant.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        _require_block_kernels()
+        self.out_features, self.in_features = weight.shape
+        # uint8 [N, K/2], fp16 [N, G], fp16 [N, G]
+        self.packed, self.scale, self.offset = quantize_q4_blocks(weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = torch.ops.meshllm_kernels.q4_linear.default(
+            _rows(x, self.in_features), self.packed, self.scale, self.offset
+        )
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.packed) + _nbytes(self.scale) + _nbytes(self.offset)
+
+    def codes(self) -> torch.Tensor:
+        """uint8 codes [N, K] in input order."""
+        blocks = self.packed.view(self.out_features, -1, BLOCK // 2)  # [N, G, 16]
+        return torch.cat((blocks & 15, blocks >> 4), dim=-1).reshape(self.out_features, -1)
+
+    def dequantize(self) -> torch.Tensor:
+        codes = self.codes().float().view(self.out_features, -1, BLOCK)  # [N, G, 32]
+        w = (codes - 8) * self.scale.float()[..., None] + self.offset.float()[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+
+class BlockInt8Linear(LinearWeight):
+    """int8 weight in blocks of 32 times int8 activations (``meshllm_kernels.q8_linear``).
+
+    As an LM head it may keep a :class:`BlockInt4Linear` copy of itself as a screen for
+    :meth:`best`. Its output is fp32, so a greedy choice needs no re-scoring.
+    """
+
+    def __init__(self, weight: torch.Tensor, *, screen: bool = False) -> None:
+        _require_block_kernels()
+        self.out_features, self.in_features = weight.shape
+        self.codes, self.scale = quantize_q8_blocks(weight)  # int8 [N, K], fp16 [N, G]
+        self.screen = BlockInt4Linear(weight) if screen else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = torch.ops.meshllm_kernels.q8_linear.default(
+            _rows(x, self.in_features), self.codes, self.scale
+        )
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def best(self, x: torch.Tensor) -> torch.Tensor:
+        """The best outputs of each row exactly, -inf elsewhere: ``x`` [M, K] -> [M, N].
+
+        The int4 screen picks :data:`HEAD_SCREEN_TOP` candidates a row; the int8 kernel
+        scores just those (the values the full call gives them). Without a screen, the
+        same as calling.
+        """
+        if self.screen is None:
+            return self(x)
+        x2 = _rows(x, self.in_features)  # [M, K]
+        top = self.screen(x2).topk(HEAD_SCREEN_TOP, dim=-1).indices  # [M, c]
+        exact = torch.ops.meshllm_kernels.q8_rows.default(x2, self.codes, self.scale, top)
+        best = torch.full((x2.shape[0], self.out_features), float("-inf"), dtype=x.dtype)
+        return best.scatter_(-1, top, exact.to(x.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        screen = self.screen.nbytes if self.screen is not None else 0
+        return _nbytes(self.codes) + _nbytes(self.scale) + screen
+
+    def dequantize(self) -> torch.Tensor:
+        w = self.codes.float().view(self.out_features, -1, BLOCK) * self.scale.float()[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+
+class BlockInt8Embedding(Embedding):
+    """Row lookup in block int8 codes, usually those of a tied :class:`BlockInt8Linear` head."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, *, shared: bool) -> None:
+        self.codes, self.scale = codes, scale  # int8 [V, K], fp16 [V, G]
+        self._shared = shared
+
+    def __getitem__(self, tokens: torch.Tensor) -> torch.Tensor:
+        codes = self.codes[tokens].float()  # [..., K]
+        blocks = codes.view(*codes.shape[:-1], -1, BLOCK) * self.scale[tokens].float()[..., None]
+        return blocks.view(codes.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._shared else _nbytes(self.codes) + _nbytes(self.scale)
+
+
 # --------------------------------------------------------------------------- factories
 
 
+def _use_blocks(weight: torch.Tensor, block: bool | None) -> bool:
+    """Block kernels for this weight: ``block`` if given, else whenever they are loaded."""
+    if weight.shape[-1] % BLOCK:
+        if block:
+            raise ValueError(
+                f"in_features {weight.shape[-1]} is not a multiple of the block size {BLOCK}"
+            )
+        return False
+    if block is None:
+        return block_kernels()
+    if block:
+        _require_block_kernels()
+    return block
+
+
 @torch.no_grad()
-def prepare_linear(weight: torch.Tensor, mode: QuantMode | str) -> LinearWeight:
+def prepare_linear(
+    weight: torch.Tensor, mode: QuantMode | str, *, block: bool | None = None
+) -> LinearWeight:
     """Quantize ``weight`` [N, K] for ``mode``; the result computes ``x @ weight.T``.
+
+    ``block``: INT8 and INT4 use the block-quantized kernels (int8 activations) when True,
+    torch's weight-only kernels (bf16 activations) when False; None (the default) takes
+    the block kernels wherever they built and K is a multiple of 32.
 
     Raises:
         ValueError: an unknown mode, or INT4 with K not a multiple of the group size.
@@ -383,11 +576,16 @@ def prepare_linear(weight: torch.Tensor, mode: QuantMode | str) -> LinearWeight:
     mode = QuantMode(mode)
     if weight.dim() != 2:
         raise ValueError(f"a linear weight is 2-D [out, in], got shape {tuple(weight.shape)}")
-    if mode is QuantMode.INT8:
-        return Int8Linear(weight)
-    if mode is QuantMode.INT4:
-        return Int4Linear(weight)
-    return DenseLinear(weight)
+    if mode is QuantMode.FP32:
+        return DenseLinear(weight)
+    if mode is QuantMode.INT4 and weight.shape[1] % INT4_GROUP_SIZE:
+        raise ValueError(
+            f"in_features {weight.shape[1]} is not a multiple of the int4 group size "
+            f"{INT4_GROUP_SIZE}"
+        )
+    if _use_blocks(weight, block):
+        return BlockInt8Linear(weight) if mode is QuantMode.INT8 else BlockInt4Linear(weight)
+    return Int8Linear(weight) if mode is QuantMode.INT8 else Int4Linear(weight)
 
 
 HEAD_MODE: dict[QuantMode, QuantMode] = {
@@ -399,9 +597,14 @@ HEAD_MODE: dict[QuantMode, QuantMode] = {
 
 
 @torch.no_grad()
-def prepare_embedding(weight: torch.Tensor, mode: QuantMode | str) -> Embedding:
+def prepare_embedding(
+    weight: torch.Tensor, mode: QuantMode | str, *, block: bool | None = None
+) -> Embedding:
     """A token-embedding lookup of ``weight`` [V, K] stored as ``mode`` (use for untied models)."""
     mode = QuantMode(mode)
+    if mode is QuantMode.INT8 and _use_blocks(weight, block):
+        codes, scale = quantize_q8_blocks(weight)
+        return BlockInt8Embedding(codes, scale, shared=False)
     if mode is QuantMode.INT8:
         codes, scale = quantize_int8(weight)
         return Int8Embedding(codes, scale, shared=False)
@@ -415,13 +618,13 @@ HEAD_REFINE_TOP = 16
 turns close calls between the best tokens into ties or flips)."""
 
 HEAD_SCREEN = True
-"""Whether an int8 LM head also keeps an int4 copy of itself, the screen of
-:meth:`Int8Linear.best`: a step whose every sequence needs only the best tokens (greedy,
-or top-k <= :data:`HEAD_REFINE_TOP`) finds :data:`HEAD_SCREEN_TOP` candidates with it and
-scores just those exactly. The head is the largest matrix: at batch 1 its int8 kernel
-takes ~1.8-3 ms of a ~13 ms int4 step; the screen about a third of that. Sampling from
-the full distribution never uses the screen: its logits are too rough for the tail
-(KL 0.015 from the int8 head on a test text, where the int8 head is 0.002 from fp32)."""
+"""Whether an int8 LM head also keeps an int4 copy of itself, the screen of its ``best``:
+a step whose every sequence needs only the best tokens (greedy, or top-k <=
+:data:`HEAD_REFINE_TOP`) finds :data:`HEAD_SCREEN_TOP` candidates with it and scores just
+those exactly. The head is the largest matrix: at batch 1 its int8 kernel takes ~1.8-3 ms
+of a ~13 ms int4 step; the screen about a third of that. Sampling from the full
+distribution never uses the screen: its logits are too rough for the tail (KL 0.015 from
+the int8 head on a test text, where the int8 head is 0.002 from fp32)."""
 
 HEAD_SCREEN_TOP = 32
 """Candidates the screen hands to exact scoring: twice :data:`HEAD_REFINE_TOP`, so a best
@@ -430,38 +633,72 @@ token the int4 screen ranks a little low is still scored exactly."""
 
 @torch.no_grad()
 def prepare_head(
-    weight: torch.Tensor, mode: QuantMode | str, *, head_mode: QuantMode | str | None = None
+    weight: torch.Tensor,
+    mode: QuantMode | str,
+    *,
+    head_mode: QuantMode | str | None = None,
+    block: bool | None = None,
 ) -> LinearWeight:
     """The LM head [V, K] for a model whose other layers are ``mode``.
 
-    Stored as ``head_mode``, by default ``HEAD_MODE[mode]``; an int8 head re-scores its
+    Stored as ``head_mode``, by default ``HEAD_MODE[mode]``. An int8 head keeps an int4
+    screen (:data:`HEAD_SCREEN`); with torch's kernels it also re-scores its
     :data:`HEAD_REFINE_TOP` best outputs in fp32.
     """
     resolved = HEAD_MODE[QuantMode(mode)] if head_mode is None else QuantMode(head_mode)
+    if resolved is QuantMode.INT8 and _use_blocks(weight, block):
+        return BlockInt8Linear(weight, screen=HEAD_SCREEN)
     if resolved is QuantMode.INT8:
         screen = None
         if HEAD_SCREEN and weight.shape[1] % INT4_GROUP_SIZE == 0:
             screen = Int4Linear(weight)
         return Int8Linear(weight, refine_top=HEAD_REFINE_TOP, screen=screen)
-    return prepare_linear(weight, resolved)
+    return prepare_linear(weight, resolved, block=block)
 
 
 @torch.no_grad()
 def prepare_tied(
-    weight: torch.Tensor, mode: QuantMode | str, *, head_mode: QuantMode | str | None = None
+    weight: torch.Tensor,
+    mode: QuantMode | str,
+    *,
+    head_mode: QuantMode | str | None = None,
+    block: bool | None = None,
 ) -> tuple[Embedding, LinearWeight]:
     """Token embedding and LM head from one tied matrix [V, K].
 
     Both are stored as ``head_mode``, by default ``HEAD_MODE[mode]`` (int8 for INT4), and
     the lookup returns the same (dequantized) rows the head multiplies by.
     """
-    head = prepare_head(weight, mode, head_mode=head_mode)
+    head = prepare_head(weight, mode, head_mode=head_mode, block=block)
+    if isinstance(head, BlockInt8Linear):
+        return BlockInt8Embedding(head.codes, head.scale, shared=True), head
     if isinstance(head, Int8Linear):
         return Int8Embedding(head.codes, head.scale, shared=True), head
     if isinstance(head, Int4Linear):
         return Int4Embedding(weight, head.group_size), head
+    if isinstance(head, BlockInt4Linear):
+        return _BlockInt4Embedding(head), head
     assert isinstance(head, DenseLinear)
     return DenseEmbedding(head.weight, shared=True), head
+
+
+class _BlockInt4Embedding(Embedding):
+    """Row lookup in a tied :class:`BlockInt4Linear` head's own codes."""
+
+    def __init__(self, head: BlockInt4Linear) -> None:
+        self.head = head
+
+    def __getitem__(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = tokens.reshape(-1)
+        packed = self.head.packed[flat].view(len(flat), -1, BLOCK // 2)  # [T, G, 16]
+        codes = torch.cat((packed & 15, packed >> 4), dim=-1).float()  # [T, G, 32]
+        scale, offset = self.head.scale[flat].float(), self.head.offset[flat].float()  # [T, G]
+        rows = (codes - 8) * scale[..., None] + offset[..., None]
+        return rows.view(*tokens.shape, self.head.in_features)
+
+    @property
+    def nbytes(self) -> int:
+        return 0
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

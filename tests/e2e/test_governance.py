@@ -70,14 +70,17 @@ async def trail(mesh: Mesh, request_id: str, kinds: set[str]) -> dict[str, dict[
 
 
 async def test_a_request_leaves_its_whole_trail_readable_only_by_its_auditors(mesh: Mesh) -> None:
-    reply = await chat(mesh, "user", "What is the capital of France?")
+    reply = await chat(mesh, "user", "What is the capital of France? Answer in one sentence.")
     assert reply.status_code == 200, reply.text
     request_id = reply.headers["x-request-id"]
     answer = reply.json()["choices"][0]["message"]["content"]
 
     records = await trail(mesh, request_id, {"policy", "request", "response", "routing"})
     request = records["request"]["event"]["request"]
-    assert request["messages"][0]["content"] == "What is the capital of France?"
+    assert (
+        request["messages"][0]["content"]
+        == "What is the capital of France? Answer in one sentence."
+    )
     response = records["response"]["event"]["response"]
     assert response["choices"][0]["text"] == answer
     assert response["status_code"] == 200

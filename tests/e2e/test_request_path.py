@@ -17,7 +17,10 @@ from tests.e2e.conftest import Mesh
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(600)]
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# The bare question is a near tie for this model's first token ("The" leads "L" by 0.08 in
+# fp32; quantized builds may answer "L'Étoile, la France, ..." and ramble to the context
+# limit); asked for a sentence, every weight mode says Paris with a margin of 0.7+.
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
 def client(mesh: Mesh, key: str = "admin") -> openai.AsyncOpenAI:

@@ -1,0 +1,451 @@
+// CPU decode kernels: block-quantized linear layers (int4 or int8 weights times int8
+// activations) and batched decode attention.
+//
+// Weights are stored in blocks of 32 inputs, each with its own fp16 scale (and, for int4, an
+// fp16 minimum), the grid GGUF's Q4_1 and Q8_0 use:
+//   int4: w = d * (q - 8) + c, q in [0, 15]; 16 bytes a block, byte j = q[j] | q[j + 16] << 4
+//   int8: w = d * q,     q in [-127, 127]; 32 bytes a block
+// Each call quantizes every row of x to int8 in blocks of 32 (scale = max|x| / 127), so the
+// inner product of a block is an integer dot product (AVX2: maddubs + madd), scaled once:
+//   int4: sum_g d_g * xs_g * sum((q - 8) * xq) + c_g * sum(x over the block)
+//         (the integer products take q as is; 8 * sum(xq) comes off per block after)
+// The centred codes keep the rounding of x from scaling with the block's offset: the offset
+// multiplies the exact fp32 sum of x.
+//   int8: sum_g d_g * xs_g * sum(q * xq)
+// Everything about one output (x row m, weight row n) is computed in the same order whatever
+// the other rows of the call: results are batch-invariant, bit for bit.
+//
+// Ops (registered as torch.ops.meshllm_kernels.*):
+//   q4_linear(x f32 [M, K], codes u8 [N, K/2], scale f16 [N, G], offset f16 [N, G]) -> f32 [M, N]
+//   q8_linear(x f32 [M, K], codes i8 [N, K],   scale f16 [N, G])        -> f32 [M, N]
+//   q8_rows(x f32 [M, K], codes i8 [N, K], scale f16 [N, G], rows i64 [M, C]) -> f32 [M, C]
+//     (the int8 products of row m of x with the weight rows rows[m, :] only)
+//   decode_attention(q f32 [B, H, D], k, v f32 [slots, KV, T, D], slots, lengths i64 [B])
+//     -> f32 [B, H, D]: one decode step of attention for a batch, each sequence over its
+//     own cache slot's first lengths[b] positions (one call a layer instead of one a
+//     sequence; batch-invariant too)
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define MESHLLM_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int kRowTile = 4;  // x rows sharing one pass over a weight row
+constexpr int64_t kMaxGroups = 1024;  // blocks a row: K <= 32768
+constexpr int64_t kPrefetchBytes = 4096;  // how far ahead of a tile its weights are fetched
+
+inline float half_to_float(uint16_t h) {
+#ifdef MESHLLM_AVX2
+  return _cvtsh_ss(h);
+#else
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+#endif
+}
+
+// x rows quantized to int8 blocks: codes [M, K]; per block [M, G]: the scale, the exact sum
+// of x, and 8 * scale * sum(codes) (what centring int4 codes takes off a block's product).
+struct QuantizedRows {
+  at::Tensor codes, scale, sum, centring;
+};
+
+QuantizedRows quantize_rows(const at::Tensor& x) {
+  const int64_t rows = x.size(0), k = x.size(1), groups = k / kBlock;
+  QuantizedRows q{at::empty({rows, k}, at::kChar), at::empty({rows, groups}, at::kFloat),
+                  at::empty({rows, groups}, at::kFloat), at::empty({rows, groups}, at::kFloat)};
+  const float* xp = x.data_ptr<float>();
+  int8_t* cp = q.codes.data_ptr<int8_t>();
+  float* sp = q.scale.data_ptr<float>();
+  float* up = q.sum.data_ptr<float>();
+  float* zp = q.centring.data_ptr<float>();
+  at::parallel_for(0, rows * groups, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* src = xp + b * kBlock;  // rows are contiguous: block b of the flat array
+      float amax = 0.f, total = 0.f;
+      for (int64_t i = 0; i < kBlock; ++i) {
+        amax = std::max(amax, std::fabs(src[i]));
+        total += src[i];
+      }
+      const float scale = amax / 127.f;
+      const float inverse = scale > 0.f ? 1.f / scale : 0.f;
+      int32_t codes = 0;
+      for (int64_t i = 0; i < kBlock; ++i) {
+        const int8_t code = static_cast<int8_t>(std::nearbyint(src[i] * inverse));
+        cp[b * kBlock + i] = code;
+        codes += code;
+      }
+      sp[b] = scale;
+      up[b] = total;
+      zp[b] = static_cast<float>(8 * codes);
+    }
+  });
+  return q;
+}
+
+#ifdef MESHLLM_AVX2
+inline float hsum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+// 32 int4 codes of a block as 32 bytes in [0, 15], in input order.
+inline __m256i unpack_q4(const uint8_t* block) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i low = _mm_and_si128(bytes, mask);
+  const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  return _mm256_set_m128i(high, low);
+}
+
+#endif
+
+// A block-quantized weight: codes, fp16 scale per block and, for int4, fp16 minimum.
+struct Weights {
+  const uint8_t* codes;
+  const uint16_t* scale;
+  const uint16_t* offset;  // int4 only
+  int64_t k, groups, row_bytes;
+};
+
+#ifdef MESHLLM_AVX2
+// dst[g] = float(src[g]) for g < count, 8 at a time.
+inline void halves_to_floats(const uint16_t* src, float* dst, int64_t count) {
+  int64_t g = 0;
+  for (; g + 8 <= count; g += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + g));
+    _mm256_storeu_ps(dst + g, _mm256_cvtph_ps(h));
+  }
+  for (; g < count; ++g) dst[g] = half_to_float(src[g]);
+}
+
+// sum_g a[g] * b[g], in one fixed order for a given count.
+inline float dot_floats(const float* a, const float* b, int64_t count) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= count; g += 8) {
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + g), _mm256_loadu_ps(b + g), acc);
+  }
+  float total = hsum(acc);
+  for (; g < count; ++g) total = std::fma(a[g], b[g], total);
+  return total;
+}
+#endif
+
+// Weight rows [n0, n0 + RN) against x rows [m0, m0 + RM): RN * RM independent outputs, each
+// computed by the same sequence of operations whatever RN and RM are (batch invariance).
+template <bool kInt4, int RN, int RM>
+void tile_kernel(const Weights& w, const QuantizedRows& q, int64_t n0, int64_t m0, float* out,
+                 int64_t out_stride) {
+  const int64_t k = w.k, groups = w.groups;
+  constexpr int64_t kBlockBytes = kInt4 ? kBlock / 2 : kBlock;
+  const int8_t* xq = q.codes.data_ptr<int8_t>() + m0 * k;
+  const float* xs = q.scale.data_ptr<float>() + m0 * groups;
+  const float* xsum = q.sum.data_ptr<float>() + m0 * groups;
+  const uint8_t* wc = w.codes + n0 * w.row_bytes;
+#ifdef MESHLLM_AVX2
+  const float* centring = q.centring.data_ptr<float>() + m0 * groups;
+  // The scale of each block product: weight block scale times x block scale.
+  alignas(32) float scaled[RN][RM][kMaxGroups];
+  {
+    alignas(32) float d[kMaxGroups];
+    for (int i = 0; i < RN; ++i) {
+      halves_to_floats(w.scale + (n0 + i) * groups, d, groups);
+      for (int r = 0; r < RM; ++r) {
+        const float* s = xs + r * groups;
+        float* dst = scaled[i][r];
+        int64_t g = 0;
+        for (; g + 8 <= groups; g += 8) {
+          _mm256_store_ps(dst + g, _mm256_mul_ps(_mm256_load_ps(d + g), _mm256_loadu_ps(s + g)));
+        }
+        for (; g < groups; ++g) dst[g] = d[g] * s[g];
+      }
+    }
+  }
+  __m256 acc[RN][RM];
+  for (int i = 0; i < RN; ++i) {
+    for (int r = 0; r < RM; ++r) acc[i][r] = _mm256_setzero_ps();
+  }
+  // The tile's rows are adjacent: RN * kBlockBytes bytes a step. Fetch as far ahead, so the
+  // short rows (a few cache lines each) stream at memory speed, not at its latency.
+  constexpr int64_t kStepBytes = RN * kBlockBytes;
+  const char* ahead = reinterpret_cast<const char*>(wc) + kPrefetchBytes;
+  for (int i = 0; i < RN; ++i) {
+    _mm_prefetch(reinterpret_cast<const char*>(w.scale + (n0 + i) * groups) + kPrefetchBytes / 8,
+                 _MM_HINT_T0);
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t b = 0; b < kStepBytes; b += 64) _mm_prefetch(ahead + g * kStepBytes + b, _MM_HINT_T0);
+    __m256i x[RM];
+    for (int r = 0; r < RM; ++r) {
+      x[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * k + g * kBlock));
+    }
+    for (int i = 0; i < RN; ++i) {
+      const uint8_t* block = wc + i * w.row_bytes + g * kBlockBytes;
+      __m256i wq;
+      if constexpr (kInt4) {
+        wq = unpack_q4(block);
+      } else {
+        wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block));
+      }
+      const __m256i w_abs = _mm256_sign_epi8(wq, wq);  // int8 only: maddubs takes |w|
+      for (int r = 0; r < RM; ++r) {
+        // int8 weights: |w| times x carrying w's sign, so maddubs' unsigned operand is |w|
+        __m256i pairs;  // 16 sums of two products; |sum| <= 2 * 255 * 127 fits int16
+        if constexpr (kInt4) {
+          pairs = _mm256_maddubs_epi16(wq, x[r]);  // the codes q in [0, 15], centred below
+        } else {
+          pairs = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(x[r], wq));
+        }
+        const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+        acc[i][r] = _mm256_fmadd_ps(dots, _mm256_broadcast_ss(&scaled[i][r][g]), acc[i][r]);
+      }
+    }
+  }
+  alignas(32) float offset[kInt4 ? kMaxGroups : 1];
+  for (int i = 0; i < RN; ++i) {
+    if constexpr (kInt4) halves_to_floats(w.offset + (n0 + i) * groups, offset, groups);
+    for (int r = 0; r < RM; ++r) {
+      float total = hsum(acc[i][r]);
+      if constexpr (kInt4) {
+        // sum_g d_g xs_g * 8 sum(xq) turns the products of q into those of q - 8; then the
+        // offsets times the exact block sums
+        total -= dot_floats(scaled[i][r], centring + r * groups, groups);
+        total += dot_floats(offset, xsum + r * groups, groups);
+      }
+      out[r * out_stride + i] = total;
+    }
+  }
+#else
+  for (int i = 0; i < RN; ++i) {
+    for (int r = 0; r < RM; ++r) {
+      float total = 0.f, mins = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        const uint8_t* block = wc + i * w.row_bytes + g * kBlockBytes;
+        const int8_t* x = xq + r * k + g * kBlock;
+        int32_t dot = 0;
+        for (int64_t j = 0; j < kBlock; ++j) {
+          int32_t wj;
+          if constexpr (kInt4) {
+            wj = (j < kBlock / 2 ? (block[j] & 0x0F) : (block[j - kBlock / 2] >> 4)) - 8;
+          } else {
+            wj = static_cast<int8_t>(block[j]);
+          }
+          dot += wj * x[j];
+        }
+        const float d = half_to_float(w.scale[(n0 + i) * groups + g]);
+        total = std::fma(static_cast<float>(dot), d * xs[r * groups + g], total);
+        if constexpr (kInt4) {
+          const float m = half_to_float(w.offset[(n0 + i) * groups + g]);
+          mins = std::fma(m, xsum[r * groups + g], mins);
+        }
+      }
+      out[r * out_stride + i] = total + mins;
+    }
+  }
+#endif
+}
+
+// Weight rows [n0, n0 + RN) against every x row, RM rows at a time, then the rest.
+template <bool kInt4, int RN, int RM>
+void weight_rows(const Weights& w, const QuantizedRows& q, int64_t n0, int64_t rows, float* out,
+                 int64_t n) {
+  int64_t m0 = 0;
+  for (; m0 + RM <= rows; m0 += RM) tile_kernel<kInt4, RN, RM>(w, q, n0, m0, out + m0 * n + n0, n);
+  for (; m0 < rows; ++m0) tile_kernel<kInt4, RN, 1>(w, q, n0, m0, out + m0 * n + n0, n);
+}
+
+Weights check_weights(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                      const at::Tensor* offset, bool int4) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [M, K]");
+  const int64_t k = x.size(1), groups = k / kBlock;
+  TORCH_CHECK(k % kBlock == 0 && groups <= kMaxGroups, "K must be a multiple of ", kBlock,
+              " up to ", kBlock * kMaxGroups, ", got ", k);
+  const int64_t row_bytes = int4 ? k / 2 : k;
+  TORCH_CHECK(codes.dim() == 2 && codes.size(1) == row_bytes && codes.is_contiguous() &&
+                  codes.element_size() == 1,
+              "codes must be contiguous bytes [N, ", row_bytes, "]");
+  const int64_t n = codes.size(0);
+  for (const at::Tensor* t : {&scale, offset}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 2 &&
+                    t->size(0) == n && t->size(1) == groups,
+                "block scales and offsets must be contiguous float16 [N, ", groups, "]");
+  }
+  return Weights{reinterpret_cast<const uint8_t*>(codes.data_ptr()),
+                 reinterpret_cast<const uint16_t*>(scale.data_ptr()),
+                 offset ? reinterpret_cast<const uint16_t*>(offset->data_ptr()) : nullptr, k,
+                 groups, row_bytes};
+}
+
+template <bool kInt4>
+at::Tensor block_linear(const at::Tensor& x_in, const Weights& w, int64_t n) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t rows = x.size(0);
+  at::Tensor out = at::empty({rows, n}, at::kFloat);
+  if (rows == 0 || n == 0) return out;
+  const QuantizedRows q = quantize_rows(x);
+  float* op = out.data_ptr<float>();
+  // Work is split over weight rows only, so each thread streams its own part of the weights.
+  // One to three x rows: 4 weight rows at a time (independent accumulators); more: 2 x 4 tiles.
+  const int64_t grain = std::max<int64_t>(4, 64 / rows) / 4 * 4;
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    int64_t j = begin;
+    if (rows < kRowTile) {
+      for (; j + 4 <= end; j += 4) weight_rows<kInt4, 4, 1>(w, q, j, rows, op, n);
+    } else {
+      for (; j + 2 <= end; j += 2) weight_rows<kInt4, 2, kRowTile>(w, q, j, rows, op, n);
+    }
+    for (; j < end; ++j) weight_rows<kInt4, 1, kRowTile>(w, q, j, rows, op, n);
+  });
+  return out;
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                     const at::Tensor& offset) {
+  return block_linear<true>(x, check_weights(x, codes, scale, &offset, true), codes.size(0));
+}
+
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale) {
+  return block_linear<false>(x, check_weights(x, codes, scale, nullptr, false), codes.size(0));
+}
+
+at::Tensor q8_rows(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scale,
+                   const at::Tensor& rows_in) {
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor rows = rows_in.contiguous();
+  const Weights w = check_weights(x, codes, scale, nullptr, false);
+  TORCH_CHECK(rows.dim() == 2 && rows.size(0) == x.size(0) && rows.scalar_type() == at::kLong,
+              "rows must be int64 [M, C]");
+  const int64_t m = x.size(0), c = rows.size(1), n = codes.size(0);
+  at::Tensor out = at::empty({m, c}, at::kFloat);
+  if (m == 0 || c == 0) return out;
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < m * c; ++i) {
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < n, "row index ", rp[i], " out of range [0, ", n, ")");
+  }
+  const QuantizedRows q = quantize_rows(x);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, m * c, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) tile_kernel<false, 1, 1>(w, q, rp[i], i / c, op + i, 1);
+  });
+  return out;
+}
+
+// sum_i a[i] * b[i] over a row of the attention head, in one fixed order.
+inline float dot_row(const float* a, const float* b, int64_t count) {
+#ifdef MESHLLM_AVX2
+  return dot_floats(a, b, count);
+#else
+  float total = 0.f;
+  for (int64_t i = 0; i < count; ++i) total = std::fma(a[i], b[i], total);
+  return total;
+#endif
+}
+
+// out[i] += p * v[i]
+inline void axpy_row(float p, const float* v, float* out, int64_t count) {
+  int64_t i = 0;
+#ifdef MESHLLM_AVX2
+  const __m256 pv = _mm256_set1_ps(p);
+  for (; i + 8 <= count; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+  }
+#endif
+  for (; i < count; ++i) out[i] = std::fma(p, v[i], out[i]);
+}
+
+// One decode step of attention for B sequences, each over exactly its own cached keys:
+// q [B, H, D]; k, v: one layer's cache [slots, KV, T, D]; slots, lengths: int64 [B] (the
+// cache slot of each sequence and how many of its positions to attend to). Query head h
+// reads kv head h / (H / KV) (grouped-query attention). Every (sequence, head) is computed
+// alone, in the same order whatever else is in the batch.
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& slots_in, const at::Tensor& lengths_in) {
+  TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat, "q must be float32 [B, H, D]");
+  TORCH_CHECK(k.dim() == 4 && k.scalar_type() == at::kFloat && k.is_contiguous() &&
+                  v.sizes() == k.sizes() && v.scalar_type() == at::kFloat && v.is_contiguous(),
+              "k and v must be contiguous float32 caches [slots, KV, T, D] of one shape");
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor slots = slots_in.contiguous(), lengths = lengths_in.contiguous();
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t cache_slots = k.size(0), kv_heads = k.size(1), span = k.size(2);
+  TORCH_CHECK(k.size(3) == dim, "q's head dim ", dim, " differs from the cache's ", k.size(3));
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "query heads ", heads,
+              " are not a multiple of kv heads ", kv_heads);
+  for (const at::Tensor* t : {&slots, &lengths}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == batch && t->scalar_type() == at::kLong,
+                "slots and lengths must be int64 [B]");
+  }
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < cache_slots, "slot ", sp[b], " out of range [0, ",
+                cache_slots, ")");
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= span, "length ", lp[b], " out of range [1, ", span, "]");
+  }
+  at::Tensor out = at::zeros({batch, heads, dim}, at::kFloat);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(dim));
+  const int64_t group = heads / kv_heads;
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / heads, h = i % heads, length = lp[b];
+      const int64_t offset = (sp[b] * kv_heads + h / group) * span * dim;
+      const float* query = qp + i * dim;
+      scores.resize(length);
+      float best = -INFINITY;
+      for (int64_t t = 0; t < length; ++t) {
+        scores[t] = dot_row(query, kp + offset + t * dim, dim) * scale;
+        best = std::max(best, scores[t]);
+      }
+      float total = 0.f;
+      for (int64_t t = 0; t < length; ++t) {
+        scores[t] = std::exp(scores[t] - best);
+        total += scores[t];
+      }
+      float* row = op + i * dim;
+      for (int64_t t = 0; t < length; ++t) axpy_row(scores[t], vp + offset + t * dim, row, dim);
+      const float inverse = 1.f / total;
+      for (int64_t d = 0; d < dim; ++d) row[d] *= inverse;
+    }
+  });
+  return out;
+}
+
+bool has_avx2() {
+#ifdef MESHLLM_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(meshllm_kernels, m) {
+  m.def("q4_linear(Tensor x, Tensor codes, Tensor scale, Tensor offset) -> Tensor", &q4_linear);
+  m.def("q8_linear(Tensor x, Tensor codes, Tensor scale) -> Tensor", &q8_linear);
+  m.def("q8_rows(Tensor x, Tensor codes, Tensor scale, Tensor rows) -> Tensor", &q8_rows);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor lengths) -> Tensor",
+        &decode_attention);
+  m.def("simd() -> bool", &has_avx2);
+}
