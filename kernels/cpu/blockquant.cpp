@@ -18,8 +18,6 @@
 // Ops (registered as torch.ops.meshllm_kernels.*):
 //   q4_linear(x f32 [M, K], codes u8 [N, K/2], scale f16 [N, G], offset f16 [N, G]) -> f32 [M, N]
 //   q8_linear(x f32 [M, K], codes i8 [N, K],   scale f16 [N, G])        -> f32 [M, N]
-//   q8_rows(x f32 [M, K], codes i8 [N, K], scale f16 [N, G], rows i64 [M, C]) -> f32 [M, C]
-//     (the int8 products of row m of x with the weight rows rows[m, :] only)
 //   decode_attention(q f32 [B, H, D], k, v f32 [slots, KV, T, D], slots, lengths i64 [B])
 //     -> f32 [B, H, D]: one decode step of attention for a batch, each sequence over its
 //     own cache slot's first lengths[b] positions (one call a layer instead of one a
@@ -324,28 +322,6 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   return block_linear<false>(x, check_weights(x, codes, scale, nullptr, false), codes.size(0));
 }
 
-at::Tensor q8_rows(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scale,
-                   const at::Tensor& rows_in) {
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor rows = rows_in.contiguous();
-  const Weights w = check_weights(x, codes, scale, nullptr, false);
-  TORCH_CHECK(rows.dim() == 2 && rows.size(0) == x.size(0) && rows.scalar_type() == at::kLong,
-              "rows must be int64 [M, C]");
-  const int64_t m = x.size(0), c = rows.size(1), n = codes.size(0);
-  at::Tensor out = at::empty({m, c}, at::kFloat);
-  if (m == 0 || c == 0) return out;
-  const int64_t* rp = rows.data_ptr<int64_t>();
-  for (int64_t i = 0; i < m * c; ++i) {
-    TORCH_CHECK(rp[i] >= 0 && rp[i] < n, "row index ", rp[i], " out of range [0, ", n, ")");
-  }
-  const QuantizedRows q = quantize_rows(x);
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, m * c, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) tile_kernel<false, 1, 1>(w, q, rp[i], i / c, op + i, 1);
-  });
-  return out;
-}
-
 // sum_i a[i] * b[i] over a row of the attention head, in one fixed order.
 inline float dot_row(const float* a, const float* b, int64_t count) {
 #ifdef MESHLLM_AVX2
@@ -444,7 +420,6 @@ bool has_avx2() {
 TORCH_LIBRARY(meshllm_kernels, m) {
   m.def("q4_linear(Tensor x, Tensor codes, Tensor scale, Tensor offset) -> Tensor", &q4_linear);
   m.def("q8_linear(Tensor x, Tensor codes, Tensor scale) -> Tensor", &q8_linear);
-  m.def("q8_rows(Tensor x, Tensor codes, Tensor scale, Tensor rows) -> Tensor", &q8_rows);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor lengths) -> Tensor",
         &decode_attention);
   m.def("simd() -> bool", &has_avx2);

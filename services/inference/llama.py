@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from services.inference.gguf_model import GgufModel, LlamaConfig
 from services.inference.quant import (
-    BlockInt8Linear,
     Embedding,
     Int8Linear,
     LinearWeight,
@@ -190,7 +189,7 @@ class Llama:
         for slot, end in zip(slots, step.end_list, strict=True):
             cache.lengths[slot] = end
         last = self._rms(x.view(batch, steps, -1)[:, -1], self.norm)  # [B, hidden]
-        if best_only and isinstance(self.output, Int8Linear | BlockInt8Linear):
+        if best_only and isinstance(self.output, Int8Linear):
             return self.output.best(last)
         return self.output(last)  # [B, V]
 
