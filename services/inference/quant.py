@@ -11,10 +11,11 @@ Two kernel families; :func:`prepare_linear` picks the first wherever it is avail
    every row of ``x`` quantized to int8 per block of 32 inside the call, so each block's
    product is an integer dot product (AVX2 ``maddubs``), scaled once: the arithmetic
    llama.cpp uses. int4's offsets multiply the exact fp32 block sums of ``x``. Output is
-   fp32. On the 2-vCPU AVX2 machine they run a SmolLM2 decode step ~1.6x faster than
-   torch's kernels at batch 1 (``benchmarks/results/inference.md``); the int8 rounding of
-   activations costs about as much accuracy as bf16 activations do
-   (``benchmarks/results/quant_quality.md``).
+   fp32. On the 2-vCPU AVX2 machine the engine decodes int8 at 36 tok/s at batch 1 and 115
+   at 16 streams with them (``benchmarks/results/inference.md``), where torch's int8
+   kernel gave 24 and 81 in an earlier run. Against fp32, int8 activations cost int8
+   weights nothing measurable (KL 0.0053 against torch's 0.0056) and int4 weights about
+   twice torch's bf16 error (0.0036 against 0.0018; ``benchmarks/results/quant_quality.md``).
 2. **torch's weight-only kernels** (the fallback): ``aten._weight_int8pack_mm`` and
    ``aten._weight_int4pack_mm_for_cpu``, fast only with bfloat16 activations (their fp32
    paths are scalar), so ``x`` is cast to bf16 for the call and back; per-channel int8 or
