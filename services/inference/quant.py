@@ -412,18 +412,14 @@ def quantize_q4_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     byte j holds inputs j and j + 16 in its low and high nibble): uint8 [N, K/2]; the fp16
     scale and offset [N, G] each.
     """
-    n, k = weight.shape
-    if k % BLOCK:
-        raise ValueError(f"in_features {k} is not a multiple of the block size {BLOCK}")
-    w = weight.float().reshape(n, k // BLOCK, BLOCK)  # [N, G, 32]
+    w = _blocks(weight)  # [N, G, 32]
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # [N, G]
     d = ((hi - lo) / 15).half()
     c = (lo + 8 * d.float()).half()
-    step = torch.where(d.float() > 0, d.float(), 1.0)
-    codes = torch.round((w - c.float()[..., None]) / step[..., None] + 8).clamp(0, 15)
+    codes = torch.round((w - c.float()[..., None]) / _step(d)[..., None] + 8).clamp(0, 15)
     codes = codes.to(torch.uint8)
-    packed = (codes[..., : BLOCK // 2] | (codes[..., BLOCK // 2 :] << 4)).reshape(n, k // 2)
-    return packed.contiguous(), d.contiguous(), c.contiguous()
+    packed = codes[..., : BLOCK // 2] | (codes[..., BLOCK // 2 :] << 4)  # [N, G, 16]
+    return packed.reshape(weight.shape[0], -1).contiguous(), d.contiguous(), c.contiguous()
 
 
 def quantize_q8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -431,14 +427,36 @@ def quantize_q8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
     Returns codes int8 [N, K] and the fp16 scale [N, G].
     """
+    w = _blocks(weight)  # [N, G, 32]
+    d = (w.abs().amax(dim=-1) / 127).half()  # [N, G]
+    codes = torch.round(w / _step(d)[..., None]).clamp(-127, 127).to(torch.int8)
+    return codes.reshape(weight.shape).contiguous(), d.contiguous()
+
+
+def _blocks(weight: torch.Tensor) -> torch.Tensor:
+    """fp32 ``weight`` [N, K] as blocks [N, G, 32]."""
     n, k = weight.shape
     if k % BLOCK:
         raise ValueError(f"in_features {k} is not a multiple of the block size {BLOCK}")
-    w = weight.float().reshape(n, k // BLOCK, BLOCK)  # [N, G, 32]
-    d = (w.abs().amax(dim=-1) / 127).half()  # [N, G]
-    step = torch.where(d.float() > 0, d.float(), 1.0)
-    codes = torch.round(w / step[..., None]).clamp(-127, 127).to(torch.int8)
-    return codes.reshape(n, k).contiguous(), d.contiguous()
+    return weight.float().reshape(n, k // BLOCK, BLOCK)
+
+
+def _step(scale: torch.Tensor) -> torch.Tensor:
+    """fp16 block scales as fp32 divisors (an all-zero block's 0 becomes 1)."""
+    return torch.where(scale.float() > 0, scale.float(), 1.0)
+
+
+def _dequantize_q4_blocks(
+    packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor
+) -> torch.Tensor:
+    """fp32 rows [..., K] from packed codes [..., K/2] and scale/offset [..., G]."""
+    return (_q4_codes(packed).float() - 8) * scale.float()[..., None] + offset.float()[..., None]
+
+
+def _q4_codes(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [..., G, 32] in input order from packed blocks [..., K/2]."""
+    blocks = packed.view(*packed.shape[:-1], -1, BLOCK // 2)  # [..., G, 16]
+    return torch.cat((blocks & 15, blocks >> 4), dim=-1)
 
 
 def _rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -474,12 +492,10 @@ class BlockInt4Linear(LinearWeight):
 
     def codes(self) -> torch.Tensor:
         """uint8 codes [N, K] in input order."""
-        blocks = self.packed.view(self.out_features, -1, BLOCK // 2)  # [N, G, 16]
-        return torch.cat((blocks & 15, blocks >> 4), dim=-1).reshape(self.out_features, -1)
+        return _q4_codes(self.packed).reshape(self.out_features, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
-        codes = self.codes().float().view(self.out_features, -1, BLOCK)  # [N, G, 32]
-        w = (codes - 8) * self.scale.float()[..., None] + self.offset.float()[..., None]
+        w = _dequantize_q4_blocks(self.packed, self.scale, self.offset)  # [N, G, 32]
         return w.reshape(self.out_features, self.in_features)
 
 
@@ -676,12 +692,9 @@ class _BlockInt4Embedding(Embedding):
         self.head = head
 
     def __getitem__(self, tokens: torch.Tensor) -> torch.Tensor:
-        flat = tokens.reshape(-1)
-        packed = self.head.packed[flat].view(len(flat), -1, BLOCK // 2)  # [T, G, 16]
-        codes = torch.cat((packed & 15, packed >> 4), dim=-1).float()  # [T, G, 32]
-        scale, offset = self.head.scale[flat].float(), self.head.offset[flat].float()  # [T, G]
-        rows = (codes - 8) * scale[..., None] + offset[..., None]
-        return rows.view(*tokens.shape, self.head.in_features)
+        head = self.head
+        rows = _dequantize_q4_blocks(head.packed[tokens], head.scale[tokens], head.offset[tokens])
+        return rows.view(*tokens.shape, head.in_features)
 
     @property
     def nbytes(self) -> int:
