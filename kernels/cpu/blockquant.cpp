@@ -37,6 +37,11 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define MESHLLM_AVX2 1
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define MESHLLM_VNNI 1  // vpdpbusd on 256-bit registers (AVX512-VNNI)
+#elif defined(__AVXVNNI__)
+#define MESHLLM_VNNI 2  // the same instruction, VEX-encoded (AVX-VNNI)
+#endif
 #endif
 
 namespace {
@@ -108,6 +113,19 @@ inline __m256i unpack_q4(const uint8_t* block) {
   const __m128i low = _mm_and_si128(bytes, mask);
   const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
   return _mm256_set_m128i(high, low);
+}
+
+// The 8 int32 sums of 4 adjacent products u[j] * s[j] (u unsigned, s signed), exact: the
+// products of a block here never saturate maddubs' int16 pairs (|u| <= 127 or u <= 15 with
+// |s| <= 127), so the VNNI instruction and the AVX2 pair give the same integers.
+inline __m256i dot_u8_i8(__m256i u, __m256i s) {
+#if MESHLLM_VNNI == 1
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#elif MESHLLM_VNNI == 2
+  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
 }
 
 #endif
@@ -202,14 +220,14 @@ void tile_kernel(const Weights& w, const QuantizedRows& q, int64_t n0, int64_t m
       }
       const __m256i w_abs = _mm256_sign_epi8(wq, wq);  // int8 only: maddubs takes |w|
       for (int r = 0; r < RM; ++r) {
-        // int8 weights: |w| times x carrying w's sign, so maddubs' unsigned operand is |w|
-        __m256i pairs;  // 16 sums of two products; |sum| <= 2 * 255 * 127 fits int16
+        // int8 weights: |w| times x carrying w's sign, so the unsigned operand is |w|
+        __m256i sums;
         if constexpr (kInt4) {
-          pairs = _mm256_maddubs_epi16(wq, x[r]);  // the codes q in [0, 15], centred below
+          sums = dot_u8_i8(wq, x[r]);  // the codes q in [0, 15], centred below
         } else {
-          pairs = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(x[r], wq));
+          sums = dot_u8_i8(w_abs, _mm256_sign_epi8(x[r], wq));
         }
-        const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+        const __m256 dots = _mm256_cvtepi32_ps(sums);
         acc[i][r] = _mm256_fmadd_ps(dots, _mm256_broadcast_ss(&scaled[i][r][g]), acc[i][r]);
       }
     }
@@ -267,22 +285,28 @@ void weight_rows(const Weights& w, const QuantizedRows& q, int64_t n0, int64_t r
   for (; m0 < rows; ++m0) tile_kernel<kInt4, RN, 1>(w, q, n0, m0, out + m0 * n + n0, n);
 }
 
-Weights check_weights(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
-                      const at::Tensor* offset, bool int4) {
+void check_rows(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be float32 [M, K]");
-  const int64_t k = x.size(1), groups = k / kBlock;
+}
+
+// The weight of K inputs a row: codes, scale and (int4 only) offset, checked.
+Weights check_weights(int64_t k, const at::Tensor& codes, const at::Tensor& scale,
+                      const at::Tensor* offset, const char* name = "the weight") {
+  const int64_t groups = k / kBlock;
   TORCH_CHECK(k % kBlock == 0 && groups <= kMaxGroups, "K must be a multiple of ", kBlock,
               " up to ", kBlock * kMaxGroups, ", got ", k);
-  const int64_t row_bytes = int4 ? k / 2 : k;
+  const int64_t row_bytes = offset ? k / 2 : k;
   TORCH_CHECK(codes.dim() == 2 && codes.size(1) == row_bytes && codes.is_contiguous() &&
                   codes.element_size() == 1,
-              "codes must be contiguous bytes [N, ", row_bytes, "]");
+              name, "'s codes must be contiguous bytes [N, ", row_bytes, "] (", k,
+              " inputs a row)");
   const int64_t n = codes.size(0);
   for (const at::Tensor* t : {&scale, offset}) {
     if (t == nullptr) continue;
     TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 2 &&
                     t->size(0) == n && t->size(1) == groups,
-                "block scales and offsets must be contiguous float16 [N, ", groups, "]");
+                name, "'s block scales and offsets must be contiguous float16 [N, ", groups,
+                "]");
   }
   return Weights{reinterpret_cast<const uint8_t*>(codes.data_ptr()),
                  reinterpret_cast<const uint16_t*>(scale.data_ptr()),
@@ -290,36 +314,50 @@ Weights check_weights(const at::Tensor& x, const at::Tensor& codes, const at::Te
                  groups, row_bytes};
 }
 
+// out [M, n] = x [M, K] (contiguous float32) times the weight's n rows, transposed.
 template <bool kInt4>
-at::Tensor block_linear(const at::Tensor& x_in, const Weights& w, int64_t n) {
-  const at::Tensor x = x_in.contiguous();
+void block_linear_into(const at::Tensor& x, const Weights& w, int64_t n, float* out) {
   const int64_t rows = x.size(0);
-  at::Tensor out = at::empty({rows, n}, at::kFloat);
-  if (rows == 0 || n == 0) return out;
+  if (rows == 0 || n == 0) return;
   const QuantizedRows q = quantize_rows(x);
-  float* op = out.data_ptr<float>();
   // Work is split over weight rows only, so each thread streams its own part of the weights.
   // One to three x rows: 4 weight rows at a time (independent accumulators); more: 2 x 4 tiles.
   const int64_t grain = std::max<int64_t>(4, 64 / rows) / 4 * 4;
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     int64_t j = begin;
     if (rows < kRowTile) {
-      for (; j + 4 <= end; j += 4) weight_rows<kInt4, 4, 1>(w, q, j, rows, op, n);
+      for (; j + 4 <= end; j += 4) weight_rows<kInt4, 4, 1>(w, q, j, rows, out, n);
     } else {
-      for (; j + 2 <= end; j += 2) weight_rows<kInt4, 2, kRowTile>(w, q, j, rows, op, n);
+      for (; j + 2 <= end; j += 2) weight_rows<kInt4, 2, kRowTile>(w, q, j, rows, out, n);
     }
-    for (; j < end; ++j) weight_rows<kInt4, 1, kRowTile>(w, q, j, rows, op, n);
+    for (; j < end; ++j) weight_rows<kInt4, 1, kRowTile>(w, q, j, rows, out, n);
   });
+}
+
+void linear_into(const at::Tensor& x, const Weights& w, int64_t n, float* out) {
+  if (w.offset != nullptr) {
+    block_linear_into<true>(x, w, n, out);
+  } else {
+    block_linear_into<false>(x, w, n, out);
+  }
+}
+
+at::Tensor block_linear(const at::Tensor& x_in, const Weights& w, int64_t n) {
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty({x.size(0), n}, at::kFloat);
+  linear_into(x, w, n, out.data_ptr<float>());
   return out;
 }
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                      const at::Tensor& offset) {
-  return block_linear<true>(x, check_weights(x, codes, scale, &offset, true), codes.size(0));
+  check_rows(x);
+  return block_linear(x, check_weights(x.size(1), codes, scale, &offset), codes.size(0));
 }
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale) {
-  return block_linear<false>(x, check_weights(x, codes, scale, nullptr, false), codes.size(0));
+  check_rows(x);
+  return block_linear(x, check_weights(x.size(1), codes, scale, nullptr), codes.size(0));
 }
 
 // sum_i a[i] * b[i] over a row of the attention head, in one fixed order.
@@ -345,52 +383,32 @@ inline void axpy_row(float p, const float* v, float* out, int64_t count) {
   for (; i < count; ++i) out[i] = std::fma(p, v[i], out[i]);
 }
 
-// One decode step of attention for B sequences, each over exactly its own cached keys:
-// q [B, H, D]; k, v: one layer's cache [slots, KV, T, D]; slots, lengths: int64 [B] (the
-// cache slot of each sequence and how many of its positions to attend to). Query head h
+// One layer's cache and where each sequence of a decode step sits in it.
+struct CacheView {
+  const float *k, *v;
+  int64_t kv_heads, span, dim;
+  const int64_t* slots;    // [B]
+  const int64_t* lengths;  // [B]: positions to attend to, the new one included
+};
+
+// One decode step of attention for B sequences, each over exactly its own cached keys.
+// Query b's heads start at q + b * q_stride (D floats each); out is [B, H, D]. Query head h
 // reads kv head h / (H / KV) (grouped-query attention). Every (sequence, head) is computed
 // alone, in the same order whatever else is in the batch.
-at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& slots_in, const at::Tensor& lengths_in) {
-  TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat, "q must be float32 [B, H, D]");
-  TORCH_CHECK(k.dim() == 4 && k.scalar_type() == at::kFloat && k.is_contiguous() &&
-                  v.sizes() == k.sizes() && v.scalar_type() == at::kFloat && v.is_contiguous(),
-              "k and v must be contiguous float32 caches [slots, KV, T, D] of one shape");
-  const at::Tensor q = q_in.contiguous();
-  const at::Tensor slots = slots_in.contiguous(), lengths = lengths_in.contiguous();
-  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
-  const int64_t cache_slots = k.size(0), kv_heads = k.size(1), span = k.size(2);
-  TORCH_CHECK(k.size(3) == dim, "q's head dim ", dim, " differs from the cache's ", k.size(3));
-  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "query heads ", heads,
-              " are not a multiple of kv heads ", kv_heads);
-  for (const at::Tensor* t : {&slots, &lengths}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == batch && t->scalar_type() == at::kLong,
-                "slots and lengths must be int64 [B]");
-  }
-  const int64_t* sp = slots.data_ptr<int64_t>();
-  const int64_t* lp = lengths.data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(sp[b] >= 0 && sp[b] < cache_slots, "slot ", sp[b], " out of range [0, ",
-                cache_slots, ")");
-    TORCH_CHECK(lp[b] >= 1 && lp[b] <= span, "length ", lp[b], " out of range [1, ", span, "]");
-  }
-  at::Tensor out = at::zeros({batch, heads, dim}, at::kFloat);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+void attend(const float* q, int64_t q_stride, const CacheView& cache, int64_t batch,
+            int64_t heads, float* out) {
+  const int64_t dim = cache.dim, span = cache.span, group = heads / cache.kv_heads;
   const float scale = 1.f / std::sqrt(static_cast<float>(dim));
-  const int64_t group = heads / kv_heads;
   at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / heads, h = i % heads, length = lp[b];
-      const int64_t offset = (sp[b] * kv_heads + h / group) * span * dim;
-      const float* query = qp + i * dim;
+      const int64_t b = i / heads, h = i % heads, length = cache.lengths[b];
+      const int64_t offset = (cache.slots[b] * cache.kv_heads + h / group) * span * dim;
+      const float* query = q + b * q_stride + h * dim;
       scores.resize(length);
       float best = -INFINITY;
       for (int64_t t = 0; t < length; ++t) {
-        scores[t] = dot_row(query, kp + offset + t * dim, dim) * scale;
+        scores[t] = dot_row(query, cache.k + offset + t * dim, dim) * scale;
         best = std::max(best, scores[t]);
       }
       float total = 0.f;
@@ -398,13 +416,184 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
         scores[t] = std::exp(scores[t] - best);
         total += scores[t];
       }
-      float* row = op + i * dim;
-      for (int64_t t = 0; t < length; ++t) axpy_row(scores[t], vp + offset + t * dim, row, dim);
+      float* row = out + i * dim;
+      std::fill(row, row + dim, 0.f);
+      for (int64_t t = 0; t < length; ++t) axpy_row(scores[t], cache.v + offset + t * dim, row, dim);
       const float inverse = 1.f / total;
       for (int64_t d = 0; d < dim; ++d) row[d] *= inverse;
     }
   });
+}
+
+void check_cache(const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(k.dim() == 4 && k.scalar_type() == at::kFloat && k.is_contiguous() &&
+                  v.sizes() == k.sizes() && v.scalar_type() == at::kFloat && v.is_contiguous(),
+              "k and v must be contiguous float32 caches [slots, KV, T, D] of one shape");
+}
+
+// slots and a per-sequence count as int64 [B], checked against the cache: each slot in
+// [0, slots) and each count in [low, high].
+void check_positions(const at::Tensor& slots, const at::Tensor& counts, int64_t batch,
+                     int64_t cache_slots, const char* name, int64_t low, int64_t high) {
+  for (const at::Tensor* t : {&slots, &counts}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == batch && t->scalar_type() == at::kLong &&
+                    t->is_contiguous(),
+                "slots and ", name, "s must be contiguous int64 [B]");
+  }
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* cp = counts.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < cache_slots, "slot ", sp[b], " out of range [0, ",
+                cache_slots, ")");
+    TORCH_CHECK(cp[b] >= low && cp[b] <= high, name, " ", cp[b], " out of range [", low, ", ",
+                high, "]");
+  }
+}
+
+// q [B, H, D]; k, v: one layer's cache [slots, KV, T, D]; slots, lengths: int64 [B] (the
+// cache slot of each sequence and how many of its positions to attend to).
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& slots_in, const at::Tensor& lengths_in) {
+  TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == at::kFloat, "q must be float32 [B, H, D]");
+  check_cache(k, v);
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor slots = slots_in.contiguous(), lengths = lengths_in.contiguous();
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t kv_heads = k.size(1), span = k.size(2);
+  TORCH_CHECK(k.size(3) == dim, "q's head dim ", dim, " differs from the cache's ", k.size(3));
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "query heads ", heads,
+              " are not a multiple of kv heads ", kv_heads);
+  check_positions(slots, lengths, batch, k.size(0), "length", 1, span);
+  at::Tensor out = at::empty({batch, heads, dim}, at::kFloat);
+  const CacheView cache{k.data_ptr<float>(), v.data_ptr<float>(), kv_heads, span, dim,
+                        slots.data_ptr<int64_t>(), lengths.data_ptr<int64_t>()};
+  attend(q.data_ptr<float>(), heads * dim, cache, batch, heads, out.data_ptr<float>());
   return out;
+}
+
+// out = x * weight / sqrt(mean(x^2) + eps), row by row (the sum of squares in double).
+void rms_norm_rows(const float* x, const float* weight, float* out, int64_t rows, int64_t dim,
+                   double eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * dim;
+    double squares = 0.0;
+    for (int64_t i = 0; i < dim; ++i) squares += static_cast<double>(row[i]) * row[i];
+    const float inverse = static_cast<float>(1.0 / std::sqrt(squares / dim + eps));
+    for (int64_t i = 0; i < dim; ++i) out[r * dim + i] = row[i] * inverse * weight[i];
+  }
+}
+
+// A linear layer of the fused op: [codes, scale] (int8) or [codes, scale, offset] (int4)
+// with n rows of k inputs.
+Weights layer_weights(at::TensorList parts, const char* name, int64_t n, int64_t k) {
+  TORCH_CHECK(parts.size() == 2 || parts.size() == 3, name,
+              " must be [codes, scale] (int8) or [codes, scale, offset] (int4), got ",
+              parts.size(), " tensors");
+  TORCH_CHECK(parts[0].dim() == 2 && parts[0].size(0) == n, name, " must have ", n,
+              " output rows, got shape ", parts[0].sizes());
+  return check_weights(k, parts[0], parts[1], parts.size() == 3 ? &parts[2] : nullptr, name);
+}
+
+// One decoder layer of a Llama decode step, all in one call: x [B, hidden] (updated in
+// place) is one new token of each of B sequences.
+//   h = rms_norm(x) * attn_norm; q, k, v = h W_qkv^T; rotate q and k (adjacent pairs, the
+//   tables cos and sin [context, D] as the model builds them: (cos, cos) and (-sin, sin));
+//   store k and v at each sequence's position; attend; x += attn W_out^T;
+//   h = rms_norm(x) * ffn_norm; g, u = h W_gate_up^T; x += (silu(g) * u) W_down^T
+// Each sequence attends over its cache slot's positions [0, positions[b]]. Every row goes
+// through the same operations whatever else is in the batch: batch-invariant.
+void decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, at::TensorList qkv,
+                  at::TensorList out_proj, const at::Tensor& ffn_norm, at::TensorList gate_up,
+                  at::TensorList down, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& slots, const at::Tensor& positions, const at::Tensor& cos,
+                  const at::Tensor& sin, double eps, int64_t heads, int64_t kv_heads) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be contiguous float32 [B, hidden]");
+  const int64_t batch = x.size(0), hidden = x.size(1);
+  for (const at::Tensor* norm : {&attn_norm, &ffn_norm}) {
+    TORCH_CHECK(norm->dim() == 1 && norm->size(0) == hidden &&
+                    norm->scalar_type() == at::kFloat && norm->is_contiguous(),
+                "norm weights must be contiguous float32 [", hidden, "]");
+  }
+  check_cache(k_cache, v_cache);
+  const int64_t dim = k_cache.size(3), span = k_cache.size(2);
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0 && k_cache.size(1) == kv_heads,
+              "query heads ", heads, " must be a multiple of kv heads ", kv_heads,
+              " and the cache must hold ", kv_heads, " kv heads");
+  TORCH_CHECK(dim % 2 == 0, "the head dim must be even, got ", dim);
+  for (const at::Tensor* table : {&cos, &sin}) {
+    TORCH_CHECK(table->dim() == 2 && table->size(1) == dim &&
+                    table->scalar_type() == at::kFloat && table->is_contiguous(),
+                "rotary tables must be contiguous float32 [context, ", dim, "]");
+  }
+  TORCH_CHECK(sin.size(0) == cos.size(0), "rotary tables must have one length");
+  check_positions(slots, positions, batch, k_cache.size(0), "position", 0,
+                  std::min(span, cos.size(0)) - 1);
+  const int64_t q_width = heads * dim, kv_width = kv_heads * dim;
+  const int64_t qkv_width = q_width + 2 * kv_width;
+  const Weights w_qkv = layer_weights(qkv, "qkv", qkv_width, hidden);
+  const Weights w_out = layer_weights(out_proj, "out", hidden, q_width);
+  TORCH_CHECK(gate_up.size() >= 1 && gate_up[0].dim() == 2 && gate_up[0].size(0) % 2 == 0,
+              "gate_up must stack the gate and up rows: an even row count");
+  const int64_t ffn = gate_up[0].size(0) / 2;
+  const Weights w_gate_up = layer_weights(gate_up, "gate_up", 2 * ffn, hidden);
+  const Weights w_down = layer_weights(down, "down", hidden, ffn);
+
+  float* xp = x.data_ptr<float>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  at::Tensor h = at::empty({batch, hidden}, at::kFloat);
+  at::Tensor fused = at::empty({batch, qkv_width}, at::kFloat);
+  at::Tensor attn = at::empty({batch, q_width}, at::kFloat);
+  at::Tensor gu = at::empty({batch, 2 * ffn}, at::kFloat);
+  at::Tensor act = at::empty({batch, ffn}, at::kFloat);
+  at::Tensor delta = at::empty({batch, hidden}, at::kFloat);
+  float* hp = h.data_ptr<float>();
+  float* fp = fused.data_ptr<float>();
+  float* dp = delta.data_ptr<float>();
+
+  rms_norm_rows(xp, attn_norm.data_ptr<float>(), hp, batch, hidden, eps);
+  linear_into(h, w_qkv, qkv_width, fp);
+  // rotate q and k heads in place, then store k and v at each sequence's position
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  std::vector<int64_t> lengths(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* c = cos.data_ptr<float>() + pp[b] * dim;
+    const float* s = sin.data_ptr<float>() + pp[b] * dim;
+    float* row = fp + b * qkv_width;
+    for (int64_t head = 0; head < heads + kv_heads; ++head) {
+      float* v = row + head * dim;
+      for (int64_t i = 0; i < dim; i += 2) {
+        const float even = v[i], odd = v[i + 1];
+        v[i] = even * c[i] + odd * s[i];
+        v[i + 1] = odd * c[i + 1] + even * s[i + 1];
+      }
+    }
+    for (int64_t head = 0; head < kv_heads; ++head) {
+      const int64_t at = ((sp[b] * kv_heads + head) * span + pp[b]) * dim;
+      std::memcpy(kc + at, row + q_width + head * dim, dim * sizeof(float));
+      std::memcpy(vc + at, row + q_width + kv_width + head * dim, dim * sizeof(float));
+    }
+    lengths[b] = pp[b] + 1;
+  }
+  const CacheView cache{kc, vc, kv_heads, span, dim, sp, lengths.data()};
+  attend(fp, qkv_width, cache, batch, heads, attn.data_ptr<float>());
+  linear_into(attn, w_out, hidden, dp);
+  for (int64_t i = 0; i < batch * hidden; ++i) xp[i] += dp[i];
+
+  rms_norm_rows(xp, ffn_norm.data_ptr<float>(), hp, batch, hidden, eps);
+  linear_into(h, w_gate_up, 2 * ffn, gu.data_ptr<float>());
+  const float* gp = gu.data_ptr<float>();
+  float* ap = act.data_ptr<float>();
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t i = 0; i < ffn; ++i) {
+      const float g = gp[b * 2 * ffn + i], u = gp[b * 2 * ffn + ffn + i];
+      ap[b * ffn + i] = g / (1.f + std::exp(-g)) * u;
+    }
+  }
+  linear_into(act, w_down, hidden, dp);
+  for (int64_t i = 0; i < batch * hidden; ++i) xp[i] += dp[i];
 }
 
 bool has_avx2() {
@@ -422,5 +611,11 @@ TORCH_LIBRARY(meshllm_kernels, m) {
   m.def("q8_linear(Tensor x, Tensor codes, Tensor scale) -> Tensor", &q8_linear);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor lengths) -> Tensor",
         &decode_attention);
+  m.def(
+      "decode_layer(Tensor(a!) x, Tensor attn_norm, Tensor[] qkv, Tensor[] out, "
+      "Tensor ffn_norm, Tensor[] gate_up, Tensor[] down, Tensor(b!) k_cache, "
+      "Tensor(c!) v_cache, Tensor slots, Tensor positions, Tensor cos, Tensor sin, float eps, "
+      "int heads, int kv_heads) -> ()",
+      &decode_layer);
   m.def("simd() -> bool", &has_avx2);
 }

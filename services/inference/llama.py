@@ -16,11 +16,12 @@ import torch.nn.functional as F
 
 from services.inference.gguf_model import GgufModel, LlamaConfig
 from services.inference.quant import (
+    BlockInt4Linear,
+    BlockInt8Linear,
     Embedding,
     Int8Linear,
     LinearWeight,
     QuantMode,
-    block_kernels,
     prepare_embedding,
     prepare_head,
     prepare_linear,
@@ -118,11 +119,26 @@ class Llama:
             self.embed, self.output = prepare_tied(
                 take("token_embd.weight"), self.quant, block=block
             )
-        # Decode attention in one kernel call a layer (kernels/cpu) wherever the layers run on
-        # the block kernels; fp32 and torch's kernels keep torch's attention.
-        self._decode_kernel = (
-            self.quant is not QuantMode.FP32 and block is not False and block_kernels()
-        )
+        # Decode steps run each layer in one kernel call (kernels/cpu: meshllm_kernels.
+        # decode_layer) wherever all its linear layers are block-quantized; fp32 and torch's
+        # kernels keep the layer in torch ops.
+        self._fused: list[tuple[object, ...]] | None = None
+        if all(
+            isinstance(w, BlockInt8Linear | BlockInt4Linear)
+            for layer in self.layers
+            for w in (layer.qkv, layer.out, layer.gate_up, layer.down)
+        ):
+            self._fused = [
+                (
+                    layer.attn_norm.float().contiguous(),
+                    layer.qkv.kernel_args,  # type: ignore[attr-defined]
+                    layer.out.kernel_args,  # type: ignore[attr-defined]
+                    layer.ffn_norm.float().contiguous(),
+                    layer.gate_up.kernel_args,  # type: ignore[attr-defined]
+                    layer.down.kernel_args,  # type: ignore[attr-defined]
+                )
+                for layer in self.layers
+            ]
         half = c.head_dim // 2
         inv_freq = 1.0 / (
             c.rope_theta ** (torch.arange(half, dtype=torch.float64) * 2 / c.head_dim)
@@ -178,6 +194,9 @@ class Llama:
         starts = torch.tensor([cache.lengths[s] for s in slots])
         if int(starts.max()) + steps > cache.max_len:
             raise ValueError(f"sequence would exceed the cache length {cache.max_len}")
+        if steps == 1 and self._fused is not None:
+            x = self._decode_fused(tokens.view(-1), slots, starts, cache)
+            return self._head(x, best_only)
         step = _Step(slots, starts, steps)
         step.cos = self._cos[step.positions.view(-1)].unsqueeze(1)  # [T, 1, D]
         step.sin = self._sin[step.positions.view(-1)].unsqueeze(1)
@@ -188,10 +207,41 @@ class Llama:
             x += layer.down(F.silu(gate).mul_(up))
         for slot, end in zip(slots, step.end_list, strict=True):
             cache.lengths[slot] = end
-        last = self._rms(x.view(batch, steps, -1)[:, -1], self.norm)  # [B, hidden]
+        return self._head(x.view(batch, steps, -1)[:, -1], best_only)
+
+    def _head(self, x: torch.Tensor, best_only: bool) -> torch.Tensor:
+        """Logits [B, V] of the last positions' hidden states ``x`` [B, hidden]."""
+        last = self._rms(x, self.norm)
         if best_only and isinstance(self.output, Int8Linear):
             return self.output.best(last)
-        return self.output(last)  # [B, V]
+        return self.output(last)
+
+    def _decode_fused(
+        self, tokens: torch.Tensor, slots: list[int], starts: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
+        """One decode step of every layer, a kernel call each; returns hidden states [B, hidden]."""
+        assert self._fused is not None
+        c = self.config
+        x = self.embed[tokens].float().contiguous()  # [B, hidden]
+        index = torch.tensor(slots)
+        layer_op = torch.ops.meshllm_kernels.decode_layer.default
+        for layer_index, args in enumerate(self._fused):
+            layer_op(
+                x,
+                *args,
+                cache.k[layer_index],
+                cache.v[layer_index],
+                index,
+                starts,
+                self._cos,
+                self._sin,
+                c.rms_norm_eps,
+                c.num_heads,
+                c.num_kv_heads,
+            )
+        for slot, start in zip(slots, starts.tolist(), strict=True):
+            cache.lengths[slot] = start + 1
+        return x
 
     def _attention(
         self, layer: Layer, h: torch.Tensor, step: _Step, cache: KVCache, layer_index: int
@@ -206,12 +256,6 @@ class Llama:
         v = qkv[:, (heads + kv_heads) * d :].view(batch, steps, kv_heads, d).transpose(1, 2)
         layer_k, layer_v = cache.k[layer_index], cache.v[layer_index]  # [slots, K, T, D]
         step.write(layer_k, layer_v, k, v)
-        if steps == 1 and self._decode_kernel:
-            # every (sequence, head) over exactly its own keys, all in one call
-            attn = torch.ops.meshllm_kernels.decode_attention.default(
-                q[:, :, 0], layer_k, layer_v, step.index, step.ends
-            )  # [B, H, D]
-            return layer.out(attn.view(batch, heads * d))
         if steps == 1:
             # Each sequence attends over exactly its own keys, so its result is bit-identical
             # whether it is decoded alone or in any batch (greedy output is reproducible).

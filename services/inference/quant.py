@@ -490,6 +490,11 @@ class BlockInt4Linear(LinearWeight):
     def nbytes(self) -> int:
         return _nbytes(self.packed) + _nbytes(self.scale) + _nbytes(self.offset)
 
+    @property
+    def kernel_args(self) -> list[torch.Tensor]:
+        """The weight as ``meshllm_kernels.decode_layer`` takes it: codes, scale, offset."""
+        return [self.packed, self.scale, self.offset]
+
     def codes(self) -> torch.Tensor:
         """uint8 codes [N, K] in input order."""
         return _q4_codes(self.packed).reshape(self.out_features, self.in_features)
@@ -522,6 +527,11 @@ class BlockInt8Linear(LinearWeight):
     @property
     def nbytes(self) -> int:
         return _nbytes(self.codes) + _nbytes(self.scale)
+
+    @property
+    def kernel_args(self) -> list[torch.Tensor]:
+        """The weight as ``meshllm_kernels.decode_layer`` takes it: codes, scale."""
+        return [self.codes, self.scale]
 
     def dequantize(self) -> torch.Tensor:
         w = self.codes.float().view(self.out_features, -1, BLOCK) * self.scale.float()[..., None]

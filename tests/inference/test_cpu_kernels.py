@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from kernels import cpu
+from services.inference.quant import BlockInt4Linear, BlockInt8Linear, LinearWeight
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,3 +126,183 @@ def test_decode_attention_refuses_bad_input() -> None:
         attention(torch.zeros(1, 8, 64), k, v, torch.tensor([0]), torch.tensor([1]))
     with pytest.raises(RuntimeError, match="head dim 32"):
         attention(torch.zeros(1, 9, 32), k, v, torch.tensor([0]), torch.tensor([1]))
+
+
+# A small grouped-query layer for the fused decode layer: hidden 64, 4 query heads over 2 kv
+# heads of 16, a 96-wide feed-forward; cache of 3 slots x 12 positions.
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, SLOTS, SPAN = 64, 4, 2, 16, 96, 3, 12
+EPS = 1e-5
+
+
+@dataclass
+class _Layer:
+    attn_norm: torch.Tensor
+    qkv: LinearWeight
+    out: LinearWeight
+    ffn_norm: torch.Tensor
+    gate_up: LinearWeight
+    down: LinearWeight
+    cos: torch.Tensor  # the model's tables: (cos, cos) and (-sin, sin) over interleaved pairs
+    sin: torch.Tensor
+
+    def args(self) -> tuple[object, ...]:
+        return (
+            self.attn_norm,
+            _args(self.qkv),
+            _args(self.out),
+            self.ffn_norm,
+            _args(self.gate_up),
+            _args(self.down),
+        )
+
+
+def _args(weight: LinearWeight) -> list[torch.Tensor]:
+    assert isinstance(weight, BlockInt4Linear | BlockInt8Linear)
+    return weight.kernel_args
+
+
+def _layer(int4: bool, generator: torch.Generator) -> _Layer:
+    block = BlockInt4Linear if int4 else BlockInt8Linear
+
+    def linear(n: int, k: int) -> LinearWeight:
+        return block(torch.randn(n, k, generator=generator) / k**0.5)
+
+    def norm() -> torch.Tensor:
+        return 1 + 0.1 * torch.randn(HIDDEN, generator=generator)
+
+    angles = torch.outer(torch.arange(SPAN).float(), torch.rand(HEAD_DIM // 2, generator=generator))
+    return _Layer(
+        attn_norm=norm(),
+        qkv=linear((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN),
+        out=linear(HIDDEN, HEADS * HEAD_DIM),
+        ffn_norm=norm(),
+        gate_up=linear(2 * FFN, HIDDEN),
+        down=linear(HIDDEN, FFN),
+        cos=torch.stack((angles.cos(), angles.cos()), -1).flatten(-2).contiguous(),
+        sin=torch.stack((-angles.sin(), angles.sin()), -1).flatten(-2).contiguous(),
+    )
+
+
+def _cache(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (SLOTS, KV_HEADS, SPAN, HEAD_DIM)
+    return torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+
+
+def _run(
+    layer: _Layer,
+    x: torch.Tensor,
+    cache: tuple[torch.Tensor, torch.Tensor],
+    slots: list[int],
+    positions: list[int],
+) -> None:
+    """One decode step of ``layer`` in the kernel: x and the cache are updated in place."""
+    torch.ops.meshllm_kernels.decode_layer(
+        x,
+        *layer.args(),
+        *cache,
+        torch.tensor(slots),
+        torch.tensor(positions),
+        layer.cos,
+        layer.sin,
+        EPS,
+        HEADS,
+        KV_HEADS,
+    )
+
+
+def _reference(
+    layer: _Layer, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], slot: int, pos: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same step in fp32 torch ops on the dequantized weights: x after it, the new k, v."""
+    f = torch.nn.functional
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:  # [heads, D]
+        swapped = t.view(t.shape[0], -1, 2).flip(-1).view(t.shape)
+        return t * layer.cos[pos] + swapped * layer.sin[pos]
+
+    q_end, k_end = HEADS * HEAD_DIM, (HEADS + KV_HEADS) * HEAD_DIM
+    qkv = f.rms_norm(x, (HIDDEN,), layer.attn_norm, EPS) @ layer.qkv.dequantize().T
+    q = rotate(qkv[:q_end].view(HEADS, HEAD_DIM))
+    new_k = rotate(qkv[q_end:k_end].view(KV_HEADS, HEAD_DIM))
+    new_v = qkv[k_end:].view(KV_HEADS, HEAD_DIM)
+    keys = torch.cat((cache[0][slot, :, :pos], new_k[:, None]), dim=1)  # [KV, pos + 1, D]
+    values = torch.cat((cache[1][slot, :, :pos], new_v[:, None]), dim=1)
+    attn = f.scaled_dot_product_attention(
+        q[None, :, None], keys[None], values[None], enable_gqa=True
+    )
+    x = x + attn.reshape(-1) @ layer.out.dequantize().T
+    h = f.rms_norm(x, (HIDDEN,), layer.ffn_norm, EPS)
+    gate, up = (h @ layer.gate_up.dequantize().T).chunk(2)
+    return x + (f.silu(gate) * up) @ layer.down.dequantize().T, new_k, new_v
+
+
+@pytest.mark.parametrize("int4", [False, True], ids=["int8", "int4"])
+def test_decode_layer_matches_the_layer_in_torch(int4: bool) -> None:
+    """One decode step of a layer in one call: the same numbers as the layer in torch ops,
+    up to the int8 rounding of the activations; k and v land at each sequence's position."""
+    generator = torch.Generator().manual_seed(1)
+    layer = _layer(int4, generator)
+    k, v = _cache(generator)
+    x = torch.randn(2, HIDDEN, generator=generator)
+    slots, positions = [2, 0], [7, 0]
+    expected = [
+        _reference(layer, x[b], (k, v), slot, pos)
+        for b, (slot, pos) in enumerate(zip(slots, positions, strict=True))
+    ]
+    out, k_after, v_after = x.clone(), k.clone(), v.clone()
+    _run(layer, out, (k_after, v_after), slots, positions)
+    for b, (slot, pos) in enumerate(zip(slots, positions, strict=True)):
+        want_x, want_k, want_v = expected[b]
+        # the layer's contribution, within the int8 rounding of its inputs
+        delta, want_delta = out[b] - x[b], want_x - x[b]
+        assert (delta - want_delta).norm() < 0.03 * want_delta.norm()
+        assert (k_after[slot, :, pos] - want_k).norm() < 0.02 * want_k.norm()
+        assert (v_after[slot, :, pos] - want_v).norm() < 0.02 * want_v.norm()
+        # nothing else in the cache moved
+        k_after[slot, :, pos], v_after[slot, :, pos] = k[slot, :, pos], v[slot, :, pos]
+    assert torch.equal(k_after, k)
+    assert torch.equal(v_after, v)
+
+
+@pytest.mark.parametrize("int4", [False, True], ids=["int8", "int4"])
+def test_decode_layer_ignores_the_batch(int4: bool) -> None:
+    """Each sequence's results are bit-identical alone or in a batch of any size."""
+    generator = torch.Generator().manual_seed(2)
+    layer = _layer(int4, generator)
+    k, v = _cache(generator)
+    x = torch.randn(3, HIDDEN, generator=generator)
+    slots, positions = [1, 2, 0], [11, 3, 5]
+    together, k_together, v_together = x.clone(), k.clone(), v.clone()
+    _run(layer, together, (k_together, v_together), slots, positions)
+    for b, slot in enumerate(slots):
+        alone, k_alone, v_alone = x[b : b + 1].clone(), k.clone(), v.clone()
+        _run(layer, alone, (k_alone, v_alone), [slot], positions[b : b + 1])
+        assert torch.equal(alone[0], together[b])
+        assert torch.equal(k_alone[slot], k_together[slot])
+        assert torch.equal(v_alone[slot], v_together[slot])
+
+
+def test_decode_layer_refuses_bad_input() -> None:
+    layer = _layer(False, torch.Generator().manual_seed(3))
+    cache = (
+        torch.zeros(SLOTS, KV_HEADS, SPAN, HEAD_DIM),
+        torch.zeros(SLOTS, KV_HEADS, SPAN, HEAD_DIM),
+    )
+    x = torch.zeros(1, HIDDEN)
+    with pytest.raises(RuntimeError, match=r"position 12 out of range \[0, 11\]"):
+        _run(layer, x, cache, [0], [SPAN])
+    with pytest.raises(RuntimeError, match=r"slot 3 out of range \[0, 3\)"):
+        _run(layer, x, cache, [SLOTS], [0])
+    with pytest.raises(RuntimeError, match="x must be contiguous float32"):
+        _run(layer, x.double(), cache, [0], [0])
+    with pytest.raises(RuntimeError, match=r"qkv must have 128 output rows"):
+        _run(replace(layer, qkv=layer.gate_up), x, cache, [0], [0])
+    with pytest.raises(RuntimeError, match=r"out's codes must be contiguous bytes \[N, 64\]"):
+        _run(replace(layer, out=layer.down), x, cache, [0], [0])
+    args = list(layer.args())
+    args[1] = _args(layer.qkv)[:1]  # qkv's codes without their scales
+    with pytest.raises(RuntimeError, match=r"qkv must be \[codes, scale\] \(int8\)"):
+        torch.ops.meshllm_kernels.decode_layer(
+            x, *args, *cache, torch.tensor([0]), torch.tensor([0]), layer.cos, layer.sin,
+            EPS, HEADS, KV_HEADS,
+        )  # fmt: skip
