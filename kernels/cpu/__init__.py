@@ -11,7 +11,8 @@ library is loaded directly only once a ``built`` marker says a whole build finis
 
 ``MESHLLM_CPU_KERNELS`` chooses: ``auto`` (the default) builds and falls back to torch's
 own quantized kernels, with a warning, where the build fails (no compiler, no headers);
-``off`` never builds; ``require`` makes a failed build an error.
+``off`` never builds; ``require`` makes a failed build an error. ``MESHLLM_KERNEL_ARCH``
+(default ``native``) is the CPU the build targets (see :func:`flags`).
 """
 
 from __future__ import annotations
@@ -29,9 +30,6 @@ from shared.logging import get_logger
 log = get_logger(__name__)
 
 SOURCE = Path(__file__).with_name("blockquant.cpp")
-_ARCH = "-march=native" if platform.machine() in {"x86_64", "AMD64"} else "-mcpu=native"
-# -fopenmp: at::parallel_for runs on torch's OpenMP threads only when compiled with it
-_FLAGS = ["-O3", _ARCH, "-fno-math-errno", "-fopenmp"]
 _CHOICES = ("auto", "off", "require")
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
@@ -56,6 +54,20 @@ def available() -> bool:
         return _state["loaded"]
 
 
+def flags() -> list[str]:
+    """The compiler flags: ``-march`` (``-mcpu`` off x86) from ``MESHLLM_KERNEL_ARCH``.
+
+    ``native`` (the default) uses every instruction this CPU has (AVX-512 VNNI, AVX2...);
+    a named target such as ``x86-64-v3`` builds for a fleet of machines instead.
+    """
+    arch = os.environ.get("MESHLLM_KERNEL_ARCH", "native").strip() or "native"
+    if not all(c.isalnum() or c in "-_." for c in arch):
+        raise ValueError(f"MESHLLM_KERNEL_ARCH={arch!r} is not a CPU name (e.g. native, x86-64-v3)")
+    option = "-march" if platform.machine() in {"x86_64", "AMD64"} else "-mcpu"
+    # -fopenmp: at::parallel_for runs on torch's OpenMP threads only when compiled with it
+    return ["-O3", f"{option}={arch}", "-fno-math-errno", "-fopenmp"]
+
+
 def _cpu_features() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -68,7 +80,7 @@ def _cpu_features() -> str:
 
 def _build_dir(torch_version: str) -> tuple[str, Path]:
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(_FLAGS).encode(), torch_version.encode()):
+    for part in (SOURCE.read_bytes(), " ".join(flags()).encode(), torch_version.encode()):
         digest.update(part)
     digest.update(_cpu_features().encode())
     digest.update(sys.version.encode())
@@ -97,7 +109,7 @@ def _load(choice: str) -> bool:
             cpp_extension.load(
                 name=name,
                 sources=[str(SOURCE)],
-                extra_cflags=_FLAGS,
+                extra_cflags=flags(),
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(folder),
                 is_python_module=False,

@@ -25,6 +25,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -32,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -39,6 +41,9 @@
 #define MESHLLM_AVX2 1
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define MESHLLM_VNNI 1  // vpdpbusd on 256-bit registers (AVX512-VNNI)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define MESHLLM_AVX512 1  // and on 512-bit ones: two blocks an instruction
+#endif
 #elif defined(__AVXVNNI__)
 #define MESHLLM_VNNI 2  // the same instruction, VEX-encoded (AVX-VNNI)
 #endif
@@ -128,6 +133,26 @@ inline __m256i dot_u8_i8(__m256i u, __m256i s) {
 #endif
 }
 
+#ifdef MESHLLM_AVX512
+// Two adjacent int4 blocks (32 bytes) as 64 codes in [0, 15], in input order.
+inline __m512i unpack_q4_pair(const uint8_t* blocks) {
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blocks));
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i low = _mm256_and_si256(bytes, mask);  // [first's low | second's low]
+  const __m256i high = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+  const __m512i lanes = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+  // 128-bit lanes (first low, second low, first high, second high) -> (0, 2, 1, 3)
+  return _mm512_shuffle_i64x2(lanes, lanes, _MM_SHUFFLE(3, 1, 2, 0));
+}
+
+// Two block scales as 16 lanes: the first for lanes 0-7 (block g), the second for 8-15.
+inline __m512 pair_scales(const float* scales) {
+  const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(scales)));
+  return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                               _mm512_castps128_ps512(two));
+}
+#endif
+
 #endif
 
 // A block-quantized weight: codes, fp16 scale per block and, for int4, fp16 minimum.
@@ -204,7 +229,46 @@ void tile_kernel(const Weights& w, const QuantizedRows& q, int64_t n0, int64_t m
     _mm_prefetch(reinterpret_cast<const char*>(w.scale + (n0 + i) * groups) + kPrefetchBytes / 8,
                  _MM_HINT_T0);
   }
-  for (int64_t g = 0; g < groups; ++g) {
+  int64_t g = 0;
+#ifdef MESHLLM_AVX512
+  // Two blocks a step on 512-bit registers: lanes 0-7 hold block g's sums, 8-15 block g + 1's.
+  __m512 wide[RN][RM];
+  for (int i = 0; i < RN; ++i) {
+    for (int r = 0; r < RM; ++r) wide[i][r] = _mm512_setzero_ps();
+  }
+  for (; g + 2 <= groups; g += 2) {
+    for (int64_t b = 0; b < 2 * kStepBytes; b += 64) {
+      _mm_prefetch(ahead + g * kStepBytes + b, _MM_HINT_T0);
+    }
+    __m512i x[RM];
+    for (int r = 0; r < RM; ++r) x[r] = _mm512_loadu_si512(xq + r * k + g * kBlock);
+    for (int i = 0; i < RN; ++i) {
+      const uint8_t* blocks = wc + i * w.row_bytes + g * kBlockBytes;
+      __m512i wq, w_abs = _mm512_setzero_si512();
+      __mmask64 negative = 0;
+      if constexpr (kInt4) {
+        wq = unpack_q4_pair(blocks);
+      } else {
+        wq = _mm512_loadu_si512(blocks);
+        w_abs = _mm512_abs_epi8(wq);
+        negative = _mm512_movepi8_mask(wq);
+      }
+      for (int r = 0; r < RM; ++r) {
+        __m512i sums;
+        if constexpr (kInt4) {
+          sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, x[r]);
+        } else {  // |w| times x carrying w's sign
+          const __m512i signed_x =
+              _mm512_mask_sub_epi8(x[r], negative, _mm512_setzero_si512(), x[r]);
+          sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w_abs, signed_x);
+        }
+        wide[i][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), pair_scales(&scaled[i][r][g]),
+                                     wide[i][r]);
+      }
+    }
+  }
+#endif
+  for (; g < groups; ++g) {  // the blocks left: one at a time on 256-bit registers
     for (int64_t b = 0; b < kStepBytes; b += 64) _mm_prefetch(ahead + g * kStepBytes + b, _MM_HINT_T0);
     __m256i x[RM];
     for (int r = 0; r < RM; ++r) {
@@ -237,6 +301,9 @@ void tile_kernel(const Weights& w, const QuantizedRows& q, int64_t n0, int64_t m
     if constexpr (kInt4) halves_to_floats(w.offset + (n0 + i) * groups, offset, groups);
     for (int r = 0; r < RM; ++r) {
       float total = hsum(acc[i][r]);
+#ifdef MESHLLM_AVX512
+      total += _mm512_reduce_add_ps(wide[i][r]);
+#endif
       if constexpr (kInt4) {
         // sum_g d_g xs_g * 8 sum(xq) turns the products of q into those of q - 8; then the
         // offsets times the exact block sums
@@ -552,48 +619,63 @@ void decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, at::TensorLi
   float* fp = fused.data_ptr<float>();
   float* dp = delta.data_ptr<float>();
 
-  rms_norm_rows(xp, attn_norm.data_ptr<float>(), hp, batch, hidden, eps);
-  linear_into(h, w_qkv, qkv_width, fp);
+  // Each stage is a profiler scope (torch.profiler shows where the layer's time goes).
+  {
+    RECORD_FUNCTION("decode_layer.qkv", std::vector<c10::IValue>());
+    rms_norm_rows(xp, attn_norm.data_ptr<float>(), hp, batch, hidden, eps);
+    linear_into(h, w_qkv, qkv_width, fp);
+  }
   // rotate q and k heads in place, then store k and v at each sequence's position
   float* kc = k_cache.data_ptr<float>();
   float* vc = v_cache.data_ptr<float>();
   std::vector<int64_t> lengths(batch);
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* c = cos.data_ptr<float>() + pp[b] * dim;
-    const float* s = sin.data_ptr<float>() + pp[b] * dim;
-    float* row = fp + b * qkv_width;
-    for (int64_t head = 0; head < heads + kv_heads; ++head) {
-      float* v = row + head * dim;
-      for (int64_t i = 0; i < dim; i += 2) {
-        const float even = v[i], odd = v[i + 1];
-        v[i] = even * c[i] + odd * s[i];
-        v[i + 1] = odd * c[i + 1] + even * s[i + 1];
+  {
+    RECORD_FUNCTION("decode_layer.attention", std::vector<c10::IValue>());
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* c = cos.data_ptr<float>() + pp[b] * dim;
+      const float* s = sin.data_ptr<float>() + pp[b] * dim;
+      float* row = fp + b * qkv_width;
+      for (int64_t head = 0; head < heads + kv_heads; ++head) {
+        float* v = row + head * dim;
+        for (int64_t i = 0; i < dim; i += 2) {
+          const float even = v[i], odd = v[i + 1];
+          v[i] = even * c[i] + odd * s[i];
+          v[i + 1] = odd * c[i + 1] + even * s[i + 1];
+        }
+      }
+      for (int64_t head = 0; head < kv_heads; ++head) {
+        const int64_t at = ((sp[b] * kv_heads + head) * span + pp[b]) * dim;
+        std::memcpy(kc + at, row + q_width + head * dim, dim * sizeof(float));
+        std::memcpy(vc + at, row + q_width + kv_width + head * dim, dim * sizeof(float));
+      }
+      lengths[b] = pp[b] + 1;
+    }
+    const CacheView cache{kc, vc, kv_heads, span, dim, sp, lengths.data()};
+    attend(fp, qkv_width, cache, batch, heads, attn.data_ptr<float>());
+  }
+  {
+    RECORD_FUNCTION("decode_layer.out", std::vector<c10::IValue>());
+    linear_into(attn, w_out, hidden, dp);
+    for (int64_t i = 0; i < batch * hidden; ++i) xp[i] += dp[i];
+  }
+  {
+    RECORD_FUNCTION("decode_layer.gate_up", std::vector<c10::IValue>());
+    rms_norm_rows(xp, ffn_norm.data_ptr<float>(), hp, batch, hidden, eps);
+    linear_into(h, w_gate_up, 2 * ffn, gu.data_ptr<float>());
+    const float* gp = gu.data_ptr<float>();
+    float* ap = act.data_ptr<float>();
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t i = 0; i < ffn; ++i) {
+        const float g = gp[b * 2 * ffn + i], u = gp[b * 2 * ffn + ffn + i];
+        ap[b * ffn + i] = g / (1.f + std::exp(-g)) * u;
       }
     }
-    for (int64_t head = 0; head < kv_heads; ++head) {
-      const int64_t at = ((sp[b] * kv_heads + head) * span + pp[b]) * dim;
-      std::memcpy(kc + at, row + q_width + head * dim, dim * sizeof(float));
-      std::memcpy(vc + at, row + q_width + kv_width + head * dim, dim * sizeof(float));
-    }
-    lengths[b] = pp[b] + 1;
   }
-  const CacheView cache{kc, vc, kv_heads, span, dim, sp, lengths.data()};
-  attend(fp, qkv_width, cache, batch, heads, attn.data_ptr<float>());
-  linear_into(attn, w_out, hidden, dp);
-  for (int64_t i = 0; i < batch * hidden; ++i) xp[i] += dp[i];
-
-  rms_norm_rows(xp, ffn_norm.data_ptr<float>(), hp, batch, hidden, eps);
-  linear_into(h, w_gate_up, 2 * ffn, gu.data_ptr<float>());
-  const float* gp = gu.data_ptr<float>();
-  float* ap = act.data_ptr<float>();
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t i = 0; i < ffn; ++i) {
-      const float g = gp[b * 2 * ffn + i], u = gp[b * 2 * ffn + ffn + i];
-      ap[b * ffn + i] = g / (1.f + std::exp(-g)) * u;
-    }
+  {
+    RECORD_FUNCTION("decode_layer.down", std::vector<c10::IValue>());
+    linear_into(act, w_down, hidden, dp);
+    for (int64_t i = 0; i < batch * hidden; ++i) xp[i] += dp[i];
   }
-  linear_into(act, w_down, hidden, dp);
-  for (int64_t i = 0; i < batch * hidden; ++i) xp[i] += dp[i];
 }
 
 bool has_avx2() {
@@ -601,6 +683,19 @@ bool has_avx2() {
   return true;
 #else
   return false;
+#endif
+}
+
+// The instructions the block products were compiled for.
+std::string isa() {
+#if defined(MESHLLM_AVX512)
+  return "avx512-vnni";
+#elif defined(MESHLLM_VNNI)
+  return "avx2-vnni";
+#elif defined(MESHLLM_AVX2)
+  return "avx2";
+#else
+  return "portable";
 #endif
 }
 
@@ -618,4 +713,5 @@ TORCH_LIBRARY(meshllm_kernels, m) {
       "int heads, int kv_heads) -> ()",
       &decode_layer);
   m.def("simd() -> bool", &has_avx2);
+  m.def("isa() -> str", &isa);
 }

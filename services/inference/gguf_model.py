@@ -6,7 +6,7 @@ readable GGUF, is a :class:`ModelLoadError` at load time naming the file and why
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,8 @@ class GgufModel:
     tokenizer: TokenizerSpec
     # GGUF tensor name -> float32 array shaped like a torch Linear weight ([out, in]).
     tensors: dict[str, np.ndarray]
+    # GGUF tensor name -> how the file stores it (a GGML type name: "Q4_1", "Q8_0", "F32", ...)
+    tensor_types: dict[str, str] = field(default_factory=dict)
 
 
 def smollm2_path() -> Path:
@@ -77,12 +79,12 @@ def smollm2_path() -> Path:
 
 
 def _field(fields: dict[str, Any], key: str, path: Path, default: Any = ...) -> Any:
-    field = fields.get(key)
-    if field is None:
+    entry = fields.get(key)
+    if entry is None:
         if default is ...:
             raise ModelLoadError(f"{path}: GGUF metadata has no {key!r}")
         return default
-    return field.contents()
+    return entry.contents()
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ def load_gguf(path: Path | str, *, dequantize: bool = True) -> GgufModel:
         config=header.config,
         tokenizer=header.tokenizer,
         tensors=tensors,
+        tensor_types={t.name: t.tensor_type.name for t in reader.tensors},
     )
     _check_shapes(model)
     return model
@@ -197,8 +200,8 @@ def _read_header(reader: Any, path: Path) -> GgufHeader:
 
 
 def _optional_int(fields: dict[str, Any], key: str) -> int | None:
-    field = fields.get(key)
-    return int(field.contents()) if field is not None else None
+    entry = fields.get(key)
+    return int(entry.contents()) if entry is not None else None
 
 
 def _check_shapes(model: GgufModel) -> None:

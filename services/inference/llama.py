@@ -26,6 +26,7 @@ from services.inference.quant import (
     prepare_head,
     prepare_linear,
     prepare_tied,
+    resolve_mode,
 )
 
 
@@ -63,7 +64,8 @@ class KVCache:
 
 
 class Llama:
-    """The model, its weights stored as ``quant`` (see :mod:`services.inference.quant`).
+    """The model, its weights stored as ``quant`` (see :mod:`services.inference.quant`;
+    ``"auto"`` keeps the file's own precision: :func:`~services.inference.quant.native_mode`).
 
     Construction consumes ``model.tensors``: each dequantized GGUF tensor is dropped as soon
     as its (fused, possibly quantized) copy exists, so peak memory stays near one copy of
@@ -80,11 +82,7 @@ class Llama:
         keep_source: bool = False,
         block: bool | None = None,
     ) -> None:
-        try:
-            self.quant = QuantMode(quant)
-        except ValueError:
-            choices = ", ".join(m.value for m in QuantMode)
-            raise ValueError(f"unknown quantization {quant!r}; choose one of {choices}") from None
+        self.quant = resolve_mode(quant, model.tensor_types)
         c = model.config
         self.config = c
         source = model.tensors if not keep_source else dict(model.tensors)

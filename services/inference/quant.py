@@ -86,6 +86,49 @@ class QuantMode(StrEnum):
     INT4 = "int4"
 
 
+AUTO = "auto"
+"""The load option that follows the file: :func:`native_mode` of its layers' GGUF types."""
+
+FOUR_BIT_TYPES = frozenset(
+    {"Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS"}
+    | {"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0"}
+)
+"""GGUF weight types of at most about 4.5 bits a weight: int4 blocks keep all they hold."""
+
+
+def native_mode(tensor_types: dict[str, str]) -> QuantMode:
+    """The mode that keeps what a GGUF file's linear layers hold, and no more.
+
+    INT4 when every layer weight (``blk.*`` tensors but the norms) is stored in 4 bits or
+    fewer (:data:`FOUR_BIT_TYPES`): int4 blocks of 32 are then (nearly) the file's own
+    grid, e.g. Q4_1, so int8 would only be bigger and slower. INT8 otherwise (Q5/Q6/Q8,
+    F16, BF16, F32): int8 blocks of 32 are Q8_0's grid, within rounding of those.
+    """
+    layers = [
+        kind
+        for name, kind in tensor_types.items()
+        if name.startswith("blk.") and "norm" not in name
+    ]
+    if layers and all(kind in FOUR_BIT_TYPES for kind in layers):
+        return QuantMode.INT4
+    return QuantMode.INT8
+
+
+def resolve_mode(mode: QuantMode | str, tensor_types: dict[str, str]) -> QuantMode:
+    """``mode`` as a :class:`QuantMode`, ``"auto"`` by the file's types (:func:`native_mode`).
+
+    Raises:
+        ValueError: an unknown mode, naming the choices.
+    """
+    if mode == AUTO:
+        return native_mode(tensor_types)
+    try:
+        return QuantMode(mode)
+    except ValueError:
+        choices = ", ".join([AUTO, *(m.value for m in QuantMode)])
+        raise ValueError(f"unknown quantization {mode!r}; choose one of {choices}") from None
+
+
 class LinearWeight(ABC):
     """A weight [N, K] that computes ``x @ W.T`` for ``x`` [..., K] -> [..., N]."""
 

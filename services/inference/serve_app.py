@@ -54,6 +54,7 @@ from services.inference.engine import Delta, Engine, EngineSettings
 from services.inference.engine_protocol import TextEngine
 from services.inference.gguf_model import GgufModel, ModelLoadError, load_gguf
 from services.inference.llama import Llama
+from services.inference.quant import resolve_mode
 from services.inference.registry import ModelEntry, ModelRegistry, UnknownModel
 from services.inference.sampling import InvalidRequest, SamplingParams
 from services.inference.settings import InferenceSettings
@@ -146,6 +147,10 @@ def load_model(
     else:
         gguf = load_gguf(entry.path)
         tokenizer = Tokenizer(gguf.tokenizer)
+        try:
+            quant = resolve_mode(quant, gguf.tensor_types).value  # "auto": the file's own
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
         engine = Engine.launch(lambda: build_llama(gguf, quant), tokenizer, settings)
         del gguf
     engine.start()

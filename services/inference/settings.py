@@ -28,8 +28,8 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_MODEL_VERSION = "q4_1-1"
 """The version :func:`services.inference.registry.ensure_default` registers the bundled file as."""
 
-QuantName = Literal["fp32", "int8", "int4"]
-"""Weight quantization modes (see :mod:`services.inference.quant`)."""
+QuantName = Literal["auto", "fp32", "int8", "int4"]
+"""Weight quantization modes (see :mod:`services.inference.quant`); auto: the file's own."""
 
 BackendName = Literal["torch", "vllm"]
 """Engines: the torch engine (CPU) or vLLM (CUDA GPU, the ``vllm`` extra)."""
@@ -179,9 +179,11 @@ class InferenceSettings(MeshSettings):
         True, description="Register the bundled SmolLM2 file when the registry lacks it."
     )
     quant: QuantName = Field(
-        "int8",
-        description="Weight quantization of the linear layers at load time: fp32, int8, int4 "
-        "(see benchmarks/results/quant_quality.md for speed and agreement with fp32).",
+        "auto",
+        description="Weight quantization of the linear layers at load time: auto (the file's "
+        "own precision: int4 for a file of 4-bit layers such as the bundled Q4_1, int8 for "
+        "anything wider), fp32, int8 or int4 (see benchmarks/results/quant_quality.md for "
+        "speed and agreement with fp32).",
     )
     torch_threads: int = Field(
         0,

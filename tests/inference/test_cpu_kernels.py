@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from dataclasses import dataclass, replace
@@ -21,6 +22,26 @@ PROBE = """
 import torch
 from services.inference.quant import prepare_linear
 print(type(prepare_linear(torch.randn(64, 64), "int4")).__name__)
+"""
+
+
+# Every code path's products on fixed inputs, in a fresh process built for MESHLLM_KERNEL_ARCH.
+PRODUCTS = """
+import sys, torch
+from kernels import cpu
+from services.inference.quant import BlockInt4Linear, BlockInt8Linear
+assert cpu.available()
+generator = torch.Generator().manual_seed(5)
+weight = torch.randn(72, 160, generator=generator)
+x = torch.randn(5, 160, generator=generator)
+torch.save(
+    {
+        "isa": torch.ops.meshllm_kernels.isa(),
+        "int8": BlockInt8Linear(weight)(x),
+        "int4": BlockInt4Linear(weight)(x),
+    },
+    sys.argv[1],
+)
 """
 
 
@@ -49,6 +70,51 @@ def test_a_bad_choice_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("MESHLLM_CPU_KERNELS", "fast")
     with pytest.raises(ValueError, match=r"MESHLLM_CPU_KERNELS='fast'.*auto, off, require"):
         cpu.mode()
+
+
+def test_the_target_cpu_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """native by default; a named CPU for a fleet; anything else is refused, named."""
+    monkeypatch.delenv("MESHLLM_KERNEL_ARCH", raising=False)
+    assert any(flag.endswith("=native") for flag in cpu.flags())
+    monkeypatch.setenv("MESHLLM_KERNEL_ARCH", "x86-64-v3")
+    assert any(flag.endswith("=x86-64-v3") for flag in cpu.flags())
+    monkeypatch.setenv("MESHLLM_KERNEL_ARCH", "native; rm -rf /")
+    with pytest.raises(ValueError, match=r"MESHLLM_KERNEL_ARCH='native; rm -rf /'"):
+        cpu.flags()
+
+
+@pytest.mark.skipif(
+    platform.machine() not in {"x86_64", "AMD64"}, reason="the code paths are x86's"
+)
+def test_every_code_path_computes_the_same_products(tmp_path: Path) -> None:
+    """AVX-512 VNNI, AVX2 and plain C++ builds agree: within float rounding, as their sums
+    run in other orders (each build is exercised on machines of its own in production)."""
+    results = {}
+    for arch in ("native", "haswell", "x86-64"):
+        out = tmp_path / f"{arch}.pt"
+        done = subprocess.run(
+            [sys.executable, "-c", PRODUCTS, str(out)],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "MESHLLM_KERNEL_CACHE": str(tmp_path / "cache"),
+                "MESHLLM_KERNEL_ARCH": arch,
+                "MESHLLM_CPU_KERNELS": "require",
+            },
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        results[arch] = torch.load(out)
+    assert results["haswell"]["isa"] in {"avx2", "avx2-vnni"}
+    assert results["x86-64"]["isa"] == "portable"
+    for arch in ("haswell", "x86-64"):
+        for kind in ("int8", "int4"):
+            assert torch.allclose(
+                results[arch][kind], results["native"][kind], rtol=1e-5, atol=1e-4
+            )
 
 
 def test_off_uses_torch_kernels(tmp_path: Path) -> None:

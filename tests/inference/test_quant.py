@@ -25,6 +25,7 @@ from services.inference.quant import (
     Int8Linear,
     QuantMode,
     dequantize_int4,
+    native_mode,
     pack_int4,
     prepare_embedding,
     prepare_head,
@@ -34,6 +35,7 @@ from services.inference.quant import (
     quantize_int8,
     quantize_q4_blocks,
     quantize_q8_blocks,
+    resolve_mode,
     unpack_int4,
 )
 
@@ -344,8 +346,36 @@ def test_quantized_model_is_smaller(quantized: dict[QuantMode, Llama]) -> None:
 
 
 def test_unknown_quantization_names_the_choices(gguf_model: GgufModel) -> None:
-    with pytest.raises(ValueError, match=r"unknown quantization 'int3'.*fp32"):
+    with pytest.raises(ValueError, match=r"unknown quantization 'int3'.*auto, fp32, int8, int4"):
         Llama(gguf_model, "int3", keep_source=True)
+
+
+@pytest.mark.parametrize(
+    ("types", "mode"),
+    [
+        ({"blk.0.attn_q.weight": "Q4_0", "blk.0.attn_norm.weight": "F32"}, QuantMode.INT4),
+        ({"blk.0.attn_q.weight": "Q4_K", "blk.0.ffn_down.weight": "Q6_K"}, QuantMode.INT8),
+        ({"blk.0.attn_q.weight": "Q8_0", "token_embd.weight": "Q4_0"}, QuantMode.INT8),
+        ({"blk.0.attn_q.weight": "F16"}, QuantMode.INT8),
+        ({}, QuantMode.INT8),
+    ],
+)
+def test_auto_follows_the_layers_of_the_file(types: dict[str, str], mode: QuantMode) -> None:
+    """int4 only where every layer weight is stored in 4 bits or fewer; int8 otherwise."""
+    assert resolve_mode("auto", types) is mode
+    assert resolve_mode("fp32", types) is QuantMode.FP32
+
+
+def test_auto_keeps_the_bundled_files_precision(
+    gguf_model: GgufModel, quantized: dict[QuantMode, Llama]
+) -> None:
+    """SmolLM2's layers are Q4_1 and its tied embedding Q8_0: int4 layers, an int8 head."""
+    assert gguf_model.tensor_types["blk.0.ffn_up.weight"] == "Q4_1"
+    assert gguf_model.tensor_types["token_embd.weight"] == "Q8_0"
+    assert native_mode(gguf_model.tensor_types) is QuantMode.INT4
+    int4 = quantized[QuantMode.INT4]
+    assert isinstance(int4.layers[0].gate_up, BlockInt4Linear)
+    assert isinstance(int4.output, BlockInt8Linear)
 
 
 def test_construction_drops_the_source_tensors(gguf_model: GgufModel) -> None:

@@ -298,6 +298,7 @@ async def test_hot_update_lets_in_flight_requests_finish(deployed: Deployed) -> 
     chat = deployed.chat
     before = await chat.status.remote()
     assert before["version"] == DEFAULT_MODEL_VERSION
+    assert before["quant"] == "int4"  # the default "auto" keeps the Q4_1 file's precision
     # long enough to outlast the new version's load (~6 s) at the engine's batch-4 speed
     long_request = chat_request("Tell me a long story.", max_tokens=450, ignore_eos=True)
     streams = [chat.options(stream=True).chat_stream.remote(long_request) for _ in range(4)]
