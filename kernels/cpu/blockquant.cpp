@@ -64,52 +64,101 @@ inline float half_to_float(uint16_t h) {
 #endif
 }
 
+// Memory of the calling thread, reused across calls: grown to ``floats`` when short, never
+// shrunk. Each use ends before the next begins (one call at a time per thread).
+float* scratch(std::vector<float>& buffer, size_t floats) {
+  if (buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
 // x rows quantized to int8 blocks: codes [M, K]; per block [M, G]: the scale, the exact sum
 // of x, and 8 * scale * sum(codes) (what centring int4 codes takes off a block's product).
 struct QuantizedRows {
-  at::Tensor codes, scale, sum, centring;
+  const int8_t* codes;
+  const float *scale, *sum, *centring;
 };
 
-QuantizedRows quantize_rows(const at::Tensor& x) {
-  const int64_t rows = x.size(0), k = x.size(1), groups = k / kBlock;
-  QuantizedRows q{at::empty({rows, k}, at::kChar), at::empty({rows, groups}, at::kFloat),
-                  at::empty({rows, groups}, at::kFloat), at::empty({rows, groups}, at::kFloat)};
-  const float* xp = x.data_ptr<float>();
-  int8_t* cp = q.codes.data_ptr<int8_t>();
-  float* sp = q.scale.data_ptr<float>();
-  float* up = q.sum.data_ptr<float>();
-  float* zp = q.centring.data_ptr<float>();
-  at::parallel_for(0, rows * groups, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const float* src = xp + b * kBlock;  // rows are contiguous: block b of the flat array
-      float amax = 0.f, total = 0.f;
-      for (int64_t i = 0; i < kBlock; ++i) {
-        amax = std::max(amax, std::fabs(src[i]));
-        total += src[i];
-      }
-      const float scale = amax / 127.f;
-      const float inverse = scale > 0.f ? 1.f / scale : 0.f;
-      int32_t codes = 0;
-      for (int64_t i = 0; i < kBlock; ++i) {
-        const int8_t code = static_cast<int8_t>(std::nearbyint(src[i] * inverse));
-        cp[b * kBlock + i] = code;
-        codes += code;
-      }
-      sp[b] = scale;
-      up[b] = total;
-      zp[b] = static_cast<float>(8 * codes);
-    }
-  });
-  return q;
+#ifdef MESHLLM_AVX2
+inline float hmax(__m256 v) {
+  __m128 lo = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_max_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_max_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
 }
 
-#ifdef MESHLLM_AVX2
 inline float hsum(__m256 v) {
   __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
   lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
   return _mm_cvtss_f32(lo);
 }
+#endif
+
+// One block of 32 inputs: its int8 codes (round to nearest, ties to even), scale max|x| / 127,
+// exact sum and 8 * sum(codes).
+inline void quantize_block(const float* src, int8_t* codes, float* scale, float* sum,
+                           float* centring) {
+#ifdef MESHLLM_AVX2
+  __m256 v[4];
+  for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(src + 8 * j);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256 amax = _mm256_max_ps(
+      _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+      _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+  const float step = hmax(amax) / 127.f;
+  const __m256 inverse = _mm256_set1_ps(step > 0.f ? 1.f / step : 0.f);
+  __m256i q[4];  // cvtps rounds as nearbyint does: to nearest, ties to even
+  for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inverse));
+  // 32 int32 -> 32 int8: the packs interleave 128-bit lanes; the permute puts them back
+  const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
+                                           _mm256_packs_epi32(q[2], q[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes),
+                      _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(1, 0, 3, 2)));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1)));
+  *scale = step;
+  *sum = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+  *centring = static_cast<float>(8 * _mm_cvtsi128_si32(t));
+#else
+  float amax = 0.f, total = 0.f;
+  for (int64_t i = 0; i < kBlock; ++i) {
+    amax = std::max(amax, std::fabs(src[i]));
+    total += src[i];
+  }
+  const float step = amax / 127.f;
+  const float inverse = step > 0.f ? 1.f / step : 0.f;
+  int32_t count = 0;
+  for (int64_t i = 0; i < kBlock; ++i) {
+    codes[i] = static_cast<int8_t>(std::nearbyint(src[i] * inverse));
+    count += codes[i];
+  }
+  *scale = step;
+  *sum = total;
+  *centring = static_cast<float>(8 * count);
+#endif
+}
+
+// x [rows, k] (contiguous) quantized into the calling thread's scratch memory, valid until
+// its next call.
+QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k) {
+  thread_local std::vector<float> buffer;
+  const int64_t blocks = rows * (k / kBlock);
+  float* scales = scratch(buffer, static_cast<size_t>(3 * blocks + rows * k / 4));
+  float* sums = scales + blocks;
+  float* centrings = sums + blocks;
+  int8_t* codes = reinterpret_cast<int8_t*>(centrings + blocks);
+  // rows are contiguous: block b of the flat array
+  at::parallel_for(0, blocks, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      quantize_block(x + b * kBlock, codes + b * kBlock, scales + b, sums + b, centrings + b);
+    }
+  });
+  return QuantizedRows{codes, scales, sums, centrings};
+}
+
+#ifdef MESHLLM_AVX2
 
 // 32 int4 codes of a block as 32 bytes in [0, 15], in input order.
 inline __m256i unpack_q4(const uint8_t* block) {
@@ -194,12 +243,12 @@ void tile_kernel(const Weights& w, const QuantizedRows& q, int64_t n0, int64_t m
                  int64_t out_stride) {
   const int64_t k = w.k, groups = w.groups;
   constexpr int64_t kBlockBytes = kInt4 ? kBlock / 2 : kBlock;
-  const int8_t* xq = q.codes.data_ptr<int8_t>() + m0 * k;
-  const float* xs = q.scale.data_ptr<float>() + m0 * groups;
-  const float* xsum = q.sum.data_ptr<float>() + m0 * groups;
+  const int8_t* xq = q.codes + m0 * k;
+  const float* xs = q.scale + m0 * groups;
+  const float* xsum = q.sum + m0 * groups;
   const uint8_t* wc = w.codes + n0 * w.row_bytes;
 #ifdef MESHLLM_AVX2
-  const float* centring = q.centring.data_ptr<float>() + m0 * groups;
+  const float* centring = q.centring + m0 * groups;
   // The scale of each block product: weight block scale times x block scale.
   alignas(32) float scaled[RN][RM][kMaxGroups];
   {
@@ -381,12 +430,11 @@ Weights check_weights(int64_t k, const at::Tensor& codes, const at::Tensor& scal
                  groups, row_bytes};
 }
 
-// out [M, n] = x [M, K] (contiguous float32) times the weight's n rows, transposed.
+// out [rows, n] = x [rows, K] (contiguous float32) times the weight's n rows, transposed.
 template <bool kInt4>
-void block_linear_into(const at::Tensor& x, const Weights& w, int64_t n, float* out) {
-  const int64_t rows = x.size(0);
+void block_linear_into(const float* x, int64_t rows, const Weights& w, int64_t n, float* out) {
   if (rows == 0 || n == 0) return;
-  const QuantizedRows q = quantize_rows(x);
+  const QuantizedRows q = quantize_rows(x, rows, w.k);
   // Work is split over weight rows only, so each thread streams its own part of the weights.
   // One to three x rows: 4 weight rows at a time (independent accumulators); more: 2 x 4 tiles.
   const int64_t grain = std::max<int64_t>(4, 64 / rows) / 4 * 4;
@@ -401,18 +449,18 @@ void block_linear_into(const at::Tensor& x, const Weights& w, int64_t n, float* 
   });
 }
 
-void linear_into(const at::Tensor& x, const Weights& w, int64_t n, float* out) {
+void linear_into(const float* x, int64_t rows, const Weights& w, int64_t n, float* out) {
   if (w.offset != nullptr) {
-    block_linear_into<true>(x, w, n, out);
+    block_linear_into<true>(x, rows, w, n, out);
   } else {
-    block_linear_into<false>(x, w, n, out);
+    block_linear_into<false>(x, rows, w, n, out);
   }
 }
 
 at::Tensor block_linear(const at::Tensor& x_in, const Weights& w, int64_t n) {
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty({x.size(0), n}, at::kFloat);
-  linear_into(x, w, n, out.data_ptr<float>());
+  linear_into(x.data_ptr<float>(), x.size(0), w, n, out.data_ptr<float>());
   return out;
 }
 
@@ -609,21 +657,21 @@ void decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, at::TensorLi
   float* xp = x.data_ptr<float>();
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* pp = positions.data_ptr<int64_t>();
-  at::Tensor h = at::empty({batch, hidden}, at::kFloat);
-  at::Tensor fused = at::empty({batch, qkv_width}, at::kFloat);
-  at::Tensor attn = at::empty({batch, q_width}, at::kFloat);
-  at::Tensor gu = at::empty({batch, 2 * ffn}, at::kFloat);
-  at::Tensor act = at::empty({batch, ffn}, at::kFloat);
-  at::Tensor delta = at::empty({batch, hidden}, at::kFloat);
-  float* hp = h.data_ptr<float>();
-  float* fp = fused.data_ptr<float>();
-  float* dp = delta.data_ptr<float>();
+  // the step's intermediates, in the calling thread's scratch memory
+  thread_local std::vector<float> buffer;
+  float* hp = scratch(buffer, static_cast<size_t>(batch * (2 * hidden + qkv_width + q_width +
+                                                           3 * ffn)));
+  float* dp = hp + batch * hidden;   // [B, hidden]: a product to add to x
+  float* fp = dp + batch * hidden;   // [B, qkv_width]
+  float* ap = fp + batch * qkv_width;  // [B, q_width]: attention
+  float* gp = ap + batch * q_width;  // [B, 2 * ffn]: gate and up
+  float* gated = gp + batch * 2 * ffn;  // [B, ffn]: silu(gate) * up
 
   // Each stage is a profiler scope (torch.profiler shows where the layer's time goes).
   {
     RECORD_FUNCTION("decode_layer.qkv", std::vector<c10::IValue>());
     rms_norm_rows(xp, attn_norm.data_ptr<float>(), hp, batch, hidden, eps);
-    linear_into(h, w_qkv, qkv_width, fp);
+    linear_into(hp, batch, w_qkv, qkv_width, fp);
   }
   // rotate q and k heads in place, then store k and v at each sequence's position
   float* kc = k_cache.data_ptr<float>();
@@ -651,29 +699,27 @@ void decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, at::TensorLi
       lengths[b] = pp[b] + 1;
     }
     const CacheView cache{kc, vc, kv_heads, span, dim, sp, lengths.data()};
-    attend(fp, qkv_width, cache, batch, heads, attn.data_ptr<float>());
+    attend(fp, qkv_width, cache, batch, heads, ap);
   }
   {
     RECORD_FUNCTION("decode_layer.out", std::vector<c10::IValue>());
-    linear_into(attn, w_out, hidden, dp);
+    linear_into(ap, batch, w_out, hidden, dp);
     for (int64_t i = 0; i < batch * hidden; ++i) xp[i] += dp[i];
   }
   {
     RECORD_FUNCTION("decode_layer.gate_up", std::vector<c10::IValue>());
     rms_norm_rows(xp, ffn_norm.data_ptr<float>(), hp, batch, hidden, eps);
-    linear_into(h, w_gate_up, 2 * ffn, gu.data_ptr<float>());
-    const float* gp = gu.data_ptr<float>();
-    float* ap = act.data_ptr<float>();
+    linear_into(hp, batch, w_gate_up, 2 * ffn, gp);
     for (int64_t b = 0; b < batch; ++b) {
       for (int64_t i = 0; i < ffn; ++i) {
         const float g = gp[b * 2 * ffn + i], u = gp[b * 2 * ffn + ffn + i];
-        ap[b * ffn + i] = g / (1.f + std::exp(-g)) * u;
+        gated[b * ffn + i] = g / (1.f + std::exp(-g)) * u;
       }
     }
   }
   {
     RECORD_FUNCTION("decode_layer.down", std::vector<c10::IValue>());
-    linear_into(act, w_down, hidden, dp);
+    linear_into(gated, batch, w_down, hidden, dp);
     for (int64_t i = 0; i < batch * hidden; ++i) xp[i] += dp[i];
   }
 }
