@@ -52,6 +52,8 @@ class KVCache:
         shape = (config.num_layers, slots, config.num_kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape)
         self.v = torch.zeros(shape)
+        # each layer's (k, v) [slots, K, T, D], views made once rather than at every step
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
         self.lengths = [0] * slots
         self.max_len = max_len
 
@@ -221,22 +223,11 @@ class Llama:
         assert self._fused is not None
         c = self.config
         x = self.embed[tokens].float().contiguous()  # [B, hidden]
-        index = torch.tensor(slots)
+        step = (torch.tensor(slots), starts, self._cos, self._sin)
+        shape = (c.rms_norm_eps, c.num_heads, c.num_kv_heads)
         layer_op = torch.ops.meshllm_kernels.decode_layer.default
-        for layer_index, args in enumerate(self._fused):
-            layer_op(
-                x,
-                *args,
-                cache.k[layer_index],
-                cache.v[layer_index],
-                index,
-                starts,
-                self._cos,
-                self._sin,
-                c.rms_norm_eps,
-                c.num_heads,
-                c.num_kv_heads,
-            )
+        for weights, cached in zip(self._fused, cache.layers, strict=True):
+            layer_op(x, *weights, *cached, *step, *shape)
         for slot, start in zip(slots, starts.tolist(), strict=True):
             cache.lengths[slot] = start + 1
         return x
