@@ -475,42 +475,82 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   return block_linear(x, check_weights(x.size(1), codes, scale, nullptr), codes.size(0));
 }
 
-// sum_i a[i] * b[i] over a row of the attention head, in one fixed order.
-inline float dot_row(const float* a, const float* b, int64_t count) {
+// The KV cache holds float32 or float16 (as its bits, uint16_t); rows are read as float32.
+inline float cache_value(float v) { return v; }
+inline float cache_value(uint16_t h) { return half_to_float(h); }
+
+inline void store_row(const float* src, float* dst, int64_t count) {
+  std::memcpy(dst, src, count * sizeof(float));
+}
+
+// float16 rounded to nearest, ties to even (as torch's .half())
+inline void store_row(const float* src, uint16_t* dst, int64_t count) {
+  int64_t i = 0;
 #ifdef MESHLLM_AVX2
-  return dot_floats(a, b, count);
-#else
-  float total = 0.f;
-  for (int64_t i = 0; i < count; ++i) total = std::fma(a[i], b[i], total);
-  return total;
+  for (; i + 8 <= count; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  }
 #endif
+  for (; i < count; ++i) dst[i] = c10::Half(src[i]).x;
+}
+
+#ifdef MESHLLM_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+#endif
+
+// sum_i a[i] * b[i] over a row of the attention head, in one fixed order.
+template <typename T>
+inline float dot_row(const float* a, const T* b, int64_t count) {
+  int64_t i = 0;
+  float total = 0.f;
+#ifdef MESHLLM_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= count; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
+  total = hsum(acc);
+#endif
+  for (; i < count; ++i) total = std::fma(a[i], cache_value(b[i]), total);
+  return total;
 }
 
 // out[i] += p * v[i]
-inline void axpy_row(float p, const float* v, float* out, int64_t count) {
+template <typename T>
+inline void axpy_row(float p, const T* v, float* out, int64_t count) {
   int64_t i = 0;
 #ifdef MESHLLM_AVX2
   const __m256 pv = _mm256_set1_ps(p);
   for (; i + 8 <= count; i += 8) {
-    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, load8(v + i), _mm256_loadu_ps(out + i)));
   }
 #endif
-  for (; i < count; ++i) out[i] = std::fma(p, v[i], out[i]);
+  for (; i < count; ++i) out[i] = std::fma(p, cache_value(v[i]), out[i]);
 }
 
 // One layer's cache and where each sequence of a decode step sits in it.
+template <typename T>
 struct CacheView {
-  const float *k, *v;
+  T *k, *v;
   int64_t kv_heads, span, dim;
   const int64_t* slots;    // [B]
   const int64_t* lengths;  // [B]: positions to attend to, the new one included
 };
 
+template <typename T>
+CacheView<T> cache_view(const at::Tensor& k, const at::Tensor& v, const int64_t* slots,
+                        const int64_t* lengths) {
+  return CacheView<T>{reinterpret_cast<T*>(k.data_ptr()), reinterpret_cast<T*>(v.data_ptr()),
+                      k.size(1), k.size(2), k.size(3), slots, lengths};
+}
+
 // One decode step of attention for B sequences, each over exactly its own cached keys.
 // Query b's heads start at q + b * q_stride (D floats each); out is [B, H, D]. Query head h
 // reads kv head h / (H / KV) (grouped-query attention). Every (sequence, head) is computed
 // alone, in the same order whatever else is in the batch.
-void attend(const float* q, int64_t q_stride, const CacheView& cache, int64_t batch,
+template <typename T>
+void attend(const float* q, int64_t q_stride, const CacheView<T>& cache, int64_t batch,
             int64_t heads, float* out) {
   const int64_t dim = cache.dim, span = cache.span, group = heads / cache.kv_heads;
   const float scale = 1.f / std::sqrt(static_cast<float>(dim));
@@ -540,10 +580,14 @@ void attend(const float* q, int64_t q_stride, const CacheView& cache, int64_t ba
   });
 }
 
-void check_cache(const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(k.dim() == 4 && k.scalar_type() == at::kFloat && k.is_contiguous() &&
-                  v.sizes() == k.sizes() && v.scalar_type() == at::kFloat && v.is_contiguous(),
-              "k and v must be contiguous float32 caches [slots, KV, T, D] of one shape");
+// Whether the cache is float16 (else float32), after checking it.
+bool check_cache(const at::Tensor& k, const at::Tensor& v) {
+  const auto dtype = k.scalar_type();
+  TORCH_CHECK(k.dim() == 4 && (dtype == at::kFloat || dtype == at::kHalf) && k.is_contiguous() &&
+                  v.sizes() == k.sizes() && v.scalar_type() == dtype && v.is_contiguous(),
+              "k and v must be contiguous float32 or float16 caches [slots, KV, T, D] of one "
+              "shape and dtype");
+  return dtype == at::kHalf;
 }
 
 // slots and a per-sequence count as int64 [B], checked against the cache: each slot in
@@ -580,9 +624,15 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
               " are not a multiple of kv heads ", kv_heads);
   check_positions(slots, lengths, batch, k.size(0), "length", 1, span);
   at::Tensor out = at::empty({batch, heads, dim}, at::kFloat);
-  const CacheView cache{k.data_ptr<float>(), v.data_ptr<float>(), kv_heads, span, dim,
-                        slots.data_ptr<int64_t>(), lengths.data_ptr<int64_t>()};
-  attend(q.data_ptr<float>(), heads * dim, cache, batch, heads, out.data_ptr<float>());
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  if (k.scalar_type() == at::kHalf) {
+    attend(q.data_ptr<float>(), heads * dim, cache_view<uint16_t>(k, v, sp, lp), batch, heads,
+           out.data_ptr<float>());
+  } else {
+    attend(q.data_ptr<float>(), heads * dim, cache_view<float>(k, v, sp, lp), batch, heads,
+           out.data_ptr<float>());
+  }
   return out;
 }
 
@@ -609,6 +659,40 @@ Weights layer_weights(at::TensorList parts, const char* name, int64_t n, int64_t
   return check_weights(k, parts[0], parts[1], parts.size() == 3 ? &parts[2] : nullptr, name);
 }
 
+// The attention of a decode step: rotate the q and k heads of each row of ``fused`` [B, qkv]
+// in place (adjacent pairs by the tables' row of the sequence's position), store k and v at
+// that position of the sequence's cache slot, and attend over positions [0, position]:
+// out [B, H * D].
+template <typename T>
+void attention_stage(float* fused, int64_t qkv_width, int64_t heads, CacheView<T> cache,
+                     const int64_t* positions, const float* cos, const float* sin, int64_t batch,
+                     float* out) {
+  const int64_t dim = cache.dim, kv_heads = cache.kv_heads;
+  const int64_t q_width = heads * dim, kv_width = kv_heads * dim;
+  std::vector<int64_t> lengths(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* c = cos + positions[b] * dim;
+    const float* s = sin + positions[b] * dim;
+    float* row = fused + b * qkv_width;
+    for (int64_t head = 0; head < heads + kv_heads; ++head) {
+      float* v = row + head * dim;
+      for (int64_t i = 0; i < dim; i += 2) {
+        const float even = v[i], odd = v[i + 1];
+        v[i] = even * c[i] + odd * s[i];
+        v[i + 1] = odd * c[i + 1] + even * s[i + 1];
+      }
+    }
+    for (int64_t head = 0; head < kv_heads; ++head) {
+      const int64_t at = ((cache.slots[b] * kv_heads + head) * cache.span + positions[b]) * dim;
+      store_row(row + q_width + head * dim, cache.k + at, dim);
+      store_row(row + q_width + kv_width + head * dim, cache.v + at, dim);
+    }
+    lengths[b] = positions[b] + 1;
+  }
+  cache.lengths = lengths.data();
+  attend(fused, qkv_width, cache, batch, heads, out);
+}
+
 // One decoder layer of a Llama decode step, all in one call: x [B, hidden] (updated in
 // place) is one new token of each of B sequences.
 //   h = rms_norm(x) * attn_norm; q, k, v = h W_qkv^T; rotate q and k (adjacent pairs, the
@@ -630,7 +714,7 @@ void decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, at::TensorLi
                     norm->scalar_type() == at::kFloat && norm->is_contiguous(),
                 "norm weights must be contiguous float32 [", hidden, "]");
   }
-  check_cache(k_cache, v_cache);
+  const bool half_cache = check_cache(k_cache, v_cache);
   const int64_t dim = k_cache.size(3), span = k_cache.size(2);
   TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0 && k_cache.size(1) == kv_heads,
               "query heads ", heads, " must be a multiple of kv heads ", kv_heads,
@@ -673,33 +757,17 @@ void decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, at::TensorLi
     rms_norm_rows(xp, attn_norm.data_ptr<float>(), hp, batch, hidden, eps);
     linear_into(hp, batch, w_qkv, qkv_width, fp);
   }
-  // rotate q and k heads in place, then store k and v at each sequence's position
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
-  std::vector<int64_t> lengths(batch);
   {
     RECORD_FUNCTION("decode_layer.attention", std::vector<c10::IValue>());
-    for (int64_t b = 0; b < batch; ++b) {
-      const float* c = cos.data_ptr<float>() + pp[b] * dim;
-      const float* s = sin.data_ptr<float>() + pp[b] * dim;
-      float* row = fp + b * qkv_width;
-      for (int64_t head = 0; head < heads + kv_heads; ++head) {
-        float* v = row + head * dim;
-        for (int64_t i = 0; i < dim; i += 2) {
-          const float even = v[i], odd = v[i + 1];
-          v[i] = even * c[i] + odd * s[i];
-          v[i + 1] = odd * c[i + 1] + even * s[i + 1];
-        }
-      }
-      for (int64_t head = 0; head < kv_heads; ++head) {
-        const int64_t at = ((sp[b] * kv_heads + head) * span + pp[b]) * dim;
-        std::memcpy(kc + at, row + q_width + head * dim, dim * sizeof(float));
-        std::memcpy(vc + at, row + q_width + kv_width + head * dim, dim * sizeof(float));
-      }
-      lengths[b] = pp[b] + 1;
+    const float* cp = cos.data_ptr<float>();
+    const float* sn = sin.data_ptr<float>();
+    if (half_cache) {
+      attention_stage(fp, qkv_width, heads, cache_view<uint16_t>(k_cache, v_cache, sp, nullptr),
+                      pp, cp, sn, batch, ap);
+    } else {
+      attention_stage(fp, qkv_width, heads, cache_view<float>(k_cache, v_cache, sp, nullptr), pp,
+                      cp, sn, batch, ap);
     }
-    const CacheView cache{kc, vc, kv_heads, span, dim, sp, lengths.data()};
-    attend(fp, qkv_width, cache, batch, heads, ap);
   }
   {
     RECORD_FUNCTION("decode_layer.out", std::vector<c10::IValue>());

@@ -46,12 +46,16 @@ class Layer:
 
 
 class KVCache:
-    """Keys and values of up to ``slots`` sequences of up to ``max_len`` tokens each."""
+    """Keys and values of up to ``slots`` sequences of up to ``max_len`` tokens each, stored
+    as ``dtype`` (float32, or float16 for half the memory and half the bytes each decode
+    step's attention reads)."""
 
-    def __init__(self, config: LlamaConfig, slots: int, max_len: int) -> None:
+    def __init__(
+        self, config: LlamaConfig, slots: int, max_len: int, dtype: torch.dtype = torch.float32
+    ) -> None:
         shape = (config.num_layers, slots, config.num_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape)
-        self.v = torch.zeros(shape)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
         # each layer's (k, v) [slots, K, T, D], views made once rather than at every step
         self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
         self.lengths = [0] * slots
@@ -139,6 +143,9 @@ class Llama:
                 )
                 for layer in self.layers
             ]
+        # float16 keys and values where the decode kernel reads them (the quantized models:
+        # llama.cpp's default too); fp32 keeps float32, to match the reference exactly.
+        self.cache_dtype = torch.float32 if self._fused is None else torch.float16
         half = c.head_dim // 2
         inv_freq = 1.0 / (
             c.rope_theta ** (torch.arange(half, dtype=torch.float64) * 2 / c.head_dim)
@@ -162,7 +169,10 @@ class Llama:
         )
 
     def new_cache(self, slots: int, max_len: int) -> KVCache:
-        return KVCache(self.config, slots, min(max_len, self.config.context_length))
+        """A cache of ``cache_dtype`` for ``slots`` sequences of up to ``max_len`` tokens."""
+        return KVCache(
+            self.config, slots, min(max_len, self.config.context_length), self.cache_dtype
+        )
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), weight, self.config.rms_norm_eps)
@@ -251,8 +261,8 @@ class Llama:
             rows = [
                 F.scaled_dot_product_attention(
                     q[row : row + 1],
-                    layer_k[slot : slot + 1, :, :end],
-                    layer_v[slot : slot + 1, :, :end],
+                    layer_k[slot : slot + 1, :, :end].to(q.dtype),
+                    layer_v[slot : slot + 1, :, :end].to(q.dtype),
                     enable_gqa=True,
                 )
                 for row, (slot, end) in enumerate(zip(step.slots, step.end_list, strict=True))
@@ -262,8 +272,8 @@ class Llama:
             slot, span = step.slots[0], step.span
             attn = F.scaled_dot_product_attention(
                 q,
-                layer_k[slot : slot + 1, :, :span],
-                layer_v[slot : slot + 1, :, :span],
+                layer_k[slot : slot + 1, :, :span].to(q.dtype),
+                layer_v[slot : slot + 1, :, :span].to(q.dtype),
                 attn_mask=step.mask,
                 is_causal=step.causal,
                 enable_gqa=True,
@@ -302,5 +312,5 @@ class _Step:
             layer_k[slot, :, start : start + self.steps] = k[0]
             layer_v[slot, :, start : start + self.steps] = v[0]
             return
-        layer_k[self.index, :, self.starts] = k[:, :, 0]
-        layer_v[self.index, :, self.starts] = v[:, :, 0]
+        layer_k[self.index, :, self.starts] = k[:, :, 0].to(layer_k.dtype)
+        layer_v[self.index, :, self.starts] = v[:, :, 0].to(layer_v.dtype)

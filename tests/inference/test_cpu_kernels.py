@@ -158,12 +158,13 @@ def test_a_build_is_cached_and_reused() -> None:
     assert libraries[0].stat().st_mtime_ns == built
 
 
-def test_decode_attention_matches_torch_and_ignores_the_batch() -> None:
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_decode_attention_matches_torch_and_ignores_the_batch(cache_dtype: torch.dtype) -> None:
     """One call for a batch of sequences: each over exactly its own cached keys."""
     generator = torch.Generator().manual_seed(0)
     slots, kv_heads, span, dim, heads = 6, 3, 40, 64, 9  # SmolLM2's grouped-query shape
-    k = torch.randn(slots, kv_heads, span, dim, generator=generator)
-    v = torch.randn(slots, kv_heads, span, dim, generator=generator)
+    k = torch.randn(slots, kv_heads, span, dim, generator=generator).to(cache_dtype)
+    v = torch.randn(slots, kv_heads, span, dim, generator=generator).to(cache_dtype)
     q = torch.randn(4, heads, dim, generator=generator)
     rows, lengths = torch.tensor([5, 0, 3, 2]), torch.tensor([40, 1, 17, 9])
     attention = torch.ops.meshllm_kernels.decode_attention
@@ -171,8 +172,8 @@ def test_decode_attention_matches_torch_and_ignores_the_batch() -> None:
     for b, (slot, length) in enumerate(zip(rows.tolist(), lengths.tolist(), strict=True)):
         expected = torch.nn.functional.scaled_dot_product_attention(
             q[b : b + 1, :, None],
-            k[slot : slot + 1, :, :length],
-            v[slot : slot + 1, :, :length],
+            k[slot : slot + 1, :, :length].float(),
+            v[slot : slot + 1, :, :length].float(),
             enable_gqa=True,
         )[0, :, 0]
         assert torch.allclose(out[b], expected, atol=1e-5)
@@ -186,6 +187,9 @@ def test_decode_attention_refuses_bad_input() -> None:
     attention = torch.ops.meshllm_kernels.decode_attention
     with pytest.raises(RuntimeError, match=r"slot 2 out of range \[0, 2\)"):
         attention(q, k, v, torch.tensor([2]), torch.tensor([1]))
+    for wrong in (k.half(), k.bfloat16()):  # dtypes that differ, or neither float32 nor 16
+        with pytest.raises(RuntimeError, match=r"float32 or float16 caches .* one shape and dtype"):
+            attention(q, k, wrong, torch.tensor([0]), torch.tensor([1]))
     with pytest.raises(RuntimeError, match=r"length 9 out of range \[1, 8\]"):
         attention(q, k, v, torch.tensor([0]), torch.tensor([9]))
     with pytest.raises(RuntimeError, match="not a multiple of kv heads"):
@@ -249,9 +253,12 @@ def _layer(int4: bool, generator: torch.Generator) -> _Layer:
     )
 
 
-def _cache(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _cache(
+    generator: torch.Generator, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (SLOTS, KV_HEADS, SPAN, HEAD_DIM)
-    return torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    k, v = (torch.randn(shape, generator=generator).to(dtype) for _ in range(2))
+    return k, v
 
 
 def _run(
@@ -291,8 +298,8 @@ def _reference(
     q = rotate(qkv[:q_end].view(HEADS, HEAD_DIM))
     new_k = rotate(qkv[q_end:k_end].view(KV_HEADS, HEAD_DIM))
     new_v = qkv[k_end:].view(KV_HEADS, HEAD_DIM)
-    keys = torch.cat((cache[0][slot, :, :pos], new_k[:, None]), dim=1)  # [KV, pos + 1, D]
-    values = torch.cat((cache[1][slot, :, :pos], new_v[:, None]), dim=1)
+    keys = torch.cat((cache[0][slot, :, :pos].float(), new_k[:, None]), dim=1)  # [KV, pos + 1, D]
+    values = torch.cat((cache[1][slot, :, :pos].float(), new_v[:, None]), dim=1)
     attn = f.scaled_dot_product_attention(
         q[None, :, None], keys[None], values[None], enable_gqa=True
     )
@@ -302,13 +309,15 @@ def _reference(
     return x + (f.silu(gate) * up) @ layer.down.dequantize().T, new_k, new_v
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
 @pytest.mark.parametrize("int4", [False, True], ids=["int8", "int4"])
-def test_decode_layer_matches_the_layer_in_torch(int4: bool) -> None:
+def test_decode_layer_matches_the_layer_in_torch(int4: bool, cache_dtype: torch.dtype) -> None:
     """One decode step of a layer in one call: the same numbers as the layer in torch ops,
-    up to the int8 rounding of the activations; k and v land at each sequence's position."""
+    up to the int8 rounding of the activations (and float16's of the cache); k and v land
+    at each sequence's position."""
     generator = torch.Generator().manual_seed(1)
     layer = _layer(int4, generator)
-    k, v = _cache(generator)
+    k, v = _cache(generator, cache_dtype)
     x = torch.randn(2, HIDDEN, generator=generator)
     slots, positions = [2, 0], [7, 0]
     expected = [
@@ -322,20 +331,21 @@ def test_decode_layer_matches_the_layer_in_torch(int4: bool) -> None:
         # the layer's contribution, within the int8 rounding of its inputs
         delta, want_delta = out[b] - x[b], want_x - x[b]
         assert (delta - want_delta).norm() < 0.03 * want_delta.norm()
-        assert (k_after[slot, :, pos] - want_k).norm() < 0.02 * want_k.norm()
-        assert (v_after[slot, :, pos] - want_v).norm() < 0.02 * want_v.norm()
+        assert (k_after[slot, :, pos].float() - want_k).norm() < 0.02 * want_k.norm()
+        assert (v_after[slot, :, pos].float() - want_v).norm() < 0.02 * want_v.norm()
         # nothing else in the cache moved
         k_after[slot, :, pos], v_after[slot, :, pos] = k[slot, :, pos], v[slot, :, pos]
     assert torch.equal(k_after, k)
     assert torch.equal(v_after, v)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
 @pytest.mark.parametrize("int4", [False, True], ids=["int8", "int4"])
-def test_decode_layer_ignores_the_batch(int4: bool) -> None:
+def test_decode_layer_ignores_the_batch(int4: bool, cache_dtype: torch.dtype) -> None:
     """Each sequence's results are bit-identical alone or in a batch of any size."""
     generator = torch.Generator().manual_seed(2)
     layer = _layer(int4, generator)
-    k, v = _cache(generator)
+    k, v = _cache(generator, cache_dtype)
     x = torch.randn(3, HIDDEN, generator=generator)
     slots, positions = [1, 2, 0], [11, 3, 5]
     together, k_together, v_together = x.clone(), k.clone(), v.clone()
