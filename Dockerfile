@@ -24,7 +24,8 @@ RUN whl="$(ls /wheels/meshllm-*.whl)" && pip install --no-cache-dir "${whl}[infe
     && useradd --create-home --uid 10001 --user-group meshllm
 USER meshllm
 # the named volumes mount here; made by this user so it can write to them
-RUN mkdir -p /home/meshllm/var/audit /home/meshllm/var/gateway /home/meshllm/var/kb
+RUN mkdir -p /home/meshllm/var/audit /home/meshllm/var/gateway /home/meshllm/var/kb \
+    /home/meshllm/.cache/meshllm
 WORKDIR /home/meshllm
 COPY --chown=meshllm policies /home/meshllm/policies
 ENV MESHLLM_POLICY_DIR=/home/meshllm/policies

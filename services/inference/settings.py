@@ -4,7 +4,7 @@ Examples::
 
     MESHLLM_MODEL_NAME=smollm2-135m-instruct
     MESHLLM_MODEL_VERSION=q4_1-1          # unset: the latest registered version
-    MESHLLM_QUANT=int8
+    MESHLLM_QUANT=auto                    # the file's own precision (int4 for Q4_1)
     MESHLLM_ENGINE__MAX_BATCH=8
     MESHLLM_SERVE__CHAT_REPLICAS=2
     MESHLLM_SERVE__RAY_ADDRESS=ray://head:10001
