@@ -94,6 +94,57 @@ inline float hsum(__m256 v) {
 }
 #endif
 
+#ifdef MESHLLM_AVX2
+// e^x for 8 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by Cephes' degree-7 polynomial,
+// 2^n put into the exponent bits. Relative error about 2e-7; x is clamped to
+// [-87.3, 88.4] (e^-87.3 ~ 1e-38 stands in for smaller results).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)),
+                    _mm256_set1_ps(-87.3365478515625f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                        5.0000001201e-1f}) {
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  }
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i exponent =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(exponent));
+}
+#endif
+
+// v[i] = e^(v[i] - shift) for i < count; every element by the same arithmetic, wherever it
+// sits (a tail of fewer than 8 goes through a padded vector too).
+inline void exp_rows(float* v, int64_t count, float shift) {
+#ifdef MESHLLM_AVX2
+  const __m256 s = _mm256_set1_ps(shift);
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    _mm256_storeu_ps(v + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(v + i), s)));
+  }
+  if (i < count) {
+    alignas(32) float tail[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    std::copy(v + i, v + count, tail);
+    _mm256_store_ps(tail, exp8(_mm256_sub_ps(_mm256_load_ps(tail), s)));
+    std::copy(tail, tail + (count - i), v + i);
+  }
+#else
+  for (int64_t i = 0; i < count; ++i) v[i] = std::exp(v[i] - shift);
+#endif
+}
+
+// out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + e^-gate[i]) * up[i], for i < count.
+inline void silu_gate(const float* gate, const float* up, float* out, int64_t count) {
+  std::copy(gate, gate + count, out);
+  for (int64_t i = 0; i < count; ++i) out[i] = -out[i];
+  exp_rows(out, count, 0.f);  // e^-gate
+  for (int64_t i = 0; i < count; ++i) out[i] = gate[i] / (1.f + out[i]) * up[i];
+}
+
 // One block of 32 inputs: its int8 codes (round to nearest, ties to even), scale max|x| / 127,
 // exact sum and 8 * sum(codes).
 inline void quantize_block(const float* src, int8_t* codes, float* scale, float* sum,
@@ -566,11 +617,9 @@ void attend(const float* q, int64_t q_stride, const CacheView<T>& cache, int64_t
         scores[t] = dot_row(query, cache.k + offset + t * dim, dim) * scale;
         best = std::max(best, scores[t]);
       }
+      exp_rows(scores.data(), length, best);
       float total = 0.f;
-      for (int64_t t = 0; t < length; ++t) {
-        scores[t] = std::exp(scores[t] - best);
-        total += scores[t];
-      }
+      for (int64_t t = 0; t < length; ++t) total += scores[t];
       float* row = out + i * dim;
       std::fill(row, row + dim, 0.f);
       for (int64_t t = 0; t < length; ++t) axpy_row(scores[t], cache.v + offset + t * dim, row, dim);
@@ -779,10 +828,7 @@ void decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, at::TensorLi
     rms_norm_rows(xp, ffn_norm.data_ptr<float>(), hp, batch, hidden, eps);
     linear_into(hp, batch, w_gate_up, 2 * ffn, gp);
     for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t i = 0; i < ffn; ++i) {
-        const float g = gp[b * 2 * ffn + i], u = gp[b * 2 * ffn + ffn + i];
-        gated[b * ffn + i] = g / (1.f + std::exp(-g)) * u;
-      }
+      silu_gate(gp + b * 2 * ffn, gp + b * 2 * ffn + ffn, gated + b * ffn, ffn);
     }
   }
   {
