@@ -338,6 +338,22 @@ def test_quantized_model_agrees_with_fp32(
             assert int(quant.argmax()) == int(fp32.argmax()), mode
 
 
+def test_quantized_models_keep_a_half_precision_cache(
+    quantized: dict[QuantMode, Llama],
+) -> None:
+    """The decode kernel's models hold keys and values in float16 (half the memory); fp32
+    keeps float32, so it still matches the reference exactly."""
+    for mode, dtype in (
+        (QuantMode.FP32, torch.float32),
+        (QuantMode.INT8, torch.float16),
+        (QuantMode.INT4, torch.float16),
+    ):
+        cache = quantized[mode].new_cache(2, 16)
+        assert cache.k.dtype == cache.v.dtype == dtype, mode
+    fp32, int4 = (quantized[m].new_cache(2, 16) for m in (QuantMode.FP32, QuantMode.INT4))
+    assert int4.nbytes() * 2 == fp32.nbytes()
+
+
 def test_quantized_model_is_smaller(quantized: dict[QuantMode, Llama]) -> None:
     sizes = {mode: llama.nbytes for mode, llama in quantized.items()}
     assert sizes[QuantMode.FP32] > 500e6  # 135M parameters x 4 bytes
