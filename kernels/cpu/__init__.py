@@ -1,7 +1,8 @@
 """CPU kernels of the inference engine, compiled on first use.
 
 ``blockquant.cpp`` holds block-quantized linear layers (int4 or int8 weights in blocks of 32
-times int8 activations: the integer dot products llama.cpp uses, with AVX2). They are built
+times int8 activations: the integer dot products llama.cpp uses, with AVX-512 VNNI, AVX-VNNI
+or AVX2, whatever the build target has) and the fused decode layer. They are built
 with the machine's C++ compiler against the installed torch, once: the library is cached
 under ``$MESHLLM_KERNEL_CACHE`` (default ``~/.cache/meshllm/kernels``) in a folder named by a
 digest of the source, the compiler flags, torch's version and the CPU's features, so a

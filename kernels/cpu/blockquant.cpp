@@ -1,12 +1,13 @@
 // CPU decode kernels: block-quantized linear layers (int4 or int8 weights times int8
-// activations) and batched decode attention.
+// activations), a whole Llama decoder layer for one decode step, and its attention alone.
 //
 // Weights are stored in blocks of 32 inputs, each with its own fp16 scale (and, for int4, an
 // fp16 minimum), the grid GGUF's Q4_1 and Q8_0 use:
 //   int4: w = d * (q - 8) + c, q in [0, 15]; 16 bytes a block, byte j = q[j] | q[j + 16] << 4
 //   int8: w = d * q,     q in [-127, 127]; 32 bytes a block
 // Each call quantizes every row of x to int8 in blocks of 32 (scale = max|x| / 127), so the
-// inner product of a block is an integer dot product (AVX2: maddubs + madd), scaled once:
+// inner product of a block is an integer dot product (AVX-512 or AVX VNNI vpdpbusd, else AVX2
+// maddubs + madd; isa() says which was built), scaled once:
 //   int4: sum_g d_g * xs_g * sum((q - 8) * xq) + c_g * sum(x over the block)
 //         (the integer products take q as is; 8 * sum(xq) comes off per block after)
 // The centred codes keep the rounding of x from scaling with the block's offset: the offset
@@ -18,10 +19,13 @@
 // Ops (registered as torch.ops.meshllm_kernels.*):
 //   q4_linear(x f32 [M, K], codes u8 [N, K/2], scale f16 [N, G], offset f16 [N, G]) -> f32 [M, N]
 //   q8_linear(x f32 [M, K], codes i8 [N, K],   scale f16 [N, G])        -> f32 [M, N]
-//   decode_attention(q f32 [B, H, D], k, v f32 [slots, KV, T, D], slots, lengths i64 [B])
-//     -> f32 [B, H, D]: one decode step of attention for a batch, each sequence over its
-//     own cache slot's first lengths[b] positions (one call a layer instead of one a
-//     sequence; batch-invariant too)
+//   decode_layer(x, norms, [codes, scale(, offset)] of qkv/out/gate_up/down, k, v caches,
+//     slots, positions, rotary tables, eps, heads, kv_heads) -> (): one decode step of a
+//     whole layer, x and the caches updated in place (see decode_layer below)
+//   decode_attention(q f32 [B, H, D], k, v f32 or f16 [slots, KV, T, D], slots, lengths i64
+//     [B]) -> f32 [B, H, D]: that layer's attention alone, each sequence over its own cache
+//     slot's first lengths[b] positions
+//   isa() -> str: the instructions the products were compiled for
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -838,14 +842,6 @@ void decode_layer(const at::Tensor& x, const at::Tensor& attn_norm, at::TensorLi
   }
 }
 
-bool has_avx2() {
-#ifdef MESHLLM_AVX2
-  return true;
-#else
-  return false;
-#endif
-}
-
 // The instructions the block products were compiled for.
 std::string isa() {
 #if defined(MESHLLM_AVX512)
@@ -872,6 +868,5 @@ TORCH_LIBRARY(meshllm_kernels, m) {
       "Tensor(c!) v_cache, Tensor slots, Tensor positions, Tensor cos, Tensor sin, float eps, "
       "int heads, int kv_heads) -> ()",
       &decode_layer);
-  m.def("simd() -> bool", &has_avx2);
   m.def("isa() -> str", &isa);
 }

@@ -45,6 +45,13 @@ class Layer:
         return norms + sum(w.nbytes for w in (self.qkv, self.out, self.gate_up, self.down))
 
 
+def _kernel_args(weight: LinearWeight) -> list[torch.Tensor] | None:
+    """A block-quantized weight as ``meshllm_kernels.decode_layer`` takes it; None otherwise."""
+    if isinstance(weight, BlockInt8Linear | BlockInt4Linear):
+        return weight.kernel_args
+    return None
+
+
 class KVCache:
     """Keys and values of up to ``slots`` sequences of up to ``max_len`` tokens each, stored
     as ``dtype`` (float32, or float16 for half the memory and half the bytes each decode
@@ -127,21 +134,14 @@ class Llama:
         # decode_layer) wherever all its linear layers are block-quantized; fp32 and torch's
         # kernels keep the layer in torch ops.
         self._fused: list[tuple[object, ...]] | None = None
-        if all(
-            isinstance(w, BlockInt8Linear | BlockInt4Linear)
+        args = [
+            [_kernel_args(w) for w in (layer.qkv, layer.out, layer.gate_up, layer.down)]
             for layer in self.layers
-            for w in (layer.qkv, layer.out, layer.gate_up, layer.down)
-        ):
+        ]
+        if all(a is not None for row in args for a in row):
             self._fused = [
-                (
-                    layer.attn_norm.float().contiguous(),
-                    layer.qkv.kernel_args,  # type: ignore[attr-defined]
-                    layer.out.kernel_args,  # type: ignore[attr-defined]
-                    layer.ffn_norm.float().contiguous(),
-                    layer.gate_up.kernel_args,  # type: ignore[attr-defined]
-                    layer.down.kernel_args,  # type: ignore[attr-defined]
-                )
-                for layer in self.layers
+                (layer.attn_norm, qkv, out, layer.ffn_norm, gate_up, down)
+                for layer, (qkv, out, gate_up, down) in zip(self.layers, args, strict=True)
             ]
         # float16 keys and values where the decode kernel reads them (the quantized models:
         # llama.cpp's default too); fp32 keeps float32, to match the reference exactly.

@@ -9,13 +9,13 @@ Two kernel families; :func:`prepare_linear` picks the first wherever it is avail
    :mod:`kernels.cpu`): weights in blocks of 32 inputs with an fp16 scale (int8, GGUF
    Q8_0's grid) or an fp16 scale and offset (int4, Q4_1's grid with centred codes), and
    every row of ``x`` quantized to int8 per block of 32 inside the call, so each block's
-   product is an integer dot product (AVX2 ``maddubs``), scaled once: the arithmetic
-   llama.cpp uses. int4's offsets multiply the exact fp32 block sums of ``x``. Output is
-   fp32. On the 2-vCPU AVX2 machine the engine decodes int8 at 36 tok/s at batch 1 and 115
-   at 16 streams with them (``benchmarks/results/inference.md``), where torch's int8
-   kernel gave 24 and 81 in an earlier run. Against fp32, int8 activations cost int8
-   weights nothing measurable (KL 0.0053 against torch's 0.0056) and int4 weights about
-   twice torch's bf16 error (0.0036 against 0.0018; ``benchmarks/results/quant_quality.md``).
+   product is an integer dot product (VNNI ``vpdpbusd``, else AVX2 ``maddubs``), scaled
+   once: the arithmetic llama.cpp uses. int4's offsets multiply the exact fp32 block sums
+   of ``x``. Output is fp32. Decode steps run a whole layer in one call of these kernels
+   (:class:`~services.inference.llama.Llama`). Speed against torch's kernels and the peers:
+   ``benchmarks/results/inference.md``; against fp32, int8 activations cost int8 weights
+   nothing measurable and int4 weights about twice torch's bf16 error
+   (``benchmarks/results/quant_quality.md``).
 2. **torch's weight-only kernels** (the fallback): ``aten._weight_int8pack_mm`` and
    ``aten._weight_int4pack_mm_for_cpu``, fast only with bfloat16 activations (their fp32
    paths are scalar), so ``x`` is cast to bf16 for the call and back; per-channel int8 or
