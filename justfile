@@ -13,7 +13,13 @@ default:
 # Install everything: runtime, dev tools and benchmark peers.
 [group('set-up')]
 setup:
-    {{python}} -m pip install --quiet -e ".[dev,bench]"
+    {{python}} -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
+
+# Re-resolve every dependency in a new venv and pin the result in constraints.txt
+# (`just lock --current` freezes .venv instead); run the suite, then commit both.
+[group('set-up')]
+lock *args:
+    {{python}} scripts/lock.py {{args}}
 
 # Start the broker and every service on the embedded defaults (Ctrl-C stops all).
 [group('mesh')]
@@ -95,7 +101,7 @@ docs-check:
 # Bus latency and throughput, ours vs raw aiokafka and FastStream, on the embedded broker.
 [group('bench')]
 bench-bus *args:
-    {{python}} -m pip install --quiet -e ".[bench]"
+    {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
     {{python}} -m benchmarks.bus_bench {{args}}
 
 # CPU inference: our engine (fp32/int8/int4) vs transformers and llama-cpp-python, same GGUF.
@@ -103,7 +109,7 @@ bench-bus *args:
 # that path crashed (SIGSEGV in ggml_backend_amx_mul_mat) on every prompt of two tokens or more.
 [group('bench')]
 bench-inference *args:
-    {{python}} -m pip install --quiet -e ".[bench]"
+    {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
     CMAKE_ARGS="{{llama_cpp_flags}}" {{python}} -m pip install --quiet llama-cpp-python
     {{python}} -m benchmarks.inference_bench {{args}}
 
@@ -115,23 +121,23 @@ bench-quant *args:
 # Mesh overhead: direct model calls vs gateway + Kafka + router; the mesh vs LiteLLM's proxy.
 [group('bench')]
 bench-mesh *args:
-    {{python}} -m pip install --quiet -e ".[bench]"
+    {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
     {{python}} -m benchmarks.mesh_bench {{args}}
 
 # Policy decision latency: regorus in process (ours) vs regopy, and over the OPA REST API.
 [group('bench')]
 bench-policy *args:
-    {{python}} -m pip install --quiet -e ".[bench]"
+    {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
     {{python}} -m benchmarks.policy_bench {{args}}
 
 # PII detection: precision and recall per type on a generated corpus, vs a naive regex.
 [group('bench')]
 bench-pii *args:
-    {{python}} -m pip install --quiet -e ".[bench]"
+    {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
     {{python}} -m benchmarks.pii_bench {{args}}
 
 # Retrieval quality (BM25, vectors, hybrid) on a bilingual set; vector search vs faiss at 10k/100k.
 [group('bench')]
 bench-retrieval *args:
-    {{python}} -m pip install --quiet -e ".[bench]"
+    {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
     {{python}} -m benchmarks.retrieval_bench {{args}}

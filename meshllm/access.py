@@ -11,6 +11,9 @@ from services.gateway.settings import GatewaySettings
 from shared.settings import Mode, load_settings
 
 DEV_KEY_NAME = "meshllm up"
+FIRST_QUESTION = "What is the capital of France? Answer in one sentence."
+"""The question ``meshllm up`` suggests: the bundled model answers the bare question with a
+near tie on its first token (often wrong when quantized); asked for a sentence, it says Paris."""
 
 
 def gateway_settings() -> GatewaySettings:
@@ -57,7 +60,8 @@ def greeting(settings: GatewaySettings, key_file: Path | None) -> list[str]:
     lines = [f"OpenAI-compatible API: {url}"]
     body = (
         '{"model": "' + settings.default_model + '", '
-        '"messages": [{"role": "user", "content": "What is the capital of France?"}]}'
+        '"messages": [{"role": "user", "content": "' + FIRST_QUESTION + '"}], '
+        '"temperature": 0}'
     )
     if key_file is not None:
         lines.append(f"an admin API key for this machine is in {key_file} (0600)")
@@ -68,7 +72,7 @@ def greeting(settings: GatewaySettings, key_file: Path | None) -> list[str]:
         f"try: curl -s {url}/chat/completions -H {auth} "
         f"-H 'content-type: application/json' -d {shlex.quote(body)}"
     )
-    lines.append('or:  meshllm chat "What is the capital of France?"')
+    lines.append(f'or:  meshllm chat "{FIRST_QUESTION}"')
     return lines
 
 

@@ -37,7 +37,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         import torch  # noqa: F401
     except ImportError:
         return
-    from kernels import cpu
+    from meshllm_kernels import cpu
 
     cpu.available()
 

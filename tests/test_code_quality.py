@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -24,3 +27,38 @@ def test_tool_passes(command: list[str]) -> None:
         [sys.executable, "-m", *command], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_no_top_level_package_shadows_an_installed_distribution() -> None:
+    """A package of ours at the repository root is first on sys.path when anything runs from
+    here: one named like a published package (``kernels`` once) hides that package from the
+    libraries that import it (transformers does)."""
+    ours = {path.name for path in ROOT.iterdir() if (path / "__init__.py").exists()}
+    provided = importlib.metadata.packages_distributions()
+    clashes = {
+        name: others
+        for name in sorted(ours)
+        if (others := [d for d in provided.get(name, []) if d.lower() != "meshllm"])
+    }
+    assert not clashes, f"rename these packages of ours: {clashes}"
+
+
+def test_constraints_pin_every_requirement() -> None:
+    """Installs come from constraints.txt: every dependency the project names has an exact pin
+    there (refresh with `just lock`)."""
+    pins = {
+        line.split("==")[0]
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    named = [*project["dependencies"]]
+    for extra, requirements in project["optional-dependencies"].items():
+        if extra != "vllm":  # GPU machines only; not in the CPU lock
+            named += requirements
+    names = {
+        re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        for requirement in named
+    }
+    missing = sorted(name for name in names if name != "meshllm" and name not in pins)
+    assert not missing, f"not pinned in constraints.txt (run `just lock`): {missing}"

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from meshllm.access import FIRST_QUESTION
 from meshllm.services import ServiceSpec
 from meshllm.supervisor import Supervisor, state_path
 from shared.bus.admin import ensure_topics
@@ -25,7 +26,7 @@ from tests.procs.topics import scratch_topic
 pytestmark = [pytest.mark.kafka, pytest.mark.timeout(120)]
 
 # a question every weight mode answers with a clear margin (the bare one is a near tie)
-QUESTION = "What is the capital of France? Answer in one sentence."
+QUESTION = FIRST_QUESTION  # what `meshllm up` tells a new user to ask: it must answer it
 
 
 def consumer_spec(tmp_path: Path, **env: str) -> ServiceSpec:
@@ -193,6 +194,7 @@ async def test_meshllm_up_then_down_from_the_command_line(tmp_path: Path) -> Non
     assert "inference ready" in output
     assert f"http://127.0.0.1:{gateway_port}/v1" in output
     assert "curl" in output
+    assert f'"content": "{QUESTION}"' in output  # the curl line asks the question tested above
     assert key not in output.replace(str(tmp_path), "")  # the key is in a file, not the log
     assert "stopped cleanly" in output
 

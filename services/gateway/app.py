@@ -186,14 +186,17 @@ class Gateway:
         return endpoint
 
     async def models(self, request: Request) -> Response:
+        """The chat and embedding models this caller may use, as OpenAI's model list."""
         principal = self._authenticate(request)
-        allowed = []
-        for name in self.settings.models:
-            decision = self.policy.decide(
-                PolicyRequest(principal, "chat.completions", name, None, None)
-            )
-            if decision.allow:
-                allowed.append({"id": name, "object": "model", "created": 0, "owned_by": "meshllm"})
+        listed: list[tuple[str, Action]] = [
+            *((name, "chat.completions") for name in self.settings.models),
+            *((name, "embeddings") for name in self.settings.embedding_models),
+        ]
+        allowed = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "meshllm"}
+            for name, action in listed
+            if self.policy.decide(PolicyRequest(principal, action, name, None, None)).allow
+        ]
         return JSONResponse({"object": "list", "data": allowed})
 
     # ----------------------------------------------------------------- the flow

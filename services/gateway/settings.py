@@ -138,7 +138,12 @@ class GatewaySettings(MeshSettings):
     default_model: str = Field("smollm2-135m-instruct", min_length=1)
     models: list[str] = Field(
         default_factory=lambda: ["smollm2-135m-instruct"],
-        description="What GET /v1/models lists (each filtered by the caller's policy).",
+        description="Chat and completion models GET /v1/models lists (each filtered by the "
+        "caller's policy).",
+    )
+    embedding_models: list[str] = Field(
+        default_factory=lambda: ["multilingual-e5-small"],
+        description="Embedding models GET /v1/models lists (each filtered by the caller's policy).",
     )
 
     audit: AuditSettings = AuditSettings()

@@ -130,7 +130,7 @@ class Llama:
             self.embed, self.output = prepare_tied(
                 take("token_embd.weight"), self.quant, block=block
             )
-        # Decode steps run each layer in one kernel call (kernels/cpu: meshllm_kernels.
+        # Decode steps run each layer in one kernel call (meshllm_kernels/cpu: meshllm_kernels.
         # decode_layer) wherever all its linear layers are block-quantized; fp32 and torch's
         # kernels keep the layer in torch ops.
         self._fused: list[tuple[object, ...]] | None = None

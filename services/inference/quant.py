@@ -5,8 +5,8 @@ weight bytes means more tokens per second, as long as the kernel keeps up with m
 
 Two kernel families; :func:`prepare_linear` picks the first wherever it is available:
 
-1. **Block-quantized kernels** (``kernels/cpu/blockquant.cpp``, built on first use, see
-   :mod:`kernels.cpu`): weights in blocks of 32 inputs with an fp16 scale (int8, GGUF
+1. **Block-quantized kernels** (``meshllm_kernels/cpu/blockquant.cpp``, built on first use, see
+   :mod:`meshllm_kernels.cpu`): weights in blocks of 32 inputs with an fp16 scale (int8, GGUF
    Q8_0's grid) or an fp16 scale and offset (int4, Q4_1's grid with centred codes), and
    every row of ``x`` quantized to int8 per block of 32 inside the call, so each block's
    product is an integer dot product (VNNI ``vpdpbusd``, else AVX2 ``maddubs``), scaled
@@ -427,12 +427,12 @@ class Int4Embedding(Embedding):
 # --------------------------------------------------------------------------- block kernels
 
 BLOCK = 32
-"""Inputs per block of the block-quantized kernels (``kernels/cpu/blockquant.cpp``)."""
+"""Inputs per block of the block-quantized kernels (``meshllm_kernels/cpu/blockquant.cpp``)."""
 
 
 def block_kernels() -> bool:
-    """Whether the block-quantized CPU kernels are built and loaded (see :mod:`kernels.cpu`)."""
-    from kernels import cpu
+    """Whether the block-quantized CPU kernels are built and loaded (:mod:`meshllm_kernels.cpu`)."""
+    from meshllm_kernels import cpu
 
     return cpu.available()
 

@@ -105,7 +105,13 @@ async def test_completions_and_models(mesh: Mesh) -> None:
     )
     assert reply.choices[0].text
     models = await api.models.list()
-    assert [m.id for m in models.data] == ["smollm2-135m-instruct"]
+    assert [m.id for m in models.data] == ["smollm2-135m-instruct", "multilingual-e5-small"]
+    # the listed embedding model is one the mesh serves
+    embedded = await api.embeddings.create(model=models.data[1].id, input="hello")
+    assert len(embedded.data[0].embedding) == 384
+    # an analyst may use smollm2-* only: the list shows what the caller's policy allows
+    analyst = await client(mesh, "analyst").models.list()
+    assert [m.id for m in analyst.data] == ["smollm2-135m-instruct"]
 
 
 async def test_a_bad_key_is_401(mesh: Mesh) -> None:

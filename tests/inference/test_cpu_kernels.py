@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import cpu
+from meshllm_kernels import cpu
 from services.inference.quant import BlockInt4Linear, BlockInt8Linear, LinearWeight
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ print(type(prepare_linear(torch.randn(64, 64), "int4")).__name__)
 # Every code path's products on fixed inputs, in a fresh process built for MESHLLM_KERNEL_ARCH.
 PRODUCTS = """
 import sys, torch
-from kernels import cpu
+from meshllm_kernels import cpu
 from services.inference.quant import BlockInt4Linear, BlockInt8Linear
 assert cpu.available()
 generator = torch.Generator().manual_seed(5)

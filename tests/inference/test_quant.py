@@ -1,7 +1,7 @@
 """Quantized linears: accuracy against fp32, packing round trips, tied heads.
 
 Every int8/int4 check runs on both kernel families: torch's weight-only kernels (bf16
-activations, ``block=False``) and the block-quantized kernels of ``kernels/cpu`` (int8
+activations, ``block=False``) and the block-quantized kernels of ``meshllm_kernels/cpu`` (int8
 activations per block of 32, ``block=True``), which the suite builds on first use.
 """
 
