@@ -358,6 +358,7 @@ class Gateway:
             request_id=admitted.request_id,
             api_key_id=admitted.principal.key_id or "",
             user=admitted.event.user,
+            client_user=admitted.event.client_user,
             model=admitted.event.model,
             model_version=admitted.event.model_version,
         )
@@ -531,7 +532,12 @@ class Gateway:
         allow: bool,
         reasons: tuple[str, ...],
     ) -> None:
-        event = ev.AuditEvent(request_id=request_id, api_key_id=principal.key_id or "", model=model)
+        event = ev.AuditEvent(
+            request_id=request_id,
+            api_key_id=principal.key_id or "",
+            user=principal.subject,
+            model=model,
+        )
         event.policy.allow = allow
         event.policy.reasons.extend(reasons)
         event.policy.action = ACTIONS[kind]
@@ -548,6 +554,7 @@ class Gateway:
             request_id=admitted.request_id,
             api_key_id=admitted.principal.key_id or "",
             user=admitted.event.user,
+            client_user=admitted.event.client_user,
             model=reply.model if reply else admitted.event.model,
             model_version=reply.model_version if reply else admitted.event.model_version,
         )
@@ -623,13 +630,14 @@ def _inference_request(
         priority=PRIORITIES[priority][1],
         reply_topic=REPLIES.name,
         api_key_id=principal.key_id or "",
+        user=principal.subject,
     )
     event.envelope.tenant = principal.tenant
     event.envelope.correlation_id = request_id
     if generation is None:
         event.inputs.extend(inputs)
         return event
-    event.user = generation.user or principal.subject
+    event.client_user = generation.user or ""
     event.stream = generation.stream
     for message in generation.messages:
         event.messages.add(role=message["role"], content=message["content"])

@@ -43,7 +43,9 @@ _MIN_HMAC_SECRET_BYTES = 32
 class Principal:
     """An authenticated caller.
 
-    ``rpm`` and ``tpm`` override the default per-key rate limits when set.
+    ``subject`` names it in audit records and policy input: ``key:<id>`` for an API key,
+    ``jwt:<sub>`` for a token. ``rpm`` and ``tpm`` override the default per-key rate limits
+    when set.
     """
 
     subject: str
@@ -458,7 +460,8 @@ class JwtVerifier:
         except jwt.InvalidTokenError:
             raise AuthError("invalid JWT") from None
         return Principal(
-            subject=str(claims["sub"]),
+            # its own namespace: a token whose sub reads "key:..." never passes for an API key
+            subject=f"jwt:{claims['sub']}",
             tenant=self._tenant(claims),
             roles=self._roles(claims),
             key_id=None,

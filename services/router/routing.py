@@ -367,6 +367,7 @@ class Router:
             request_id=request.request_id,
             api_key_id=request.api_key_id,
             user=request.user,
+            client_user=request.client_user,
             model=outcome.reply.model if outcome else request.model,
             model_version=outcome.reply.model_version if outcome else request.model_version,
         )

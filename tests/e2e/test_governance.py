@@ -213,3 +213,26 @@ def _stored_events(data_dir: Path) -> list[dict[str, Any]]:
         ]
     finally:
         store.close()
+
+
+async def test_the_audit_names_the_authenticated_caller_not_the_body_user(mesh: Mesh) -> None:
+    """The body's `user` is the client's own word: audit keeps it apart from who called."""
+    reply = await chat(mesh, "user", "Name a colour.", user="alice")
+    assert reply.status_code == 200, reply.text
+    records = await trail(mesh, reply.headers["x-request-id"], {"policy", "request", "response"})
+    key_id = mesh.keys["user"].split("-")[1]
+    assert {record["user"] for record in records.values()} == {f"key:{key_id}"}
+    assert records["request"]["event"]["client_user"] == "alice"
+    assert records["response"]["event"]["client_user"] == "alice"
+
+    # embeddings carry the caller too
+    async with httpx.AsyncClient(timeout=120) as client:
+        embedded = await client.post(
+            f"{mesh.base_url}/embeddings",
+            json={"model": "multilingual-e5-small", "input": "hello"},
+            headers=headers(mesh, "admin"),
+        )
+    assert embedded.status_code == 200, embedded.text
+    records = await trail(mesh, embedded.headers["x-request-id"], {"request", "response"})
+    admin_id = mesh.keys["admin"].split("-")[1]
+    assert {record["user"] for record in records.values()} == {f"key:{admin_id}"}

@@ -207,7 +207,7 @@ def hs_verifier() -> JwtVerifier:
 
 def test_valid_jwt_gives_a_principal(hs_verifier: JwtVerifier) -> None:
     assert hs_verifier.verify(_token()) == Principal(
-        subject="alice",
+        subject="jwt:alice",
         tenant="acme",
         roles=("developer", "user"),
         key_id=None,
@@ -258,7 +258,7 @@ def test_bad_jwts_are_refused_clearly(hs_verifier: JwtVerifier, token: Any, mess
 
 def test_audience_is_checked_when_configured() -> None:
     verifier = JwtVerifier(ISSUER, HS_SECRET, ["HS256"], "meshllm")
-    assert verifier.verify(_token(aud="meshllm")).subject == "alice"
+    assert verifier.verify(_token(aud="meshllm")).subject == "jwt:alice"
     with pytest.raises(AuthError, match="audience"):
         verifier.verify(_token(aud="other"))
     with pytest.raises(AuthError, match="required claim 'aud'"):
@@ -338,3 +338,10 @@ def test_missing_credentials(store: KeyStore, header: str | None) -> None:
 def test_non_bearer_credentials(store: KeyStore, header: str) -> None:
     with pytest.raises(AuthError, match="Bearer"):
         Authenticator(store, None).authenticate(header)
+
+
+def test_a_jwt_cannot_pass_for_an_api_key_in_the_audit(hs_verifier: JwtVerifier) -> None:
+    """Audit records name ``principal.subject``: a token's sub is kept in its own namespace."""
+    principal = hs_verifier.verify(_token(sub="key:0123456789ab"))
+    assert principal.subject == "jwt:key:0123456789ab"
+    assert principal.key_id is None

@@ -129,7 +129,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., max_tokens: _Optional[int] = ..., n: _Optional[int] = ..., max_tokens_cap: _Optional[int] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
-    __slots__ = ("envelope", "request_id", "kind", "model", "model_version", "priority", "messages", "inputs", "sampling", "stream", "reply_topic", "deadline", "user", "api_key_id", "rag_collections", "acl_groups", "rag_top_k")
+    __slots__ = ("envelope", "request_id", "kind", "model", "model_version", "priority", "messages", "inputs", "sampling", "stream", "reply_topic", "deadline", "user", "api_key_id", "rag_collections", "acl_groups", "rag_top_k", "client_user")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class InferenceRequest(_message.Message):
     RAG_COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
     ACL_GROUPS_FIELD_NUMBER: _ClassVar[int]
     RAG_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_USER_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     request_id: str
     kind: RequestKind
@@ -164,7 +165,8 @@ class InferenceRequest(_message.Message):
     rag_collections: _containers.RepeatedScalarFieldContainer[str]
     acl_groups: _containers.RepeatedScalarFieldContainer[str]
     rag_top_k: int
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., kind: _Optional[_Union[RequestKind, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., inputs: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stream: _Optional[bool] = ..., reply_topic: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user: _Optional[str] = ..., api_key_id: _Optional[str] = ..., rag_collections: _Optional[_Iterable[str]] = ..., acl_groups: _Optional[_Iterable[str]] = ..., rag_top_k: _Optional[int] = ...) -> None: ...
+    client_user: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., kind: _Optional[_Union[RequestKind, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., inputs: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stream: _Optional[bool] = ..., reply_topic: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user: _Optional[str] = ..., api_key_id: _Optional[str] = ..., rag_collections: _Optional[_Iterable[str]] = ..., acl_groups: _Optional[_Iterable[str]] = ..., rag_top_k: _Optional[int] = ..., client_user: _Optional[str] = ...) -> None: ...
 
 class ReplyChunk(_message.Message):
     __slots__ = ("envelope", "request_id", "choice_index", "sequence", "delta")
@@ -325,7 +327,7 @@ class PolicyDecision(_message.Message):
     def __init__(self, allow: _Optional[bool] = ..., reasons: _Optional[_Iterable[str]] = ..., action: _Optional[str] = ..., resource: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AuditEvent(_message.Message):
-    __slots__ = ("envelope", "request_id", "api_key_id", "user", "model", "model_version", "request", "response", "routing", "policy")
+    __slots__ = ("envelope", "request_id", "api_key_id", "user", "model", "model_version", "request", "response", "routing", "policy", "client_user")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     API_KEY_ID_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +338,7 @@ class AuditEvent(_message.Message):
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     ROUTING_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_USER_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     request_id: str
     api_key_id: str
@@ -346,7 +349,8 @@ class AuditEvent(_message.Message):
     response: ResponseRecord
     routing: RoutingDecision
     policy: PolicyDecision
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., api_key_id: _Optional[str] = ..., user: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., request: _Optional[_Union[RequestRecord, _Mapping]] = ..., response: _Optional[_Union[ResponseRecord, _Mapping]] = ..., routing: _Optional[_Union[RoutingDecision, _Mapping]] = ..., policy: _Optional[_Union[PolicyDecision, _Mapping]] = ...) -> None: ...
+    client_user: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., api_key_id: _Optional[str] = ..., user: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., request: _Optional[_Union[RequestRecord, _Mapping]] = ..., response: _Optional[_Union[ResponseRecord, _Mapping]] = ..., routing: _Optional[_Union[RoutingDecision, _Mapping]] = ..., policy: _Optional[_Union[PolicyDecision, _Mapping]] = ..., client_user: _Optional[str] = ...) -> None: ...
 
 class AuditCheckpoint(_message.Message):
     __slots__ = ("envelope", "log_id", "tree_size", "root_hash", "signed_at_ns", "key_id", "signature")
