@@ -7,7 +7,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from shared.bus.admin import ensure_topics
 from shared.bus.embedded import EmbeddedBroker
 from shared.topics import Topic
+from tests.procs.redis import redis_server
 from tests.procs.topics import scratch_topic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +71,17 @@ async def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> AsyncIter
     await broker.start()
     yield broker.bootstrap
     await broker.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis server: ``MESHLLM_TEST_REDIS``, else a private one this suite starts."""
+    given = os.environ.get("MESHLLM_TEST_REDIS")
+    if given:
+        yield given
+        return
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 @pytest.fixture
