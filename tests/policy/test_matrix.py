@@ -1,5 +1,10 @@
-"""Every role x tenant x resource x action cell, on both evaluators, against the table of
-``expected.py`` (written from the roles' descriptions, not from the Rego)."""
+"""Every role x tenant x resource x action cell, on both evaluators and on rego-cpp, against
+the table of ``expected.py`` (written from the roles' descriptions, not from the Rego).
+
+Both evaluators of the product run regorus (the OPA path against a double that evaluates
+with regorus); rego-cpp (regopy) is an independent Rego implementation, so the matrix shows
+two engines agreeing, not one engine agreeing with itself.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ import pytest
 
 from shared.policy import RESOURCE_KINDS, PolicyEvaluator, ResourceKind
 from tests.policy import expected as table
-from tests.policy.conftest import ask, repo_data
+from tests.policy.conftest import ask, bundle, repo_data
+from tests.policy.rego_cpp import RegoCppEvaluator
 
 SUBJECT_TENANT = "acme"
 TENANTS = {"own": "acme", "other": "beta", "platform-wide": "*"}
@@ -56,9 +62,21 @@ def test_the_table_covers_the_policy() -> None:
     assert data["aliases"] == table.ALIASES
 
 
+@pytest.fixture(scope="module")
+def rego_cpp() -> RegoCppEvaluator:
+    return RegoCppEvaluator(bundle())
+
+
+@pytest.fixture(params=["embedded", "opa", "rego_cpp"])
+def engine(request: pytest.FixtureRequest) -> PolicyEvaluator:
+    """regorus in process, the OPA server path, and rego-cpp."""
+    chosen: PolicyEvaluator = request.getfixturevalue(request.param)
+    return chosen
+
+
 @pytest.mark.parametrize("tenant", list(TENANTS.values()), ids=list(TENANTS))
 @pytest.mark.parametrize("role", ROLES)
-def test_every_cell(evaluator: PolicyEvaluator, role: str, tenant: str) -> None:
+def test_every_cell(engine: PolicyEvaluator, role: str, tenant: str) -> None:
     wrong = []
     for cell in cells(role, tenant):
         want = table.expected(
@@ -69,7 +87,7 @@ def test_every_cell(evaluator: PolicyEvaluator, role: str, tenant: str) -> None:
             resource_tenant=tenant,
             model=cell.name,
         )
-        got = ask(evaluator, role, cell.action, cell.kind, resource_tenant=tenant, name=cell.name)
+        got = ask(engine, role, cell.action, cell.kind, resource_tenant=tenant, name=cell.name)
         if (
             got.allow != want.allow
             or not any(want.reason in reason for reason in got.reasons)
