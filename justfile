@@ -104,7 +104,8 @@ bench-bus *args:
     {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
     {{python}} -m benchmarks.bus_bench {{args}}
 
-# CPU inference: our engine (fp32/int8/int4) vs transformers and llama-cpp-python, same GGUF.
+# CPU inference: our engine (fp32/int8/int4) vs transformers and llama-cpp-python, same GGUF;
+# then the prefix cache's time to first token, cold against warm.
 # llama-cpp-python compiles llama.cpp for this CPU, without its AMX path: on an AMX Xeon VM
 # that path crashed (SIGSEGV in ggml_backend_amx_mul_mat) on every prompt of two tokens or more.
 [group('bench')]
@@ -112,6 +113,7 @@ bench-inference *args:
     {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
     CMAKE_ARGS="{{llama_cpp_flags}}" {{python}} -m pip install --quiet llama-cpp-python
     {{python}} -m benchmarks.inference_bench {{args}}
+    {{python}} -m benchmarks.prefix_cache_bench
 
 # Quality of int8/int4 vs fp32: greedy agreement, perplexity and KL, weight memory.
 [group('bench')]

@@ -443,6 +443,39 @@ def verdicts(results: list[Result]) -> list[str]:
     return lines
 
 
+PEER_NOTES = [
+    "llama-cpp-python runs the same Q4_1 file as our int4 rows: like for like. It is "
+    "compiled for this CPU without llama.cpp's AMX path (`just bench-inference` passes "
+    "-mno-amx-*): on an AMX Xeon that path crashed (SIGSEGV in ggml_backend_amx_mul_mat) on "
+    "every prompt of two tokens or more. Without it llama.cpp's prefill (TTFT) may be slower "
+    "than it could be; its decode should not be (not measured).",
+    "transformers has no quantized CPU path for this GGUF: it dequantizes the file and runs "
+    "float32, so rows of ours at int8/int4 against it compare different precisions. The "
+    "same-precision pair is our fp32 row against it.",
+]
+
+
+def same_precision(results: list[Result]) -> list[str]:
+    """The like-for-like batch-1 ratios: our fp32 against transformers (float32), our int4
+    against llama-cpp-python (the file's Q4_1)."""
+    by = {r.engine: r for r in results}
+    hf, cpp = by.get("transformers generate"), by.get("llama-cpp-python")
+    fp32 = next((r for r in results if r.engine.startswith("meshllm engine fp32")), None)
+    int4 = next((r for r in results if r.engine.startswith("meshllm engine int4 (default")), None)
+    lines = []
+    if fp32 and hf and hf.decode_tps:
+        lines.append(
+            f"fp32 against transformers (float32): {fp32.decode_tps / hf.decode_tps:.2f}x "
+            "batch-1 decode"
+        )
+    if int4 and cpp and cpp.decode_tps:
+        lines.append(
+            f"int4 against llama-cpp-python (Q4_1): {int4.decode_tps / cpp.decode_tps:.2f}x "
+            "batch-1 decode"
+        )
+    return lines
+
+
 def run_profile() -> dict[str, list[list[Any]]]:
     command = [sys.executable, "-m", "benchmarks.inference_bench", "--worker", "profile"]
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
@@ -495,6 +528,14 @@ def write_results(
         "Targets:",
         "",
         *[f"- {v}" for v in verdicts(results)],
+        "",
+        "Same precision, side by side:",
+        "",
+        *[f"- {line}" for line in same_precision(results)],
+        "",
+        "Peers:",
+        "",
+        *[f"- {note}" for note in PEER_NOTES],
         "",
         *profile_lines(profile or {}),
     ]

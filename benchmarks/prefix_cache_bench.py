@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     console = results_console()
+    load_before = os.getloadavg()[0]
     started = time.monotonic()
     with console.status("loading the model and timing cold and warm prefixes ..."):
         measured = run(args.pairs, args.prefix_tokens)
@@ -152,7 +154,8 @@ def main() -> None:
 
 Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Command: `python -m benchmarks.prefix_cache_bench \
 --pairs {args.pairs} --prefix-tokens {args.prefix_tokens}`. Took {took:.0f} s.
-Machine: {cpu_model()}, {THREADS} threads, Python {platform.python_version()}; our engine in its \
+Machine: {cpu_model()}, {THREADS} threads, Python {platform.python_version()}, 1-minute load \
+average {load_before:.1f} before the run and {os.getloadavg()[0]:.1f} after; our engine in its \
 default mode ({measured.mode}), the engine's default prefix cache settings.
 
 Each prompt is {measured.prompt_tokens} tokens: a system message of about \
