@@ -44,6 +44,7 @@ from services.audit.records import (
     to_ns,
 )
 from services.audit.store import AppendInput, AuditStore, StoreError, parse_all
+from shared.files import private_file
 
 SCHEMA_VERSION = "1"
 _SCAN_BATCH = 2_000
@@ -142,8 +143,9 @@ class SqliteAuditStore(AuditStore):
                 f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False
             )
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(
+                private_file(self.path), check_same_thread=False, isolation_level=None
+            )
         self._db.isolation_level = None
         self._db.text_factory = lambda value: value.decode("utf-8", "replace")
         self._db.execute("PRAGMA busy_timeout = 10000")

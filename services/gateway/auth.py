@@ -26,6 +26,8 @@ from typing import Any, Literal
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from shared.files import private_file
+
 KEY_PREFIX = "mk-"
 _KEY = re.compile(r"mk-(?P<key_id>[0-9a-f]{12})-(?P<secret>[A-Za-z0-9_-]{32})")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
@@ -190,8 +192,9 @@ class KeyStore:
         self._clock = clock
         self._cache: dict[str, _Cached] = {}
         self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(
+            private_file(self.path), check_same_thread=False, isolation_level=None
+        )
         self._db.execute("PRAGMA busy_timeout = 5000")
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute(

@@ -14,6 +14,8 @@ import sqlite3
 from pathlib import Path
 from typing import Protocol
 
+from shared.files import private_file
+
 
 class IdempotencyStore(Protocol):
     def seen(self, event_id: str) -> bool: ...
@@ -31,8 +33,9 @@ class SqliteIdempotencyStore:
     """
 
     def __init__(self, path: Path, *, window: int = 200_000) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db = sqlite3.connect(
+            private_file(path), isolation_level=None, check_same_thread=False
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL loses nothing when the process dies; only a machine crash can.
         self._db.execute("PRAGMA synchronous=NORMAL")
