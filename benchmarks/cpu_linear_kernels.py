@@ -49,9 +49,9 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.report import results_console
-from services.inference.gguf_model import GgufModel, load_gguf, smollm2_path
-from services.inference.llama import Llama
-from services.inference.quant import (
+from services.inference.model.gguf_model import GgufModel, load_gguf, smollm2_path
+from services.inference.model.llama import Llama
+from services.inference.model.quant import (
     QuantMode,
     block_kernels,
     dequantize_int4,
@@ -61,7 +61,7 @@ from services.inference.quant import (
     quantize_int4,
     quantize_int8,
 )
-from services.inference.tokenizer import Tokenizer
+from services.inference.model.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2

@@ -125,12 +125,12 @@ def run_ours(mode: str, plan: Plan, *, block: bool | None = None) -> Result:
     the block-quantized ones (``meshllm_kernels/cpu``) the service uses where they build."""
     import torch
 
-    from services.inference.engine import Engine, EngineSettings
-    from services.inference.gguf_model import load_gguf, smollm2_path
-    from services.inference.llama import Llama
-    from services.inference.quant import resolve_mode
-    from services.inference.sampling import SamplingParams
-    from services.inference.tokenizer import Tokenizer
+    from services.inference.generation import EngineSettings, SamplingParams
+    from services.inference.model.engine import Engine
+    from services.inference.model.gguf_model import load_gguf, smollm2_path
+    from services.inference.model.llama import Llama
+    from services.inference.model.quant import resolve_mode
+    from services.inference.model.tokenizer import Tokenizer
 
     torch.set_num_threads(THREADS)
     gguf = load_gguf(smollm2_path())
@@ -202,7 +202,7 @@ def run_transformers(plan: Plan) -> Result:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.inference.gguf_model import smollm2_path
+    from services.inference.model.gguf_model import smollm2_path
 
     torch.set_num_threads(THREADS)
     path = smollm2_path()
@@ -257,7 +257,7 @@ def run_transformers(plan: Plan) -> Result:
 def run_llama_cpp(plan: Plan) -> Result:
     from llama_cpp import Llama as LlamaCpp
 
-    from services.inference.gguf_model import smollm2_path
+    from services.inference.model.gguf_model import smollm2_path
 
     model = LlamaCpp(
         model_path=str(smollm2_path()), n_ctx=1024, n_threads=THREADS, n_batch=512, verbose=False
@@ -313,8 +313,8 @@ def profile_decode(mode: str = PROFILED, steps: int = 16) -> dict[str, list[list
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from services.inference.gguf_model import load_gguf, smollm2_path
-    from services.inference.llama import Llama
+    from services.inference.model.gguf_model import load_gguf, smollm2_path
+    from services.inference.model.llama import Llama
 
     torch.set_num_threads(THREADS)
     model = Llama(load_gguf(smollm2_path()), mode)

@@ -70,12 +70,12 @@ def document(tokens_wanted: int, count_tokens: Callable[[str], int], head: str) 
 def run(pairs: int, prefix_tokens: int) -> Measured:
     import torch
 
-    from services.inference.engine import Engine, EngineSettings
-    from services.inference.gguf_model import load_gguf, smollm2_path
-    from services.inference.llama import Llama
-    from services.inference.quant import resolve_mode
-    from services.inference.sampling import SamplingParams
-    from services.inference.tokenizer import Tokenizer
+    from services.inference.generation import EngineSettings, SamplingParams
+    from services.inference.model.engine import Engine
+    from services.inference.model.gguf_model import load_gguf, smollm2_path
+    from services.inference.model.llama import Llama
+    from services.inference.model.quant import resolve_mode
+    from services.inference.model.tokenizer import Tokenizer
 
     torch.set_num_threads(THREADS)
     gguf = load_gguf(smollm2_path())

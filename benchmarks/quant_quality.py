@@ -40,12 +40,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from benchmarks.cpu_linear_kernels import TEXT, teacher_forced_logprobs
 from benchmarks.report import markdown_table, results_console, rich_table
-from services.inference.engine import Engine, EngineSettings
-from services.inference.gguf_model import load_gguf, smollm2_path
-from services.inference.llama import Llama
-from services.inference.quant import QuantMode, block_kernels
-from services.inference.sampling import SamplingParams
-from services.inference.tokenizer import Tokenizer
+from services.inference.generation import EngineSettings, SamplingParams
+from services.inference.model.engine import Engine
+from services.inference.model.gguf_model import load_gguf, smollm2_path
+from services.inference.model.llama import Llama
+from services.inference.model.quant import QuantMode, block_kernels
+from services.inference.model.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2

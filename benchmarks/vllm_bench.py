@@ -26,10 +26,9 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import cast
 
-from services.inference.engine import Delta
 from services.inference.engine_protocol import TextEngine
-from services.inference.sampling import SamplingParams
-from services.inference.tokenizer import Tokenizer
+from services.inference.generation import Delta, SamplingParams
+from services.inference.model.tokenizer import Tokenizer
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -98,7 +97,7 @@ async def bench(
 
 
 def run_vllm(max_tokens: int) -> list[Row]:
-    from services.inference.gguf_model import smollm2_path
+    from services.inference.model.gguf_model import smollm2_path
     from services.inference.vllm_engine import VllmEngine, VllmEngineSettings
 
     settings = VllmEngineSettings(max_batch=64, max_seq_len=1024, gpu_memory_utilization=0.3)
@@ -115,9 +114,10 @@ def run_vllm(max_tokens: int) -> list[Row]:
 def run_torch(max_tokens: int) -> list[Row]:
     import torch
 
-    from services.inference.engine import Engine, EngineSettings
-    from services.inference.gguf_model import load_gguf, smollm2_path
-    from services.inference.llama import Llama
+    from services.inference.generation import EngineSettings
+    from services.inference.model.engine import Engine
+    from services.inference.model.gguf_model import load_gguf, smollm2_path
+    from services.inference.model.llama import Llama
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)

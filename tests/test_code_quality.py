@@ -62,3 +62,20 @@ def test_constraints_pin_every_requirement() -> None:
     }
     missing = sorted(name for name in names if name != "meshllm" and name not in pins)
     assert not missing, f"not pinned in constraints.txt (run `just lock`): {missing}"
+
+
+def test_settings_and_the_engine_contract_do_not_load_torch() -> None:
+    """The inference service's settings, its engine protocol and the vLLM adapter import
+    without the CPU engine's model code (torch): a settings check or a GPU pool's process
+    should not pay for it."""
+    light = [
+        "services.inference.settings",
+        "services.inference.engine_protocol",
+        "services.inference.generation",
+        "services.inference.vllm_engine",
+    ]
+    code = f"import sys\nfor m in {light!r}: __import__(m)\nprint('torch' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"

@@ -1,6 +1,6 @@
 """What the serving layer needs from a text-generation engine, whichever backend runs it.
 
-:class:`~services.inference.engine.Engine` (torch, CPU) and
+:class:`~services.inference.model.engine.Engine` (torch, CPU) and
 :class:`~services.inference.vllm_engine.VllmEngine` (vLLM, GPU) both satisfy
 :class:`TextEngine`; :mod:`services.inference.serve_app` uses nothing else.
 """
@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
-from services.inference.engine import Delta
-from services.inference.sampling import InvalidRequest, SamplingParams
+from services.inference.generation import Delta, InvalidRequest, SamplingParams
 
 
 class TextEngine(Protocol):

@@ -28,7 +28,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from services.inference.gguf_model import SUPPORTED_ARCHITECTURES, ModelLoadError, smollm2_path
+from services.inference.model.gguf_model import (
+    SUPPORTED_ARCHITECTURES,
+    ModelLoadError,
+    smollm2_path,
+)
 from services.inference.settings import DEFAULT_MODEL_NAME, DEFAULT_MODEL_VERSION
 from shared.logging import get_logger
 

@@ -50,15 +50,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from services.inference.embeddings import EmbeddingEngine, EmbeddingInputError
-from services.inference.engine import Delta, Engine, EngineSettings
 from services.inference.engine_protocol import TextEngine
-from services.inference.gguf_model import GgufModel, ModelLoadError, load_gguf
-from services.inference.llama import Llama
-from services.inference.quant import resolve_mode
+from services.inference.generation import Delta, EngineSettings, InvalidRequest, SamplingParams
+from services.inference.model.engine import Engine
+from services.inference.model.gguf_model import GgufModel, ModelLoadError, load_gguf
+from services.inference.model.llama import Llama
+from services.inference.model.quant import resolve_mode
+from services.inference.model.tokenizer import Tokenizer
 from services.inference.registry import ModelEntry, ModelRegistry, UnknownModel
-from services.inference.sampling import InvalidRequest, SamplingParams
 from services.inference.settings import InferenceSettings
-from services.inference.tokenizer import Tokenizer
 from services.inference.vllm_engine import VllmEngine, VllmEngineSettings
 from shared.logging import get_logger
 from shared.openai_protocol import (

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from services.inference.engine import EngineSettings
+from services.inference.generation import EngineSettings
 from services.inference.vllm_engine import VllmEngineSettings
 from shared.settings import MeshSettings
 
@@ -29,7 +29,7 @@ DEFAULT_MODEL_VERSION = "q4_1-1"
 """The version :func:`services.inference.registry.ensure_default` registers the bundled file as."""
 
 QuantName = Literal["auto", "fp32", "int8", "int4"]
-"""Weight quantization modes (see :mod:`services.inference.quant`); auto: the file's own."""
+"""Weight quantization modes (see :mod:`services.inference.model.quant`); auto: the file's own."""
 
 BackendName = Literal["torch", "vllm"]
 """Engines: the torch engine (CPU) or vLLM (CUDA GPU, the ``vllm`` extra)."""
@@ -55,7 +55,7 @@ class VllmConfig(BaseModel):
 
 
 class EngineConfig(BaseModel):
-    """The engine's batching limits; mirrors :class:`~services.inference.engine.EngineSettings`."""
+    """The engine's batching limits (:class:`~services.inference.generation.EngineSettings`)."""
 
     backend: BackendName = Field(
         "torch",

@@ -7,7 +7,7 @@ quantized weights with its own kernels, so ``MESHLLM_QUANT`` does not apply.
 Token ids in, token ids out. vLLM starts without a tokenizer (``skip_tokenizer_init``):
 prompts reach it as token ids (``TokensPrompt``) made by the service's own GGUF
 tokenizer, as for the torch engine, and the ids it generates become text here, with the
-torch engine's :class:`~services.inference.engine.TextAssembler`. So chat templates,
+torch engine's :class:`~services.inference.generation.TextAssembler`. So chat templates,
 stop strings (never sent, not even in part) and UTF-8 handling behave exactly as on the
 CPU pools, and no Hugging Face tokenizer directory has to sit beside the GGUF (vLLM's
 documentation calls its own GGUF tokenizer conversion slow and unstable). Without a
@@ -43,11 +43,18 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from services.inference.engine import Completion, Delta, EngineSettings, TextAssembler, Usage
 from services.inference.engine_protocol import check_request
-from services.inference.gguf_model import ModelLoadError, read_gguf_header
-from services.inference.sampling import InvalidRequest, SamplingParams
-from services.inference.tokenizer import Tokenizer
+from services.inference.generation import (
+    Completion,
+    Delta,
+    EngineSettings,
+    InvalidRequest,
+    SamplingParams,
+    TextAssembler,
+    Usage,
+)
+from services.inference.model.gguf_model import ModelLoadError, read_gguf_header
+from services.inference.model.tokenizer import Tokenizer
 from shared.logging import get_logger
 
 log = get_logger(__name__)

@@ -7,10 +7,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from services.inference.engine import Engine, EngineSettings
-from services.inference.gguf_model import GgufModel, load_gguf, smollm2_path
-from services.inference.llama import Llama
-from services.inference.tokenizer import Tokenizer
+from services.inference.generation import EngineSettings
+from services.inference.model.engine import Engine
+from services.inference.model.gguf_model import GgufModel, load_gguf, smollm2_path
+from services.inference.model.llama import Llama
+from services.inference.model.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from meshllm_kernels import cpu
-from services.inference.quant import BlockInt4Linear, BlockInt8Linear, LinearWeight
+from services.inference.model.quant import BlockInt4Linear, BlockInt8Linear, LinearWeight
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # Which linear class the service would build for an int4 weight, in a fresh process.
 PROBE = """
 import torch
-from services.inference.quant import prepare_linear
+from services.inference.model.quant import prepare_linear
 print(type(prepare_linear(torch.randn(64, 64), "int4")).__name__)
 """
 
@@ -29,7 +29,7 @@ print(type(prepare_linear(torch.randn(64, 64), "int4")).__name__)
 PRODUCTS = """
 import sys, torch
 from meshllm_kernels import cpu
-from services.inference.quant import BlockInt4Linear, BlockInt8Linear
+from services.inference.model.quant import BlockInt4Linear, BlockInt8Linear
 assert cpu.available()
 generator = torch.Generator().manual_seed(5)
 weight = torch.randn(72, 160, generator=generator)

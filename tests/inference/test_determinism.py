@@ -7,12 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from services.inference.engine import Engine, EngineSettings
-from services.inference.gguf_model import GgufModel
-from services.inference.llama import Llama
-from services.inference.quant import QuantMode
-from services.inference.sampling import SamplingParams
-from services.inference.tokenizer import Tokenizer
+from services.inference.generation import EngineSettings, SamplingParams
+from services.inference.model.engine import Engine
+from services.inference.model.gguf_model import GgufModel
+from services.inference.model.llama import Llama
+from services.inference.model.quant import QuantMode
+from services.inference.model.tokenizer import Tokenizer
 from tests.inference.conftest import chat_ids
 
 QUESTIONS = [

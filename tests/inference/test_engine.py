@@ -7,12 +7,17 @@ import threading
 
 import pytest
 
-from services.inference.engine import Engine, EngineSettings, TextAssembler
-from services.inference.gguf_model import GgufModel
-from services.inference.llama import Llama
-from services.inference.quant import HEAD_REFINE_TOP
-from services.inference.sampling import InvalidRequest, SamplingParams
-from services.inference.tokenizer import Tokenizer
+from services.inference.generation import (
+    EngineSettings,
+    InvalidRequest,
+    SamplingParams,
+    TextAssembler,
+)
+from services.inference.model.engine import Engine
+from services.inference.model.gguf_model import GgufModel
+from services.inference.model.llama import Llama
+from services.inference.model.quant import HEAD_REFINE_TOP
+from services.inference.model.tokenizer import Tokenizer
 from tests.conftest import poll_until
 from tests.inference.conftest import chat_ids
 

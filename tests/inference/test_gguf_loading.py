@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.inference.gguf_model import GgufModel, ModelLoadError, load_gguf, smollm2_path
+from services.inference.model.gguf_model import GgufModel, ModelLoadError, load_gguf, smollm2_path
 
 
 def test_default_model_hyper_parameters(gguf_model: GgufModel) -> None:

@@ -6,11 +6,11 @@ import asyncio
 
 import torch
 
-from services.inference.engine import Engine, EngineSettings
-from services.inference.llama import KVCache, Llama
-from services.inference.prefix_cache import PrefixCache
-from services.inference.sampling import SamplingParams
-from services.inference.tokenizer import Tokenizer
+from services.inference.generation import EngineSettings, SamplingParams
+from services.inference.model.engine import Engine
+from services.inference.model.llama import KVCache, Llama
+from services.inference.model.prefix_cache import PrefixCache
+from services.inference.model.tokenizer import Tokenizer
 
 SYSTEM = (
     "You are the assistant of Acme Corporation's internal help desk. Answer briefly and "

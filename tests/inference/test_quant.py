@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.inference.gguf_model import GgufModel
-from services.inference.llama import Llama
-from services.inference.quant import (
+from services.inference.model.gguf_model import GgufModel
+from services.inference.model.llama import Llama
+from services.inference.model.quant import (
     BLOCK,
     HEAD_MODE,
     HEAD_REFINE_TOP,

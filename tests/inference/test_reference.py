@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 import torch
 
-from services.inference.engine import Engine
-from services.inference.gguf_model import smollm2_path
-from services.inference.sampling import SamplingParams
-from services.inference.tokenizer import Tokenizer
+from services.inference.generation import SamplingParams
+from services.inference.model.engine import Engine
+from services.inference.model.gguf_model import smollm2_path
+from services.inference.model.tokenizer import Tokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 
-from services.inference.gguf_model import ModelLoadError, smollm2_path
+from services.inference.model.gguf_model import ModelLoadError, smollm2_path
 from services.inference.registry import (
     CorruptModel,
     ModelExists,

@@ -25,10 +25,9 @@ import pytest
 import torch
 
 from services.inference import vllm_engine
-from services.inference.engine import EngineSettings
-from services.inference.gguf_model import ModelLoadError, read_gguf_header, smollm2_path
+from services.inference.generation import EngineSettings, InvalidRequest, SamplingParams
+from services.inference.model.gguf_model import ModelLoadError, read_gguf_header, smollm2_path
 from services.inference.registry import ModelRegistry
-from services.inference.sampling import InvalidRequest, SamplingParams
 from services.inference.settings import DEFAULT_MODEL_NAME, InferenceSettings
 from services.inference.vllm_engine import (
     OutputReader,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from services.inference.llama import KVCache
+from services.inference.model.llama import KVCache
 
 
 @dataclass

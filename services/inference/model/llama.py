@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from services.inference.gguf_model import GgufModel, LlamaConfig
-from services.inference.quant import (
+from services.inference.model.gguf_model import GgufModel, LlamaConfig
+from services.inference.model.quant import (
     BlockInt4Linear,
     BlockInt8Linear,
     Embedding,
@@ -77,13 +77,13 @@ class KVCache:
 
 
 class Llama:
-    """The model, its weights stored as ``quant`` (see :mod:`services.inference.quant`;
-    ``"auto"`` keeps the file's own precision: :func:`~services.inference.quant.native_mode`).
+    """The model, its weights stored as ``quant`` (see :mod:`services.inference.model.quant`;
+    ``"auto"`` keeps the file's own precision: :func:`~services.inference.model.quant.native_mode`).
 
     Construction consumes ``model.tensors``: each dequantized GGUF tensor is dropped as soon
     as its (fused, possibly quantized) copy exists, so peak memory stays near one copy of
     the weights instead of two. Pass ``keep_source=True`` to leave them in place.
-    ``block`` chooses the kernels of int8/int4 layers (see :func:`~services.inference.quant.
+    ``block`` chooses the kernels of int8/int4 layers (see :func:`~services.inference.model.quant.
     prepare_linear`): None takes the block-quantized ones wherever they built.
     """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from services.inference.gguf_model import ModelLoadError, TokenizerSpec
+from services.inference.model.gguf_model import ModelLoadError, TokenizerSpec
 
 CONTROL_TOKEN = 3
 # GGUF "pre" names whose pre-tokenizer is: single digits, then the GPT-2 byte-level regex.

@@ -27,89 +27,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.inference.llama import KVCache, Llama
-from services.inference.prefix_cache import PrefixCache
-from services.inference.quant import HEAD_REFINE_TOP
-from services.inference.sampling import InvalidRequest, Sampler, SamplingParams
-from services.inference.tokenizer import Tokenizer
+from services.inference.generation import (
+    Completion,
+    Delta,
+    EngineSettings,
+    InvalidRequest,
+    SamplingParams,
+    TextAssembler,
+    Usage,
+)
+from services.inference.model.llama import KVCache, Llama
+from services.inference.model.prefix_cache import PrefixCache
+from services.inference.model.quant import HEAD_REFINE_TOP
+from services.inference.model.sampling import Sampler
+from services.inference.model.tokenizer import Tokenizer
 from shared.logging import get_logger
 
 log = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    max_batch: int = 16
-    max_wait_ms: float = 2.0
-    max_tokens_in_flight: int = 32_768
-    max_seq_len: int = 2048
-    stuck_after_s: float = 30.0
-    prefix_cache_mb: float = 128.0  # 0 turns the prefix (L1) cache off
-    prefix_block: int = 32  # also the prefill chunk
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class Delta:
-    """A piece of one sequence's output; the last one has ``finish_reason`` and ``usage``."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str | None = None
-    usage: Usage | None = None
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str
-    usage: Usage
-
-
-class TextAssembler:
-    """Turns tokens into text deltas: whole UTF-8 characters only, stop strings cut out.
-
-    Text that could be the start of a stop string is held back until it is known not
-    to be one, so a stop string never reaches the caller, not even in part.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str]) -> None:
-        self._tokenizer = tokenizer
-        self._stops = tuple(stops)
-        self._ids: list[int] = []
-        self._text = ""
-        self._emitted = 0
-
-    def add(self, token_id: int) -> tuple[str, bool]:
-        """Return (new text, whether a stop string ended the output)."""
-        self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids)
-        if text.endswith("\ufffd"):
-            return "", False  # a multi-byte character is not complete yet
-        self._text = text
-        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
-            delta = text[self._emitted : cut]
-            self._emitted = cut
-            return delta, True
-        hold = max(
-            (k for s in self._stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0
-        )
-        safe = len(text) - hold
-        delta = text[self._emitted : safe] if safe > self._emitted else ""
-        self._emitted = max(self._emitted, safe)
-        return delta, False
-
-    def flush(self) -> str:
-        delta = self._text[self._emitted :]
-        self._emitted = len(self._text)
-        return delta
 
 
 @dataclass(eq=False)

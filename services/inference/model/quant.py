@@ -12,7 +12,7 @@ Two kernel families; :func:`prepare_linear` picks the first wherever it is avail
    product is an integer dot product (VNNI ``vpdpbusd``, else AVX2 ``maddubs``), scaled
    once: the arithmetic llama.cpp uses. int4's offsets multiply the exact fp32 block sums
    of ``x``. Output is fp32. Decode steps run a whole layer in one call of these kernels
-   (:class:`~services.inference.llama.Llama`). Speed against torch's kernels and the peers:
+   (:class:`~services.inference.model.llama.Llama`). Speed against torch's kernels and the peers:
    ``benchmarks/results/inference.md``; against fp32, int8 activations cost int8 weights
    nothing measurable and int4 weights about twice torch's bf16 error
    (``benchmarks/results/quant_quality.md``).
