@@ -131,8 +131,16 @@ class PolicyEvaluator(Protocol):
         """The decision on ``request``. Never raises: a failure is a denial (``FAILED``)."""
         ...
 
+    async def adecide(self, request: AccessRequest) -> Decision:
+        """:meth:`decide` for an event loop: never blocks it on I/O. Never raises."""
+        ...
+
     def close(self) -> None:
         """Release connections; later decisions may fail (and so deny)."""
+        ...
+
+    async def aclose(self) -> None:
+        """:meth:`close`, also releasing what :meth:`adecide` opened in the running loop."""
         ...
 
 

@@ -66,6 +66,13 @@ class EmbeddedEvaluator:
         except Exception as error:  # fail closed, whatever went wrong
             return evaluation_failed("embedded", self.rule, request, error)
 
+    async def adecide(self, request: AccessRequest) -> Decision:
+        """:meth:`decide`: in process and about 11 µs, so it runs on the loop itself."""
+        return self.decide(request)
+
+    async def aclose(self) -> None:
+        self.close()
+
     def close(self) -> None:
         """Nothing to release: the engines go with their threads."""
 

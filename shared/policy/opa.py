@@ -18,12 +18,14 @@ benchmark). Nor does it show OPA's answers to malformed uploads in every detail.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 from opa_client import OpaClient  # type: ignore[import-untyped]
+from opa_client.opa_async import AsyncOpaClient  # type: ignore[import-untyped]
 
 from shared.policy.decision import (
     DECISION_RULE,
@@ -47,8 +49,9 @@ class OpaServerEvaluator:
     policies pushed to it, the evaluator pushes them again (at most once per
     ``repush_interval_s``) and asks once more. Thread-safe.
 
-    The calls are blocking: in an event loop, each decision waits for the server (a local
-    OPA answers in about a millisecond; an unreachable one costs up to ``timeout_s``).
+    :meth:`decide` blocks its thread for the call; in an event loop use :meth:`adecide`,
+    which queries through an aiohttp session of that loop, so other requests go on while a
+    decision waits for the server (an unreachable one costs up to ``timeout_s``).
 
     Args:
         url: the server's base URL, ``http(s)://host[:port]`` (port 8181 when omitted).
@@ -98,6 +101,7 @@ class OpaServerEvaluator:
         self._timeout_s = timeout_s
         self._local = threading.local()
         self._clients: list[Any] = []
+        self._async_clients: dict[int, Any] = {}  # id(event loop) -> its AsyncOpaClient
         self._clients_lock = threading.Lock()
         self._push_lock = threading.Lock()
         self._pushed_at = 0.0
@@ -125,6 +129,25 @@ class OpaServerEvaluator:
         except Exception as error:  # fail closed, whatever went wrong
             return evaluation_failed("opa", self.rule, request, error)
 
+    async def adecide(self, request: AccessRequest) -> Decision:
+        """:meth:`decide` without blocking the event loop; a failure denies (fail closed)."""
+        try:
+            client = self._async_client()
+            document = request.to_input()
+            result = await self._aquery(client, document)
+            if result is None and self.push and await asyncio.to_thread(self._repush_here):
+                result = await self._aquery(client, document)
+            return parse_decision(result)
+        except Exception as error:  # fail closed, whatever went wrong
+            return evaluation_failed("opa", self.rule, request, error)
+
+    async def aclose(self) -> None:
+        """Close the running loop's async session, then every thread's HTTP session."""
+        client = self._async_clients.pop(id(asyncio.get_running_loop()), None)
+        if client is not None:
+            await client.close_connection()
+        self.close()
+
     def close(self) -> None:
         """Close every thread's HTTP session."""
         with self._clients_lock:
@@ -148,6 +171,30 @@ class OpaServerEvaluator:
             with self._clients_lock:
                 self._clients.append(client)
         return client
+
+    def _async_client(self) -> Any:
+        loop_id = id(asyncio.get_running_loop())
+        client = self._async_clients.get(loop_id)
+        if client is None:
+            client = AsyncOpaClient(
+                host=self._host,
+                port=self._port,
+                ssl=self._tls,
+                token=self._token,
+                timeout=self._timeout_s,
+                retries=0,
+            )
+            self._async_clients[loop_id] = client
+        return client
+
+    async def _aquery(self, client: Any, document: dict[str, Any]) -> Any:
+        if client._session is None:  # opened lazily, inside the loop that uses it
+            await client._init_session()
+        answer = await client.query_rule(document, self._package, self._rule_name)
+        return answer.get("result") if isinstance(answer, dict) else None
+
+    def _repush_here(self) -> bool:
+        return self._repush(self._client())
 
     def _query(self, client: Any, document: dict[str, Any]) -> Any:
         answer = client.query_rule(document, self._package, self._rule_name)

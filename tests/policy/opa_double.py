@@ -18,6 +18,7 @@ import queue
 import re
 import socket
 import threading
+import time
 from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -40,6 +41,7 @@ class OpaDouble:
         self.policies: dict[str, str] = {}
         self.data: dict[str, Any] = {}
         self.requests: list[tuple[str, str, str | None]] = []
+        self.delay_s = 0.0  # how long each decision takes, as a slow or distant server's
         self._lock = threading.Lock()
         self._version = 0
         # regorus engines are bound to the thread that makes them and must be dropped there
@@ -64,7 +66,7 @@ class OpaDouble:
 
         self._worker = threading.Thread(target=self._work, daemon=True)
         self._worker.start()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -184,6 +186,10 @@ class OpaDouble:
         return engine
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # many callers at once, as a gateway under load (default 5)
+
+
 class _Handler(BaseHTTPRequestHandler):
     opa: OpaDouble
     protocol_version = "HTTP/1.1"
@@ -258,6 +264,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, AttributeError) as error:
             self._json(400, {"code": "invalid_parameter", "message": str(error)})
             return
+        time.sleep(self.opa.delay_s)
         try:
             result = self.opa.evaluate(rest, document)
         except RuntimeError as error:

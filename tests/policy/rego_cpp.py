@@ -35,7 +35,13 @@ class RegoCppEvaluator:
         output = self._interpreter.query_bundle_entrypoint(self._bundle, self._entrypoint)
         return parse_decision(_expression(str(output)))
 
+    async def adecide(self, request: AccessRequest) -> Decision:
+        return self.decide(request)
+
     def close(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
         pass
 
 

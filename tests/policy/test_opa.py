@@ -4,6 +4,7 @@ settings that choose it."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Iterator
@@ -15,11 +16,14 @@ from pydantic import ValidationError
 from services.gateway.settings import GatewaySettings
 from shared.policy import (
     FAILED,
+    AccessRequest,
     EmbeddedEvaluator,
     PolicyBundle,
     PolicyEngine,
     PolicyError,
     PolicySettings,
+    Resource,
+    Subject,
     load_evaluator,
 )
 from shared.policy.opa import OpaServerEvaluator
@@ -167,3 +171,50 @@ def test_opa_needs_a_url(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings(GatewaySettings)
     assert (settings.policy.engine, settings.policy.opa_url) == ("opa", "https://opa.internal")
     assert settings.policy_dir.name == "policies"  # MESHLLM_POLICY_DIR is another setting
+
+
+async def test_decisions_in_an_event_loop_do_not_block_it(server: OpaDouble) -> None:
+    """Ten decisions from a slow OPA (0.2 s each) overlap, and the loop keeps running
+    meanwhile: a blocking call per decision would take 2 s and freeze everything else."""
+    evaluator = OpaServerEvaluator(server.url, bundle())
+    server.delay_s = 0.2
+    gaps: list[float] = []
+
+    async def heartbeat() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    beating = asyncio.create_task(heartbeat())
+    try:
+        request = AccessRequest(
+            subject=Subject("key:a", "acme", ("analyst",)),
+            action="read",
+            resource=Resource("kb_collection", "acme", "handbook", None),
+        )
+        started = time.monotonic()
+        decisions = await asyncio.gather(*(evaluator.adecide(request) for _ in range(10)))
+        took = time.monotonic() - started
+    finally:
+        beating.cancel()
+        await evaluator.aclose()
+    assert all(decision.allow for decision in decisions)
+    assert took < 1.0, took
+    assert max(gaps) < 0.15, max(gaps)
+
+
+async def test_an_unreachable_server_denies_in_the_loop_too(server: OpaDouble) -> None:
+    evaluator = OpaServerEvaluator(server.url, bundle(), timeout_s=0.5)
+    server.stop()
+    request = AccessRequest(
+        subject=Subject("key:a", "acme", ("admin",)),
+        action="read",
+        resource=Resource("kb_collection", "acme", "handbook", None),
+    )
+    decision = await evaluator.adecide(request)
+    await evaluator.aclose()
+    assert not decision.allow
+    assert decision.reasons[0].startswith("policy evaluation failed")
