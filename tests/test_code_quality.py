@@ -79,3 +79,22 @@ def test_settings_and_the_engine_contract_do_not_load_torch() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_topics_are_named_only_through_the_registry() -> None:
+    """A topic's name is written once, in shared/topics.py; code elsewhere uses its constant."""
+    from shared.topics import REGISTRY
+
+    names = {topic.name for topic in REGISTRY} | {f"{topic.name}.dlq" for topic in REGISTRY}
+    found = []
+    for folder in ("services", "shared", "meshllm"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path == ROOT / "shared" / "topics.py" or "events/v1" in path.as_posix():
+                continue
+            text = path.read_text()
+            found += [
+                f"{path.relative_to(ROOT)}: {name}"
+                for name in names
+                if f'"{name}"' in text or f"'{name}'" in text
+            ]
+    assert not found, "\n".join(found)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from shared.bus import Waiting
+from shared.topics import REQUESTS_HIGH, REQUESTS_LOW, REQUESTS_NORMAL
 
-RANK = {"llm.requests.high": 2, "llm.requests.normal": 1, "llm.requests.low": 0}
+RANK = {REQUESTS_HIGH.name: 2, REQUESTS_NORMAL.name: 1, REQUESTS_LOW.name: 0}
 
 
 def priority_with_aging(aging_s: float) -> Callable[[Sequence[Waiting]], Waiting]:
