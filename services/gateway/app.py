@@ -392,7 +392,7 @@ class Gateway:
             ) from published
         if isinstance(recorded, BaseException):
             self._cancel(admitted, "audit record not durable")
-            raise _audit_failure(recorded)
+            raise _audit_failure(recorded, admitted.request_id)
 
     async def _final(self, admitted: Admitted, pending: Pending, request: Request) -> ev.FinalReply:
         """Wait for the final reply; 504 at the deadline; cancel when the caller leaves."""
@@ -403,6 +403,7 @@ class Gateway:
                     item = await self._next(admitted, pending, disconnected)
                 except (GatewayTimeout, ClientClosed) as error:
                     self._spawn(self._audit_response(admitted, None, error.status, error.message))
+                    error.request_id = admitted.request_id  # type: ignore[attr-defined]
                     raise
                 if isinstance(item, ev.FinalReply):
                     return item
@@ -445,8 +446,9 @@ class Gateway:
             else:
                 await self._audit_response(admitted, reply, 200, None)
         except AuditUnavailable as error:
-            raise _audit_failure(error) from error
+            raise _audit_failure(error, admitted.request_id) from error
         if failure is not None:
+            failure.request_id = admitted.request_id  # type: ignore[attr-defined]
             raise failure
         if admitted.kind == "embedding":
             return embeddings_body(reply)
@@ -625,10 +627,12 @@ class Gateway:
 # --------------------------------------------------------------------------- helpers
 
 
-def _audit_failure(error: BaseException) -> ServiceUnavailableError:
-    return ServiceUnavailableError(
+def _audit_failure(error: BaseException, request_id: str = "") -> ServiceUnavailableError:
+    failure = ServiceUnavailableError(
         f"the answer is withheld because its audit record could not be stored ({error})"
     )
+    failure.request_id = request_id  # type: ignore[attr-defined]
+    return failure
 
 
 def _diverged(item: Diverged) -> StreamDiverged:
@@ -748,6 +752,9 @@ async def _error_response(request: Request, error: Exception) -> Response:
     trace_id = getattr(error, "trace_id", None)
     if trace_id:
         headers["x-trace-id"] = trace_id
+    request_id = getattr(error, "request_id", None)
+    if request_id:  # an admitted request's error names it, as its answer would
+        headers["x-request-id"] = request_id
     return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
 
 
