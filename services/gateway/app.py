@@ -403,7 +403,7 @@ class Gateway:
                     item = await self._next(admitted, pending, disconnected)
                 except (GatewayTimeout, ClientClosed) as error:
                     self._spawn(self._audit_response(admitted, None, error.status, error.message))
-                    error.request_id = admitted.request_id  # type: ignore[attr-defined]
+                    error.request_id = admitted.request_id  # type: ignore[union-attr]
                     raise
                 if isinstance(item, ev.FinalReply):
                     return item
