@@ -493,7 +493,7 @@ class Gateway:
                     yield _sse(await self._interrupted(admitted, item, shown, failed))
                     return
                 try:  # the end of the answer goes out only once its audit record is durable
-                    await self._audit_response(admitted, item, 200, None)
+                    await self._shielded(self._audit_response(admitted, item, 200, None))
                 except AuditUnavailable as failure:
                     yield _sse(_audit_failure(failure).to_dict())
                     return
@@ -516,7 +516,9 @@ class Gateway:
     ) -> dict[str, Any]:
         """Record a stream that ends without its answer; returns the error event to send."""
         try:
-            await self._audit_response(admitted, reply, error.status, error.message, shown)
+            await self._shielded(
+                self._audit_response(admitted, reply, error.status, error.message, shown)
+            )
         except AuditUnavailable as failure:
             return _audit_failure(failure).to_dict()
         return error.to_dict()
@@ -539,6 +541,13 @@ class Gateway:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _shielded(self, work: Any) -> Any:
+        """Await ``work``, which a caller hanging up meanwhile does not cancel (a record
+        being written is finished even when nobody waits for the answer any more)."""
+        task = asyncio.ensure_future(work)
+        self._spawn(task)  # held until done
+        return await asyncio.shield(task)
 
     def _check_rag(self, principal: Principal, rag: RagRequest, request_id: str) -> None:
         """403 unless the caller may read every collection the request names."""
