@@ -257,7 +257,7 @@ async def test_router_killed_with_requests_queued_loses_and_repeats_nothing(mesh
     received: list[list[str]] = [[] for _ in prompts]
     answers = asyncio.gather(*(ask(p, r) for p, r in zip(prompts, received, strict=True)))
     started = time.monotonic()
-    while not any(received) and time.monotonic() - started < 60:
+    while not any("".join(r) for r in received) and time.monotonic() - started < 60:
         await asyncio.sleep(0.005)
     router = mesh.services["router"]
     await router.stop(signal.SIGKILL)  # streams mid-way, the rest queued
