@@ -303,6 +303,31 @@ async def test_when_kafka_does_not_take_the_records_they_are_spooled(mesh: Mesh)
     assert partial.choices[0].finish_reason == "interrupted"
 
 
+class SilentBroker:
+    """A publisher whose sends are never acked (a broker that stopped answering)."""
+
+    async def enqueue(self, *args: Any, **kwargs: Any) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().create_future()
+
+
+async def test_a_record_being_written_is_finished_when_the_caller_hangs_up(mesh: Mesh) -> None:
+    mesh.gateway.audit.publisher = SilentBroker()  # type: ignore[assignment]
+    # all the text arrives, then the caller leaves while the response's record is in the works
+    seen = await stream(mesh, chat(max_tokens=6), stop_after=6)
+    assert not seen.done
+
+    def spooled() -> ev.AuditEvent | None:
+        for _, _, event in mesh.gateway.audit.spool.records():
+            if event.request_id == seen.request_id and event.WhichOneof("record") == "response":
+                return event
+        return None
+
+    record = await poll_until(spooled, message="the response's record spooled")
+    assert isinstance(record, ev.AuditEvent)
+    assert record.response.status_code == 200
+    assert record.response.choices[0].text == seen.text[0] == words(6)
+
+
 async def test_a_strict_tenant_gets_the_answer_only_once_its_record_is_durable(
     mesh: Mesh,
 ) -> None:
