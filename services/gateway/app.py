@@ -31,7 +31,7 @@ from services.gateway.kb_routes import KbRoutes
 from services.gateway.limits import ConcurrencyLimiter, Limit, LocalRateLimiter
 from services.gateway.policy import Action, Policy, PolicyRequest
 from services.gateway.rag import RagRequest, parse_rag
-from services.gateway.relay import Pending, ReplyRelay
+from services.gateway.relay import Delta, Diverged, Pending, Relayed, ReplyRelay
 from services.gateway.responses import ReplyError, ResponseBuilder, embeddings_body
 from services.gateway.settings import GatewaySettings
 from shared.bus import Publisher
@@ -112,6 +112,13 @@ class ClientClosed(OpenAIError):
 class GatewayTimeout(OpenAIError):
     status = 504
     error_type = "timeout"
+
+
+class StreamDiverged(OpenAIError):
+    """A re-run after a failure mid-stream did not repeat the text already sent."""
+
+    status = 502
+    error_type = "server_error"
 
 
 @dataclass
@@ -226,7 +233,8 @@ class Gateway:
         if not self.concurrency.try_acquire(key_id, principal.tenant):
             self.rate_limiter.settle(key_id, principal.tenant, admitted.estimated_tokens, 0)
             raise RateLimited("too many concurrent requests for this key or tenant", 1)
-        pending = self.relay.open(admitted.request_id)
+        strict = admitted.principal.tenant in self.settings.audit.strict_tenants
+        pending = self.relay.open(admitted.request_id, stream=admitted.event.stream and not strict)
         try:
             await self._publish(admitted, request)
         except BaseException:
@@ -234,19 +242,22 @@ class Gateway:
             # never sent: give back what the rate limiter charged for it
             self.rate_limiter.settle(key_id, principal.tenant, admitted.estimated_tokens, 0)
             raise
-        if admitted.event.stream:
+        sse_headers = {"cache-control": "no-cache", "x-request-id": admitted.request_id}
+        if pending.stream:
             return StreamingResponse(
                 self._stream(admitted, pending, body),
                 media_type="text/event-stream",
-                headers={"cache-control": "no-cache", "x-request-id": admitted.request_id},
+                headers=sse_headers,
             )
         try:
             reply = await self._final(admitted, pending, request)
         finally:
             self._release(admitted, pending)
-        return JSONResponse(
-            await self._whole(admitted, reply), headers={"x-request-id": admitted.request_id}
-        )
+        whole = await self._whole(admitted, reply)
+        if admitted.event.stream:  # a strict tenant's stream: sent once its record is durable
+            chunks = _strict_stream(admitted, reply, body)
+            return StreamingResponse(chunks, media_type="text/event-stream", headers=sse_headers)
+        return JSONResponse(whole, headers={"x-request-id": admitted.request_id})
 
     async def _read_json(self, request: Request) -> Any:
         limit = self.settings.limits.max_body_bytes
@@ -385,22 +396,33 @@ class Gateway:
             ) from published
         if isinstance(recorded, BaseException):
             self._cancel(admitted, "audit record not durable")
-            raise _audit_failure(recorded)
+            raise _audit_failure(recorded, admitted.request_id)
 
     async def _final(self, admitted: Admitted, pending: Pending, request: Request) -> ev.FinalReply:
         """Wait for the final reply; 504 at the deadline; cancel when the caller leaves."""
         disconnected = asyncio.ensure_future(_disconnect(request))
         try:
             while True:
-                reply = await self._next(admitted, pending, disconnected)
-                if isinstance(reply, ev.FinalReply):
-                    return reply
+                try:
+                    item = await self._next(admitted, pending, disconnected)
+                except (GatewayTimeout, ClientClosed) as error:
+                    self._spawn(self._audit_response(admitted, None, error.status, error.message))
+                    error.request_id = admitted.request_id  # type: ignore[union-attr]
+                    raise
+                if isinstance(item, ev.FinalReply):
+                    return item
         finally:
             disconnected.cancel()
 
     async def _next(
         self, admitted: Admitted, pending: Pending, disconnected: asyncio.Future[None] | None
-    ) -> ev.ReplyChunk | ev.FinalReply:
+    ) -> Relayed:
+        """The next item of the relay; cancels the request downstream when it raises.
+
+        Raises:
+            ClientClosed: ``disconnected`` completed first.
+            GatewayTimeout: the request's deadline passed.
+        """
         remaining = self.settings.request_timeout_s - (time.monotonic() - admitted.started)
         getter = asyncio.ensure_future(pending.queue.get())
         waiting: set[asyncio.Future[Any]] = {getter}
@@ -414,10 +436,8 @@ class Gateway:
         getter.cancel()
         if disconnected is not None and disconnected in done:
             self._cancel(admitted, "client disconnected")
-            self._spawn(self._audit_response(admitted, None, 499, "client disconnected"))
             raise ClientClosed("the client disconnected before the reply")
         self._cancel(admitted, "deadline exceeded")
-        self._spawn(self._audit_response(admitted, None, 504, "deadline exceeded"))
         raise GatewayTimeout(
             f"no reply within {self.settings.request_timeout_s:g} s", None, "deadline_exceeded"
         )
@@ -430,8 +450,9 @@ class Gateway:
             else:
                 await self._audit_response(admitted, reply, 200, None)
         except AuditUnavailable as error:
-            raise _audit_failure(error) from error
+            raise _audit_failure(error, admitted.request_id) from error
         if failure is not None:
+            failure.request_id = admitted.request_id  # type: ignore[attr-defined]
             raise failure
         if admitted.kind == "embedding":
             return embeddings_body(reply)
@@ -440,47 +461,71 @@ class Gateway:
         )
 
     async def _stream(self, admitted: Admitted, pending: Pending, body: Any) -> AsyncIterator[str]:
+        """The answer as SSE while it is made (the request's record is durable already).
+
+        Content goes out as the relay hands it over; the end (finish reasons, usage,
+        ``[DONE]``) only once the response's record, holding the whole text, is durable.
+        A stream that ends any other way ends with an error event and no ``[DONE]``, and
+        its response record holds exactly the text the client was sent.
+        """
         builder = ResponseBuilder(admitted.kind, admitted.request_id, admitted.event.model)
-        options = body.get("stream_options") or {}
-        finished = False
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        shown: dict[int, str] = {}
+        ended = False
         try:
             if admitted.kind == "chat":
                 for index in range(admitted.event.sampling.n or 1):
                     yield _sse(builder.chunk(index, ""))
             while True:
                 try:
-                    reply = await self._next(admitted, pending, None)
-                except OpenAIError as error:
-                    finished = True
-                    yield _sse(error.to_dict())
+                    item = await self._next(admitted, pending, None)
+                except GatewayTimeout as error:
+                    ended = True
+                    yield _sse(await self._interrupted(admitted, None, shown, error))
                     return
-                if isinstance(reply, ev.ReplyChunk):
-                    yield _sse(builder.chunk(reply.choice_index, reply.delta))
+                if isinstance(item, Delta):
+                    shown[item.choice_index] = shown.get(item.choice_index, "") + item.text
+                    yield _sse(builder.chunk(item.choice_index, item.text))
                     continue
-                finished = True
-                if reply.HasField("error"):
-                    failure = ReplyError(reply.error)
-                    await self._audit_response(admitted, reply, failure.status, reply.error.message)
-                    yield _sse(failure.to_dict())
+                ended = True
+                if isinstance(item, Diverged):
+                    self._cancel(admitted, "the re-run diverged from the text already sent")
+                    yield _sse(await self._interrupted(admitted, None, shown, _diverged(item)))
+                    return
+                if item.HasField("error"):
+                    failed = ReplyError(item.error)
+                    yield _sse(await self._interrupted(admitted, item, shown, failed))
                     return
                 try:  # the end of the answer goes out only once its audit record is durable
-                    await self._audit_response(admitted, reply, 200, None)
-                except AuditUnavailable as error:
-                    yield _sse(_audit_failure(error).to_dict())
+                    await self._shielded(self._audit_response(admitted, item, 200, None))
+                except AuditUnavailable as failure:
+                    yield _sse(_audit_failure(failure).to_dict())
                     return
-                for choice in reply.choices:
-                    yield _sse(builder.chunk(choice.index, None, choice.finish_reason or "stop"))
-                if reply.citations:
-                    yield _sse(builder.citations_chunk(reply))
-                if options.get("include_usage"):
-                    yield _sse(builder.usage_chunk(reply))
+                for payload in builder.ending(item, include_usage=include_usage):
+                    yield _sse(payload)
                 yield "data: [DONE]\n\n"
                 return
         finally:
-            if not finished:  # the caller went away mid-stream
+            if not ended:  # the caller went away mid-stream
                 self._cancel(admitted, "client disconnected")
-                self._spawn(self._audit_response(admitted, None, 499, "client disconnected"))
+                self._spawn(self._audit_response(admitted, None, 499, "client disconnected", shown))
             self._release(admitted, pending)
+
+    async def _interrupted(
+        self,
+        admitted: Admitted,
+        reply: ev.FinalReply | None,
+        shown: dict[int, str],
+        error: OpenAIError,
+    ) -> dict[str, Any]:
+        """Record a stream that ends without its answer; returns the error event to send."""
+        try:
+            await self._shielded(
+                self._audit_response(admitted, reply, error.status, error.message, shown)
+            )
+        except AuditUnavailable as failure:
+            return _audit_failure(failure).to_dict()
+        return error.to_dict()
 
     # ----------------------------------------------------------------- bookkeeping
 
@@ -500,6 +545,13 @@ class Gateway:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _shielded(self, work: Any) -> Any:
+        """Await ``work``, which a caller hanging up meanwhile does not cancel (a record
+        being written is finished even when nobody waits for the answer any more)."""
+        task = asyncio.ensure_future(work)
+        self._spawn(task)  # held until done
+        return await asyncio.shield(task)
 
     def _check_rag(self, principal: Principal, rag: RagRequest, request_id: str) -> None:
         """403 unless the caller may read every collection the request names."""
@@ -546,9 +598,18 @@ class Gateway:
         self._spawn(self.audit.record(event, key=request_id, tenant=principal.tenant))
 
     async def _audit_response(
-        self, admitted: Admitted, reply: ev.FinalReply | None, status: int, error: str | None
+        self,
+        admitted: Admitted,
+        reply: ev.FinalReply | None,
+        status: int,
+        error: str | None,
+        shown: dict[int, str] | None = None,
     ) -> None:
-        """Record the response; returns once the record is durable (raises AuditUnavailable)."""
+        """Record the response; returns once the record is durable (raises AuditUnavailable).
+
+        ``shown`` is the text a stream that ended early had sent (its choices are recorded
+        with finish reason ``interrupted``).
+        """
         actual = 0
         event = ev.AuditEvent(
             request_id=admitted.request_id,
@@ -570,6 +631,9 @@ class Gateway:
                 record.error.CopyFrom(reply.error)
         elif error:
             record.error.message = error
+        if shown and not record.choices:
+            for index, text in sorted(shown.items()):
+                record.choices.add(index=index, text=text, finish_reason="interrupted")
         self.rate_limiter.settle(
             _limit_key(admitted.principal),
             admitted.principal.tenant,
@@ -582,10 +646,42 @@ class Gateway:
 # --------------------------------------------------------------------------- helpers
 
 
-def _audit_failure(error: BaseException) -> ServiceUnavailableError:
-    return ServiceUnavailableError(
+def _audit_failure(error: BaseException, request_id: str = "") -> ServiceUnavailableError:
+    failure = ServiceUnavailableError(
         f"the answer is withheld because its audit record could not be stored ({error})"
     )
+    failure.request_id = request_id  # type: ignore[attr-defined]
+    return failure
+
+
+def _diverged(item: Diverged) -> StreamDiverged:
+    log.warning(
+        "a re-run diverged from the streamed text; the stream ends",
+        choice=item.choice_index,
+        sent_chars=len(item.sent),
+    )
+    return StreamDiverged(
+        "the answer was interrupted: a replica failed mid-stream and its re-run did not "
+        "repeat the text already sent; discard the partial answer and retry",
+        None,
+        "stream_diverged",
+    )
+
+
+async def _strict_stream(
+    admitted: Admitted, reply: ev.FinalReply, body: dict[str, Any]
+) -> AsyncIterator[str]:
+    """A strict tenant's stream: the whole answer at once, after its record is durable."""
+    builder = ResponseBuilder(admitted.kind, admitted.request_id, admitted.event.model)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    for choice in reply.choices:
+        if admitted.kind == "chat":
+            yield _sse(builder.chunk(choice.index, ""))
+        if choice.text:
+            yield _sse(builder.chunk(choice.index, choice.text))
+    for payload in builder.ending(reply, include_usage=include_usage):
+        yield _sse(payload)
+    yield "data: [DONE]\n\n"
 
 
 def _limit_key(principal: Principal) -> str:
@@ -676,6 +772,9 @@ async def _error_response(request: Request, error: Exception) -> Response:
     trace_id = getattr(error, "trace_id", None)
     if trace_id:
         headers["x-trace-id"] = trace_id
+    request_id = getattr(error, "request_id", None)
+    if request_id:  # an admitted request's error names it, as its answer would
+        headers["x-request-id"] = request_id
     return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
 
 

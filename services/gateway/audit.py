@@ -58,6 +58,11 @@ class AuditSettings(BaseModel):
     replay_every_s: float = Field(
         2.0, gt=0, le=600, description="How often a non-empty spool is replayed to Kafka."
     )
+    strict_tenants: list[str] = Field(
+        default_factory=list,
+        description="Tenants whose streamed answers are held back whole until the response's "
+        "record is durable (their clients then get the answer in one burst, or a 503).",
+    )
     service_url: str = Field(
         "http://127.0.0.1:8090",
         description="The audit service's query API, which /v1/audit/* forwards to.",

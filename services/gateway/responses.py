@@ -106,6 +106,15 @@ class ResponseBuilder:
             "choices": [choice],
         }
 
+    def ending(self, reply: ev.FinalReply, *, include_usage: bool) -> list[dict[str, Any]]:
+        """The chunks that end a stream before ``[DONE]``: finish reasons, sources, usage."""
+        chunks = [self.chunk(c.index, None, c.finish_reason or "stop") for c in reply.choices]
+        if reply.citations:
+            chunks.append(self.citations_chunk(reply))
+        if include_usage:
+            chunks.append(self.usage_chunk(reply))
+        return chunks
+
     def usage_chunk(self, reply: ev.FinalReply) -> dict[str, Any]:
         return {
             "id": self.id,

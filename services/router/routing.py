@@ -2,10 +2,13 @@
 
 Replies go to the request's ``reply_topic``, keyed by request id (one partition, in
 order): a :class:`ReplyChunk` per piece of text when the caller streams, then always
-one :class:`FinalReply`. A replica that fails is retried once on another replica of
-the pool; a redelivered request (after a router crash) runs again from the start, and
-the gateway drops the chunks it already relayed by their sequence numbers. Requests
-without a seed get one derived from their id, so a rerun samples the same text.
+one :class:`FinalReply`. A replica that fails (before or during its stream) is retried
+once on another replica of the pool; a redelivered request (after a router crash) runs
+again from the start. Each run names itself in its chunks (``run``) and numbers them
+from 0; the gateway continues a client's stream with a new run only while its text
+repeats what the client already has, and ends the stream with an error where it does
+not (see ``services/gateway/relay.py``). Requests without a seed get one derived from
+their id, so a re-run on the same engine samples the same text.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import collections
 import hashlib
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -307,6 +311,7 @@ class Router:
         self, request: ev.InferenceRequest, replica: Replica, reply_topic: Topic, outcome: _Outcome
     ) -> None:
         path, body = upstream_body(request)
+        run = uuid.uuid4().hex  # this attempt's chunks, told apart from any other run's
         sequences: dict[int, int] = collections.defaultdict(int)
         finish: dict[int, str] = {}
         end = StreamEnd()
@@ -320,6 +325,7 @@ class Router:
                 if request.stream:
                     chunk = ev.ReplyChunk(
                         request_id=request.request_id,
+                        run=run,
                         choice_index=piece.index,
                         sequence=sequences[piece.index],
                         delta=piece.text,

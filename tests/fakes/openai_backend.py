@@ -36,16 +36,18 @@ class Behaviour:
     fail_status: int | None = None  # answer every request with this status
     break_after: int | None = None  # drop the connection after this many chunks
     reject_message: str = "bad request"
+    words: list[str] = field(default_factory=lambda: list(WORDS))  # the answer cycles these
     calls: int = 0
     cancelled: int = 0
     completed: int = 0
+    in_flight: int = 0  # streams being generated now (a freed slot shows here)
     bodies: list[dict[str, Any]] = field(default_factory=list)
 
 
-def reply_words(body: dict[str, Any]) -> list[str]:
-    """The answer: ``max_tokens`` words (default 8) cycling through a fixed sentence."""
+def reply_words(body: dict[str, Any], words: list[str] = WORDS) -> list[str]:
+    """The answer: ``max_tokens`` words (default 8) cycling through ``words``."""
     count = int(body.get("max_tokens") or 8)
-    return [WORDS[i % len(WORDS)] + " " for i in range(count)]
+    return [words[i % len(words)] + " " for i in range(count)]
 
 
 def build_app(behaviour: Behaviour) -> Starlette:
@@ -59,7 +61,7 @@ def build_app(behaviour: Behaviour) -> Starlette:
                 error = {"message": "replica exploded", "type": "server_error"}
             return JSONResponse({"error": error}, status_code=behaviour.fail_status)
         chat = request.url.path.endswith("/chat/completions")
-        words = reply_words(body)
+        words = reply_words(body, behaviour.words)
         model = str(body.get("model") or "fake")
         n = int(body.get("n") or 1)
         usage = {"prompt_tokens": 5, "completion_tokens": len(words) * n,
@@ -79,6 +81,7 @@ def build_app(behaviour: Behaviour) -> Starlette:
 
         async def events() -> AsyncIterator[str]:
             sent = 0
+            behaviour.in_flight += 1
             try:
                 for position, word in enumerate(words):
                     for index in range(n):
@@ -102,6 +105,8 @@ def build_app(behaviour: Behaviour) -> Starlette:
             except asyncio.CancelledError:
                 behaviour.cancelled += 1
                 raise
+            finally:
+                behaviour.in_flight -= 1
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -27,29 +27,57 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def int8_engine(gguf_model: GgufModel, tokenizer: Tokenizer) -> Iterator[Engine]:
-    engine = Engine(
-        Llama(gguf_model, QuantMode.INT8, keep_source=True),
-        tokenizer,
-        EngineSettings(max_batch=8, max_seq_len=512),
-    )
+@pytest.fixture(scope="module", params=["int8", "auto"], ids=["int8", "int4-default"])
+def quantized_engine(
+    request: pytest.FixtureRequest, gguf_model: GgufModel, tokenizer: Tokenizer
+) -> Iterator[Engine]:
+    """An engine on int8 weights, or on the service's default ("auto": int4 for Q4_1)."""
+    llama = Llama(gguf_model, request.param, keep_source=True)
+    if request.param == "auto":
+        assert llama.quant == QuantMode.INT4  # the bundled file's precision, as served
+    engine = Engine(llama, tokenizer, EngineSettings(max_batch=8, max_seq_len=512))
     engine.start()
     yield engine
     engine.stop()
 
 
-def test_int8_greedy_batched_equals_solo(int8_engine: Engine, tokenizer: Tokenizer) -> None:
+def test_quantized_greedy_batched_equals_solo(
+    quantized_engine: Engine, tokenizer: Tokenizer
+) -> None:
     prompts = [chat_ids(tokenizer, q) for q in QUESTIONS]
     params = SamplingParams(max_tokens=40, temperature=0)
 
     async def solo() -> list[tuple[int, ...]]:
-        return [(await int8_engine.complete(p, params)).token_ids for p in prompts]
+        return [(await quantized_engine.complete(p, params)).token_ids for p in prompts]
 
     async def together() -> list[tuple[int, ...]]:
-        done = await asyncio.gather(*(int8_engine.complete(p, params) for p in prompts))
+        done = await asyncio.gather(*(quantized_engine.complete(p, params) for p in prompts))
         return [c.token_ids for c in done]
 
     alone = asyncio.run(solo())  # the second and later runs also hit the prefix cache
     assert asyncio.run(together()) == alone
+    assert asyncio.run(together()) == alone
+
+
+def test_quantized_seeded_sampling_batched_equals_solo(
+    quantized_engine: Engine, tokenizer: Tokenizer
+) -> None:
+    """A seeded sample repeats among other requests too: what a re-run after a crash needs."""
+    prompts = [chat_ids(tokenizer, q) for q in QUESTIONS[:4]]
+    params = [SamplingParams(max_tokens=24, temperature=0.9, seed=11 + i) for i in range(4)]
+
+    async def solo() -> list[tuple[int, ...]]:
+        return [
+            (await quantized_engine.complete(p, s)).token_ids
+            for p, s in zip(prompts, params, strict=True)
+        ]
+
+    async def together() -> list[tuple[int, ...]]:
+        done = await asyncio.gather(
+            *(quantized_engine.complete(p, s) for p, s in zip(prompts, params, strict=True))
+        )
+        return [c.token_ids for c in done]
+
+    alone = asyncio.run(solo())
+    assert len(set(alone)) == len(alone)  # really sampled: different prompts, different text
     assert asyncio.run(together()) == alone

@@ -291,6 +291,29 @@ async def test_http_chat_completions(deployed: Deployed) -> None:
         assert DEFAULT_MODEL_NAME in [m["id"] for m in models["data"]]
 
 
+async def test_a_caller_that_hangs_up_frees_the_engine_slot(deployed: Deployed) -> None:
+    """The router cancels by closing its stream: the generation stops in the (int4) engine."""
+    status = await deployed.chat.status.remote()
+    assert status["quant"] == "int4"  # the default, as served
+    assert status["active"] == 0
+    url = f"{deployed.url}/v1/chat/completions"
+    body = chat_request("Tell me a long story about dragons.", stream=True, max_tokens=400)
+    async with httpx.AsyncClient(timeout=60) as client:
+        async with client.stream("POST", url, json=body) as streamed:
+            assert streamed.status_code == 200
+            received = 0
+            async for line in streamed.aiter_lines():
+                received += line.startswith("data: ")
+                if received == 4:
+                    break
+        generating = await deployed.chat.status.remote()
+    assert generating["active"] + generating["in_flight"] >= 1  # hung up mid-generation
+    deadline = asyncio.get_running_loop().time() + 15
+    while (status := await deployed.chat.status.remote())["active"] or status["in_flight"]:
+        assert asyncio.get_running_loop().time() < deadline, f"slot still taken: {status}"
+        await asyncio.sleep(0.1)
+
+
 # The hot-update tests change the served version: keep them last.
 
 

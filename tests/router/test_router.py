@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from services.gateway.relay import Delta, ReplyRelay
 from services.router.__main__ import build
 from services.router.pools import Pools
 from services.router.routing import derived_seed, upstream_body
@@ -156,6 +157,40 @@ async def test_a_failed_replica_is_retried_once_on_another(
         assert final.choices[0].text.startswith("the quick")
     assert good.behaviour.calls == 4
     assert broken.behaviour.calls == tried  # cooling down after its failure: passed over
+
+
+async def test_a_replica_dying_mid_stream_is_rerun_on_another_and_relayed_once(
+    kafka_bootstrap: str, tmp_path: Path, mesh: tuple[Bus, Replies]
+) -> None:
+    client, replies = mesh
+    with FakeBackend(free_port()) as dying, FakeBackend(free_port()) as good:
+        dying.behaviour.break_after = 3
+        dying.behaviour.token_delay_s = 0.02
+        async with running_router(kafka_bootstrap, tmp_path, dying.url, good.url):
+            event = request(max_tokens=8)
+            await answered(client, replies, event)
+            await poll_until(lambda: event.request_id in replies.routing, message="routing audit")
+    chunks = replies.chunks[event.request_id]
+    runs = list(dict.fromkeys(c.run for c in chunks))
+    assert len(runs) == 2  # the cut run, then the re-run, each naming itself
+    cut = [c.sequence for c in chunks if c.run == runs[0]]
+    assert cut == [0, 1, 2]  # really cut mid-way
+    assert [c.sequence for c in chunks if c.run == runs[1]] == list(range(8))
+    [final] = replies.finals[event.request_id]
+    assert final.choices[0].text == "the quick brown fox jumps over the lazy "
+    assert replies.routing[event.request_id].attempt == 2
+    assert replies.routing[event.request_id].replica == good.url
+    # what a client is sent from these replies: each token once
+    relay = ReplyRelay()
+    pending = relay.open(event.request_id)
+    for reply in [*chunks, final]:
+        relay.accept(reply)
+    sent = []
+    while not pending.queue.empty():
+        item = pending.queue.get_nowait()
+        if isinstance(item, Delta):
+            sent.append(item.text)
+    assert "".join(sent) == final.choices[0].text
 
 
 async def test_every_replica_failing_is_a_clear_error(

@@ -169,18 +169,20 @@ class InferenceRequest(_message.Message):
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., kind: _Optional[_Union[RequestKind, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., priority: _Optional[_Union[Priority, str]] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., inputs: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stream: _Optional[bool] = ..., reply_topic: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user: _Optional[str] = ..., api_key_id: _Optional[str] = ..., rag_collections: _Optional[_Iterable[str]] = ..., acl_groups: _Optional[_Iterable[str]] = ..., rag_top_k: _Optional[int] = ..., client_user: _Optional[str] = ...) -> None: ...
 
 class ReplyChunk(_message.Message):
-    __slots__ = ("envelope", "request_id", "choice_index", "sequence", "delta")
+    __slots__ = ("envelope", "request_id", "choice_index", "sequence", "delta", "run")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CHOICE_INDEX_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     request_id: str
     choice_index: int
     sequence: int
     delta: str
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., choice_index: _Optional[int] = ..., sequence: _Optional[int] = ..., delta: _Optional[str] = ...) -> None: ...
+    run: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., choice_index: _Optional[int] = ..., sequence: _Optional[int] = ..., delta: _Optional[str] = ..., run: _Optional[str] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("envelope", "request_id", "reason")
