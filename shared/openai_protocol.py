@@ -346,7 +346,7 @@ def _messages(body: dict[str, Any]) -> tuple[dict[str, Any], ...]:
         if not isinstance(message, dict):
             raise invalid_field(f"messages[{index}]", "must be an object with 'role' and 'content'")
         role = message.get("role")
-        if role not in _CHAT_ROLES:
+        if not isinstance(role, str) or role not in _CHAT_ROLES:
             raise invalid_field(
                 f"messages[{index}].role", f"must be one of {', '.join(sorted(_CHAT_ROLES))}"
             )

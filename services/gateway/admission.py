@@ -165,7 +165,9 @@ class Admission:
         requested = body.get("priority")
         if requested is None:
             requested = request.headers.get("x-meshllm-priority")
-        if requested is not None and requested not in PRIORITIES:
+        if requested is not None and (
+            not isinstance(requested, str) or requested not in PRIORITIES
+        ):
             raise invalid_field("priority", "must be one of high, normal, low")
         request_id: str = getattr(request.state, "request_id", None) or uuid.uuid4().hex
         source = request.client.host if request.client else None

@@ -44,6 +44,7 @@ from shared.openai_protocol import (
     OpenAIError,
     RateLimitError,
     ServiceUnavailableError,
+    reject_unknown,
 )
 from shared.topics import CANCELLATIONS
 
@@ -129,6 +130,7 @@ class Gateway:
 
     async def models(self, request: Request) -> Response:
         principal = self._authenticate(request)
+        reject_unknown(request.query_params, (), what="a query parameter here")
         allowed = []
         for name in self.settings.models:
             decision = self.policy.decide(

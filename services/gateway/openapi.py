@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.gateway.audit_routes import MAX_TENANT_LENGTH
+from services.gateway.audit_routes import EVENT_ID, MAX_TENANT_LENGTH, QUERY_PARAMS
 from services.gateway.rag import MAX_COLLECTIONS, MAX_TOP_K
 from services.gateway.settings import GatewaySettings
 from shared import openai_protocol as p
@@ -28,6 +28,12 @@ ERROR_STATUSES = {
     "502": "The model server failed the request.",
     "503": "A service behind the gateway (broker, audit, knowledge base) cannot answer now.",
     "504": "No reply within the request deadline.",
+}
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    "description": "One event: a chunk as JSON in `data`, an error body, or `[DONE]` last.",
 }
 COLLECTION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 AUTH_ONLY = ("400", "401", "403", "404", "408", "413", "429", "500", "503")
@@ -399,7 +405,7 @@ def _generate(summary: str, request: str, response: str) -> dict[str, Any]:
                     "headers": {"x-request-id": {"schema": {"type": "string"}}},
                     "content": {
                         JSON: {"schema": _ref(response)},
-                        "text/event-stream": {"schema": {"type": "string"}},
+                        "text/event-stream": {"schema": SSE_EVENT},
                     },
                 },
                 **_errors(tuple(ERROR_STATUSES)),
@@ -441,25 +447,15 @@ def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def _paths() -> dict[str, Any]:
     tenant = _query("tenant", _text(MAX_TENANT_LENGTH))
-    records = [
-        tenant,
-        *(
-            _query(name)
-            for name in (
-                "api_key_id",
-                "user",
-                "model",
-                "model_version",
-                "request_id",
-                "kind",
-                "since",
-                "until",
-                "cursor",
-                "limit",
-                "order",
-            )
-        ),
-    ]
+
+    def audit(path: str, summary: str) -> dict[str, Any]:
+        names = sorted(QUERY_PARAMS[path] - {"tenant"})
+        event_id = _path("event_id", {"type": "string", "pattern": f"^{EVENT_ID.pattern}$"})
+        path_params = [event_id] if "{event_id}" in path else []
+        return _forwarded(
+            "get", summary, parameters=[*path_params, tenant, *(_query(n) for n in names)]
+        )
+
     collection = _path("collection", {"type": "string", "pattern": COLLECTION_PATTERN})
     document = _path("document_id")
     docs = "/v1/kb/collections/{collection}/documents"
@@ -470,24 +466,26 @@ def _paths() -> dict[str, Any]:
         "/v1/completions": _generate("Text completion", "CompletionRequest", "Completion"),
         "/v1/embeddings": _generate("Embeddings", "EmbeddingRequest", "Embeddings"),
         "/v1/models": _forwarded("get", "The models the caller may use", response="Models"),
-        "/v1/audit/records": _forwarded("get", "Audit records of a tenant", parameters=records),
-        "/v1/audit/records/{event_id}": _forwarded(
-            "get", "One audit record", parameters=[_path("event_id"), tenant]
+        "/v1/audit/records": audit("/v1/audit/records", "Audit records of a tenant"),
+        "/v1/audit/records/{event_id}": audit("/v1/audit/records/{event_id}", "One record"),
+        "/v1/audit/records/{event_id}/proof": audit(
+            "/v1/audit/records/{event_id}/proof", "Inclusion proof of a record"
         ),
-        "/v1/audit/records/{event_id}/proof": _forwarded(
-            "get",
-            "Inclusion proof of a record",
-            parameters=[_path("event_id"), tenant, _query("tree_size")],
-        ),
-        "/v1/audit/checkpoints": _forwarded("get", "Signed checkpoints"),
-        "/v1/audit/consistency": _forwarded(
-            "get", "Consistency proof", parameters=[_query("first"), _query("second")]
-        ),
-        "/v1/audit/public-key": _forwarded("get", "The checkpoint signing key"),
+        "/v1/audit/checkpoints": audit("/v1/audit/checkpoints", "Signed checkpoints"),
+        "/v1/audit/consistency": audit("/v1/audit/consistency", "Consistency proof"),
+        "/v1/audit/public-key": audit("/v1/audit/public-key", "The checkpoint signing key"),
         "/v1/kb/search": _forwarded("post", "Search the knowledge base", body="KbSearchRequest"),
         "/v1/kb/collections": _forwarded("get", "Collections of the caller's tenant"),
         docs: {
-            **_forwarded("get", "Documents of a collection", parameters=[collection]),
+            **_forwarded(
+                "get",
+                "Documents of a collection",
+                parameters=[
+                    collection,
+                    _query("after"),
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+                ],
+            ),
             **_forwarded(
                 "post",
                 "Add or replace a document",

@@ -36,15 +36,19 @@ class Behaviour:
     fail_status: int | None = None  # answer every request with this status
     break_after: int | None = None  # drop the connection after this many chunks
     reject_message: str = "bad request"
+    max_words: int | None = None  # answer with at most this many words, whatever max_tokens
     calls: int = 0
     cancelled: int = 0
     completed: int = 0
     bodies: list[dict[str, Any]] = field(default_factory=list)
 
 
-def reply_words(body: dict[str, Any]) -> list[str]:
-    """The answer: ``max_tokens`` words (default 8) cycling through a fixed sentence."""
+def reply_words(body: dict[str, Any], max_words: int | None = None) -> list[str]:
+    """The answer: ``max_tokens`` words (default 8, at most ``max_words``) cycling through a
+    fixed sentence."""
     count = int(body.get("max_tokens") or 8)
+    if max_words is not None:
+        count = min(count, max_words)
     return [WORDS[i % len(WORDS)] + " " for i in range(count)]
 
 
@@ -59,7 +63,7 @@ def build_app(behaviour: Behaviour) -> Starlette:
                 error = {"message": "replica exploded", "type": "server_error"}
             return JSONResponse({"error": error}, status_code=behaviour.fail_status)
         chat = request.url.path.endswith("/chat/completions")
-        words = reply_words(body)
+        words = reply_words(body, behaviour.max_words)
         model = str(body.get("model") or "fake")
         n = int(body.get("n") or 1)
         usage = {"prompt_tokens": 5, "completion_tokens": len(words) * n,

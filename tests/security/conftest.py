@@ -4,7 +4,10 @@ The gateway is built as its process builds it (``build_gateway``: real API keys,
 limits, audit recorder) and served by uvicorn on a free port, so requests cross real HTTP.
 Requests it admits travel over the broker to the real router, which answers them from the
 fake OpenAI backend of ``tests/fakes`` (a test double for the inference service, whose own
-tests run the real model).
+tests run the real model). The audit and retrieval services behind ``/v1/audit/*`` and
+``/v1/kb/*`` are a stub that answers every call with an empty JSON object: these tests are
+about the gateway's own checks (the services' real answers are tested end to end in
+``tests/e2e``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from services.gateway.__main__ import build_gateway
 from services.gateway.app import Gateway
@@ -44,6 +51,8 @@ class Edge:
     keys: dict[str, str]
     keys_db: Path
     fake: FakeBackend
+    services_url: str
+    """Where the stub of the audit and retrieval services listens."""
 
     def new_key(self, roles: tuple[str, ...] = ("user",)) -> tuple[str, str]:
         """A fresh key (id, secret) allowed KEY_RPM requests and KEY_TPM tokens a minute."""
@@ -76,7 +85,10 @@ async def edge(
             "auditor": store.create(TENANT, ["auditor"])[1],
             "developer": store.create(TENANT, ["developer"])[1],
         }
-    unreachable = f"http://127.0.0.1:{free_port()}"  # the audit and retrieval services
+    services = HttpApi(_services_stub(), name="services stub", host="127.0.0.1", port=0,
+                       settings_hint="-")  # fmt: skip
+    stub = asyncio.create_task(services.serve())
+    await poll_until(lambda: services.started, 30, message="services stub listening")
     settings = GatewaySettings(
         kafka={"bootstrap": kafka_bootstrap},
         data_dir=data,
@@ -84,8 +96,8 @@ async def edge(
         limits={"body_timeout_s": BODY_TIMEOUT_S, "default_rpm": 100_000,
                 "default_tpm": 100_000_000, "tenant_rpm": 1_000_000,
                 "tenant_tpm": 1_000_000_000},
-        audit={"service_url": unreachable},
-        kb={"service_url": unreachable},
+        audit={"service_url": services.url},
+        kb={"service_url": services.url},
     )  # fmt: skip
     with FakeBackend(free_port()) as fake:
         router_settings = RouterSettings(
@@ -93,6 +105,7 @@ async def edge(
             data_dir=data,
             pools=[PoolConfig(name="cpu", replicas=[fake.url])],
             replica_cooldown_s=1,
+            rag={"retrieval_url": services.url},
         )
         router_bus = Bus(router_settings, service="router")
         await build_router(router_settings, router_bus, HealthState(service="router"))
@@ -106,10 +119,19 @@ async def edge(
         try:
             await poll_until(lambda: bus.ready and router_bus.ready, 60, message="buses ready")
             await poll_until(lambda: server.started, 30, message="gateway listening")
-            yield Edge(server.url, gateway, keys, keys_db, fake)
+            yield Edge(server.url, gateway, keys, keys_db, fake, services.url)
         finally:
             serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
+            stub.cancel()
+            await asyncio.gather(serving, stub, return_exceptions=True)
             await gateway.audit.stop()
             await bus.stop()
             await router_bus.stop()
+
+
+def _services_stub() -> Starlette:
+    async def answer(request: Request) -> Response:
+        # a search finds nothing; every other call gets an empty object
+        return JSONResponse({"hits": []} if request.url.path == "/v1/kb/search" else {})
+
+    return Starlette(routes=[Route("/{path:path}", answer, methods=["GET", "POST", "DELETE"])])

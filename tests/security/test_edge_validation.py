@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from services.gateway.responses import ReplyError
+from shared.bus.embedded import free_port
 from shared.events.v1 import events_pb2 as ev
 from tests.security.conftest import BODY_TIMEOUT_S, MODEL, Edge
 
@@ -94,6 +95,8 @@ BAD_FIELDS: list[tuple[str, dict[str, Any], str]] = [
     ("chat/completions", {"ignore_eos": "yes"}, "ignore_eos"),
     ("chat/completions", {"max_tokens_cap": 6}, "max_tokens_cap"),
     ("chat/completions", {"priority": "urgent"}, "priority"),
+    ("chat/completions", {"priority": {"high": 1}}, "priority"),
+    ("chat/completions", {"messages": [{"role": {}, "content": "x"}]}, "messages[0].role"),
     ("chat/completions", {"presence_penalty": 0.5}, "presence_penalty"),
     ("chat/completions", {"frequency_penalty": False}, "frequency_penalty"),
     ("chat/completions", {"logit_bias": {"50256": -100}}, "logit_bias"),
@@ -302,7 +305,11 @@ async def test_a_failing_model_server_is_reported_without_internal_addresses(edg
     assert reply.headers["x-request-id"] in message
 
 
-async def test_an_unreachable_internal_service_is_not_named(edge: Edge) -> None:
+async def test_an_unreachable_internal_service_is_not_named(
+    edge: Edge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(edge.gateway.audit_routes, "service_url", unreachable)
     async with httpx.AsyncClient(timeout=30) as client:
         reply = await client.get(
             f"{edge.url}/v1/audit/records",
@@ -351,3 +358,25 @@ async def test_the_openapi_document_is_published(edge: Edge) -> None:
     chat = document["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert "max_tokens_cap" not in chat
     assert chat["top_p"]["anyOf"][0] == {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
+
+
+@pytest.mark.parametrize(
+    ("path", "param"),
+    [
+        ("/v1/audit/records?colour=red", "colour"),
+        ("/v1/audit/records/abc%01def", "event_id"),
+        ("/v1/audit/records/a%20b/proof", "event_id"),
+        ("/v1/audit/public-key?limit=1", "limit"),
+        ("/v1/models?page=2", "page"),
+    ],
+    ids=["unknown-query", "control-character", "space", "no-query-here", "models-query"],
+)
+async def test_a_bad_query_or_path_is_refused_before_it_is_forwarded(
+    edge: Edge, path: str, param: str
+) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        reply = await client.get(
+            edge.url + path, headers={"authorization": f"Bearer {edge.keys['auditor']}"}
+        )
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
