@@ -24,7 +24,7 @@ from services.gateway.auth import Principal
 from services.gateway.policy import Policy
 from shared.events.v1 import events_pb2 as ev
 from shared.openai_protocol import (
-    OpenAIError,
+    PermissionDeniedError,
     ServiceUnavailableError,
     invalid_field,
     reject_unknown,
@@ -54,9 +54,7 @@ EVENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 """An audit record's id (a UUID for the mesh's own events); matched whole."""
 
 
-class AuditDenied(OpenAIError):
-    status = 403
-    error_type = "permission_error"
+AuditDenied = PermissionDeniedError  # the shared class, under this module's name
 
 
 class AuditRoutes:

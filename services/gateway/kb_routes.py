@@ -36,8 +36,9 @@ from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
 from shared.openai_protocol import (
     InvalidRequestError,
-    OpenAIError,
+    PermissionDeniedError,
     RequestTimeoutError,
+    RequestTooLargeError,
     ServiceUnavailableError,
     invalid_field,
     reject_unknown,
@@ -55,14 +56,9 @@ BODY_TIMEOUT_S = 60
 """How long a body (up to a whole document) may take to arrive: 408 after it."""
 
 
-class KbDenied(OpenAIError):
-    status = 403
-    error_type = "permission_error"
-
-
-class DocumentTooLarge(OpenAIError):
-    status = 413
-    error_type = "invalid_request_error"
+# the shared OpenAI error classes, under this module's names
+KbDenied = PermissionDeniedError
+DocumentTooLarge = RequestTooLargeError
 
 
 class KbRoutes:

@@ -388,3 +388,29 @@ async def test_a_bad_query_or_path_is_refused_before_it_is_forwarded(
         )
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["param"] == param
+
+
+async def test_a_request_over_the_concurrency_limit_charges_nothing(
+    edge: Edge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(edge.gateway.concurrency, "per_key", 0)  # every key is at its limit
+    key_id, secret = edge.new_key()
+    reply = await _post(edge, "chat/completions", secret, json.dumps(CHAT).encode())
+    assert reply.status_code == 429, reply.text
+    assert edge.budget_untouched(key_id)
+
+
+async def test_an_unexpected_failure_is_told_without_its_details(
+    edge: Edge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("cannot open /var/lib/meshllm/policy.db via http://10.9.8.7:8181")
+
+    monkeypatch.setattr(edge.gateway.policy, "decide", explode)
+    reply = await _post(edge, "chat/completions", edge.keys["user"], json.dumps(CHAT).encode())
+    assert reply.status_code == 500
+    error = reply.json()["error"]
+    assert error["type"] == "server_error"
+    assert "/var/lib" not in reply.text
+    assert "10.9.8.7" not in reply.text
+    assert reply.headers["x-request-id"] in error["message"]

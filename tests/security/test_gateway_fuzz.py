@@ -35,7 +35,13 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.security.conftest import Edge
 
-pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [
+    pytest.mark.kafka,
+    pytest.mark.slow,
+    pytest.mark.timeout(420),
+    # schemathesis' strategies draw from `random`, which this hypothesis release warns about
+    pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning"),
+]
 
 CHECKS = [
     not_a_server_error,
