@@ -429,9 +429,12 @@ def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _user(body: dict[str, Any]) -> str | None:
+def _user(body: dict[str, Any], *, public: bool = True) -> str | None:
     user = body.get("user")
-    return None if user is None else _text(user, "user", max_chars=MAX_NAME_LENGTH)
+    if user is None:
+        return None
+    # from the router, user may be the caller's authenticated subject (an IdP's, any length)
+    return _text(user, "user", max_chars=MAX_NAME_LENGTH if public else MAX_TEXT_CHARS)
 
 
 def _boolean(body: dict[str, Any], key: str) -> bool:
@@ -504,7 +507,7 @@ def parse_request(body: Any, kind: RequestKind, *, public: bool = False) -> Gene
         n=n,
         stream=stream,
         include_usage=include_usage,
-        user=_user(body),
+        user=_user(body, public=public),
         ignore_eos=_boolean(body, "ignore_eos"),
         messages=messages,
         max_tokens_cap=cap,
