@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.gateway.audit_routes import EVENT_ID, MAX_TENANT_LENGTH, QUERY_PARAMS
+from services.gateway.kb_routes import CONTENT_TYPES, DOCUMENT_ID
 from services.gateway.rag import MAX_COLLECTIONS, MAX_TOP_K
 from services.gateway.settings import GatewaySettings
 from shared import openai_protocol as p
@@ -35,6 +36,7 @@ SSE_EVENT = {
     "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
     "description": "One event: a chunk as JSON in `data`, an error body, or `[DONE]` last.",
 }
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 COLLECTION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 AUTH_ONLY = ("400", "401", "403", "404", "408", "413", "429", "500", "503")
 
@@ -366,14 +368,13 @@ def _schemas() -> dict[str, Any]:
             "type": "object",
             "required": ["content_type"],
             "additionalProperties": False,
+            "oneOf": [{"required": ["text"]}, {"required": ["content_base64"]}],
             "properties": {
-                "document_id": {"type": "string"},
+                "document_id": {"type": "string", "pattern": DOCUMENT_ID.pattern},
                 "title": _text(500),
-                "content_type": {
-                    "enum": ["text/plain", "text/markdown", "text/html", "application/pdf"]
-                },
-                "text": {"type": "string"},
-                "content_base64": {"type": "string", "contentEncoding": "base64"},
+                "content_type": {"enum": list(CONTENT_TYPES)},
+                "text": {"type": "string", "pattern": r"\S"},
+                "content_base64": {"type": "string", "pattern": BASE64_PATTERN},
                 "acl": {"type": "array", "items": _text(128, 1)},
                 "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
             },
@@ -457,7 +458,7 @@ def _paths() -> dict[str, Any]:
         )
 
     collection = _path("collection", {"type": "string", "pattern": COLLECTION_PATTERN})
-    document = _path("document_id")
+    document = _path("document_id", {"type": "string", "pattern": DOCUMENT_ID.pattern})
     docs = "/v1/kb/collections/{collection}/documents"
     return {
         "/v1/chat/completions": _generate(
