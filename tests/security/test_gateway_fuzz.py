@@ -6,8 +6,8 @@ on a local port (see ``conftest.py``); requests it admits go over the broker to 
 router and are answered by the fake model server, capped at two words so thousands of
 them fit the time budget. Each operation is fuzzed with valid bodies and parameters
 (positive) and with invalid ones (negative, which must get a 4xx), sequentially, with a
-fixed seed so a failure reproduces. Hypothesis' example database is off (nothing written
-into the tree).
+fixed seed so a failure reproduces. Hypothesis' example database is off (its caches go to
+``.hypothesis/``, which ignores itself).
 """
 
 from __future__ import annotations
