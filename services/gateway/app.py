@@ -1,21 +1,20 @@
 """The gateway's HTTP API: OpenAI's routes, each request sent through the mesh over Kafka.
 
-Per request: body size -> JSON -> credentials (401) -> fields (400) -> policy (403) ->
-rate and concurrency limits (429) -> audit the request -> publish it to the topic of
-its priority -> relay the router's replies (SSE or one body) until the final reply or
-the deadline (504). A caller that goes away cancels the request downstream.
+Per request: admission (:mod:`services.gateway.admission`: credentials 401, body 408/413,
+fields 400, policy 403, limits 429, nothing charged before the end) -> audit the request ->
+publish it to the topic of its priority -> relay the router's replies (SSE or one body)
+until the final reply or the deadline (504). A caller that goes away cancels the request
+downstream. Errors are OpenAI error bodies; a server-side failure is told without its
+internal details (those are logged, under the request id the client is given).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
@@ -24,94 +23,33 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from services.gateway.admission import ACTIONS, PRIORITIES, Admission, Admitted
+from services.gateway.admission import limit_key as _limit_key
 from services.gateway.audit import AuditRecorder, AuditUnavailable
 from services.gateway.audit_routes import AuditRoutes
-from services.gateway.auth import Authenticator, AuthError, Principal
+from services.gateway.auth import Authenticator, Principal
 from services.gateway.kb_routes import KbRoutes
-from services.gateway.limits import ConcurrencyLimiter, Limit, LocalRateLimiter
+from services.gateway.limits import ConcurrencyLimiter, LocalRateLimiter
+from services.gateway.openapi import openapi_document
 from services.gateway.policy import Action, Policy, PolicyRequest
-from services.gateway.rag import RagRequest, parse_rag
 from services.gateway.relay import Delta, Diverged, Pending, Relayed, ReplyRelay
 from services.gateway.responses import ReplyError, ResponseBuilder, embeddings_body
 from services.gateway.settings import GatewaySettings
 from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
 from shared.logging import get_logger
+from shared.openai_protocol import ClientClosedError as ClientClosed
+from shared.openai_protocol import GatewayTimeoutError as GatewayTimeout
 from shared.openai_protocol import (
-    GenerationRequest,
-    InvalidRequestError,
     OpenAIError,
+    RateLimitError,
     ServiceUnavailableError,
-    invalid_field,
-    parse_request,
-    reject_unknown_fields,
-    split_model,
+    reject_unknown,
 )
-from shared.policy import AccessRequest, Resource, Subject
-from shared.topics import (
-    CANCELLATIONS,
-    REPLIES,
-    REQUESTS_HIGH,
-    REQUESTS_LOW,
-    REQUESTS_NORMAL,
-)
+from shared.topics import CANCELLATIONS
 
 log = get_logger(__name__)
 tracer = trace.get_tracer("meshllm.gateway")
-
-PRIORITIES = {
-    "high": (REQUESTS_HIGH, ev.PRIORITY_HIGH),
-    "normal": (REQUESTS_NORMAL, ev.PRIORITY_NORMAL),
-    "low": (REQUESTS_LOW, ev.PRIORITY_LOW),
-}
-KINDS = {
-    "chat": ev.REQUEST_KIND_CHAT,
-    "completion": ev.REQUEST_KIND_COMPLETION,
-    "embedding": ev.REQUEST_KIND_EMBEDDING,
-}
-ACTIONS: dict[str, Action] = {
-    "chat": "chat.completions",
-    "completion": "completions",
-    "embedding": "embeddings",
-}
-DEFAULT_MAX_TOKENS = 256
-"""Tokens charged against the rate limit for a request that sets no max_tokens."""
-
-
-class AuthenticationFailed(OpenAIError):
-    status = 401
-    error_type = "authentication_error"
-
-
-class PermissionDenied(OpenAIError):
-    status = 403
-    error_type = "permission_error"
-
-
-class RateLimited(OpenAIError):
-    status = 429
-    error_type = "rate_limit_error"
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message, None, "rate_limit_exceeded")
-        self.retry_after = max(1, math.ceil(retry_after_s))
-
-
-class BodyTooLarge(OpenAIError):
-    status = 413
-    error_type = "invalid_request_error"
-
-
-class ClientClosed(OpenAIError):
-    """The caller went away before the reply (nginx's 499); nobody reads this response."""
-
-    status = 499
-    error_type = "client_closed_request"
-
-
-class GatewayTimeout(OpenAIError):
-    status = 504
-    error_type = "timeout"
 
 
 class StreamDiverged(OpenAIError):
@@ -119,19 +57,6 @@ class StreamDiverged(OpenAIError):
 
     status = 502
     error_type = "server_error"
-
-
-@dataclass
-class Admitted:
-    """A request past every check, about to be published."""
-
-    request_id: str
-    principal: Principal
-    kind: str
-    priority: str
-    event: ev.InferenceRequest
-    estimated_tokens: int
-    started: float
 
 
 class Gateway:
@@ -156,6 +81,14 @@ class Gateway:
         self.rate_limiter = rate_limiter
         self.concurrency = concurrency
         self._background: set[asyncio.Task[Any]] = set()
+        self.admission = Admission(
+            settings,
+            authenticator=authenticator,
+            policy=policy,
+            rate_limiter=rate_limiter,
+            concurrency=concurrency,
+            audit_policy=self._audit_policy,
+        )
         self.audit_routes = AuditRoutes(
             service_url=settings.audit.service_url,
             authenticate=self._authenticate,
@@ -178,12 +111,18 @@ class Gateway:
             Route("/v1/completions", self._route("completion"), methods=["POST"]),
             Route("/v1/embeddings", self._route("embedding"), methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
             *self.audit_routes.routes(),
             *self.kb_routes.routes(),
         ]
         return Starlette(
             routes=routes,
-            exception_handlers={OpenAIError: _error_response, 404: _not_found, 405: _not_allowed},
+            exception_handlers={
+                OpenAIError: _error_response,
+                404: _not_found,
+                405: _not_allowed,
+                Exception: _internal_error,
+            },
         )
 
     def _route(self, kind: str) -> Callable[[Request], Any]:
@@ -192,9 +131,14 @@ class Gateway:
 
         return endpoint
 
+    async def openapi(self, request: Request) -> Response:
+        """The OpenAPI document of these routes (no credentials needed)."""
+        return JSONResponse(openapi_document(self.settings))
+
     async def models(self, request: Request) -> Response:
         """The chat and embedding models this caller may use, as OpenAI's model list."""
         principal = self._authenticate(request)
+        reject_unknown(request.query_params, (), what="a query parameter here")
         listed: list[tuple[str, Action]] = [
             *((name, "chat.completions") for name in self.settings.models),
             *((name, "embeddings") for name in self.settings.embedding_models),
@@ -215,6 +159,7 @@ class Gateway:
             attributes={"http.request.method": request.method, "url.path": request.url.path},
         ) as span:
             trace_id = format(span.get_span_context().trace_id, "032x")
+            request.state.request_id = uuid.uuid4().hex
             try:
                 response = await self._handle(request, kind)
             except OpenAIError as error:
@@ -226,13 +171,9 @@ class Gateway:
             return response
 
     async def _handle(self, request: Request, kind: str) -> Response:
-        body = await self._read_json(request)
-        principal = self._authenticate(request)
-        admitted = self._admit(principal, body, kind, request)
-        key_id = _limit_key(principal)
-        if not self.concurrency.try_acquire(key_id, principal.tenant):
-            self.rate_limiter.settle(key_id, principal.tenant, admitted.estimated_tokens, 0)
-            raise RateLimited("too many concurrent requests for this key or tenant", 1)
+        principal = self._authenticate(request)  # before a byte of the body is read
+        body = await self.admission.read_json(request)
+        admitted = self.admission.admit(principal, body, kind, request)
         strict = admitted.principal.tenant in self.settings.audit.strict_tenants
         pending = self.relay.open(admitted.request_id, stream=admitted.event.stream and not strict)
         try:
@@ -240,7 +181,9 @@ class Gateway:
         except BaseException:
             self._release(admitted, pending)
             # never sent: give back what the rate limiter charged for it
-            self.rate_limiter.settle(key_id, principal.tenant, admitted.estimated_tokens, 0)
+            self.rate_limiter.settle(
+                _limit_key(principal), principal.tenant, admitted.estimated_tokens, 0
+            )
             raise
         sse_headers = {"cache-control": "no-cache", "x-request-id": admitted.request_id}
         if pending.stream:
@@ -253,114 +196,14 @@ class Gateway:
             reply = await self._final(admitted, pending, request)
         finally:
             self._release(admitted, pending)
-        whole = await self._whole(admitted, reply)
+        whole = await self._whole(admitted, reply, body)
         if admitted.event.stream:  # a strict tenant's stream: sent once its record is durable
             chunks = _strict_stream(admitted, reply, body)
             return StreamingResponse(chunks, media_type="text/event-stream", headers=sse_headers)
         return JSONResponse(whole, headers={"x-request-id": admitted.request_id})
 
-    async def _read_json(self, request: Request) -> Any:
-        limit = self.settings.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise BodyTooLarge(f"the request body is larger than {limit} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge(f"the request body is larger than {limit} bytes")
-            chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except ValueError as error:
-            raise InvalidRequestError(f"the body is not valid JSON ({error})") from None
-
     def _authenticate(self, request: Request) -> Principal:
-        try:
-            return self.authenticator.authenticate(request.headers.get("authorization"))
-        except AuthError as error:
-            raise AuthenticationFailed(str(error), None, "invalid_api_key") from None
-
-    def _admit(self, principal: Principal, body: Any, kind: str, request: Request) -> Admitted:
-        rag = (
-            parse_rag(body.pop("rag", None)) if isinstance(body, dict) and kind == "chat" else None
-        )
-        reject_unknown_fields(body, kind)
-        generation = parse_request(body, kind) if kind != "embedding" else None  # type: ignore[arg-type]
-        inputs = _embedding_inputs(body) if kind == "embedding" else []
-        name, version = split_model(body.get("model"))
-        model = name or self.settings.default_model
-        requested = body.get("priority", request.headers.get("x-meshllm-priority"))
-        if requested is not None and requested not in PRIORITIES:
-            raise invalid_field("priority", "must be one of high, normal, low")
-        max_tokens = generation.max_tokens if generation else None
-        decision = self.policy.decide(
-            PolicyRequest(
-                principal,
-                ACTIONS[kind],
-                model,
-                requested,
-                max_tokens,
-                model_version=version or None,
-                source_ip=request.client.host if request.client else None,
-            )
-        )
-        request_id = uuid.uuid4().hex
-        self._audit_policy(
-            request_id,
-            principal=principal,
-            model=model,
-            kind=kind,
-            allow=decision.allow,
-            reasons=decision.reasons,
-        )
-        if not decision.allow:
-            reason = "; ".join(decision.reasons) or "denied by policy"
-            param = (
-                "max_tokens" if "max_tokens" in reason else ("model" if "model" in reason else None)
-            )
-            raise PermissionDenied(reason, param, "policy_denied")
-        if generation is not None and generation.max_tokens is None and decision.max_tokens:
-            # the policy's limit caps the answer; it is not a length to ask of the model
-            cap = min(generation.max_tokens_cap or decision.max_tokens, decision.max_tokens)
-            generation = dataclasses.replace(generation, max_tokens_cap=cap)
-        estimated = _estimate_tokens(body, generation)
-        key_id = _limit_key(principal)
-        limits = self.settings.limits
-        wait = self.rate_limiter.admit(
-            key_id,
-            principal.tenant,
-            Limit(principal.rpm or limits.default_rpm, principal.tpm or limits.default_tpm),
-            Limit(limits.tenant_rpm, limits.tenant_tpm),
-            estimated,
-        )
-        if wait is not None:
-            who = f"key {key_id}" if principal.key_id else principal.subject
-            raise RateLimited(
-                f"rate limit reached for {who} or tenant {principal.tenant}; "
-                f"retry after {math.ceil(wait)} s",
-                wait,
-            )
-        event = _inference_request(
-            request_id,
-            kind,
-            model=model,
-            version=version,
-            generation=generation,
-            inputs=inputs,
-            principal=principal,
-            priority=decision.priority,
-        )
-        if rag is not None:
-            self._check_rag(principal, rag, request_id)
-            event.rag_collections.extend(rag.collections)
-            event.rag_top_k = rag.top_k or 0
-            event.acl_groups.extend(principal.roles)
-        timeout = self.settings.request_timeout_s
-        event.deadline.FromNanoseconds(time.time_ns() + int(timeout * 1e9))
-        return Admitted(
-            request_id, principal, kind, decision.priority, event, estimated, time.monotonic()
-        )
+        return self.admission.authenticate(request)
 
     async def _publish(self, admitted: Admitted, request: Request) -> None:
         topic, _ = PRIORITIES[admitted.priority]
@@ -442,8 +285,8 @@ class Gateway:
             f"no reply within {self.settings.request_timeout_s:g} s", None, "deadline_exceeded"
         )
 
-    async def _whole(self, admitted: Admitted, reply: ev.FinalReply) -> dict[str, Any]:
-        failure = ReplyError(reply.error) if reply.HasField("error") else None
+    async def _whole(self, admitted: Admitted, reply: ev.FinalReply, body: Any) -> dict[str, Any]:
+        failure = ReplyError(reply.error, admitted.request_id) if reply.HasField("error") else None
         try:
             if failure is not None:
                 await self._audit_response(admitted, reply, failure.status, reply.error.message)
@@ -455,7 +298,7 @@ class Gateway:
             failure.request_id = admitted.request_id  # type: ignore[attr-defined]
             raise failure
         if admitted.kind == "embedding":
-            return embeddings_body(reply)
+            return embeddings_body(reply, body.get("encoding_format") or "float")
         return ResponseBuilder(admitted.kind, admitted.request_id, admitted.event.model).whole(
             reply
         )
@@ -553,27 +396,6 @@ class Gateway:
         self._spawn(task)  # held until done
         return await asyncio.shield(task)
 
-    def _check_rag(self, principal: Principal, rag: RagRequest, request_id: str) -> None:
-        """403 unless the caller may read every collection the request names."""
-        subject = Subject(principal.subject, principal.tenant, principal.roles)
-        for collection in rag.collections:
-            decision = self.policy.authorize(
-                AccessRequest(
-                    subject, "read", Resource("kb_collection", principal.tenant, collection)
-                )
-            )
-            if not decision.allow:
-                self._audit_policy(
-                    request_id,
-                    principal=principal,
-                    model=f"kb_collection:{collection}",
-                    kind="chat",
-                    allow=False,
-                    reasons=decision.reasons,
-                )
-                reason = "; ".join(decision.reasons) or "denied by policy"
-                raise PermissionDenied(reason, "rag.collections", "policy_denied")
-
     def _audit_policy(
         self,
         request_id: str,
@@ -647,8 +469,10 @@ class Gateway:
 
 
 def _audit_failure(error: BaseException, request_id: str = "") -> ServiceUnavailableError:
+    # the reason names spool files and broker addresses: logged, not told
+    log.error("audit record not durable", error=f"{type(error).__name__}: {error}")
     failure = ServiceUnavailableError(
-        f"the answer is withheld because its audit record could not be stored ({error})"
+        "the answer is withheld because its audit record could not be stored; retry later"
     )
     failure.request_id = request_id  # type: ignore[attr-defined]
     return failure
@@ -684,76 +508,6 @@ async def _strict_stream(
     yield "data: [DONE]\n\n"
 
 
-def _limit_key(principal: Principal) -> str:
-    return principal.key_id or f"jwt:{principal.subject}"
-
-
-def _embedding_inputs(body: dict[str, Any]) -> list[str]:
-    value = body.get("input")
-    if isinstance(value, str) and value:
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
-        return list(value)
-    raise invalid_field("input", "must be a non-empty string or array of non-empty strings")
-
-
-def _estimate_tokens(body: dict[str, Any], generation: GenerationRequest | None) -> int:
-    """Tokens charged before the reply: ~4 characters a token of input, plus max_tokens."""
-    text = json.dumps(body.get("messages") or body.get("prompt") or body.get("input") or "")
-    completion = 0
-    if generation is not None:
-        limit = generation.max_tokens or generation.max_tokens_cap or DEFAULT_MAX_TOKENS
-        completion = limit * generation.n
-    return len(text) // 4 + 1 + completion
-
-
-def _inference_request(
-    request_id: str,
-    kind: str,
-    *,
-    model: str,
-    version: str | None,
-    generation: GenerationRequest | None,
-    inputs: list[str],
-    principal: Principal,
-    priority: str,
-) -> ev.InferenceRequest:
-    event = ev.InferenceRequest(
-        request_id=request_id,
-        kind=KINDS[kind],
-        model=model,
-        model_version=version or "",
-        priority=PRIORITIES[priority][1],
-        reply_topic=REPLIES.name,
-        api_key_id=principal.key_id or "",
-        user=principal.subject,
-    )
-    event.envelope.tenant = principal.tenant
-    event.envelope.correlation_id = request_id
-    if generation is None:
-        event.inputs.extend(inputs)
-        return event
-    event.client_user = generation.user or ""
-    event.stream = generation.stream
-    for message in generation.messages:
-        event.messages.add(role=message["role"], content=message["content"])
-    for prompt in generation.prompts if kind == "completion" else ():
-        if not isinstance(prompt, str):
-            raise invalid_field("prompt", "token id prompts are not accepted here; send text")
-        event.inputs.append(prompt)
-    s = event.sampling
-    s.temperature = generation.temperature
-    s.top_p = generation.top_p
-    s.top_k = generation.top_k
-    if generation.seed is not None:
-        s.seed = generation.seed
-    s.stop.extend(generation.stop)
-    s.max_tokens = generation.max_tokens or 0
-    s.max_tokens_cap = generation.max_tokens_cap or 0
-    s.n = generation.n
-    return event
-
-
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
@@ -768,11 +522,11 @@ async def _disconnect(request: Request) -> None:
 
 async def _error_response(request: Request, error: Exception) -> Response:
     assert isinstance(error, OpenAIError)
-    headers = {"retry-after": str(error.retry_after)} if isinstance(error, RateLimited) else {}
+    headers = {"retry-after": str(error.retry_after)} if isinstance(error, RateLimitError) else {}
     trace_id = getattr(error, "trace_id", None)
     if trace_id:
         headers["x-trace-id"] = trace_id
-    request_id = getattr(error, "request_id", None)
+    request_id = getattr(error, "request_id", None) or getattr(request.state, "request_id", None)
     if request_id:  # an admitted request's error names it, as its answer would
         headers["x-request-id"] = request_id
     return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
@@ -788,3 +542,15 @@ async def _not_allowed(request: Request, error: Exception) -> Response:
     body = {"error": {"message": f"{request.method} is not allowed on {request.url.path}",
                       "type": "invalid_request_error", "param": None, "code": None}}  # fmt: skip
     return JSONResponse(body, status_code=405)
+
+
+async def _internal_error(request: Request, error: Exception) -> Response:
+    """A failure no handler expected: logged in full, told only with the request id."""
+    request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+    log.error(
+        "request failed", request_id=request_id, path=request.url.path,
+        error=f"{type(error).__name__}: {error}", exc_info=error,
+    )  # fmt: skip
+    body = {"error": {"message": f"internal error; request id {request_id}",
+                      "type": "server_error", "param": None, "code": None}}  # fmt: skip
+    return JSONResponse(body, status_code=500, headers={"x-request-id": request_id})

@@ -10,6 +10,7 @@ service with the tenant fixed, so a caller never sees another tenant's records.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,7 +23,12 @@ from starlette.routing import Route
 from services.gateway.auth import Principal
 from services.gateway.policy import Policy
 from shared.events.v1 import events_pb2 as ev
-from shared.openai_protocol import OpenAIError, ServiceUnavailableError, invalid_field
+from shared.openai_protocol import (
+    PermissionDeniedError,
+    ServiceUnavailableError,
+    invalid_field,
+    reject_unknown,
+)
 from shared.policy import AccessRequest, Resource, Subject
 
 READ_PATHS = (
@@ -31,12 +37,24 @@ READ_PATHS = (
     "/v1/audit/records/{event_id}/proof",
 )
 VERIFY_PATHS = ("/v1/audit/checkpoints", "/v1/audit/consistency", "/v1/audit/public-key")
+RECORD_FILTERS = ("api_key_id", "user", "model", "model_version", "request_id", "kind")
+QUERY_PARAMS: dict[str, frozenset[str]] = {
+    "/v1/audit/records": frozenset(
+        {"tenant", *RECORD_FILTERS, "since", "until", "cursor", "limit", "order"}
+    ),
+    "/v1/audit/records/{event_id}": frozenset({"tenant"}),
+    "/v1/audit/records/{event_id}/proof": frozenset({"tenant", "tree_size"}),
+    "/v1/audit/checkpoints": frozenset({"tenant", "limit"}),
+    "/v1/audit/consistency": frozenset({"tenant", "first", "second"}),
+    "/v1/audit/public-key": frozenset({"tenant"}),
+}
+"""The query parameters of each route (the audit service's, and ``tenant``); others: 400."""
 MAX_TENANT_LENGTH = 128
+EVENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+"""An audit record's id (a UUID for the mesh's own events); matched whole."""
 
 
-class AuditDenied(OpenAIError):
-    status = 403
-    error_type = "permission_error"
+AuditDenied = PermissionDeniedError  # the shared class, under this module's name
 
 
 class AuditRoutes:
@@ -57,12 +75,24 @@ class AuditRoutes:
 
     def routes(self) -> list[Route]:
         return [
-            *(Route(path, self._endpoint("read"), methods=["GET"]) for path in READ_PATHS),
-            *(Route(path, self._endpoint("verify"), methods=["GET"]) for path in VERIFY_PATHS),
+            *(Route(path, self._endpoint("read", path), methods=["GET"]) for path in READ_PATHS),
+            *(
+                Route(path, self._endpoint("verify", path), methods=["GET"])
+                for path in VERIFY_PATHS
+            ),
         ]
 
-    def _endpoint(self, action: str) -> Callable[[Request], Awaitable[Response]]:
+    def _endpoint(self, action: str, path: str) -> Callable[[Request], Awaitable[Response]]:
+        allowed = QUERY_PARAMS[path]
+
         async def endpoint(request: Request) -> Response:
+            self.authenticate(request)
+            reject_unknown(request.query_params, allowed, what="a query parameter here")
+            event_id = request.path_params.get("event_id")
+            if event_id is not None and not EVENT_ID.fullmatch(event_id):
+                # the id becomes part of the audit service's URL: only characters that are
+                # the same in a path and in the id
+                raise invalid_field("event_id", "use 1-128 letters, digits and _ . : -")
             return await self.handle(request, action)
 
         return endpoint

@@ -14,9 +14,9 @@ Each decision is audited like the gateway's other decisions.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import json
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from services.gateway.admission import parse_json
 from services.gateway.auth import Principal
 from services.gateway.policy import Policy
 from services.gateway.rag import COLLECTION
@@ -35,7 +36,9 @@ from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
 from shared.openai_protocol import (
     InvalidRequestError,
-    OpenAIError,
+    PermissionDeniedError,
+    RequestTimeoutError,
+    RequestTooLargeError,
     ServiceUnavailableError,
     invalid_field,
     reject_unknown,
@@ -49,16 +52,13 @@ INGEST_FIELDS = frozenset(
     {"document_id", "title", "content_type", "text", "content_base64", "acl", "metadata"}
 )
 SEARCH_FIELDS = frozenset({"query", "collections", "top_k", "mode"})
+BODY_TIMEOUT_S = 60
+"""How long a body (up to a whole document) may take to arrive: 408 after it."""
 
 
-class KbDenied(OpenAIError):
-    status = 403
-    error_type = "permission_error"
-
-
-class DocumentTooLarge(OpenAIError):
-    status = 413
-    error_type = "invalid_request_error"
+# the shared OpenAI error classes, under this module's names
+KbDenied = PermissionDeniedError
+DocumentTooLarge = RequestTooLargeError
 
 
 class KbRoutes:
@@ -239,18 +239,25 @@ class KbRoutes:
             status_code=202,
         )
 
-    @staticmethod
-    async def _json(request: Request, limit: int) -> dict[str, Any]:
+    async def _json(self, request: Request, limit: int) -> dict[str, Any]:
+        """The body of an authenticated caller (401 before a byte is read), read within
+        BODY_TIMEOUT_S (408) and ``limit`` bytes (413), as strict JSON of bounded depth."""
+        self.authenticate(request)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise DocumentTooLarge(f"the request body is larger than {limit} bytes")
-            chunks.append(chunk)
         try:
-            body = json.loads(b"".join(chunks))
-        except ValueError as error:
-            raise InvalidRequestError(f"the body is not valid JSON ({error})") from None
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise DocumentTooLarge(f"the request body is larger than {limit} bytes")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the request body did not arrive within {BODY_TIMEOUT_S} s",
+                None,
+                "request_timeout",
+            ) from None
+        body = parse_json(b"".join(chunks))
         if not isinstance(body, dict):
             raise InvalidRequestError("the body must be a JSON object")
         return body

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 from typing import Any
 
 from shared.events.v1 import events_pb2 as ev
+from shared.logging import get_logger
 from shared.openai_protocol import OpenAIError
+
+log = get_logger(__name__)
 
 # FinalReply.error.type -> HTTP status (OpenAI's statuses for these error types)
 STATUS_OF_TYPE = {
@@ -21,16 +26,27 @@ STATUS_OF_TYPE = {
 
 
 class ReplyError(OpenAIError):
-    """An error the router reported for a request, with the status its type maps to."""
+    """An error the router reported for a request, with the status its type maps to.
 
-    def __init__(self, info: ev.ErrorInfo) -> None:
-        super().__init__(
-            info.message or "the request failed", info.param or None, info.code or None
-        )
-        self.error_type = info.type or "server_error"  # type: ignore[misc]
-        status = STATUS_OF_TYPE.get(self.error_type, 502)
+    A refusal of the request (4xx) is told as the mesh gave it. A failure of the mesh (5xx)
+    is told by its code and ``request_id`` only: the router's message names replicas and
+    services by their internal addresses, so it is logged here instead.
+    """
+
+    def __init__(self, info: ev.ErrorInfo, request_id: str | None = None) -> None:
+        error_type = info.type or "server_error"
+        status = STATUS_OF_TYPE.get(error_type, 502)
         if info.code == "model_not_found":
             status = 404
+        message = info.message or "the request failed"
+        if status >= 500:
+            log.warning("the mesh failed a request", request_id=request_id, code=info.code,
+                        error=message)  # fmt: skip
+            message = f"the mesh could not answer ({info.code or error_type})"
+            if request_id:
+                message += f"; request id {request_id}"
+        super().__init__(message, info.param or None, info.code or None)
+        self.error_type = error_type  # type: ignore[misc]
         self.status = status  # type: ignore[misc]
 
 
@@ -150,11 +166,18 @@ def usage(reply: ev.FinalReply) -> dict[str, int]:
     }
 
 
-def embeddings_body(reply: ev.FinalReply) -> dict[str, Any]:
+def embeddings_body(reply: ev.FinalReply, encoding_format: str = "float") -> dict[str, Any]:
+    """OpenAI's embeddings response; ``base64``: each vector's little-endian float32 bytes."""
+
+    def vector(values: Any) -> list[float] | str:
+        if encoding_format == "base64":
+            return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode()
+        return list(values)
+
     return {
         "object": "list",
         "data": [
-            {"object": "embedding", "index": e.index, "embedding": list(e.values)}
+            {"object": "embedding", "index": e.index, "embedding": vector(e.values)}
             for e in reply.embeddings
         ],
         "model": model_name(reply),

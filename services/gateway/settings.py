@@ -96,6 +96,9 @@ class LimitsConfig(BaseModel):
     max_concurrent_per_key: int = Field(32, ge=1)
     max_concurrent_per_tenant: int = Field(256, ge=1)
     max_body_bytes: int = Field(1_048_576, ge=1_024, description="Larger request bodies: 413.")
+    body_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="A request body not all there by then: 408."
+    )
 
 
 class KbSettings(BaseModel):

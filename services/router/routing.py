@@ -89,6 +89,8 @@ def upstream_body(request: ev.InferenceRequest) -> tuple[str, dict[str, Any]]:
         body["max_tokens_cap"] = s.max_tokens_cap
     if s.stop:
         body["stop"] = list(s.stop)
+    if s.ignore_eos:
+        body["ignore_eos"] = True
     if s.HasField("seed"):
         body["seed"] = s.seed
     elif s.temperature > 0:

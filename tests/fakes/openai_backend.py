@@ -37,6 +37,7 @@ class Behaviour:
     break_after: int | None = None  # drop the connection after this many chunks
     reject_message: str = "bad request"
     words: list[str] = field(default_factory=lambda: list(WORDS))  # the answer cycles these
+    max_words: int | None = None  # answer with at most this many words, whatever max_tokens
     calls: int = 0
     cancelled: int = 0
     completed: int = 0
@@ -44,9 +45,14 @@ class Behaviour:
     bodies: list[dict[str, Any]] = field(default_factory=list)
 
 
-def reply_words(body: dict[str, Any], words: list[str] = WORDS) -> list[str]:
-    """The answer: ``max_tokens`` words (default 8) cycling through ``words``."""
+def reply_words(
+    body: dict[str, Any], words: list[str] = WORDS, max_words: int | None = None
+) -> list[str]:
+    """The answer: ``max_tokens`` words (default 8, at most ``max_words``) cycling through
+    ``words``."""
     count = int(body.get("max_tokens") or 8)
+    if max_words is not None:
+        count = min(count, max_words)
     return [words[i % len(words)] + " " for i in range(count)]
 
 
@@ -61,7 +67,7 @@ def build_app(behaviour: Behaviour) -> Starlette:
                 error = {"message": "replica exploded", "type": "server_error"}
             return JSONResponse({"error": error}, status_code=behaviour.fail_status)
         chat = request.url.path.endswith("/chat/completions")
-        words = reply_words(body, behaviour.words)
+        words = reply_words(body, behaviour.words, behaviour.max_words)
         model = str(body.get("model") or "fake")
         n = int(body.get("n") or 1)
         usage = {"prompt_tokens": 5, "completion_tokens": len(words) * n,

@@ -109,7 +109,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
-    __slots__ = ("temperature", "top_p", "top_k", "seed", "stop", "max_tokens", "n", "max_tokens_cap")
+    __slots__ = ("temperature", "top_p", "top_k", "seed", "stop", "max_tokens", "n", "max_tokens_cap", "ignore_eos")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,7 @@ class SamplingParams(_message.Message):
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_CAP_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     top_k: int
@@ -126,7 +127,8 @@ class SamplingParams(_message.Message):
     max_tokens: int
     n: int
     max_tokens_cap: int
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., max_tokens: _Optional[int] = ..., n: _Optional[int] = ..., max_tokens_cap: _Optional[int] = ...) -> None: ...
+    ignore_eos: bool
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., max_tokens: _Optional[int] = ..., n: _Optional[int] = ..., max_tokens_cap: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
     __slots__ = ("envelope", "request_id", "kind", "model", "model_version", "priority", "messages", "inputs", "sampling", "stream", "reply_topic", "deadline", "user", "api_key_id", "rag_collections", "acl_groups", "rag_top_k", "client_user")
