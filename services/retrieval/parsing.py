@@ -304,6 +304,20 @@ _WHITESPACE = re.compile(r"\s+")
 # them) becomes one line break, or a blank line when any of them ends a paragraph.
 _PARAGRAPH_MARK, _LINE_MARK = "\x1e", "\x1f"
 _BREAKS = re.compile(r"[\s\x1e\x1f]*[\x1e\x1f][\s\x1e\x1f]*")
+# Text a browser would not show is dropped: a page can hide instructions for a model in it
+# (CSS-hidden prompt injection). Inline styles and the page's own <style> rules count.
+_HIDING_STYLE = re.compile(
+    r"display\s*:\s*none|visibility\s*:\s*(?:hidden|collapse)"
+    r"|(?<![\w-])font-size\s*:\s*0*\.?0*(?:px|pt|em|rem|%|vw|vh)?\s*(?:;|!|$)"
+    r"|(?<![\w-])opacity\s*:\s*0*\.?0*\s*(?:;|!|$)"
+    r"|(?:^|;)\s*(?:left|top|right|text-indent)\s*:\s*-\d{3,}"
+    r"|clip\s*:\s*rect\(\s*0[a-z]*\s*,?\s*0[a-z]*\s*,?\s*0[a-z]*\s*,?\s*0[a-z]*\s*\)"
+    r"|(?:^|;)\s*(?:width|height|max-width|max-height)\s*:\s*0(?:px)?\s*(?:;|$)[^}]*overflow\s*:\s*hidden",
+    re.IGNORECASE,
+)
+_CSS_RULE = re.compile(r"([^{}@]+)\{([^{}]*)\}")
+_CSS_COMMENT = re.compile(r"/\*.*?\*/", re.DOTALL)
+_CSS_AT_BLOCK = re.compile(r"@[^{};]*\{(?:[^{}]*\{[^{}]*\})*[^{}]*\}")
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_:.-]+)""", re.I)
 
 
@@ -314,6 +328,7 @@ def _parse_html(content: bytes, charset: str | None) -> tuple[str, str | None]:
         declared = _META_CHARSET.search(content[:4096])
         charset = declared.group(1).decode("ascii") if declared else None
     tree = LexborHTMLParser(_decode(content, charset))
+    _drop_styled_hidden(tree)
     title_node = tree.css_first("title") or tree.css_first("h1")
     title = title_node.text(deep=True) if title_node is not None else None
     root = tree.body or tree.root
@@ -324,8 +339,40 @@ def _html_text(html: str) -> str:
     from selectolax.lexbor import LexborHTMLParser
 
     tree = LexborHTMLParser(html)
+    _drop_styled_hidden(tree)
     root = tree.body or tree.root
     return _html_node_text(root) if root is not None else ""
+
+
+def _drop_styled_hidden(tree: Any) -> None:
+    """Remove the elements that the page's <style> rules hide (display: none and the like).
+
+    Only what a selector engine can match is removed: rules inside @media and other
+    at-rules are skipped (they may not apply), and a selector lexbor refuses is ignored.
+    """
+    css = " ".join(node.text(deep=True) or "" for node in tree.css("style"))
+    css = _CSS_AT_BLOCK.sub(" ", _CSS_COMMENT.sub(" ", css))
+    for selectors, declarations in _CSS_RULE.findall(css):
+        if not _HIDING_STYLE.search(declarations):
+            continue
+        for selector in selectors.split(","):
+            selector = selector.strip()
+            if not selector or ":" in selector:  # :hover, ::before... hide nothing for good
+                continue
+            try:
+                hidden = tree.css(selector)
+            except Exception:  # a selector lexbor does not support
+                continue
+            for node in hidden:
+                if node.tag not in ("html", "body"):
+                    node.decompose()
+
+
+def _hidden(attributes: dict[str, str | None]) -> bool:
+    if "hidden" in attributes or attributes.get("aria-hidden") == "true":
+        return True
+    style = attributes.get("style")
+    return bool(style and _HIDING_STYLE.search(style))
 
 
 def _html_node_text(root: Any) -> str:
@@ -345,7 +392,7 @@ def _html_node_text(root: Any) -> str:
             parts.append(text if in_pre else _WHITESPACE.sub(" ", text))
             continue
         attributes = node.attributes
-        if tag in _HTML_DROP or "hidden" in attributes or attributes.get("aria-hidden") == "true":
+        if tag in _HTML_DROP or _hidden(attributes):
             continue
         if tag == "br":
             parts.append(_LINE_MARK)
