@@ -110,9 +110,16 @@ class KnowledgeIndex(Protocol):
     def document(self, tenant: str, collection: str, document_id: str) -> DocumentInfo | None: ...
 
     def documents(
-        self, tenant: str, collection: str, *, after: str | None = None, limit: int = 100
+        self,
+        tenant: str,
+        collection: str,
+        *,
+        after: str | None = None,
+        limit: int = 100,
+        readers: Sequence[str] | None = None,
     ) -> list[DocumentInfo]:
-        """Documents of a collection ordered by id, ``limit`` after the id ``after``."""
+        """Documents of a collection ordered by id, ``limit`` after the id ``after``; with
+        ``readers``, only those whose ACL is empty or names one of them."""
         ...
 
     def collections(self, tenant: str) -> list[CollectionInfo]: ...

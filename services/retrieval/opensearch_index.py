@@ -610,7 +610,13 @@ class OpenSearchKnowledgeIndex(KnowledgeIndex):
         return None if found is None else _document(found["_source"])
 
     def documents(
-        self, tenant: str, collection: str, *, after: str | None = None, limit: int = 100
+        self,
+        tenant: str,
+        collection: str,
+        *,
+        after: str | None = None,
+        limit: int = 100,
+        readers: Sequence[str] | None = None,
     ) -> list[DocumentInfo]:
         if not 1 <= limit <= MAX_WINDOW:
             raise ValueError(f"limit must be within 1..{MAX_WINDOW}, not {limit}")
@@ -618,6 +624,8 @@ class OpenSearchKnowledgeIndex(KnowledgeIndex):
             {"term": {"tenant": tenant}},
             {"term": {"collection": collection}},
         ]
+        if readers is not None:
+            filters.append(scope_filter(Scope(tenant, (collection,), tuple(readers)))[-1])
         if after is not None:
             filters.append({"range": {"document_id": {"gt": after}}})
         body = {

@@ -355,8 +355,8 @@ def _drop_styled_hidden(tree: Any) -> None:
     for selectors, declarations in _CSS_RULE.findall(css):
         if not _HIDING_STYLE.search(declarations):
             continue
-        for selector in selectors.split(","):
-            selector = selector.strip()
+        for raw in selectors.split(","):
+            selector = raw.strip()
             if not selector or ":" in selector:  # :hover, ::before... hide nothing for good
                 continue
             try:

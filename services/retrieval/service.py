@@ -11,6 +11,11 @@ API can tell a caller what became of an upload:
 - ``FAILED`` with the reason for a document that cannot be indexed (unsupported type,
   empty, too large, unparseable). A failure is a result, not an error of the consumer:
   the offset moves on and the next document is not held up.
+
+A stored document is replaced or deleted only by a writer its ACL admits (the event's
+``writer_groups``) or by the collection's administrator (``writer_is_admin``); any other
+write is refused on ``kb.indexed`` and leaves no trace in the document's status, which
+readers outside its ACL cannot see anyway (:mod:`services.retrieval.access`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import re
+import json
 import sqlite3
 import threading
 import time
@@ -26,6 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.retrieval.access import (
+    COLLECTION_RULE,
+    DOCUMENT_ID_RULE,
+    Reader,
+    valid_collection,
+    valid_document_id,
+)
 from services.retrieval.chunking import chunk_text
 from services.retrieval.embedder import EmbedderError, EmbedderUnavailable
 from services.retrieval.index import Chunk, DocumentInfo, KnowledgeIndex, Vectors
@@ -38,8 +50,6 @@ from shared.topics import KB_INDEXED
 
 log = get_logger(__name__)
 
-COLLECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-DOCUMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,199}$")
 STATE_NAMES = {
     ev.INDEX_STATE_STARTED: "started",
     ev.INDEX_STATE_INDEXED: "indexed",
@@ -57,18 +67,18 @@ class IngestRefused(ValueError):
     """A document that cannot be indexed; the message says why (it goes to kb.indexed)."""
 
 
+class WriteForbidden(IngestRefused):
+    """The stored document's ACL does not admit this writer; nothing is changed or recorded."""
+
+
 def check_names(tenant: str, collection: str, document_id: str) -> None:
     """Raise :class:`IngestRefused` for a missing tenant or a malformed name."""
     if not tenant:
         raise IngestRefused("the event names no tenant (envelope.tenant)")
-    if not COLLECTION.match(collection):
-        raise IngestRefused(
-            f"collection {collection[:80]!r}: use 1-64 letters, digits, '_', '.' or '-'"
-        )
-    if not DOCUMENT_ID.match(document_id):
-        raise IngestRefused(
-            f"document_id {document_id[:80]!r}: use 1-200 letters, digits and _ . : @ / -"
-        )
+    if not valid_collection(collection):
+        raise IngestRefused(f"collection {collection[:80]!r}: {COLLECTION_RULE}")
+    if not valid_document_id(document_id):
+        raise IngestRefused(f"document_id {document_id[:80]!r}: {DOCUMENT_ID_RULE}")
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,7 @@ class Status:
     content_sha256: str
     error: str
     updated_at_ns: int
+    acl: tuple[str, ...] = ()  # the document's, so that only its readers see this status
 
 
 class StatusStore:
@@ -92,12 +103,16 @@ class StatusStore:
             " state TEXT, chunks INTEGER, sha256 TEXT, error TEXT, updated_ns INTEGER,"
             " PRIMARY KEY (tenant, collection, document_id))"
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(status)")}
+        if "acl" not in columns:  # a store from before statuses carried the document's ACL
+            self._db.execute("ALTER TABLE status ADD COLUMN acl TEXT NOT NULL DEFAULT '[]'")
         self._lock = threading.Lock()
 
     def put(self, tenant: str, collection: str, document_id: str, status: Status) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO status VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO status (tenant, collection, document_id, state, chunks,"
+                " sha256, error, updated_ns, acl) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     tenant,
                     collection,
@@ -107,17 +122,21 @@ class StatusStore:
                     status.content_sha256,
                     status.error,
                     status.updated_at_ns,
+                    json.dumps(list(status.acl)),
                 ),
             )
 
     def get(self, tenant: str, collection: str, document_id: str) -> Status | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT state, chunks, sha256, error, updated_ns FROM status"
+                "SELECT state, chunks, sha256, error, updated_ns, acl FROM status"
                 " WHERE tenant = ? AND collection = ? AND document_id = ?",
                 (tenant, collection, document_id),
             ).fetchone()
-        return None if row is None else Status(*row)
+        if row is None:
+            return None
+        state, chunks, sha256, error, updated_ns, acl = row
+        return Status(state, chunks, sha256, error, updated_ns, tuple(json.loads(acl)))
 
     def close(self) -> None:
         self._db.close()
@@ -146,10 +165,15 @@ class Ingestor:
         tenant = ctx.envelope.tenant
         started = time.monotonic()
         report = ev.KbIndexed(document_id=event.document_id, collection=event.collection)
+        acl: tuple[str, ...] | None = tuple(sorted(set(event.acl)))
         try:
             check_names(tenant, event.collection, event.document_id)
             async with self._write:  # one document at a time: replacements never interleave
-                await self._apply(tenant, event, report)
+                acl = await self._apply(tenant, event, report)
+        except WriteForbidden as refused:
+            report.state = ev.INDEX_STATE_FAILED
+            report.error = str(refused)
+            acl = None  # the stored document's status stays as its own writers left it
         except IngestRefused as refused:
             report.state = ev.INDEX_STATE_FAILED
             report.error = str(refused)
@@ -157,7 +181,7 @@ class Ingestor:
             log.exception("ingestion failed", document_id=event.document_id)
             report.state = ev.INDEX_STATE_FAILED
             report.error = f"internal error: {type(error).__name__}"
-        await self._report(tenant, report)
+        await self._report(tenant, report, acl)
         log.info(
             "document ingested",
             tenant=tenant,
@@ -169,11 +193,28 @@ class Ingestor:
             seconds=round(time.monotonic() - started, 3),
         )
 
-    async def _apply(self, tenant: str, event: ev.KbIngest, report: ev.KbIndexed) -> None:
+    async def _apply(
+        self, tenant: str, event: ev.KbIngest, report: ev.KbIndexed
+    ) -> tuple[str, ...]:
+        """Index or delete the event's document; returns the ACL its status is kept under.
+
+        Raises:
+            WriteForbidden: a stored document's ACL does not admit the writer.
+            IngestRefused: the document cannot be indexed (the message says why).
+        """
+        existing = await asyncio.to_thread(
+            self.index.document, tenant, event.collection, event.document_id
+        )
+        writer = Reader(tuple(event.writer_groups), event.writer_is_admin)
+        if existing is not None and not writer.may_see(existing.acl):
+            raise WriteForbidden(
+                f"document {event.document_id!r} is restricted to other groups; only its "
+                "readers or the collection's administrators may replace or delete it"
+            )
         if event.delete:
             await asyncio.to_thread(self.index.delete, tenant, event.collection, event.document_id)
             report.state = ev.INDEX_STATE_DELETED
-            return
+            return existing.acl if existing is not None else ()
         if len(event.content) > self.max_document_bytes:
             raise IngestRefused(
                 f"the document has {len(event.content)} bytes; the limit is "
@@ -182,9 +223,6 @@ class Ingestor:
         digest = hashlib.sha256(event.content).hexdigest()
         report.content_sha256 = digest
         acl, metadata = tuple(sorted(set(event.acl))), dict(sorted(event.metadata.items()))
-        existing = await asyncio.to_thread(
-            self.index.document, tenant, event.collection, event.document_id
-        )
         if (
             existing is not None
             and existing.content_sha256 == digest
@@ -194,7 +232,7 @@ class Ingestor:
         ):
             report.state = ev.INDEX_STATE_UNCHANGED
             report.chunks = existing.chunks
-            return
+            return acl
         await self._report(
             tenant,
             ev.KbIndexed(
@@ -203,6 +241,7 @@ class Ingestor:
                 state=ev.INDEX_STATE_STARTED,
                 content_sha256=digest,
             ),
+            acl,
         )
         try:
             parsed = await asyncio.to_thread(
@@ -251,6 +290,7 @@ class Ingestor:
         await asyncio.to_thread(self.index.upsert, info, chunks, vectors)
         report.state = ev.INDEX_STATE_INDEXED
         report.chunks = len(chunks)
+        return acl
 
     async def _embed(self, texts: list[str]) -> Vectors:
         """Passage vectors; waits out an embeddings service that is down for a while."""
@@ -264,15 +304,18 @@ class Ingestor:
                 raise IngestRefused(f"the text could not be embedded: {error}") from error
         raise IngestRefused("the embeddings service stayed unavailable; ingest the document again")
 
-    async def _report(self, tenant: str, report: ev.KbIndexed) -> None:
+    async def _report(self, tenant: str, report: ev.KbIndexed, acl: tuple[str, ...] | None) -> None:
+        """Publish ``report``; remember it as the document's status under ``acl`` (not when
+        None: a refused write must not overwrite the status its readers see)."""
         status = Status(
             STATE_NAMES.get(report.state, "unknown"),
             report.chunks,
             report.content_sha256,
             report.error,
             time.time_ns(),
+            acl or (),
         )
-        if report.collection and report.document_id:
+        if acl is not None and report.collection and report.document_id:
             await asyncio.to_thread(
                 self.statuses.put, tenant, report.collection, report.document_id, status
             )

@@ -365,14 +365,29 @@ class SqliteKnowledgeIndex:
         return _document_info(row) if row else None
 
     def documents(
-        self, tenant: str, collection: str, *, after: str | None = None, limit: int = 100
+        self,
+        tenant: str,
+        collection: str,
+        *,
+        after: str | None = None,
+        limit: int = 100,
+        readers: Sequence[str] | None = None,
     ) -> list[DocumentInfo]:
-        """Documents of a collection ordered by id, ``limit`` after the id ``after``."""
+        """Documents of a collection ordered by id, ``limit`` after the id ``after``; with
+        ``readers``, only those whose ACL is empty or names one of them."""
+        readable, groups = "", list(dict.fromkeys(readers or ()))
+        if readers is not None:
+            marks = ", ".join("?" * len(groups))
+            readable = " AND (acl = '[]'" + (
+                f" OR EXISTS (SELECT 1 FROM json_each(documents.acl) WHERE value IN ({marks})))"
+                if groups
+                else ")"
+            )
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM documents WHERE tenant = ? AND collection = ? AND document_id > ?"
-                " ORDER BY document_id LIMIT ?",
-                (tenant, collection, after or "", max(0, limit)),
+                f"{readable} ORDER BY document_id LIMIT ?",
+                (tenant, collection, after or "", *groups, max(0, limit)),
             ).fetchall()
         return [_document_info(row) for row in rows]
 
