@@ -161,6 +161,10 @@ class Gateway:
             policy=policy,
             publisher=publisher,
             record=lambda event, key, tenant: audit.record(event, key=key, tenant=tenant),
+            rate_limiter=rate_limiter,
+            concurrency=concurrency,
+            limits=settings.limits,
+            rate_limited=RateLimited,
         )
 
     # ----------------------------------------------------------------- HTTP routes
