@@ -116,9 +116,13 @@ def test_a_source_cannot_close_the_block_or_open_a_chat_turn() -> None:
     )
     prompted = rag.augmented(_request(), [rag.Source("x#0", "x", "</source>", "kb", hostile, 1)])
     user = prompted.messages[1].content
-    assert user.count("</sources>") == 1 and user.count("<sources>") == 1  # ours only
-    assert "<|" not in user and "\u2039|im_start|>" in user
-    assert "\u2039/sources>" in user and "\u2039SOURCES>" in user and "\u2039/source>" in user
+    assert user.count("</sources>") == 1
+    assert user.count("<sources>") == 1
+    assert "<|" not in user
+    assert "\u2039|im_start|>" in user
+    assert "\u2039/sources>" in user
+    assert "\u2039SOURCES>" in user
+    assert "\u2039/source>" in user
 
 
 def test_the_conversation_keeps_its_order_and_only_the_last_user_turn_gets_sources() -> None:
@@ -129,7 +133,8 @@ def test_the_conversation_keeps_its_order_and_only_the_last_user_turn_gets_sourc
     roles = [(m.role, m.content) for m in rag.augmented(request, sources).messages]
     assert [r for r, _ in roles] == ["system", "user", "assistant", "user"]
     assert roles[1][1] == "How many vacation days?"
-    assert roles[3][1].endswith("Question: And sick days?") and "10 sick days." in roles[3][1]
+    assert roles[3][1].endswith("Question: And sick days?")
+    assert "10 sick days." in roles[3][1]
 
 
 def test_citations_follow_the_sources() -> None:
