@@ -55,6 +55,13 @@ class PdfWithoutText(ParseError):
     reason = "no_text_layer"
 
 
+class ParserKilled(ParseError):
+    """The parser ran out of time or memory, or crashed, on this document (raised by
+    :mod:`services.retrieval.sandbox`, which runs the parser in a child process)."""
+
+    reason = "parser_killed"
+
+
 @dataclass(frozen=True)
 class ParsedDocument:
     text: str  # paragraphs separated by blank lines; never empty
@@ -68,6 +75,8 @@ def parse_document(
     title: str | None = None,
     *,
     max_bytes: int = MAX_BYTES,
+    max_pages: int | None = None,
+    max_chars: int | None = None,
 ) -> ParsedDocument:
     """The plain text (and title) of a document.
 
@@ -77,6 +86,13 @@ def parse_document(
             case-insensitive.
         title: the caller's title for the document; it wins over one found inside.
         max_bytes: documents larger than this are refused.
+        max_pages: PDFs with more pages are refused (before any text is extracted).
+        max_chars: documents whose text is longer are refused (a PDF as soon as its
+            extracted text passes the limit).
+
+    Hostile input can still take time and memory within these limits: the ingestion
+    runs this function in a separate process with a time and a memory limit
+    (:mod:`services.retrieval.sandbox`).
 
     Raises:
         ParseError: one of its subclasses, naming the problem: :class:`UnsupportedContentType`,
@@ -93,8 +109,15 @@ def parse_document(
         raise DocumentTooLarge(
             f"the document has {len(content):,} bytes; the limit is {max_bytes:,} bytes"
         )
-    text, found_title = _PARSERS[canonical](content, charset)
+    if canonical == "application/pdf":
+        text, found_title = _parse_pdf(content, charset, max_pages=max_pages, max_chars=max_chars)
+    else:
+        text, found_title = _PARSERS[canonical](content, charset)
+    if max_chars is not None and len(text) > max_chars * 2:  # before cleaning: a rough cut
+        raise _too_many_chars(len(text), max_chars)
     text = clean_text(text)
+    if max_chars is not None and len(text) > max_chars:
+        raise _too_many_chars(len(text), max_chars)
     if not text:
         if canonical == "application/pdf":
             raise PdfWithoutText(
@@ -103,6 +126,12 @@ def parse_document(
         raise EmptyDocument(f"the document has no text ({canonical})")
     title = " ".join((title or found_title or "").split())
     return ParsedDocument(text=text, title=title or None, content_type=canonical)
+
+
+def _too_many_chars(found: int, limit: int) -> DocumentTooLarge:
+    return DocumentTooLarge(
+        f"the document has {found:,} characters of text; the limit is {limit:,}"
+    )
 
 
 # --------------------------------------------------------------------------- common
@@ -421,19 +450,36 @@ def _break(match: re.Match[str]) -> str:
 # --------------------------------------------------------------------------- PDF
 
 
-def _parse_pdf(content: bytes, charset: str | None) -> tuple[str, str | None]:
+def _parse_pdf(
+    content: bytes,
+    charset: str | None,
+    *,
+    max_pages: int | None = None,
+    max_chars: int | None = None,
+) -> tuple[str, str | None]:
     from pypdf import PdfReader
-    from pypdf.errors import PyPdfError
+    from pypdf.errors import LimitReachedError, PyPdfError
 
     try:
         reader = PdfReader(io.BytesIO(content))
         if reader.is_encrypted and not reader.decrypt(""):
             raise UnreadablePdf("the PDF is encrypted with a password")
-        pages = [page.extract_text() or "" for page in reader.pages]
+        count = len(reader.pages)
+        if max_pages is not None and count > max_pages:
+            raise DocumentTooLarge(f"the PDF has {count:,} pages; the limit is {max_pages:,}")
+        pages: list[str] = []
+        length = 0
+        for page in reader.pages:
+            pages.append(page.extract_text() or "")
+            length += len(pages[-1])
+            if max_chars is not None and length > max_chars * 2:  # cleaning may shrink it
+                raise _too_many_chars(length, max_chars)
         metadata = reader.metadata
         title = str(metadata.title) if metadata is not None and metadata.title else None
     except ParseError:
         raise
+    except LimitReachedError as error:  # a decompression bomb, or a stream declared too long
+        raise DocumentTooLarge(f"the PDF exceeds a parser limit: {error}") from None
     except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, OSError) as error:
         raise UnreadablePdf(f"the PDF could not be read: {type(error).__name__}: {error}") from None
     if not pages:

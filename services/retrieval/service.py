@@ -9,8 +9,14 @@ API can tell a caller what became of an upload:
   (re-ingesting is idempotent by document id and content hash);
 - ``DELETED`` for a deletion (also of a document that was never there);
 - ``FAILED`` with the reason for a document that cannot be indexed (unsupported type,
-  empty, too large, unparseable). A failure is a result, not an error of the consumer:
-  the offset moves on and the next document is not held up.
+  empty, too large, too many pages, characters or chunks, over the tenant's chunk quota,
+  unparseable). A failure is a result, not an error of the consumer: the offset moves on
+  and the next document is not held up.
+
+Parsing runs in a child process with time and memory limits
+(:mod:`services.retrieval.sandbox`). A document that kills the parser (time, memory, a
+crash) is reported ``FAILED`` like any other, and its event then goes to ``kb.ingest.dlq``
+for an operator: the consumer's retries of it skip the parser, so it costs one parser run.
 
 A stored document is replaced or deleted only by a writer its ACL admits (the event's
 ``writer_groups``) or by the collection's administrator (``writer_is_admin``); any other
@@ -21,7 +27,6 @@ readers outside its ACL cannot see anyway (:mod:`services.retrieval.access`).
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import sqlite3
@@ -41,7 +46,7 @@ from services.retrieval.access import (
 from services.retrieval.chunking import chunk_text
 from services.retrieval.embedder import EmbedderError, EmbedderUnavailable
 from services.retrieval.index import Chunk, DocumentInfo, KnowledgeIndex, Vectors
-from services.retrieval.parsing import ParseError, parse_document
+from services.retrieval.parsing import ParsedDocument, ParseError, ParserKilled
 from shared.bus import Publisher
 from shared.bus.consumer import EventContext
 from shared.events.v1 import events_pb2 as ev
@@ -59,6 +64,9 @@ STATE_NAMES = {
 }
 
 Embed = Callable[[list[str], str], Vectors]
+Parse = Callable[[bytes, str, str | None], ParsedDocument]
+"""(content, content type, title) -> the parsed document; raises ParseError (blocking)."""
+_KILLED_REMEMBERED = 1024
 EMBED_RETRY_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 """Waits between tries while the embeddings service is unreachable (~1 minute in all)."""
 
@@ -69,6 +77,14 @@ class IngestRefused(ValueError):
 
 class WriteForbidden(IngestRefused):
     """The stored document's ACL does not admit this writer; nothing is changed or recorded."""
+
+
+class ParserStopped(IngestRefused):
+    """The document killed the parser (time, memory, crash): reported, then dead-lettered."""
+
+
+class DeadLetter(Exception):
+    """Raised to the bus so that it dead-letters the event (after retries that skip the work)."""
 
 
 def check_names(tenant: str, collection: str, document_id: str) -> None:
@@ -152,18 +168,35 @@ class Ingestor:
         publisher: Publisher,
         statuses: StatusStore,
         *,
+        parse: Parse,
         max_document_bytes: int,
+        max_chunks_per_document: int,
+        max_chunks_per_tenant: int,
     ) -> None:
         self.index = index
         self.embed = embed
         self.publisher = publisher
         self.statuses = statuses
+        self.parse = parse
         self.max_document_bytes = max_document_bytes
+        self.max_chunks_per_document = max_chunks_per_document
+        self.max_chunks_per_tenant = max_chunks_per_tenant
         self._write = asyncio.Lock()
+        self._killed: dict[str, str] = {}  # event id -> why it killed the parser
 
     async def on_ingest(self, event: ev.KbIngest, ctx: EventContext) -> None:
+        """Apply one kb.ingest event and report its outcome.
+
+        Raises:
+            DeadLetter: the document killed the parser (reported already); the bus
+                retries, which raise at once, then moves the event to the DLQ.
+        """
+        event_id = ctx.envelope.event_id
+        if event_id in self._killed:
+            raise DeadLetter(self._killed[event_id])
         tenant = ctx.envelope.tenant
         started = time.monotonic()
+        stopped: str | None = None
         report = ev.KbIndexed(document_id=event.document_id, collection=event.collection)
         acl: tuple[str, ...] | None = tuple(sorted(set(event.acl)))
         try:
@@ -174,6 +207,10 @@ class Ingestor:
             report.state = ev.INDEX_STATE_FAILED
             report.error = str(refused)
             acl = None  # the stored document's status stays as its own writers left it
+        except ParserStopped as refused:
+            stopped = str(refused)
+            report.state = ev.INDEX_STATE_FAILED
+            report.error = f"{refused}; the document was set aside for an operator (kb.ingest.dlq)"
         except IngestRefused as refused:
             report.state = ev.INDEX_STATE_FAILED
             report.error = str(refused)
@@ -192,6 +229,11 @@ class Ingestor:
             error=report.error or None,
             seconds=round(time.monotonic() - started, 3),
         )
+        if stopped is not None:
+            if len(self._killed) >= _KILLED_REMEMBERED:
+                self._killed.pop(next(iter(self._killed)))
+            self._killed[event_id] = stopped
+            raise DeadLetter(stopped)
 
     async def _apply(
         self, tenant: str, event: ev.KbIngest, report: ev.KbIndexed
@@ -245,19 +287,21 @@ class Ingestor:
         )
         try:
             parsed = await asyncio.to_thread(
-                functools.partial(
-                    parse_document,
-                    event.content,
-                    event.content_type,
-                    event.title or None,
-                    max_bytes=self.max_document_bytes,
-                )
+                self.parse, event.content, event.content_type, event.title or None
             )
+        except ParserKilled as error:
+            raise ParserStopped(str(error)) from error
         except ParseError as error:
             raise IngestRefused(str(error)) from error
         texts = chunk_text(parsed.text)
         if not texts:
             raise IngestRefused("the document has no text to index")
+        if len(texts) > self.max_chunks_per_document:
+            raise IngestRefused(
+                f"the document makes {len(texts):,} chunks; the limit is "
+                f"{self.max_chunks_per_document:,}"
+            )
+        await self._check_quota(tenant, len(texts) - (existing.chunks if existing else 0))
         title = event.title or parsed.title or event.document_id
         chunks = [
             Chunk(
@@ -291,6 +335,15 @@ class Ingestor:
         report.state = ev.INDEX_STATE_INDEXED
         report.chunks = len(chunks)
         return acl
+
+    async def _check_quota(self, tenant: str, added: int) -> None:
+        """Refuse a document that would take the tenant past its chunk quota."""
+        held = sum(c.chunks for c in await asyncio.to_thread(self.index.collections, tenant))
+        if added > 0 and held + added > self.max_chunks_per_tenant:
+            raise IngestRefused(
+                f"the tenant's knowledge base holds {held:,} chunks; {added:,} more would pass "
+                f"its limit of {self.max_chunks_per_tenant:,}"
+            )
 
     async def _embed(self, texts: list[str]) -> Vectors:
         """Passage vectors; waits out an embeddings service that is down for a while."""

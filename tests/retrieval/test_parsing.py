@@ -10,6 +10,7 @@ from services.retrieval.parsing import (
     DocumentTooLarge,
     EmptyDocument,
     ParseError,
+    ParserKilled,
     PdfWithoutText,
     UndecodableText,
     UnreadablePdf,
@@ -237,10 +238,11 @@ def test_every_refusal_is_a_parse_error_and_a_value_error() -> None:
         UndecodableText,
         UnreadablePdf,
         PdfWithoutText,
+        ParserKilled,
     ):
         assert issubclass(error, ParseError)
         assert issubclass(error, ValueError)
-    assert len({e.reason for e in ParseError.__subclasses__()}) == 6
+    assert len({e.reason for e in ParseError.__subclasses__()}) == 7
 
 
 # ------------------------------------------------------------------ hidden text
