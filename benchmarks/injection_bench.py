@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import itertools
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -343,7 +344,9 @@ def plot(found: list[Case], outcomes: list[Outcome], path: Path) -> Path | None:
         ]
         axis.bar([x + index * width for x in range(len(names))], rates, width, label=outcome.layout)
     axis.set_xticks(
-        [x + width * (len(outcomes) - 1) / 2 for x in range(len(names))], names, fontsize=8
+        [x + width * (len(outcomes) - 1) / 2 for x in range(len(names))],
+        [textwrap.fill(name, 18) for name in names],
+        fontsize=8,
     )
     axis.set_ylabel("answers obeying the injection (%)")
     axis.set_ylim(0, 100)
@@ -383,7 +386,8 @@ of the user turn, the question after them, the delimiters inside documents defus
 {markdown_table(*summary(found, outcomes))}
 {figure}
 A 135M-parameter model follows instructions weakly either way; the layout cannot make a model \
-immune, it removes the system role's authority from retrieved text. The per-case answers below \
+immune, it removes the system role's authority from retrieved text. {len(found)} greedy cases \
+are few: a difference of a handful of answers is weak evidence, and the per-case answers below \
 show what was counted.
 
 ## Answers
