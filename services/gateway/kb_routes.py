@@ -19,8 +19,8 @@ What is promised:
   count once (each collection is one policy decision and one audit record).
 - Every route is charged one request to the key's and the tenant's rate limits and holds
   one of their concurrent slots, as chat requests do (429 with Retry-After).
-- Document ACLs apply to every route: listing and reading show only documents whose ACL
-  is empty or names one of the caller's roles, and one it may not see is a 404 exactly
+- Document ACLs apply to every route: listing, counting and reading show only documents
+  whose ACL is empty or names one of the caller's roles, and one it may not see is a 404 exactly
   like a missing one; replacing or deleting a document needs the same (enforced by the
   retrieval service when it applies the write; the 202 does not tell). A caller holding
   ``admin`` on the collection is not limited by ACLs on these routes.
@@ -212,7 +212,7 @@ class KbRoutes:
         return decision
 
     async def _document_access(
-        self, request: Request, principal: Principal, action: str, collection: str
+        self, request: Request, principal: Principal, action: str, collection: str | None
     ) -> bool:
         """Allow ``action`` on the collection's documents; True when the caller administers
         the collection, so that document ACLs do not limit it."""
@@ -256,8 +256,9 @@ class KbRoutes:
     async def collections(self, request: Request, principal: Principal) -> Response:
         reject_unknown(request.query_params, (), what="a query parameter here")
         self._charge(principal)
-        await self._allow(request, principal, "read", None)
-        return await self._forward("GET", "/v1/kb/collections", [("tenant", principal.tenant)])
+        admin = await self._document_access(request, principal, "read", None)
+        params: Params = [("tenant", principal.tenant), *_reader(principal, admin)]
+        return await self._forward("GET", "/v1/kb/collections", params)
 
     async def documents(self, request: Request, principal: Principal) -> Response:
         collection = _collection(request)

@@ -6,20 +6,21 @@ has checked the caller's policy and fills in the tenant and groups).
   title, collection, text, score, ordinal, bm25_rank, vector_rank}]}``. Only chunks of
   that tenant and those collections whose ACL is empty or names one of the groups are
   searched at all.
-- ``GET /v1/kb/collections?tenant=`` -> the tenant's collections with their sizes.
+- ``GET /v1/kb/collections?tenant=&group=...`` -> the tenant's collections with their sizes.
 - ``GET /v1/kb/collections/{collection}/documents?tenant=&group=...&after=&limit=``
 - ``GET /v1/kb/collections/{collection}/documents/{document_id}?tenant=&group=...`` -> the
   stored document and the outcome of its last ingestion (``failed`` with the reason, too).
 
-Both document routes show only what the caller's groups (``group``, repeated) may read
-(:mod:`services.retrieval.access`), or everything with ``admin=true`` (the gateway sets it
-for a collection's administrators); a document the caller may not read is answered
-exactly as one that does not exist.
+The listing routes (and their counts) and ``GET`` of a document show only what the
+caller's groups (``group``, repeated) may read (:mod:`services.retrieval.access`), or
+everything with ``admin=true`` (the gateway sets it for a collection's administrators); a
+document the caller may not read is answered exactly as one that does not exist.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -206,8 +207,11 @@ class RetrievalApi:
         return collection
 
     async def collections(self, request: Request) -> dict[str, Any]:
-        tenant = self._tenant(request, frozenset({"tenant"}))
-        found = await asyncio.to_thread(self.index.collections, tenant)
+        tenant = self._tenant(request, frozenset({"tenant", "group", "admin"}))
+        reader = self._reader(request)
+        found = await asyncio.to_thread(
+            functools.partial(self.index.collections, tenant, readers=reader.readers)
+        )
         return {
             "collections": [
                 {"collection": c.collection, "documents": c.documents, "chunks": c.chunks}

@@ -122,7 +122,12 @@ class KnowledgeIndex(Protocol):
         ``readers``, only those whose ACL is empty or names one of them."""
         ...
 
-    def collections(self, tenant: str) -> list[CollectionInfo]: ...
+    def collections(
+        self, tenant: str, *, readers: Sequence[str] | None = None
+    ) -> list[CollectionInfo]:
+        """The tenant's collections holding documents, with their counts; with ``readers``,
+        only the documents whose ACL is empty or names one of them are counted."""
+        ...
 
     def search_bm25(self, scope: Scope, query: str, k: int) -> list[Scored]:
         """The ``k`` best chunks in ``scope`` for ``query`` by BM25, best first."""

@@ -636,8 +636,14 @@ class OpenSearchKnowledgeIndex(KnowledgeIndex):
         reply = self._search(self._documents, body)
         return [_document(hit["_source"]) for hit in reply["hits"]["hits"]]
 
-    def collections(self, tenant: str) -> list[CollectionInfo]:
-        """The tenant's collections holding documents, by name, with their counts."""
+    def collections(
+        self, tenant: str, *, readers: Sequence[str] | None = None
+    ) -> list[CollectionInfo]:
+        """The tenant's collections holding documents, by name, with their counts (of the
+        documents ``readers`` may read, when given)."""
+        filters: list[dict[str, Any]] = [{"term": {"tenant": tenant}}]
+        if readers is not None:
+            filters.append(scope_filter(Scope(tenant, ("-",), tuple(readers)))[-1])
         found: list[CollectionInfo] = []
         after: dict[str, Any] | None = None
         while True:
@@ -649,7 +655,7 @@ class OpenSearchKnowledgeIndex(KnowledgeIndex):
                 composite["after"] = after
             body = {
                 "size": 0,
-                "query": {"bool": {"filter": [{"term": {"tenant": tenant}}]}},
+                "query": {"bool": {"filter": filters}},
                 "aggs": {
                     "collections": {
                         "composite": composite,

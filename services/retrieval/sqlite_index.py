@@ -375,14 +375,7 @@ class SqliteKnowledgeIndex:
     ) -> list[DocumentInfo]:
         """Documents of a collection ordered by id, ``limit`` after the id ``after``; with
         ``readers``, only those whose ACL is empty or names one of them."""
-        readable, groups = "", list(dict.fromkeys(readers or ()))
-        if readers is not None:
-            marks = ", ".join("?" * len(groups))
-            readable = " AND (acl = '[]'" + (
-                f" OR EXISTS (SELECT 1 FROM json_each(documents.acl) WHERE value IN ({marks})))"
-                if groups
-                else ")"
-            )
+        readable, groups = _readable(readers)
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM documents WHERE tenant = ? AND collection = ? AND document_id > ?"
@@ -391,12 +384,15 @@ class SqliteKnowledgeIndex:
             ).fetchall()
         return [_document_info(row) for row in rows]
 
-    def collections(self, tenant: str) -> list[CollectionInfo]:
+    def collections(
+        self, tenant: str, *, readers: Sequence[str] | None = None
+    ) -> list[CollectionInfo]:
+        readable, groups = _readable(readers)
         with self._lock:
             rows = self._db.execute(
                 "SELECT collection, count(*), total(chunks) FROM documents WHERE tenant = ?"
-                " GROUP BY collection ORDER BY collection",
-                (tenant,),
+                f"{readable} GROUP BY collection ORDER BY collection",
+                (tenant, *groups),
             ).fetchall()
         return [CollectionInfo(tenant, name, int(docs), int(n)) for name, docs, n in rows]
 
@@ -747,6 +743,22 @@ def _chunk(row: Sequence[Any]) -> Chunk:
         ordinal=int(ordinal),
         acl=tuple(json.loads(acl)),
         metadata=_mapping(metadata),
+    )
+
+
+def _readable(readers: Sequence[str] | None) -> tuple[str, list[str]]:
+    """An SQL condition on ``documents`` (and its parameters) admitting the documents whose
+    ACL is empty or names one of ``readers``; no condition for None."""
+    if readers is None:
+        return "", []
+    groups = list(dict.fromkeys(readers))
+    if not groups:
+        return " AND acl = '[]'", []
+    marks = ", ".join("?" * len(groups))
+    return (
+        " AND (acl = '[]' OR EXISTS (SELECT 1 FROM json_each(documents.acl)"
+        f" WHERE value IN ({marks})))",
+        groups,
     )
 
 

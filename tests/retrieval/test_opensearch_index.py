@@ -752,3 +752,6 @@ def test_listing_for_readers_shows_only_what_their_groups_may_read(
     assert listed(()) == ["a-public"]
     assert listed(("hr",)) == ["a-public", "b-hr", "c-hr-or-legal"]
     assert listed(("legal",)) == ["a-public", "c-hr-or-legal"]
+    assert [c.documents for c in index.collections("acme", readers=None)] == [3]
+    assert [c.documents for c in index.collections("acme", readers=())] == [1]
+    assert [c.documents for c in index.collections("acme", readers=("legal",))] == [2]

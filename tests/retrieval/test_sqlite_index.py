@@ -526,3 +526,11 @@ def test_listing_for_readers_shows_only_what_their_groups_may_read(
     assert listed(("hr",)) == ["a-public", "b-hr", "c-hr-or-legal"]
     assert listed(("legal", "x")) == ["a-public", "c-hr-or-legal", "d-legal"]
     assert listed(("legal",), after="a-public", limit=1) == ["c-hr-or-legal"]  # pages hold 1
+
+    def counted(readers: tuple[str, ...] | None) -> list[tuple[str, int, int]]:
+        found = index.collections("acme", readers=readers)
+        return [(c.collection, c.documents, c.chunks) for c in found]
+
+    assert counted(None) == [("policies", 4, 4)]
+    assert counted(()) == [("policies", 1, 1)]
+    assert counted(("hr",)) == [("policies", 3, 3)]

@@ -145,6 +145,15 @@ async def test_listing_and_reading_apply_the_acl_and_the_tenant(kb: Kb) -> None:
     assert listed(await kb.call("GET", documents, "admin")) == {"leave", "payroll"}
     assert listed(await kb.call("GET", documents, "globex-admin")) == set()
 
+    def counted(reply: httpx.Response) -> dict[str, int]:
+        assert reply.status_code == 200, reply.text
+        return {c["collection"]: c["documents"] for c in reply.json()["collections"]}
+
+    # the counts tell no more than the listing: a hidden document is not counted
+    assert counted(await kb.call("GET", "/kb/collections", "analyst")) == {"pub": 1, "secret": 1}
+    assert counted(await kb.call("GET", "/kb/collections", "hr-analyst"))["pub"] == 2
+    assert counted(await kb.call("GET", "/kb/collections", "globex-admin")) == {}
+
     assert (await kb.call("GET", f"{documents}/payroll", "hr-analyst")).status_code == 200
     hidden = _not_found(await kb.call("GET", f"{documents}/payroll", "analyst"))
     missing = _not_found(await kb.call("GET", f"{documents}/no-such-doc", "analyst"))
