@@ -143,3 +143,8 @@ bench-pii *args:
 bench-retrieval *args:
     {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
     {{python}} -m benchmarks.retrieval_bench {{args}}
+
+# Prompt injection through retrieved documents: how often the answer obeys, old vs new layout.
+[group('bench')]
+bench-injection *args:
+    {{python}} -m benchmarks.injection_bench {{args}}

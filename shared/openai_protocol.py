@@ -68,6 +68,13 @@ class RouteNotFoundError(OpenAIError):
     error_type = "invalid_request_error"
 
 
+class NotFoundError(OpenAIError):
+    """404: no such resource, or one the caller may not see (the same answer for both)."""
+
+    status = 404
+    error_type = "not_found_error"
+
+
 class ServiceUnavailableError(OpenAIError):
     """503: the model cannot answer now (it is stopping, or failed)."""
 

@@ -101,6 +101,9 @@ class Gateway:
             policy=policy,
             publisher=publisher,
             record=lambda event, key, tenant: audit.record(event, key=key, tenant=tenant),
+            rate_limiter=rate_limiter,
+            concurrency=concurrency,
+            limits=settings.limits,
         )
 
     # ----------------------------------------------------------------- HTTP routes

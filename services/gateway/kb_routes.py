@@ -1,4 +1,4 @@
-"""``/v1/kb/*`` at the gateway: the knowledge base, behind the policy.
+"""``/v1/kb/*`` at the gateway: the knowledge base, behind the policy and the limits.
 
 - ``POST /v1/kb/search`` ``{"query", "collections", "top_k", "mode"}``: ``read`` on each
   collection; the retrieval service searches only the caller's tenant and the chunks
@@ -8,6 +8,22 @@
   "text" | "content_base64", "acl"?, "metadata"?}``: ``write``; the document goes to
   ``kb.ingest`` and the answer is 202 with where to follow its indexing.
 - ``DELETE /v1/kb/collections/{c}/documents/{id}``: ``write``; 202.
+
+What is promised:
+
+- Every field is checked here, before anything is charged or decided: a bad one is a 400
+  naming it. Collection names and document ids are whole-string matches (no ``/``, no
+  trailing newline) and are URL-encoded as single path segments when forwarded, so the
+  collection the policy checked is the one the retrieval service reads.
+- A search names at most ``kb.max_search_collections`` distinct collections; duplicates
+  count once (each collection is one policy decision and one audit record).
+- Every route is charged one request to the key's and the tenant's rate limits and holds
+  one of their concurrent slots, as chat requests do (429 with Retry-After).
+- Document ACLs apply to every route: listing, counting and reading show only documents
+  whose ACL is empty or names one of the caller's roles, and one it may not see is a 404 exactly
+  like a missing one; replacing or deleting a document needs the same (enforced by the
+  retrieval service when it applies the write; the 202 does not tell). A caller holding
+  ``admin`` on the collection is not limited by ACLs on these routes.
 
 Each decision is audited like the gateway's other decisions.
 """
@@ -21,6 +37,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from starlette.requests import Request
@@ -29,14 +46,17 @@ from starlette.routing import Route
 
 from services.gateway.admission import parse_json
 from services.gateway.auth import Principal
-from services.gateway.policy import Policy
+from services.gateway.limits import ConcurrencyLimiter, Limit, RateLimiter
+from services.gateway.policy import Decision, Policy
 from services.gateway.rag import COLLECTION
-from services.gateway.settings import KbSettings
+from services.gateway.settings import KbSettings, LimitsConfig
 from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
 from shared.openai_protocol import (
     InvalidRequestError,
+    NotFoundError,
     PermissionDeniedError,
+    RateLimitError,
     RequestTimeoutError,
     RequestTooLargeError,
     ServiceUnavailableError,
@@ -47,7 +67,10 @@ from shared.policy import AccessRequest, Resource, Subject
 from shared.topics import KB_INGEST
 
 CONTENT_TYPES = ("text/plain", "text/markdown", "text/html", "application/pdf")
-DOCUMENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,199}$")
+DOCUMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}")
+"""A document id (``fullmatch``): no ``/``, so it is always one path segment."""
+COLLECTION_RULE = "use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+DOCUMENT_ID_RULE = "use 1-200 letters, digits and _ . : @ -, starting with a letter or digit"
 INGEST_FIELDS = frozenset(
     {"document_id", "title", "content_type", "text", "content_base64", "acl", "metadata"}
 )
@@ -55,13 +78,23 @@ SEARCH_FIELDS = frozenset({"query", "collections", "top_k", "mode"})
 BODY_TIMEOUT_S = 60
 """How long a body (up to a whole document) may take to arrive: 408 after it."""
 
+MODES = ("hybrid", "bm25", "vector")
+MAX_QUERY_CHARS = 4000
+MAX_ACL_GROUPS = 64
+MAX_METADATA = 64
+MAX_LIST_LIMIT = 1000
 
-# the shared OpenAI error classes, under this module's names
-KbDenied = PermissionDeniedError
-DocumentTooLarge = RequestTooLargeError
+Params = list[tuple[str, str | int | float | bool | None]]  # query parameters, as httpx takes them
 
 
 class KbRoutes:
+    """The ``/v1/kb/*`` routes.
+
+    Args:
+        rate_limiter, concurrency, limits: the gateway's own limiters and their defaults;
+            each kb request is charged one request and holds one concurrent slot.
+    """
+
     def __init__(
         self,
         *,
@@ -70,29 +103,84 @@ class KbRoutes:
         policy: Policy,
         publisher: Publisher,
         record: Callable[[ev.AuditEvent, str, str], Awaitable[None]],
+        rate_limiter: RateLimiter,
+        concurrency: ConcurrencyLimiter,
+        limits: LimitsConfig,
     ) -> None:
         self.settings = settings
         self.authenticate = authenticate
         self.policy = policy
         self.publisher = publisher
         self.record = record
+        self.rate_limiter = rate_limiter
+        self.concurrency = concurrency
+        self.limits = limits
         self._client = httpx.AsyncClient(timeout=30)
 
     def routes(self) -> list[Route]:
         documents = "/v1/kb/collections/{collection}/documents"
+        limited = self._limited
         return [
-            Route("/v1/kb/search", self.search, methods=["POST"]),
-            Route("/v1/kb/collections", self.collections, methods=["GET"]),
-            Route(documents, self.documents, methods=["GET"]),
-            Route(documents, self.ingest, methods=["POST"]),
-            Route(documents + "/{document_id:path}", self.document, methods=["GET"]),
-            Route(documents + "/{document_id:path}", self.delete, methods=["DELETE"]),
+            Route("/v1/kb/search", limited(self.search), methods=["POST"]),
+            Route("/v1/kb/collections", limited(self.collections), methods=["GET"]),
+            Route(documents, limited(self.documents), methods=["GET"]),
+            Route(documents, limited(self.ingest), methods=["POST"]),
+            # ":path" so that an id with "/" (or "%2F") reaches the check and gets its 400
+            Route(documents + "/{document_id:path}", limited(self.document), methods=["GET"]),
+            Route(documents + "/{document_id:path}", limited(self.delete), methods=["DELETE"]),
         ]
+
+    # ------------------------------------------------------------------ limits
+
+    def _limited(
+        self, handler: Callable[[Request, Principal], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """``handler`` behind authentication and a concurrent slot of the key and tenant."""
+
+        async def endpoint(request: Request) -> Response:
+            principal = self.authenticate(request)
+            key_id = _limit_key(principal)
+            if not self.concurrency.try_acquire(key_id, principal.tenant):
+                raise RateLimitError("too many concurrent requests for this key or tenant", 1)
+            try:
+                return await handler(request, principal)
+            finally:
+                self.concurrency.release(key_id, principal.tenant)
+
+        return endpoint
+
+    def _charge(self, principal: Principal) -> None:
+        """Charge one request to the key and the tenant (after validation, before policy:
+        every decision writes an audit record, so denied attempts are paid for too)."""
+        key_id = _limit_key(principal)
+        wait = self.rate_limiter.admit(
+            key_id,
+            principal.tenant,
+            Limit(principal.rpm or self.limits.default_rpm, None),
+            Limit(self.limits.tenant_rpm, None),
+            0,
+        )
+        if wait is not None:
+            raise RateLimitError(
+                f"rate limit reached for {key_id if principal.key_id else principal.subject} "
+                f"or tenant {principal.tenant}",
+                wait,
+            )
 
     # ------------------------------------------------------------------ decisions
 
-    async def _allow(self, request: Request, action: str, collection: str | None) -> Principal:
-        principal = self.authenticate(request)
+    async def _allow(
+        self, request: Request, principal: Principal, action: str, collection: str | None
+    ) -> None:
+        """403 unless the policy allows ``action``; audited either way."""
+        decision = await self._decide(request, principal, action, collection)
+        if not decision.allow:
+            reason = "; ".join(decision.reasons) or "denied by policy"
+            raise PermissionDeniedError(reason, "collection", "policy_denied")
+
+    async def _decide(
+        self, request: Request, principal: Principal, action: str, collection: str | None
+    ) -> Decision:
         decision = self.policy.authorize(
             AccessRequest(
                 Subject(principal.subject, principal.tenant, principal.roles),
@@ -110,63 +198,89 @@ class KbRoutes:
         event.policy.resource = f"kb_collection:{collection or '*'}"
         event.policy.roles.extend(principal.roles)
         await self.record(event, request_id, principal.tenant)
-        if not decision.allow:
-            reason = "; ".join(decision.reasons) or "denied by policy"
-            raise KbDenied(reason, "collection", "policy_denied")
-        return principal
+        return decision
 
-    @staticmethod
-    def _collection(request: Request) -> str:
-        name = str(request.path_params["collection"])
-        if not COLLECTION.match(name):
-            raise invalid_field(
-                "collection", "use 1-64 letters, digits, '_', '.' or '-', starting with a letter"
-            )
-        return name
-
-    @staticmethod
-    def _document_id(value: Any) -> str:
-        if not isinstance(value, str) or not DOCUMENT_ID.match(value):
-            raise invalid_field("document_id", "use 1-200 letters, digits and _ . : @ / -")
-        return value
+    async def _document_access(
+        self, request: Request, principal: Principal, action: str, collection: str | None
+    ) -> bool:
+        """Allow ``action`` on the collection's documents; True when the caller administers
+        the collection, so that document ACLs do not limit it."""
+        if (await self._decide(request, principal, "admin", collection)).allow:
+            return True
+        await self._allow(request, principal, action, collection)
+        return False
 
     # ------------------------------------------------------------------ reads
 
-    async def search(self, request: Request) -> Response:
+    async def search(self, request: Request, principal: Principal) -> Response:
         body = await self._json(request, 64 * 1024)
         reject_unknown(body, SEARCH_FIELDS)
-        collections = body.get("collections")
-        if not isinstance(collections, list) or not collections:
-            raise invalid_field("collections", "must be a non-empty list of collection names")
-        principal: Principal | None = None
+        query = body.get("query")
+        if not isinstance(query, str) or not query.strip():
+            raise invalid_field("query", "is required (non-empty text)")
+        if len(query) > MAX_QUERY_CHARS:
+            raise invalid_field("query", f"must have at most {MAX_QUERY_CHARS} characters")
+        top_k, most = body.get("top_k", 5), self.settings.max_top_k
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= most:
+            raise invalid_field("top_k", f"must be an integer from 1 to {most}")
+        mode = body.get("mode", "hybrid")
+        if mode not in MODES:
+            raise invalid_field("mode", f"must be one of {', '.join(MODES)}")
+        collections = _collection_list(
+            body.get("collections"), self.settings.max_search_collections
+        )
+        self._charge(principal)
         for name in collections:
-            if not isinstance(name, str) or not COLLECTION.match(name):
-                raise invalid_field("collections", f"{str(name)[:80]!r} is not a collection name")
-            principal = await self._allow(request, "read", name)
-        assert principal is not None
-        forwarded = {**body, "tenant": principal.tenant, "groups": list(principal.roles)}
+            await self._allow(request, principal, "read", name)
+        forwarded = {
+            "query": query,
+            "collections": collections,
+            "top_k": top_k,
+            "mode": mode,
+            "tenant": principal.tenant,
+            "groups": list(principal.roles),
+        }
         return await self._forward("POST", "/v1/kb/search", json_body=forwarded)
 
-    async def collections(self, request: Request) -> Response:
-        principal = await self._allow(request, "read", None)
-        return await self._forward("GET", "/v1/kb/collections", {"tenant": principal.tenant})
+    async def collections(self, request: Request, principal: Principal) -> Response:
+        reject_unknown(request.query_params, (), what="a query parameter here")
+        self._charge(principal)
+        admin = await self._document_access(request, principal, "read", None)
+        params: Params = [("tenant", principal.tenant), *_reader(principal, admin)]
+        return await self._forward("GET", "/v1/kb/collections", params)
 
-    async def documents(self, request: Request) -> Response:
-        collection = self._collection(request)
-        principal = await self._allow(request, "read", collection)
-        params = {**request.query_params, "tenant": principal.tenant}
-        return await self._forward("GET", request.url.path, params)
+    async def documents(self, request: Request, principal: Principal) -> Response:
+        collection = _collection(request)
+        reject_unknown(request.query_params, ("after", "limit"), what="a query parameter here")
+        params: Params = [("tenant", principal.tenant)]
+        after = request.query_params.get("after")
+        if after is not None:
+            params.append(("after", _document_id(after, "after")))
+        limit = request.query_params.get("limit")
+        if limit is not None:
+            if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_LIMIT:
+                raise invalid_field("limit", f"must be an integer from 1 to {MAX_LIST_LIMIT}")
+            params.append(("limit", limit))
+        self._charge(principal)
+        admin = await self._document_access(request, principal, "read", collection)
+        return await self._forward("GET", _path(collection), params + _reader(principal, admin))
 
-    async def document(self, request: Request) -> Response:
-        collection = self._collection(request)
-        self._document_id(request.path_params["document_id"])
-        principal = await self._allow(request, "read", collection)
-        return await self._forward("GET", request.url.path, {"tenant": principal.tenant})
+    async def document(self, request: Request, principal: Principal) -> Response:
+        collection = _collection(request)
+        document_id = _path_document_id(request)
+        reject_unknown(request.query_params, (), what="a query parameter here")
+        self._charge(principal)
+        admin = await self._document_access(request, principal, "read", collection)
+        params: Params = [
+            ("tenant", principal.tenant),
+            *_reader(principal, admin),
+        ]
+        return await self._forward("GET", _path(collection, document_id), params)
 
     # ------------------------------------------------------------------ writes
 
-    async def ingest(self, request: Request) -> Response:
-        collection = self._collection(request)
+    async def ingest(self, request: Request, principal: Principal) -> Response:
+        collection = _collection(request)
         limit = self.settings.max_document_bytes
         body = await self._json(request, limit * 4 // 3 + 64 * 1024)  # base64 and fields
         reject_unknown(body, INGEST_FIELDS)
@@ -181,39 +295,59 @@ class KbRoutes:
                 "text" if "text" in body else "content_base64", "the document is empty"
             )
         if len(content) > limit:
-            raise DocumentTooLarge(f"the document has {len(content)} bytes; the limit is {limit}")
-        document_id = self._document_id(body.get("document_id") or uuid.uuid4().hex)
+            raise RequestTooLargeError(
+                f"the document has {len(content)} bytes; the limit is {limit}"
+            )
+        given_id = body.get("document_id")
+        document_id = uuid.uuid4().hex if given_id is None else _document_id(given_id)
         title = body.get("title") or ""
         if not isinstance(title, str) or len(title) > 500:
             raise invalid_field("title", "must be text of at most 500 characters")
         acl = body.get("acl") or []
-        if not isinstance(acl, list) or not all(
-            isinstance(g, str) and 0 < len(g) <= 128 for g in acl
+        if (
+            not isinstance(acl, list)
+            or len(acl) > MAX_ACL_GROUPS
+            or not all(isinstance(g, str) and 0 < len(g) <= 128 for g in acl)
         ):
-            raise invalid_field("acl", "must be a list of group or role names")
+            raise invalid_field("acl", f"must be a list of at most {MAX_ACL_GROUPS} group names")
         metadata = body.get("metadata") or {}
-        if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        if (
+            not isinstance(metadata, dict)
+            or len(metadata) > MAX_METADATA
+            or not all(
+                isinstance(k, str) and 0 < len(k) <= 128 and isinstance(v, str) and len(v) <= 1024
+                for k, v in metadata.items()
+            )
         ):
-            raise invalid_field("metadata", "must be an object of string values")
-        principal = await self._allow(request, "write", collection)
+            raise invalid_field(
+                "metadata", f"must be an object of at most {MAX_METADATA} short string values"
+            )
+        self._charge(principal)
+        admin = await self._document_access(request, principal, "write", collection)
         event = ev.KbIngest(
             document_id=document_id,
             collection=collection,
             title=title,
             content_type=content_type,
             content=content,
+            writer_is_admin=admin,
         )
         event.acl.extend(acl)
         event.metadata.update(metadata)
+        event.writer_groups.extend(principal.roles)
         await self._publish(event, principal.tenant)
         return self._accepted(collection, document_id, "queued")
 
-    async def delete(self, request: Request) -> Response:
-        collection = self._collection(request)
-        document_id = self._document_id(request.path_params["document_id"])
-        principal = await self._allow(request, "write", collection)
-        event = ev.KbIngest(document_id=document_id, collection=collection, delete=True)
+    async def delete(self, request: Request, principal: Principal) -> Response:
+        collection = _collection(request)
+        document_id = _path_document_id(request)
+        reject_unknown(request.query_params, (), what="a query parameter here")
+        self._charge(principal)
+        admin = await self._document_access(request, principal, "write", collection)
+        event = ev.KbIngest(
+            document_id=document_id, collection=collection, delete=True, writer_is_admin=admin
+        )
+        event.writer_groups.extend(principal.roles)
         await self._publish(event, principal.tenant)
         return self._accepted(collection, document_id, "deletion queued")
 
@@ -234,7 +368,7 @@ class KbRoutes:
                 "document_id": document_id,
                 "collection": collection,
                 "status": status,
-                "status_url": f"/v1/kb/collections/{collection}/documents/{document_id}",
+                "status_url": _path(collection, document_id),
             },
             status_code=202,
         )
@@ -249,7 +383,7 @@ class KbRoutes:
                 async for chunk in request.stream():
                     size += len(chunk)
                     if size > limit:
-                        raise DocumentTooLarge(f"the request body is larger than {limit} bytes")
+                        raise RequestTooLargeError(f"the request body is larger than {limit} bytes")
                     chunks.append(chunk)
         except TimeoutError:
             raise RequestTimeoutError(
@@ -266,7 +400,7 @@ class KbRoutes:
         self,
         method: str,
         path: str,
-        params: dict[str, str] | None = None,
+        params: Params | None = None,
         json_body: dict[str, Any] | None = None,
     ) -> Response:
         url = self.settings.service_url.rstrip("/") + path
@@ -277,11 +411,60 @@ class KbRoutes:
             raise ServiceUnavailableError(
                 f"the knowledge base is unreachable ({type(error).__name__}); retry later"
             ) from error
+        if reply.status_code == 404:  # the same answer for missing and for not visible
+            raise NotFoundError("no such document in this collection", "document_id", "not_found")
         return JSONResponse(body, status_code=reply.status_code)
 
 
-def _group(name: Any) -> bool:
-    return isinstance(name, str) and 0 < len(name) <= 128
+def _limit_key(principal: Principal) -> str:
+    return principal.key_id or f"jwt:{principal.subject}"
+
+
+def _path(collection: str, document_id: str | None = None) -> str:
+    """The retrieval service's path; each name is encoded as one segment, so that nothing in
+    a name can change which collection is read (``..``, ``/``, ``?``, ``#``)."""
+    path = f"/v1/kb/collections/{quote(collection, safe='')}/documents"
+    return path if document_id is None else f"{path}/{quote(document_id, safe='')}"
+
+
+def _reader(principal: Principal, admin: bool) -> Params:
+    """Query parameters that tell the retrieval service whose ACL view to give."""
+    if admin:
+        return [("admin", "true")]
+    return [("group", role) for role in principal.roles]
+
+
+def _collection(request: Request) -> str:
+    name = str(request.path_params["collection"])
+    if not COLLECTION.fullmatch(name):
+        raise invalid_field("collection", COLLECTION_RULE)
+    return name
+
+
+def _document_id(value: Any, field: str = "document_id") -> str:
+    if not isinstance(value, str) or not DOCUMENT_ID.fullmatch(value):
+        raise invalid_field(field, DOCUMENT_ID_RULE)
+    return value
+
+
+def _path_document_id(request: Request) -> str:
+    # the route's own pattern ends in "$", which matches before a final newline and so
+    # drops it from the parameter: check what really follows "/documents/" in the path
+    return _document_id(str(request.scope["path"]).partition("/documents/")[2])
+
+
+def _collection_list(value: Any, most: int) -> list[str]:
+    """The distinct collection names of a search, in order; 400 naming ``collections``."""
+    if not isinstance(value, list) or not value:
+        raise invalid_field("collections", "must be a non-empty list of collection names")
+    names: dict[str, None] = {}
+    for name in value:
+        if not isinstance(name, str) or not COLLECTION.fullmatch(name):
+            raise invalid_field("collections", f"{str(name)[:80]!r} is not a collection name")
+        names[name] = None
+        if len(names) > most:
+            raise invalid_field("collections", f"at most {most} distinct collections per search")
+    return list(names)
 
 
 def _content(body: dict[str, Any]) -> bytes:

@@ -14,7 +14,8 @@ from typing import Any
 
 from shared.openai_protocol import invalid_field, reject_unknown
 
-COLLECTION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+COLLECTION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""A collection name; match it with ``fullmatch`` (``$`` would let a trailing newline in)."""
 MAX_COLLECTIONS = 8
 MAX_TOP_K = 16
 FIELDS = frozenset({"collections", "top_k"})
@@ -37,7 +38,7 @@ def parse_rag(value: Any) -> RagRequest | None:
     if not isinstance(collections, list) or not 1 <= len(collections) <= MAX_COLLECTIONS:
         raise invalid_field("rag.collections", f"must be a list of 1 to {MAX_COLLECTIONS} names")
     for name in collections:
-        if not isinstance(name, str) or not COLLECTION.match(name):
+        if not isinstance(name, str) or not COLLECTION.fullmatch(name):
             raise invalid_field(
                 "rag.collections",
                 "names are 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",

@@ -111,6 +111,14 @@ class KbSettings(BaseModel):
         le=15 * 2**20,
         description="Largest document accepted (kb.ingest carries at most 16 MiB a message).",
     )
+    max_search_collections: int = Field(
+        16,
+        ge=1,
+        le=32,  # the retrieval service takes at most 32
+        description="Most distinct collections one /v1/kb/search names (each is one policy "
+        "decision and one audit record).",
+    )
+    max_top_k: int = Field(50, ge=1, le=1000, description="Most hits one search may ask for.")
 
 
 class GatewaySettings(MeshSettings):

@@ -40,7 +40,7 @@ log = get_logger(__name__)
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: "$" admits a final "\n"
 _HASH_CHUNK = 1 << 20
 
 
@@ -238,13 +238,13 @@ class ModelRegistry:
         return sorted(
             child.name
             for child in self.path.iterdir()
-            if child.is_dir() and _NAME.match(child.name) and self.versions(child.name)
+            if child.is_dir() and _NAME.fullmatch(child.name) and self.versions(child.name)
         )
 
     def versions(self, name: str) -> list[str]:
         """Versions of ``name``, oldest first (natural order); [] when it is unknown."""
         directory = self.path / name
-        if not _NAME.match(name) or not directory.is_dir():
+        if not _NAME.fullmatch(name) or not directory.is_dir():
             return []
         found = [
             child.name
@@ -318,7 +318,7 @@ class ModelRegistry:
             ModelExists: the version already holds a different file.
         """
         for label, value in (("model name", name), ("version", version)):
-            if not _NAME.match(value) or value == LATEST:
+            if not _NAME.fullmatch(value) or value == LATEST:
                 raise ValueError(
                     f"{label} {value!r} must be 1-128 letters, digits, '.', '_' or '-', "
                     f"start with a letter or digit, and not be {LATEST!r}"

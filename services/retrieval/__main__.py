@@ -8,6 +8,7 @@ from collections.abc import Awaitable
 from services.retrieval.api import RetrievalApi
 from services.retrieval.embedder import HttpEmbedder, LocalEmbedder
 from services.retrieval.index import KnowledgeIndex
+from services.retrieval.sandbox import ParseLimits, SandboxedParser
 from services.retrieval.search import HybridSearcher
 from services.retrieval.service import Embed, Ingestor, StatusStore
 from services.retrieval.settings import RetrievalSettings
@@ -43,8 +44,24 @@ async def build(settings: RetrievalSettings, bus: Bus, health: HealthState) -> A
     index = await asyncio.to_thread(open_index, settings)
     embed = await asyncio.to_thread(make_embedder, settings)
     statuses = StatusStore(settings.index_dir / "ingestion.sqlite")
+    parse = SandboxedParser(
+        ParseLimits(
+            max_bytes=settings.max_document_bytes,
+            max_pages=settings.kb_max_pdf_pages,
+            max_chars=settings.kb_max_text_chars,
+            timeout_s=settings.kb_parse_timeout_s,
+            memory_bytes=settings.kb_parse_memory_mb * 2**20,
+        )
+    )
     ingestor = Ingestor(
-        index, embed, bus.publisher, statuses, max_document_bytes=settings.max_document_bytes
+        index,
+        embed,
+        bus.publisher,
+        statuses,
+        parse=parse,
+        max_document_bytes=settings.max_document_bytes,
+        max_chunks_per_document=settings.kb_max_chunks_per_document,
+        max_chunks_per_tenant=settings.kb_max_chunks_per_tenant,
     )
     # one outcome per document id; a redelivered event re-applies the same content
     bus.subscribe(KB_INGEST, group=NAME)(ingestor.on_ingest)

@@ -6,15 +6,21 @@ has checked the caller's policy and fills in the tenant and groups).
   title, collection, text, score, ordinal, bm25_rank, vector_rank}]}``. Only chunks of
   that tenant and those collections whose ACL is empty or names one of the groups are
   searched at all.
-- ``GET /v1/kb/collections?tenant=`` -> the tenant's collections with their sizes.
-- ``GET /v1/kb/collections/{collection}/documents?tenant=&after=&limit=``
-- ``GET /v1/kb/collections/{collection}/documents/{document_id}?tenant=`` -> the stored
-  document and the outcome of its last ingestion (``failed`` with the reason, too).
+- ``GET /v1/kb/collections?tenant=&group=...`` -> the tenant's collections with their sizes.
+- ``GET /v1/kb/collections/{collection}/documents?tenant=&group=...&after=&limit=``
+- ``GET /v1/kb/collections/{collection}/documents/{document_id}?tenant=&group=...`` -> the
+  stored document and the outcome of its last ingestion (``failed`` with the reason, too).
+
+The listing routes (and their counts) and ``GET`` of a document show only what the
+caller's groups (``group``, repeated) may read (:mod:`services.retrieval.access`), or
+everything with ``admin=true`` (the gateway sets it for a collection's administrators); a
+document the caller may not read is answered exactly as one that does not exist.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,10 +30,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from services.retrieval.access import (
+    COLLECTION_RULE,
+    DOCUMENT_ID_RULE,
+    Reader,
+    valid_collection,
+    valid_document_id,
+)
 from services.retrieval.embedder import EmbedderError
 from services.retrieval.index import DocumentInfo, KnowledgeIndex, Scope
 from services.retrieval.search import HybridSearcher
-from services.retrieval.service import COLLECTION, DOCUMENT_ID, StatusStore
+from services.retrieval.service import StatusStore
 from shared.openai_protocol import (
     InvalidRequestError,
     OpenAIError,
@@ -65,7 +78,7 @@ def parse_search(body: Any, max_top_k: int) -> tuple[Scope, str, int, str]:
     if (
         not isinstance(collections, list)
         or not 1 <= len(collections) <= MAX_COLLECTIONS
-        or not all(isinstance(c, str) and COLLECTION.match(c) for c in collections)
+        or not all(valid_collection(c) for c in collections)
     ):
         raise invalid_field(
             "collections",
@@ -177,15 +190,28 @@ class RetrievalApi:
         return tenant
 
     @staticmethod
+    def _reader(request: Request) -> Reader:
+        groups = request.query_params.getlist("group")
+        if len(groups) > MAX_GROUPS or not all(0 < len(g) <= 128 for g in groups):
+            raise invalid_field("group", f"at most {MAX_GROUPS} names of 1-128 characters")
+        admin = request.query_params.get("admin", "false")
+        if admin not in ("true", "false"):
+            raise invalid_field("admin", "must be true or false")
+        return Reader(tuple(groups), admin == "true")
+
+    @staticmethod
     def _collection(request: Request) -> str:
         collection = str(request.path_params["collection"])
-        if not COLLECTION.match(collection):
-            raise invalid_field("collection", "use 1-64 letters, digits, '_', '.' or '-'")
+        if not valid_collection(collection):
+            raise invalid_field("collection", COLLECTION_RULE)
         return collection
 
     async def collections(self, request: Request) -> dict[str, Any]:
-        tenant = self._tenant(request, frozenset({"tenant"}))
-        found = await asyncio.to_thread(self.index.collections, tenant)
+        tenant = self._tenant(request, frozenset({"tenant", "group", "admin"}))
+        reader = self._reader(request)
+        found = await asyncio.to_thread(
+            functools.partial(self.index.collections, tenant, readers=reader.readers)
+        )
         return {
             "collections": [
                 {"collection": c.collection, "documents": c.documents, "chunks": c.chunks}
@@ -194,7 +220,8 @@ class RetrievalApi:
         }
 
     async def documents(self, request: Request) -> dict[str, Any]:
-        tenant = self._tenant(request, frozenset({"tenant", "after", "limit"}))
+        tenant = self._tenant(request, frozenset({"tenant", "group", "admin", "after", "limit"}))
+        reader = self._reader(request)
         collection = self._collection(request)
         limit_text = request.query_params.get("limit", "100")
         if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
@@ -205,6 +232,7 @@ class RetrievalApi:
             collection,
             after=request.query_params.get("after"),
             limit=int(limit_text),
+            readers=reader.readers,
         )
         return {
             "documents": [document_json(info) for info in found],
@@ -212,13 +240,18 @@ class RetrievalApi:
         }
 
     async def document(self, request: Request) -> dict[str, Any]:
-        tenant = self._tenant(request, frozenset({"tenant"}))
+        tenant = self._tenant(request, frozenset({"tenant", "group", "admin"}))
+        reader = self._reader(request)
         collection = self._collection(request)
         document_id = str(request.path_params["document_id"])
-        if not DOCUMENT_ID.match(document_id):
-            raise invalid_field("document_id", "use 1-200 letters, digits and _ . : @ / -")
+        if not valid_document_id(document_id):
+            raise invalid_field("document_id", DOCUMENT_ID_RULE)
         info = await asyncio.to_thread(self.index.document, tenant, collection, document_id)
         status = await asyncio.to_thread(self.statuses.get, tenant, collection, document_id)
+        if info is not None and not reader.may_see(info.acl):
+            info, status = None, None  # the status of a hidden document is hidden too
+        if status is not None and not reader.may_see(status.acl):
+            status = None
         if info is None and status is None:
             raise NotFound(f"no document {document_id!r} in {collection!r}", "document_id")
         return {

@@ -110,12 +110,24 @@ class KnowledgeIndex(Protocol):
     def document(self, tenant: str, collection: str, document_id: str) -> DocumentInfo | None: ...
 
     def documents(
-        self, tenant: str, collection: str, *, after: str | None = None, limit: int = 100
+        self,
+        tenant: str,
+        collection: str,
+        *,
+        after: str | None = None,
+        limit: int = 100,
+        readers: Sequence[str] | None = None,
     ) -> list[DocumentInfo]:
-        """Documents of a collection ordered by id, ``limit`` after the id ``after``."""
+        """Documents of a collection ordered by id, ``limit`` after the id ``after``; with
+        ``readers``, only those whose ACL is empty or names one of them."""
         ...
 
-    def collections(self, tenant: str) -> list[CollectionInfo]: ...
+    def collections(
+        self, tenant: str, *, readers: Sequence[str] | None = None
+    ) -> list[CollectionInfo]:
+        """The tenant's collections holding documents, with their counts; with ``readers``,
+        only the documents whose ACL is empty or names one of them are counted."""
+        ...
 
     def search_bm25(self, scope: Scope, query: str, k: int) -> list[Scored]:
         """The ``k`` best chunks in ``scope`` for ``query`` by BM25, best first."""

@@ -610,7 +610,13 @@ class OpenSearchKnowledgeIndex(KnowledgeIndex):
         return None if found is None else _document(found["_source"])
 
     def documents(
-        self, tenant: str, collection: str, *, after: str | None = None, limit: int = 100
+        self,
+        tenant: str,
+        collection: str,
+        *,
+        after: str | None = None,
+        limit: int = 100,
+        readers: Sequence[str] | None = None,
     ) -> list[DocumentInfo]:
         if not 1 <= limit <= MAX_WINDOW:
             raise ValueError(f"limit must be within 1..{MAX_WINDOW}, not {limit}")
@@ -618,6 +624,8 @@ class OpenSearchKnowledgeIndex(KnowledgeIndex):
             {"term": {"tenant": tenant}},
             {"term": {"collection": collection}},
         ]
+        if readers is not None:
+            filters.append(scope_filter(Scope(tenant, (collection,), tuple(readers)))[-1])
         if after is not None:
             filters.append({"range": {"document_id": {"gt": after}}})
         body = {
@@ -628,8 +636,14 @@ class OpenSearchKnowledgeIndex(KnowledgeIndex):
         reply = self._search(self._documents, body)
         return [_document(hit["_source"]) for hit in reply["hits"]["hits"]]
 
-    def collections(self, tenant: str) -> list[CollectionInfo]:
-        """The tenant's collections holding documents, by name, with their counts."""
+    def collections(
+        self, tenant: str, *, readers: Sequence[str] | None = None
+    ) -> list[CollectionInfo]:
+        """The tenant's collections holding documents, by name, with their counts (of the
+        documents ``readers`` may read, when given)."""
+        filters: list[dict[str, Any]] = [{"term": {"tenant": tenant}}]
+        if readers is not None:
+            filters.append(scope_filter(Scope(tenant, ("-",), tuple(readers)))[-1])
         found: list[CollectionInfo] = []
         after: dict[str, Any] | None = None
         while True:
@@ -641,7 +655,7 @@ class OpenSearchKnowledgeIndex(KnowledgeIndex):
                 composite["after"] = after
             body = {
                 "size": 0,
-                "query": {"bool": {"filter": [{"term": {"tenant": tenant}}]}},
+                "query": {"bool": {"filter": filters}},
                 "aggs": {
                     "collections": {
                         "composite": composite,

@@ -55,6 +55,13 @@ class PdfWithoutText(ParseError):
     reason = "no_text_layer"
 
 
+class ParserKilled(ParseError):
+    """The parser ran out of time or memory, or crashed, on this document (raised by
+    :mod:`services.retrieval.sandbox`, which runs the parser in a child process)."""
+
+    reason = "parser_killed"
+
+
 @dataclass(frozen=True)
 class ParsedDocument:
     text: str  # paragraphs separated by blank lines; never empty
@@ -68,6 +75,8 @@ def parse_document(
     title: str | None = None,
     *,
     max_bytes: int = MAX_BYTES,
+    max_pages: int | None = None,
+    max_chars: int | None = None,
 ) -> ParsedDocument:
     """The plain text (and title) of a document.
 
@@ -77,6 +86,13 @@ def parse_document(
             case-insensitive.
         title: the caller's title for the document; it wins over one found inside.
         max_bytes: documents larger than this are refused.
+        max_pages: PDFs with more pages are refused (before any text is extracted).
+        max_chars: documents whose text is longer are refused (a PDF as soon as its
+            extracted text passes the limit).
+
+    Hostile input can still take time and memory within these limits: the ingestion
+    runs this function in a separate process with a time and a memory limit
+    (:mod:`services.retrieval.sandbox`).
 
     Raises:
         ParseError: one of its subclasses, naming the problem: :class:`UnsupportedContentType`,
@@ -93,8 +109,15 @@ def parse_document(
         raise DocumentTooLarge(
             f"the document has {len(content):,} bytes; the limit is {max_bytes:,} bytes"
         )
-    text, found_title = _PARSERS[canonical](content, charset)
+    if canonical == "application/pdf":
+        text, found_title = _parse_pdf(content, charset, max_pages=max_pages, max_chars=max_chars)
+    else:
+        text, found_title = _PARSERS[canonical](content, charset)
+    if max_chars is not None and len(text) > max_chars * 2:  # before cleaning: a rough cut
+        raise _too_many_chars(len(text), max_chars)
     text = clean_text(text)
+    if max_chars is not None and len(text) > max_chars:
+        raise _too_many_chars(len(text), max_chars)
     if not text:
         if canonical == "application/pdf":
             raise PdfWithoutText(
@@ -103,6 +126,12 @@ def parse_document(
         raise EmptyDocument(f"the document has no text ({canonical})")
     title = " ".join((title or found_title or "").split())
     return ParsedDocument(text=text, title=title or None, content_type=canonical)
+
+
+def _too_many_chars(found: int, limit: int) -> DocumentTooLarge:
+    return DocumentTooLarge(
+        f"the document has {found:,} characters of text; the limit is {limit:,}"
+    )
 
 
 # --------------------------------------------------------------------------- common
@@ -304,6 +333,20 @@ _WHITESPACE = re.compile(r"\s+")
 # them) becomes one line break, or a blank line when any of them ends a paragraph.
 _PARAGRAPH_MARK, _LINE_MARK = "\x1e", "\x1f"
 _BREAKS = re.compile(r"[\s\x1e\x1f]*[\x1e\x1f][\s\x1e\x1f]*")
+# Text a browser would not show is dropped: a page can hide instructions for a model in it
+# (CSS-hidden prompt injection). Inline styles and the page's own <style> rules count.
+_HIDING_STYLE = re.compile(
+    r"display\s*:\s*none|visibility\s*:\s*(?:hidden|collapse)"
+    r"|(?<![\w-])font-size\s*:\s*0*\.?0*(?:px|pt|em|rem|%|vw|vh)?\s*(?:;|!|$)"
+    r"|(?<![\w-])opacity\s*:\s*0*\.?0*\s*(?:;|!|$)"
+    r"|(?:^|;)\s*(?:left|top|right|text-indent)\s*:\s*-\d{3,}"
+    r"|clip\s*:\s*rect\(\s*0[a-z]*\s*,?\s*0[a-z]*\s*,?\s*0[a-z]*\s*,?\s*0[a-z]*\s*\)"
+    r"|(?:^|;)\s*(?:width|height|max-width|max-height)\s*:\s*0(?:px)?\s*(?:;|$)[^}]*overflow\s*:\s*hidden",
+    re.IGNORECASE,
+)
+_CSS_RULE = re.compile(r"([^{}@]+)\{([^{}]*)\}")
+_CSS_COMMENT = re.compile(r"/\*.*?\*/", re.DOTALL)
+_CSS_AT_BLOCK = re.compile(r"@[^{};]*\{(?:[^{}]*\{[^{}]*\})*[^{}]*\}")
 _META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([A-Za-z0-9_:.-]+)""", re.I)
 
 
@@ -314,6 +357,7 @@ def _parse_html(content: bytes, charset: str | None) -> tuple[str, str | None]:
         declared = _META_CHARSET.search(content[:4096])
         charset = declared.group(1).decode("ascii") if declared else None
     tree = LexborHTMLParser(_decode(content, charset))
+    _drop_styled_hidden(tree)
     title_node = tree.css_first("title") or tree.css_first("h1")
     title = title_node.text(deep=True) if title_node is not None else None
     root = tree.body or tree.root
@@ -324,8 +368,40 @@ def _html_text(html: str) -> str:
     from selectolax.lexbor import LexborHTMLParser
 
     tree = LexborHTMLParser(html)
+    _drop_styled_hidden(tree)
     root = tree.body or tree.root
     return _html_node_text(root) if root is not None else ""
+
+
+def _drop_styled_hidden(tree: Any) -> None:
+    """Remove the elements that the page's <style> rules hide (display: none and the like).
+
+    Only what a selector engine can match is removed: rules inside @media and other
+    at-rules are skipped (they may not apply), and a selector lexbor refuses is ignored.
+    """
+    css = " ".join(node.text(deep=True) or "" for node in tree.css("style"))
+    css = _CSS_AT_BLOCK.sub(" ", _CSS_COMMENT.sub(" ", css))
+    for selectors, declarations in _CSS_RULE.findall(css):
+        if not _HIDING_STYLE.search(declarations):
+            continue
+        for raw in selectors.split(","):
+            selector = raw.strip()
+            if not selector or ":" in selector:  # :hover, ::before... hide nothing for good
+                continue
+            try:
+                hidden = tree.css(selector)
+            except Exception:  # a selector lexbor does not support
+                continue
+            for node in hidden:
+                if node.tag not in ("html", "body"):
+                    node.decompose()
+
+
+def _hidden(attributes: dict[str, str | None]) -> bool:
+    if "hidden" in attributes or attributes.get("aria-hidden") == "true":
+        return True
+    style = attributes.get("style")
+    return bool(style and _HIDING_STYLE.search(style))
 
 
 def _html_node_text(root: Any) -> str:
@@ -345,7 +421,7 @@ def _html_node_text(root: Any) -> str:
             parts.append(text if in_pre else _WHITESPACE.sub(" ", text))
             continue
         attributes = node.attributes
-        if tag in _HTML_DROP or "hidden" in attributes or attributes.get("aria-hidden") == "true":
+        if tag in _HTML_DROP or _hidden(attributes):
             continue
         if tag == "br":
             parts.append(_LINE_MARK)
@@ -374,19 +450,36 @@ def _break(match: re.Match[str]) -> str:
 # --------------------------------------------------------------------------- PDF
 
 
-def _parse_pdf(content: bytes, charset: str | None) -> tuple[str, str | None]:
+def _parse_pdf(
+    content: bytes,
+    charset: str | None,
+    *,
+    max_pages: int | None = None,
+    max_chars: int | None = None,
+) -> tuple[str, str | None]:
     from pypdf import PdfReader
-    from pypdf.errors import PyPdfError
+    from pypdf.errors import LimitReachedError, PyPdfError
 
     try:
         reader = PdfReader(io.BytesIO(content))
         if reader.is_encrypted and not reader.decrypt(""):
             raise UnreadablePdf("the PDF is encrypted with a password")
-        pages = [page.extract_text() or "" for page in reader.pages]
+        count = len(reader.pages)
+        if max_pages is not None and count > max_pages:
+            raise DocumentTooLarge(f"the PDF has {count:,} pages; the limit is {max_pages:,}")
+        pages: list[str] = []
+        length = 0
+        for page in reader.pages:
+            pages.append(page.extract_text() or "")
+            length += len(pages[-1])
+            if max_chars is not None and length > max_chars * 2:  # cleaning may shrink it
+                raise _too_many_chars(length, max_chars)
         metadata = reader.metadata
         title = str(metadata.title) if metadata is not None and metadata.title else None
     except ParseError:
         raise
+    except LimitReachedError as error:  # a decompression bomb, or a stream declared too long
+        raise DocumentTooLarge(f"the PDF exceeds a parser limit: {error}") from None
     except (PyPdfError, ValueError, KeyError, TypeError, AttributeError, OSError) as error:
         raise UnreadablePdf(f"the PDF could not be read: {type(error).__name__}: {error}") from None
     if not pages:

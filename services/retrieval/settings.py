@@ -43,6 +43,20 @@ class RetrievalSettings(MeshSettings):
         20 * 2**20, ge=1024, le=256 * 2**20, description="Larger documents are refused."
     )
     max_top_k: int = Field(50, ge=1, le=1000)
+    kb_max_pdf_pages: int = Field(2000, ge=1, description="PDFs with more pages are refused.")
+    kb_max_text_chars: int = Field(
+        10_000_000, ge=1000, description="Documents with more characters of text are refused."
+    )
+    kb_max_chunks_per_document: int = Field(20_000, ge=1)
+    kb_max_chunks_per_tenant: int = Field(
+        2_000_000, ge=1, description="A tenant's knowledge base holds at most this many chunks."
+    )
+    kb_parse_timeout_s: float = Field(
+        120, gt=0, le=3600, description="Wall-clock limit of parsing one document."
+    )
+    kb_parse_memory_mb: int = Field(
+        2048, ge=256, le=65536, description="Address-space limit of the parsing process."
+    )
     kb_fusion: Literal["zscore", "minmax", "rrf"] = Field(
         "zscore", description="How hybrid search fuses BM25 and vector scores."
     )

@@ -365,23 +365,34 @@ class SqliteKnowledgeIndex:
         return _document_info(row) if row else None
 
     def documents(
-        self, tenant: str, collection: str, *, after: str | None = None, limit: int = 100
+        self,
+        tenant: str,
+        collection: str,
+        *,
+        after: str | None = None,
+        limit: int = 100,
+        readers: Sequence[str] | None = None,
     ) -> list[DocumentInfo]:
-        """Documents of a collection ordered by id, ``limit`` after the id ``after``."""
+        """Documents of a collection ordered by id, ``limit`` after the id ``after``; with
+        ``readers``, only those whose ACL is empty or names one of them."""
+        readable, groups = _readable(readers)
         with self._lock:
             rows = self._db.execute(
                 "SELECT * FROM documents WHERE tenant = ? AND collection = ? AND document_id > ?"
-                " ORDER BY document_id LIMIT ?",
-                (tenant, collection, after or "", max(0, limit)),
+                f"{readable} ORDER BY document_id LIMIT ?",
+                (tenant, collection, after or "", *groups, max(0, limit)),
             ).fetchall()
         return [_document_info(row) for row in rows]
 
-    def collections(self, tenant: str) -> list[CollectionInfo]:
+    def collections(
+        self, tenant: str, *, readers: Sequence[str] | None = None
+    ) -> list[CollectionInfo]:
+        readable, groups = _readable(readers)
         with self._lock:
             rows = self._db.execute(
                 "SELECT collection, count(*), total(chunks) FROM documents WHERE tenant = ?"
-                " GROUP BY collection ORDER BY collection",
-                (tenant,),
+                f"{readable} GROUP BY collection ORDER BY collection",
+                (tenant, *groups),
             ).fetchall()
         return [CollectionInfo(tenant, name, int(docs), int(n)) for name, docs, n in rows]
 
@@ -732,6 +743,22 @@ def _chunk(row: Sequence[Any]) -> Chunk:
         ordinal=int(ordinal),
         acl=tuple(json.loads(acl)),
         metadata=_mapping(metadata),
+    )
+
+
+def _readable(readers: Sequence[str] | None) -> tuple[str, list[str]]:
+    """An SQL condition on ``documents`` (and its parameters) admitting the documents whose
+    ACL is empty or names one of ``readers``; no condition for None."""
+    if readers is None:
+        return "", []
+    groups = list(dict.fromkeys(readers))
+    if not groups:
+        return " AND acl = '[]'", []
+    marks = ", ".join("?" * len(groups))
+    return (
+        " AND (acl = '[]' OR EXISTS (SELECT 1 FROM json_each(documents.acl)"
+        f" WHERE value IN ({marks})))",
+        groups,
     )
 
 

@@ -736,3 +736,22 @@ def test_server_side_vector_modes_agree_with_the_scan(
             assert len(common) >= 8
         for scored in common:
             assert scored.score == pytest.approx(expected[scored.chunk], abs=1e-4)
+
+
+def test_listing_for_readers_shows_only_what_their_groups_may_read(
+    index: OpenSearchKnowledgeIndex,
+) -> None:
+    index.upsert(*make_doc("a-public", ["one"]))
+    index.upsert(*make_doc("b-hr", ["two"], acl=("hr",)))
+    index.upsert(*make_doc("c-hr-or-legal", ["three"], acl=("hr", "legal")))
+
+    def listed(readers: tuple[str, ...] | None) -> list[str]:
+        return [d.document_id for d in index.documents("acme", "handbook", readers=readers)]
+
+    assert listed(None) == ["a-public", "b-hr", "c-hr-or-legal"]
+    assert listed(()) == ["a-public"]
+    assert listed(("hr",)) == ["a-public", "b-hr", "c-hr-or-legal"]
+    assert listed(("legal",)) == ["a-public", "c-hr-or-legal"]
+    assert [c.documents for c in index.collections("acme", readers=None)] == [3]
+    assert [c.documents for c in index.collections("acme", readers=())] == [1]
+    assert [c.documents for c in index.collections("acme", readers=("legal",))] == [2]

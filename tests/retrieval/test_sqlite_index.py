@@ -507,3 +507,30 @@ def test_concurrent_readers_see_a_document_whole(index: SqliteKnowledgeIndex) ->
     for thread in threads:
         thread.join(timeout=60)
     assert errors == []
+
+
+def test_listing_for_readers_shows_only_what_their_groups_may_read(
+    index: SqliteKnowledgeIndex,
+) -> None:
+    put(index, "a-public", ["one"])
+    put(index, "b-hr", ["two"], acl=("hr",))
+    put(index, "c-hr-or-legal", ["three"], acl=("hr", "legal"))
+    put(index, "d-legal", ["four"], acl=("legal",))
+
+    def listed(readers: tuple[str, ...] | None, **kwargs: object) -> list[str]:
+        found = index.documents("acme", "policies", readers=readers, **kwargs)  # type: ignore[arg-type]
+        return [d.document_id for d in found]
+
+    assert listed(None) == ["a-public", "b-hr", "c-hr-or-legal", "d-legal"]  # no filter
+    assert listed(()) == ["a-public"]
+    assert listed(("hr",)) == ["a-public", "b-hr", "c-hr-or-legal"]
+    assert listed(("legal", "x")) == ["a-public", "c-hr-or-legal", "d-legal"]
+    assert listed(("legal",), after="a-public", limit=1) == ["c-hr-or-legal"]  # pages hold 1
+
+    def counted(readers: tuple[str, ...] | None) -> list[tuple[str, int, int]]:
+        found = index.collections("acme", readers=readers)
+        return [(c.collection, c.documents, c.chunks) for c in found]
+
+    assert counted(None) == [("policies", 4, 4)]
+    assert counted(()) == [("policies", 1, 1)]
+    assert counted(("hr",)) == [("policies", 3, 3)]

@@ -540,7 +540,7 @@ class ScalingDecision(_message.Message):
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., deployment: _Optional[str] = ..., pool: _Optional[str] = ..., current_replicas: _Optional[int] = ..., target_replicas: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class KbIngest(_message.Message):
-    __slots__ = ("envelope", "document_id", "collection", "title", "content_type", "content", "acl", "metadata", "delete")
+    __slots__ = ("envelope", "document_id", "collection", "title", "content_type", "content", "acl", "metadata", "delete", "writer_groups", "writer_is_admin")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -557,6 +557,8 @@ class KbIngest(_message.Message):
     ACL_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     DELETE_FIELD_NUMBER: _ClassVar[int]
+    WRITER_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    WRITER_IS_ADMIN_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     document_id: str
     collection: str
@@ -566,7 +568,9 @@ class KbIngest(_message.Message):
     acl: _containers.RepeatedScalarFieldContainer[str]
     metadata: _containers.ScalarMap[str, str]
     delete: bool
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., document_id: _Optional[str] = ..., collection: _Optional[str] = ..., title: _Optional[str] = ..., content_type: _Optional[str] = ..., content: _Optional[bytes] = ..., acl: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., delete: _Optional[bool] = ...) -> None: ...
+    writer_groups: _containers.RepeatedScalarFieldContainer[str]
+    writer_is_admin: bool
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., document_id: _Optional[str] = ..., collection: _Optional[str] = ..., title: _Optional[str] = ..., content_type: _Optional[str] = ..., content: _Optional[bytes] = ..., acl: _Optional[_Iterable[str]] = ..., metadata: _Optional[_Mapping[str, str]] = ..., delete: _Optional[bool] = ..., writer_groups: _Optional[_Iterable[str]] = ..., writer_is_admin: _Optional[bool] = ...) -> None: ...
 
 class KbIndexed(_message.Message):
     __slots__ = ("envelope", "document_id", "collection", "state", "chunks", "content_sha256", "error")
