@@ -38,7 +38,7 @@ from tests.conftest import poll_until
 from tests.fakes.openai_backend import FakeBackend
 
 MODEL = "smollm2-135m-instruct"
-TENANT = "acme"
+TENANT = "edge-tests"  # its own tenant: what the fuzzer ingests reaches no other test
 BODY_TIMEOUT_S = 1.0
 KEY_RPM, KEY_TPM = 1, 50_000
 """The allowance of a key made by :meth:`Edge.new_key`: one request a minute."""

@@ -20,7 +20,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 
-from services.gateway.app import RateLimited, _error_response
+from services.gateway.app import _error_response
 from services.gateway.auth import Principal
 from services.gateway.kb_routes import KbRoutes
 from services.gateway.limits import ConcurrencyLimiter, LocalRateLimiter
@@ -105,7 +105,6 @@ async def rig() -> AsyncIterator[Rig]:
         rate_limiter=LocalRateLimiter(),
         concurrency=ConcurrencyLimiter(per_key=2, per_tenant=100),
         limits=LimitsConfig(),
-        rate_limited=RateLimited,
     )
     routes._client = httpx.AsyncClient(transport=httpx.MockTransport(retrieval))
     app = Starlette(routes=routes.routes(), exception_handlers={OpenAIError: _error_response})
@@ -264,7 +263,6 @@ async def test_writes_are_rate_limited_too() -> None:
         rate_limiter=LocalRateLimiter(),
         concurrency=ConcurrencyLimiter(per_key=4, per_tenant=4),
         limits=limits,
-        rate_limited=RateLimited,
     )
     app = Starlette(routes=routes.routes(), exception_handlers={OpenAIError: _error_response})
     async with gateway(app) as client:
