@@ -10,7 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.pii.settings import TenantPiiSettings
@@ -93,6 +93,22 @@ class TelemetrySettings(BaseModel):
     sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
 
 
+class ServiceAuthSettings(BaseModel):
+    """Where this service's own token and its callers' token digests are."""
+
+    token: SecretStr | None = Field(
+        None, description="This service's own token (64 hex digits); unset: token_file."
+    )
+    token_file: Path | None = Field(
+        None, description="A file holding this service's token; unset: <tokens_dir>/<name>.token."
+    )
+    tokens_dir: Path | None = Field(
+        None,
+        description="Where callers' <name>.token or <name>.sha256 are; unset: "
+        "<data_dir>/run/service-tokens (made there in embedded mode).",
+    )
+
+
 class MeshSettings(BaseSettings):
     """Settings every service reads; services subclass it for their own."""
 
@@ -111,6 +127,8 @@ class MeshSettings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     bus: BusSettings = BusSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    # Service identity between the mesh's own services (see shared/service_auth.py)
+    service_auth: ServiceAuthSettings = ServiceAuthSettings()
     # What PII is masked, tokenized or dropped per tenant, in logs, audit, feedback, training
     pii: TenantPiiSettings = TenantPiiSettings()
 
