@@ -1,7 +1,8 @@
 """``meshllm up``: the broker and every service as child processes, watched together.
 
-Start-up: broker (embedded mode) → topics → each service in order, each waited
-for until its ``/readyz`` answers 200. Then the supervisor watches: Ctrl-C or
+Start-up: the services' identity tokens (once, under ``<data_dir>/run/service-tokens``,
+0600; see :mod:`shared.service_auth`) → broker (embedded mode) → topics → each service in
+order, each waited for until its ``/readyz`` answers 200. Then the supervisor watches: Ctrl-C or
 SIGTERM shuts everything down cleanly (exit 0); a child that dies takes the mesh
 down with it (exit 1, naming the child, its exit code and its last lines).
 
@@ -32,6 +33,7 @@ import httpx
 from meshllm.services import ServiceSpec
 from shared.bus.admin import ensure_topics, wait_for_broker
 from shared.bus.embedded import EmbeddedBroker, free_port
+from shared.service_auth import IDENTITIES, ensure_tokens, tokens_dir
 from shared.settings import LogFormat, MeshSettings, Mode
 
 COLORS = ("36", "35", "33", "32", "34", "31")
@@ -87,6 +89,7 @@ class Supervisor:
         """Start everything, wait for ``stop`` or a dead child, shut down; return the exit code."""
         failed: Child | None = None
         try:
+            self._make_service_tokens()
             await self._start_broker()
             for index, spec in enumerate(self.specs):
                 await self._start_child(spec, COLORS[index % len(COLORS)])
@@ -107,6 +110,18 @@ class Supervisor:
             return 1
         self.say("stopped cleanly")
         return 0
+
+    def _make_service_tokens(self) -> None:
+        """Each service's token, made once and kept: services restarted later still know
+        each other. Set ``MESHLLM_SERVICE_AUTH__TOKENS_DIR`` to use tokens made elsewhere."""
+        directory = tokens_dir(self.settings)
+        try:
+            ensure_tokens(directory, dict.fromkeys([*IDENTITIES, *(s.name for s in self.specs)]))
+        except OSError as error:
+            raise StartupError(
+                f"service tokens in {directory}: {error.strerror} "
+                "(set MESHLLM_SERVICE_AUTH__TOKENS_DIR to a writable directory)"
+            ) from None
 
     async def _start_broker(self) -> None:
         bootstrap = self.settings.kafka.bootstrap

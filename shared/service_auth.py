@@ -27,8 +27,10 @@ import hashlib
 import hmac
 import os
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from pathlib import Path
+
+import httpx
 
 from shared.openai_protocol import OpenAIError
 from shared.settings import MeshSettings, Mode, ServiceAuthSettings, SettingsError
@@ -171,6 +173,28 @@ def _digest_of(directory: Path, name: str) -> bytes:
     )
 
 
+def origin_of(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of ``url``: what :class:`ServiceTokenAuth` matches requests by."""
+    parsed = httpx.URL(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return parsed.scheme, parsed.host, port
+
+
+class ServiceTokenAuth(httpx.Auth):
+    """Adds this service's token to requests for the mesh's own services only, so that a
+    client shared with servers run by others (an external OpenAI-compatible pool) never
+    hands them the token."""
+
+    def __init__(self, token: str, mesh_urls: Iterable[str]) -> None:
+        self._authorization = f"Bearer {token}"
+        self._origins = frozenset(origin_of(url) for url in mesh_urls)
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if origin_of(str(request.url)) in self._origins:
+            request.headers["Authorization"] = self._authorization
+        yield request
+
+
 class ServiceGuard:
     """Who may call an internal API: the digest of each accepted caller's token.
 
@@ -185,13 +209,24 @@ class ServiceGuard:
 
     @classmethod
     def load(cls, settings: MeshSettings, callers: Iterable[str]) -> ServiceGuard:
-        """The guard of the callers named (cluster: their digests must exist).
+        """The guard of the callers named (cluster: their token or digest must exist).
+
+        The other identities of the mesh are known too where their digest is at hand, so
+        that their calls are told 403 (not this route) rather than 401 (no one known).
 
         Raises:
             ServiceAuthError: a caller's token or digest is missing; names the setting.
         """
         directory = _prepare(settings)
-        return cls({name: _digest_of(directory, name) for name in sorted(set(callers))})
+        required = set(callers)
+        digests: dict[str, bytes] = {}
+        for name in sorted(required | set(IDENTITIES)):
+            try:
+                digests[name] = _digest_of(directory, name)
+            except ServiceAuthError:
+                if name in required:
+                    raise
+        return cls(digests)
 
     @classmethod
     def of_tokens(cls, tokens: Mapping[str, str]) -> ServiceGuard:
@@ -243,8 +278,10 @@ __all__ = [
     "ServiceAuthSettings",
     "ServiceForbidden",
     "ServiceGuard",
+    "ServiceTokenAuth",
     "ServiceUnauthenticated",
     "ensure_tokens",
+    "origin_of",
     "own_token",
     "service_headers",
     "tokens_dir",

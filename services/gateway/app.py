@@ -48,6 +48,7 @@ from shared.openai_protocol import (
     split_model,
 )
 from shared.policy import AccessRequest, Resource, Subject
+from shared.service_auth import service_headers
 from shared.topics import (
     CANCELLATIONS,
     REPLIES,
@@ -154,6 +155,7 @@ class Gateway:
             authenticate=self._authenticate,
             policy=policy,
             record=lambda event, key, tenant: audit.record(event, key=key, tenant=tenant),
+            headers=service_headers(settings),
         )
         self.kb_routes = KbRoutes(
             settings=settings.kb,
@@ -161,6 +163,7 @@ class Gateway:
             policy=policy,
             publisher=publisher,
             record=lambda event, key, tenant: audit.record(event, key=key, tenant=tenant),
+            headers=service_headers(settings),
         )
 
     # ----------------------------------------------------------------- HTTP routes

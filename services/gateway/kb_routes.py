@@ -70,13 +70,15 @@ class KbRoutes:
         policy: Policy,
         publisher: Publisher,
         record: Callable[[ev.AuditEvent, str, str], Awaitable[None]],
+        headers: dict[str, str],
     ) -> None:
+        """``headers`` name the gateway to the retrieval service (its service token)."""
         self.settings = settings
         self.authenticate = authenticate
         self.policy = policy
         self.publisher = publisher
         self.record = record
-        self._client = httpx.AsyncClient(timeout=30)
+        self._client = httpx.AsyncClient(timeout=30, headers=headers)
 
     def routes(self) -> list[Route]:
         documents = "/v1/kb/collections/{collection}/documents"

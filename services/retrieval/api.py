@@ -10,6 +10,10 @@ has checked the caller's policy and fills in the tenant and groups).
 - ``GET /v1/kb/collections/{collection}/documents?tenant=&after=&limit=``
 - ``GET /v1/kb/collections/{collection}/documents/{document_id}?tenant=`` -> the stored
   document and the outcome of its last ingestion (``failed`` with the reason, too).
+
+Callers prove their service identity (``Authorization: Bearer <token>``, see
+:mod:`shared.service_auth`): search is granted to the gateway and the router, the listings
+to the gateway only; no token or an unknown one is answered 401, another service's 403.
 """
 
 from __future__ import annotations
@@ -35,12 +39,18 @@ from shared.openai_protocol import (
     invalid_field,
     reject_unknown,
 )
+from shared.service_auth import ServiceGuard
 
 SEARCH_FIELDS = frozenset({"tenant", "collections", "groups", "query", "top_k", "mode"})
 MODES = ("hybrid", "bm25", "vector")
 MAX_QUERY_CHARS = 4000
 MAX_COLLECTIONS = 32
 MAX_GROUPS = 64
+SEARCHERS = frozenset({"gateway", "router"})
+"""Who may search: the gateway (``/v1/kb/search``) and the router (RAG)."""
+READERS = frozenset({"gateway"})
+"""Who may list collections and read documents: the gateway, after its policy check."""
+CALLERS = SEARCHERS | READERS
 
 
 class NotFound(OpenAIError):
@@ -110,16 +120,24 @@ class RetrievalApi:
         statuses: StatusStore,
         *,
         max_top_k: int,
+        guard: ServiceGuard,
     ) -> None:
+        self.guard = guard
         self.index = index
         self.searcher = searcher
         self.statuses = statuses
         self.max_top_k = max_top_k
 
     def app(self) -> Starlette:
-        def route(path: str, handler: Callable[[Request], Awaitable[Any]], method: str) -> Route:
+        def route(
+            path: str,
+            handler: Callable[[Request], Awaitable[Any]],
+            method: str,
+            callers: frozenset[str] = READERS,
+        ) -> Route:
             async def endpoint(request: Request) -> Response:
                 try:
+                    self.guard.check(request.headers, callers)
                     return JSONResponse(await handler(request))
                 except OpenAIError as error:
                     return JSONResponse(error.to_dict(), status_code=error.status)
@@ -128,7 +146,7 @@ class RetrievalApi:
 
         return Starlette(
             routes=[
-                route("/v1/kb/search", self.search, "POST"),
+                route("/v1/kb/search", self.search, "POST", SEARCHERS),
                 route("/v1/kb/collections", self.collections, "GET"),
                 route("/v1/kb/collections/{collection}/documents", self.documents, "GET"),
                 route(

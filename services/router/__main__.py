@@ -14,6 +14,7 @@ from services.router.settings import RouterSettings
 from shared.bus import Bus
 from shared.health import HealthState
 from shared.service import run_service
+from shared.service_auth import ServiceTokenAuth, own_token
 from shared.topics import CANCELLATIONS, REQUESTS_HIGH, REQUESTS_LOW, REQUESTS_NORMAL
 
 NAME = "router"
@@ -23,7 +24,11 @@ async def build(settings: RouterSettings, bus: Bus, health: HealthState) -> Awai
     pools = Pools(settings.pools, settings.replica_cooldown_s)
     limits = httpx.Limits(max_connections=settings.max_in_flight + 8, max_keepalive_connections=64)
     timeout = httpx.Timeout(settings.default_deadline_s, connect=settings.connect_timeout_s)
-    client = httpx.AsyncClient(limits=limits, timeout=timeout)
+    # the router's token goes to the retrieval service and to the mesh's own pools only
+    mesh_urls = [settings.rag.retrieval_url]
+    mesh_urls += [url for pool in settings.pools if pool.service_token for url in pool.replicas]
+    auth = ServiceTokenAuth(own_token(settings), mesh_urls)
+    client = httpx.AsyncClient(limits=limits, timeout=timeout, auth=auth)
     router = Router(
         bus.publisher,
         pools,
