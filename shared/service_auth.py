@@ -84,18 +84,29 @@ def _write_new(path: Path, text: str) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def ensure_tokens(directory: Path, identities: Iterable[str] = IDENTITIES) -> None:
+def ensure_tokens(
+    directory: Path, identities: Iterable[str] = IDENTITIES, *, split: bool = False
+) -> None:
     """Make ``<name>.token`` (a new random token, 0600) for each identity that has none,
-    and ``<name>.sha256`` beside it; ``directory`` is made 0700. Safe to race."""
+    and its ``<name>.sha256``; directories are made 0700. Safe to race; never replaces a
+    token, so services restarted later still know each other.
+
+    ``split``: ``<directory>/<name>/<name>.token`` and ``<directory>/digests/<name>.sha256``,
+    so that each service can be given its own token and the digests, and nothing else.
+    """
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    digests = directory / "digests" if split else directory
+    digests.mkdir(exist_ok=True, mode=0o700)
     for name in identities:
-        token_path = directory / f"{name}.token"
+        home = directory / name if split else directory
+        home.mkdir(exist_ok=True, mode=0o700)
+        token_path = home / f"{name}.token"
         if not token_path.exists():
             _write_new(token_path, secrets.token_hex(TOKEN_BYTES))
-        digest_path = directory / f"{name}.sha256"
+        digest_path = digests / f"{name}.sha256"
         if not digest_path.exists():
             token = _read_token(token_path, f"{name}.token")
-            _write_new(digest_path, hashlib.sha256(token.encode()).hexdigest())
+            _write_new(digest_path, _sha256(token).hex())
 
 
 def _sha256(token: str) -> bytes:

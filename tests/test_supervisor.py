@@ -60,6 +60,10 @@ async def test_services_start_ready_and_stop_cleanly(tmp_path: Path) -> None:
     assert not run.done(), out.getvalue()
     state = json.loads(state_path(config).read_text())
     assert set(state["services"]) == {"effect-consumer"}
+    # each service's identity token, made before the services start (0600)
+    tokens = config.data_dir / "run" / "service-tokens"
+    for name in ("gateway", "router", "retrieval", "audit", "inference", "effect-consumer"):
+        assert (tokens / f"{name}.token").stat().st_mode & 0o077 == 0, name
 
     status = await asyncio.to_thread(
         subprocess.run,
