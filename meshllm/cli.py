@@ -309,8 +309,10 @@ def topics_create(
     configure_logging("meshllm", settings.log_level, settings.log_format)
 
     async def main() -> list[str]:
-        await wait_for_broker(settings.kafka.bootstrap, timeout=120)
-        return await ensure_topics(settings.kafka.bootstrap, replication=replication)
+        await wait_for_broker(settings.kafka.bootstrap, timeout=120, kafka=settings.kafka)
+        return await ensure_topics(
+            settings.kafka.bootstrap, replication=replication, kafka=settings.kafka
+        )
 
     try:
         created = asyncio.run(main())

@@ -140,8 +140,8 @@ class Supervisor:
             self.say(f"broker ready on {self.bootstrap} (embedded, in memory)")
             return
         try:
-            await wait_for_broker(bootstrap, timeout=60)
-            await ensure_topics(bootstrap)
+            await wait_for_broker(bootstrap, timeout=60, kafka=self.settings.kafka)
+            await ensure_topics(bootstrap, kafka=self.settings.kafka)
         except (TimeoutError, RuntimeError) as error:
             raise StartupError(f"Kafka at {bootstrap}: {error}") from None
         self.say(f"using Kafka at {bootstrap}")

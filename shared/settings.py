@@ -8,9 +8,16 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.pii.settings import TenantPiiSettings
@@ -59,6 +66,35 @@ class KafkaSettings(BaseModel):
             "JoinGroup waits half of it before answering, and 10 s on Apache Kafka."
         ),
     )
+
+    # Cluster mode: authenticate each service to Kafka (SASL/SCRAM and/or mutual TLS), so
+    # that per-service ACLs in the cluster decide who may produce and consume what.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="How clients talk to the brokers; SASL_SSL for SCRAM over TLS, SSL for "
+        "mutual TLS with ssl_certfile/ssl_keyfile.",
+    )
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    sasl_username: str | None = Field(None, description="This service's Kafka user (SASL).")
+    sasl_password: SecretStr | None = Field(None, description="Its password (SASL).")
+    ssl_cafile: Path | None = Field(None, description="CA bundle of the brokers' certificates.")
+    ssl_certfile: Path | None = Field(None, description="This service's client certificate (mTLS).")
+    ssl_keyfile: Path | None = Field(None, description="Its private key (mTLS).")
+
+    @model_validator(mode="after")
+    def _security_is_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_username and "
+                "sasl_password (MESHLLM_KAFKA__SASL_USERNAME, MESHLLM_KAFKA__SASL_PASSWORD)"
+            )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (mutual TLS)")
+        if self.ssl_certfile is not None and not self.security_protocol.endswith("SSL"):
+            raise ValueError("a client certificate needs security_protocol SSL or SASL_SSL")
+        return self
 
     @field_validator("bootstrap")
     @classmethod

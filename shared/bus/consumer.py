@@ -28,6 +28,7 @@ from shared import envelope
 from shared.bus import kafka_compat
 from shared.bus.idempotency import IdempotencyStore
 from shared.bus.producer import TYPE_HEADER, Publisher
+from shared.bus.security import client_options
 from shared.bus.tracing import process_span
 from shared.events.v1 import events_pb2 as ev
 from shared.logging import get_logger
@@ -134,6 +135,7 @@ class Subscriber:
             session_timeout_ms=self._settings.session_timeout_ms,
             heartbeat_interval_ms=max(100, self._settings.session_timeout_ms // 6),
             request_timeout_ms=kafka.request_timeout_ms,
+            **client_options(kafka),
         )
         self._consumer.subscribe(list(self._topics), listener=self._membership)
         await self._consumer.start()

@@ -11,6 +11,7 @@ from google.protobuf.message import Message
 
 from shared import envelope
 from shared.bus import kafka_compat
+from shared.bus.security import client_options
 from shared.bus.tracing import Headers, start_publish_span
 from shared.settings import MeshSettings
 from shared.topics import Topic
@@ -62,6 +63,7 @@ class Publisher:
             linger_ms=kafka.linger_ms,
             request_timeout_ms=kafka.request_timeout_ms,
             max_request_size=MAX_REQUEST_BYTES,
+            **client_options(kafka),
         )
         await producer.start()
         self._producer = producer
