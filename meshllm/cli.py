@@ -176,15 +176,19 @@ def service_tokens(
         ),
     ] = False,
 ) -> None:
-    """Make the services' identity tokens (0600), once: existing ones are kept.
+    """Make the services' identity tokens and the event signing key (0600), once: existing
+    ones are kept.
 
     Each service sends its token to the internal APIs it calls, which know the callers by
-    their tokens' SHA-256 (see MESHLLM_SERVICE_AUTH__TOKEN_FILE and __TOKENS_DIR).
+    their tokens' SHA-256 (see MESHLLM_SERVICE_AUTH__TOKEN_FILE and __TOKENS_DIR); every
+    producer signs events with events.key (MESHLLM_BUS__SIGNING_KEY_FILE).
     """
+    from shared.bus.signing import KEY_FILE, ensure_key
     from shared.service_auth import IDENTITIES, ensure_tokens
 
     try:
         ensure_tokens(directory, IDENTITIES, split=split)
+        ensure_key(directory / "events" / KEY_FILE if split else directory / KEY_FILE)
     except OSError as error:
         errors.print(f"[red]{escape(str(error))}[/red]")
         raise typer.Exit(2) from None

@@ -33,6 +33,7 @@ import httpx
 from meshllm.services import ServiceSpec
 from shared.bus.admin import ensure_topics, wait_for_broker
 from shared.bus.embedded import EmbeddedBroker, free_port
+from shared.bus.signing import ensure_key, key_path
 from shared.service_auth import IDENTITIES, ensure_tokens, tokens_dir
 from shared.settings import LogFormat, MeshSettings, Mode
 
@@ -112,11 +113,13 @@ class Supervisor:
         return 0
 
     def _make_service_tokens(self) -> None:
-        """Each service's token, made once and kept: services restarted later still know
-        each other. Set ``MESHLLM_SERVICE_AUTH__TOKENS_DIR`` to use tokens made elsewhere."""
+        """Each service's token and the mesh's event signing key, made once and kept:
+        services restarted later still know each other. Set
+        ``MESHLLM_SERVICE_AUTH__TOKENS_DIR`` to use tokens made elsewhere."""
         directory = tokens_dir(self.settings)
         try:
             ensure_tokens(directory, dict.fromkeys([*IDENTITIES, *(s.name for s in self.specs)]))
+            ensure_key(key_path(self.settings))
         except OSError as error:
             raise StartupError(
                 f"service tokens in {directory}: {error.strerror} "
@@ -152,10 +155,14 @@ class Supervisor:
             **os.environ,
             **spec.env,
             "MESHLLM_KAFKA__BOOTSTRAP": self.bootstrap,
+            # where the tokens and the event key just made are (settings may not be from env)
+            "MESHLLM_DATA_DIR": str(self.settings.data_dir),
             "MESHLLM_HEALTH_PORT": str(port),
             "MESHLLM_INSTANCE_ID": f"{spec.name}-{os.getpid()}",
             "PYTHONUNBUFFERED": "1",
         }
+        # every producer of this mesh signs with its key, so its consumers can require it
+        env.setdefault("MESHLLM_BUS__REQUIRE_SIGNED", "true")
         if "MESHLLM_LOG_FORMAT" not in os.environ and self.settings.log_format is LogFormat.AUTO:
             env["MESHLLM_LOG_FORMAT"] = "console" if self._color else "json"
         process = await asyncio.create_subprocess_exec(

@@ -70,7 +70,7 @@ def tokens_dir(settings: MeshSettings) -> Path:
     return Path(settings.data_dir) / "run" / "service-tokens"
 
 
-def _write_new(path: Path, text: str) -> None:
+def write_new(path: Path, text: str) -> None:
     """Create ``path`` (0600) holding ``text`` unless it exists; never a half-written file."""
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -102,11 +102,11 @@ def ensure_tokens(
         home.mkdir(exist_ok=True, mode=0o700)
         token_path = home / f"{name}.token"
         if not token_path.exists():
-            _write_new(token_path, secrets.token_hex(TOKEN_BYTES))
+            write_new(token_path, secrets.token_hex(TOKEN_BYTES))
         digest_path = digests / f"{name}.sha256"
         if not digest_path.exists():
             token = _read_token(token_path, f"{name}.token")
-            _write_new(digest_path, _sha256(token).hex())
+            write_new(digest_path, _sha256(token).hex())
 
 
 def _sha256(token: str) -> bytes:

@@ -119,6 +119,16 @@ class BusSettings(BaseModel):
     idempotency_window: int = Field(
         200_000, ge=1_000, description="Processed event ids remembered per consumer group."
     )
+    signing_key_file: Path | None = Field(
+        None,
+        description="The mesh's event signing key (64 hex digits, 0600); unset: "
+        "<tokens dir>/events.key. Producers sign when it exists (see shared/bus/signing.py).",
+    )
+    require_signed: bool = Field(
+        False,
+        description="Dead-letter enveloped events that are not signed with the mesh's key "
+        "(`meshllm up` turns it on for its services).",
+    )
 
 
 class TelemetrySettings(BaseModel):

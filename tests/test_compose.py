@@ -254,13 +254,15 @@ def test_each_service_holds_its_own_token_and_no_other(compose: dict[str, Any]) 
         service = services[name]
         env = environment(service)
         mounts = [str(volume).split(":") for volume in service["volumes"]]
-        tokens = {source for source, *_ in mounts if source.startswith("tokens-")}
-        assert tokens == {f"tokens-{name}", "tokens-digests"}, (name, tokens)
+        tokens = {s for s, *_ in mounts if s.startswith("tokens-") or s == "events-key"}
+        assert tokens == {f"tokens-{name}", "tokens-digests", "events-key"}, (name, tokens)
         assert all(options == ["ro"] for source, _, *options in mounts if source in tokens)
         mounted_at = {source: target for source, target, *_ in mounts}
         token_file = env["MESHLLM_SERVICE_AUTH__TOKEN_FILE"]
         assert token_file == f"{mounted_at[f'tokens-{name}']}/{name}.token"
         assert env["MESHLLM_SERVICE_AUTH__TOKENS_DIR"] == mounted_at["tokens-digests"]
+        assert env["MESHLLM_BUS__SIGNING_KEY_FILE"] == f"{mounted_at['events-key']}/events.key"
+        assert env["MESHLLM_BUS__REQUIRE_SIGNED"] == "true"
         waits = service["depends_on"]["service-tokens"]["condition"]
         assert waits == "service_completed_successfully", name
 
@@ -281,3 +283,5 @@ def test_the_token_job_writes_where_the_services_read(
                 assert (written / f"{name}.token").stat().st_mode & 0o077 == 0
             if source == "tokens-digests":
                 assert (written / f"{name}.sha256").is_file()
+        if source == "events-key":
+            assert (written / "events.key").stat().st_mode & 0o077 == 0

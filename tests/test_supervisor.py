@@ -237,8 +237,10 @@ async def test_clean_stop_drains_what_the_broker_already_accepted(tmp_path: Path
         timeout=90,
         message="child ready",
     )
+    # the mesh's data dir: this producer signs with its key, as `meshllm up`'s consumers require
     bus = Bus(
-        MeshSettings(kafka={"bootstrap": supervisor.bootstrap}, data_dir=tmp_path), service="tests"
+        MeshSettings(kafka={"bootstrap": supervisor.bootstrap}, data_dir=config.data_dir),
+        service="tests",
     )
     await bus.start()
     for i in range(100):
