@@ -99,6 +99,13 @@ class AuditRoutes:
             raise ServiceUnavailableError(
                 f"the audit service is unreachable ({type(error).__name__}); retry later"
             ) from error
+        if reply.status_code in (401, 403):
+            # the gateway's own service identity was refused: an operator's problem, which the
+            # caller should not read as one about their API key
+            raise ServiceUnavailableError(
+                "the audit service refused the gateway's service identity "
+                "(MESHLLM_SERVICE_AUTH__*); retry later"
+            )
         try:
             body: Any = reply.json()
         except ValueError:

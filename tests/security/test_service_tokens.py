@@ -97,3 +97,76 @@ async def test_the_token_goes_to_mesh_services_only() -> None:
         "http://vllm.example.com:8000/v1/chat/completions": None,
         "http://inference:9000/v1/chat/completions": None,
     }
+
+
+async def test_the_router_keeps_its_token_from_pools_run_by_others(tmp_path: Path) -> None:
+    from services.router.__main__ import service_auth
+    from services.router.settings import PoolConfig, RagConfig, RouterSettings
+
+    settings = RouterSettings(
+        data_dir=tmp_path,
+        pools=[
+            PoolConfig(name="cpu", replicas=["http://inference:8000"]),
+            PoolConfig(name="hosted", replicas=["https://llm.example.com"], service_token=False),
+        ],
+        rag=RagConfig(retrieval_url="http://retrieval:8091"),
+    )
+    seen: dict[str, str | None] = {}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen[request.url.host] = request.headers.get("authorization")
+        return httpx.Response(200, json={})
+
+    transport = httpx.MockTransport(answer)
+    async with httpx.AsyncClient(transport=transport, auth=service_auth(settings)) as client:
+        for url in ("http://inference:8000/v1/chat/completions",
+                    "http://retrieval:8091/v1/kb/search",
+                    "https://llm.example.com/v1/chat/completions"):  # fmt: skip
+            await client.post(url, json={})
+    router = (tmp_path / "run" / "service-tokens" / "router.token").read_text().strip()
+    assert seen == {
+        "inference": f"Bearer {router}",
+        "retrieval": f"Bearer {router}",
+        "llm.example.com": None,
+    }
+
+
+async def test_a_refused_gateway_identity_is_no_client_error() -> None:
+    """When the audit service refuses the gateway's token (a misconfiguration), the client
+    gets 503, not a 401 it would blame on its own API key."""
+    from starlette.applications import Starlette
+
+    from services.gateway.audit_routes import AuditRoutes
+    from services.gateway.auth import Principal
+    from shared.openai_protocol import OpenAIError
+    from shared.policy.decision import Decision
+
+    class Allow:
+        def authorize(self, access: object) -> Decision:
+            return Decision(allow=True, reasons=("auditor",), max_tokens=None, priority="normal")
+
+    async def record(*args: object) -> None:
+        pass
+
+    principal = Principal("ann", "acme", ("auditor",), "k1", "api_key")
+    routes = AuditRoutes(
+        service_url="http://audit:8090",
+        authenticate=lambda request: principal,
+        policy=Allow(),  # type: ignore[arg-type]
+        record=record,
+        headers={"Authorization": "Bearer " + "0" * 64},
+    )
+    refused = httpx.Response(401, json={"error": {"message": "token", "type": "x"}})
+    routes._client = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: refused))
+
+    async def on_error(request: object, error: Exception) -> httpx.Response:
+        from starlette.responses import JSONResponse
+
+        assert isinstance(error, OpenAIError)
+        return JSONResponse(error.to_dict(), status_code=error.status)  # type: ignore[return-value]
+
+    app = Starlette(routes=routes.routes(), exception_handlers={OpenAIError: on_error})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        reply = await c.get("/v1/audit/records")
+    assert reply.status_code == 503
+    assert "service identity" in reply.json()["error"]["message"]
