@@ -29,7 +29,9 @@ RUN whl="$(ls /wheels/meshllm-*.whl)" \
 USER meshllm
 # the named volumes mount here; made by this user so it can write to them
 RUN mkdir -p /home/meshllm/var/audit /home/meshllm/var/gateway /home/meshllm/var/kb \
-    /home/meshllm/.cache/meshllm
+    /home/meshllm/.cache/meshllm \
+    && cd /home/meshllm && mkdir -m 700 service-tokens && cd service-tokens \
+    && mkdir -m 700 gateway router retrieval audit inference digests events
 WORKDIR /home/meshllm
 COPY --chown=meshllm policies /home/meshllm/policies
 ENV MESHLLM_POLICY_DIR=/home/meshllm/policies

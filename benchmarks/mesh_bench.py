@@ -47,6 +47,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from shared.bus.embedded import EmbeddedBroker, free_port
+from shared.service_auth import service_headers
+from shared.settings import MeshSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -304,16 +306,18 @@ async def model_part(
             for q in QUESTIONS
         ]
         auth = {"authorization": f"Bearer {key}"}
+        # the direct calls go where the router's do, with the router's service identity
+        as_router = service_headers(MeshSettings(data_dir=data_dir, service_name="router"))
         rows = []
         for concurrency in (1, 8):
             per_round = (8 if quick else 16) * max(1, concurrency // 2)
             rounds = 2 if quick else 3
             direct, mesh = Stats(), Stats()
             task = progress.add_task(f"model, concurrency {concurrency}", total=2 * rounds)
-            await load(direct_url, {}, bodies, concurrency, concurrency)  # warm-up
+            await load(direct_url, as_router, bodies, concurrency, concurrency)  # warm-up
             await load(mesh_base + "/chat/completions", auth, bodies, concurrency, concurrency)
             for _ in range(rounds):
-                direct.add(await load(direct_url, {}, bodies, concurrency, per_round))
+                direct.add(await load(direct_url, as_router, bodies, concurrency, per_round))
                 progress.advance(task)
                 mesh.add(
                     await load(

@@ -165,6 +165,36 @@ def run(
     runpy.run_module(spec.module, run_name="__main__", alter_sys=True)
 
 
+@app.command("service-tokens")
+def service_tokens(
+    directory: Annotated[Path, typer.Argument(help="Where the tokens are written.")],
+    split: Annotated[
+        bool,
+        typer.Option(
+            help="<dir>/<name>/<name>.token and <dir>/digests/<name>.sha256: each service "
+            "mounts its own token and the digests, never another service's token."
+        ),
+    ] = False,
+) -> None:
+    """Make the services' identity tokens and the event signing key (0600), once: existing
+    ones are kept.
+
+    Each service sends its token to the internal APIs it calls, which know the callers by
+    their tokens' SHA-256 (see MESHLLM_SERVICE_AUTH__TOKEN_FILE and __TOKENS_DIR); every
+    producer signs events with events.key (MESHLLM_BUS__SIGNING_KEY_FILE).
+    """
+    from shared.bus.signing import KEY_FILE, ensure_key
+    from shared.service_auth import IDENTITIES, ensure_tokens
+
+    try:
+        ensure_tokens(directory, IDENTITIES, split=split)
+        ensure_key(directory / "events" / KEY_FILE if split else directory / KEY_FILE)
+    except OSError as error:
+        errors.print(f"[red]{escape(str(error))}[/red]")
+        raise typer.Exit(2) from None
+    errors.print(f"service tokens of {', '.join(IDENTITIES)} are in {directory}")
+
+
 @app.command()
 def down(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a clean stop.")] = 60.0,
@@ -283,8 +313,10 @@ def topics_create(
     configure_logging("meshllm", settings.log_level, settings.log_format)
 
     async def main() -> list[str]:
-        await wait_for_broker(settings.kafka.bootstrap, timeout=120)
-        return await ensure_topics(settings.kafka.bootstrap, replication=replication)
+        await wait_for_broker(settings.kafka.bootstrap, timeout=120, kafka=settings.kafka)
+        return await ensure_topics(
+            settings.kafka.bootstrap, replication=replication, kafka=settings.kafka
+        )
 
     try:
         created = asyncio.run(main())

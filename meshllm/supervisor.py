@@ -1,7 +1,8 @@
 """``meshllm up``: the broker and every service as child processes, watched together.
 
-Start-up: broker (embedded mode) → topics → each service in order, each waited
-for until its ``/readyz`` answers 200. Then the supervisor watches: Ctrl-C or
+Start-up: the services' identity tokens (once, under ``<data_dir>/run/service-tokens``,
+0600; see :mod:`shared.service_auth`) → broker (embedded mode) → topics → each service in
+order, each waited for until its ``/readyz`` answers 200. Then the supervisor watches: Ctrl-C or
 SIGTERM shuts everything down cleanly (exit 0); a child that dies takes the mesh
 down with it (exit 1, naming the child, its exit code and its last lines).
 
@@ -32,6 +33,8 @@ import httpx
 from meshllm.services import ServiceSpec
 from shared.bus.admin import ensure_topics, wait_for_broker
 from shared.bus.embedded import EmbeddedBroker, free_port
+from shared.bus.signing import ensure_key, key_path
+from shared.service_auth import IDENTITIES, ensure_tokens, tokens_dir
 from shared.settings import LogFormat, MeshSettings, Mode
 
 COLORS = ("36", "35", "33", "32", "34", "31")
@@ -87,6 +90,7 @@ class Supervisor:
         """Start everything, wait for ``stop`` or a dead child, shut down; return the exit code."""
         failed: Child | None = None
         try:
+            self._make_service_tokens()
             await self._start_broker()
             for index, spec in enumerate(self.specs):
                 await self._start_child(spec, COLORS[index % len(COLORS)])
@@ -108,6 +112,20 @@ class Supervisor:
         self.say("stopped cleanly")
         return 0
 
+    def _make_service_tokens(self) -> None:
+        """Each service's token and the mesh's event signing key, made once and kept:
+        services restarted later still know each other. Set
+        ``MESHLLM_SERVICE_AUTH__TOKENS_DIR`` to use tokens made elsewhere."""
+        directory = tokens_dir(self.settings)
+        try:
+            ensure_tokens(directory, dict.fromkeys([*IDENTITIES, *(s.name for s in self.specs)]))
+            ensure_key(key_path(self.settings))
+        except OSError as error:
+            raise StartupError(
+                f"service tokens in {directory}: {error.strerror} "
+                "(set MESHLLM_SERVICE_AUTH__TOKENS_DIR to a writable directory)"
+            ) from None
+
     async def _start_broker(self) -> None:
         bootstrap = self.settings.kafka.bootstrap
         if self.settings.mode is Mode.EMBEDDED:
@@ -125,8 +143,8 @@ class Supervisor:
             self.say(f"broker ready on {self.bootstrap} (embedded, in memory)")
             return
         try:
-            await wait_for_broker(bootstrap, timeout=60)
-            await ensure_topics(bootstrap)
+            await wait_for_broker(bootstrap, timeout=60, kafka=self.settings.kafka)
+            await ensure_topics(bootstrap, kafka=self.settings.kafka)
         except (TimeoutError, RuntimeError) as error:
             raise StartupError(f"Kafka at {bootstrap}: {error}") from None
         self.say(f"using Kafka at {bootstrap}")
@@ -137,10 +155,14 @@ class Supervisor:
             **os.environ,
             **spec.env,
             "MESHLLM_KAFKA__BOOTSTRAP": self.bootstrap,
+            # where the tokens and the event key just made are (settings may not be from env)
+            "MESHLLM_DATA_DIR": str(self.settings.data_dir),
             "MESHLLM_HEALTH_PORT": str(port),
             "MESHLLM_INSTANCE_ID": f"{spec.name}-{os.getpid()}",
             "PYTHONUNBUFFERED": "1",
         }
+        # every producer of this mesh signs with its key, so its consumers can require it
+        env.setdefault("MESHLLM_BUS__REQUIRE_SIGNED", "true")
         if "MESHLLM_LOG_FORMAT" not in os.environ and self.settings.log_format is LogFormat.AUTO:
             env["MESHLLM_LOG_FORMAT"] = "console" if self._color else "json"
         process = await asyncio.create_subprocess_exec(

@@ -8,9 +8,16 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.pii.settings import TenantPiiSettings
@@ -60,6 +67,35 @@ class KafkaSettings(BaseModel):
         ),
     )
 
+    # Cluster mode: authenticate each service to Kafka (SASL/SCRAM and/or mutual TLS), so
+    # that per-service ACLs in the cluster decide who may produce and consume what.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="How clients talk to the brokers; SASL_SSL for SCRAM over TLS, SSL for "
+        "mutual TLS with ssl_certfile/ssl_keyfile.",
+    )
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    sasl_username: str | None = Field(None, description="This service's Kafka user (SASL).")
+    sasl_password: SecretStr | None = Field(None, description="Its password (SASL).")
+    ssl_cafile: Path | None = Field(None, description="CA bundle of the brokers' certificates.")
+    ssl_certfile: Path | None = Field(None, description="This service's client certificate (mTLS).")
+    ssl_keyfile: Path | None = Field(None, description="Its private key (mTLS).")
+
+    @model_validator(mode="after")
+    def _security_is_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and not (
+            self.sasl_username and self.sasl_password
+        ):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_username and "
+                "sasl_password (MESHLLM_KAFKA__SASL_USERNAME, MESHLLM_KAFKA__SASL_PASSWORD)"
+            )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (mutual TLS)")
+        if self.ssl_certfile is not None and not self.security_protocol.endswith("SSL"):
+            raise ValueError("a client certificate needs security_protocol SSL or SASL_SSL")
+        return self
+
     @field_validator("bootstrap")
     @classmethod
     def _bootstrap_has_ports(cls, value: str) -> str:
@@ -83,6 +119,16 @@ class BusSettings(BaseModel):
     idempotency_window: int = Field(
         200_000, ge=1_000, description="Processed event ids remembered per consumer group."
     )
+    signing_key_file: Path | None = Field(
+        None,
+        description="The mesh's event signing key (64 hex digits, 0600); unset: "
+        "<tokens dir>/events.key. Producers sign when it exists (see shared/bus/signing.py).",
+    )
+    require_signed: bool = Field(
+        False,
+        description="Dead-letter enveloped events that are not signed with the mesh's key "
+        "(`meshllm up` turns it on for its services).",
+    )
 
 
 class TelemetrySettings(BaseModel):
@@ -91,6 +137,22 @@ class TelemetrySettings(BaseModel):
     )
     spans_to_kafka: bool = Field(True, description="Publish spans to telemetry.spans.")
     sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
+
+
+class ServiceAuthSettings(BaseModel):
+    """Where this service's own token and its callers' token digests are."""
+
+    token: SecretStr | None = Field(
+        None, description="This service's own token (64 hex digits); unset: token_file."
+    )
+    token_file: Path | None = Field(
+        None, description="A file holding this service's token; unset: <tokens_dir>/<name>.token."
+    )
+    tokens_dir: Path | None = Field(
+        None,
+        description="Where callers' <name>.token or <name>.sha256 are; unset: "
+        "<data_dir>/run/service-tokens (made there in embedded mode).",
+    )
 
 
 class MeshSettings(BaseSettings):
@@ -111,6 +173,8 @@ class MeshSettings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     bus: BusSettings = BusSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
+    # Service identity between the mesh's own services (see shared/service_auth.py)
+    service_auth: ServiceAuthSettings = ServiceAuthSettings()
     # What PII is masked, tokenized or dropped per tenant, in logs, audit, feedback, training
     pii: TenantPiiSettings = TenantPiiSettings()
 

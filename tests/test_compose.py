@@ -102,9 +102,13 @@ def test_kafka_keeps_its_data_in_a_named_volume(compose: dict[str, Any]) -> None
 
 def test_services_that_need_kafka_wait_until_it_is_healthy(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    needs_kafka = set(meshllm_services(compose)) | {
-        name for name, service in services.items() if KAFKA in service.get("depends_on", ())
+    needs_kafka = {
+        name
+        for name, service in services.items()
+        if "MESHLLM_KAFKA__BOOTSTRAP" in environment(service)
+        or KAFKA in service.get("depends_on", ())
     }
+    assert set(meshllm_services(compose)) - needs_kafka <= {"service-tokens"}
     for name in needs_kafka:
         depends_on = services[name].get("depends_on", {})
         assert isinstance(depends_on, dict), f"{name}: depends_on needs the long syntax"
@@ -222,3 +226,62 @@ def test_the_mesh_services_run_in_compose(compose: dict[str, Any]) -> None:
         s for s in compose["services"].values() if s.get("command") == ["run", "gateway"]
     )
     assert any(str(p).endswith(":8080") for p in gateway.get("ports", ()))
+
+
+INTERNAL = ("inference", "router", "retrieval", "audit")
+
+
+def test_only_the_gateway_is_reachable_from_outside(compose: dict[str, Any]) -> None:
+    networks = compose["networks"]
+    services = compose["services"]
+    for name, service in services.items():
+        if name == "gateway":
+            continue
+        assert not service.get("ports"), f"{name} publishes a port"
+        for network in service.get("networks", ()):
+            assert networks[network].get("internal") is True, f"{name} is on {network}"
+        assert service.get("network_mode") in (None, "none"), name
+        assert service.get("networks") or service.get("network_mode") == "none", (
+            f"{name} is on the default network, which is not internal"
+        )
+    edge = [n for n in services["gateway"]["networks"] if not networks[n].get("internal")]
+    assert edge, "the gateway must be reachable on a network that is not internal"
+
+
+def test_each_service_holds_its_own_token_and_no_other(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in (*INTERNAL, "gateway"):
+        service = services[name]
+        env = environment(service)
+        mounts = [str(volume).split(":") for volume in service["volumes"]]
+        tokens = {s for s, *_ in mounts if s.startswith("tokens-") or s == "events-key"}
+        assert tokens == {f"tokens-{name}", "tokens-digests", "events-key"}, (name, tokens)
+        assert all(options == ["ro"] for source, _, *options in mounts if source in tokens)
+        mounted_at = {source: target for source, target, *_ in mounts}
+        token_file = env["MESHLLM_SERVICE_AUTH__TOKEN_FILE"]
+        assert token_file == f"{mounted_at[f'tokens-{name}']}/{name}.token"
+        assert env["MESHLLM_SERVICE_AUTH__TOKENS_DIR"] == mounted_at["tokens-digests"]
+        assert env["MESHLLM_BUS__SIGNING_KEY_FILE"] == f"{mounted_at['events-key']}/events.key"
+        assert env["MESHLLM_BUS__REQUIRE_SIGNED"] == "true"
+        waits = service["depends_on"]["service-tokens"]["condition"]
+        assert waits == "service_completed_successfully", name
+
+
+def test_the_token_job_writes_where_the_services_read(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    job = compose["services"]["service-tokens"]
+    root = Path(job["command"][1])
+    result = CliRunner().invoke(app, ["service-tokens", str(tmp_path), *job["command"][2:]])
+    assert result.exit_code == 0, result.output
+    for volume in job["volumes"]:
+        source, target = volume.split(":")[:2]
+        written = tmp_path / Path(target).relative_to(root)
+        assert written.is_dir(), (source, written)
+        for name in (*INTERNAL, "gateway"):
+            if source == f"tokens-{name}":
+                assert (written / f"{name}.token").stat().st_mode & 0o077 == 0
+            if source == "tokens-digests":
+                assert (written / f"{name}.sha256").is_file()
+        if source == "events-key":
+            assert (written / "events.key").stat().st_mode & 0o077 == 0

@@ -61,6 +61,10 @@ async def test_services_start_ready_and_stop_cleanly(tmp_path: Path) -> None:
     assert not run.done(), out.getvalue()
     state = json.loads(state_path(config).read_text())
     assert set(state["services"]) == {"effect-consumer"}
+    # each service's identity token, made before the services start (0600)
+    tokens = config.data_dir / "run" / "service-tokens"
+    for name in ("gateway", "router", "retrieval", "audit", "inference", "effect-consumer"):
+        assert (tokens / f"{name}.token").stat().st_mode & 0o077 == 0, name
 
     status = await asyncio.to_thread(
         subprocess.run,
@@ -235,8 +239,10 @@ async def test_clean_stop_drains_what_the_broker_already_accepted(tmp_path: Path
         timeout=90,
         message="child ready",
     )
+    # the mesh's data dir: this producer signs with its key, as `meshllm up`'s consumers require
     bus = Bus(
-        MeshSettings(kafka={"bootstrap": supervisor.bootstrap}, data_dir=tmp_path), service="tests"
+        MeshSettings(kafka={"bootstrap": supervisor.bootstrap}, data_dir=config.data_dir),
+        service="tests",
     )
     await bus.start()
     for i in range(100):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 
-from services.audit.api import AuditApi
+from services.audit.api import CALLERS, AuditApi
 from services.audit.checkpoint import CheckpointSigner
 from services.audit.log import AuditLog
 from services.audit.service import AuditService
@@ -16,6 +16,7 @@ from shared.health import HealthState
 from shared.http_server import HttpApi
 from shared.logging import get_logger
 from shared.service import run_service
+from shared.service_auth import ServiceGuard
 from shared.topics import AUDIT_EVENTS
 
 NAME = "audit"
@@ -23,6 +24,7 @@ log = get_logger("services.audit")
 
 
 async def build(settings: AuditSettings, bus: Bus, health: HealthState) -> Awaitable[None]:
+    guard = await asyncio.to_thread(ServiceGuard.load, settings, CALLERS)  # fail fast
     store = await asyncio.to_thread(open_store, settings)
     signer = await asyncio.to_thread(CheckpointSigner.load_or_create, settings.signing_key_path)
     audit_log = await asyncio.to_thread(AuditLog, store, signer)
@@ -32,7 +34,7 @@ async def build(settings: AuditSettings, bus: Bus, health: HealthState) -> Await
     service = AuditService(audit_log, settings, bus.publisher)
     # the store absorbs redeliveries by event id: no separate dedup store is needed
     bus.subscribe(AUDIT_EVENTS, group=NAME, durable_dedup=False)(service.on_event)
-    api = AuditApi(audit_log, settings.max_page_size)
+    api = AuditApi(audit_log, settings.max_page_size, guard)
     server = HttpApi(
         api.app(),
         name="audit API",

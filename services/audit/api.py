@@ -1,6 +1,10 @@
 """The audit service's query and proof API (internal: the gateway forwards to it after the
 policy allowed the caller, with the tenant the caller may see).
 
+Only the gateway's service identity may call it (``Authorization: Bearer <its token>``, see
+:mod:`shared.service_auth`): no token or an unknown one is answered 401, another service's
+403, so no other process that reaches the port reads any tenant's records.
+
 Routes (JSON; errors as ``{"error": {"message", "type", "param", "code"}}``):
 
 - ``GET /v1/audit/records``: filters ``tenant``, ``api_key_id``, ``user``, ``model``,
@@ -38,6 +42,7 @@ from shared.openai_protocol import (
     invalid_field,
     reject_unknown,
 )
+from shared.service_auth import ServiceGuard
 
 log = get_logger(__name__)
 
@@ -45,6 +50,8 @@ FILTERS = ("tenant", "api_key_id", "user", "model", "model_version", "request_id
 QUERY_PARAMS = frozenset((*FILTERS, "since", "until", "cursor", "limit", "order"))
 MAX_FILTER_LENGTH = 256
 MAX_INTEGER = 2**63 - 1  # leaf indices and tree sizes are SQLite/OpenSearch 64-bit integers
+CALLERS = frozenset({"gateway"})
+"""The services that may call this API: the gateway, after its policy allowed the caller."""
 # The span of int64 nanoseconds since the epoch, which occurred_at is stored as.
 EARLIEST = datetime(1677, 9, 22, tzinfo=UTC)
 LATEST = datetime(2262, 4, 11, tzinfo=UTC)
@@ -136,14 +143,16 @@ def parse_query(params: Mapping[str, str], max_page_size: int) -> AuditQuery:
 
 
 class AuditApi:
-    def __init__(self, audit_log: AuditLog, max_page_size: int) -> None:
+    def __init__(self, audit_log: AuditLog, max_page_size: int, guard: ServiceGuard) -> None:
         self.log = audit_log
         self.max_page_size = max_page_size
+        self.guard = guard
 
     def app(self) -> Starlette:
         def route(path: str, handler: Callable[[Request], Any]) -> Route:
             async def endpoint(request: Request) -> Response:
                 try:
+                    self.guard.check(request.headers, CALLERS)
                     return JSONResponse(await handler(request))
                 except OpenAIError as error:
                     return JSONResponse(error.to_dict(), status_code=error.status)

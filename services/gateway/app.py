@@ -46,6 +46,7 @@ from shared.openai_protocol import (
     ServiceUnavailableError,
     reject_unknown,
 )
+from shared.service_auth import service_headers
 from shared.topics import CANCELLATIONS
 
 log = get_logger(__name__)
@@ -94,6 +95,7 @@ class Gateway:
             authenticate=self._authenticate,
             policy=policy,
             record=lambda event, key, tenant: audit.record(event, key=key, tenant=tenant),
+            headers=service_headers(settings),
         )
         self.kb_routes = KbRoutes(
             settings=settings.kb,
@@ -104,6 +106,7 @@ class Gateway:
             rate_limiter=rate_limiter,
             concurrency=concurrency,
             limits=settings.limits,
+            headers=service_headers(settings),
         )
 
     # ----------------------------------------------------------------- HTTP routes

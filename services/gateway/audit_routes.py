@@ -5,7 +5,8 @@ Each call is authenticated, then the policy is asked whether the caller may ``re
 records of the tenant asked for: the ``tenant`` query parameter, else the caller's own.
 Only auditors and admins of that tenant, and platform admins, are allowed (see
 ``policies/``); the decision itself is audited. An allowed call is forwarded to the audit
-service with the tenant fixed, so a caller never sees another tenant's records.
+service with the tenant fixed, so a caller never sees another tenant's records; the gateway
+proves its own identity there with its service token (see :mod:`shared.service_auth`).
 """
 
 from __future__ import annotations
@@ -65,13 +66,15 @@ class AuditRoutes:
         authenticate: Callable[[Request], Principal],
         policy: Policy,
         record: Callable[[ev.AuditEvent, str, str], Awaitable[None]],
+        headers: dict[str, str],
         timeout_s: float = 10.0,
     ) -> None:
+        """``headers`` name the gateway to the audit service (its service token)."""
         self.service_url = service_url.rstrip("/")
         self.authenticate = authenticate
         self.policy = policy
         self.record = record
-        self._client = httpx.AsyncClient(timeout=timeout_s)
+        self._client = httpx.AsyncClient(timeout=timeout_s, headers=headers)
 
     def routes(self) -> list[Route]:
         return [
@@ -126,6 +129,13 @@ class AuditRoutes:
             raise ServiceUnavailableError(
                 f"the audit service is unreachable ({type(error).__name__}); retry later"
             ) from error
+        if reply.status_code in (401, 403):
+            # the gateway's own service identity was refused: an operator's problem, which the
+            # caller should not read as one about their API key
+            raise ServiceUnavailableError(
+                "the audit service refused the gateway's service identity "
+                "(MESHLLM_SERVICE_AUTH__*); retry later"
+            )
         try:
             body: Any = reply.json()
         except ValueError:

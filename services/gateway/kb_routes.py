@@ -106,7 +106,9 @@ class KbRoutes:
         rate_limiter: RateLimiter,
         concurrency: ConcurrencyLimiter,
         limits: LimitsConfig,
+        headers: dict[str, str],
     ) -> None:
+        """``headers`` name the gateway to the retrieval service (its service token)."""
         self.settings = settings
         self.authenticate = authenticate
         self.policy = policy
@@ -115,7 +117,7 @@ class KbRoutes:
         self.rate_limiter = rate_limiter
         self.concurrency = concurrency
         self.limits = limits
-        self._client = httpx.AsyncClient(timeout=30)
+        self._client = httpx.AsyncClient(timeout=30, headers=headers)
 
     def routes(self) -> list[Route]:
         documents = "/v1/kb/collections/{collection}/documents"

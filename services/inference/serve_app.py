@@ -72,6 +72,7 @@ from shared.openai_protocol import (
     invalid_field,
     parse_request,
 )
+from shared.service_auth import ServiceGuard
 
 log = get_logger(__name__)
 
@@ -667,19 +668,32 @@ Route = tuple[str, str]
 
 
 class HttpFrontend:
-    """Routes OpenAI HTTP requests to the chat and embeddings deployments' handles."""
+    """Routes OpenAI HTTP requests to the chat and embeddings deployments' handles.
+
+    Every route needs a mesh service identity (``Authorization: Bearer <token>``, see
+    :mod:`shared.service_auth`): generation and ``/v1/models`` the router's, embeddings the
+    router's or the retrieval service's; 401 without a known token, 403 for another service.
+    """
 
     ROUTES: ClassVar[dict[str, Route]] = {
         "/v1/chat/completions": ("chat", "chat_stream"),
         "/v1/completions": ("complete", "complete_stream"),
         "/v1/embeddings": ("embed", ""),
     }
+    CALLERS: ClassVar[dict[str, frozenset[str]]] = {
+        "/v1/embeddings": frozenset({"router", "retrieval"}),
+    }
+    DEFAULT_CALLERS: ClassVar[frozenset[str]] = frozenset({"router"})
 
     def __init__(
-        self, chat: DeploymentHandle[Any], embeddings: DeploymentHandle[Any] | None
+        self,
+        chat: DeploymentHandle[Any],
+        embeddings: DeploymentHandle[Any] | None,
+        guard: ServiceGuard,
     ) -> None:
         self.chat = chat
         self.embeddings = embeddings
+        self.guard = guard
 
     async def handle(self, request: Request) -> Response:
         """The response to one HTTP request; errors become OpenAI error bodies."""
@@ -695,6 +709,7 @@ class HttpFrontend:
         if root and path.startswith(root):
             path = path[len(root) :] or "/"
         path = "/" + path.strip("/")
+        self.guard.check(request.headers, self.CALLERS.get(path, self.DEFAULT_CALLERS))
         if request.method == "GET" and path == "/v1/models":
             return JSONResponse(await self.chat.models.remote())
         route = self.ROUTES.get(path)
@@ -837,8 +852,10 @@ class OpenAIIngress:
         chat: DeploymentHandle[Any],
         embeddings: DeploymentHandle[Any] | None,
         settings: InferenceSettings | None = None,
+        guard: ServiceGuard | None = None,
     ) -> None:
-        self._frontend = HttpFrontend(chat, embeddings)
+        # no guard given: one of no caller, so every request is refused (never open)
+        self._frontend = HttpFrontend(chat, embeddings, guard or ServiceGuard({}))
         self._settings = settings
         self._telemetry_task: asyncio.Task[None] | None = None
 
@@ -913,8 +930,15 @@ def build_app(settings: InferenceSettings) -> serve.Application:
         **common,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=max(s.chat_max_ongoing_requests * 4, 256),
-    ).bind(chat, embeddings, settings)
+    ).bind(chat, embeddings, settings, inference_guard(settings))
     return app
+
+
+def inference_guard(settings: InferenceSettings) -> ServiceGuard:
+    """The callers the HTTP front accepts, read here (in the driver) so that replicas on
+    other nodes need no token files: they get only the callers' token digests."""
+    callers = set(HttpFrontend.DEFAULT_CALLERS).union(*HttpFrontend.CALLERS.values())
+    return ServiceGuard.load(settings, callers)
 
 
 __all__ = [

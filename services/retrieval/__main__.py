@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 
-from services.retrieval.api import RetrievalApi
+from services.retrieval.api import CALLERS, RetrievalApi
 from services.retrieval.embedder import HttpEmbedder, LocalEmbedder
 from services.retrieval.index import KnowledgeIndex
 from services.retrieval.sandbox import ParseLimits, SandboxedParser
@@ -16,6 +16,7 @@ from shared.bus import Bus
 from shared.health import HealthState
 from shared.http_server import HttpApi
 from shared.service import run_service
+from shared.service_auth import ServiceGuard, own_token
 from shared.topics import KB_INGEST
 
 NAME = "retrieval"
@@ -37,10 +38,12 @@ def open_index(settings: RetrievalSettings) -> KnowledgeIndex:
 def make_embedder(settings: RetrievalSettings) -> Embed:
     if settings.embedder == "local":
         return LocalEmbedder()
-    return HttpEmbedder(settings.embeddings_url)
+    # the inference service knows the retrieval service by its token
+    return HttpEmbedder(settings.embeddings_url, api_key=own_token(settings))
 
 
 async def build(settings: RetrievalSettings, bus: Bus, health: HealthState) -> Awaitable[None]:
+    guard = await asyncio.to_thread(ServiceGuard.load, settings, CALLERS)  # fail fast
     index = await asyncio.to_thread(open_index, settings)
     embed = await asyncio.to_thread(make_embedder, settings)
     statuses = StatusStore(settings.index_dir / "ingestion.sqlite")
@@ -72,7 +75,7 @@ async def build(settings: RetrievalSettings, bus: Bus, health: HealthState) -> A
         vector_weight=settings.kb_vector_weight,
         candidates=settings.kb_candidates,
     )
-    api = RetrievalApi(index, searcher, statuses, max_top_k=settings.max_top_k)
+    api = RetrievalApi(index, searcher, statuses, max_top_k=settings.max_top_k, guard=guard)
     server = HttpApi(
         api.app(),
         name="retrieval API",

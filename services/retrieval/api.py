@@ -15,6 +15,10 @@ The listing routes (and their counts) and ``GET`` of a document show only what t
 caller's groups (``group``, repeated) may read (:mod:`services.retrieval.access`), or
 everything with ``admin=true`` (the gateway sets it for a collection's administrators); a
 document the caller may not read is answered exactly as one that does not exist.
+
+Callers prove their service identity (``Authorization: Bearer <token>``, see
+:mod:`shared.service_auth`): search is granted to the gateway and the router, the listings
+to the gateway only; no token or an unknown one is answered 401, another service's 403.
 """
 
 from __future__ import annotations
@@ -48,12 +52,18 @@ from shared.openai_protocol import (
     invalid_field,
     reject_unknown,
 )
+from shared.service_auth import ServiceGuard
 
 SEARCH_FIELDS = frozenset({"tenant", "collections", "groups", "query", "top_k", "mode"})
 MODES = ("hybrid", "bm25", "vector")
 MAX_QUERY_CHARS = 4000
 MAX_COLLECTIONS = 32
 MAX_GROUPS = 64
+SEARCHERS = frozenset({"gateway", "router"})
+"""Who may search: the gateway (``/v1/kb/search``) and the router (RAG)."""
+READERS = frozenset({"gateway"})
+"""Who may list collections and read documents: the gateway, after its policy check."""
+CALLERS = SEARCHERS | READERS
 
 
 class NotFound(OpenAIError):
@@ -123,16 +133,24 @@ class RetrievalApi:
         statuses: StatusStore,
         *,
         max_top_k: int,
+        guard: ServiceGuard,
     ) -> None:
+        self.guard = guard
         self.index = index
         self.searcher = searcher
         self.statuses = statuses
         self.max_top_k = max_top_k
 
     def app(self) -> Starlette:
-        def route(path: str, handler: Callable[[Request], Awaitable[Any]], method: str) -> Route:
+        def route(
+            path: str,
+            handler: Callable[[Request], Awaitable[Any]],
+            method: str,
+            callers: frozenset[str] = READERS,
+        ) -> Route:
             async def endpoint(request: Request) -> Response:
                 try:
+                    self.guard.check(request.headers, callers)
                     return JSONResponse(await handler(request))
                 except OpenAIError as error:
                     return JSONResponse(error.to_dict(), status_code=error.status)
@@ -141,7 +159,7 @@ class RetrievalApi:
 
         return Starlette(
             routes=[
-                route("/v1/kb/search", self.search, "POST"),
+                route("/v1/kb/search", self.search, "POST", SEARCHERS),
                 route("/v1/kb/collections", self.collections, "GET"),
                 route("/v1/kb/collections/{collection}/documents", self.documents, "GET"),
                 route(

@@ -14,16 +14,25 @@ from services.router.settings import RouterSettings
 from shared.bus import Bus
 from shared.health import HealthState
 from shared.service import run_service
+from shared.service_auth import ServiceTokenAuth, own_token
 from shared.topics import CANCELLATIONS, REQUESTS_HIGH, REQUESTS_LOW, REQUESTS_NORMAL
 
 NAME = "router"
+
+
+def service_auth(settings: RouterSettings) -> ServiceTokenAuth:
+    """The router's identity, sent to the retrieval service and the mesh's own pools only
+    (a pool with ``service_token: false`` is run by others and never sees it)."""
+    mesh_urls = [settings.rag.retrieval_url]
+    mesh_urls += [url for pool in settings.pools if pool.service_token for url in pool.replicas]
+    return ServiceTokenAuth(own_token(settings), mesh_urls)
 
 
 async def build(settings: RouterSettings, bus: Bus, health: HealthState) -> Awaitable[None] | None:
     pools = Pools(settings.pools, settings.replica_cooldown_s)
     limits = httpx.Limits(max_connections=settings.max_in_flight + 8, max_keepalive_connections=64)
     timeout = httpx.Timeout(settings.default_deadline_s, connect=settings.connect_timeout_s)
-    client = httpx.AsyncClient(limits=limits, timeout=timeout)
+    client = httpx.AsyncClient(limits=limits, timeout=timeout, auth=service_auth(settings))
     router = Router(
         bus.publisher,
         pools,

@@ -31,6 +31,11 @@ class PoolConfig(BaseModel):
         default_factory=lambda: list(ALL_PRIORITIES),
         description="Priorities this pool serves.",
     )
+    service_token: bool = Field(
+        True,
+        description="Send the router's service token (the mesh's inference service requires "
+        "it); false for a pool run by others, which must not get it.",
+    )
 
     @field_validator("replicas")
     @classmethod

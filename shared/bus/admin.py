@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
+from shared.bus.security import client_options
 from shared.logging import get_logger
+from shared.settings import KafkaSettings
 from shared.topics import DLQ_PARTITIONS, DLQ_RETENTION_MS, REGISTRY, Topic
 
 log = get_logger(__name__)
@@ -32,8 +35,11 @@ def topic_specs(topics: Iterable[Topic], replication: int = 1) -> list[NewTopic]
     return specs
 
 
-async def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
-    """Return once the broker answers a metadata request; raise TimeoutError otherwise."""
+async def wait_for_broker(
+    bootstrap: str, timeout: float = 30.0, *, kafka: KafkaSettings | None = None
+) -> None:
+    """Return once the broker answers a metadata request; raise TimeoutError otherwise.
+    ``kafka``: the client security settings (SASL, TLS) to connect with."""
     deadline = asyncio.get_running_loop().time() + timeout
     last_error: Exception | None = None
     host, _, port = bootstrap.split(",", maxsplit=1)[0].rpartition(":")
@@ -45,7 +51,9 @@ async def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
             last_error = error
             await asyncio.sleep(0.05)
             continue
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+        admin = AIOKafkaAdminClient(
+            bootstrap_servers=bootstrap, request_timeout_ms=2000, **_security(kafka)
+        )
         try:
             await admin.start()
             await admin.list_topics()
@@ -60,11 +68,20 @@ async def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
     )
 
 
+def _security(kafka: KafkaSettings | None) -> dict[str, Any]:
+    return client_options(kafka) if kafka is not None else {}
+
+
 async def ensure_topics(
-    bootstrap: str, topics: Iterable[Topic] = REGISTRY, replication: int = 1
+    bootstrap: str,
+    topics: Iterable[Topic] = REGISTRY,
+    replication: int = 1,
+    *,
+    kafka: KafkaSettings | None = None,
 ) -> list[str]:
-    """Create whichever registered topics are missing; return the names created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    """Create whichever registered topics are missing; return the names created.
+    ``kafka``: the client security settings (SASL, TLS) to connect with."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **_security(kafka))
     await admin.start()
     try:
         existing = set(await admin.list_topics())

@@ -28,6 +28,8 @@ from shared import envelope
 from shared.bus import kafka_compat
 from shared.bus.idempotency import IdempotencyStore
 from shared.bus.producer import TYPE_HEADER, Publisher
+from shared.bus.security import client_options
+from shared.bus.signing import SIGNATURE_HEADER, EventSigner, UnverifiedEvent, load_signer
 from shared.bus.tracing import process_span
 from shared.events.v1 import events_pb2 as ev
 from shared.logging import get_logger
@@ -76,6 +78,10 @@ class PoisonEvent(Exception):
     """A record that no retry can make processable (bad bytes, type or envelope)."""
 
 
+class UnsignedEvent(PoisonEvent):
+    """A record without the mesh's signature where signatures are required."""
+
+
 class Subscriber:
     """A consumer group member that feeds one handler from one or more topics."""
 
@@ -101,6 +107,7 @@ class Subscriber:
         self._handler = handler
         self._idempotency = idempotency
         self._max_attempts = max_attempts or settings.bus.max_attempts
+        self._signer: EventSigner | None = None
         self._client_id = client_id
         # a new group starts at the log end (live streams: replies, cancellations)
         self._offset_reset = "latest" if from_latest else "earliest"
@@ -124,6 +131,8 @@ class Subscriber:
 
     async def start(self) -> None:
         kafka = self._settings.kafka
+        if self._settings.bus.require_signed:
+            self._signer = load_signer(self._settings, required=True)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=kafka.bootstrap,
             group_id=self.group,
@@ -134,6 +143,7 @@ class Subscriber:
             session_timeout_ms=self._settings.session_timeout_ms,
             heartbeat_interval_ms=max(100, self._settings.session_timeout_ms // 6),
             request_timeout_ms=kafka.request_timeout_ms,
+            **client_options(kafka),
         )
         self._consumer.subscribe(list(self._topics), listener=self._membership)
         await self._consumer.start()
@@ -210,7 +220,8 @@ class Subscriber:
         try:
             event = self._decode(topic, record.value, headers)
         except PoisonEvent as poison:
-            await self._dead_letter(record, headers, reason="undecodable", error=poison, attempts=0)
+            reason = "unverified" if isinstance(poison, UnsignedEvent) else "undecodable"
+            await self._dead_letter(record, headers, reason=reason, error=poison, attempts=0)
             _processed.add(1, {"topic": topic.name, "outcome": "dead_letter"})
             return None
         env: ev.Envelope | None = event.envelope if topic.enveloped else None
@@ -243,6 +254,13 @@ class Subscriber:
             message_type = topic.message_by_name(type_name)
         if message_type is None:
             raise PoisonEvent(f"{topic.name} does not carry message type {type_name!r}")
+        if self._signer is not None:
+            signature = next((v for k, v in headers if k == SIGNATURE_HEADER), None)
+            signed_type = message_type.DESCRIPTOR.full_name.encode()
+            try:
+                self._signer.verify(topic.name, signed_type, value or b"", signature)
+            except UnverifiedEvent as error:
+                raise UnsignedEvent(str(error)) from None
         event = message_type()
         try:
             event.ParseFromString(value or b"")

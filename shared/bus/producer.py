@@ -11,6 +11,8 @@ from google.protobuf.message import Message
 
 from shared import envelope
 from shared.bus import kafka_compat
+from shared.bus.security import client_options
+from shared.bus.signing import SIGNATURE_HEADER, EventSigner, load_signer
 from shared.bus.tracing import Headers, start_publish_span
 from shared.settings import MeshSettings
 from shared.topics import Topic
@@ -47,6 +49,7 @@ class Publisher:
         self._settings = settings
         self._service = service
         self._producer: AIOKafkaProducer | None = None
+        self._signer: EventSigner | None = None
 
     @property
     def started(self) -> bool:
@@ -54,6 +57,8 @@ class Publisher:
 
     async def start(self) -> None:
         kafka = self._settings.kafka
+        # the mesh's key, where there is one: consumers may require signed events
+        self._signer = load_signer(self._settings)
         producer = AIOKafkaProducer(
             bootstrap_servers=kafka.bootstrap,
             client_id=f"{kafka.client_id_prefix}-{self._service}",
@@ -62,6 +67,7 @@ class Publisher:
             linger_ms=kafka.linger_ms,
             request_timeout_ms=kafka.request_timeout_ms,
             max_request_size=MAX_REQUEST_BYTES,
+            **client_options(kafka),
         )
         await producer.start()
         self._producer = producer
@@ -142,8 +148,12 @@ class Publisher:
         record_key = key.encode() if isinstance(key, str) else key
         if record_key is None:
             record_key = _key_of(topic, event)
+        value = event.SerializeToString()
+        if self._signer is not None:
+            signature = self._signer.signature(topic.name, _type_header(event), value)
+            headers = [*headers, (SIGNATURE_HEADER, signature)]
         delivery: asyncio.Future[Any] = await self._require().send(
-            topic.name, event.SerializeToString(), key=record_key, headers=headers
+            topic.name, value, key=record_key, headers=headers
         )
         return delivery
 

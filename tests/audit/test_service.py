@@ -77,8 +77,16 @@ class AuditProcess:
     def signing_key(self) -> Path:
         return self.data_dir / "audit" / "signing-key.pem"
 
+    @property
+    def gateway_headers(self) -> dict[str, str]:
+        """The audit API answers the gateway only: its token, made by the service itself."""
+        token = (self.data_dir / "run" / "service-tokens" / "gateway.token").read_text().strip()
+        return {"Authorization": f"Bearer {token}"}
+
     async def get(self, path: str, **params: str) -> httpx.Response:
-        async with httpx.AsyncClient(base_url=self.url, timeout=10) as client:
+        async with httpx.AsyncClient(
+            base_url=self.url, timeout=10, headers=self.gateway_headers
+        ) as client:
             return await client.get(path, params=params)
 
     async def get_json(self, path: str, **params: str) -> Any:

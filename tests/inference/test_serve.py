@@ -38,6 +38,7 @@ from services.inference.settings import (
     InferenceSettings,
     ServeConfig,
 )
+from shared.service_auth import service_headers
 
 APP = "inference-test"
 NEW_VERSION = "q4_1-2"
@@ -255,9 +256,32 @@ async def test_embeddings_refuse_empty_input(deployed: Deployed) -> None:
     assert refused.value.param == "input"
 
 
-async def test_http_chat_completions(deployed: Deployed) -> None:
+async def test_http_front_needs_a_service_identity(deployed: Deployed) -> None:
     url = f"{deployed.url}/v1/chat/completions"
     async with httpx.AsyncClient(timeout=60) as client:
+        bare = await client.post(url, json=chat_request())
+        assert bare.status_code == 401, bare.text
+        assert bare.json()["error"]["type"] == "authentication_error"
+        gateway = await client.post(
+            url, json=chat_request(), headers=headers_of(deployed, "gateway")
+        )
+        assert gateway.status_code == 403, gateway.text
+        retrieval = headers_of(deployed, "retrieval")
+        assert (await client.post(url, json=chat_request(), headers=retrieval)).status_code == 403
+        embedded = await client.post(
+            f"{deployed.url}/v1/embeddings", json={"input": "hello"}, headers=retrieval
+        )
+        assert embedded.status_code == 200, embedded.text
+
+
+def headers_of(deployed: Deployed, identity: str) -> dict[str, str]:
+    """The headers of a mesh service: its token, made in the data dir by ``build_app``."""
+    return service_headers(deployed.settings.model_copy(update={"service_name": identity}))
+
+
+async def test_http_chat_completions(deployed: Deployed) -> None:
+    url = f"{deployed.url}/v1/chat/completions"
+    async with httpx.AsyncClient(timeout=60, headers=headers_of(deployed, "router")) as client:
         plain = await client.post(url, json=chat_request())
         assert plain.status_code == 200, plain.text
         text = plain.json()["choices"][0]["message"]["content"]
