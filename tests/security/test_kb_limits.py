@@ -105,6 +105,7 @@ async def rig() -> AsyncIterator[Rig]:
         rate_limiter=LocalRateLimiter(),
         concurrency=ConcurrencyLimiter(per_key=2, per_tenant=100),
         limits=LimitsConfig(),
+        headers={},
     )
     routes._client = httpx.AsyncClient(transport=httpx.MockTransport(retrieval))
     app = Starlette(routes=routes.routes(), exception_handlers={OpenAIError: _error_response})
@@ -263,6 +264,7 @@ async def test_writes_are_rate_limited_too() -> None:
         rate_limiter=LocalRateLimiter(),
         concurrency=ConcurrencyLimiter(per_key=4, per_tenant=4),
         limits=limits,
+        headers={},
     )
     app = Starlette(routes=routes.routes(), exception_handlers={OpenAIError: _error_response})
     async with gateway(app) as client:
