@@ -8,7 +8,12 @@ from collections.abc import Awaitable
 from services.gateway.app import Gateway
 from services.gateway.audit import AuditRecorder, AuditSpool
 from services.gateway.auth import Authenticator, KeyStore
-from services.gateway.limits import ConcurrencyLimiter, LocalRateLimiter
+from services.gateway.limits import (
+    ConcurrencyGate,
+    ConcurrencyLimiter,
+    LocalRateLimiter,
+    RateLimiter,
+)
 from services.gateway.policy import build_policy
 from services.gateway.relay import ReplyRelay
 from services.gateway.settings import GatewaySettings
@@ -29,7 +34,7 @@ def build_gateway(settings: GatewaySettings, bus: Bus) -> Gateway:
     bus.subscribe(REPLIES, group=f"{NAME}-{instance}", durable_dedup=False, from_latest=True)(
         relay.on_reply
     )
-    limits = settings.limits
+    rate_limiter, concurrency = build_limits(settings)
     audit = AuditRecorder(
         bus.publisher,
         AuditSpool(settings.audit_spool_path),
@@ -45,12 +50,30 @@ def build_gateway(settings: GatewaySettings, bus: Bus) -> Gateway:
             KeyStore(settings.keys_db_path, settings.key_cache_ttl_s), settings.jwt.verifier()
         ),
         policy=build_policy(settings),
-        rate_limiter=LocalRateLimiter(),
-        concurrency=ConcurrencyLimiter(
-            limits.max_concurrent_per_key, limits.max_concurrent_per_tenant
-        ),
+        rate_limiter=rate_limiter,
+        concurrency=concurrency,
         audit=audit,
     )
+
+
+def build_limits(settings: GatewaySettings) -> tuple[RateLimiter, ConcurrencyGate]:
+    """In-process limits, or limits shared in Redis by every gateway when it is set."""
+    limits = settings.limits
+    if limits.redis_url is None:
+        return LocalRateLimiter(), ConcurrencyLimiter(
+            limits.max_concurrent_per_key, limits.max_concurrent_per_tenant
+        )
+    from redis.asyncio import Redis
+
+    from services.gateway.redis_limits import RedisConcurrencyLimiter, RedisRateLimiter
+
+    client = Redis.from_url(limits.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    # a slot outlives its request by at most the deadline: a crashed gateway's lapse by then
+    hold_s = settings.request_timeout_s + 30
+    concurrency = RedisConcurrencyLimiter(
+        client, limits.max_concurrent_per_key, limits.max_concurrent_per_tenant, hold_s
+    )
+    return RedisRateLimiter(client), concurrency
 
 
 async def build(settings: GatewaySettings, bus: Bus, health: HealthState) -> Awaitable[None]:

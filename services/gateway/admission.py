@@ -12,6 +12,7 @@ request past all of them is charged, and becomes the :class:`ev.InferenceRequest
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -23,7 +24,7 @@ from typing import Any
 from starlette.requests import Request
 
 from services.gateway.auth import Authenticator, AuthError, Principal
-from services.gateway.limits import ConcurrencyLimiter, Limit, LocalRateLimiter
+from services.gateway.limits import ConcurrencyGate, Limit, RateLimiter, limits_checked
 from services.gateway.policy import Action, Policy, PolicyRequest
 from services.gateway.rag import RagRequest, parse_rag
 from services.gateway.settings import GatewaySettings
@@ -95,8 +96,8 @@ class Admission:
         *,
         authenticator: Authenticator,
         policy: Policy,
-        rate_limiter: LocalRateLimiter,
-        concurrency: ConcurrencyLimiter,
+        rate_limiter: RateLimiter,
+        concurrency: ConcurrencyGate,
         audit_policy: AuditPolicy,
     ) -> None:
         self.settings = settings
@@ -143,7 +144,7 @@ class Admission:
             ) from None
         return parse_json(raw)
 
-    def admit(self, principal: Principal, body: Any, kind: str, request: Request) -> Admitted:
+    async def admit(self, principal: Principal, body: Any, kind: str, request: Request) -> Admitted:
         """Validate, decide and charge ``body``; the request to publish.
 
         Raises:
@@ -171,7 +172,7 @@ class Admission:
             raise invalid_field("priority", "must be one of high, normal, low")
         request_id: str = getattr(request.state, "request_id", None) or uuid.uuid4().hex
         source = request.client.host if request.client else None
-        decision = self.policy.decide(
+        decision = await self.policy.adecide(
             PolicyRequest(
                 principal,
                 ACTIONS[kind],
@@ -197,12 +198,12 @@ class Admission:
             )
             raise PermissionDeniedError(reason, param, "policy_denied")
         if rag is not None:
-            self._check_rag(principal, rag, request_id)
+            await self._check_rag(principal, rag, request_id)
         cap = None
         if generation is not None and generation.max_tokens is None and decision.max_tokens:
             cap = decision.max_tokens  # the role's limit caps the answer; it is not asked for
         estimated = estimate_tokens(body, generation, cap)
-        self._charge(principal, estimated)
+        await self._charge(principal, estimated, request_id)
         event = inference_request(
             request_id,
             kind,
@@ -223,22 +224,30 @@ class Admission:
             request_id, principal, kind, decision.priority, event, estimated, time.monotonic()
         )
 
-    def _charge(self, principal: Principal, estimated: int) -> None:
+    async def _charge(self, principal: Principal, estimated: int, request_id: str) -> None:
         """Take a concurrency slot, then charge the rate limits; 429 (nothing held) if either
         is full. The slot is the caller's to release when the request ends."""
         key_id = limit_key(principal)
-        if not self.concurrency.try_acquire(key_id, principal.tenant):
+        with limits_checked():
+            full = await self.concurrency.acquire(key_id, principal.tenant, request_id)
+        if full is not None:
             raise RateLimitError("too many concurrent requests for this key or tenant", 1)
         limits = self.settings.limits
-        wait = self.rate_limiter.admit(
-            key_id,
-            principal.tenant,
-            Limit(principal.rpm or limits.default_rpm, principal.tpm or limits.default_tpm),
-            Limit(limits.tenant_rpm, limits.tenant_tpm),
-            estimated,
-        )
+        try:
+            with limits_checked():
+                wait = await self.rate_limiter.admit(
+                    key_id,
+                    principal.tenant,
+                    Limit(principal.rpm or limits.default_rpm, principal.tpm or limits.default_tpm),
+                    Limit(limits.tenant_rpm, limits.tenant_tpm),
+                    estimated,
+                )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.concurrency.release(key_id, principal.tenant, request_id)
+            raise
         if wait is not None:
-            self.concurrency.release(key_id, principal.tenant)
+            await self.concurrency.release(key_id, principal.tenant, request_id)
             who = f"key {key_id}" if principal.key_id else principal.subject
             raise RateLimitError(
                 f"rate limit reached for {who} or tenant {principal.tenant}; "
@@ -246,11 +255,11 @@ class Admission:
                 wait,
             )
 
-    def _check_rag(self, principal: Principal, rag: RagRequest, request_id: str) -> None:
+    async def _check_rag(self, principal: Principal, rag: RagRequest, request_id: str) -> None:
         """403 unless the caller may read every collection the request names."""
         subject = Subject(principal.subject, principal.tenant, principal.roles)
         for collection in rag.collections:
-            decision = self.policy.authorize(
+            decision = await self.policy.aauthorize(
                 AccessRequest(
                     subject, "read", Resource("kb_collection", principal.tenant, collection)
                 )

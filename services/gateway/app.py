@@ -29,7 +29,7 @@ from services.gateway.audit import AuditRecorder, AuditUnavailable
 from services.gateway.audit_routes import AuditRoutes
 from services.gateway.auth import Authenticator, Principal
 from services.gateway.kb_routes import KbRoutes
-from services.gateway.limits import ConcurrencyLimiter, LocalRateLimiter
+from services.gateway.limits import ConcurrencyGate, RateLimiter
 from services.gateway.openapi import openapi_document
 from services.gateway.policy import Action, Policy, PolicyRequest
 from services.gateway.relay import Delta, Diverged, Pending, Relayed, ReplyRelay
@@ -69,8 +69,8 @@ class Gateway:
         relay: ReplyRelay,
         authenticator: Authenticator,
         policy: Policy,
-        rate_limiter: LocalRateLimiter,
-        concurrency: ConcurrencyLimiter,
+        rate_limiter: RateLimiter,
+        concurrency: ConcurrencyGate,
         audit: AuditRecorder,
     ) -> None:
         self.settings = settings
@@ -152,7 +152,7 @@ class Gateway:
         allowed = [
             {"id": name, "object": "model", "created": 0, "owned_by": "meshllm"}
             for name, action in listed
-            if self.policy.decide(PolicyRequest(principal, action, name, None, None)).allow
+            if (await self.policy.adecide(PolicyRequest(principal, action, name, None, None))).allow
         ]
         return JSONResponse({"object": "list", "data": allowed})
 
@@ -179,15 +179,15 @@ class Gateway:
     async def _handle(self, request: Request, kind: str) -> Response:
         principal = self._authenticate(request)  # before a byte of the body is read
         body = await self.admission.read_json(request)
-        admitted = self.admission.admit(principal, body, kind, request)
+        admitted = await self.admission.admit(principal, body, kind, request)
         strict = admitted.principal.tenant in self.settings.audit.strict_tenants
         pending = self.relay.open(admitted.request_id, stream=admitted.event.stream and not strict)
         try:
             await self._publish(admitted, request)
         except BaseException:
-            self._release(admitted, pending)
+            await self._release(admitted, pending)
             # never sent: give back what the rate limiter charged for it
-            self.rate_limiter.settle(
+            await self.rate_limiter.settle(
                 _limit_key(principal), principal.tenant, admitted.estimated_tokens, 0
             )
             raise
@@ -201,7 +201,7 @@ class Gateway:
         try:
             reply = await self._final(admitted, pending, request)
         finally:
-            self._release(admitted, pending)
+            await self._release(admitted, pending)
         whole = await self._whole(admitted, reply, body)
         if admitted.event.stream:  # a strict tenant's stream: sent once its record is durable
             chunks = _strict_stream(admitted, reply, body)
@@ -358,7 +358,7 @@ class Gateway:
             if not ended:  # the caller went away mid-stream
                 self._cancel(admitted, "client disconnected")
                 self._spawn(self._audit_response(admitted, None, 499, "client disconnected", shown))
-            self._release(admitted, pending)
+            await self._release(admitted, pending)
 
     async def _interrupted(
         self,
@@ -378,9 +378,11 @@ class Gateway:
 
     # ----------------------------------------------------------------- bookkeeping
 
-    def _release(self, admitted: Admitted, pending: Pending) -> None:
+    async def _release(self, admitted: Admitted, pending: Pending) -> None:
         self.relay.close(pending.request_id)
-        self.concurrency.release(_limit_key(admitted.principal), admitted.principal.tenant)
+        await self.concurrency.release(
+            _limit_key(admitted.principal), admitted.principal.tenant, admitted.request_id
+        )
 
     def _cancel(self, admitted: Admitted, reason: str) -> None:
         event = ev.CancelRequest(request_id=admitted.request_id, reason=reason)
@@ -462,7 +464,7 @@ class Gateway:
         if shown and not record.choices:
             for index, text in sorted(shown.items()):
                 record.choices.add(index=index, text=text, finish_reason="interrupted")
-        self.rate_limiter.settle(
+        await self.rate_limiter.settle(
             _limit_key(admitted.principal),
             admitted.principal.tenant,
             admitted.estimated_tokens,

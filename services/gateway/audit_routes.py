@@ -106,7 +106,7 @@ class AuditRoutes:
         if len(tenant) > MAX_TENANT_LENGTH:
             raise invalid_field("tenant", f"must have at most {MAX_TENANT_LENGTH} characters")
         source = request.client.host if request.client else None
-        decision = self.policy.authorize(
+        decision = await self.policy.aauthorize(
             AccessRequest(
                 Subject(principal.subject, principal.tenant, principal.roles),
                 action,

@@ -46,7 +46,7 @@ from starlette.routing import Route
 
 from services.gateway.admission import parse_json
 from services.gateway.auth import Principal
-from services.gateway.limits import ConcurrencyLimiter, Limit, RateLimiter
+from services.gateway.limits import ConcurrencyGate, Limit, RateLimiter, limits_checked
 from services.gateway.policy import Decision, Policy
 from services.gateway.rag import COLLECTION
 from services.gateway.settings import KbSettings, LimitsConfig
@@ -104,7 +104,7 @@ class KbRoutes:
         publisher: Publisher,
         record: Callable[[ev.AuditEvent, str, str], Awaitable[None]],
         rate_limiter: RateLimiter,
-        concurrency: ConcurrencyLimiter,
+        concurrency: ConcurrencyGate,
         limits: LimitsConfig,
         headers: dict[str, str],
     ) -> None:
@@ -142,26 +142,30 @@ class KbRoutes:
         async def endpoint(request: Request) -> Response:
             principal = self.authenticate(request)
             key_id = _limit_key(principal)
-            if not self.concurrency.try_acquire(key_id, principal.tenant):
+            slot = uuid.uuid4().hex
+            with limits_checked():
+                full = await self.concurrency.acquire(key_id, principal.tenant, slot)
+            if full is not None:
                 raise RateLimitError("too many concurrent requests for this key or tenant", 1)
             try:
                 return await handler(request, principal)
             finally:
-                self.concurrency.release(key_id, principal.tenant)
+                await self.concurrency.release(key_id, principal.tenant, slot)
 
         return endpoint
 
-    def _charge(self, principal: Principal) -> None:
+    async def _charge(self, principal: Principal) -> None:
         """Charge one request to the key and the tenant (after validation, before policy:
         every decision writes an audit record, so denied attempts are paid for too)."""
         key_id = _limit_key(principal)
-        wait = self.rate_limiter.admit(
-            key_id,
-            principal.tenant,
-            Limit(principal.rpm or self.limits.default_rpm, None),
-            Limit(self.limits.tenant_rpm, None),
-            0,
-        )
+        with limits_checked():
+            wait = await self.rate_limiter.admit(
+                key_id,
+                principal.tenant,
+                Limit(principal.rpm or self.limits.default_rpm, None),
+                Limit(self.limits.tenant_rpm, None),
+                0,
+            )
         if wait is not None:
             raise RateLimitError(
                 f"rate limit reached for {key_id if principal.key_id else principal.subject} "
@@ -183,7 +187,7 @@ class KbRoutes:
     async def _decide(
         self, request: Request, principal: Principal, action: str, collection: str | None
     ) -> Decision:
-        decision = self.policy.authorize(
+        decision = await self.policy.aauthorize(
             AccessRequest(
                 Subject(principal.subject, principal.tenant, principal.roles),
                 action,
@@ -231,7 +235,7 @@ class KbRoutes:
         collections = _collection_list(
             body.get("collections"), self.settings.max_search_collections
         )
-        self._charge(principal)
+        await self._charge(principal)
         for name in collections:
             await self._allow(request, principal, "read", name)
         forwarded = {
@@ -246,7 +250,7 @@ class KbRoutes:
 
     async def collections(self, request: Request, principal: Principal) -> Response:
         reject_unknown(request.query_params, (), what="a query parameter here")
-        self._charge(principal)
+        await self._charge(principal)
         admin = await self._document_access(request, principal, "read", None)
         params: Params = [("tenant", principal.tenant), *_reader(principal, admin)]
         return await self._forward("GET", "/v1/kb/collections", params)
@@ -263,7 +267,7 @@ class KbRoutes:
             if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_LIMIT:
                 raise invalid_field("limit", f"must be an integer from 1 to {MAX_LIST_LIMIT}")
             params.append(("limit", limit))
-        self._charge(principal)
+        await self._charge(principal)
         admin = await self._document_access(request, principal, "read", collection)
         return await self._forward("GET", _path(collection), params + _reader(principal, admin))
 
@@ -271,7 +275,7 @@ class KbRoutes:
         collection = _collection(request)
         document_id = _path_document_id(request)
         reject_unknown(request.query_params, (), what="a query parameter here")
-        self._charge(principal)
+        await self._charge(principal)
         admin = await self._document_access(request, principal, "read", collection)
         params: Params = [
             ("tenant", principal.tenant),
@@ -324,7 +328,7 @@ class KbRoutes:
             raise invalid_field(
                 "metadata", f"must be an object of at most {MAX_METADATA} short string values"
             )
-        self._charge(principal)
+        await self._charge(principal)
         admin = await self._document_access(request, principal, "write", collection)
         event = ev.KbIngest(
             document_id=document_id,
@@ -344,7 +348,7 @@ class KbRoutes:
         collection = _collection(request)
         document_id = _path_document_id(request)
         reject_unknown(request.query_params, (), what="a query parameter here")
-        self._charge(principal)
+        await self._charge(principal)
         admin = await self._document_access(request, principal, "write", collection)
         event = ev.KbIngest(
             document_id=document_id, collection=collection, delete=True, writer_is_admin=admin

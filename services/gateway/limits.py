@@ -1,7 +1,8 @@
 """How much a caller may ask for: requests and tokens per minute, and requests at once.
 
-These are the in-process limits of one gateway. The cluster mode shares its counters in
-Redis behind the same :class:`RateLimiter` protocol.
+These are the in-process limits of one gateway (the embedded mode). Gateways of a cluster
+share theirs in Redis (:mod:`services.gateway.redis_limits`) behind the same protocols,
+:class:`RateLimiter` and :class:`ConcurrencyGate`; both are async for that reason.
 """
 
 from __future__ import annotations
@@ -9,10 +10,15 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Literal, Protocol
+
+from shared.logging import get_logger
+from shared.openai_protocol import OpenAIError, ServiceUnavailableError
+
+log = get_logger(__name__)
 
 _PRUNE_EVERY = 4096
 
@@ -31,8 +37,12 @@ class Limit:
                 raise ValueError(f"{field} must be 1 or more, or None for no limit, not {value}")
 
 
+Full = tuple[Literal["key", "tenant"], str, int]
+"""Which scope has no slot free: ``("key" or "tenant", its name, its limit)``."""
+
+
 class RateLimiter(Protocol):
-    def admit(
+    async def admit(
         self, key_id: str, tenant: str, key_limit: Limit, tenant_limit: Limit, tokens: int
     ) -> float | None:
         """Charge one request and ``tokens`` to the key and its tenant.
@@ -43,8 +53,22 @@ class RateLimiter(Protocol):
         """
         ...
 
-    def settle(self, key_id: str, tenant: str, estimated: int, actual: int) -> None:
+    async def settle(self, key_id: str, tenant: str, estimated: int, actual: int) -> None:
         """Correct the token charge of an admitted request once its real cost is known."""
+        ...
+
+
+class ConcurrencyGate(Protocol):
+    async def acquire(self, key_id: str, tenant: str, slot: str) -> Full | None:
+        """Take a slot of both the key and the tenant for ``slot`` (a request id), or neither.
+
+        Returns:
+            None when taken; else which scope is full.
+        """
+        ...
+
+    async def release(self, key_id: str, tenant: str, slot: str) -> None:
+        """Give back the slot :meth:`acquire` took for ``slot``."""
         ...
 
 
@@ -91,7 +115,7 @@ class LocalRateLimiter:
         self._lock = threading.Lock()
         self._admits = 0
 
-    def admit(
+    async def admit(
         self, key_id: str, tenant: str, key_limit: Limit, tenant_limit: Limit, tokens: int
     ) -> float | None:
         """Charge one request and ``tokens`` to ``key_id`` and ``tenant``, or charge nothing.
@@ -129,7 +153,7 @@ class LocalRateLimiter:
                 bucket.level -= amount
             return None
 
-    def settle(self, key_id: str, tenant: str, estimated: int, actual: int) -> None:
+    async def settle(self, key_id: str, tenant: str, estimated: int, actual: int) -> None:
         """Refund (``actual < estimated``) or charge further (``actual > estimated``) the token
         buckets of ``key_id`` and ``tenant``. A refund never fills a bucket past full."""
         difference = actual - estimated
@@ -187,12 +211,17 @@ class ConcurrencyLimiter:
         self._tenants: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def try_acquire(self, key_id: str, tenant: str) -> bool:
-        """Take a slot of both the key and the tenant, or neither; False when either is full."""
-        return self._acquire(key_id, tenant) is None
+    async def acquire(self, key_id: str, tenant: str, slot: str = "") -> Full | None:
+        """Take a slot of both the key and the tenant, or neither (``slot`` is not needed
+        in process: slots are counted).
 
-    def release(self, key_id: str, tenant: str) -> None:
-        """Give back a slot taken by :meth:`try_acquire`.
+        Returns:
+            None when taken; else which scope is full.
+        """
+        return self._acquire(key_id, tenant)
+
+    async def release(self, key_id: str, tenant: str, slot: str = "") -> None:
+        """Give back a slot taken by :meth:`acquire`.
 
         Raises:
             RuntimeError: no slot of that key and tenant is held.
@@ -226,11 +255,9 @@ class ConcurrencyLimiter:
         try:
             yield
         finally:
-            self.release(key_id, tenant)
+            await self.release(key_id, tenant)
 
-    def _acquire(
-        self, key_id: str, tenant: str
-    ) -> tuple[Literal["key", "tenant"], str, int] | None:
+    def _acquire(self, key_id: str, tenant: str) -> Full | None:
         with self._lock:
             if self._keys.get(key_id, 0) >= self.per_key:
                 return ("key", key_id, self.per_key)
@@ -246,6 +273,21 @@ def _decrement(counts: dict[str, int], name: str) -> None:
         del counts[name]
     else:
         counts[name] -= 1
+
+
+@contextmanager
+def limits_checked() -> Iterator[None]:
+    """A limiter that cannot answer (its Redis is down) refuses the request with 503: a
+    request is never served unmetered."""
+    try:
+        yield
+    except OpenAIError:
+        raise
+    except Exception as error:
+        log.exception("rate limits unavailable", error=f"{type(error).__name__}: {error}")
+        raise ServiceUnavailableError(
+            "the rate limits cannot be checked now; retry later", None, "limits_unavailable"
+        ) from None
 
 
 def retry_after(wait: float) -> int:

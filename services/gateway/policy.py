@@ -96,12 +96,23 @@ class PolicyRequest:
 
 
 class Policy(Protocol):
+    """What the gateway asks of its policy. The ``a``-methods are for the event loop: they
+    never block it on I/O (the OPA server's answer is awaited, not waited for)."""
+
     def decide(self, request: PolicyRequest) -> Decision:
         """Decide ``request``; never raises: a failure is a denial."""
         ...
 
     def authorize(self, access: AccessRequest) -> Decision:
         """Decide any action on any resource (audit records, collections...); never raises."""
+        ...
+
+    async def adecide(self, request: PolicyRequest) -> Decision:
+        """:meth:`decide` without blocking the event loop."""
+        ...
+
+    async def aauthorize(self, access: AccessRequest) -> Decision:
+        """:meth:`authorize` without blocking the event loop."""
         ...
 
 
@@ -113,11 +124,8 @@ class GatewayPolicy:
 
     def decide(self, request: PolicyRequest) -> Decision:
         """The decision on ``request``; a failure denies it (fail closed)."""
-        try:
-            access = request.to_access_request()
-        except Exception:  # an action the mapping lacks: deny, never raise
-            return FAILED
-        return self.authorize(access)
+        access = _access(request)
+        return FAILED if access is None else self.authorize(access)
 
     def authorize(self, access: AccessRequest) -> Decision:
         """The decision on ``access``; a failure denies it (fail closed)."""
@@ -126,8 +134,30 @@ class GatewayPolicy:
         except Exception as error:  # an evaluator breaking its promise still denies
             return evaluation_failed(type(self.evaluator).__name__, DECISION_RULE, access, error)
 
+    async def adecide(self, request: PolicyRequest) -> Decision:
+        """:meth:`decide` for the event loop; a failure denies it (fail closed)."""
+        access = _access(request)
+        return FAILED if access is None else await self.aauthorize(access)
+
+    async def aauthorize(self, access: AccessRequest) -> Decision:
+        """:meth:`authorize` for the event loop; a failure denies it (fail closed)."""
+        try:
+            return await self.evaluator.adecide(access)
+        except Exception as error:  # an evaluator breaking its promise still denies
+            return evaluation_failed(type(self.evaluator).__name__, DECISION_RULE, access, error)
+
     def close(self) -> None:
         self.evaluator.close()
+
+    async def aclose(self) -> None:
+        await self.evaluator.aclose()
+
+
+def _access(request: PolicyRequest) -> AccessRequest | None:
+    try:
+        return request.to_access_request()
+    except Exception:  # an action the mapping lacks: deny, never raise
+        return None
 
 
 class RegoPolicy(GatewayPolicy):

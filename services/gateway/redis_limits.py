@@ -13,11 +13,11 @@ buckets live in one slot, so the scripts also run on Redis Cluster.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from redis.asyncio import Redis
 
-from services.gateway.limits import Limit
+from services.gateway.limits import Full, Limit
 
 _ADMIT = """
 -- KEYS: 4 buckets (hashes of level, updated). ARGV: 4 capacities (0: no limit), 4 amounts.
@@ -169,10 +169,8 @@ class RedisConcurrencyLimiter:
         self.hold_s = hold_s
         self._acquire: Any = client.register_script(_ACQUIRE)
 
-    async def acquire(
-        self, key_id: str, tenant: str, request_id: str
-    ) -> tuple[Literal["key", "tenant"], str, int] | None:
-        """Take a slot of both the key and the tenant for ``request_id``, or neither.
+    async def acquire(self, key_id: str, tenant: str, slot: str) -> Full | None:
+        """Take a slot of both the key and the tenant for ``slot`` (a request id), or neither.
 
         Returns:
             None when taken; else which scope is full, its name and its limit.
@@ -180,7 +178,7 @@ class RedisConcurrencyLimiter:
         full = int(
             await self._acquire(
                 keys=self._keys(key_id, tenant),
-                args=[self.per_key, self.per_tenant, request_id, self.hold_s],
+                args=[self.per_key, self.per_tenant, slot, self.hold_s],
             )
         )
         if full == 1:
@@ -189,11 +187,11 @@ class RedisConcurrencyLimiter:
             return ("tenant", tenant, self.per_tenant)
         return None
 
-    async def release(self, key_id: str, tenant: str, request_id: str) -> None:
-        """Give back the slot ``request_id`` holds (nothing if it lapsed already)."""
+    async def release(self, key_id: str, tenant: str, slot: str) -> None:
+        """Give back the slot ``slot`` holds (nothing if it lapsed already)."""
         async with self._client.pipeline(transaction=True) as pipe:
             for key in self._keys(key_id, tenant):
-                pipe.zrem(key, request_id)
+                pipe.zrem(key, slot)
             await pipe.execute()
 
     async def in_flight(self, key_id: str, tenant: str) -> int:

@@ -17,12 +17,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from services.gateway.audit import AuditSettings
 from services.gateway.auth import JwtVerifier
 from shared.policy.settings import PolicySettings
-from shared.settings import MeshSettings
+from shared.settings import MeshSettings, Mode
 
 REPO_POLICY_DIR = Path(__file__).resolve().parents[2] / "policies"
 """``policies/`` of the checkout this package runs from (an editable install or the tree)."""
@@ -96,6 +103,13 @@ class LimitsConfig(BaseModel):
     max_concurrent_per_key: int = Field(32, ge=1)
     max_concurrent_per_tenant: int = Field(256, ge=1)
     max_body_bytes: int = Field(1_048_576, ge=1_024, description="Larger request bodies: 413.")
+    redis_url: str | None = Field(
+        None,
+        pattern=r"^rediss?://\S+$",  # pydantic matches the whole string: no trailing newline
+        description="Redis shared by every gateway for the rate and concurrency limits "
+        "(redis://host:port/db, rediss:// for TLS). Unset: limits per gateway process, which "
+        "only the embedded mode allows (N gateways would give each key N times its limits).",
+    )
     body_timeout_s: float = Field(
         10.0, gt=0, le=300, description="A request body not all there by then: 408."
     )
@@ -159,6 +173,16 @@ class GatewaySettings(MeshSettings):
 
     audit: AuditSettings = AuditSettings()
     kb: KbSettings = KbSettings()
+
+    @model_validator(mode="after")
+    def _shared_limits_in_a_cluster(self) -> GatewaySettings:
+        if self.mode is Mode.CLUSTER and self.limits.redis_url is None:
+            raise ValueError(
+                "MESHLLM_LIMITS__REDIS_URL must be set in cluster mode: the gateways share "
+                "their rate and concurrency limits in Redis (per-process limits would give a "
+                "key N times its allowance behind N gateways)"
+            )
+        return self
 
     @property
     def audit_spool_path(self) -> Path:

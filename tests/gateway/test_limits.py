@@ -34,113 +34,113 @@ def limiter(clock: FakeClock) -> LocalRateLimiter:
     return LocalRateLimiter(clock=clock)
 
 
-def test_the_local_limiter_is_a_rate_limiter(limiter: LocalRateLimiter) -> None:
+async def test_the_local_limiter_is_a_rate_limiter(limiter: LocalRateLimiter) -> None:
     protocol: RateLimiter = limiter
-    assert protocol.admit("k", "t", NONE, NONE, 10**9) is None
+    assert await protocol.admit("k", "t", NONE, NONE, 10**9) is None
 
 
-def test_requests_per_minute_run_out_then_refill(
+async def test_requests_per_minute_run_out_then_refill(
     limiter: LocalRateLimiter, clock: FakeClock
 ) -> None:
     per_key = Limit(3, None)
     for _ in range(3):
-        assert limiter.admit("k1", "acme", per_key, NONE, 0) is None
-    wait = limiter.admit("k1", "acme", per_key, NONE, 0)
+        assert await limiter.admit("k1", "acme", per_key, NONE, 0) is None
+    wait = await limiter.admit("k1", "acme", per_key, NONE, 0)
     assert wait == pytest.approx(20.0)  # 3 a minute: one every 20 s
     assert wait is not None
     assert retry_after(wait) == 20
     clock.now += 10
-    assert limiter.admit("k1", "acme", per_key, NONE, 0) == pytest.approx(10.0)
+    assert await limiter.admit("k1", "acme", per_key, NONE, 0) == pytest.approx(10.0)
     clock.now += 10
-    assert limiter.admit("k1", "acme", per_key, NONE, 0) is None
-    assert limiter.admit("k1", "acme", per_key, NONE, 0) == pytest.approx(20.0)
+    assert await limiter.admit("k1", "acme", per_key, NONE, 0) is None
+    assert await limiter.admit("k1", "acme", per_key, NONE, 0) == pytest.approx(20.0)
     # another key of the same tenant has its own bucket
-    assert limiter.admit("k2", "acme", per_key, NONE, 0) is None
+    assert await limiter.admit("k2", "acme", per_key, NONE, 0) is None
 
 
-def test_a_quiet_key_refills_only_to_one_minute(
+async def test_a_quiet_key_refills_only_to_one_minute(
     limiter: LocalRateLimiter, clock: FakeClock
 ) -> None:
     per_key = Limit(2, None)
     clock.now += 3600
-    assert limiter.admit("k", "t", per_key, NONE, 0) is None
-    assert limiter.admit("k", "t", per_key, NONE, 0) is None
-    assert limiter.admit("k", "t", per_key, NONE, 0) is not None
+    assert await limiter.admit("k", "t", per_key, NONE, 0) is None
+    assert await limiter.admit("k", "t", per_key, NONE, 0) is None
+    assert await limiter.admit("k", "t", per_key, NONE, 0) is not None
 
 
-def test_the_tenant_limit_spans_its_keys(limiter: LocalRateLimiter, clock: FakeClock) -> None:
+async def test_the_tenant_limit_spans_its_keys(limiter: LocalRateLimiter, clock: FakeClock) -> None:
     per_key, per_tenant = Limit(10, None), Limit(2, None)
-    assert limiter.admit("k1", "acme", per_key, per_tenant, 0) is None
-    assert limiter.admit("k2", "acme", per_key, per_tenant, 0) is None
-    assert limiter.admit("k3", "acme", per_key, per_tenant, 0) == pytest.approx(30.0)
-    assert limiter.admit("k1", "beta", per_key, per_tenant, 0) is None  # another tenant
+    assert await limiter.admit("k1", "acme", per_key, per_tenant, 0) is None
+    assert await limiter.admit("k2", "acme", per_key, per_tenant, 0) is None
+    assert await limiter.admit("k3", "acme", per_key, per_tenant, 0) == pytest.approx(30.0)
+    assert await limiter.admit("k1", "beta", per_key, per_tenant, 0) is None  # another tenant
     clock.now += 30
-    assert limiter.admit("k3", "acme", per_key, per_tenant, 0) is None
+    assert await limiter.admit("k3", "acme", per_key, per_tenant, 0) is None
 
 
-def test_a_refused_request_charges_nothing(limiter: LocalRateLimiter) -> None:
+async def test_a_refused_request_charges_nothing(limiter: LocalRateLimiter) -> None:
     per_key, per_tenant = Limit(1, 10_000), Limit(None, 100)
-    assert limiter.admit("k1", "acme", per_key, per_tenant, 60) is None
+    assert await limiter.admit("k1", "acme", per_key, per_tenant, 60) is None
     # the tenant lacks tokens: k2's request bucket must not be charged for the refusal
-    assert limiter.admit("k2", "acme", per_key, per_tenant, 60) is not None
-    assert limiter.admit("k2", "acme", per_key, per_tenant, 40) is None
+    assert await limiter.admit("k2", "acme", per_key, per_tenant, 60) is not None
+    assert await limiter.admit("k2", "acme", per_key, per_tenant, 40) is None
     # k1's single request a minute is spent; its tokens must not be taken either
-    assert limiter.admit("k1", "acme", per_key, Limit(None, None), 5_000) is not None
-    assert limiter.admit("k3", "acme", Limit(None, 10_000), Limit(None, None), 10_000) is None
+    assert await limiter.admit("k1", "acme", per_key, Limit(None, None), 5_000) is not None
+    assert await limiter.admit("k3", "acme", Limit(None, 10_000), Limit(None, None), 10_000) is None
 
 
-def test_tokens_per_minute_and_settling(limiter: LocalRateLimiter, clock: FakeClock) -> None:
+async def test_tokens_per_minute_and_settling(limiter: LocalRateLimiter, clock: FakeClock) -> None:
     per_key = Limit(None, 600)  # 10 tokens a second
-    assert limiter.admit("k", "acme", per_key, NONE, 500) is None
-    assert limiter.admit("k", "acme", per_key, NONE, 200) == pytest.approx(10.0)
-    limiter.settle("k", "acme", estimated=500, actual=100)  # 400 back
-    assert limiter.admit("k", "acme", per_key, NONE, 200) is None  # 300 left after
-    limiter.settle("k", "acme", estimated=200, actual=500)  # 300 more: none left
-    assert limiter.admit("k", "acme", per_key, NONE, 100) == pytest.approx(10.0)
+    assert await limiter.admit("k", "acme", per_key, NONE, 500) is None
+    assert await limiter.admit("k", "acme", per_key, NONE, 200) == pytest.approx(10.0)
+    await limiter.settle("k", "acme", estimated=500, actual=100)  # 400 back
+    assert await limiter.admit("k", "acme", per_key, NONE, 200) is None  # 300 left after
+    await limiter.settle("k", "acme", estimated=200, actual=500)  # 300 more: none left
+    assert await limiter.admit("k", "acme", per_key, NONE, 100) == pytest.approx(10.0)
     clock.now += 10
-    assert limiter.admit("k", "acme", per_key, NONE, 100) is None
+    assert await limiter.admit("k", "acme", per_key, NONE, 100) is None
 
 
-def test_a_refund_does_not_overfill(limiter: LocalRateLimiter) -> None:
+async def test_a_refund_does_not_overfill(limiter: LocalRateLimiter) -> None:
     per_key = Limit(None, 600)
-    assert limiter.admit("k", "acme", per_key, NONE, 100) is None
-    limiter.settle("k", "acme", estimated=100, actual=0)
-    limiter.settle("k", "acme", estimated=5_000, actual=0)
-    assert limiter.admit("k", "acme", per_key, NONE, 600) is None
-    assert limiter.admit("k", "acme", per_key, NONE, 1) is not None
+    assert await limiter.admit("k", "acme", per_key, NONE, 100) is None
+    await limiter.settle("k", "acme", estimated=100, actual=0)
+    await limiter.settle("k", "acme", estimated=5_000, actual=0)
+    assert await limiter.admit("k", "acme", per_key, NONE, 600) is None
+    assert await limiter.admit("k", "acme", per_key, NONE, 1) is not None
 
 
-def test_settling_charges_the_tenant_too(limiter: LocalRateLimiter) -> None:
+async def test_settling_charges_the_tenant_too(limiter: LocalRateLimiter) -> None:
     per_tenant = Limit(None, 1000)
-    assert limiter.admit("k1", "acme", NONE, per_tenant, 100) is None
-    limiter.settle("k1", "acme", estimated=100, actual=1000)
-    assert limiter.admit("k2", "acme", NONE, per_tenant, 1) is not None
-    limiter.settle("unknown", "nobody", estimated=1, actual=5)  # nothing to settle: no error
+    assert await limiter.admit("k1", "acme", NONE, per_tenant, 100) is None
+    await limiter.settle("k1", "acme", estimated=100, actual=1000)
+    assert await limiter.admit("k2", "acme", NONE, per_tenant, 1) is not None
+    await limiter.settle("unknown", "nobody", estimated=1, actual=5)  # nothing to settle: no error
 
 
-def test_a_request_larger_than_a_minute_runs_once_then_waits(
+async def test_a_request_larger_than_a_minute_runs_once_then_waits(
     limiter: LocalRateLimiter, clock: FakeClock
 ) -> None:
     per_key = Limit(None, 600)
-    assert limiter.admit("k", "t", per_key, NONE, 1200) is None  # leaves 600 of debt
-    assert limiter.admit("k", "t", per_key, NONE, 1) == pytest.approx(60.1)
+    assert await limiter.admit("k", "t", per_key, NONE, 1200) is None  # leaves 600 of debt
+    assert await limiter.admit("k", "t", per_key, NONE, 1) == pytest.approx(60.1)
     clock.now += 60.1
-    assert limiter.admit("k", "t", per_key, NONE, 1) is None
+    assert await limiter.admit("k", "t", per_key, NONE, 1) is None
 
 
-def test_a_lowered_limit_applies_at_once(limiter: LocalRateLimiter) -> None:
-    assert limiter.admit("k", "t", Limit(100, None), NONE, 0) is None
-    assert limiter.admit("k", "t", Limit(1, None), NONE, 0) is None  # 99 left, capped to 1
-    assert limiter.admit("k", "t", Limit(1, None), NONE, 0) == pytest.approx(60.0)
+async def test_a_lowered_limit_applies_at_once(limiter: LocalRateLimiter) -> None:
+    assert await limiter.admit("k", "t", Limit(100, None), NONE, 0) is None
+    assert await limiter.admit("k", "t", Limit(1, None), NONE, 0) is None  # 99 left, capped to 1
+    assert await limiter.admit("k", "t", Limit(1, None), NONE, 0) == pytest.approx(60.0)
 
 
-def test_invalid_limits_and_charges() -> None:
+async def test_invalid_limits_and_charges() -> None:
     with pytest.raises(ValueError, match="requests_per_minute"):
         Limit(0, None)
     with pytest.raises(ValueError, match="tokens_per_minute"):
         Limit(None, -1)
     with pytest.raises(ValueError, match="tokens"):
-        LocalRateLimiter().admit("k", "t", NONE, NONE, -1)
+        await LocalRateLimiter().admit("k", "t", NONE, NONE, -1)
 
 
 @pytest.mark.parametrize(("wait", "seconds"), [(0.001, 1), (1.0, 1), (1.01, 2), (29.5, 30)])
@@ -148,10 +148,10 @@ def test_retry_after_rounds_up(wait: float, seconds: int) -> None:
     assert retry_after(wait) == seconds
 
 
-def test_many_keys_do_not_grow_without_bound(clock: FakeClock) -> None:
+async def test_many_keys_do_not_grow_without_bound(clock: FakeClock) -> None:
     limiter = LocalRateLimiter(clock=clock)
     for index in range(10_000):
-        assert limiter.admit(f"k{index}", f"t{index}", Limit(60, 600), NONE, 10) is None
+        assert await limiter.admit(f"k{index}", f"t{index}", Limit(60, 600), NONE, 10) is None
         clock.now += 0.01
     assert len(limiter._buckets) < 5_000  # 20,000 without pruning
 
@@ -159,24 +159,24 @@ def test_many_keys_do_not_grow_without_bound(clock: FakeClock) -> None:
 # --------------------------------------------------------------------------- concurrency
 
 
-def test_concurrency_per_key_and_tenant() -> None:
+async def test_concurrency_per_key_and_tenant() -> None:
     limiter = ConcurrencyLimiter(per_key=2, per_tenant=3)
-    assert limiter.try_acquire("k1", "acme")
-    assert limiter.try_acquire("k1", "acme")
-    assert not limiter.try_acquire("k1", "acme")  # the key is full
-    assert limiter.try_acquire("k2", "acme")
-    assert not limiter.try_acquire("k3", "acme")  # the tenant is full
+    assert await limiter.acquire("k1", "acme") is None
+    assert await limiter.acquire("k1", "acme") is None
+    assert await limiter.acquire("k1", "acme") == ("key", "k1", 2)  # the key is full
+    assert await limiter.acquire("k2", "acme") is None
+    assert await limiter.acquire("k3", "acme") == ("tenant", "acme", 3)  # the tenant is full
     assert limiter.in_flight(key_id="k3") == 0  # a refusal takes nothing
-    assert limiter.try_acquire("k3", "beta")
+    assert await limiter.acquire("k3", "beta") is None
     assert limiter.in_flight(tenant="acme") == 3
-    limiter.release("k1", "acme")
-    assert limiter.try_acquire("k3", "acme")
-    assert not limiter.try_acquire("k1", "acme")
+    await limiter.release("k1", "acme")
+    assert await limiter.acquire("k3", "acme") is None
+    assert await limiter.acquire("k1", "acme") is not None
     for key, tenant in [("k1", "acme"), ("k2", "acme"), ("k3", "acme"), ("k3", "beta")]:
-        limiter.release(key, tenant)
+        await limiter.release(key, tenant)
     assert limiter.in_flight() == 0
     with pytest.raises(RuntimeError, match="without acquire"):
-        limiter.release("k1", "acme")
+        await limiter.release("k1", "acme")
 
 
 def test_invalid_concurrency_limits() -> None:

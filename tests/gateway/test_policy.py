@@ -225,16 +225,23 @@ def test_build_policy_follows_the_settings() -> None:
     assert ask(policy, ("user",)).allow
 
 
-def test_an_evaluator_that_raises_still_denies() -> None:
+async def test_an_evaluator_that_raises_still_denies() -> None:
     class Broken:
         def decide(self, request: AccessRequest) -> Decision:
+            raise RuntimeError("broken")
+
+        async def adecide(self, request: AccessRequest) -> Decision:
             raise RuntimeError("broken")
 
         def close(self) -> None:
             pass
 
-    decision = GatewayPolicy(Broken()).decide(_request(("admin",)))
-    assert decision == Decision(False, ("policy evaluation failed",), None, "normal")
+        async def aclose(self) -> None:
+            pass
+
+    denied = Decision(False, ("policy evaluation failed",), None, "normal")
+    assert GatewayPolicy(Broken()).decide(_request(("admin",))) == denied
+    assert await GatewayPolicy(Broken()).adecide(_request(("admin",))) == denied
 
 
 # --------------------------------------------------------------------------- loading

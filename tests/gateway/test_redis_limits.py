@@ -9,13 +9,19 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from services.gateway.__main__ import build_gateway
+from services.gateway.auth import KeyStore
 from services.gateway.limits import Limit
 from services.gateway.redis_limits import RedisConcurrencyLimiter, RedisRateLimiter
+from services.gateway.settings import GatewaySettings
+from shared.bus import Bus
 from tests.conftest import ROOT
 
 NONE = Limit(requests_per_minute=None, tokens_per_minute=None)
@@ -136,3 +142,31 @@ async def test_an_unreachable_redis_raises_rather_than_admitting() -> None:
     with pytest.raises(RedisConnectionError):
         await RedisRateLimiter(client).admit("k", "t", NONE, NONE, 1)
     await client.aclose()
+
+
+async def test_two_gateways_refuse_a_key_past_its_shared_allowance(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Two gateways built as the service builds them, on one Redis: a key of 2 requests a
+    minute gets its third refused whichever gateway it asks (per process, each would let
+    it through)."""
+    settings = GatewaySettings(
+        data_dir=tmp_path,
+        limits={"redis_url": redis_url},
+        kb={"service_url": "http://127.0.0.1:9"},  # nothing listens: only the charge matters
+    )
+    with KeyStore(settings.keys_db_path) as store:
+        secret = store.create(tenant(), ["analyst"], rpm=2)[1]
+    gateways = [build_gateway(settings, Bus(settings, service="gateway")) for _ in range(2)]
+    statuses = []
+    for gateway in (gateways[0], gateways[1], gateways[1]):
+        transport = httpx.ASGITransport(app=gateway.app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            reply = await client.post(
+                "/v1/kb/search",
+                json={"query": "leave", "collections": ["handbook"]},
+                headers={"authorization": f"Bearer {secret}"},
+            )
+        statuses.append(reply.status_code)
+    assert 429 not in statuses[:2], statuses
+    assert statuses[2] == 429, statuses

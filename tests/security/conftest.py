@@ -60,13 +60,13 @@ class Edge:
             record, secret = store.create(TENANT, roles, rpm=KEY_RPM, tpm=KEY_TPM)
         return record.key_id, secret
 
-    def budget_untouched(self, key_id: str) -> bool:
+    async def budget_untouched(self, key_id: str) -> bool:
         """Whether the key's whole minute (its request and every token) is still there.
 
         Asking the gateway's own rate limiter for the full allowance charges it when it is
         there, so a key is checked once.
         """
-        wait = self.gateway.rate_limiter.admit(
+        wait = await self.gateway.rate_limiter.admit(
             key_id, TENANT, Limit(KEY_RPM, KEY_TPM), Limit(None, None), KEY_TPM
         )
         return wait is None

@@ -180,7 +180,7 @@ async def test_a_bad_field_is_refused_naming_it_and_charges_nothing(
     assert error["param"] == param, error
     assert error["type"] == "invalid_request_error"
     assert set(error) == {"message", "type", "param", "code"}
-    assert edge.budget_untouched(key_id)
+    assert await edge.budget_untouched(key_id)
 
 
 async def test_a_good_request_is_answered_and_charged(edge: Edge) -> None:
@@ -189,7 +189,7 @@ async def test_a_good_request_is_answered_and_charged(edge: Edge) -> None:
         key_id, secret = edge.new_key()
         reply = await _post(edge, route, secret, json.dumps(body).encode())
         assert reply.status_code == 200, reply.text
-        assert not edge.budget_untouched(key_id)
+        assert not await edge.budget_untouched(key_id)
 
 
 async def test_the_role_cap_is_refused_before_charging(edge: Edge) -> None:
@@ -199,7 +199,7 @@ async def test_the_role_cap_is_refused_before_charging(edge: Edge) -> None:
     reply = await _post(edge, "chat/completions", secret, json.dumps(body).encode())
     assert reply.status_code == 403, reply.text
     assert reply.json()["error"]["param"] == "max_tokens"
-    assert edge.budget_untouched(key_id)
+    assert await edge.budget_untouched(key_id)
 
 
 async def test_without_max_tokens_the_role_cap_travels(edge: Edge) -> None:
@@ -238,7 +238,7 @@ async def test_deeply_nested_json_is_refused(edge: Edge, content: bytes) -> None
     reply = await _post(edge, "chat/completions", secret, content)
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["type"] == "invalid_request_error"
-    assert edge.budget_untouched(key_id)
+    assert await edge.budget_untouched(key_id)
     for route in ("kb/search", "kb/collections/handbook/documents"):
         reply = await _post(edge, route, edge.keys["developer"], content)
         assert reply.status_code == 400, reply.text
@@ -250,7 +250,7 @@ async def test_non_finite_numbers_are_refused(edge: Edge, literal: bytes) -> Non
     content = json.dumps(CHAT).encode()[:-1] + b', "temperature": ' + literal + b"}"
     reply = await _post(edge, "chat/completions", secret, content)
     assert reply.status_code == 400, reply.text
-    assert edge.budget_untouched(key_id)
+    assert await edge.budget_untouched(key_id)
 
 
 async def _raw(edge: Edge, head: str, body: bytes = b"", wait_s: float = 10.0) -> bytes:
@@ -296,7 +296,7 @@ async def test_a_slow_body_gets_408_within_the_body_timeout(edge: Edge) -> None:
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert time.monotonic() - started < BODY_TIMEOUT_S + 3
     assert b'"request_timeout"' in answer
-    assert edge.budget_untouched(key_id)
+    assert await edge.budget_untouched(key_id)
 
 
 async def test_a_failing_model_server_is_reported_without_internal_addresses(edge: Edge) -> None:
@@ -397,16 +397,16 @@ async def test_a_request_over_the_concurrency_limit_charges_nothing(
     key_id, secret = edge.new_key()
     reply = await _post(edge, "chat/completions", secret, json.dumps(CHAT).encode())
     assert reply.status_code == 429, reply.text
-    assert edge.budget_untouched(key_id)
+    assert await edge.budget_untouched(key_id)
 
 
 async def test_an_unexpected_failure_is_told_without_its_details(
     edge: Edge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def explode(*args: object, **kwargs: object) -> None:
+    async def explode(*args: object, **kwargs: object) -> None:
         raise RuntimeError("cannot open /var/lib/meshllm/policy.db via http://10.9.8.7:8181")
 
-    monkeypatch.setattr(edge.gateway.policy, "decide", explode)
+    monkeypatch.setattr(edge.gateway.policy, "adecide", explode)
     reply = await _post(edge, "chat/completions", edge.keys["user"], json.dumps(CHAT).encode())
     assert reply.status_code == 500
     error = reply.json()["error"]

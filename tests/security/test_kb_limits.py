@@ -60,9 +60,9 @@ class CountingPolicy(RegoPolicy):
 
     asked: list[AccessRequest]
 
-    def authorize(self, access: AccessRequest) -> Any:
+    async def aauthorize(self, access: AccessRequest) -> Any:
         self.asked.append(access)
-        return super().authorize(access)
+        return await super().aauthorize(access)
 
 
 def gateway(app: Starlette) -> httpx.AsyncClient:

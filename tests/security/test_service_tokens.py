@@ -142,7 +142,7 @@ async def test_a_refused_gateway_identity_is_no_client_error() -> None:
     from shared.policy.decision import Decision
 
     class Allow:
-        def authorize(self, access: object) -> Decision:
+        async def aauthorize(self, access: object) -> Decision:
             return Decision(allow=True, reasons=("auditor",), max_tokens=None, priority="normal")
 
     async def record(*args: object) -> None:
