@@ -37,7 +37,7 @@ def build_gateway(settings: GatewaySettings, bus: Bus) -> Gateway:
     rate_limiter, concurrency = build_limits(settings)
     audit = AuditRecorder(
         bus.publisher,
-        AuditSpool(settings.audit_spool_path),
+        AuditSpool(settings.audit_spool_path, settings.audit.spool_max_bytes),
         settings.audit,
         producer=NAME,
         pii=settings.pii,

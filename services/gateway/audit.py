@@ -35,11 +35,15 @@ from pydantic import BaseModel, Field
 from shared import envelope
 from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
+from shared.files import private_file
 from shared.logging import get_logger
 from shared.pii import Purpose, Redactor, TenantPiiSettings
 from shared.topics import AUDIT_EVENTS
 
 log = get_logger(__name__)
+
+REPLAY_BATCH = 500
+"""Spooled records sent per replay round (a large spool is never read whole)."""
 
 
 class AuditUnavailable(Exception):
@@ -58,6 +62,12 @@ class AuditSettings(BaseModel):
     replay_every_s: float = Field(
         2.0, gt=0, le=600, description="How often a non-empty spool is replayed to Kafka."
     )
+    spool_max_bytes: int = Field(
+        256 * 2**20,
+        ge=2**20,
+        description="The spool's bound: past it a record Kafka did not take is refused, and "
+        "so is its request (503), rather than filling the disk.",
+    )
     strict_tenants: list[str] = Field(
         default_factory=list,
         description="Tenants whose streamed answers are held back whole until the response's "
@@ -74,52 +84,122 @@ def _line(key: str, tenant: str, event: ev.AuditEvent) -> str:
     return json.dumps({"key": key, "tenant": tenant, "event": payload}) + "\n"
 
 
-class AuditSpool:
-    """An append-only file of audit records waiting for Kafka (thread-safe)."""
+class SpoolFull(OSError):
+    """The spool holds ``max_bytes`` already: the record is refused (so is its request)."""
 
-    def __init__(self, path: Path) -> None:
+
+class AuditSpool:
+    """An append-only file of audit records waiting for Kafka (thread-safe), 0600.
+
+    Replayed records are not rewritten away: a small offset file beside the spool says
+    where the records still waiting begin, and the spool is truncated once all of it has
+    been replayed. So a replay costs what it sends, not the size of the spool, and the file
+    is bounded by ``max_bytes`` (an append past it raises :class:`SpoolFull`).
+    """
+
+    def __init__(self, path: Path, max_bytes: int = 256 * 2**20) -> None:
         self.path = path
+        self.max_bytes = max_bytes
+        self._offset_path = path.with_name(path.name + ".offset")
         self._lock = threading.Lock()
+        self._offset = self._load_offset()
 
     def append(self, key: str, tenant: str, event: ev.AuditEvent) -> None:
-        """Write one record and fsync it; raises OSError when the disk does not take it."""
+        """Write one record and fsync it.
+
+        Raises:
+            SpoolFull: the spool is at ``max_bytes``.
+            OSError: the disk does not take it.
+        """
+        line = _line(key, tenant, event).encode()
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as spool:
-                spool.write(_line(key, tenant, event))
+            size = self.path.stat().st_size if self.path.exists() else 0
+            if size + len(line) > self.max_bytes:
+                raise SpoolFull(
+                    f"the audit spool {self.path} holds {size} bytes "
+                    f"(MESHLLM_AUDIT__SPOOL_MAX_BYTES={self.max_bytes})"
+                )
+            private_file(self.path)
+            with self.path.open("r+b") as spool:
+                spool.seek(0, os.SEEK_END)
+                if size and not self._ends_with_newline(spool, size):
+                    spool.write(b"\n")  # a torn last line stays alone on its line
+                spool.write(line)
                 spool.flush()
                 os.fsync(spool.fileno())
 
-    def records(self) -> list[tuple[str, str, ev.AuditEvent]]:
-        """Everything spooled, oldest first; a torn or corrupt line is skipped and logged."""
+    def records(self, limit: int | None = None) -> list[tuple[str, str, ev.AuditEvent]]:
+        """The records still waiting (at most ``limit``), oldest first; a torn or corrupt
+        line is skipped and logged."""
         with self._lock:
-            return list(self._read())
-
-    def _read(self) -> Iterator[tuple[str, str, ev.AuditEvent]]:
-        if not self.path.exists():
-            return
-        with self.path.open(encoding="utf-8") as spool:
-            for number, line in enumerate(spool, start=1):
-                try:
-                    item: dict[str, Any] = json.loads(line)
-                    event = ev.AuditEvent.FromString(base64.b64decode(item["event"]))
-                    yield str(item["key"]), str(item["tenant"]), event
-                except (ValueError, KeyError, TypeError):
-                    log.exception("unreadable audit spool line", line=number)
+            return [record for record, _ in self._read(limit)]
 
     def remove(self, delivered: int) -> None:
-        """Drop the first ``delivered`` records (replayed), keeping any appended meanwhile."""
+        """Drop the first ``delivered`` waiting records (replayed), keeping any appended
+        meanwhile; once none waits, the spool is emptied."""
         with self._lock:
-            kept = list(self._read())[delivered:]
-            temporary = self.path.with_suffix(".tmp")
-            with temporary.open("w", encoding="utf-8") as spool:
-                spool.writelines(_line(*record) for record in kept)
-                spool.flush()
-                os.fsync(spool.fileno())
-            temporary.replace(self.path)
+            ends = [end for _, end in self._read(delivered)]
+            end = ends[-1] if ends else self._offset
+            size = self.path.stat().st_size if self.path.exists() else 0
+            if end >= size:
+                if self.path.exists():
+                    with self.path.open("r+b") as spool:
+                        spool.truncate(0)
+                        os.fsync(spool.fileno())
+                end = 0
+            self._store_offset(end)
 
     def __len__(self) -> int:
         return len(self.records())
+
+    def _read(self, limit: int | None) -> Iterator[tuple[tuple[str, str, ev.AuditEvent], int]]:
+        """Records from the offset, each with the byte offset just past its line."""
+        if not self.path.exists() or (limit is not None and limit <= 0):
+            return
+        count = 0
+        with self.path.open("rb") as spool:
+            spool.seek(self._offset)
+            position = self._offset
+            for raw in spool:
+                position += len(raw)
+                if not raw.endswith(b"\n"):
+                    return  # being written: not a record yet
+                try:
+                    item: dict[str, Any] = json.loads(raw)
+                    event = ev.AuditEvent.FromString(base64.b64decode(item["event"]))
+                    record = (str(item["key"]), str(item["tenant"]), event)
+                except (ValueError, KeyError, TypeError):
+                    log.exception("unreadable audit spool line", offset=position - len(raw))
+                    continue
+                yield record, position
+                count += 1
+                if limit is not None and count >= limit:
+                    return
+
+    @staticmethod
+    def _ends_with_newline(spool: Any, size: int) -> bool:
+        spool.seek(size - 1)
+        ends = bool(spool.read(1) == b"\n")
+        spool.seek(0, os.SEEK_END)
+        return ends
+
+    def _load_offset(self) -> int:
+        try:
+            offset = int(self._offset_path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+        size = self.path.stat().st_size if self.path.exists() else 0
+        return offset if 0 <= offset <= size else 0
+
+    def _store_offset(self, offset: int) -> None:
+        temporary = self._offset_path.with_name(self._offset_path.name + ".tmp")
+        private_file(temporary)
+        with temporary.open("w", encoding="utf-8") as out:
+            out.write(str(offset))
+            out.flush()
+            os.fsync(out.fileno())
+        temporary.replace(self._offset_path)
+        self._offset = offset
 
 
 def redact_event(event: ev.AuditEvent, redactor: Redactor) -> None:
@@ -210,7 +290,7 @@ class AuditRecorder:
 
     async def _replay_loop(self) -> None:
         while not self._stopping:
-            pending = await asyncio.to_thread(self.spool.records)
+            pending = await asyncio.to_thread(self.spool.records, REPLAY_BATCH)
             if not pending:
                 return
             delivered = await self.replay(pending)

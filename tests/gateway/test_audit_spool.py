@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from services.gateway.audit import AuditRecorder, AuditSettings, AuditSpool, AuditUnavailable
+from services.gateway.audit import (
+    AuditRecorder,
+    AuditSettings,
+    AuditSpool,
+    AuditUnavailable,
+    SpoolFull,
+)
 from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
 from shared.pii import PiiPolicy, Purpose, TenantPiiSettings
@@ -135,3 +143,53 @@ async def test_audit_text_is_redacted_only_for_tenants_that_ask(tmp_path: Path) 
     assert "zhang.wei@example.com" not in redacted.inputs[0]
     assert kept.messages[0].content == "call me at 13812345678"  # audit keeps text by default
     await recorder.stop()
+
+
+def test_the_spool_is_private_and_bounded(tmp_path: Path) -> None:
+    """0600 whatever the umask; past its bound a record is refused, not the disk filled."""
+    previous = os.umask(0o022)
+    try:
+        spool = AuditSpool(tmp_path / "spool.jsonl", max_bytes=2_000)
+        spool.append("r1", "acme", _event("r1"))
+        assert stat.S_IMODE((tmp_path / "spool.jsonl").stat().st_mode) == 0o600
+        refusal = None
+        for number in range(2, 100):
+            try:
+                spool.append(f"r{number}", "acme", _event(f"r{number}"))
+            except SpoolFull as full:
+                refusal = str(full)
+                break
+        assert refusal is not None, "the spool took 100 records past its bound"
+        assert "MESHLLM_AUDIT__SPOOL_MAX_BYTES" in refusal
+    finally:
+        os.umask(previous)
+    assert 1 < len(spool) < 100  # what fitted is kept
+
+
+def test_a_replay_is_not_a_rewrite_and_a_drained_spool_is_emptied(tmp_path: Path) -> None:
+    """Removing replayed records moves an offset: the spool file is never rewritten (its
+    inode and bytes stay), and once everything is replayed it is truncated."""
+    path = tmp_path / "spool.jsonl"
+    spool = AuditSpool(path)
+    for name in ("r1", "r2", "r3"):
+        spool.append(name, "acme", _event(name))
+    inode, size = path.stat().st_ino, path.stat().st_size
+    spool.remove(2)
+    assert (path.stat().st_ino, path.stat().st_size) == (inode, size)
+    assert [key for key, _, _ in spool.records()] == ["r3"]
+    assert [key for key, _, _ in AuditSpool(path).records()] == ["r3"]  # after a restart too
+    spool.append("r4", "acme", _event("r4"))
+    assert [key for key, _, _ in spool.records(limit=1)] == ["r3"]
+    spool.remove(2)
+    assert path.stat().st_size == 0
+    assert spool.records() == []
+
+
+def test_a_torn_last_line_does_not_swallow_the_next_record(tmp_path: Path) -> None:
+    path = tmp_path / "spool.jsonl"
+    spool = AuditSpool(path)
+    spool.append("r1", "acme", _event("r1"))
+    with path.open("a") as torn:
+        torn.write('{"key": "half')  # a crash in the middle of a write
+    spool.append("r2", "acme", _event("r2"))
+    assert [key for key, _, _ in spool.records()] == ["r1", "r2"]
