@@ -29,6 +29,7 @@ from services.gateway.policy import Action, Policy, PolicyRequest
 from services.gateway.rag import RagRequest, parse_rag
 from services.gateway.settings import GatewaySettings
 from shared.events.v1 import events_pb2 as ev
+from shared.logging import get_logger
 from shared.openai_protocol import (
     AuthenticationError,
     EmbeddingRequest,
@@ -65,8 +66,11 @@ DEFAULT_MAX_TOKENS = 256
 MAX_JSON_DEPTH = 32
 """Deepest nesting of arrays and objects in a body; no field of the API needs more than 5."""
 
-AuditPolicy = Callable[..., None]
-"""Records a policy decision: ``(request_id, *, principal, model, kind, allow, reasons)``."""
+AuditPolicy = Callable[..., "asyncio.Future[None]"]
+"""Starts recording a policy decision, ``(request_id, *, principal, model, kind, allow,
+reasons)``: the future is done once the record is durable (or failed to be)."""
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -80,6 +84,8 @@ class Admitted:
     event: ev.InferenceRequest
     estimated_tokens: int
     started: float
+    policy_recorded: asyncio.Future[None] | None = None
+    """The policy decision's audit record: published only once it is durable too."""
 
 
 def limit_key(principal: Principal) -> str:
@@ -183,7 +189,7 @@ class Admission:
                 source_ip=source,
             )
         )
-        self.audit_policy(
+        policy_recorded = self.audit_policy(
             request_id,
             principal=principal,
             model=model,
@@ -192,6 +198,7 @@ class Admission:
             reasons=decision.reasons,
         )
         if not decision.allow:
+            await _recorded_denial(policy_recorded, request_id)
             reason = "; ".join(decision.reasons) or "denied by policy"
             param = (
                 "max_tokens" if "max_tokens" in reason else ("model" if "model" in reason else None)
@@ -221,7 +228,14 @@ class Admission:
             event.acl_groups.extend(principal.roles)
         event.deadline.FromNanoseconds(time.time_ns() + int(self.settings.request_timeout_s * 1e9))
         return Admitted(
-            request_id, principal, kind, decision.priority, event, estimated, time.monotonic()
+            request_id,
+            principal,
+            kind,
+            decision.priority,
+            event,
+            estimated,
+            time.monotonic(),
+            policy_recorded,
         )
 
     async def _charge(self, principal: Principal, estimated: int, request_id: str) -> None:
@@ -265,7 +279,7 @@ class Admission:
                 )
             )
             if not decision.allow:
-                self.audit_policy(
+                denial = self.audit_policy(
                     request_id,
                     principal=principal,
                     model=f"kb_collection:{collection}",
@@ -273,8 +287,18 @@ class Admission:
                     allow=False,
                     reasons=decision.reasons,
                 )
+                await _recorded_denial(denial, request_id)
                 reason = "; ".join(decision.reasons) or "denied by policy"
                 raise PermissionDeniedError(reason, "rag.collections", "policy_denied")
+
+
+async def _recorded_denial(recorded: asyncio.Future[None], request_id: str) -> None:
+    """Wait for a denial's record before answering 403; a record that failed is logged (the
+    request is refused either way, so refusing it is safe)."""
+    try:
+        await asyncio.shield(recorded)
+    except Exception as error:
+        log.exception("policy denial not recorded", request_id=request_id, error=repr(error))
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

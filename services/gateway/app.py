@@ -229,13 +229,17 @@ class Gateway:
         record.sampling.CopyFrom(admitted.event.sampling)
         record.priority = admitted.event.priority
         record.source_address = request.client.host if request.client else ""
-        # both go out together; the request is answered only if its audit record is durable
+        # all go out together; the request is answered only if the records of its policy
+        # decision and of itself are durable
         outcomes: tuple[Any, ...] = await asyncio.gather(
             self.audit.record(audit, key=admitted.request_id, tenant=tenant),
             self.publisher.publish(topic, admitted.event, key=admitted.request_id, tenant=tenant),
+            _done(admitted.policy_recorded),
             return_exceptions=True,
         )
-        recorded, published = outcomes
+        recorded, published, policy_recorded = outcomes
+        if not isinstance(recorded, BaseException):
+            recorded = policy_recorded
         if isinstance(published, BaseException):
             log.warning(
                 "request not published", request_id=admitted.request_id, error=str(published)
@@ -413,7 +417,8 @@ class Gateway:
         kind: str,
         allow: bool,
         reasons: tuple[str, ...],
-    ) -> None:
+    ) -> asyncio.Future[None]:
+        """Start recording a policy decision; the future is done once it is durable."""
         event = ev.AuditEvent(
             request_id=request_id,
             api_key_id=principal.key_id or "",
@@ -425,7 +430,11 @@ class Gateway:
         event.policy.action = ACTIONS[kind]
         event.policy.resource = model
         event.policy.roles.extend(principal.roles)
-        self._spawn(self.audit.record(event, key=request_id, tenant=principal.tenant))
+        recorded = asyncio.ensure_future(
+            self.audit.record(event, key=request_id, tenant=principal.tenant)
+        )
+        self._spawn(recorded)  # held until done, whoever waits for it
+        return recorded
 
     async def _audit_response(
         self,
@@ -484,6 +493,11 @@ def _audit_failure(error: BaseException, request_id: str = "") -> ServiceUnavail
     )
     failure.request_id = request_id  # type: ignore[attr-defined]
     return failure
+
+
+async def _done(future: asyncio.Future[None] | None) -> None:
+    if future is not None:
+        await asyncio.shield(future)
 
 
 def _diverged(item: Diverged) -> StreamDiverged:

@@ -384,6 +384,8 @@ class Router:
         event.routing.replica = outcome.replica if outcome else ""
         event.routing.queue_wait_us = queue_wait_us
         event.routing.attempt = outcome.attempt if outcome else 0
-        await self._publisher.enqueue(
+        # acknowledged before the request's offset is committed: a routing record the broker
+        # did not take fails the request's handling (it is dead-lettered with the reason)
+        await self._publisher.publish(
             AUDIT_EVENTS, event, key=request.request_id, tenant=request.envelope.tenant
         )

@@ -25,7 +25,7 @@ import pytest
 
 from services.gateway.__main__ import build_gateway
 from services.gateway.app import Gateway
-from services.gateway.audit import AuditSpool
+from services.gateway.audit import AuditSpool, AuditUnavailable
 from services.gateway.auth import KeyStore
 from services.gateway.settings import GatewaySettings
 from services.router.__main__ import build as build_router
@@ -258,6 +258,29 @@ async def test_no_durable_request_record_no_answer_and_the_generation_stopped(
     assert not seen.text
     await slots_freed(mesh)
     assert mesh.first.completed == 0  # cancelled, not generated to the end
+
+
+async def test_no_durable_policy_record_no_answer(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The policy decision's record is acknowledged before the request goes out: when it
+    cannot be stored, the request is refused with 503 and never reaches a replica."""
+    recorder = mesh.gateway.audit
+    store = recorder.record
+
+    async def policy_records_fail(event: ev.AuditEvent, *, key: str, tenant: str) -> None:
+        if event.WhichOneof("record") == "policy":
+            raise AuditUnavailable("the policy record was not stored")
+        await store(event, key=key, tenant=tenant)
+
+    monkeypatch.setattr(recorder, "record", policy_records_fail)
+    calls = mesh.first.calls + mesh.second.calls
+    seen = await stream(mesh, chat(max_tokens=4))
+    assert seen.status == 503
+    assert not seen.text
+    await slots_freed(mesh)
+    assert mesh.first.completed + mesh.second.completed == 0
+    assert mesh.first.calls + mesh.second.calls - calls <= 1  # cancelled if it raced out
 
 
 async def test_the_end_of_a_stream_waits_for_its_record_and_an_unstored_one_is_an_error(
