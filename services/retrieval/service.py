@@ -50,6 +50,7 @@ from services.retrieval.parsing import ParsedDocument, ParseError, ParserKilled
 from shared.bus import Publisher
 from shared.bus.consumer import EventContext
 from shared.events.v1 import events_pb2 as ev
+from shared.files import private_file
 from shared.logging import get_logger
 from shared.topics import KB_INDEXED
 
@@ -111,8 +112,9 @@ class StatusStore:
     """The last outcome of each document, durable (a small SQLite file)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(
+            private_file(path), check_same_thread=False, isolation_level=None
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS status (tenant TEXT, collection TEXT, document_id TEXT,"

@@ -61,6 +61,7 @@ from services.retrieval.index import (
     Scored,
     Vectors,
 )
+from shared.files import private_file
 from shared.logging import get_logger
 
 log = get_logger(__name__)
@@ -212,7 +213,9 @@ class SqliteKnowledgeIndex:
         self._builder: threading.Thread | None = None
         self._graph_failed = False
         self._db = sqlite3.connect(
-            self.directory / DATABASE_FILE, check_same_thread=False, isolation_level=None
+            private_file(self.directory / DATABASE_FILE),
+            check_same_thread=False,
+            isolation_level=None,
         )
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = FULL")

@@ -12,6 +12,8 @@ import pytest
 
 from services.audit.sqlite_store import SqliteAuditStore
 from services.gateway.auth import KeyStore
+from services.retrieval.service import StatusStore
+from services.retrieval.sqlite_index import SqliteKnowledgeIndex
 from shared.bus.idempotency import SqliteIdempotencyStore
 
 
@@ -51,3 +53,10 @@ def test_the_audit_store_is_private(tmp_path: Path) -> None:
 def test_the_consumers_idempotency_store_is_private(tmp_path: Path) -> None:
     SqliteIdempotencyStore(tmp_path / "bus" / "seen.sqlite")
     assert mode(tmp_path / "bus" / "seen.sqlite") == 0o600
+
+
+def test_the_knowledge_index_and_ingestion_status_are_private(tmp_path: Path) -> None:
+    SqliteKnowledgeIndex(tmp_path / "kb", dim=4)
+    StatusStore(tmp_path / "kb" / "status.sqlite")
+    for name in ("kb.sqlite3", "status.sqlite"):
+        assert mode(tmp_path / "kb" / name) == 0o600, name
