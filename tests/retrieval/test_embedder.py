@@ -50,7 +50,7 @@ def service_transport(
     local: LocalEmbedder, requests: list[dict[str, object]]
 ) -> httpx.MockTransport:
     """The inference service's own EmbeddingService, behind an httpx transport."""
-    from services.inference.serve_app import EmbeddingService
+    from services.inference.embeddings import EmbeddingService
     from shared.openai_protocol import OpenAIError
 
     service = EmbeddingService(local.engine)

@@ -210,7 +210,7 @@ class StandInHandle:
 
 @pytest.fixture
 async def inference_api(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Api]]:
-    from services.inference.serve_app import HttpFrontend
+    from services.inference.http import HttpFrontend
     from shared.service_auth import ServiceGuard
 
     tokens = {name: f"{name:x<64}" for name in ("gateway", "router", "retrieval", "audit")}

@@ -1,0 +1,459 @@
+"""OpenAI chat and completion requests over a loaded model, without Ray: validation, the
+jobs one request makes (``n`` choices, several prompts), merging their streams into OpenAI
+chunks, usage, and switching model versions in place (:class:`ChatService`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from services.inference.engine_protocol import TextEngine
+from services.inference.generation import Delta, EngineSettings, InvalidRequest, SamplingParams
+from services.inference.loading import LoadedModel, load_model
+from services.inference.model.gguf_model import ModelLoadError
+from services.inference.registry import ModelEntry, ModelRegistry, UnknownModel
+from shared.logging import get_logger
+from shared.openai_protocol import (
+    GenerationRequest,
+    ModelNotFoundError,
+    RequestKind,
+    ServiceUnavailableError,
+    invalid_field,
+    parse_request,
+)
+
+log = get_logger(__name__)
+
+# --------------------------------------------------------------------------- responses
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One sequence to generate: choice ``index`` of prompt ``prompt_index``."""
+
+    index: int
+    prompt_index: int
+    ids: tuple[int, ...]
+    params: SamplingParams
+
+
+@dataclass
+class _Plan:
+    request: GenerationRequest
+    jobs: list[_Job]
+    prompt_tokens: int
+
+
+class _Shaper:
+    """Builds the OpenAI response and chunk dicts of one request."""
+
+    def __init__(self, kind: RequestKind, model: LoadedModel) -> None:
+        self.kind = kind
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model = model.model_id
+        self.fingerprint = model.fingerprint
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": choices,
+        }
+
+    def chunk(
+        self, index: int, text: str | None, finish: str | None = None, *, role: bool = False
+    ) -> dict[str, Any]:
+        if self.kind == "completion":
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return self._envelope("text_completion", [choice])
+        delta: dict[str, Any] = {}
+        if role:
+            delta["role"] = "assistant"
+        if text is not None:
+            delta["content"] = text
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return self._envelope("chat.completion.chunk", [choice])
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {**self._envelope(obj, []), "usage": usage}
+
+    def response(
+        self, texts: list[str], finishes: list[str], usage: dict[str, int]
+    ) -> dict[str, Any]:
+        choices: list[dict[str, Any]]
+        if self.kind == "chat":
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+                for i, (text, finish) in enumerate(zip(texts, finishes, strict=True))
+            ]
+            obj = "chat.completion"
+        else:
+            choices = [
+                {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+                for i, (text, finish) in enumerate(zip(texts, finishes, strict=True))
+            ]
+            obj = "text_completion"
+        return {**self._envelope(obj, choices), "usage": usage}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _stream(engine: TextEngine, job: _Job) -> AsyncGenerator[Delta, None]:
+    # TextEngine.stream is an async generator (typed as an iterator): close it when done.
+    return cast(AsyncGenerator[Delta, None], engine.stream(job.ids, job.params))
+
+
+async def _merge(model: LoadedModel, jobs: list[_Job]) -> AsyncGenerator[tuple[int, Delta], None]:
+    """The deltas of every job as they come, tagged with the job's choice index."""
+    engine = model.engine
+    if len(jobs) == 1:
+        job = jobs[0]
+        async with contextlib.aclosing(_stream(engine, job)) as deltas:
+            async for delta in deltas:
+                yield job.index, delta
+        return
+    queue: asyncio.Queue[tuple[int, Delta | BaseException | None]] = asyncio.Queue()
+
+    async def pump(job: _Job) -> None:
+        try:
+            async with contextlib.aclosing(_stream(engine, job)) as deltas:
+                async for delta in deltas:
+                    queue.put_nowait((job.index, delta))
+        except Exception as error:
+            queue.put_nowait((job.index, error))
+        else:
+            queue.put_nowait((job.index, None))
+
+    tasks = [asyncio.create_task(pump(job)) for job in jobs]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# --------------------------------------------------------------------------- chat service
+
+
+class ChatService:
+    """Serves one model name from a registry, one version at a time, OpenAI-style.
+
+    Not thread-safe: call it from one event loop (a Serve replica's).
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        model_name: str,
+        engine_settings: EngineSettings,
+        quant: str = "fp32",
+        *,
+        verify: bool = True,
+        drain_timeout_s: float = 600.0,
+    ) -> None:
+        self.registry = registry
+        self.model_name = model_name
+        self.engine_settings = engine_settings
+        self.quant = quant
+        self.verify = verify
+        self.drain_timeout_s = drain_timeout_s
+        self._current: LoadedModel | None = None
+        self._retiring: set[LoadedModel] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._switch_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------- model versions
+
+    @property
+    def current(self) -> LoadedModel:
+        if self._current is None:
+            raise ServiceUnavailableError("no model is loaded")
+        return self._current
+
+    def load_now(self, version: str | None) -> ModelEntry:
+        """Blocking first load (a replica's constructor).
+
+        Raises:
+            UnknownModel, ModelLoadError: the version cannot be served.
+        """
+        if self._current is not None:
+            raise RuntimeError("a model is loaded already; use switch()")
+        entry = self.registry.resolve(self.model_name, version)
+        self._current = load_model(entry, self.engine_settings, self.quant, verify=self.verify)
+        return entry
+
+    async def switch(self, version: str | None) -> dict[str, Any]:
+        """Serve ``version`` (None: the latest) from now on, without failing a request.
+
+        The new version is loaded on a new engine while the old one keeps serving; then
+        new requests go to the new engine, and the old engine stops once its in-flight
+        requests have finished (in the background; see ``status()["retiring"]``).
+
+        Raises:
+            ModelNotFoundError: no such version in the registry.
+            ModelLoadError: the file is corrupt or unusable (the old version stays).
+        """
+        async with self._switch_lock:
+            try:
+                entry = self.registry.resolve(self.model_name, version)
+            except UnknownModel as error:
+                raise ModelNotFoundError(error.message) from None
+            old = self._current
+            if old is not None and (old.entry.version, old.entry.sha256) == (
+                entry.version,
+                entry.sha256,
+            ):
+                return self.status()
+            new = await asyncio.to_thread(
+                load_model, entry, self.engine_settings, self.quant, verify=self.verify
+            )
+            self._current = new
+            log.info(
+                "model switched",
+                model=new.model_id,
+                previous=old.model_id if old else None,
+                draining=old.in_flight if old else 0,
+            )
+            if old is not None:
+                self._retiring.add(old)
+                task = asyncio.create_task(self._retire(old), name=f"retire {old.model_id}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            return self.status()
+
+    async def _retire(self, old: LoadedModel) -> None:
+        try:
+            await asyncio.wait_for(old.idle.wait(), self.drain_timeout_s)
+        except TimeoutError:
+            log.warning(
+                "stopping a retired model with requests in flight",
+                model=old.model_id,
+                in_flight=old.in_flight,
+            )
+        self._retiring.discard(old)
+        await asyncio.to_thread(old.engine.stop)
+        log.info("retired model stopped", model=old.model_id)
+
+    async def wait_retired(self) -> None:
+        """Wait until every replaced engine has drained and stopped."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def status(self) -> dict[str, Any]:
+        current = self.current
+        return {
+            "model": current.model_id,
+            "name": current.entry.name,
+            "version": current.entry.version,
+            "sha256": current.entry.sha256,
+            "quant": current.quant,
+            "max_seq_len": current.engine.max_seq_len,
+            "in_flight": current.in_flight,
+            "active": current.engine.active,
+            "waiting": current.engine.waiting,
+            "retiring": [
+                {"model": m.model_id, "in_flight": m.in_flight}
+                for m in sorted(self._retiring, key=lambda m: m.model_id)
+            ],
+        }
+
+    def models(self) -> dict[str, Any]:
+        """The OpenAI ``/v1/models`` list: the served name, and name:version."""
+        current = self.current
+        created = int(Path(current.entry.directory).stat().st_mtime)
+        ids = [current.entry.name, current.model_id]
+        return {
+            "object": "list",
+            "data": [
+                {"id": i, "object": "model", "created": created, "owned_by": "meshllm"} for i in ids
+            ],
+        }
+
+    def stuck(self) -> str | None:
+        """Why an engine is unhealthy (stuck, or its thread died); None when all are fine."""
+        for model in [self.current, *self._retiring]:
+            reason = model.engine.stuck()
+            if reason is not None:
+                return f"{model.model_id}: {reason}"
+        return None
+
+    def close(self) -> None:
+        """Stop every engine now (the replica is going away)."""
+        for model in [self._current, *self._retiring]:
+            if model is not None:
+                model.engine.stop()
+        self._retiring.clear()
+
+    # ------------------------------------------------------------- requests
+
+    def _select(self, request: GenerationRequest) -> LoadedModel:
+        current = self.current
+        if request.model is not None and request.model != self.model_name:
+            available = ", ".join([self.model_name, current.model_id])
+            raise ModelNotFoundError(
+                f"model {request.model!r} is not served here; available: {available}"
+            )
+        if request.version is not None and request.version != current.entry.version:
+            try:
+                self.registry.resolve(self.model_name, request.version)
+            except UnknownModel as error:
+                raise ModelNotFoundError(error.message) from None
+            raise ModelNotFoundError(
+                f"version {request.version!r} of {self.model_name!r} is registered but not "
+                f"served now; served: {current.model_id}"
+            )
+        return current
+
+    @staticmethod
+    def _prompt_ids(model: LoadedModel, request: GenerationRequest) -> list[tuple[int, ...]]:
+        tokenizer = model.tokenizer
+        if request.kind == "chat":
+            try:
+                text = tokenizer.render_chat(list(request.messages))
+            except ModelLoadError as error:
+                raise invalid_field("messages", str(error)) from None
+            except Exception as error:  # the model's own template refused the messages
+                raise invalid_field("messages", f"the chat template failed: {error}") from None
+            return [tuple(tokenizer.encode(text))]
+        prompts: list[tuple[int, ...]] = []
+        for index, prompt in enumerate(request.prompts):
+            if isinstance(prompt, str):
+                prompts.append(tuple(tokenizer.encode(prompt)))
+            elif all(0 <= t < tokenizer.vocab_size for t in prompt):
+                prompts.append(prompt)
+            else:
+                raise invalid_field(f"prompt[{index}]", "token ids must be in the vocabulary")
+        return prompts
+
+    def _plan(self, model: LoadedModel, request: GenerationRequest) -> _Plan:
+        engine = model.engine
+        prompts = self._prompt_ids(model, request)
+        jobs: list[_Job] = []
+        for prompt_index, ids in enumerate(prompts):
+            max_tokens = request.max_tokens
+            if max_tokens is None:
+                max_tokens = engine.max_seq_len - len(ids)
+                if request.max_tokens_cap is not None:
+                    max_tokens = min(max_tokens, request.max_tokens_cap)
+                if max_tokens < 1:
+                    raise invalid_field(
+                        request.prompt_param,
+                        f"the prompt has {len(ids)} tokens; the context length is "
+                        f"{engine.max_seq_len} tokens",
+                    )
+            for choice in range(request.n):
+                seed = request.seed
+                if seed is not None and choice:
+                    seed = (seed + choice) % 2**63
+                params = SamplingParams(
+                    max_tokens=max_tokens,
+                    temperature=request.temperature,
+                    top_p=request.top_p,
+                    top_k=request.top_k,
+                    seed=seed,
+                    stop=request.stop,
+                    ignore_eos=request.ignore_eos,
+                )
+                try:
+                    engine.check(ids, params)
+                except InvalidRequest as error:
+                    param = request.prompt_param if error.param == "prompt" else error.param
+                    raise invalid_field(param, error.message) from None
+                jobs.append(_Job(len(jobs), prompt_index, ids, params))
+        return _Plan(request, jobs, sum(len(ids) for ids in prompts))
+
+    async def generate(self, body: Any, kind: RequestKind) -> dict[str, Any]:
+        """A whole OpenAI chat/completion response for the request ``body``.
+
+        Raises:
+            InvalidRequestError, ModelNotFoundError: the request is refused.
+        """
+        request = parse_request(body, kind)
+        model = self._select(request)
+        plan = self._plan(model, request)
+        shaper = _Shaper(kind, model)
+        texts = [""] * len(plan.jobs)
+        finishes = ["stop"] * len(plan.jobs)
+        completion_tokens = 0
+        model.acquire()
+        try:
+            async with contextlib.aclosing(_merge(model, plan.jobs)) as deltas:
+                async for index, delta in deltas:
+                    texts[index] += delta.text
+                    if delta.finish_reason is not None:
+                        finishes[index] = delta.finish_reason
+                        completion_tokens += delta.usage.completion_tokens if delta.usage else 0
+        finally:
+            model.release()
+        return shaper.response(texts, finishes, _usage(plan.prompt_tokens, completion_tokens))
+
+    async def generate_stream(
+        self, body: Any, kind: RequestKind
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """OpenAI chunks for the request ``body``; errors in the request come first."""
+        request = parse_request(body, kind)
+        model = self._select(request)
+        plan = self._plan(model, request)
+        shaper = _Shaper(kind, model)
+        completion_tokens = 0
+        model.acquire()
+        try:
+            if kind == "chat":
+                for job in plan.jobs:
+                    yield shaper.chunk(job.index, "", role=True)
+            async with contextlib.aclosing(_merge(model, plan.jobs)) as deltas:
+                async for index, delta in deltas:
+                    if delta.text:
+                        yield shaper.chunk(index, delta.text)
+                    if delta.finish_reason is not None:
+                        completion_tokens += delta.usage.completion_tokens if delta.usage else 0
+                        yield shaper.chunk(
+                            index, None if kind == "chat" else "", delta.finish_reason
+                        )
+            if request.include_usage:
+                yield shaper.usage_chunk(_usage(plan.prompt_tokens, completion_tokens))
+        finally:
+            model.release()
+
+    async def chat(self, body: Any) -> dict[str, Any]:
+        return await self.generate(body, "chat")
+
+    def chat_stream(self, body: Any) -> AsyncGenerator[dict[str, Any], None]:
+        return self.generate_stream(body, "chat")
+
+    async def complete(self, body: Any) -> dict[str, Any]:
+        return await self.generate(body, "completion")
+
+    def complete_stream(self, body: Any) -> AsyncGenerator[dict[str, Any], None]:
+        return self.generate_stream(body, "completion")
