@@ -306,17 +306,17 @@ class KbRoutes:
             )
         given_id = body.get("document_id")
         document_id = uuid.uuid4().hex if given_id is None else _document_id(given_id)
-        title = body.get("title") or ""
+        title = _or_default(body, "title", "")
         if not isinstance(title, str) or len(title) > 500:
             raise invalid_field("title", "must be text of at most 500 characters")
-        acl = body.get("acl") or []
+        acl = _or_default(body, "acl", [])
         if (
             not isinstance(acl, list)
             or len(acl) > MAX_ACL_GROUPS
             or not all(isinstance(g, str) and 0 < len(g) <= 128 for g in acl)
         ):
             raise invalid_field("acl", f"must be a list of at most {MAX_ACL_GROUPS} group names")
-        metadata = body.get("metadata") or {}
+        metadata = _or_default(body, "metadata", {})
         if (
             not isinstance(metadata, dict)
             or len(metadata) > MAX_METADATA
@@ -487,3 +487,11 @@ def _content(body: dict[str, Any]) -> bytes:
         return base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise invalid_field("content_base64", "is not valid base64") from None
+
+
+def _or_default(body: dict[str, Any], name: str, default: Any) -> Any:
+    """``body[name]``, or ``default`` when it is absent or null (and only then: a ``0`` or
+    ``false`` where text or a list belongs is refused by the caller's check, not taken as
+    empty)."""
+    value = body.get(name)
+    return default if value is None else value

@@ -370,13 +370,20 @@ def _schemas() -> dict[str, Any]:
             "additionalProperties": False,
             "oneOf": [{"required": ["text"]}, {"required": ["content_base64"]}],
             "properties": {
-                "document_id": {"type": "string", "pattern": DOCUMENT_ID.pattern},
-                "title": _text(500),
+                # null is taken as absent (the gateway makes an id; no title, ACL, metadata)
+                "document_id": _nullable({"type": "string", "pattern": DOCUMENT_ID.pattern}),
+                "title": _nullable(_text(500)),
                 "content_type": {"enum": list(CONTENT_TYPES)},
                 "text": {"type": "string", "pattern": r"\S"},
                 "content_base64": {"type": "string", "pattern": BASE64_PATTERN},
-                "acl": {"type": "array", "items": _text(128, 1)},
-                "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                "acl": _nullable({"type": "array", "items": _text(128, 1), "maxItems": 64}),
+                "metadata": _nullable(
+                    {
+                        "type": "object",
+                        "maxProperties": 64,
+                        "additionalProperties": {"type": "string", "maxLength": 1024},
+                    }
+                ),
             },
             "description": "Give the document as text or as content_base64 (one of them).",
         },

@@ -179,6 +179,10 @@ async def test_bad_search_fields_are_named_and_cost_nothing(
         ({"content_type": "text/plain", "text": "x", "document_id": ""}, "document_id"),
         ({"content_type": "text/plain", "text": "x", "acl": ["g"] * 65}, "acl"),
         ({"content_type": "text/plain", "text": "x", "metadata": {"k": "v" * 2000}}, "metadata"),
+        # a falsy value of the wrong type is not taken as "empty"
+        ({"content_type": "text/plain", "text": "x", "title": 0}, "title"),
+        ({"content_type": "text/plain", "text": "x", "acl": False}, "acl"),
+        ({"content_type": "text/plain", "text": "x", "metadata": ""}, "metadata"),
     ],
 )
 async def test_bad_ingest_fields_are_named_and_nothing_is_published(
