@@ -38,6 +38,7 @@ from services.audit.records import KINDS, UNKNOWN_KIND, AuditQuery
 from shared.logging import get_logger
 from shared.openai_protocol import (
     InvalidRequestError,
+    NotFoundError,
     OpenAIError,
     invalid_field,
     reject_unknown,
@@ -55,11 +56,6 @@ CALLERS = frozenset({"gateway"})
 # The span of int64 nanoseconds since the epoch, which occurred_at is stored as.
 EARLIEST = datetime(1677, 9, 22, tzinfo=UTC)
 LATEST = datetime(2262, 4, 11, tzinfo=UTC)
-
-
-class NotFound(OpenAIError):
-    status = 404
-    error_type = "not_found_error"
 
 
 class NotCheckpointed(OpenAIError):
@@ -187,7 +183,7 @@ class AuditApi:
         found = await asyncio.to_thread(self.log.store.get_by_event_id, event_id)
         tenant = request.query_params.get("tenant")
         if found is None or (tenant is not None and found.tenant != tenant):
-            raise NotFound(f"no audit record {event_id[:80]!r}", "event_id", "not_found")
+            raise NotFoundError(f"no audit record {event_id[:80]!r}", "event_id", "not_found")
         return found
 
     async def record(self, request: Request) -> dict[str, Any]:

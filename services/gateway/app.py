@@ -328,7 +328,7 @@ class Gateway:
         try:
             if admitted.kind == "chat":
                 for index in range(admitted.event.sampling.n or 1):
-                    yield _sse(builder.chunk(index, ""))
+                    yield _sse(builder.chunk(index, "", role=True))
             while True:
                 try:
                     item = await self._next(admitted, pending, None)
@@ -522,7 +522,7 @@ async def _strict_stream(
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     for choice in reply.choices:
         if admitted.kind == "chat":
-            yield _sse(builder.chunk(choice.index, ""))
+            yield _sse(builder.chunk(choice.index, "", role=True))
         if choice.text:
             yield _sse(builder.chunk(choice.index, choice.text))
     for payload in builder.ending(reply, include_usage=include_usage):

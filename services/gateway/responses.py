@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import base64
 import struct
-import time
 from typing import Any
 
 from shared.events.v1 import events_pb2 as ev
 from shared.logging import get_logger
 from shared.openai_protocol import OpenAIError
+from shared.openai_shapes import OpenAIShapes
 
 log = get_logger(__name__)
 
@@ -55,91 +55,34 @@ def model_name(reply: ev.FinalReply) -> str:
 
 
 class ResponseBuilder:
-    """The ids and shapes of one OpenAI chat or completion response."""
+    """One chat or completion response from the mesh's reply events, in OpenAI's shapes
+    (:class:`~shared.openai_shapes.OpenAIShapes`), with the sources of a RAG answer."""
 
     def __init__(self, kind: str, request_id: str, model: str) -> None:
-        self.kind = kind
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
-        self.created = int(time.time())
-        self.model = model
-        self.object = "chat.completion" if kind == "chat" else "text_completion"
-
-    def _choice(self, index: int, text: str, finish: str | None) -> dict[str, Any]:
-        if self.kind == "chat":
-            return {
-                "index": index,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        self.shapes = OpenAIShapes(kind, request_id, model)
 
     def whole(self, reply: ev.FinalReply) -> dict[str, Any]:
-        self.model = model_name(reply) or self.model
-        body = {
-            "id": self.id,
-            "object": self.object,
-            "created": self.created,
-            "model": self.model,
-            "choices": [self._choice(c.index, c.text, c.finish_reason) for c in reply.choices],
-            "usage": usage(reply),
-        }
+        self.shapes.model = model_name(reply) or self.shapes.model
+        choices = [(c.index, c.text, c.finish_reason) for c in reply.choices]
+        body = self.shapes.response(choices, usage(reply))
         if reply.citations:
             body["citations"] = citations(reply)
         return body
 
-    def citations_chunk(self, reply: ev.FinalReply) -> dict[str, Any]:
-        """A stream chunk with no choices that carries the answer's sources (extension)."""
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "citations": citations(reply),
-        }
-
-    def chunk(self, index: int, text: str | None, finish: str | None = None) -> dict[str, Any]:
-        if self.kind == "chat":
-            delta: dict[str, Any] = {} if text is None else {"content": text}
-            if text == "" and finish is None:
-                delta = {"role": "assistant", "content": ""}
-            choice: dict[str, Any] = {
-                "index": index,
-                "delta": delta,
-                "logprobs": None,
-                "finish_reason": finish,
-            }
-            kind = "chat.completion.chunk"
-        else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
-            kind = "text_completion"
-        return {
-            "id": self.id,
-            "object": kind,
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        }
+    def chunk(
+        self, index: int, text: str | None, finish: str | None = None, *, role: bool = False
+    ) -> dict[str, Any]:
+        return self.shapes.chunk(index, text, finish, role=role)
 
     def ending(self, reply: ev.FinalReply, *, include_usage: bool) -> list[dict[str, Any]]:
         """The chunks that end a stream before ``[DONE]``: finish reasons, sources, usage."""
         chunks = [self.chunk(c.index, None, c.finish_reason or "stop") for c in reply.choices]
-        if reply.citations:
-            chunks.append(self.citations_chunk(reply))
+        if reply.citations:  # an extension: a chunk with no choices carries the sources
+            chunks.append({**self.shapes.envelope("chat.completion.chunk", []),
+                           "citations": citations(reply)})  # fmt: skip
         if include_usage:
-            chunks.append(self.usage_chunk(reply))
+            chunks.append(self.shapes.usage_chunk(usage(reply)))
         return chunks
-
-    def usage_chunk(self, reply: ev.FinalReply) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": usage(reply),
-        }
 
 
 def citations(reply: ev.FinalReply) -> list[dict[str, Any]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from shared.openai_protocol import (
     invalid_field,
     parse_request,
 )
+from shared.openai_shapes import OpenAIShapes
 
 log = get_logger(__name__)
 
@@ -50,66 +50,8 @@ class _Plan:
     prompt_tokens: int
 
 
-class _Shaper:
-    """Builds the OpenAI response and chunk dicts of one request."""
-
-    def __init__(self, kind: RequestKind, model: LoadedModel) -> None:
-        self.kind = kind
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.model = model.model_id
-        self.fingerprint = model.fingerprint
-
-    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": self.fingerprint,
-            "choices": choices,
-        }
-
-    def chunk(
-        self, index: int, text: str | None, finish: str | None = None, *, role: bool = False
-    ) -> dict[str, Any]:
-        if self.kind == "completion":
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return self._envelope("text_completion", [choice])
-        delta: dict[str, Any] = {}
-        if role:
-            delta["role"] = "assistant"
-        if text is not None:
-            delta["content"] = text
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return self._envelope("chat.completion.chunk", [choice])
-
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
-        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {**self._envelope(obj, []), "usage": usage}
-
-    def response(
-        self, texts: list[str], finishes: list[str], usage: dict[str, int]
-    ) -> dict[str, Any]:
-        choices: list[dict[str, Any]]
-        if self.kind == "chat":
-            choices = [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": finish,
-                }
-                for i, (text, finish) in enumerate(zip(texts, finishes, strict=True))
-            ]
-            obj = "chat.completion"
-        else:
-            choices = [
-                {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-                for i, (text, finish) in enumerate(zip(texts, finishes, strict=True))
-            ]
-            obj = "text_completion"
-        return {**self._envelope(obj, choices), "usage": usage}
+def _shapes(kind: RequestKind, model: LoadedModel) -> OpenAIShapes:
+    return OpenAIShapes(kind, uuid.uuid4().hex, model.model_id, model.fingerprint)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -402,7 +344,7 @@ class ChatService:
         request = parse_request(body, kind)
         model = self._select(request)
         plan = self._plan(model, request)
-        shaper = _Shaper(kind, model)
+        shaper = _shapes(kind, model)
         texts = [""] * len(plan.jobs)
         finishes = ["stop"] * len(plan.jobs)
         completion_tokens = 0
@@ -416,7 +358,10 @@ class ChatService:
                         completion_tokens += delta.usage.completion_tokens if delta.usage else 0
         finally:
             model.release()
-        return shaper.response(texts, finishes, _usage(plan.prompt_tokens, completion_tokens))
+        choices = [
+            (i, text, finish) for i, (text, finish) in enumerate(zip(texts, finishes, strict=True))
+        ]
+        return shaper.response(choices, _usage(plan.prompt_tokens, completion_tokens))
 
     async def generate_stream(
         self, body: Any, kind: RequestKind
@@ -425,7 +370,7 @@ class ChatService:
         request = parse_request(body, kind)
         model = self._select(request)
         plan = self._plan(model, request)
-        shaper = _Shaper(kind, model)
+        shaper = _shapes(kind, model)
         completion_tokens = 0
         model.acquire()
         try:

@@ -47,6 +47,7 @@ from services.retrieval.search import HybridSearcher
 from services.retrieval.service import StatusStore
 from shared.openai_protocol import (
     InvalidRequestError,
+    NotFoundError,
     OpenAIError,
     ServiceUnavailableError,
     invalid_field,
@@ -64,11 +65,6 @@ SEARCHERS = frozenset({"gateway", "router"})
 READERS = frozenset({"gateway"})
 """Who may list collections and read documents: the gateway, after its policy check."""
 CALLERS = SEARCHERS | READERS
-
-
-class NotFound(OpenAIError):
-    status = 404
-    error_type = "not_found_error"
 
 
 def parse_search(body: Any, max_top_k: int) -> tuple[Scope, str, int, str]:
@@ -271,7 +267,7 @@ class RetrievalApi:
         if status is not None and not reader.may_see(status.acl):
             status = None
         if info is None and status is None:
-            raise NotFound(f"no document {document_id!r} in {collection!r}", "document_id")
+            raise NotFoundError(f"no document {document_id!r} in {collection!r}", "document_id")
         return {
             "document": None if info is None else document_json(info),
             "last_ingestion": None
