@@ -94,12 +94,12 @@ def ensure_tokens(
     ``split``: ``<directory>/<name>/<name>.token`` and ``<directory>/digests/<name>.sha256``,
     so that each service can be given its own token and the digests, and nothing else.
     """
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _private_dir(directory)
     digests = directory / "digests" if split else directory
-    digests.mkdir(exist_ok=True, mode=0o700)
+    _private_dir(digests)
     for name in identities:
         home = directory / name if split else directory
-        home.mkdir(exist_ok=True, mode=0o700)
+        _private_dir(home)
         token_path = home / f"{name}.token"
         if not token_path.exists():
             write_new(token_path, secrets.token_hex(TOKEN_BYTES))
@@ -297,3 +297,9 @@ __all__ = [
     "service_headers",
     "tokens_dir",
 ]
+
+
+def _private_dir(path: Path) -> None:
+    """``path`` as a folder only its owner may enter: made 0700, or narrowed to it."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.chmod(0o700)

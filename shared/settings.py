@@ -124,10 +124,11 @@ class BusSettings(BaseModel):
         description="The mesh's event signing key (64 hex digits, 0600); unset: "
         "<tokens dir>/events.key. Producers sign when it exists (see shared/bus/signing.py).",
     )
-    require_signed: bool = Field(
-        False,
-        description="Dead-letter enveloped events that are not signed with the mesh's key "
-        "(`meshllm up` turns it on for its services).",
+    require_signed: bool | None = Field(
+        None,
+        description="Dead-letter enveloped events that are not signed with the mesh's key. "
+        "Unset: on in cluster mode (any Kafka client could otherwise write a tenant or an "
+        "ACL group that consumers trust), off in embedded mode, where `meshllm up` turns it on.",
     )
 
 
@@ -177,6 +178,13 @@ class MeshSettings(BaseSettings):
     service_auth: ServiceAuthSettings = ServiceAuthSettings()
     # What PII is masked, tokenized or dropped per tenant, in logs, audit, feedback, training
     pii: TenantPiiSettings = TenantPiiSettings()
+
+    @property
+    def signatures_required(self) -> bool:
+        """Whether consumers dead-letter events not signed with the mesh's key."""
+        if self.bus.require_signed is not None:
+            return self.bus.require_signed
+        return self.mode is Mode.CLUSTER
 
     @property
     def fetch_max_wait_ms(self) -> int:

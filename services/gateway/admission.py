@@ -89,8 +89,9 @@ class Admitted:
 
 
 def limit_key(principal: Principal) -> str:
-    """The rate limiter's key of a caller: its API key, or its JWT subject."""
-    return principal.key_id or f"jwt:{principal.subject}"
+    """The rate limiter's key of a caller: its API key (unique across tenants), or its
+    tenant and JWT subject (the same ``sub`` in two tenants is two callers)."""
+    return principal.key_id or f"{principal.tenant}/{principal.subject}"
 
 
 class Admission:

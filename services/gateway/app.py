@@ -11,7 +11,6 @@ internal details (those are logged, under the request id the client is given).
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -33,7 +32,19 @@ from services.gateway.limits import ConcurrencyGate, RateLimiter
 from services.gateway.openapi import openapi_document
 from services.gateway.policy import Action, Policy, PolicyRequest
 from services.gateway.relay import Delta, Diverged, Pending, Relayed, ReplyRelay
-from services.gateway.responses import ReplyError, ResponseBuilder, embeddings_body
+from services.gateway.responses import (
+    ReplyError,
+    ResponseBuilder,
+    audit_failure,
+    diverged_error,
+    embeddings_body,
+    error_response,
+    internal_error,
+    not_allowed,
+    not_found,
+    sse,
+    strict_stream,
+)
 from services.gateway.settings import GatewaySettings
 from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
@@ -42,7 +53,6 @@ from shared.openai_protocol import ClientClosedError as ClientClosed
 from shared.openai_protocol import GatewayTimeoutError as GatewayTimeout
 from shared.openai_protocol import (
     OpenAIError,
-    RateLimitError,
     ServiceUnavailableError,
     reject_unknown,
 )
@@ -51,13 +61,6 @@ from shared.topics import CANCELLATIONS
 
 log = get_logger(__name__)
 tracer = trace.get_tracer("meshllm.gateway")
-
-
-class StreamDiverged(OpenAIError):
-    """A re-run after a failure mid-stream did not repeat the text already sent."""
-
-    status = 502
-    error_type = "server_error"
 
 
 class Gateway:
@@ -124,10 +127,12 @@ class Gateway:
         return Starlette(
             routes=routes,
             exception_handlers={
-                OpenAIError: _error_response,
-                404: _not_found,
-                405: _not_allowed,
-                Exception: _internal_error,
+                OpenAIError: error_response,
+                # a decision on the kb or audit routes whose record could not be stored
+                AuditUnavailable: _audit_unavailable,
+                404: not_found,
+                405: not_allowed,
+                Exception: internal_error,
             },
         )
 
@@ -187,9 +192,7 @@ class Gateway:
         except BaseException:
             await self._release(admitted, pending)
             # never sent: give back what the rate limiter charged for it
-            await self.rate_limiter.settle(
-                _limit_key(principal), principal.tenant, admitted.estimated_tokens, 0
-            )
+            await self._settle(admitted, 0)
             raise
         sse_headers = {"cache-control": "no-cache", "x-request-id": admitted.request_id}
         if pending.stream:
@@ -204,7 +207,7 @@ class Gateway:
             await self._release(admitted, pending)
         whole = await self._whole(admitted, reply, body)
         if admitted.event.stream:  # a strict tenant's stream: sent once its record is durable
-            chunks = _strict_stream(admitted, reply, body)
+            chunks = strict_stream(admitted, reply, body)
             return StreamingResponse(chunks, media_type="text/event-stream", headers=sse_headers)
         return JSONResponse(whole, headers={"x-request-id": admitted.request_id})
 
@@ -249,7 +252,7 @@ class Gateway:
             ) from published
         if isinstance(recorded, BaseException):
             self._cancel(admitted, "audit record not durable")
-            raise _audit_failure(recorded, admitted.request_id)
+            raise audit_failure(recorded, admitted.request_id)
 
     async def _final(self, admitted: Admitted, pending: Pending, request: Request) -> ev.FinalReply:
         """Wait for the final reply; 504 at the deadline; cancel when the caller leaves."""
@@ -303,7 +306,7 @@ class Gateway:
             else:
                 await self._audit_response(admitted, reply, 200, None)
         except AuditUnavailable as error:
-            raise _audit_failure(error, admitted.request_id) from error
+            raise audit_failure(error, admitted.request_id) from error
         if failure is not None:
             failure.request_id = admitted.request_id  # type: ignore[attr-defined]
             raise failure
@@ -328,34 +331,34 @@ class Gateway:
         try:
             if admitted.kind == "chat":
                 for index in range(admitted.event.sampling.n or 1):
-                    yield _sse(builder.chunk(index, "", role=True))
+                    yield sse(builder.chunk(index, "", role=True))
             while True:
                 try:
                     item = await self._next(admitted, pending, None)
                 except GatewayTimeout as error:
                     ended = True
-                    yield _sse(await self._interrupted(admitted, None, shown, error))
+                    yield sse(await self._interrupted(admitted, None, shown, error))
                     return
                 if isinstance(item, Delta):
                     shown[item.choice_index] = shown.get(item.choice_index, "") + item.text
-                    yield _sse(builder.chunk(item.choice_index, item.text))
+                    yield sse(builder.chunk(item.choice_index, item.text))
                     continue
                 ended = True
                 if isinstance(item, Diverged):
                     self._cancel(admitted, "the re-run diverged from the text already sent")
-                    yield _sse(await self._interrupted(admitted, None, shown, _diverged(item)))
+                    yield sse(await self._interrupted(admitted, None, shown, diverged_error(item)))
                     return
                 if item.HasField("error"):
                     failed = ReplyError(item.error)
-                    yield _sse(await self._interrupted(admitted, item, shown, failed))
+                    yield sse(await self._interrupted(admitted, item, shown, failed))
                     return
                 try:  # the end of the answer goes out only once its audit record is durable
                     await self._shielded(self._audit_response(admitted, item, 200, None))
                 except AuditUnavailable as failure:
-                    yield _sse(_audit_failure(failure).to_dict())
+                    yield sse(audit_failure(failure).to_dict())
                     return
                 for payload in builder.ending(item, include_usage=include_usage):
-                    yield _sse(payload)
+                    yield sse(payload)
                 yield "data: [DONE]\n\n"
                 return
         finally:
@@ -377,16 +380,31 @@ class Gateway:
                 self._audit_response(admitted, reply, error.status, error.message, shown)
             )
         except AuditUnavailable as failure:
-            return _audit_failure(failure).to_dict()
+            return audit_failure(failure).to_dict()
         return error.to_dict()
 
     # ----------------------------------------------------------------- bookkeeping
 
     async def _release(self, admitted: Admitted, pending: Pending) -> None:
         self.relay.close(pending.request_id)
-        await self.concurrency.release(
-            _limit_key(admitted.principal), admitted.principal.tenant, admitted.request_id
-        )
+        try:  # a slot that cannot be given back lapses by itself (Redis) at the deadline
+            await self.concurrency.release(
+                _limit_key(admitted.principal), admitted.principal.tenant, admitted.request_id
+            )
+        except Exception:
+            log.exception("concurrency slot not released", request_id=admitted.request_id)
+
+    async def _settle(self, admitted: Admitted, actual: int) -> None:
+        """Correct the token charge; best effort: the answer and its record come first."""
+        try:
+            await self.rate_limiter.settle(
+                _limit_key(admitted.principal),
+                admitted.principal.tenant,
+                admitted.estimated_tokens,
+                actual,
+            )
+        except Exception:
+            log.exception("token charge not settled", request_id=admitted.request_id)
 
     def _cancel(self, admitted: Admitted, reason: str) -> None:
         event = ev.CancelRequest(request_id=admitted.request_id, reason=reason)
@@ -473,65 +491,16 @@ class Gateway:
         if shown and not record.choices:
             for index, text in sorted(shown.items()):
                 record.choices.add(index=index, text=text, finish_reason="interrupted")
-        await self.rate_limiter.settle(
-            _limit_key(admitted.principal),
-            admitted.principal.tenant,
-            admitted.estimated_tokens,
-            actual,
-        )
         await self.audit.record(event, key=admitted.request_id, tenant=admitted.principal.tenant)
+        await self._settle(admitted, actual)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _audit_failure(error: BaseException, request_id: str = "") -> ServiceUnavailableError:
-    # the reason names spool files and broker addresses: logged, not told
-    log.error("audit record not durable", error=f"{type(error).__name__}: {error}")
-    failure = ServiceUnavailableError(
-        "the answer is withheld because its audit record could not be stored; retry later"
-    )
-    failure.request_id = request_id  # type: ignore[attr-defined]
-    return failure
-
-
 async def _done(future: asyncio.Future[None] | None) -> None:
     if future is not None:
         await asyncio.shield(future)
-
-
-def _diverged(item: Diverged) -> StreamDiverged:
-    log.warning(
-        "a re-run diverged from the streamed text; the stream ends",
-        choice=item.choice_index,
-        sent_chars=len(item.sent),
-    )
-    return StreamDiverged(
-        "the answer was interrupted: a replica failed mid-stream and its re-run did not "
-        "repeat the text already sent; discard the partial answer and retry",
-        None,
-        "stream_diverged",
-    )
-
-
-async def _strict_stream(
-    admitted: Admitted, reply: ev.FinalReply, body: dict[str, Any]
-) -> AsyncIterator[str]:
-    """A strict tenant's stream: the whole answer at once, after its record is durable."""
-    builder = ResponseBuilder(admitted.kind, admitted.request_id, admitted.event.model)
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    for choice in reply.choices:
-        if admitted.kind == "chat":
-            yield _sse(builder.chunk(choice.index, "", role=True))
-        if choice.text:
-            yield _sse(builder.chunk(choice.index, choice.text))
-    for payload in builder.ending(reply, include_usage=include_usage):
-        yield _sse(payload)
-    yield "data: [DONE]\n\n"
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
 async def _disconnect(request: Request) -> None:
@@ -542,37 +511,5 @@ async def _disconnect(request: Request) -> None:
             return
 
 
-async def _error_response(request: Request, error: Exception) -> Response:
-    assert isinstance(error, OpenAIError)
-    headers = {"retry-after": str(error.retry_after)} if isinstance(error, RateLimitError) else {}
-    trace_id = getattr(error, "trace_id", None)
-    if trace_id:
-        headers["x-trace-id"] = trace_id
-    request_id = getattr(error, "request_id", None) or getattr(request.state, "request_id", None)
-    if request_id:  # an admitted request's error names it, as its answer would
-        headers["x-request-id"] = request_id
-    return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
-
-
-async def _not_found(request: Request, error: Exception) -> Response:
-    body = {"error": {"message": f"no route {request.url.path}", "type": "invalid_request_error",
-                      "param": None, "code": "not_found"}}  # fmt: skip
-    return JSONResponse(body, status_code=404)
-
-
-async def _not_allowed(request: Request, error: Exception) -> Response:
-    body = {"error": {"message": f"{request.method} is not allowed on {request.url.path}",
-                      "type": "invalid_request_error", "param": None, "code": None}}  # fmt: skip
-    return JSONResponse(body, status_code=405)
-
-
-async def _internal_error(request: Request, error: Exception) -> Response:
-    """A failure no handler expected: logged in full, told only with the request id."""
-    request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
-    log.error(
-        "request failed", request_id=request_id, path=request.url.path,
-        error=f"{type(error).__name__}: {error}", exc_info=error,
-    )  # fmt: skip
-    body = {"error": {"message": f"internal error; request id {request_id}",
-                      "type": "server_error", "param": None, "code": None}}  # fmt: skip
-    return JSONResponse(body, status_code=500, headers={"x-request-id": request_id})
+async def _audit_unavailable(request: Request, error: Exception) -> Response:
+    return await error_response(request, audit_failure(error))

@@ -114,9 +114,10 @@ class AuditSpool:
         line = _line(key, tenant, event).encode()
         with self._lock:
             size = self.path.stat().st_size if self.path.exists() else 0
-            if size + len(line) > self.max_bytes:
+            waiting = size - self._offset  # what was replayed already does not count
+            if waiting + len(line) > self.max_bytes:
                 raise SpoolFull(
-                    f"the audit spool {self.path} holds {size} bytes "
+                    f"the audit spool {self.path} holds {waiting} bytes of records waiting "
                     f"(MESHLLM_AUDIT__SPOOL_MAX_BYTES={self.max_bytes})"
                 )
             private_file(self.path)
@@ -147,6 +148,8 @@ class AuditSpool:
                         spool.truncate(0)
                         os.fsync(spool.fileno())
                 end = 0
+            elif end > self.max_bytes // 2:
+                end = self._compact(end)  # never drained for long: drop the replayed head
             self._store_offset(end)
 
     def __len__(self) -> int:
@@ -182,6 +185,22 @@ class AuditSpool:
         ends = bool(spool.read(1) == b"\n")
         spool.seek(0, os.SEEK_END)
         return ends
+
+    def _compact(self, offset: int) -> int:
+        """Rewrite the spool without its first ``offset`` bytes (replayed); returns 0."""
+        temporary = self.path.with_name(self.path.name + ".compact")
+        private_file(temporary)
+        with self.path.open("rb") as source, temporary.open("wb") as target:
+            source.seek(offset)
+            while chunk := source.read(1 << 20):
+                target.write(chunk)
+            target.flush()
+            os.fsync(target.fileno())
+        # offset first: a crash before the swap replays records twice (the audit log keeps
+        # one per event id), never skips one
+        self._store_offset(0)
+        temporary.replace(self.path)
+        return 0
 
     def _load_offset(self) -> int:
         try:

@@ -44,7 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from services.gateway.admission import parse_json
+from services.gateway.admission import limit_key, parse_json
 from services.gateway.auth import Principal
 from services.gateway.limits import ConcurrencyGate, Limit, RateLimiter, limits_checked
 from services.gateway.policy import Decision, Policy
@@ -52,6 +52,7 @@ from services.gateway.rag import COLLECTION
 from services.gateway.settings import KbSettings, LimitsConfig
 from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
+from shared.logging import get_logger
 from shared.openai_protocol import (
     InvalidRequestError,
     NotFoundError,
@@ -65,6 +66,8 @@ from shared.openai_protocol import (
 )
 from shared.policy import AccessRequest, Resource, Subject
 from shared.topics import KB_INGEST
+
+log = get_logger(__name__)
 
 CONTENT_TYPES = ("text/plain", "text/markdown", "text/html", "application/pdf")
 DOCUMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}")
@@ -141,7 +144,7 @@ class KbRoutes:
 
         async def endpoint(request: Request) -> Response:
             principal = self.authenticate(request)
-            key_id = _limit_key(principal)
+            key_id = limit_key(principal)
             slot = uuid.uuid4().hex
             with limits_checked():
                 full = await self.concurrency.acquire(key_id, principal.tenant, slot)
@@ -157,7 +160,7 @@ class KbRoutes:
     async def _charge(self, principal: Principal) -> None:
         """Charge one request to the key and the tenant (after validation, before policy:
         every decision writes an audit record, so denied attempts are paid for too)."""
-        key_id = _limit_key(principal)
+        key_id = limit_key(principal)
         with limits_checked():
             wait = await self.rate_limiter.admit(
                 key_id,
@@ -419,11 +422,12 @@ class KbRoutes:
             ) from error
         if reply.status_code == 404:  # the same answer for missing and for not visible
             raise NotFoundError("no such document in this collection", "document_id", "not_found")
+        if reply.status_code in (401, 403) or reply.status_code >= 500:
+            # the gateway's identity refused, or the service failed: its words name internal
+            # services (an embedder's URL...), so they are logged and not told
+            log.error("the knowledge base failed a call", status=reply.status_code, body=body)
+            raise ServiceUnavailableError("the knowledge base could not answer; retry later")
         return JSONResponse(body, status_code=reply.status_code)
-
-
-def _limit_key(principal: Principal) -> str:
-    return principal.key_id or f"jwt:{principal.subject}"
 
 
 def _path(collection: str, document_id: str | None = None) -> str:

@@ -1,15 +1,26 @@
-"""OpenAI response bodies and stream chunks built from the router's replies."""
+"""What the gateway answers: OpenAI bodies and stream chunks from the router's replies, a
+strict tenant's stream, and its errors (OpenAI's error shape, never an internal detail)."""
 
 from __future__ import annotations
 
 import base64
+import json
 import struct
-from typing import Any
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from services.gateway.relay import Diverged
 from shared.events.v1 import events_pb2 as ev
 from shared.logging import get_logger
-from shared.openai_protocol import OpenAIError
+from shared.openai_protocol import OpenAIError, RateLimitError, ServiceUnavailableError
 from shared.openai_shapes import OpenAIShapes
+
+if TYPE_CHECKING:
+    from services.gateway.admission import Admitted
 
 log = get_logger(__name__)
 
@@ -129,3 +140,90 @@ def embeddings_body(reply: ev.FinalReply, encoding_format: str = "float") -> dic
             "total_tokens": reply.usage.prompt_tokens,
         },
     }
+
+
+class StreamDiverged(OpenAIError):
+    """A re-run after a failure mid-stream did not repeat the text already sent."""
+
+    status = 502
+    error_type = "server_error"
+
+
+def audit_failure(error: BaseException, request_id: str = "") -> ServiceUnavailableError:
+    # the reason names spool files and broker addresses: logged, not told
+    log.error("audit record not durable", error=f"{type(error).__name__}: {error}")
+    failure = ServiceUnavailableError(
+        "the answer is withheld because its audit record could not be stored; retry later"
+    )
+    failure.request_id = request_id  # type: ignore[attr-defined]
+    return failure
+
+
+def diverged_error(item: Diverged) -> StreamDiverged:
+    log.warning(
+        "a re-run diverged from the streamed text; the stream ends",
+        choice=item.choice_index,
+        sent_chars=len(item.sent),
+    )
+    return StreamDiverged(
+        "the answer was interrupted: a replica failed mid-stream and its re-run did not "
+        "repeat the text already sent; discard the partial answer and retry",
+        None,
+        "stream_diverged",
+    )
+
+
+async def strict_stream(
+    admitted: Admitted, reply: ev.FinalReply, body: dict[str, Any]
+) -> AsyncIterator[str]:
+    """A strict tenant's stream: the whole answer at once, after its record is durable."""
+    builder = ResponseBuilder(admitted.kind, admitted.request_id, admitted.event.model)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    for choice in reply.choices:
+        if admitted.kind == "chat":
+            yield sse(builder.chunk(choice.index, "", role=True))
+        if choice.text:
+            yield sse(builder.chunk(choice.index, choice.text))
+    for payload in builder.ending(reply, include_usage=include_usage):
+        yield sse(payload)
+    yield "data: [DONE]\n\n"
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+async def error_response(request: Request, error: Exception) -> Response:
+    assert isinstance(error, OpenAIError)
+    headers = {"retry-after": str(error.retry_after)} if isinstance(error, RateLimitError) else {}
+    trace_id = getattr(error, "trace_id", None)
+    if trace_id:
+        headers["x-trace-id"] = trace_id
+    request_id = getattr(error, "request_id", None) or getattr(request.state, "request_id", None)
+    if request_id:  # an admitted request's error names it, as its answer would
+        headers["x-request-id"] = request_id
+    return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
+
+
+async def not_found(request: Request, error: Exception) -> Response:
+    body = {"error": {"message": f"no route {request.url.path}", "type": "invalid_request_error",
+                      "param": None, "code": "not_found"}}  # fmt: skip
+    return JSONResponse(body, status_code=404)
+
+
+async def not_allowed(request: Request, error: Exception) -> Response:
+    body = {"error": {"message": f"{request.method} is not allowed on {request.url.path}",
+                      "type": "invalid_request_error", "param": None, "code": None}}  # fmt: skip
+    return JSONResponse(body, status_code=405)
+
+
+async def internal_error(request: Request, error: Exception) -> Response:
+    """A failure no handler expected: logged in full, told only with the request id."""
+    request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+    log.error(
+        "request failed", request_id=request_id, path=request.url.path,
+        error=f"{type(error).__name__}: {error}", exc_info=error,
+    )  # fmt: skip
+    body = {"error": {"message": f"internal error; request id {request_id}",
+                      "type": "server_error", "param": None, "code": None}}  # fmt: skip
+    return JSONResponse(body, status_code=500, headers={"x-request-id": request_id})

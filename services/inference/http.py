@@ -129,14 +129,19 @@ async def asgi_response(app: ASGIApp, request: Request) -> Response:
     The body streams as ``app`` sends it; when the response's consumer stops reading (the
     client went away), ``app`` is cancelled, so a generation behind it stops too.
     """
-    messages: asyncio.Queue[Message] = asyncio.Queue()
+    messages: asyncio.Queue[Message] = asyncio.Queue(maxsize=64)  # the app waits for a reader
 
     async def send(message: Message) -> None:
         await messages.put(message)
 
     running = asyncio.ensure_future(app(request.scope, request.receive, send))
     next_message = asyncio.ensure_future(messages.get())
-    await asyncio.wait({running, next_message}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        await asyncio.wait({running, next_message}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the caller went away before the answer began: stop the work
+        running.cancel()
+        next_message.cancel()
+        raise
     if not next_message.done():  # the app ended without answering: its error is ours
         next_message.cancel()
         running.result()

@@ -131,7 +131,7 @@ class Subscriber:
 
     async def start(self) -> None:
         kafka = self._settings.kafka
-        if self._settings.bus.require_signed:
+        if self._settings.signatures_required:
             self._signer = load_signer(self._settings, required=True)
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=kafka.bootstrap,

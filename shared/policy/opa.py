@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -101,7 +102,11 @@ class OpaServerEvaluator:
         self._timeout_s = timeout_s
         self._local = threading.local()
         self._clients: list[Any] = []
-        self._async_clients: dict[int, Any] = {}  # id(event loop) -> its AsyncOpaClient
+        # each event loop's AsyncOpaClient (its aiohttp session belongs to that loop)
+        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._async_lock = threading.Lock()
         self._clients_lock = threading.Lock()
         self._push_lock = threading.Lock()
         self._pushed_at = 0.0
@@ -132,7 +137,7 @@ class OpaServerEvaluator:
     async def adecide(self, request: AccessRequest) -> Decision:
         """:meth:`decide` without blocking the event loop; a failure denies (fail closed)."""
         try:
-            client = self._async_client()
+            client = await self._async_client()
             document = request.to_input()
             result = await self._aquery(client, document)
             if result is None and self.push and await asyncio.to_thread(self._repush_here):
@@ -143,7 +148,7 @@ class OpaServerEvaluator:
 
     async def aclose(self) -> None:
         """Close the running loop's async session, then every thread's HTTP session."""
-        client = self._async_clients.pop(id(asyncio.get_running_loop()), None)
+        client = self._async_clients.pop(asyncio.get_running_loop(), None)
         if client is not None:
             await client.close_connection()
         self.close()
@@ -172,24 +177,29 @@ class OpaServerEvaluator:
                 self._clients.append(client)
         return client
 
-    def _async_client(self) -> Any:
-        loop_id = id(asyncio.get_running_loop())
-        client = self._async_clients.get(loop_id)
-        if client is None:
-            client = AsyncOpaClient(
-                host=self._host,
-                port=self._port,
-                ssl=self._tls,
-                token=self._token,
-                timeout=self._timeout_s,
-                retries=0,
-            )
-            self._async_clients[loop_id] = client
+    async def _async_client(self) -> Any:
+        """The running loop's client, its session open: made once per loop, before any
+        other decision of that loop can see it (nothing here yields until it is stored)."""
+        loop = asyncio.get_running_loop()
+        with self._async_lock:
+            client = self._async_clients.get(loop)
+            if client is None:
+                client = AsyncOpaClient(
+                    host=self._host,
+                    port=self._port,
+                    ssl=self._tls,
+                    token=self._token,
+                    timeout=self._timeout_s,
+                    retries=0,
+                )
+                self._async_clients[loop] = client
+        if client._session is None:
+            # aiohttp's session must be made inside its loop; _init_session never yields,
+            # so concurrent first decisions of one loop share the one session it makes
+            await client._init_session()
         return client
 
     async def _aquery(self, client: Any, document: dict[str, Any]) -> Any:
-        if client._session is None:  # opened lazily, inside the loop that uses it
-            await client._init_session()
         answer = await client.query_rule(document, self._package, self._rule_name)
         return answer.get("result") if isinstance(answer, dict) else None
 

@@ -193,3 +193,23 @@ def test_a_torn_last_line_does_not_swallow_the_next_record(tmp_path: Path) -> No
         torn.write('{"key": "half')  # a crash in the middle of a write
     spool.append("r2", "acme", _event("r2"))
     assert [key for key, _, _ in spool.records()] == ["r1", "r2"]
+
+
+def test_the_bound_counts_what_waits_and_a_long_spool_drops_its_replayed_head(
+    tmp_path: Path,
+) -> None:
+    """Replayed records do not count against the bound, and a spool that never drains
+    whole is compacted once its replayed head passes half the bound."""
+    path = tmp_path / "spool.jsonl"
+    probe = AuditSpool(tmp_path / "probe.jsonl")
+    probe.append("r0", "acme", _event("r0"))
+    line = (tmp_path / "probe.jsonl").stat().st_size + 8  # one record's line, and a margin
+    spool = AuditSpool(path, max_bytes=line * 8)
+    for number in range(6):
+        spool.append(f"r{number}", "acme", _event(f"r{number}"))
+    spool.remove(5)  # replayed; r5 still waits, so the file is kept but compacted
+    assert [key for key, _, _ in spool.records()] == ["r5"]
+    assert path.stat().st_size < line * 2
+    for number in range(6, 12):  # fits again: only r5 was waiting
+        spool.append(f"r{number}", "acme", _event(f"r{number}"))
+    assert [key for key, _, _ in AuditSpool(path).records()] == [f"r{n}" for n in range(5, 12)]

@@ -86,21 +86,10 @@ def test_two_gateway_processes_share_one_allowance_exactly(redis_url: str) -> No
     tokens a minute: together they get 6 (7 if the bucket refilled 10 meanwhile), never
     the 12 that two in-process limiters would give."""
     start_at = time.time() + 1.5
+    name = tenant()  # fresh buckets, also against a shared MESHLLM_TEST_REDIS
+    hammer = ["-m", "tests.procs.limit_hammer", redis_url, f"{start_at}", "40", "10", name]
     processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.procs.limit_hammer",
-                redis_url,
-                str(start_at),
-                "40",
-                "10",
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        subprocess.Popen([sys.executable, *hammer], cwd=ROOT, stdout=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
     admitted = []
@@ -111,7 +100,6 @@ def test_two_gateway_processes_share_one_allowance_exactly(redis_url: str) -> No
     elapsed = time.time() - start_at
     refill = int(elapsed * 60 / 60 / 10) + 1  # at most this many requests refilled meanwhile
     assert 6 <= sum(admitted) <= 6 + refill, admitted
-    assert all(count > 0 for count in admitted) or sum(admitted) == 6
 
 
 async def test_slots_in_flight_are_shared_and_lapse_after_a_crash(client: Redis) -> None:
@@ -168,5 +156,5 @@ async def test_two_gateways_refuse_a_key_past_its_shared_allowance(
                 headers={"authorization": f"Bearer {secret}"},
             )
         statuses.append(reply.status_code)
-    assert 429 not in statuses[:2], statuses
-    assert statuses[2] == 429, statuses
+    # the first two pass the limits and fail only at the knowledge base nobody runs (503)
+    assert statuses == [503, 503, 429], statuses

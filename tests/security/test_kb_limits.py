@@ -20,11 +20,13 @@ import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 
-from services.gateway.app import _error_response
+from services.gateway.app import _audit_unavailable
+from services.gateway.audit import AuditUnavailable
 from services.gateway.auth import Principal
 from services.gateway.kb_routes import KbRoutes
 from services.gateway.limits import ConcurrencyLimiter, LocalRateLimiter
 from services.gateway.policy import RegoPolicy
+from services.gateway.responses import error_response
 from services.gateway.settings import KbSettings, LimitsConfig
 from shared.events.v1 import events_pb2 as ev
 from shared.openai_protocol import OpenAIError
@@ -47,6 +49,7 @@ class Rig:
     published: list[ev.KbIngest] = field(default_factory=list)
     forwarded: list[httpx.Request] = field(default_factory=list)
     slow: asyncio.Event | None = None
+    failure: httpx.Response | None = None  # what retrieval answers instead, when set
 
     async def call(
         self, method: str, path: str, key: str = "analyst", **kwargs: Any
@@ -87,6 +90,8 @@ async def rig() -> AsyncIterator[Rig]:
         state.forwarded.append(request)
         if state.slow is not None:
             await state.slow.wait()
+        if state.failure is not None:
+            return state.failure
         if request.url.path.endswith("/search"):
             return httpx.Response(200, json={"hits": []})
         if "/documents/" in request.url.path:
@@ -108,7 +113,7 @@ async def rig() -> AsyncIterator[Rig]:
         headers={},
     )
     routes._client = httpx.AsyncClient(transport=httpx.MockTransport(retrieval))
-    app = Starlette(routes=routes.routes(), exception_handlers={OpenAIError: _error_response})
+    app = Starlette(routes=routes.routes(), exception_handlers={OpenAIError: error_response})
     async with gateway(app) as client:
         state.client = client
         yield state
@@ -270,7 +275,7 @@ async def test_writes_are_rate_limited_too() -> None:
         limits=limits,
         headers={},
     )
-    app = Starlette(routes=routes.routes(), exception_handlers={OpenAIError: _error_response})
+    app = Starlette(routes=routes.routes(), exception_handlers={OpenAIError: error_response})
     async with gateway(app) as client:
         body = {"content_type": "text/plain", "text": "x", "document_id": "d"}
         codes = [
@@ -296,3 +301,51 @@ async def test_concurrent_kb_requests_are_bounded_per_key(rig: Rig) -> None:
     rig.slow.set()
     assert await asyncio.gather(*held) == [200, 200]
     assert await one() == 200  # slots are given back
+
+
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (500, "the query could not be embedded: http://inference:8000/v1/embeddings refused"),
+        (503, "embedder at http://inference:8000 unavailable"),
+        (401, "no service token"),  # the gateway's own identity refused: not the caller's 401
+        (403, "gateway may not call /internal"),
+    ],
+)
+async def test_a_failing_knowledge_base_is_a_503_that_names_nothing_internal(
+    rig: Rig, status: int, message: str
+) -> None:
+    rig.failure = httpx.Response(status, json={"error": {"message": message}})
+    reply = await rig.call("POST", "/v1/kb/search", json={"query": "leave", "collections": ["pub"]})
+    assert reply.status_code == 503, reply.text
+    assert "inference" not in reply.text
+    assert message not in reply.text
+
+
+async def test_an_unstorable_decision_record_is_a_503_not_a_500() -> None:
+    """A kb decision is answered only once its audit record is stored; when neither Kafka nor
+    the spool takes it the caller gets 503 (retry later), never a 500 with its reason."""
+    principal = Principal("key:w", "acme", ("analyst",), "w", "api_key")
+
+    async def unstorable(*args: Any) -> None:
+        raise AuditUnavailable("spool /var/lib/meshllm/gateway/audit-spool.jsonl: disk full")
+
+    routes = KbRoutes(
+        settings=KbSettings(service_url="http://kb.test"),
+        authenticate=lambda request: principal,
+        policy=RegoPolicy.from_dir(ROOT / "policies"),
+        publisher=type("P", (), {"publish": lambda *a, **k: asyncio.sleep(0)})(),  # type: ignore[arg-type]
+        record=unstorable,
+        rate_limiter=LocalRateLimiter(),
+        concurrency=ConcurrencyLimiter(per_key=4, per_tenant=4),
+        limits=LimitsConfig(),
+        headers={},
+    )
+    app = Starlette(
+        routes=routes.routes(),
+        exception_handlers={OpenAIError: error_response, AuditUnavailable: _audit_unavailable},
+    )
+    async with gateway(app) as client:
+        reply = await client.post("/v1/kb/search", json={"query": "q", "collections": ["pub"]})
+    assert reply.status_code == 503, reply.text
+    assert "/var/lib" not in reply.text

@@ -32,6 +32,9 @@ def test_tokens_are_made_once_private_and_random(tmp_path: Path) -> None:
     ensure_tokens(directory)  # a second `meshllm up` keeps them
     assert first == {name: (directory / f"{name}.token").read_text() for name in IDENTITIES}
     assert not [p for p in directory.iterdir() if p.name.startswith(".")]
+    directory.chmod(0o755)  # an older or hand-made folder others may enter
+    ensure_tokens(directory)
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
 
 
 def test_embedded_mode_makes_the_tokens_it_needs(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from shared.bus import Bus
 from shared.bus.admin import ensure_topics
 from shared.bus.signing import SIGNATURE_HEADER, ensure_key, key_path
 from shared.events.v1 import events_pb2 as ev
-from shared.settings import MeshSettings, SettingsError
+from shared.settings import MeshSettings, Mode, SettingsError
 from tests.conftest import poll_until
 from tests.procs.topics import scratch_topic
 from tests.test_bus import Recorder, read_all, running_bus, settings_for
@@ -73,3 +73,12 @@ async def test_requiring_signatures_without_a_key_stops_start_up(
     with pytest.raises(SettingsError, match="MESHLLM_BUS__SIGNING_KEY_FILE"):
         await bus.start()
     await bus.stop()
+
+
+def test_cluster_mode_requires_signed_events_unless_told_otherwise(tmp_path: Path) -> None:
+    """In a cluster any Kafka client can write to the topics: consumers there trust a tenant
+    or an ACL group only on a signed event, unless an operator turns it off on purpose."""
+    assert MeshSettings(mode=Mode.CLUSTER, data_dir=tmp_path).signatures_required
+    assert not MeshSettings(data_dir=tmp_path).signatures_required  # embedded: meshllm up's job
+    explicit = MeshSettings(mode=Mode.CLUSTER, data_dir=tmp_path, bus={"require_signed": False})
+    assert not explicit.signatures_required
