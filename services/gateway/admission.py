@@ -135,21 +135,7 @@ class Admission:
                 than MAX_JSON_DEPTH.
         """
         limits = self.settings.limits
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-            raise RequestTooLargeError(
-                f"the request body is larger than {limits.max_body_bytes} bytes"
-            )
-        try:
-            async with asyncio.timeout(limits.body_timeout_s):
-                raw = await _read_body(request, limits.max_body_bytes)
-        except TimeoutError:
-            raise RequestTimeoutError(
-                f"the request body did not arrive within {limits.body_timeout_s:g} s",
-                None,
-                "request_timeout",
-            ) from None
-        return parse_json(raw)
+        return await read_json_body(request, limits.max_body_bytes, limits.body_timeout_s)
 
     async def admit(self, principal: Principal, body: Any, kind: str, request: Request) -> Admitted:
         """Validate, decide and charge ``body``; the request to publish.
@@ -300,6 +286,28 @@ async def _recorded_denial(recorded: asyncio.Future[None], request_id: str) -> N
         await asyncio.shield(recorded)
     except Exception as error:
         log.exception("policy denial not recorded", request_id=request_id, error=repr(error))
+
+
+async def read_json_body(request: Request, limit: int, timeout_s: float) -> Any:
+    """A request's body as JSON, read within ``limit`` bytes and ``timeout_s`` seconds.
+
+    Raises:
+        RequestTooLargeError: 413, over ``limit`` (declared or read).
+        RequestTimeoutError: 408, not all there within ``timeout_s``.
+        InvalidRequestError: 400, not JSON (NaN and Infinity are not), or nested deeper
+            than MAX_JSON_DEPTH.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLargeError(f"the request body is larger than {limit} bytes")
+    try:
+        async with asyncio.timeout(timeout_s):
+            raw = await _read_body(request, limit)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"the request body did not arrive within {timeout_s:g} s", None, "request_timeout"
+        ) from None
+    return parse_json(raw)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

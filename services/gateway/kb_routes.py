@@ -30,9 +30,9 @@ Each decision is audited like the gateway's other decisions.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
+import contextlib
 import re
 import uuid
 from collections.abc import Awaitable, Callable
@@ -44,7 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from services.gateway.admission import limit_key, parse_json
+from services.gateway.admission import limit_key, read_json_body
 from services.gateway.auth import Principal
 from services.gateway.limits import ConcurrencyGate, Limit, RateLimiter, limits_checked
 from services.gateway.policy import Decision, Policy
@@ -58,7 +58,6 @@ from shared.openai_protocol import (
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
-    RequestTimeoutError,
     RequestTooLargeError,
     ServiceUnavailableError,
     invalid_field,
@@ -78,8 +77,6 @@ INGEST_FIELDS = frozenset(
     {"document_id", "title", "content_type", "text", "content_base64", "acl", "metadata"}
 )
 SEARCH_FIELDS = frozenset({"query", "collections", "top_k", "mode"})
-BODY_TIMEOUT_S = 60
-"""How long a body (up to a whole document) may take to arrive: 408 after it."""
 
 MODES = ("hybrid", "bm25", "vector")
 MAX_QUERY_CHARS = 4000
@@ -140,27 +137,32 @@ class KbRoutes:
     def _limited(
         self, handler: Callable[[Request, Principal], Awaitable[Response]]
     ) -> Callable[[Request], Awaitable[Response]]:
-        """``handler`` behind authentication and a concurrent slot of the key and tenant."""
+        """``handler`` behind authentication; the concurrent slot :meth:`_charge` takes once
+        the request is checked is given back when the handler ends."""
 
         async def endpoint(request: Request) -> Response:
             principal = self.authenticate(request)
-            key_id = limit_key(principal)
-            slot = uuid.uuid4().hex
-            with limits_checked():
-                full = await self.concurrency.acquire(key_id, principal.tenant, slot)
-            if full is not None:
-                raise RateLimitError("too many concurrent requests for this key or tenant", 1)
             try:
                 return await handler(request, principal)
             finally:
-                await self.concurrency.release(key_id, principal.tenant, slot)
+                slot = getattr(request.state, "kb_slot", None)
+                if slot is not None:
+                    with contextlib.suppress(Exception):  # a Redis slot lapses by itself
+                        await self.concurrency.release(limit_key(principal), principal.tenant, slot)
 
         return endpoint
 
-    async def _charge(self, principal: Principal) -> None:
-        """Charge one request to the key and the tenant (after validation, before policy:
-        every decision writes an audit record, so denied attempts are paid for too)."""
+    async def _charge(self, principal: Principal, request: Request) -> None:
+        """Take a concurrent slot of the key and tenant and charge one request to them, once
+        the request is checked (after validation, before policy: every decision writes an
+        audit record, so denied attempts are paid for too); 429 holding nothing otherwise."""
         key_id = limit_key(principal)
+        slot = uuid.uuid4().hex
+        with limits_checked():
+            full = await self.concurrency.acquire(key_id, principal.tenant, slot)
+        if full is not None:
+            raise RateLimitError("too many concurrent requests for this key or tenant", 1)
+        request.state.kb_slot = slot
         with limits_checked():
             wait = await self.rate_limiter.admit(
                 key_id,
@@ -238,7 +240,7 @@ class KbRoutes:
         collections = _collection_list(
             body.get("collections"), self.settings.max_search_collections
         )
-        await self._charge(principal)
+        await self._charge(principal, request)
         for name in collections:
             await self._allow(request, principal, "read", name)
         forwarded = {
@@ -253,7 +255,7 @@ class KbRoutes:
 
     async def collections(self, request: Request, principal: Principal) -> Response:
         reject_unknown(request.query_params, (), what="a query parameter here")
-        await self._charge(principal)
+        await self._charge(principal, request)
         admin = await self._document_access(request, principal, "read", None)
         params: Params = [("tenant", principal.tenant), *_reader(principal, admin)]
         return await self._forward("GET", "/v1/kb/collections", params)
@@ -270,7 +272,7 @@ class KbRoutes:
             if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_LIMIT:
                 raise invalid_field("limit", f"must be an integer from 1 to {MAX_LIST_LIMIT}")
             params.append(("limit", limit))
-        await self._charge(principal)
+        await self._charge(principal, request)
         admin = await self._document_access(request, principal, "read", collection)
         return await self._forward("GET", _path(collection), params + _reader(principal, admin))
 
@@ -278,7 +280,7 @@ class KbRoutes:
         collection = _collection(request)
         document_id = _path_document_id(request)
         reject_unknown(request.query_params, (), what="a query parameter here")
-        await self._charge(principal)
+        await self._charge(principal, request)
         admin = await self._document_access(request, principal, "read", collection)
         params: Params = [
             ("tenant", principal.tenant),
@@ -331,7 +333,7 @@ class KbRoutes:
             raise invalid_field(
                 "metadata", f"must be an object of at most {MAX_METADATA} short string values"
             )
-        await self._charge(principal)
+        await self._charge(principal, request)
         admin = await self._document_access(request, principal, "write", collection)
         event = ev.KbIngest(
             document_id=document_id,
@@ -351,7 +353,7 @@ class KbRoutes:
         collection = _collection(request)
         document_id = _path_document_id(request)
         reject_unknown(request.query_params, (), what="a query parameter here")
-        await self._charge(principal)
+        await self._charge(principal, request)
         admin = await self._document_access(request, principal, "write", collection)
         event = ev.KbIngest(
             document_id=document_id, collection=collection, delete=True, writer_is_admin=admin
@@ -384,23 +386,10 @@ class KbRoutes:
 
     async def _json(self, request: Request, limit: int) -> dict[str, Any]:
         """The body of an authenticated caller (401 before a byte is read), read within
-        BODY_TIMEOUT_S (408) and ``limit`` bytes (413), as strict JSON of bounded depth."""
+        ``kb.body_timeout_s`` (408) and ``limit`` bytes (413), as strict JSON of bounded
+        depth."""
         self.authenticate(request)
-        chunks, size = [], 0
-        try:
-            async with asyncio.timeout(BODY_TIMEOUT_S):
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise RequestTooLargeError(f"the request body is larger than {limit} bytes")
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise RequestTimeoutError(
-                f"the request body did not arrive within {BODY_TIMEOUT_S} s",
-                None,
-                "request_timeout",
-            ) from None
-        body = parse_json(b"".join(chunks))
+        body = await read_json_body(request, limit, self.settings.body_timeout_s)
         if not isinstance(body, dict):
             raise InvalidRequestError("the body must be a JSON object")
         return body

@@ -125,6 +125,12 @@ class KbSettings(BaseModel):
         le=15 * 2**20,
         description="Largest document accepted (kb.ingest carries at most 16 MiB a message).",
     )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=600,
+        description="A /v1/kb/* body (up to a whole document) not all there by then: 408.",
+    )
     max_search_collections: int = Field(
         16,
         ge=1,

@@ -50,6 +50,7 @@ class Rig:
     forwarded: list[httpx.Request] = field(default_factory=list)
     slow: asyncio.Event | None = None
     failure: httpx.Response | None = None  # what retrieval answers instead, when set
+    concurrency: ConcurrencyLimiter | None = None
 
     async def call(
         self, method: str, path: str, key: str = "analyst", **kwargs: Any
@@ -112,6 +113,7 @@ async def rig() -> AsyncIterator[Rig]:
         limits=LimitsConfig(),
         headers={},
     )
+    state.concurrency = routes.concurrency  # type: ignore[assignment]
     routes._client = httpx.AsyncClient(transport=httpx.MockTransport(retrieval))
     app = Starlette(routes=routes.routes(), exception_handlers={OpenAIError: error_response})
     async with gateway(app) as client:
@@ -349,3 +351,25 @@ async def test_an_unstorable_decision_record_is_a_503_not_a_500() -> None:
         reply = await client.post("/v1/kb/search", json={"query": "q", "collections": ["pub"]})
     assert reply.status_code == 503, reply.text
     assert "/var/lib" not in reply.text
+
+
+async def test_a_slow_body_holds_no_slot_of_the_key(rig: Rig) -> None:
+    """The slot is taken once the request is read and checked: a caller trickling a body
+    cannot hold its key's (or tenant's) concurrent slots meanwhile."""
+    gate = asyncio.Event()
+
+    async def trickle() -> AsyncIterator[bytes]:
+        yield b'{"query": "leave", '
+        await gate.wait()
+        yield b'"collections": ["pub"]}'
+
+    sending = asyncio.create_task(
+        rig.call("POST", "/v1/kb/search", content=trickle())
+    )
+    await asyncio.sleep(0.3)
+    assert rig.concurrency is not None
+    assert rig.concurrency.in_flight() == 0
+    gate.set()
+    reply = await sending
+    assert reply.status_code == 200, reply.text
+    assert rig.concurrency.in_flight() == 0
