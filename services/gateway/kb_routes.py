@@ -33,7 +33,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import re
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -48,10 +47,10 @@ from services.gateway.admission import limit_key, read_json_body
 from services.gateway.auth import Principal
 from services.gateway.limits import ConcurrencyGate, Limit, RateLimiter, limits_checked
 from services.gateway.policy import Decision, Policy
-from services.gateway.rag import COLLECTION
 from services.gateway.settings import KbSettings, LimitsConfig
 from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
+from shared.kb_names import COLLECTION, COLLECTION_RULE, DOCUMENT_ID, DOCUMENT_ID_RULE
 from shared.logging import get_logger
 from shared.openai_protocol import (
     InvalidRequestError,
@@ -69,10 +68,6 @@ from shared.topics import KB_INGEST
 log = get_logger(__name__)
 
 CONTENT_TYPES = ("text/plain", "text/markdown", "text/html", "application/pdf")
-DOCUMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}")
-"""A document id (``fullmatch``): no ``/``, so it is always one path segment."""
-COLLECTION_RULE = "use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
-DOCUMENT_ID_RULE = "use 1-200 letters, digits and _ . : @ -, starting with a letter or digit"
 INGEST_FIELDS = frozenset(
     {"document_id", "title", "content_type", "text", "content_base64", "acl", "metadata"}
 )

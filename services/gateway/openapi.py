@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from services.gateway.audit_routes import EVENT_ID, MAX_TENANT_LENGTH, QUERY_PARAMS
-from services.gateway.kb_routes import CONTENT_TYPES, DOCUMENT_ID
+from services.gateway.kb_routes import CONTENT_TYPES
 from services.gateway.rag import MAX_COLLECTIONS, MAX_TOP_K
 from services.gateway.settings import GatewaySettings
 from shared import openai_protocol as p
+from shared.kb_names import COLLECTION, DOCUMENT_ID
 
 JSON = "application/json"
 ERROR_STATUSES = {
@@ -37,7 +38,8 @@ SSE_EVENT = {
     "description": "One event: a chunk as JSON in `data`, an error body, or `[DONE]` last.",
 }
 BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
-COLLECTION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+COLLECTION_PATTERN = f"^{COLLECTION.pattern}$"
+DOCUMENT_ID_PATTERN = f"^{DOCUMENT_ID.pattern}$"  # JSON Schema patterns search: anchored
 AUTH_ONLY = ("400", "401", "403", "404", "408", "413", "429", "500", "503")
 
 
@@ -371,7 +373,7 @@ def _schemas() -> dict[str, Any]:
             "oneOf": [{"required": ["text"]}, {"required": ["content_base64"]}],
             "properties": {
                 # null is taken as absent (the gateway makes an id; no title, ACL, metadata)
-                "document_id": _nullable({"type": "string", "pattern": DOCUMENT_ID.pattern}),
+                "document_id": _nullable({"type": "string", "pattern": DOCUMENT_ID_PATTERN}),
                 "title": _nullable(_text(500)),
                 "content_type": {"enum": list(CONTENT_TYPES)},
                 "text": {"type": "string", "pattern": r"\S"},
@@ -465,7 +467,7 @@ def _paths() -> dict[str, Any]:
         )
 
     collection = _path("collection", {"type": "string", "pattern": COLLECTION_PATTERN})
-    document = _path("document_id", {"type": "string", "pattern": DOCUMENT_ID.pattern})
+    document = _path("document_id", {"type": "string", "pattern": DOCUMENT_ID_PATTERN})
     docs = "/v1/kb/collections/{collection}/documents"
     return {
         "/v1/chat/completions": _generate(

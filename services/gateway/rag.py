@@ -8,14 +8,12 @@ and the answer carries them as ``citations`` (see the README).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from shared.kb_names import COLLECTION
 from shared.openai_protocol import invalid_field, reject_unknown
 
-COLLECTION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-"""A collection name; match it with ``fullmatch`` (``$`` would let a trailing newline in)."""
 MAX_COLLECTIONS = 8
 MAX_TOP_K = 16
 FIELDS = frozenset({"collections", "top_k"})

@@ -6,28 +6,13 @@ only when the ACL is empty or names one of its groups, unless it administers the
 collection (policy action ``admin`` on the ``kb_collection``), which lifts the ACL.
 Search applies the same rule through :class:`~services.retrieval.index.Scope`.
 
-Names are checked with ``fullmatch``: ``$`` alone would accept a trailing newline.
+The names themselves: :mod:`shared.kb_names`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-COLLECTION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-DOCUMENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,199}")
-"""Letters, digits and ``_ . : @ -``; no ``/``, so an id is always one URL path segment."""
-COLLECTION_RULE = "use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
-DOCUMENT_ID_RULE = "use 1-200 letters, digits and _ . : @ -, starting with a letter or digit"
-
-
-def valid_collection(name: object) -> bool:
-    return isinstance(name, str) and COLLECTION.fullmatch(name) is not None
-
-
-def valid_document_id(name: object) -> bool:
-    return isinstance(name, str) and DOCUMENT_ID.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)

@@ -34,17 +34,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from services.retrieval.access import (
-    COLLECTION_RULE,
-    DOCUMENT_ID_RULE,
-    Reader,
-    valid_collection,
-    valid_document_id,
-)
+from services.retrieval.access import Reader
 from services.retrieval.embedder import EmbedderError
 from services.retrieval.index import DocumentInfo, KnowledgeIndex, Scope
 from services.retrieval.search import HybridSearcher
 from services.retrieval.service import StatusStore
+from shared.kb_names import (
+    COLLECTION_RULE,
+    DOCUMENT_ID_RULE,
+    valid_collection,
+    valid_document_id,
+)
 from shared.openai_protocol import (
     InvalidRequestError,
     NotFoundError,

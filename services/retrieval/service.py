@@ -36,13 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.retrieval.access import (
-    COLLECTION_RULE,
-    DOCUMENT_ID_RULE,
-    Reader,
-    valid_collection,
-    valid_document_id,
-)
+from services.retrieval.access import Reader
 from services.retrieval.chunking import chunk_text
 from services.retrieval.embedder import EmbedderError, EmbedderUnavailable
 from services.retrieval.index import Chunk, DocumentInfo, KnowledgeIndex, Vectors
@@ -51,6 +45,12 @@ from shared.bus import Publisher
 from shared.bus.consumer import EventContext
 from shared.events.v1 import events_pb2 as ev
 from shared.files import private_file
+from shared.kb_names import (
+    COLLECTION_RULE,
+    DOCUMENT_ID_RULE,
+    valid_collection,
+    valid_document_id,
+)
 from shared.logging import get_logger
 from shared.topics import KB_INDEXED
 

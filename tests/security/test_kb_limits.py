@@ -363,9 +363,7 @@ async def test_a_slow_body_holds_no_slot_of_the_key(rig: Rig) -> None:
         await gate.wait()
         yield b'"collections": ["pub"]}'
 
-    sending = asyncio.create_task(
-        rig.call("POST", "/v1/kb/search", content=trickle())
-    )
+    sending = asyncio.create_task(rig.call("POST", "/v1/kb/search", content=trickle()))
     await asyncio.sleep(0.3)
     assert rig.concurrency is not None
     assert rig.concurrency.in_flight() == 0

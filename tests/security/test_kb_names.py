@@ -11,8 +11,8 @@ import pytest
 
 from services.gateway.rag import parse_rag
 from services.inference.registry import ModelRegistry
-from services.retrieval.access import valid_collection, valid_document_id
 from services.retrieval.service import IngestRefused, check_names
+from shared.kb_names import valid_collection, valid_document_id
 from shared.openai_protocol import InvalidRequestError
 from tests.conftest import ROOT
 
