@@ -160,18 +160,20 @@ class OpaServerEvaluator:
         for client in clients:
             client.close_connection()
 
+    def _client_options(self) -> dict[str, Any]:
+        return {
+            "host": self._host,
+            "port": self._port,
+            "ssl": self._tls,
+            "token": self._token,
+            "timeout": self._timeout_s,
+            "retries": 0,  # a decision is not retried: a caller waits for it
+        }
+
     def _client(self) -> Any:
         client = getattr(self._local, "client", None)
         if client is None:
-            client = OpaClient(
-                host=self._host,
-                port=self._port,
-                ssl=self._tls,
-                token=self._token,
-                timeout=self._timeout_s,
-                # a decision is not retried: a caller waits for it
-                retries=0,
-            )
+            client = OpaClient(**self._client_options())
             self._local.client = client
             with self._clients_lock:
                 self._clients.append(client)
@@ -184,14 +186,7 @@ class OpaServerEvaluator:
         with self._async_lock:
             client = self._async_clients.get(loop)
             if client is None:
-                client = AsyncOpaClient(
-                    host=self._host,
-                    port=self._port,
-                    ssl=self._tls,
-                    token=self._token,
-                    timeout=self._timeout_s,
-                    retries=0,
-                )
+                client = AsyncOpaClient(**self._client_options())
                 self._async_clients[loop] = client
         if client._session is None:
             # aiohttp's session must be made inside its loop; _init_session never yields,
