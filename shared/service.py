@@ -48,7 +48,15 @@ async def serve(name: str, settings: Settings, build: Build) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    extra = await build(settings, bus, health)
+    try:
+        extra = await build(settings, bus, health)
+    except Exception as error:
+        log.exception("start-up failed", error=f"{type(error).__name__}: {error}")
+        telemetry.shutdown()
+        return 1
+    # again: a component may have put its own handler in (Ray's core worker does, for SIGTERM)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     await bus.start()
     telemetry.export_spans_to_kafka(bus.publisher, loop)
     await server.start()

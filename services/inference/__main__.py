@@ -1,26 +1,26 @@
 """``python -m services.inference``: run the inference Serve application.
 
-Starts Ray (locally, or joins ``MESHLLM_SERVE__RAY_ADDRESS``), registers the bundled
-default model when the registry lacks it, deploys :func:`build_app` with
-``serve.run``, and answers ``/healthz`` and ``/readyz`` on ``MESHLLM_HEALTH_PORT``.
-Ready means the chat deployment answered a one-token request. SIGTERM or SIGINT shuts
-Serve and Ray down (in-flight requests get ``graceful_shutdown_timeout_s``).
+The common life of a service (:func:`~shared.service.run_service`: settings, logging,
+telemetry, the bus, health, shutdown), with: the bundled default model registered when the
+registry lacks it, Ray started (locally, or joining ``MESHLLM_SERVE__RAY_ADDRESS``),
+:func:`build_app` deployed with ``serve.run``. Ready means the chat deployment answered a
+one-token request. SIGTERM or SIGINT shuts Serve and Ray down (in-flight requests get
+``graceful_shutdown_timeout_s``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import sys
+from collections.abc import Awaitable
 from typing import Any
 
 from services.inference.registry import ModelRegistry, UnknownModel, ensure_default
 from services.inference.settings import InferenceSettings
-from shared.health import HealthServer, HealthState
-from shared.logging import configure_logging, get_logger
-from shared.settings import SettingsError, load_settings
+from shared.bus import Bus
+from shared.health import HealthState
+from shared.logging import get_logger
+from shared.service import run_service
 
 log = get_logger("services.inference")
 
@@ -61,12 +61,6 @@ class Readiness:
             except Exception as error:
                 self.failure = f"Serve status unavailable: {error}"[:500]
             await asyncio.sleep(PROBE_INTERVAL_S if self.ready_problem is None else 1.0)
-
-
-def _on_signals(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
 
 
 def _check_model(registry: ModelRegistry, settings: InferenceSettings) -> str | None:
@@ -117,72 +111,42 @@ def _shutdown() -> None:
         ray.shutdown()
 
 
-async def run(settings: InferenceSettings) -> int:
-    """Run until SIGTERM/SIGINT; 0 after a clean stop, 1 when start-up failed."""
+async def build(settings: InferenceSettings, bus: Bus, health: HealthState) -> Awaitable[None]:
+    """Check the model, start Ray; the returned coroutine deploys and probes until stopped.
+
+    Ray starts here, before :func:`~shared.service.serve` sets its signal handlers: its core
+    worker installs one of its own for SIGTERM, which would otherwise win.
+
+    Raises:
+        RuntimeError: the configured model cannot be served (the message says why).
+    """
     registry = ModelRegistry(settings.registry_dir)
     problem = await asyncio.to_thread(_check_model, registry, settings)
     if problem is not None:
-        log.error("no model to serve", error=problem, registry=str(registry.path))
-        return 1
-
+        raise RuntimeError(f"no model to serve: {problem} (registry {registry.path})")
     readiness = Readiness()
-    health = HealthState(service=NAME)
     health.liveness["serve"] = readiness.liveness
     health.readiness["chat"] = readiness.readiness
-    server = HealthServer(health, settings.health_host, settings.health_port)
-    await server.start()
+    await asyncio.to_thread(_start_ray, settings)
+    return _serve(settings, readiness)
 
-    stop = asyncio.Event()
-    _on_signals(stop)
 
-    code = 0
-    probe: asyncio.Task[None] | None = None
+async def _serve(settings: InferenceSettings, readiness: Readiness) -> None:
+    """Deploy the application, then probe it until cancelled; Serve and Ray stop after."""
     try:
-        await asyncio.to_thread(_start_ray, settings)
-        _on_signals(stop)  # again: Ray's core worker installs its own SIGTERM handler
-        deploy = asyncio.ensure_future(asyncio.to_thread(_deploy, settings))
-        waiter = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([deploy, waiter], return_when=asyncio.FIRST_COMPLETED)
-        if deploy.done():
-            chat = deploy.result()
-            log.info(
-                "service started",
-                health_port=server.port,
-                pid=os.getpid(),
-                http=f"http://{settings.serve.http_host}:{settings.serve.http_port}"
-                f"{settings.serve.route_prefix}",
-            )
-            probe = asyncio.create_task(
-                readiness.probe_forever(chat, settings.serve.app_name), name="probe"
-            )
-            await waiter
-        else:
-            deploy.cancel()
-    except Exception as error:
-        log.exception("start-up failed", error=f"{type(error).__name__}: {error}")
-        code = 1
+        chat = await asyncio.to_thread(_deploy, settings)
+        log.info(
+            "application deployed",
+            http=f"http://{settings.serve.http_host}:{settings.serve.http_port}"
+            f"{settings.serve.route_prefix}",
+        )
+        await readiness.probe_forever(chat, settings.serve.app_name)
     finally:
-        log.info("service stopping")
-        if probe is not None:
-            probe.cancel()
-            await asyncio.gather(probe, return_exceptions=True)
-        await asyncio.to_thread(_shutdown)
-        await server.stop()
-    log.info("service stopped", code=code)
-    return code
+        await asyncio.shield(asyncio.to_thread(_shutdown))
 
 
 def main() -> None:
-    try:
-        settings = load_settings(InferenceSettings, service_name=NAME)
-    except SettingsError as error:
-        print(f"{NAME}: {error}", file=sys.stderr)
-        sys.exit(2)
-    configure_logging(NAME, settings.log_level, settings.log_format, settings.pii)
-    code = 1
-    with contextlib.suppress(KeyboardInterrupt):
-        code = asyncio.run(run(settings))
-    sys.exit(code)
+    run_service(NAME, InferenceSettings, build)
 
 
 if __name__ == "__main__":
