@@ -15,8 +15,7 @@ default:
 setup:
     {{python}} -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
 
-# Re-resolve every dependency in a new venv and pin the result in constraints.txt
-# (`just lock --current` freezes .venv instead); run the suite, then commit both.
+# Pin every dependency in constraints.txt, re-resolved in a new venv (--current: freeze .venv).
 [group('set-up')]
 lock *args:
     {{python}} scripts/lock.py {{args}}
