@@ -1,4 +1,9 @@
-"""The ``meshllm`` command line."""
+"""The ``meshllm`` command line.
+
+One module (~700 lines): every ``meshllm`` subcommand, each a thin call into
+:mod:`meshllm.supervisor`, :mod:`meshllm.access` or a service's own code; the command
+line's help reads as one tree.
+"""
 
 from __future__ import annotations
 

@@ -35,6 +35,10 @@ microsecond keeps the records of its last microsecond.
 
 Reads are near real time: a query sees an append after the index refreshes (1 s by default)
 unless the store was opened with ``refresh=True`` (tests), which waits for it.
+
+One module (~600 lines): the OpenSearch back end of :class:`~services.audit.store.
+AuditStore`, as :mod:`services.audit.sqlite_store` is the SQLite one; its journal and
+recovery only make sense together.
 """
 
 from __future__ import annotations

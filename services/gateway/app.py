@@ -6,6 +6,10 @@ publish it to the topic of its priority -> relay the router's replies (SSE or on
 until the final reply or the deadline (504). A caller that goes away cancels the request
 downstream. Errors are OpenAI error bodies; a server-side failure is told without its
 internal details (those are logged, under the request id the client is given).
+
+Longer than most modules (~500 lines): the request's flow (publish, relay, stream, its
+records) is one sequence whose steps share the request's state; admission and response
+shapes are modules of their own.
 """
 
 from __future__ import annotations

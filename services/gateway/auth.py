@@ -4,6 +4,9 @@
 An API key reads ``mk-<key_id>-<secret>``: ``key_id`` is 12 hex characters that name the
 key (in logs, limits and the ``meshllm keys`` command) and ``secret`` is 32 URL-safe
 characters (192 random bits). Only a hash of the key is stored.
+
+One module (~500 lines): both kinds of credential and the header that picks between
+them produce the same :class:`Principal`, and the key store's schema is only read here.
 """
 
 from __future__ import annotations

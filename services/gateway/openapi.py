@@ -4,6 +4,9 @@ Written by hand from the same limits the gateway validates with (:mod:`shared.op
 :mod:`services.gateway.rag`), so that a body the document calls invalid is one the gateway
 refuses (400), and every status and body shape the gateway answers with is declared. It is
 what ``tests/security/test_gateway_fuzz.py`` generates requests from.
+
+One module (~540 lines): the document is one literal, built route by route from the
+limits the gateway validates with; splitting it would scatter one contract.
 """
 
 from __future__ import annotations

@@ -60,6 +60,11 @@ Vector search modes (``vector_mode``):
 
 Scores: BM25 as OpenSearch computes it; vector scores are cosine similarities in all modes
 (``knn`` returns ``(1 + cos) / 2`` and is mapped back; ``exact`` returns ``1 + cos``).
+
+One module (~800 lines): the OpenSearch back end of
+:class:`~services.retrieval.index.KnowledgeIndex`, as :mod:`services.retrieval.sqlite_index`
+is the embedded one; its tests (`tests/retrieval/test_opensearch_index.py`) check it
+against the same behaviour.
 """
 
 from __future__ import annotations

@@ -32,6 +32,10 @@ a filter that admits only them, and scans exactly if the walk finds too few.
 
 Thread safety: one lock serializes every call, so a search sees a document's chunks
 before an upsert or after it, never a mix.
+
+One module (~920 lines): the embedded back end of
+:class:`~services.retrieval.index.KnowledgeIndex`; its SQLite schema, FTS5 and the HNSW
+cache are kept consistent under one lock, which splitting would spread across modules.
 """
 
 from __future__ import annotations

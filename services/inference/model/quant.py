@@ -56,6 +56,9 @@ the int8 head with an int4 copy of itself and scores only the screen's best cand
 (:data:`HEAD_SCREEN`).
 
 Shapes: N output features, K input features, G = K / group size, M rows of ``x``.
+
+One module (~760 lines): both kernel families share the block layouts, the mode
+resolution and the LM head's screen; each half is tested against the other.
 """
 
 from __future__ import annotations
