@@ -43,13 +43,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from services.gateway.admission import limit_key, read_json_body
+from services.gateway.admission import limit_key
 from services.gateway.auth import Principal
 from services.gateway.limits import ConcurrencyGate, Limit, RateLimiter, limits_checked
 from services.gateway.policy import Decision, Policy
 from services.gateway.settings import KbSettings, LimitsConfig
 from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
+from shared.http_body import read_json_body
 from shared.kb_names import COLLECTION, COLLECTION_RULE, DOCUMENT_ID, DOCUMENT_ID_RULE
 from shared.logging import get_logger
 from shared.openai_protocol import (

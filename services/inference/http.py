@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message
 
+from shared.http_body import read_json_body
 from shared.logging import get_logger
 from shared.openai_protocol import (
     InvalidRequestError,
@@ -33,6 +34,9 @@ from shared.service_auth import ServiceGuard
 log = get_logger(__name__)
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+MAX_BODY_BYTES = 8 * 2**20
+"""Largest body taken (the router sends what the gateway took, at most 1 MiB by default)."""
+BODY_TIMEOUT_S = 30.0
 
 
 class HttpFrontend:
@@ -170,10 +174,7 @@ async def asgi_response(app: ASGIApp, request: Request) -> Response:
 
 
 async def _json(request: Request) -> Any:
-    try:
-        return json.loads(await request.body())
-    except ValueError as error:
-        raise InvalidRequestError(f"the body is not valid JSON ({error})") from None
+    return await read_json_body(request, MAX_BODY_BYTES, BODY_TIMEOUT_S)
 
 
 async def _stream(method: Any, body: dict[str, Any]) -> Response:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -39,6 +38,7 @@ from services.retrieval.embedder import EmbedderError
 from services.retrieval.index import DocumentInfo, KnowledgeIndex, Scope
 from services.retrieval.search import HybridSearcher
 from services.retrieval.service import StatusStore
+from shared.http_body import read_json_body
 from shared.kb_names import (
     COLLECTION_RULE,
     DOCUMENT_ID_RULE,
@@ -65,6 +65,8 @@ SEARCHERS = frozenset({"gateway", "router"})
 READERS = frozenset({"gateway"})
 """Who may list collections and read documents: the gateway, after its policy check."""
 CALLERS = SEARCHERS | READERS
+MAX_SEARCH_BODY_BYTES = 64 * 1024
+BODY_TIMEOUT_S = 10.0
 
 
 def parse_search(body: Any, max_top_k: int) -> tuple[Scope, str, int, str]:
@@ -167,10 +169,7 @@ class RetrievalApi:
         )
 
     async def search(self, request: Request) -> dict[str, Any]:
-        try:
-            body = json.loads(await request.body())
-        except ValueError as error:
-            raise InvalidRequestError(f"the body is not valid JSON ({error})") from None
+        body = await read_json_body(request, MAX_SEARCH_BODY_BYTES, BODY_TIMEOUT_S)
         scope, query, top_k, mode = parse_search(body, self.max_top_k)
         try:
             hits = await asyncio.to_thread(self.searcher.search, scope, query, top_k, mode)

@@ -50,6 +50,12 @@ def make_pdf(pages: list[list[str]], *, title: str | None = None) -> bytes:
     )
     info = add(b"<< /Title (%s) >>" % _escape(title).encode()) if title else None
 
+    return write_pdf(objects, root=catalog, info=info)
+
+
+def write_pdf(objects: list[bytes], *, root: int, info: int | None = None) -> bytes:
+    """A PDF file of ``objects`` (numbered from 1): header, bodies, cross-reference table,
+    trailer naming the catalog ``root`` (and the ``info`` dictionary)."""
     out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
     offsets = []
     for number, body in enumerate(objects, start=1):
@@ -58,7 +64,7 @@ def make_pdf(pages: list[list[str]], *, title: str | None = None) -> bytes:
     xref = len(out)
     out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
     out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    trailer = b"<< /Size %d /Root %d 0 R" % (len(objects) + 1, catalog)
+    trailer = b"<< /Size %d /Root %d 0 R" % (len(objects) + 1, root)
     if info:
         trailer += b" /Info %d 0 R" % info
     out += b"trailer\n%s >>\nstartxref\n%d\n%%%%EOF\n" % (trailer, xref)

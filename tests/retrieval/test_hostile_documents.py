@@ -28,7 +28,7 @@ from shared.events.v1 import events_pb2 as ev
 from shared.settings import MeshSettings
 from shared.topics import Topic
 from tests.conftest import poll_until
-from tests.retrieval.pdf_maker import make_pdf
+from tests.retrieval.pdf_maker import make_pdf, write_pdf
 from tests.test_bus import read_all
 
 LIMITS = ParseLimits(
@@ -52,19 +52,7 @@ def bomb_pdf(decompressed_bytes: int) -> bytes:
         b"<< /Length %d /Filter /FlateDecode >>\nstream\n%s\nendstream" % (len(stream), stream),
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
     ]
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1,
-        xref,
-    )
-    return bytes(out)
+    return write_pdf(objects, root=1)
 
 
 # ------------------------------------------------------------------ the sandbox

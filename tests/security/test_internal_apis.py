@@ -255,3 +255,31 @@ async def test_inference_http_needs_the_router_or_retrieval(
     for caller in allowed:
         answered = await client.request(method, path, json=body, headers=api.auth(caller))
         assert answered.status_code == 200, (caller, answered.text)
+
+
+NESTED = b"[" * 5000 + b"]" * 5000
+
+
+async def test_internal_apis_refuse_hostile_bodies_from_a_known_caller(
+    retrieval_api: Api, inference_api: tuple[httpx.AsyncClient, Api]
+) -> None:
+    """A caller with a valid token is still held to the body rules: JSON nested too deep, or
+    too large, is a 400 or 413 naming why, never a 500."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        nested = await client.post(
+            f"{retrieval_api.url}/v1/kb/search",
+            content=NESTED,
+            headers=retrieval_api.auth("router"),
+        )
+        huge = await client.post(
+            f"{retrieval_api.url}/v1/kb/search",
+            content=b'{"query": "' + b"x" * 100_000 + b'"}',
+            headers=retrieval_api.auth("router"),
+        )
+    assert nested.status_code == 400, nested.text
+    assert "nested" in nested.json()["error"]["message"]
+    assert huge.status_code == 413, huge.text
+    inference, api = inference_api
+    deep = await inference.post("/v1/chat/completions", content=NESTED, headers=api.auth("router"))
+    assert deep.status_code == 400, deep.text
+    assert "nested" in deep.json()["error"]["message"]
