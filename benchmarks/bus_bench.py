@@ -66,6 +66,8 @@ OUR_FETCH_WAIT_MS = 5  # MeshSettings.fetch_max_wait_ms on the embedded broker
 AIOKAFKA_DEFAULT_FETCH_WAIT_MS = 500  # aiokafka's and FastStream's default
 SLOW_FETCH_WAIT_MS = 100  # cases waiting this long per fetch get --slow-samples samples
 PING_PAUSE_S = 0.002
+IDLE_PAUSE_S = 0.05  # longer than a consumer stays awake after its last record
+DEFAULT_CASE = "meshllm Bus (default settings)"
 WARMUP_PINGS = 20
 SLOW_WARMUP_PINGS = 3
 JOIN_TIMEOUT_S = 60.0  # consumer group joins on Tansu take half the session timeout
@@ -90,9 +92,13 @@ class Env:
     data_dir: Path
     progress: Progress
 
-    def settings(self, **kafka: Any) -> MeshSettings:
+    def settings(self, *, local_wakeup: bool | None = None, **kafka: Any) -> MeshSettings:
         """Our default settings against this broker, with optional Kafka overrides."""
-        return MeshSettings(kafka={"bootstrap": self.bootstrap, **kafka}, data_dir=self.data_dir)
+        return MeshSettings(
+            kafka={"bootstrap": self.bootstrap, **kafka},
+            bus={"local_wakeup": local_wakeup},
+            data_dir=self.data_dir,
+        )
 
     async def fresh_topic(self, label: str, *, partitions: int = 1) -> Topic:
         """Create a topic no other measurement uses."""
@@ -154,6 +160,7 @@ class LatencyCase:
     fetch_max_wait_ms: int
     link: Link
     note: str
+    pause_s: float = PING_PAUSE_S
 
     @property
     def slow(self) -> bool:
@@ -166,9 +173,13 @@ def _fetch_wait(fetch_max_wait_ms: int | None) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def bus_link(env: Env, topic: Topic, probe: PingProbe) -> AsyncIterator[Send]:
-    """Our bus with default settings: envelope, trace headers, SQLite dedup, commit per batch."""
-    bus = Bus(env.settings(), service="bench-latency")
+async def bus_link(
+    env: Env, topic: Topic, probe: PingProbe, *, local_wakeup: bool = True
+) -> AsyncIterator[Send]:
+    """Our bus: envelope, trace headers, SQLite dedup, commit per batch; with local
+    wake-ups (the default on this broker) or polling every 5 ms."""
+    settings = env.settings() if local_wakeup else env.settings(local_wakeup=False)
+    bus = Bus(settings, service="bench-latency")
 
     async def handle(_event: ev.FeedbackEvent, ctx: EventContext) -> None:
         probe.arrived(ctx.key)
@@ -257,14 +268,28 @@ async def _running(coroutine: Coroutine[Any, Any, None]) -> AsyncIterator[None]:
 
 
 def latency_cases() -> list[LatencyCase]:
-    """The five cases, fair peers (5 ms fetch wait) first, library defaults after."""
+    """Our bus (woken and polling), fair peers (5 ms fetch wait), library defaults after."""
     fast, default = OUR_FETCH_WAIT_MS, AIOKAFKA_DEFAULT_FETCH_WAIT_MS
     return [
         LatencyCase(
-            "meshllm Bus (default settings)",
+            DEFAULT_CASE,
             fast,
             bus_link,
-            "envelope, trace headers, SQLite dedup, commit after handling",
+            "local wake-ups; envelope, trace headers, SQLite dedup, commit after handling",
+        ),
+        LatencyCase(
+            "meshllm Bus, asleep between pings",
+            fast,
+            bus_link,
+            f"as above, {IDLE_PAUSE_S * 1000:.0f} ms between pings: each hop wakes a "
+            "sleeping consumer",
+            pause_s=IDLE_PAUSE_S,
+        ),
+        LatencyCase(
+            "meshllm Bus, polling every 5 ms",
+            fast,
+            functools.partial(bus_link, local_wakeup=False),
+            "local wake-ups off (as on Apache Kafka, which wakes fetches itself)",
         ),
         LatencyCase(
             "raw aiokafka, fetch wait 5 ms",
@@ -320,7 +345,7 @@ async def measure_latency(env: Env, case: LatencyCase, samples: int) -> Row:
             if index >= warmup:
                 hops.append(hop)
             env.progress.advance(task)
-            await asyncio.sleep(PING_PAUSE_S)
+            await asyncio.sleep(case.pause_s)
     p50, p99 = percentiles(hops)
     note = f"{case.note}; n={samples}"
     return Row(case.name, p50, p99, note=note)
@@ -551,20 +576,26 @@ async def cpu_percent(env: Env, seconds: float, task: TaskID) -> tuple[float, fl
     return broker / elapsed * 100, client / elapsed * 100
 
 
-async def measure_idle(env: Env, fetch_max_wait_ms: int | None, seconds: float) -> Row:
-    """Broker (and our process's) CPU while ``IDLE_SUBSCRIBERS`` subscribers poll nothing.
+async def measure_idle(
+    env: Env, fetch_max_wait_ms: int | None, seconds: float, *, local_wakeup: bool = False
+) -> Row:
+    """Broker (and our process's) CPU while ``IDLE_SUBSCRIBERS`` subscribers get nothing.
 
-    ``None`` runs no subscribers at all: the broker's own baseline.
+    They sleep until woken with ``local_wakeup``, else poll every ``fetch_max_wait_ms``;
+    ``None`` without wake-ups runs no subscribers at all: the broker's own baseline.
     """
-    subscribers = 0 if fetch_max_wait_ms is None else IDLE_SUBSCRIBERS
-    label = (
-        "idle broker, no subscribers"
-        if fetch_max_wait_ms is None
-        else f"idle broker, {subscribers} subscribers @ {fetch_max_wait_ms} ms"
-    )
+    subscribers = 0 if fetch_max_wait_ms is None and not local_wakeup else IDLE_SUBSCRIBERS
+    if local_wakeup:
+        label = f"idle broker, {subscribers} subscribers, local wake-ups (default)"
+        settings = env.settings()
+    elif fetch_max_wait_ms is None:
+        label = "idle broker, no subscribers"
+        settings = env.settings()
+    else:
+        label = f"idle broker, {subscribers} subscribers polling @ {fetch_max_wait_ms} ms"
+        settings = env.settings(local_wakeup=False, fetch_max_wait_ms=fetch_max_wait_ms)
     task = env.progress.add_task(f"idle     {label}", total=seconds)
     topic = await env.fresh_topic("idle")
-    settings = env.settings(fetch_max_wait_ms=fetch_max_wait_ms)
     # Bus.start joins its subscribers' groups one after another (about 2 s each on this
     # broker), so each subscriber gets a bus of its own and they all start side by side.
     buses = [Bus(settings, service=f"bench-idle-{index}") for index in range(subscribers)]
@@ -626,7 +657,7 @@ def markdown_table(rows: list[Row]) -> str:
 def verdicts(rows: list[Row]) -> list[tuple[str, bool]]:
     """The two targets, as a sentence each and whether it is met."""
     by_case = {row.case: row for row in rows}
-    ours = by_case["meshllm Bus (default settings)"].p50_ms or float("nan")
+    ours = by_case[DEFAULT_CASE].p50_ms or float("nan")
     peer = by_case["raw aiokafka, fetch wait 5 ms"].p50_ms or float("nan")
     produced = by_case["produce: meshllm Publisher.enqueue"].throughput or 0.0
     ratio = ours / peer
@@ -683,11 +714,14 @@ Targets:
 How to read it:
 
 - A hop is the time from just before publishing one event to the moment its handler
-  is entered, pinged sequentially (send, wait, ~2 ms pause) on a fresh one-partition
-  topic after warm-up. The embedded broker never wakes a waiting fetch on new data: it
-  re-reads storage after sleeping half the remaining `fetch_max_wait_ms`, so a hop costs
-  about half the fetch wait whatever the client. Compare rows with the same fetch wait;
-  the 500 ms rows (library defaults) take {args.slow_samples} samples to keep the run short.
+  is entered, pinged sequentially (send, wait, ~2 ms pause; {IDLE_PAUSE_S * 1000:.0f} ms in the
+  "asleep" row) on a fresh one-partition topic after warm-up. The embedded broker never
+  wakes a waiting fetch on new data: it re-reads storage after sleeping half the remaining
+  `fetch_max_wait_ms`, so a polling client's hop costs about half the fetch wait. Our bus
+  by default has the producer announce each acknowledged record to the topic's consumers
+  on this machine (shared/bus/wakeup.py): an idle consumer sleeps, paused, until told,
+  then fetches at once. The peers poll at 5 ms; the 500 ms rows (library defaults) take
+  {args.slow_samples} samples to keep the run short.
 - The meshllm rows run the full bus: envelope stamping and checks, W3C trace headers
   (an SDK tracer provider records spans; none are exported), durable SQLite
   idempotency, and an offset commit after each handled batch.
@@ -697,8 +731,9 @@ How to read it:
   timed from partition assignment (group join left out) to the last event handled.
 - Idle rows: CPU of the broker process (`/proc/<pid>/stat` utime+stime) and of the
   benchmark process over {args.idle_seconds:g} s, as % of one core, while
-  {IDLE_SUBSCRIBERS} Bus subscribers (each in its own group, on a bus of its own) poll an
-  empty topic with the given `fetch_max_wait_ms`.
+  {IDLE_SUBSCRIBERS} Bus subscribers (each in its own group, on a bus of its own) wait on an
+  empty topic: asleep until woken (the default), or polling with the given
+  `fetch_max_wait_ms`.
 
 ![hop latency](bus_latency.png)
 """
@@ -763,6 +798,7 @@ async def run(args: argparse.Namespace, console: Console) -> list[Row]:
                     for case in latency_cases()
                 ]
                 rows += await measure_throughput(env, args.events)
+                rows.append(await measure_idle(env, None, args.idle_seconds, local_wakeup=True))
                 for fetch_wait in (None, OUR_FETCH_WAIT_MS, AIOKAFKA_DEFAULT_FETCH_WAIT_MS):
                     rows.append(await measure_idle(env, fetch_wait, args.idle_seconds))
             finally:

@@ -130,6 +130,20 @@ class BusSettings(BaseModel):
         "Unset: on in cluster mode (any Kafka client could otherwise write a tenant or an "
         "ACL group that consumers trust), off in embedded mode, where `meshllm up` turns it on.",
     )
+    local_wakeup: bool | None = Field(
+        None,
+        description="Producers on this machine wake the consumers of a topic after each "
+        "acknowledged write, so idle consumers sleep instead of polling the broker (see "
+        "shared/bus/wakeup.py). Unset: on in embedded mode, whose broker does not wake "
+        "waiting fetches, and off in cluster mode, where Apache Kafka does.",
+    )
+    idle_poll_ms: int = Field(
+        500,
+        ge=10,
+        le=60_000,
+        description="With local wake-ups, how often a sleeping consumer fetches anyway, "
+        "for records whose producer announced nothing (another machine, another tool).",
+    )
 
 
 class TelemetrySettings(BaseModel):
@@ -185,6 +199,13 @@ class MeshSettings(BaseSettings):
         if self.bus.require_signed is not None:
             return self.bus.require_signed
         return self.mode is Mode.CLUSTER
+
+    @property
+    def local_wakeup(self) -> bool:
+        """Whether producers announce writes and idle consumers sleep until told."""
+        if self.bus.local_wakeup is not None:
+            return self.bus.local_wakeup
+        return self.mode is Mode.EMBEDDED
 
     @property
     def fetch_max_wait_ms(self) -> int:

@@ -31,6 +31,7 @@ from shared.bus.producer import TYPE_HEADER, Publisher
 from shared.bus.security import client_options
 from shared.bus.signing import SIGNATURE_HEADER, EventSigner, UnverifiedEvent, load_signer
 from shared.bus.tracing import process_span
+from shared.bus.wakeup import WakeListener, wake_directory
 from shared.events.v1 import events_pb2 as ev
 from shared.logging import get_logger
 from shared.settings import MeshSettings
@@ -44,6 +45,12 @@ _duration = _meter.create_histogram(
 )
 
 DLQ_HEADER_PREFIX = "meshllm-dlq-"
+
+# With local wake-ups: a fetch waits this long at the broker (a sleeping consumer's last
+# fetch must end soon, so a wake-up's fetch is not queued behind it), and a consumer
+# that was woken looks this long for records before it checks whether it may sleep.
+WAKE_FETCH_MAX_WAIT_MS = 1
+WAKE_ACTIVE_MS = 20
 
 kafka_compat.install()
 
@@ -118,6 +125,7 @@ class Subscriber:
         self._drain_targets: dict[TopicPartition, int] | None = None
         self.failure: BaseException | None = None
         self._membership = _Membership()
+        self._wake: WakeListener | None = None
 
     @property
     def ready(self) -> bool:
@@ -133,13 +141,17 @@ class Subscriber:
         kafka = self._settings.kafka
         if self._settings.signatures_required:
             self._signer = load_signer(self._settings, required=True)
+        self._wake = self._open_wake_listener()
+        fetch_max_wait_ms = self._settings.fetch_max_wait_ms
+        if self._wake is not None and kafka.fetch_max_wait_ms is None:
+            fetch_max_wait_ms = WAKE_FETCH_MAX_WAIT_MS
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=kafka.bootstrap,
             group_id=self.group,
             client_id=self._client_id,
             enable_auto_commit=False,
             auto_offset_reset=self._offset_reset,
-            fetch_max_wait_ms=self._settings.fetch_max_wait_ms,
+            fetch_max_wait_ms=fetch_max_wait_ms,
             session_timeout_ms=self._settings.session_timeout_ms,
             heartbeat_interval_ms=max(100, self._settings.session_timeout_ms // 6),
             request_timeout_ms=kafka.request_timeout_ms,
@@ -148,6 +160,20 @@ class Subscriber:
         self._consumer.subscribe(list(self._topics), listener=self._membership)
         await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name=f"subscriber:{self.group}")
+
+    def _open_wake_listener(self) -> WakeListener | None:
+        directory = wake_directory(self._settings)
+        if directory is None:
+            return None
+        listener = WakeListener(
+            directory, self._topics, forget_after_s=self._settings.bus.idle_poll_ms / 1000
+        )
+        try:
+            listener.open()
+        except OSError as error:
+            log.warning("local wake-ups off: this group polls", group=self.group, error=str(error))
+            return None
+        return listener
 
     async def stop(self, drain_timeout_s: float = 0.0) -> None:
         """Stop consuming, commit what was handled, and leave the group.
@@ -163,15 +189,53 @@ class Subscriber:
         if self._consumer is not None:
             await self._consumer.stop()
             self._consumer = None
+        if self._wake is not None:
+            self._wake.close()
+            self._wake = None
         self._idempotency.close()
+
+    async def _poll(
+        self,
+        consumer: AIOKafkaConsumer,
+        *,
+        timeout_ms: int,
+        max_records: int,
+        also: tuple[asyncio.Event, ...] = (),
+    ) -> dict[TopicPartition, list[ConsumerRecord]]:
+        """The next records, waiting up to ``timeout_ms`` for some.
+
+        With local wake-ups, a consumer that got nothing and has read every announced
+        record pauses its partitions and sleeps until an announcement, one of ``also``,
+        a stop, or ``bus.idle_poll_ms``; it returns nothing then, and the caller polls again.
+        """
+        wake = self._wake
+        if wake is None:
+            return await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        batch = await consumer.getmany(
+            timeout_ms=min(timeout_ms, WAKE_ACTIVE_MS), max_records=max_records
+        )
+        if batch or self._stopping.is_set():
+            return batch
+        paused = consumer.paused()
+        awake = [tp for tp in consumer.assignment() if tp not in paused]
+        positions = {tp: await consumer.position(tp) for tp in awake}
+        if wake.behind(positions):
+            return batch
+        consumer.pause(*awake)
+        try:
+            await wake.sleep(self._settings.bus.idle_poll_ms / 1000, self._stopping, *also)
+        finally:
+            assigned = consumer.assignment()
+            consumer.resume(*(tp for tp in awake if tp in assigned))
+        return batch
 
     async def _run(self) -> None:
         consumer = self._consumer
         assert consumer is not None
         try:
             while not (self._stopping.is_set() and await self._drained(consumer)):
-                batch = await consumer.getmany(
-                    timeout_ms=100, max_records=self._settings.bus.max_batch
+                batch = await self._poll(
+                    consumer, timeout_ms=100, max_records=self._settings.bus.max_batch
                 )
                 if not batch:
                     continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ from shared.bus import kafka_compat
 from shared.bus.security import client_options
 from shared.bus.signing import SIGNATURE_HEADER, EventSigner, load_signer
 from shared.bus.tracing import Headers, start_publish_span
+from shared.bus.wakeup import Waker, wake_directory
 from shared.settings import MeshSettings
 from shared.topics import Topic
 
@@ -50,6 +52,7 @@ class Publisher:
         self._service = service
         self._producer: AIOKafkaProducer | None = None
         self._signer: EventSigner | None = None
+        self._waker: Waker | None = None
 
     @property
     def started(self) -> bool:
@@ -71,6 +74,8 @@ class Publisher:
         )
         await producer.start()
         self._producer = producer
+        directory = wake_directory(self._settings)
+        self._waker = Waker(directory) if directory is not None else None
 
     async def stop(self) -> None:
         """Deliver everything already accepted, then close."""
@@ -78,6 +83,9 @@ class Publisher:
             producer, self._producer = self._producer, None
             await producer.flush()
             await producer.stop()
+        if self._waker is not None:
+            self._waker.close()
+            self._waker = None
 
     def _require(self) -> AIOKafkaProducer:
         if self._producer is None:
@@ -155,7 +163,20 @@ class Publisher:
         delivery: asyncio.Future[Any] = await self._require().send(
             topic.name, value, key=record_key, headers=headers
         )
+        self._announce_when_acked(topic.name, delivery)
         return delivery
+
+    def _announce_when_acked(self, topic: str, delivery: asyncio.Future[Any]) -> None:
+        """Wake this machine's sleeping consumers of ``topic`` once the broker has the record."""
+        if self._waker is not None:
+            delivery.add_done_callback(functools.partial(self._announce, self._waker, topic))
+
+    @staticmethod
+    def _announce(waker: Waker, topic: str, delivery: asyncio.Future[Any]) -> None:
+        if delivery.cancelled() or delivery.exception() is not None:
+            return
+        metadata = delivery.result()
+        waker.announce(topic, metadata.partition, metadata.offset)
 
     async def publish(
         self,
@@ -175,4 +196,5 @@ class Publisher:
     ) -> Any:
         """Publish bytes as they are: dead letters and OTLP spans, which have no envelope."""
         delivery = await self._require().send(topic, value, key=key, headers=headers)
+        self._announce_when_acked(topic, delivery)
         return await delivery

@@ -113,6 +113,8 @@ class WorkConsumer(Subscriber):
             while not self._stopping.is_set() and self.failure is None:
                 self._follow_assignment(consumer)
                 await self._fetch(consumer)
+                # set again by each handler that finishes from here on, which wakes _fetch
+                self._changed.clear()
                 self._dispatch()
                 await self._commit(consumer)
             await self._finish_in_flight(consumer)
@@ -131,16 +133,18 @@ class WorkConsumer(Subscriber):
         self._apply_backpressure(consumer)
         if not self._has_room():
             # everything is paused: wait for a handler to finish instead of polling
-            self._changed.clear()
             waiter = asyncio.ensure_future(self._changed.wait())
             stop = asyncio.ensure_future(self._stopping.wait())
             await asyncio.wait({waiter, stop}, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             stop.cancel()
             return
-        # short polls while work is running, so freed slots are refilled quickly
+        # short polls while work is running, so freed slots are refilled quickly; a
+        # consumer asleep for want of records wakes when a handler finishes, too
         timeout = 5 if self._in_flight else 100
-        batch = await consumer.getmany(timeout_ms=timeout, max_records=self.max_buffered)
+        batch = await self._poll(
+            consumer, timeout_ms=timeout, max_records=self.max_buffered, also=(self._changed,)
+        )
         assigned = consumer.assignment()
         for tp, records in batch.items():
             if tp not in assigned:
