@@ -138,7 +138,7 @@ class BusSettings(BaseModel):
         "waiting fetches, and off in cluster mode, where Apache Kafka does.",
     )
     idle_poll_ms: int = Field(
-        500,
+        1000,
         ge=10,
         le=60_000,
         description="With local wake-ups, how often a sleeping consumer fetches anyway, "

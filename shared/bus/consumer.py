@@ -51,6 +51,7 @@ DLQ_HEADER_PREFIX = "meshllm-dlq-"
 # that was woken looks this long for records before it checks whether it may sleep.
 WAKE_FETCH_MAX_WAIT_MS = 1
 WAKE_ACTIVE_MS = 20
+WAKE_IDLE_LOOK_MS = 5
 
 kafka_compat.install()
 
@@ -153,7 +154,8 @@ class Subscriber:
             auto_offset_reset=self._offset_reset,
             fetch_max_wait_ms=fetch_max_wait_ms,
             session_timeout_ms=self._settings.session_timeout_ms,
-            heartbeat_interval_ms=max(100, self._settings.session_timeout_ms // 6),
+            # a third of the session, as Kafka's own defaults (3 s of 10 s)
+            heartbeat_interval_ms=max(100, self._settings.session_timeout_ms // 3),
             request_timeout_ms=kafka.request_timeout_ms,
             **client_options(kafka),
         )
@@ -223,11 +225,14 @@ class Subscriber:
             return batch
         consumer.pause(*awake)
         try:
-            await wake.sleep(self._settings.bus.idle_poll_ms / 1000, self._stopping, *also)
+            woken = await wake.sleep(self._settings.bus.idle_poll_ms / 1000, self._stopping, *also)
         finally:
             assigned = consumer.assignment()
             consumer.resume(*(tp for tp in awake if tp in assigned))
-        return batch
+        if woken:
+            return batch
+        # the idle poll: one short look for records nobody announced, then asleep again
+        return await consumer.getmany(timeout_ms=WAKE_IDLE_LOOK_MS, max_records=max_records)
 
     async def _run(self) -> None:
         consumer = self._consumer

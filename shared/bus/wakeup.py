@@ -210,15 +210,19 @@ class WakeListener:
                 behind = True
         return behind
 
-    async def sleep(self, timeout_s: float, *also: asyncio.Event) -> None:
-        """Until a producer announces something, one of ``also`` is set, or the timeout."""
+    async def sleep(self, timeout_s: float, *also: asyncio.Event) -> bool:
+        """Until a producer announces something, one of ``also`` is set, or the timeout;
+        False after the timeout."""
         self._woken.clear()
         waiters = [asyncio.ensure_future(event.wait()) for event in (self._woken, *also)]
         try:
-            await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for waiter in waiters:
                 waiter.cancel()
+        return bool(done)
 
     def _read(self, topic: str, sock: socket.socket) -> None:
         now = time.monotonic()
