@@ -18,8 +18,14 @@ Two parts, each measured in one run on this machine:
    ``.venv-litellm`` for the benchmark only): requests/s and the latency each adds,
    at concurrency 1 and 32, streaming and not.
 
+At concurrency 1 the proxy part also reads the services' spans (``telemetry.spans``) and
+reports where the mesh's time goes, hop by hop (:mod:`benchmarks.span_hops`). LiteLLM
+runs as many workers as the mesh has Python processes on the request path (two).
+
 Everything (load generator, broker, services, backends) shares this machine's cores,
 as it would on one host. Results: ``benchmarks/results/mesh.md`` and ``mesh.png``.
+This module is over 500 lines because the load generator, the process handling, both
+parts and their report belong to one command and are read together.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from benchmarks.span_hops import HopRow, SpanCollector, breakdown
 from shared.bus.embedded import EmbeddedBroker, free_port
 from shared.service_auth import service_headers
 from shared.settings import MeshSettings
@@ -54,6 +61,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COMMAND = "python -m benchmarks.mesh_bench"
 LITELLM_VENV = ROOT / ".venv-litellm"
+# Python processes on the mesh's request path (gateway, router): LiteLLM gets as many workers
+LITELLM_WORKERS = 2
 LITELLM_KEY = "sk-meshllm-bench-0123456789abcdef0123456789abcdef"
 MODEL = "smollm2-135m-instruct"
 QUESTIONS = [
@@ -395,9 +404,13 @@ def litellm_version() -> str:
     return out.stdout.strip() or "?"
 
 
+Hops = dict[bool, tuple[list[HopRow], int]]
+"""Per stream flag: where the mesh's time goes at concurrency 1, and over how many traces."""
+
+
 async def proxy_part(
     bootstrap: str, workdir: Path, quick: bool, progress: Progress
-) -> list[ProxyRow]:
+) -> tuple[list[ProxyRow], Hops]:
     data_dir = workdir / "proxy"
     processes = Processes(workdir)
     fake_port, litellm_port = free_port(), free_port()
@@ -419,7 +432,7 @@ async def proxy_part(
                     "--port",
                     str(litellm_port),
                     "--num_workers",
-                    "1",
+                    str(LITELLM_WORKERS),
                 ],
                 {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"},
             )
@@ -429,6 +442,9 @@ async def proxy_part(
                 f"http://127.0.0.1:{litellm_port}/health/liveliness", processes, "litellm", 180
             )
             progress.remove_task(task)
+            collector = SpanCollector(bootstrap)
+            await collector.start()
+            windows: dict[bool, list[tuple[int, int]]] = {False: [], True: []}
             targets = {
                 "direct": (f"{fake_url}/v1/chat/completions", {}),
                 "mesh": (mesh_base + "/chat/completions", {"authorization": f"Bearer {key}"}),
@@ -459,13 +475,18 @@ async def proxy_part(
                         await load(url, headers, [body], concurrency, concurrency * 2)  # warm-up
                     for _ in range(rounds):
                         for path, (url, headers) in targets.items():
+                            began = time.time_ns()
                             results[path].add(
                                 await load(url, headers, [body], concurrency, count // rounds)
                             )
+                            if path == "mesh" and concurrency == 1:
+                                windows[stream].append((began, time.time_ns()))
                             progress.advance(task)
                     progress.remove_task(task)
                     rows += [ProxyRow(concurrency, stream, p, s) for p, s in results.items()]
-            return rows
+            await collector.stop()
+            hops = {stream: breakdown(collector.within(w)) for stream, w in windows.items()}
+            return rows, hops
     finally:
         processes.stop()
 
@@ -514,6 +535,25 @@ def proxy_table(rows: list[ProxyRow]) -> Table:
             f"{s.pct('total_s', 0.5) - d.pct('total_s', 0.5):+.1f}" if added else "",
             f"{s.pct('total_s', 0.99) - d.pct('total_s', 0.99):+.1f}" if added else "",
         )  # fmt: skip
+    return table
+
+
+def hops_table(hops: Hops) -> Table:
+    counts = ", ".join(f"{'stream' if s else 'plain'} {n} traces" for s, (_, n) in hops.items())
+    table = Table(
+        title="Where the mesh's time goes: one request at a time, fake backend, from the "
+        f"services' spans ({counts})"
+    )
+    for column in ("hop", "plain p50 ms", "plain p99 ms", "stream p50 ms", "stream p99 ms"):
+        table.add_column(column, justify="left" if column == "hop" else "right")
+    plain = {row.hop: row for row in hops.get(False, ([], 0))[0]}
+    stream = {row.hop: row for row in hops.get(True, ([], 0))[0]}
+    for hop in dict.fromkeys([*plain, *stream]):
+        cells = []
+        for side in (plain, stream):
+            row = side.get(hop)
+            cells += [f"{row.p50_ms:.2f}", f"{row.p99_ms:.2f}"] if row else ["", ""]
+        table.add_row(hop, *cells)
     return table
 
 
@@ -588,12 +628,13 @@ async def main_async(args: argparse.Namespace) -> None:
     await broker.start()
     model_rows: list[ModelRow] = []
     proxy_rows: list[ProxyRow] = []
+    hops: Hops = {}
     try:
         with Progress(console=console, transient=True) as progress:
             if not args.skip_model:
                 model_rows = await model_part(broker.bootstrap, workdir, args.quick, progress)
             if not args.skip_proxy:
-                proxy_rows = await proxy_part(broker.bootstrap, workdir, args.quick, progress)
+                proxy_rows, hops = await proxy_part(broker.bootstrap, workdir, args.quick, progress)
     finally:
         await broker.stop()
     tables = []
@@ -601,6 +642,7 @@ async def main_async(args: argparse.Namespace) -> None:
         tables.append(model_table(model_rows))
     if proxy_rows:
         tables.append(proxy_table(proxy_rows))
+        tables.append(hops_table(hops))
     for table in tables:
         console.print(table)
     RESULTS_DIR.mkdir(exist_ok=True)

@@ -47,10 +47,11 @@ _duration = _meter.create_histogram(
 DLQ_HEADER_PREFIX = "meshllm-dlq-"
 
 # With local wake-ups: a fetch waits this long at the broker (a sleeping consumer's last
-# fetch must end soon, so a wake-up's fetch is not queued behind it), and a consumer
-# that was woken looks this long for records before it checks whether it may sleep.
+# fetch must end soon, so a wake-up's fetch is not queued behind it); a consumer told of
+# records it has not got waits this long for them before it checks again; an idle poll
+# looks this long for records nobody announced.
 WAKE_FETCH_MAX_WAIT_MS = 1
-WAKE_ACTIVE_MS = 20
+WAKE_FETCH_WAIT_MS = 5
 WAKE_IDLE_LOOK_MS = 5
 
 kafka_compat.install()
@@ -70,6 +71,7 @@ class EventContext:
 
 
 Handler = Callable[[Any, EventContext], Awaitable[None]]
+Batch = Any  # aiokafka's getmany: dict[TopicPartition, list[ConsumerRecord]], untyped
 
 
 class _Membership(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -203,7 +205,7 @@ class Subscriber:
         timeout_ms: int,
         max_records: int,
         also: tuple[asyncio.Event, ...] = (),
-    ) -> dict[TopicPartition, list[ConsumerRecord]]:
+    ) -> Batch:
         """The next records, waiting up to ``timeout_ms`` for some.
 
         With local wake-ups, a consumer that got nothing and has read every announced
@@ -213,16 +215,21 @@ class Subscriber:
         wake = self._wake
         if wake is None:
             return await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
-        batch = await consumer.getmany(
-            timeout_ms=min(timeout_ms, WAKE_ACTIVE_MS), max_records=max_records
-        )
-        if batch or self._stopping.is_set():
+        if self._stopping.is_set():  # draining: read on, awake
+            return await consumer.getmany(
+                timeout_ms=min(timeout_ms, WAKE_FETCH_WAIT_MS), max_records=max_records
+            )
+        batch = await consumer.getmany(timeout_ms=0, max_records=max_records)
+        if batch:
             return batch
         paused = consumer.paused()
         awake = [tp for tp in consumer.assignment() if tp not in paused]
         positions = {tp: await consumer.position(tp) for tp in awake}
         if wake.behind(positions):
-            return batch
+            # announced but not here yet: wait for the fetch that brings it
+            return await consumer.getmany(
+                timeout_ms=min(timeout_ms, WAKE_FETCH_WAIT_MS), max_records=max_records
+            )
         consumer.pause(*awake)
         try:
             woken = await wake.sleep(self._settings.bus.idle_poll_ms / 1000, self._stopping, *also)
