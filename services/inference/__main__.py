@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Awaitable
 from typing import Any
 
@@ -27,6 +28,17 @@ log = get_logger("services.inference")
 NAME = "inference"
 PROBE = {"prompt": "Hi", "max_tokens": 1, "temperature": 0}
 PROBE_INTERVAL_S = 15.0
+
+# A Ray started here keeps quiet when nothing happens: Serve's controller looks at its
+# deployments once a second, not ten times, and Ray's own metrics (which the mesh does not
+# read; each service exports its own) are neither kept nor pushed every 100 ms. With
+# Ray's defaults an idle replica set took ~10% of a core on two. Set any of these in the
+# environment to have Ray's default or another value back.
+QUIET_RAY_ENV = {
+    "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1",
+    "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "5000",
+    "RAY_enable_metrics_collection": "0",
+}
 
 
 class Readiness:
@@ -44,12 +56,17 @@ class Readiness:
         return self.failure
 
     async def probe_forever(self, chat: Any, app_name: str) -> None:
-        """Send a one-token request now and then; note the app's status from Serve."""
+        """Until the chat deployment has answered a one-token request, send one; then ask
+        its replicas for their status now and then (cheap: no generation while idle;
+        Serve's own health check finds a stuck engine). Note the app's status from Serve."""
         from ray import serve
 
+        answered = False
         while True:
             try:
-                await asyncio.wait_for(chat.complete.remote(PROBE), 60)
+                call = chat.status.remote() if answered else chat.complete.remote(PROBE)
+                await asyncio.wait_for(call, 60)
+                answered = True
                 self.ready_problem = None
             except Exception as error:
                 self.ready_problem = f"chat probe failed: {type(error).__name__}: {error}"[:500]
@@ -83,6 +100,8 @@ def _start_ray(settings: InferenceSettings) -> None:
     if s.ray_address:
         ray.init(address=s.ray_address, namespace="meshllm")
     else:
+        for name, value in QUIET_RAY_ENV.items():
+            os.environ.setdefault(name, value)  # the local Ray's processes inherit them
         ray.init(num_cpus=s.ray_num_cpus, namespace="meshllm", include_dashboard=False)
     serve.start(http_options={"host": s.http_host, "port": s.http_port})
 
