@@ -124,7 +124,10 @@ async def test_streams_chunks_then_one_final_reply(
             await poll_until(lambda: replies.finals.get(event.request_id), message="final reply")
             await poll_until(lambda: event.request_id in replies.routing, message="routing audit")
     chunks = replies.chunks[event.request_id]
-    assert [c.sequence for c in chunks] == [0, 1, 2, 3, 4]
+    # one chunk per broker round trip: pieces that came meanwhile share a chunk
+    assert 1 <= len(chunks) <= 5
+    assert [c.sequence for c in chunks] == list(range(len(chunks)))
+    assert chunks[0].delta == "the "  # the first piece goes out alone, at once
     assert "".join(c.delta for c in chunks) == "the quick brown fox jumps "
     [final] = replies.finals[event.request_id]
     assert final.choices[0].text == "the quick brown fox jumps "
