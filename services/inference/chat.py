@@ -221,6 +221,7 @@ class ChatService:
             "sha256": current.entry.sha256,
             "quant": current.quant,
             "max_seq_len": current.engine.max_seq_len,
+            "threads": self.engine_settings.threads,
             "in_flight": current.in_flight,
             "active": current.engine.active,
             "waiting": current.engine.waiting,

@@ -81,6 +81,7 @@ class EngineSettings:
     stuck_after_s: float = 30.0
     prefix_cache_mb: float = 128.0  # 0 turns the prefix (L1) cache off
     prefix_block: int = 32  # also the prefill chunk
+    threads: int = 0  # torch threads of the engine's worker thread; 0: torch's own setting
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,15 @@ class Delta:
     token_ids: tuple[int, ...]
     finish_reason: str | None = None
     usage: Usage | None = None
+
+    @staticmethod
+    def joined(deltas: Sequence[Delta]) -> Delta:
+        """One delta for consecutive ``deltas`` of a sequence (the last one's finish)."""
+        if len(deltas) == 1:
+            return deltas[0]
+        last = deltas[-1]
+        ids = tuple(token for delta in deltas for token in delta.token_ids)
+        return Delta("".join(d.text for d in deltas), ids, last.finish_reason, last.usage)
 
 
 @dataclass(frozen=True)

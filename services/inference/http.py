@@ -1,5 +1,5 @@
-"""The inference service's HTTP face on Ray's proxy: OpenAI routes to the deployments'
-handles, behind the mesh's service identity.
+"""The inference service's HTTP face on Ray's proxy: OpenAI routes to the chat replica
+it runs in and the embeddings deployment's handle, behind the mesh's service identity.
 
 The routes are a Starlette application like every other service's. Ray's proxy hands the
 ingress deployment a request and expects a response back, so :func:`asgi_response` runs
@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
+from typing import Any, Protocol
 
 from ray.serve.handle import DeploymentHandle
 from starlette.applications import Starlette
@@ -39,8 +39,23 @@ MAX_BODY_BYTES = 8 * 2**20
 BODY_TIMEOUT_S = 30.0
 
 
+class ChatBackend(Protocol):
+    """The generation calls the routes make, in the process that serves them (no handle
+    between: a token reaches the HTTP stream without another hop between actors)."""
+
+    async def chat(self, request: dict[str, Any]) -> dict[str, Any]: ...
+
+    def chat_stream(self, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]: ...
+
+    async def complete(self, request: dict[str, Any]) -> dict[str, Any]: ...
+
+    def complete_stream(self, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]: ...
+
+    async def models(self) -> dict[str, Any]: ...
+
+
 class HttpFrontend:
-    """OpenAI routes onto the chat and embeddings deployments' handles.
+    """OpenAI routes onto a chat backend and the embeddings deployment's handle.
 
     Every route needs a mesh service identity (``Authorization: Bearer <token>``, see
     :mod:`shared.service_auth`), checked before the body is read: generation and
@@ -53,7 +68,7 @@ class HttpFrontend:
 
     def __init__(
         self,
-        chat: DeploymentHandle[Any],
+        chat: ChatBackend,
         embeddings: DeploymentHandle[Any] | None,
         guard: ServiceGuard,
     ) -> None:
@@ -109,8 +124,8 @@ class HttpFrontend:
         async def generate(request: Request) -> Response:
             body = await _json(request)
             if isinstance(body, dict) and body.get("stream") is True:
-                return await _stream(getattr(self.chat.options(stream=True), stream_method), body)
-            return JSONResponse(await getattr(self.chat, method).remote(body))
+                return await _stream(getattr(self.chat, stream_method)(body))
+            return JSONResponse(await getattr(self.chat, method)(body))
 
         return generate
 
@@ -120,7 +135,7 @@ class HttpFrontend:
         return JSONResponse(await self.embeddings.embed.remote(await _json(request)))
 
     async def _models(self, request: Request) -> Response:
-        return JSONResponse(await self.chat.models.remote())
+        return JSONResponse(await self.chat.models())
 
 
 class InternalError(OpenAIError):
@@ -177,27 +192,22 @@ async def _json(request: Request) -> Any:
     return await read_json_body(request, MAX_BODY_BYTES, BODY_TIMEOUT_S)
 
 
-async def _stream(method: Any, body: dict[str, Any]) -> Response:
-    chunks = method.remote(body)
+async def _stream(chunks: AsyncGenerator[dict[str, Any], None]) -> Response:
     try:
-        first = await chunks.__anext__()  # request errors become a plain JSON error
+        first = await anext(chunks)  # request errors become a plain JSON error
     except StopAsyncIteration:
         first = None
 
     async def events() -> AsyncIterator[bytes]:
-        finished = False
         try:
             if first is not None:
                 yield _sse(first)
                 async for chunk in chunks:
                     yield _sse(chunk)
-            finished = True
         except Exception as error:
-            finished = True
             yield _sse(_error_body(error))
         finally:
-            if not finished:
-                chunks.cancel()  # the client went away
+            await chunks.aclose()  # the client went away: the generation stops
         yield _sse("[DONE]")
 
     return StreamingResponse(

@@ -1,13 +1,16 @@
 """The inference service as a Ray Serve application, speaking the OpenAI API.
 
-Three deployments (:func:`build_app`):
+Two deployments (:func:`build_app`):
 
-- :class:`ChatDeployment` holds one model version on a running :class:`Engine`;
-  ``chat`` / ``chat_stream`` / ``complete`` / ``complete_stream`` take OpenAI request
-  dicts through a ``DeploymentHandle`` and return OpenAI response (or chunk) dicts.
-- :class:`EmbeddingsDeployment` embeds with multilingual-e5-small (``embed``).
-- :class:`OpenAIIngress` is the HTTP face on Ray's proxy: ``POST /v1/chat/completions``,
-  ``/v1/completions`` (SSE when ``"stream": true``), ``/v1/embeddings``, ``GET /v1/models``.
+- :class:`ChatDeployment` holds one model version on a running :class:`Engine`, and is
+  the HTTP face on Ray's proxy: ``POST /v1/chat/completions``, ``/v1/completions`` (SSE
+  when ``"stream": true``), ``/v1/embeddings``, ``GET /v1/models``. Generation is served
+  in the replica that runs the engine, so a token crosses one actor hop (replica to
+  proxy) on its way out, not two. Through a ``DeploymentHandle`` it also takes
+  ``chat`` / ``chat_stream`` / ``complete`` / ``complete_stream`` with OpenAI request
+  dicts and returns OpenAI response (or chunk) dicts.
+- :class:`EmbeddingsDeployment` embeds with multilingual-e5-small (``embed``); the chat
+  replica's ``/v1/embeddings`` route calls it through a handle.
 
 The deployments only delegate: the OpenAI request/response handling is in
 :class:`ChatService` / :class:`EmbeddingService`, which know nothing of Ray.
@@ -60,21 +63,47 @@ EMBEDDINGS_DEPLOYMENT = "EmbeddingsDeployment"
 
 @serve.deployment
 class ChatDeployment:
-    """A replica serving one model version; see :class:`ChatService`."""
+    """A replica serving one model version (see :class:`ChatService`) and the HTTP routes
+    (see :class:`HttpFrontend`).
 
-    def __init__(self, settings: InferenceSettings) -> None:
-        if settings.torch_threads:
-            import torch
+    Each HTTP call is a SERVER span continuing the caller's trace (``traceparent``),
+    exported like every service's spans to the telemetry topic when a broker is reachable.
+    """
 
-            torch.set_num_threads(settings.torch_threads)
+    def __init__(
+        self,
+        settings: InferenceSettings,
+        embeddings: DeploymentHandle[Any] | None = None,
+        guard: ServiceGuard | None = None,
+    ) -> None:
+        # threads resolved here, in the replica: its node's CPUs, not the driver's
         self._service = ChatService(
             ModelRegistry(settings.registry_dir),
             settings.model_name,
-            settings.engine.engine_settings(),
+            settings.engine.engine_settings(threads=settings.engine_threads()),
             settings.quant,
             drain_timeout_s=settings.serve.reload_drain_timeout_s,
         )
         self._service.load_now(settings.model_version)
+        # no guard given: one of no caller, so every request is refused (never open)
+        self._frontend = HttpFrontend(self, embeddings, guard or ServiceGuard({}))
+        self._settings = settings
+        self._telemetry_task: asyncio.Task[None] | None = None
+
+    async def __call__(self, request: Request) -> Response:
+        from opentelemetry import propagate, trace
+
+        if self._telemetry_task is None:
+            self._telemetry_task = asyncio.create_task(_export_spans(self._settings))
+        if not self._telemetry_task.done():
+            # the first call waits (briefly) so that its own span is exported too
+            await asyncio.wait({self._telemetry_task}, timeout=5)
+        with trace.get_tracer("meshllm.inference").start_as_current_span(
+            f"{request.method} {request.url.path}",
+            context=propagate.extract(dict(request.headers)),
+            kind=trace.SpanKind.SERVER,
+        ):
+            return await self._frontend.handle(request)
 
     async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
         """Serve's ``user_config``: ``{"model_version": "..."}`` (null: the latest)."""
@@ -135,42 +164,6 @@ class EmbeddingsDeployment:
         return await self._service.embed(request)
 
 
-@serve.deployment
-class OpenAIIngress:
-    """The HTTP routes on Ray's proxy; see :class:`HttpFrontend`.
-
-    Each call is a SERVER span continuing the caller's trace (``traceparent``), exported
-    like every service's spans to the telemetry topic when a broker is reachable.
-    """
-
-    def __init__(
-        self,
-        chat: DeploymentHandle[Any],
-        embeddings: DeploymentHandle[Any] | None,
-        settings: InferenceSettings | None = None,
-        guard: ServiceGuard | None = None,
-    ) -> None:
-        # no guard given: one of no caller, so every request is refused (never open)
-        self._frontend = HttpFrontend(chat, embeddings, guard or ServiceGuard({}))
-        self._settings = settings
-        self._telemetry_task: asyncio.Task[None] | None = None
-
-    async def __call__(self, request: Request) -> Response:
-        from opentelemetry import propagate, trace
-
-        if self._telemetry_task is None and self._settings is not None:
-            self._telemetry_task = asyncio.create_task(_export_spans(self._settings))
-        if self._telemetry_task is not None and not self._telemetry_task.done():
-            # the first call waits (briefly) so that its own span is exported too
-            await asyncio.wait({self._telemetry_task}, timeout=5)
-        with trace.get_tracer("meshllm.inference").start_as_current_span(
-            f"{request.method} {request.url.path}",
-            context=propagate.extract(dict(request.headers)),
-            kind=trace.SpanKind.SERVER,
-        ):
-            return await self._frontend.handle(request)
-
-
 async def _export_spans(settings: InferenceSettings) -> None:
     """Install this replica's tracer provider, exporting spans to Kafka (best effort)."""
     from shared.bus.producer import Publisher
@@ -190,7 +183,7 @@ async def _export_spans(settings: InferenceSettings) -> None:
 
 
 def build_app(settings: InferenceSettings) -> serve.Application:
-    """The Serve application: the ingress, bound to the chat and embeddings deployments."""
+    """The Serve application: the chat deployment as the ingress, bound to the embeddings."""
     settings = settings.model_copy(update={"model_dir": settings.registry_dir.resolve()})
     s = settings.serve
     common: dict[str, Any] = {
@@ -199,7 +192,16 @@ def build_app(settings: InferenceSettings) -> serve.Application:
         "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s,
         "logging_config": {"enable_access_log": s.access_log},
     }
-    chat = ChatDeployment.options(  # type: ignore[attr-defined]
+    embeddings = None
+    if s.embeddings_replicas:
+        embeddings = EmbeddingsDeployment.options(  # type: ignore[attr-defined]
+            **common,
+            name=EMBEDDINGS_DEPLOYMENT,
+            num_replicas=s.embeddings_replicas,
+            max_ongoing_requests=s.embeddings_max_ongoing_requests,
+            ray_actor_options={"num_cpus": s.embeddings_num_cpus},
+        ).bind(settings)
+    app: serve.Application = ChatDeployment.options(  # type: ignore[attr-defined]
         **common,
         name=CHAT_DEPLOYMENT,
         **s.chat_scaling(),
@@ -212,21 +214,7 @@ def build_app(settings: InferenceSettings) -> serve.Application:
             else 0,
         },
         user_config={"model_version": settings.model_version},
-    ).bind(settings)
-    embeddings = None
-    if s.embeddings_replicas:
-        embeddings = EmbeddingsDeployment.options(  # type: ignore[attr-defined]
-            **common,
-            name=EMBEDDINGS_DEPLOYMENT,
-            num_replicas=s.embeddings_replicas,
-            max_ongoing_requests=s.embeddings_max_ongoing_requests,
-            ray_actor_options={"num_cpus": s.embeddings_num_cpus},
-        ).bind(settings)
-    app: serve.Application = OpenAIIngress.options(  # type: ignore[attr-defined]
-        **common,
-        ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=max(s.chat_max_ongoing_requests * 4, 256),
-    ).bind(chat, embeddings, settings, inference_guard(settings))
+    ).bind(settings, embeddings, inference_guard(settings))
     return app
 
 

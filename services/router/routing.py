@@ -1,8 +1,9 @@
 """Running one inference request: pool and replica choice, streaming, retry, replies, audit.
 
 Replies go to the request's ``reply_topic``, keyed by request id (one partition, in
-order): a :class:`ReplyChunk` per piece of text when the caller streams, then always
-one :class:`FinalReply`. A replica that fails (before or during its stream) is retried
+order): :class:`ReplyChunk` events of the text when the caller streams (the text that
+arrives while one is in flight goes into the next: :mod:`services.router.chunks`), then
+always one :class:`FinalReply`. A replica that fails (before or during its stream) is retried
 once on another replica of the pool; a redelivered request (after a router crash) runs
 again from the start. Each run names itself in its chunks (``run``) and numbers them
 from 0; the gateway continues a client's stream with a new run only while its text
@@ -25,6 +26,7 @@ import httpx
 from opentelemetry import trace
 
 from services.router import rag
+from services.router.chunks import ChunkStream, Send
 from services.router.pools import Pool, Pools, Replica
 from services.router.settings import RagConfig
 from services.router.upstream import (
@@ -313,31 +315,27 @@ class Router:
         self, request: ev.InferenceRequest, replica: Replica, reply_topic: Topic, outcome: _Outcome
     ) -> None:
         path, body = upstream_body(request)
-        run = uuid.uuid4().hex  # this attempt's chunks, told apart from any other run's
-        sequences: dict[int, int] = collections.defaultdict(int)
+        # this attempt's chunks, told apart from any other run's
+        chunks = ChunkStream(
+            self._chunk_sender(request, reply_topic), request.request_id, uuid.uuid4().hex
+        )
         finish: dict[int, str] = {}
         end = StreamEnd()
-        async for item in stream_generation(self._client, replica.url, path, body):
-            if isinstance(item, StreamEnd):
-                end = item
-                continue
-            piece: Piece = item
-            if piece.text:
-                outcome.texts[piece.index].append(piece.text)
-                if request.stream:
-                    chunk = ev.ReplyChunk(
-                        request_id=request.request_id,
-                        run=run,
-                        choice_index=piece.index,
-                        sequence=sequences[piece.index],
-                        delta=piece.text,
-                    )
-                    sequences[piece.index] += 1
-                    await self._publisher.enqueue(
-                        reply_topic, chunk, key=request.request_id, tenant=request.envelope.tenant
-                    )
-            if piece.finish_reason:
-                finish[piece.index] = piece.finish_reason
+        try:
+            async for item in stream_generation(self._client, replica.url, path, body):
+                if isinstance(item, StreamEnd):
+                    end = item
+                    continue
+                piece: Piece = item
+                if piece.text:
+                    outcome.texts[piece.index].append(piece.text)
+                    if request.stream:
+                        await chunks.add(piece.index, piece.text)
+                if piece.finish_reason:
+                    finish[piece.index] = piece.finish_reason
+            await chunks.close()  # the stream's chunks go before its final reply
+        finally:
+            chunks.cancel()  # a failed or cancelled run: what it did not publish is dropped
         reply = outcome.reply
         name, _, version = end.model.partition(":")
         reply.model = name or request.model
@@ -350,6 +348,14 @@ class Router:
             )
         reply.usage.prompt_tokens = int(end.usage.get("prompt_tokens", 0))
         reply.usage.completion_tokens = int(end.usage.get("completion_tokens", 0))
+
+    def _chunk_sender(self, request: ev.InferenceRequest, reply_topic: Topic) -> Send:
+        async def send(chunk: ev.ReplyChunk) -> asyncio.Future[Any]:
+            return await self._publisher.enqueue(
+                reply_topic, chunk, key=request.request_id, tenant=request.envelope.tenant
+            )
+
+        return send
 
     async def _embed(
         self, request: ev.InferenceRequest, replica: Replica, reply: ev.FinalReply

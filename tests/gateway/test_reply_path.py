@@ -183,7 +183,8 @@ def chat(max_tokens: int = 8, stream: bool = True, **extra: Any) -> dict[str, An
 async def stream(
     mesh: Mesh, body: dict[str, Any], *, tenant: str = "acme", stop_after: int | None = None
 ) -> Streamed:
-    """POST ``body`` and read its SSE; hang up after ``stop_after`` content chunks if set."""
+    """POST ``body`` and read its SSE; hang up once ``stop_after`` words of text came, if set
+    (the fake model's tokens are words; the router may send several in one chunk)."""
     headers = {"authorization": f"Bearer {mesh.keys[tenant]}"}
     async with (
         httpx.AsyncClient(timeout=60) as http,
@@ -210,7 +211,7 @@ async def stream(
                     seen.content_at.append(time.monotonic())
                 if choice["finish_reason"]:
                     seen.finish[choice["index"]] = choice["finish_reason"]
-            if stop_after is not None and len(seen.content_at) >= stop_after:
+            if stop_after is not None and len("".join(seen.text.values()).split()) >= stop_after:
                 return seen  # leaving the block closes the connection mid-stream
     return seen
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,7 +83,6 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
         data_dir=Path(models.parent),
         model_dir=models,
         model_version=DEFAULT_MODEL_VERSION,
-        torch_threads=2,
         embedding_threads=1,
         engine=EngineConfig(max_batch=8, max_seq_len=512),
         serve=ServeConfig(http_port=free_port(), chat_num_cpus=1, embeddings_num_cpus=0.5),
@@ -334,6 +334,16 @@ async def test_a_caller_that_hangs_up_frees_the_engine_slot(deployed: Deployed) 
     while (status := await deployed.chat.status.remote())["active"] or status["in_flight"]:
         assert asyncio.get_running_loop().time() < deadline, f"slot still taken: {status}"
         await asyncio.sleep(0.1)
+
+
+async def test_the_engine_runs_a_thread_per_cpu_whatever_ray_reserved(
+    deployed: Deployed,
+) -> None:
+    """The replica reserves 1 Ray CPU (so Ray sets OMP_NUM_THREADS=1 there), yet its
+    engine runs as many torch threads as the process may use CPUs."""
+    status = await deployed.chat.status.remote()
+    assert deployed.settings.serve.chat_num_cpus == 1
+    assert status["threads"] == len(os.sched_getaffinity(0))
 
 
 # The hot-update tests change the served version: keep them last.

@@ -199,13 +199,23 @@ class _Call:
 
 
 class StandInHandle:
-    """A Serve deployment handle's surface that :class:`HttpFrontend` uses (a test double)."""
+    """The embeddings deployment handle's surface that :class:`HttpFrontend` uses."""
 
     def __init__(self) -> None:
-        self.models = _Call({"object": "list", "data": [{"id": "m"}]})
-        self.chat = _Call({"object": "chat.completion", "choices": []})
-        self.complete = _Call({"object": "text_completion", "choices": []})
         self.embed = _Call({"object": "list", "data": []})
+
+
+class StandInChat:
+    """The chat backend :class:`HttpFrontend` serves generation from (a test double)."""
+
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": "m"}]}
+
+    async def chat(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"object": "chat.completion", "choices": []}
+
+    async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"object": "text_completion", "choices": []}
 
 
 @pytest.fixture
@@ -215,7 +225,7 @@ async def inference_api(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient
 
     tokens = {name: f"{name:x<64}" for name in ("gateway", "router", "retrieval", "audit")}
     guard = ServiceGuard.of_tokens(tokens)
-    front = HttpFrontend(StandInHandle(), StandInHandle(), guard)  # type: ignore[arg-type]
+    front = HttpFrontend(StandInChat(), StandInHandle(), guard)  # type: ignore[arg-type]
 
     async def endpoint(request: Request) -> Response:
         return await front.handle(request)

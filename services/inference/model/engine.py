@@ -46,6 +46,16 @@ from shared.logging import get_logger
 log = get_logger(__name__)
 
 
+def _use_threads(threads: int) -> None:
+    """Give torch ``threads`` threads on the calling thread (0: leave torch's setting).
+
+    Set on the worker thread itself: OpenMP keeps the thread count per thread, and a Ray
+    worker starts with OMP_NUM_THREADS set to its reserved CPUs (often 1).
+    """
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @dataclass(eq=False)
 class _Sequence:
     prompt: list[int]
@@ -87,6 +97,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.last_step_at = time.monotonic()
         self.steps = 0
+        self.threads = 0  # torch threads of the worker thread, once it runs
 
     @classmethod
     def launch(
@@ -101,6 +112,7 @@ class Engine:
 
         def main() -> None:
             try:
+                _use_threads(settings.threads)
                 engine = cls(build(), tokenizer, settings)
             except BaseException as error:
                 ready.put(error)
@@ -162,6 +174,9 @@ class Engine:
     async def stream(self, prompt: Sequence[int], params: SamplingParams) -> AsyncIterator[Delta]:
         """Generate for ``prompt`` token ids, yielding text as it is produced.
 
+        Each delta holds every token produced since the previous one was taken: one token
+        when the caller keeps up, several (never waiting for more) when it does not.
+
         Leaving the iteration early (the caller went away) cancels the sequence and
         frees its slot at the next token boundary.
         """
@@ -177,13 +192,25 @@ class Engine:
         with self._wake:
             self._waiting.append(sequence)
             self._wake.notify()
+        held: Delta | BaseException | None = None  # taken from the queue, not sent yet
         try:
             while True:
-                item = await sequence.queue.get()
+                item = held if held is not None else await sequence.queue.get()
+                held = None
                 if isinstance(item, BaseException):
                     raise item
-                yield item
-                if item.finish_reason is not None:
+                # every token already produced goes out now, as one delta: a consumer slower
+                # than the engine catches up in one step instead of one per token
+                ready = [item]
+                while ready[-1].finish_reason is None and not sequence.queue.empty():
+                    following = sequence.queue.get_nowait()
+                    if isinstance(following, BaseException):
+                        held = following
+                        break
+                    ready.append(following)
+                delta = Delta.joined(ready)
+                yield delta
+                if delta.finish_reason is not None:
                     return
         finally:
             if not sequence.done:
@@ -204,6 +231,8 @@ class Engine:
     # ----------------------------------------------------------------- worker side
 
     def _run(self) -> None:
+        _use_threads(self.settings.threads)
+        self.threads = torch.get_num_threads()
         while True:
             with self._wake:
                 while not (self._stopping or self._waiting or self._active):
