@@ -29,12 +29,15 @@ NAME = "inference"
 PROBE = {"prompt": "Hi", "max_tokens": 1, "temperature": 0}
 PROBE_INTERVAL_S = 15.0
 
-# A Ray started here keeps quiet when nothing happens: Serve's controller looks at its
-# deployments once a second, not ten times, and Ray's own metrics (which the mesh does not
-# read; each service exports its own) are neither kept nor pushed every 100 ms. With
-# Ray's defaults an idle replica set took ~10% of a core on two. Set any of these in the
-# environment to have Ray's default or another value back.
-QUIET_RAY_ENV = {
+# A Ray started here: its workers (the replicas, so the engine) run at normal priority,
+# not Ray's default niceness 15, under which any other process of the mesh, and the
+# client, pre-empted the engine's threads. And it keeps quiet when nothing happens:
+# Serve's controller looks at its deployments once a second, not ten times, and Ray's own
+# metrics (which the mesh does not read; each service exports its own) are neither kept
+# nor pushed every 100 ms; with Ray's defaults an idle replica set took ~10% of a core on
+# two. Set any of these in the environment to have Ray's default or another value back.
+RAY_ENV_DEFAULTS = {
+    "RAY_worker_niceness": "0",
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "5000",
     "RAY_enable_metrics_collection": "0",
@@ -100,7 +103,7 @@ def _start_ray(settings: InferenceSettings) -> None:
     if s.ray_address:
         ray.init(address=s.ray_address, namespace="meshllm")
     else:
-        for name, value in QUIET_RAY_ENV.items():
+        for name, value in RAY_ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)  # the local Ray's processes inherit them
         ray.init(num_cpus=s.ray_num_cpus, namespace="meshllm", include_dashboard=False)
     serve.start(http_options={"host": s.http_host, "port": s.http_port})
