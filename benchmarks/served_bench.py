@@ -27,6 +27,9 @@ a varied question); one-token request latency p50/p99 (``max_tokens: 1``, "Hi");
 mesh, the idle CPU of all its processes (broker, supervisor, each service and what it
 started, such as Ray) read from /proc over a window without traffic; failed requests.
 Then the targets, pass or fail. Results: ``benchmarks/results/served.md`` and ``served.png``.
+
+One module (~750 lines) for the load and the four systems that take it, which read best side
+by side; the figures, the targets and the report are in :mod:`benchmarks.served_results`.
 """
 
 from __future__ import annotations
@@ -715,6 +718,7 @@ async def main_async(args: argparse.Namespace) -> None:
             else:
                 result = await run_in_child(system, plan, progress, workdir)
             results.append(result)
+            write_results(results, plan, args, load_before)
             bar.remove_task(task)
             outcome = (
                 f"not measured ({result.failed[:200]})"
@@ -727,6 +731,15 @@ async def main_async(args: argparse.Namespace) -> None:
     console.print(rich_table("Served vs in process, same GGUF, same run", *table_rows(results)))
     goals = [t.row() for t in targets({r.system: r for r in results})]
     console.print(rich_table("Targets", ["target", "measured", "goal", "verdict"], goals))
+    write_results(results, plan, args, load_before)
+    console.print(f"wrote {RESULTS_DIR / 'served.md'} and served.png (logs in {workdir})")
+
+
+def write_results(
+    results: list[SystemResult], plan: Plan, args: argparse.Namespace, load_before: float
+) -> None:
+    """served.md and served.png for the systems measured so far (after each one, so a run
+    stopped half-way still leaves what it measured)."""
     command = COMMAND + (" --quick" if args.quick else "")
     if args.systems != ",".join(SYSTEMS):
         command += f" --systems {args.systems}"
@@ -734,7 +747,6 @@ async def main_async(args: argparse.Namespace) -> None:
     markdown = render_markdown(results, plan, command, context_lines(load_before))
     (RESULTS_DIR / "served.md").write_text(markdown)
     plot(results, RESULTS_DIR / "served.png")
-    console.print(f"wrote {RESULTS_DIR / 'served.md'} and served.png (logs in {workdir})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -122,7 +122,8 @@ class Target:
         return "pass" if passed else "FAIL"
 
     def row(self) -> list[str]:
-        measured = "—" if self.measured is None else f"{self.measured:.2f}{self.unit}"
+        digits = 2 if self.unit else 0  # a count has none
+        measured = "—" if self.measured is None else f"{self.measured:.{digits}f}{self.unit}"
         bound = f"{'<=' if self.at_most else '>='} {self.threshold:g}{self.unit}"
         return [self.label, measured, bound, self.verdict]
 
@@ -163,6 +164,13 @@ def targets(results: dict[str, SystemResult]) -> list[Target]:
             1.5,
         ),
         Target("idle mesh CPU", served.idle_cpu_pct, 5.0, at_most=True, unit="% of a core"),
+        Target(
+            "failed requests, all systems",
+            float(sum(r.errors for r in results.values())) if results else None,
+            0,
+            at_most=True,
+            unit="",
+        ),
     ]
 
 

@@ -100,6 +100,7 @@ def test_the_results_file_shows_the_figures_targets_and_failures() -> None:
     assert "not measured: llama-server build failed: cmake exited 1" in text
     assert "| served 16 streams / llama-server (16 slots) | — | >= 1.5x | not measured |" in text
     assert "| idle mesh CPU | 2.00% of a core | <= 5% of a core | pass |" in text
+    assert "| failed requests, all systems | 1 | <= 0 | FAIL |" in text
     assert "| inference | 1.50 |" in text
     assert "APIStatusError: 429" in text
     assert "- a line" in text
