@@ -238,7 +238,8 @@ def render_markdown(
         f"{plan.stream_tokens} tokens per stream at each concurrency (total tokens / wall "
         f"time); {plan.ttft_samples} cold and {plan.ttft_samples} cached prompts, one at a "
         f"time; {plan.one_token_samples} one-token requests; idle CPU over "
-        f"{plan.idle_window_s:.0f} s, {plan.idle_settle_s:.0f} s after the last request.",
+        f"{plan.idle_window_s:.0f} s, {plan.idle_settle_s:.0f} s after one request, before the "
+        "load.",
         "",
         markdown_table(headers, rows),
         "",
