@@ -125,6 +125,17 @@ bench-mesh *args:
     {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
     {{python}} -m benchmarks.mesh_bench {{args}}
 
+# The product as users run it: `meshllm up` through the gateway with the openai client, against
+# our engine in process, llama-cpp-python and llama.cpp's own server (continuous batching).
+# llama-server is built once into .bench-build/ from the installed llama-cpp-python's sources;
+# a failed build does not stop the run: the results say it failed.
+[group('bench')]
+bench-served *args:
+    {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
+    CMAKE_ARGS="{{llama_cpp_flags}}" {{python}} -m pip install --quiet llama-cpp-python
+    -{{python}} -m benchmarks.build_llama_server --cmake-args "{{llama_cpp_flags}}"
+    {{python}} -m benchmarks.served_bench {{args}}
+
 # Policy decision latency: regorus in process (ours) vs regopy, and over the OPA REST API.
 [group('bench')]
 bench-policy *args:

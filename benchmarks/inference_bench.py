@@ -42,9 +42,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.report import cpu_model, markdown_table, results_console, rich_table
+
+if TYPE_CHECKING:
+    from services.inference.generation import EngineSettings
+    from services.inference.model.engine import Engine
+    from services.inference.model.gguf_model import GgufModel
+    from services.inference.model.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THREADS = 2
@@ -120,23 +126,34 @@ def peak_rss_mb() -> float:
 # ------------------------------------------------------------------ ours
 
 
-def run_ours(mode: str, plan: Plan, *, block: bool | None = None) -> Result:
-    """Our engine in ``mode``; ``block=False`` puts int8/int4 on torch's kernels instead of
-    the block-quantized ones (``meshllm_kernels/cpu``) the service uses where they build."""
+def launch_engine(
+    mode: str, settings: EngineSettings, *, block: bool | None = None
+) -> tuple[Engine, Tokenizer, GgufModel]:
+    """Our engine on the bundled SmolLM2 GGUF in ``mode``, on :data:`THREADS` torch threads,
+    started and ready for :meth:`Engine.stream`; the caller stops it."""
     import torch
 
-    from services.inference.generation import EngineSettings, SamplingParams
     from services.inference.model.engine import Engine
     from services.inference.model.gguf_model import load_gguf, smollm2_path
     from services.inference.model.llama import Llama
-    from services.inference.model.quant import resolve_mode
     from services.inference.model.tokenizer import Tokenizer
 
     torch.set_num_threads(THREADS)
     gguf = load_gguf(smollm2_path())
     tokenizer = Tokenizer(gguf.tokenizer)
-    settings = EngineSettings(max_batch=16, max_seq_len=1024)
     engine = Engine.launch(lambda: Llama(gguf, mode, block=block), tokenizer, settings)
+    return engine, tokenizer, gguf
+
+
+def run_ours(mode: str, plan: Plan, *, block: bool | None = None) -> Result:
+    """Our engine in ``mode``; ``block=False`` puts int8/int4 on torch's kernels instead of
+    the block-quantized ones (``meshllm_kernels/cpu``) the service uses where they build."""
+    from services.inference.generation import EngineSettings, SamplingParams
+    from services.inference.model.quant import resolve_mode
+
+    engine, tokenizer, gguf = launch_engine(
+        mode, EngineSettings(max_batch=16, max_seq_len=1024), block=block
+    )
     prompts = [
         tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": q}])) for q in QUESTIONS
     ]
