@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -108,6 +109,29 @@ async def _merge(model: LoadedModel, jobs: list[_Job]) -> AsyncGenerator[tuple[i
 # --------------------------------------------------------------------------- chat service
 
 
+async def paced(
+    deltas: AsyncIterator[tuple[int, Delta]], interval_s: float
+) -> AsyncGenerator[tuple[int, Delta], None]:
+    """``deltas`` with each choice's first one at once and the rest gathered, so that a
+    choice sends at most one delta per ``interval_s``; a finish goes out at once with what
+    was held. Every hop after the replica (HTTP, the router, Kafka, the gateway, the client)
+    then pays per chunk, not per token; at 40 ms a reader sees 25 updates a second."""
+    held: dict[int, list[Delta]] = {}
+    sent_at: dict[int, float] = {}
+    async for index, delta in deltas:
+        waiting = held.setdefault(index, [])
+        waiting.append(delta)
+        now = time.monotonic()
+        last = sent_at.get(index)
+        if delta.finish_reason is not None or last is None or now - last >= interval_s:
+            yield index, Delta.joined(waiting)
+            held[index] = []
+            sent_at[index] = now
+    for index, waiting in held.items():
+        if waiting:
+            yield index, Delta.joined(waiting)
+
+
 class ChatService:
     """Serves one model name from a registry, one version at a time, OpenAI-style.
 
@@ -123,8 +147,10 @@ class ChatService:
         *,
         verify: bool = True,
         drain_timeout_s: float = 600.0,
+        stream_interval_s: float = 0.0,
     ) -> None:
         self.registry = registry
+        self.stream_interval_s = stream_interval_s
         self.model_name = model_name
         self.engine_settings = engine_settings
         self.quant = quant
@@ -378,7 +404,10 @@ class ChatService:
             if kind == "chat":
                 for job in plan.jobs:
                     yield shaper.chunk(job.index, "", role=True)
-            async with contextlib.aclosing(_merge(model, plan.jobs)) as deltas:
+            async with (
+                contextlib.aclosing(_merge(model, plan.jobs)) as merged,
+                contextlib.aclosing(paced(merged, self.stream_interval_s)) as deltas,
+            ):
                 async for index, delta in deltas:
                     if delta.text:
                         yield shaper.chunk(index, delta.text)

@@ -83,6 +83,7 @@ class ChatDeployment:
             settings.engine.engine_settings(threads=settings.engine_threads()),
             settings.quant,
             drain_timeout_s=settings.serve.reload_drain_timeout_s,
+            stream_interval_s=settings.stream_interval_ms / 1000,
         )
         self._service.load_now(settings.model_version)
         # no guard given: one of no caller, so every request is refused (never open)

@@ -215,6 +215,15 @@ class InferenceSettings(MeshSettings):
         "(`serve.chat_num_cpus`) nor the OMP_NUM_THREADS Ray sets from them. Set it where a "
         "CPU quota (not a cpuset) limits the container, or to leave cores to other work.",
     )
+    stream_interval_ms: float = Field(
+        40.0,
+        ge=0,
+        le=1000,
+        description="A stream's first text goes out at once; later tokens are gathered so "
+        "that each choice sends at most one chunk per interval (40 ms: 25 a second, smooth to "
+        "a reader, and every hop after the engine pays per chunk instead of per token). "
+        "0 sends every token as it comes.",
+    )
     embedding_threads: int = Field(
         1,
         ge=0,

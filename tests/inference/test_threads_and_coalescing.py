@@ -3,7 +3,9 @@ together: as one delta, with the same text and token ids, and never later than o
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import AsyncIterator
 
 import pytest
 import torch
@@ -99,3 +101,53 @@ async def test_a_reader_that_keeps_up_gets_each_token_at_once(
     # (loosely counted: a loaded machine may let two pile up now and then)
     assert sum(len(d.token_ids) for d in deltas) == GREEDY.max_tokens
     assert len(deltas) > GREEDY.max_tokens // 2
+
+
+# ------------------------------------------------------------------ pacing streams
+
+
+async def _paced_from(
+    items: list[tuple[int, Delta]], interval_s: float, gap_s: float = 0.0
+) -> list[tuple[int, Delta]]:
+    from services.inference.chat import paced
+
+    async def source() -> AsyncIterator[tuple[int, Delta]]:
+        for item in items:
+            yield item
+            await asyncio.sleep(gap_s)
+
+    return [item async for item in paced(source(), interval_s)]
+
+
+def _token(text: str, finish: str | None = None) -> Delta:
+    return Delta(text, (len(text),), finish, None)
+
+
+async def test_a_paced_stream_sends_the_first_text_at_once_and_gathers_the_rest() -> None:
+    items = [(0, _token(word)) for word in ("a", "b", "c", "d")] + [(0, _token("e", "stop"))]
+    out = await _paced_from(items, interval_s=60.0)
+    assert [delta.text for _, delta in out] == ["a", "bcde"]
+    assert out[-1][1].finish_reason == "stop"
+    assert out[-1][1].token_ids == (1, 1, 1, 1)
+
+
+async def test_pacing_keeps_each_choice_apart_and_loses_nothing() -> None:
+    items = [(i % 2, _token(str(i))) for i in range(9)]
+    out = await _paced_from(items, interval_s=60.0)
+    for index in (0, 1):
+        text = "".join(d.text for i, d in out if i == index)
+        assert text == "".join(str(i) for i in range(9) if i % 2 == index)
+    assert next(d.text for i, d in out if i == 0) == "0"  # first of each choice at once
+    assert next(d.text for i, d in out if i == 1) == "1"
+
+
+async def test_no_interval_sends_every_token() -> None:
+    items = [(0, _token(word)) for word in ("a", "b", "c")]
+    out = await _paced_from(items, interval_s=0.0)
+    assert [delta.text for _, delta in out] == ["a", "b", "c"]
+
+
+async def test_tokens_slower_than_the_interval_are_not_held() -> None:
+    items = [(0, _token(word)) for word in ("a", "b", "c")]
+    out = await _paced_from(items, interval_s=0.001, gap_s=0.01)
+    assert [delta.text for _, delta in out] == ["a", "b", "c"]
