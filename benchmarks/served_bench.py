@@ -506,12 +506,11 @@ def served_context() -> str:
     from shared.settings import load_settings
 
     s = load_settings(InferenceSettings)
-    threads = (
-        s.torch_threads or f"0 (Ray's default: the replica's num_cpus, {s.serve.chat_num_cpus:g})"
-    )
+    threads = s.torch_threads or f"{s.engine_threads()} (the CPUs the replica may use)"
     return (
         f"torch threads of the chat replica: {threads}; quant {s.quant}; engine max_batch "
-        f"{s.engine.max_batch}, pool max_concurrency 32 (defaults)"
+        f"{s.engine.max_batch}; streams paced at {s.stream_interval_ms:g} ms; pool "
+        "max_concurrency 32 (defaults)"
     )
 
 
