@@ -204,9 +204,17 @@ class OpenAIBackend:
     """An OpenAI-compatible server (the gateway, llama-server) through the official client."""
 
     def __init__(self, base_url: str, api_key: str, model: str) -> None:
+        import httpx
         from openai import AsyncOpenAI
 
-        self.client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600)
+        # idle connections are dropped before a server drops them (llama-server's HTTP
+        # library closes them after 5 s): reusing one it closed fails the next request
+        pool = httpx.AsyncClient(
+            timeout=600, limits=httpx.Limits(max_connections=256, keepalive_expiry=2.0)
+        )
+        self.client = AsyncOpenAI(
+            base_url=base_url, api_key=api_key, max_retries=0, timeout=600, http_client=pool
+        )
         self.model = model
         self.concurrency = CONCURRENCY
 
