@@ -109,7 +109,7 @@ def request_hops(spans: Sequence[SpanRecord]) -> dict[str, float] | None:
     ):
         return None
     ms = 1e-6
-    return {
+    hops = {
         "admission": (published.start_ns - root.start_ns) * ms,
         "request_hop": (handled.start_ns - published.start_ns) * ms,
         "to_replica": (call.start_ns - handled.start_ns) * ms,
@@ -119,6 +119,10 @@ def request_hops(spans: Sequence[SpanRecord]) -> dict[str, float] | None:
         "answer": (root.end_ns - received.start_ns) * ms,
         "total": (root.end_ns - root.start_ns) * ms,
     }
+    if root.end_ns < received.start_ns:
+        # a stream: the gateway's span ends when the response starts, before the reply
+        del hops["answer"], hops["total"]
+    return hops
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -249,3 +250,56 @@ async def test_forged_wake_ups_neither_lose_nor_duplicate_events(
     finally:
         await producer.stop()
         await consumer_bus.stop()
+
+
+async def test_a_datagram_carries_every_partition_of_a_turn(tmp_path: Path) -> None:
+    listener = WakeListener(tmp_path, ["topic.a"], forget_after_s=30)
+    listener.open()
+    waker = Waker(tmp_path)
+    try:
+        sleeper = asyncio.create_task(listener.sleep(30))
+        await asyncio.sleep(0)
+        for partition in range(12):  # more than a socket's datagram queue holds
+            waker.announce("topic.a", partition, 100 + partition)
+        async with asyncio.timeout(5):
+            await sleeper
+        for partition in range(12):
+            tp = TopicPartition("topic.a", partition)
+            assert listener.behind({tp: 100 + partition})
+            assert not listener.behind({tp: 101 + partition})
+    finally:
+        listener.close()
+        waker.close()
+
+
+async def test_a_busy_consumer_still_gets_the_last_announcement(tmp_path: Path) -> None:
+    folder = tmp_path / "topic.a"
+    folder.mkdir()
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # bound, not read for a while
+    busy.bind(str(folder / "busy.sock"))
+    busy.setblocking(False)
+    waker = Waker(tmp_path)
+    try:
+        queue = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+        last = queue + 20
+        for offset in range(last + 1):  # one turn each: more datagrams than its queue holds
+            waker.announce("topic.a", 0, offset)
+            await asyncio.sleep(0)
+        received = []
+        while True:  # the consumer gets round to reading ...
+            try:
+                received.append(busy.recv(64))
+            except BlockingIOError:
+                break
+        await asyncio.sleep(0.05)  # ... and the announcement it missed is sent again
+        while True:
+            try:
+                received.append(busy.recv(64))
+            except BlockingIOError:
+                break
+        offsets = [struct.unpack(">iq", payload)[1] for payload in received]
+        assert len(offsets) < last + 1  # the queue was full: not every datagram got there
+        assert max(offsets) == last
+    finally:
+        busy.close()
+        waker.close()

@@ -53,6 +53,7 @@ DLQ_HEADER_PREFIX = "meshllm-dlq-"
 WAKE_FETCH_MAX_WAIT_MS = 1
 WAKE_FETCH_WAIT_MS = 5
 WAKE_IDLE_LOOK_MS = 5
+WAKE_IDLE_LOOK_LIMIT_S = 2.0
 
 kafka_compat.install()
 
@@ -238,8 +239,20 @@ class Subscriber:
             consumer.resume(*(tp for tp in awake if tp in assigned))
         if woken:
             return batch
-        # the idle poll: one short look for records nobody announced, then asleep again
-        return await consumer.getmany(timeout_ms=WAKE_IDLE_LOOK_MS, max_records=max_records)
+        # the idle poll: look for records nobody announced until a fetch made after
+        # resuming has answered (a busy machine may take longer than one short look)
+        resumed_ms = int(time.time() * 1000)
+        deadline = time.monotonic() + WAKE_IDLE_LOOK_LIMIT_S
+        while True:
+            batch = await consumer.getmany(timeout_ms=WAKE_IDLE_LOOK_MS, max_records=max_records)
+            assigned = consumer.assignment()
+            answered = all(
+                (consumer.last_poll_timestamp(tp) or 0) >= resumed_ms
+                for tp in awake
+                if tp in assigned
+            )
+            if batch or answered or time.monotonic() > deadline or self._stopping.is_set():
+                return batch
 
     async def _run(self) -> None:
         consumer = self._consumer

@@ -42,7 +42,10 @@ from shared.settings import MeshSettings
 
 log = get_logger(__name__)
 
-_HINT = struct.Struct(">iq")  # partition, offset
+_HINT = struct.Struct(">iq")  # partition, offset; a datagram holds one or more
+_MAX_PARTITIONS_PER_DATAGRAM = 256
+_RESEND_AFTER_S = 0.002
+_RESENDS = 5
 _MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes on Linux, fewer elsewhere
 
 
@@ -78,8 +81,10 @@ def _not_private(path: Path) -> str | None:
 class Waker:
     """The producer side: announce acknowledged records to the topic's sleeping consumers.
 
-    Announcements made in one turn of the event loop go out together, one datagram per
-    partition (its highest offset) per consumer socket.
+    Announcements made in one turn of the event loop go out together: one datagram per
+    consumer socket, holding each partition's highest offset. A socket whose queue is
+    full (its consumer is busy) is sent the announcement again a little later, a few
+    times, so the last records of a burst are not left to the idle poll.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -87,6 +92,7 @@ class Waker:
         self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._socket.setblocking(False)
         self._pending: dict[str, dict[int, int]] = {}
+        self._resend: dict[tuple[str, str], tuple[bytes, int]] = {}
         self._scheduled = False
         self._listings: dict[str, tuple[int, list[str]]] = {}
 
@@ -106,27 +112,31 @@ class Waker:
         self._scheduled = False
         pending, self._pending = self._pending, {}
         for topic, offsets in pending.items():
-            payloads = [_HINT.pack(p, o) for p, o in offsets.items()]
+            items = list(offsets.items())[:_MAX_PARTITIONS_PER_DATAGRAM]
+            payload = b"".join(_HINT.pack(p, o) for p, o in items)
             for name in self._listeners(topic):
                 path = str(self._directory / topic / name)
-                for payload in payloads:
-                    if not self._send(path, payload):
-                        break
+                self._resend.pop((topic, path), None)  # this one is newer
+                self._send(topic, path, payload, _RESENDS)
 
-    def _send(self, path: str, payload: bytes) -> bool:
+    def _send(self, topic: str, path: str, payload: bytes, resends: int) -> None:
         try:
             self._socket.sendto(payload, path)
         except BlockingIOError:
-            return False  # its queue is full: it has wake-ups enough to read
+            if resends > 0:  # its queue is full: the consumer is busy; try again shortly
+                self._resend[(topic, path)] = (payload, resends - 1)
+                asyncio.get_running_loop().call_later(_RESEND_AFTER_S, self._retry, topic, path)
         except (ConnectionRefusedError, FileNotFoundError):
             # nobody is bound there any more (a consumer that died): tidy it away
             with contextlib.suppress(OSError):
                 os.unlink(path)
-            return False
         except OSError as error:
             log.debug("wake-up not sent", path=path, error=str(error))
-            return False
-        return True
+
+    def _retry(self, topic: str, path: str) -> None:
+        queued = self._resend.pop((topic, path), None)
+        if queued is not None and self._socket.fileno() != -1:  # not closed since
+            self._send(topic, path, *queued)
 
     def _listeners(self, topic: str) -> list[str]:
         folder = self._directory / topic
@@ -228,16 +238,14 @@ class WakeListener:
         now = time.monotonic()
         while True:
             try:
-                payload = sock.recv(64)
-            except (BlockingIOError, InterruptedError):
+                payload = sock.recv(_HINT.size * _MAX_PARTITIONS_PER_DATAGRAM)
+            except OSError:  # BlockingIOError: all read
                 break
-            except OSError:
-                break
-            if len(payload) != _HINT.size:
+            if not payload or len(payload) % _HINT.size:
                 continue
-            partition, offset = _HINT.unpack(payload)
-            tp = TopicPartition(topic, partition)
-            known = self._announced.get(tp)
-            if known is None or offset > known[0]:
-                self._announced[tp] = (offset, now)
+            for partition, offset in _HINT.iter_unpack(payload):
+                tp = TopicPartition(topic, partition)
+                known = self._announced.get(tp)
+                if known is None or offset > known[0]:
+                    self._announced[tp] = (offset, now)
         self._woken.set()

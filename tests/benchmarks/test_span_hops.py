@@ -67,3 +67,19 @@ def test_the_collector_keeps_whole_traces_of_the_windows_only() -> None:
     kept = collector.within([(50 * MS, 200 * MS)])
     assert {s.trace_id for s in kept} == {b"in" * 8}
     assert len(kept) == 9
+
+
+def test_a_streams_trace_has_no_answer_hop() -> None:
+    # the gateway's span of a stream ends when the response starts, before the reply
+    spans = [
+        SpanRecord(s.service, s.name, s.kind, s.trace_id, s.start_ns, 5 * MS)
+        if s.kind == SERVER_KIND
+        else s
+        for s in trace(b"s" * 16, 0)
+    ]
+    rows, complete = breakdown(spans)
+    hops = {row.hop for row in rows}
+    assert complete == 1
+    assert "bus: reply publish -> gateway handler" in hops
+    assert "gateway: reply -> answer (response record durable)" not in hops
+    assert "whole trace (gateway span)" not in hops
