@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from benchmarks.build_llama_server import read_status
-from benchmarks.inference_bench import THREADS
+from benchmarks.inference_bench import QUESTIONS, THREADS
 from benchmarks.report import machine_lines, package_version, results_console, rich_table
 from benchmarks.served_results import (
     CONCURRENCY,
@@ -79,16 +79,6 @@ DECODE_PROMPT = (
     "Write a long and detailed essay about the history of the Roman Empire, from the "
     "founding of Rome to the fall of Constantinople, with a section for every century."
 )
-QUESTIONS = [
-    "What is the capital of France?",
-    "Explain photosynthesis in two sentences.",
-    "Write a haiku about the sea.",
-    "Name three programming languages.",
-    "What is 17 times 23?",
-    "Give me a tip for better sleep.",
-    "Who wrote Hamlet?",
-    "What is the boiling point of water?",
-]
 WORDS = [
     "river", "mountain", "ledger", "harbor", "lantern", "orchard", "copper", "meadow", "signal",
     "quarry", "violet", "timber", "compass", "glacier", "market", "thunder", "archive", "saddle",
