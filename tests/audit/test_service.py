@@ -394,12 +394,16 @@ async def kafka_checkpoints(
 
 
 async def checkpointed_proof(audit: AuditProcess, event_id: str, **params: str) -> dict[str, Any]:
-    """The record's proof, once a checkpoint covers it (409 until then)."""
+    """The record's proof, once a checkpoint covers it (409 until then; 404 while the
+    service has not yet stored a record just published)."""
 
     async def proof() -> dict[str, Any] | None:
         reply = await audit.get(f"/v1/audit/records/{event_id}/proof", **params)
         if reply.status_code == 409:
             assert reply.json()["error"]["code"] == "not_checkpointed_yet"
+            return None
+        if reply.status_code == 404:
+            assert reply.json()["error"]["code"] == "not_found"
             return None
         assert reply.status_code == 200, reply.text[:500]
         body: dict[str, Any] = reply.json()
