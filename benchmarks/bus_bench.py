@@ -178,7 +178,7 @@ async def bus_link(
 ) -> AsyncIterator[Send]:
     """Our bus: envelope, trace headers, SQLite dedup, commit per batch; with local
     wake-ups (the default on this broker) or polling every 5 ms."""
-    settings = env.settings() if local_wakeup else env.settings(local_wakeup=False)
+    settings = env.settings(local_wakeup=local_wakeup)
     bus = Bus(settings, service="bench-latency")
 
     async def handle(_event: ev.FeedbackEvent, ctx: EventContext) -> None:
@@ -586,8 +586,8 @@ async def measure_idle(
     """
     subscribers = 0 if fetch_max_wait_ms is None and not local_wakeup else IDLE_SUBSCRIBERS
     if local_wakeup:
-        label = f"idle broker, {subscribers} subscribers, local wake-ups (default)"
-        settings = env.settings()
+        label = f"idle broker, {subscribers} subscribers, local wake-ups"
+        settings = env.settings(local_wakeup=True)
     elif fetch_max_wait_ms is None:
         label = "idle broker, no subscribers"
         settings = env.settings()

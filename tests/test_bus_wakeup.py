@@ -28,9 +28,9 @@ from tests.conftest import poll_until
 # ------------------------------------------------------------------------- unit
 
 
-def test_wake_ups_follow_the_mode_and_the_setting(tmp_path: Path) -> None:
-    embedded = MeshSettings(data_dir=tmp_path)
-    assert embedded.local_wakeup
+def test_wake_ups_follow_the_setting(tmp_path: Path) -> None:
+    assert not MeshSettings(data_dir=tmp_path).local_wakeup  # off unless asked for, for now
+    assert MeshSettings(data_dir=tmp_path, bus={"local_wakeup": True}).local_wakeup
     cluster = MeshSettings(mode=Mode.CLUSTER, data_dir=tmp_path, bus={"require_signed": False})
     assert not cluster.local_wakeup
     assert wake_directory(cluster) is None
@@ -39,7 +39,10 @@ def test_wake_ups_follow_the_mode_and_the_setting(tmp_path: Path) -> None:
 
 
 def test_the_directory_is_private_to_this_user(tmp_path: Path) -> None:
-    directory = wake_directory(MeshSettings(data_dir=tmp_path, kafka={"bootstrap": "127.0.0.1:1"}))
+    settings = MeshSettings(
+        data_dir=tmp_path, kafka={"bootstrap": "127.0.0.1:1"}, bus={"local_wakeup": True}
+    )
+    directory = wake_directory(settings)
     assert directory is not None
     for path in (directory, directory.parent):
         assert path.stat().st_uid == os.getuid()
@@ -56,7 +59,9 @@ def test_a_directory_open_to_others_turns_wake_ups_off(
     base = tmp_path / f"meshllm-{os.getuid()}"
     base.mkdir(mode=0o777)
     base.chmod(0o777)  # someone else could plant sockets here
-    settings = MeshSettings(data_dir=tmp_path, kafka={"bootstrap": "127.0.0.1:2"})
+    settings = MeshSettings(
+        data_dir=tmp_path, kafka={"bootstrap": "127.0.0.1:2"}, bus={"local_wakeup": True}
+    )
     assert wake_directory(settings) is None
     base.chmod(0o700)
     assert wake_directory(settings) is not None
@@ -71,7 +76,8 @@ def test_a_symlinked_directory_turns_wake_ups_off(
     target = tmp_path / "elsewhere"
     target.mkdir(mode=0o700)
     (tmp_path / f"meshllm-{os.getuid()}").symlink_to(target)
-    assert wake_directory(MeshSettings(data_dir=tmp_path)) is None
+    settings = MeshSettings(data_dir=tmp_path, bus={"local_wakeup": True})
+    assert wake_directory(settings) is None
 
 
 async def test_announcements_reach_the_listener_and_are_forgotten_once_read(

@@ -226,8 +226,11 @@ class Subscriber:
         paused = consumer.paused()
         awake = [tp for tp in consumer.assignment() if tp not in paused]
         positions = {tp: await consumer.position(tp) for tp in awake}
-        if wake.behind(positions):
-            # announced but not here yet: wait for the fetch that brings it
+        # behind the log end the last fetch saw (a backlog from before this consumer
+        # started, or records nobody announced), or told of records not here yet
+        lagging = any((consumer.highwater(tp) or 0) > pos for tp, pos in positions.items())
+        if lagging or wake.behind(positions):
+            # wait for the fetch that brings them
             return await consumer.getmany(
                 timeout_ms=min(timeout_ms, WAKE_FETCH_WAIT_MS), max_records=max_records
             )

@@ -59,7 +59,7 @@ async def test_streamed_chunks_arrive_as_they_are_made(mesh: Mesh) -> None:
                 arrivals.append(time.monotonic())
                 text.append(choice.delta.content)
             finish = choice.finish_reason or finish
-    assert len(text) >= 20
+    assert len(text) >= 4  # at most one chunk per stream interval (100 ms) after the first
     assert finish == "length"
     assert usage is not None
     assert usage.completion_tokens == 48
