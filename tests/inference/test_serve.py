@@ -132,7 +132,7 @@ async def test_streaming_gives_the_same_text_in_pieces(deployed: Deployed) -> No
     assert len({c["id"] for c in chunks}) == 1
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     pieces = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
-    assert len(pieces) >= 3
+    assert len(pieces) >= 2  # paced: the first text at once, then one chunk per 100 ms
     assert content_of(chunks) == whole["choices"][0]["message"]["content"]
     assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
     assert chunks[-1]["choices"] == []
