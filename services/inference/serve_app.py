@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from ray import serve
@@ -129,7 +129,7 @@ class ChatDeployment:
     async def chat(self, request: dict[str, Any]) -> dict[str, Any]:
         return await self._service.chat(request)
 
-    async def chat_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def chat_stream(self, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         async with contextlib.aclosing(self._service.chat_stream(request)) as chunks:
             async for chunk in chunks:
                 yield chunk
@@ -137,7 +137,7 @@ class ChatDeployment:
     async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
         return await self._service.complete(request)
 
-    async def complete_stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def complete_stream(self, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         async with contextlib.aclosing(self._service.complete_stream(request)) as chunks:
             async for chunk in chunks:
                 yield chunk

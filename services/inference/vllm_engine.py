@@ -355,6 +355,8 @@ class VllmEngine:
                 yield item
                 if item.finish_reason is not None:
                     finished = True
+                    # the request's bookkeeping (active/waiting) settles before the stream ends
+                    await asyncio.wrap_future(request)
                     return
         finally:
             if not finished:

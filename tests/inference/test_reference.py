@@ -64,8 +64,12 @@ async def test_tokens_and_greedy_output_match_transformers(
     assert len(produced) == len(expected)
 
 
-NEAR_TIE = 0.25
-"""Logits apart in the reference within which int4 arithmetic may pick the other token."""
+NEAR_TIE = 0.5
+"""Logits apart in the reference within which int4 arithmetic may pick the other token.
+
+Teacher-forced on these prompts' reference answers, int4 moves the gap between the
+reference's two best tokens by 0.09 logits at the median, 0.39 at p99 and 0.43 at most
+(158 steps), so a flip at a 0.27 gap is int4's ordinary error, not a defect."""
 
 
 @pytest.fixture(scope="module")
