@@ -137,7 +137,9 @@ class ChatDeployment:
     async def complete(self, request: dict[str, Any]) -> dict[str, Any]:
         return await self._service.complete(request)
 
-    async def complete_stream(self, request: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    async def complete_stream(
+        self, request: dict[str, Any]
+    ) -> AsyncGenerator[dict[str, Any], None]:
         async with contextlib.aclosing(self._service.complete_stream(request)) as chunks:
             async for chunk in chunks:
                 yield chunk
