@@ -134,9 +134,8 @@ class BusSettings(BaseModel):
         None,
         description="Producers on this machine wake the consumers of a topic after each "
         "acknowledged write, so idle consumers sleep instead of polling the broker (see "
-        "shared/bus/wakeup.py). Unset: off for now (a consumer restarted behind a backlog "
-        "drained it too slowly in the suite); true is meant for the embedded broker, which "
-        "does not wake waiting fetches; Apache Kafka does.",
+        "shared/bus/wakeup.py). Unset: on with the embedded broker, which does not wake "
+        "waiting fetches, off with Apache Kafka, which does.",
     )
     idle_poll_ms: int = Field(
         1000,
@@ -204,7 +203,9 @@ class MeshSettings(BaseSettings):
     @property
     def local_wakeup(self) -> bool:
         """Whether producers announce writes and idle consumers sleep until told."""
-        return bool(self.bus.local_wakeup)
+        if self.bus.local_wakeup is None:
+            return self.mode is Mode.EMBEDDED
+        return self.bus.local_wakeup
 
     @property
     def fetch_max_wait_ms(self) -> int:

@@ -29,7 +29,7 @@ from tests.conftest import poll_until
 
 
 def test_wake_ups_follow_the_setting(tmp_path: Path) -> None:
-    assert not MeshSettings(data_dir=tmp_path).local_wakeup  # off unless asked for, for now
+    assert MeshSettings(data_dir=tmp_path).local_wakeup  # on with the embedded broker
     assert MeshSettings(data_dir=tmp_path, bus={"local_wakeup": True}).local_wakeup
     cluster = MeshSettings(mode=Mode.CLUSTER, data_dir=tmp_path, bus={"require_signed": False})
     assert not cluster.local_wakeup
