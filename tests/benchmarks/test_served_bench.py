@@ -114,7 +114,6 @@ def test_a_result_survives_the_trip_from_a_worker_process() -> None:
 
 
 def test_the_plot_is_written(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     from benchmarks.served_results import plot
 
     path = tmp_path / "served.png"
