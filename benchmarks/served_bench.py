@@ -556,7 +556,10 @@ async def run_llama_server(plan: Plan, progress: ProgressFn, workdir: Path) -> S
     argv = [build.binary, "--model", str(smollm2_path()), "--host", "127.0.0.1",
             "--port", str(port), "--threads", str(THREADS), "--threads-batch", str(THREADS),
             "--parallel", str(SERVER_SLOTS), "--ctx-size", str(SERVER_SLOTS * SLOT_CONTEXT),
-            "--cont-batching"]  # fmt: skip
+            "--cont-batching",
+            # an HTTP thread for each of up to 64 clients (its default is slots + 2), so every
+            # client is read at once and waits for a slot inside the server
+            "--threads-http", str(max(CONCURRENCY) + 8)]  # fmt: skip
     server = spawn(argv, log_path)
     try:
         progress("starting llama-server", 0, 1)
