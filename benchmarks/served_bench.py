@@ -56,6 +56,7 @@ from benchmarks.report import machine_lines, package_version, results_console, r
 from benchmarks.served_results import (
     CONCURRENCY,
     LABELS,
+    LOAD_STREAMS,
     QUICK,
     SERVER_SLOTS,
     SYSTEMS,
@@ -146,8 +147,16 @@ ProgressFn = Callable[[str, int, int], None]
 T = TypeVar("T")
 
 
-async def measure(backend: Backend, plan: Plan, progress: ProgressFn, result: SystemResult) -> None:
-    """Every measurement of one system, in order; failed requests are counted, never raised."""
+async def measure(
+    backend: Backend,
+    plan: Plan,
+    progress: ProgressFn,
+    result: SystemResult,
+    roots: dict[int, str] | None = None,
+) -> None:
+    """Every measurement of one system, in order; failed requests are counted, never raised.
+    With ``roots`` (pid -> process group), the groups' CPU is read over the
+    ``LOAD_STREAMS``-stream phase too."""
 
     async def guarded(call: Awaitable[T]) -> T | None:
         result.requests += 1
@@ -183,10 +192,14 @@ async def measure(backend: Backend, plan: Plan, progress: ProgressFn, result: Sy
     for streams in backend.concurrency:
         progress(f"{streams} concurrent streams", 0, 1)
         started = time.perf_counter()
+        before = proc_table() if roots and streams == LOAD_STREAMS else None
         samples = await asyncio.gather(
             *(guarded(backend.stream(stream_prompt(i), plan.stream_tokens)) for i in range(streams))
         )
         elapsed = time.perf_counter() - started
+        if before is not None and roots:
+            ticks_per_s = os.sysconf("SC_CLK_TCK")
+            result.load_breakdown = cpu_by_group(before, proc_table(), roots, elapsed, ticks_per_s)
         result.aggregate_tps[streams] = sum(s.tokens for s in samples if s) / elapsed
 
 
@@ -530,7 +543,7 @@ async def run_served(plan: Plan, progress: ProgressFn, workdir: Path) -> SystemR
             progress(f"idle CPU over {plan.idle_window_s:.0f} s", 0, 1)
             result.idle_breakdown = await idle_cpu(roots, plan.idle_window_s)
             result.idle_cpu_pct = sum(result.idle_breakdown.values())
-            await measure(backend, plan, progress, result)
+            await measure(backend, plan, progress, result, roots)
         finally:
             await backend.close()
         result.note = served_context()

@@ -23,6 +23,7 @@ LABELS = {
 }
 CONCURRENCY = (1, 4, 16, 64)
 SERVER_SLOTS = 16
+LOAD_STREAMS = 16  # the concurrency at which the served mesh's CPU is read by process group
 TARGETS_TEXT = (
     "served batch-1 decode >= 0.9x the engine in process and >= 1.5x llama-cpp-python; "
     "served one-token p50 <= 1.3x llama-cpp-python's; served 16 streams >= 0.85x the engine's "
@@ -76,6 +77,8 @@ class SystemResult:
     one_token_ms: list[float] = field(default_factory=list)
     idle_cpu_pct: float | None = None  # % of one core, the mesh only
     idle_breakdown: dict[str, float] = field(default_factory=dict)
+    # % of one core by process group while LOAD_STREAMS streams ran (the served mesh only)
+    load_breakdown: dict[str, float] = field(default_factory=dict)
     requests: int = 0
     errors: int = 0
     error_examples: list[str] = field(default_factory=list)
@@ -252,12 +255,20 @@ def render_markdown(
     ]
     served = next((r for r in results if r.system == "served"), None)
     if served and served.idle_breakdown:
+        load = served.load_breakdown
         lines += [
-            "## Idle CPU of the mesh, by process group",
+            f"## CPU of the mesh, by process group: idle, and under {LOAD_STREAMS} streams",
             "",
             markdown_table(
-                ["component (with the processes it started)", "% of one core"],
-                [[name, f"{value:.2f}"] for name, value in served.idle_breakdown.items()],
+                [
+                    "component (with the processes it started)",
+                    "idle, % of one core",
+                    f"{LOAD_STREAMS} streams, % of one core",
+                ],
+                [
+                    [name, f"{value:.2f}", f"{load[name]:.1f}" if name in load else "—"]
+                    for name, value in served.idle_breakdown.items()
+                ],
             ),
             "",
         ]

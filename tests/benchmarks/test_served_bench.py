@@ -91,6 +91,7 @@ def test_the_results_file_shows_the_figures_targets_and_failures() -> None:
     figures["served"].errors = 1
     figures["served"].error_examples = ["APIStatusError: 429"]
     figures["served"].idle_breakdown = {"broker": 0.5, "inference": 1.5}
+    figures["served"].load_breakdown = {"inference": 150.25}  # the broker's reading missing
     failed = result("llama-server", failed="llama-server build failed: cmake exited 1")
     rows = [figures["served"], figures["engine"], figures["llama-cpp"], failed]
     text = render_markdown(rows, QUICK, "python -m benchmarks.served_bench --quick", ["a line"])
@@ -101,7 +102,8 @@ def test_the_results_file_shows_the_figures_targets_and_failures() -> None:
     assert "| served 16 streams / llama-server (16 slots) | — | >= 1.5x | not measured |" in text
     assert "| idle mesh CPU | 2.00% of a core | <= 5% of a core | pass |" in text
     assert "| failed requests, all systems | 1 | <= 0 | FAIL |" in text
-    assert "| inference | 1.50 |" in text
+    assert "| inference | 1.50 | 150.2 |" in text
+    assert "| broker | 0.50 | — |" in text
     assert "APIStatusError: 429" in text
     assert "- a line" in text
 
