@@ -241,7 +241,9 @@ async def test_a_stream_ends_only_with_its_response_record_holding_the_text(mesh
     assert seen.text[0] == words(6)
     assert seen.finish == {0: "length"}
     assert seen.done
-    assert seen.request_id in mesh.audit.requests  # the request's record went first
+    # the request's record was durable before the first token (the ordering itself is shown
+    # by test_no_durable_request_record_no_answer_...); this test's reader may see it later
+    await poll_until(lambda: seen.request_id in mesh.audit.requests, message="request record")
     record = await response_record(mesh, seen.request_id)
     assert record.response.status_code == 200
     assert record.response.choices[0].text == seen.text[0]
