@@ -192,14 +192,14 @@ async def measure(
     for streams in backend.concurrency:
         progress(f"{streams} concurrent streams", 0, 1)
         started = time.perf_counter()
-        before = proc_table() if roots and streams == LOAD_STREAMS else None
-        samples = await asyncio.gather(
+        work = asyncio.gather(
             *(guarded(backend.stream(stream_prompt(i), plan.stream_tokens)) for i in range(streams))
         )
+        if roots and streams == LOAD_STREAMS:
+            samples, result.load_breakdown = await cpu_while(roots, work)
+        else:
+            samples = await work
         elapsed = time.perf_counter() - started
-        if before is not None and roots:
-            ticks_per_s = os.sysconf("SC_CLK_TCK")
-            result.load_breakdown = cpu_by_group(before, proc_table(), roots, elapsed, ticks_per_s)
         result.aggregate_tps[streams] = sum(s.tokens for s in samples if s) / elapsed
 
 
@@ -400,13 +400,19 @@ def cpu_by_group(
     return {name: 100 * ticks / ticks_per_s / seconds for name, ticks in usage.items()}
 
 
-async def idle_cpu(roots: dict[int, str], window_s: float) -> dict[str, float]:
+async def cpu_while(roots: dict[int, str], work: Awaitable[T]) -> tuple[T, dict[str, float]]:
+    """``work``'s result, and the % of one core each group of ``roots`` used meanwhile."""
     ticks_per_s = os.sysconf("SC_CLK_TCK")
     before = proc_table()
     started = time.monotonic()
-    await asyncio.sleep(window_s)
-    after = proc_table()
-    return cpu_by_group(before, after, roots, time.monotonic() - started, ticks_per_s)
+    value = await work
+    seconds = time.monotonic() - started
+    return value, cpu_by_group(before, proc_table(), roots, seconds, ticks_per_s)
+
+
+async def idle_cpu(roots: dict[int, str], window_s: float) -> dict[str, float]:
+    _, usage = await cpu_while(roots, asyncio.sleep(window_s))
+    return usage
 
 
 # --------------------------------------------------------------------------- systems

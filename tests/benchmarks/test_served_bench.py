@@ -3,7 +3,10 @@ file, the idle CPU accounting and the prompts. The benchmark itself is never run
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,6 +15,8 @@ import pytest
 from benchmarks import served_bench
 from benchmarks.served_results import (
     QUICK,
+    Plan,
+    Sample,
     SystemResult,
     Target,
     pct,
@@ -140,3 +145,31 @@ def test_cold_prompts_are_unique_and_cached_ones_share_the_system_prompt() -> No
     cached = [served_bench.cached_prompt(i) for i in range(3)]
     assert {m[0]["content"] for m in cached} == {served_bench.SYSTEM_PROMPT}
     assert len({m[1]["content"] for m in cached}) == 3
+
+
+class BusyBackend:
+    """A test double: each stream burns CPU in this process, then yields its tokens."""
+
+    concurrency = (1, 16)
+
+    async def stream(self, messages: served_bench.Messages, max_tokens: int) -> Sample:
+        deadline = time.process_time() + 0.01
+        while time.process_time() < deadline:
+            pass
+        await asyncio.sleep(0)
+        return Sample(0.001, 0.002, max_tokens)
+
+    async def one_token(self, messages: served_bench.Messages) -> float:
+        return 0.001
+
+
+async def test_the_load_phase_reads_cpu_by_process_group() -> None:
+    plan = Plan(decode_tokens=4, decode_runs=1, stream_tokens=4, ttft_samples=1,
+                one_token_samples=1)  # fmt: skip
+    result = SystemResult("served")
+    roots = {os.getpid(): "this process"}
+    await served_bench.measure(BusyBackend(), plan, lambda *_: None, result, roots)
+    assert set(result.load_breakdown) == {"this process"}
+    assert result.load_breakdown["this process"] > 0  # 16 streams of 10 ms of CPU each
+    assert result.aggregate_tps[16] > 0
+    assert result.errors == 0
