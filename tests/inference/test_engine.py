@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 
 import pytest
@@ -162,6 +163,33 @@ def test_text_assembler_emits_whole_characters_only(tokenizer: Tokenizer) -> Non
     pieces = [assembler.add(i)[0] for i in tokenizer.encode("你好，世界 🌍")]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == "你好，世界 🌍"
+
+
+def test_text_assembler_streams_what_decoding_the_whole_answer_gives(tokenizer: Tokenizer) -> None:
+    """Decoding only the tokens since the last whole character gives, piece by piece, the
+    text of decoding every token at once: on real text, and on random ids from the whole
+    vocabulary (lone and split UTF-8 bytes, special tokens)."""
+    rng = random.Random(7)
+    answers = [tokenizer.encode("Ça coûte 5 €; 你好，世界 🌍 — naïve café\n\tend")]
+    answers += [[rng.randrange(tokenizer.vocab_size) for _ in range(300)] for _ in range(20)]
+    for ids in answers:
+        assembler = TextAssembler(tokenizer, [])
+        streamed = "".join(assembler.add(i)[0] for i in ids) + assembler.flush()
+        whole = tokenizer.decode(ids)
+        assert streamed == whole.removesuffix("\ufffd") or streamed == whole
+
+
+def test_text_assembler_finds_a_stop_string_split_across_many_tokens(tokenizer: Tokenizer) -> None:
+    assembler = TextAssembler(tokenizer, ["<|stop here|>"])
+    ids = tokenizer.encode("before <|stop here|> after")
+    pieces = []
+    for i in ids:
+        piece, stopped = assembler.add(i)
+        pieces.append(piece)
+        if stopped:
+            break
+    assert stopped
+    assert "".join(pieces) == "before "
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,7 @@ class Tokenizer:
         self.add_bos = spec.add_bos
         self.vocab_size = len(spec.tokens)
         self._chat_template = spec.chat_template
+        self._compiled_template: Any = None  # compiled on first use (~5 ms; once, not per call)
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -70,9 +71,12 @@ class Tokenizer:
         """The prompt the model was trained on for these messages (its own Jinja template)."""
         if not self._chat_template:
             raise ModelLoadError("this model has no chat template; use a completion prompt")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        if self._compiled_template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        template = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
-            self._chat_template
+            environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            self._compiled_template = environment.from_string(self._chat_template)
+        rendered: str = self._compiled_template.render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt
         )
-        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt)
+        return rendered
