@@ -704,4 +704,11 @@ def _service_row(name: str, service: dict[str, Any], host: str) -> dict[str, Any
         detail = ", ".join(f"{k}: {v}" for k, v in body.get("checks", {}).items())
     except (httpx.HTTPError, ValueError) as error:
         ready, detail = False, f"no answer from {url}: {error}"
-    return {"name": name, "pid": service["pid"], "address": url, "ready": ready, "detail": detail}
+    return {
+        "name": name,
+        "pid": service["pid"],
+        "address": url,
+        "metrics": f"http://{host}:{service['health_port']}/metrics",
+        "ready": ready,
+        "detail": detail,
+    }

@@ -1,8 +1,10 @@
-"""Liveness and readiness over HTTP for services that have no web server of their own.
+"""Liveness, readiness and metrics over HTTP, on a port of their own in every service.
 
 ``GET /healthz`` answers 200 while the event loop runs and no component has failed;
 ``GET /readyz`` answers 200 once every readiness check passes, 503 (with the
-failing checks) otherwise. Both return JSON.
+failing checks) otherwise. Both return JSON. ``GET /metrics`` answers the service's
+metrics in Prometheus' text format (:mod:`shared.metrics`); it is here and not on a
+service's API port because its labels name tenants and models.
 """
 
 from __future__ import annotations
@@ -34,8 +36,16 @@ class HealthState:
 
 
 class HealthServer:
-    def __init__(self, state: HealthState, host: str, port: int) -> None:
+    def __init__(
+        self,
+        state: HealthState,
+        host: str,
+        port: int,
+        *,
+        metrics: Callable[[], bytes] | None = None,
+    ) -> None:
         self._state = state
+        self._metrics = metrics
         self._host = host
         self._port = port
         self._server: asyncio.Server | None = None
@@ -60,10 +70,9 @@ class HealthServer:
                 pass
             parts = request_line.decode(errors="replace").split()
             path = parts[1] if len(parts) >= 2 else ""
-            status, body = self._answer(parts[0] if parts else "", path)
-            payload = json.dumps(body).encode()
+            status, content_type, payload = self._answer(parts[0] if parts else "", path)
             writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
                 + payload
             )
@@ -73,18 +82,31 @@ class HealthServer:
         finally:
             writer.close()
 
-    def _answer(self, method: str, path: str) -> tuple[str, dict[str, object]]:
+    def _answer(self, method: str, path: str) -> tuple[str, str, bytes]:
+        """(status line, content type, body) for one request."""
         if method != "GET":
-            return "405 Method Not Allowed", {"error": "only GET is served"}
-        checks = {"/healthz": self._state.liveness, "/readyz": self._state.readiness}.get(
-            path.split("?", maxsplit=1)[0]
-        )
+            return _json("405 Method Not Allowed", {"error": "only GET is served"})
+        route = path.split("?", maxsplit=1)[0]
+        if route == "/metrics" and self._metrics is not None:
+            try:
+                return "200 OK", PROMETHEUS_TEXT, self._metrics()
+            except Exception as error:  # a collector's bug must not take the port down
+                return _json("500 Internal Server Error", {"error": f"metrics: {error}"})
+        checks = {"/healthz": self._state.liveness, "/readyz": self._state.readiness}.get(route)
         if checks is None:
-            return "404 Not Found", {"error": f"no such path {path!r}; try /healthz or /readyz"}
+            paths = "/healthz, /readyz" + (" or /metrics" if self._metrics else "")
+            return _json("404 Not Found", {"error": f"no such path {path[:200]!r}; try {paths}"})
         ok, results = self._state.report(checks)
         body: dict[str, object] = {
             "service": self._state.service,
             "status": "ok" if ok else "failing",
             "checks": results,
         }
-        return ("200 OK" if ok else "503 Service Unavailable"), body
+        return _json("200 OK" if ok else "503 Service Unavailable", body)
+
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _json(status: str, body: dict[str, object]) -> tuple[str, str, bytes]:
+    return status, "application/json", json.dumps(body).encode()

@@ -41,7 +41,12 @@ async def serve(name: str, settings: Settings, build: Build) -> int:
         f"subscriber failed: {bus.failure()}" if bus.failure() else None
     )
     health.readiness["bus"] = lambda: None if bus.ready else "bus not connected or not assigned"
-    server = HealthServer(health, settings.health_host, settings.health_port)
+    server = HealthServer(
+        health,
+        settings.health_host,
+        settings.health_port,
+        metrics=telemetry.scrape.render if telemetry.scrape else None,
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -152,6 +152,9 @@ class TelemetrySettings(BaseModel):
     )
     spans_to_kafka: bool = Field(True, description="Publish spans to telemetry.spans.")
     sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
+    prometheus: bool = Field(
+        True, description="Serve metrics in Prometheus' format at /metrics on the health port."
+    )
 
 
 class ServiceAuthSettings(BaseModel):

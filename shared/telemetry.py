@@ -21,6 +21,7 @@ from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 
 from shared.bus.producer import Publisher
 from shared.logging import get_logger
+from shared.metrics import PrometheusScrape
 from shared.settings import MeshSettings
 from shared.topics import TELEMETRY_SPANS
 
@@ -89,6 +90,10 @@ class Telemetry:
             readers.append(
                 PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=f"{base}/v1/metrics"))
             )
+        self.scrape: PrometheusScrape | None = None
+        if settings.telemetry.prometheus:
+            self.scrape = PrometheusScrape()
+            readers.append(self.scrape.reader)
         self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         self._settings = settings
         self._service = service

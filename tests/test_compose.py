@@ -285,3 +285,28 @@ def test_the_token_job_writes_where_the_services_read(
                 assert (written / f"{name}.sha256").is_file()
         if source == "events-key":
             assert (written / "events.key").stat().st_mode & 0o077 == 0
+
+
+def test_prometheus_scrapes_every_mesh_service_on_its_health_port(
+    compose: dict[str, Any],
+) -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    targets = {
+        target
+        for job in config["scrape_configs"]
+        for static in job.get("static_configs", ())
+        for target in static["targets"]
+    }
+    services = compose["services"]
+    for spec in SERVICES:
+        name, service = next(
+            (n, s) for n, s in services.items() if s.get("command") == ["run", spec.name]
+        )
+        env = environment(service)
+        assert env.get("MESHLLM_HEALTH_HOST") == "0.0.0.0", name  # reachable on the mesh
+        assert f"{name}:{env['MESHLLM_HEALTH_PORT']}" in targets, name
+    prometheus = services["prometheus"]
+    assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in (
+        prometheus["volumes"]
+    )
+    assert ":" in prometheus["image"] and not prometheus["image"].endswith(":latest")

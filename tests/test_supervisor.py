@@ -79,6 +79,10 @@ async def test_services_start_ready_and_stop_cleanly(tmp_path: Path) -> None:
     assert components["broker"]["ready"]
     assert components["effect-consumer"]["ready"]
     assert "bus: ok" in components["effect-consumer"]["detail"]
+    # its metrics, on the same port as its health, where status says
+    scraped = await asyncio.to_thread(httpx.get, components["effect-consumer"]["metrics"])
+    assert scraped.status_code == 200
+    assert scraped.headers["content-type"].startswith("text/plain; version=0.0.4")
 
     stop.set()
     assert await run == 0, out.getvalue()

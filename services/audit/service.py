@@ -20,6 +20,7 @@ import time
 
 from services.audit.checkpoint import Checkpoint
 from services.audit.log import AuditLog
+from services.audit.metrics import AuditMetrics
 from services.audit.records import InvalidAuditEvent, parse_event
 from services.audit.settings import AuditSettings
 from shared.bus import Publisher
@@ -42,6 +43,12 @@ class AuditService:
         self.publisher = publisher
         self.appended = 0
         self.duplicates = 0
+        latest = audit_log.latest_checkpoint()
+        self.metrics = AuditMetrics(
+            audit_log.size,
+            latest.tree_size if latest else 0,
+            latest.timestamp_ns / 1e9 if latest else None,
+        )
         self._write = asyncio.Lock()  # one append at a time keeps leaf order = arrival order
 
     async def on_event(self, event: ev.AuditEvent, ctx: EventContext) -> None:
@@ -53,8 +60,10 @@ class AuditService:
             [result] = await asyncio.to_thread(self.log.append, [parsed])
         if result.created:
             self.appended += 1
+            self.metrics.taken("stored", result.leaf_index)
         else:
             self.duplicates += 1
+            self.metrics.taken("conflict" if result.conflict else "duplicate")
             if result.conflict:
                 log.error(
                     "an event id arrived again with different content; the first is kept",
@@ -67,6 +76,7 @@ class AuditService:
         async with self._write:
             checkpoint = await asyncio.to_thread(self.log.checkpoint)
         if checkpoint is not None:
+            self.metrics.sealed(checkpoint.tree_size, checkpoint.timestamp_ns / 1e9)
             await self.publish(checkpoint)
         return checkpoint
 

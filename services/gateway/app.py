@@ -7,7 +7,7 @@ until the final reply or the deadline (504). A caller that goes away cancels the
 downstream. Errors are OpenAI error bodies; a server-side failure is told without its
 internal details (those are logged, under the request id the client is given).
 
-Longer than most modules (~500 lines): the request's flow (publish, relay, stream, its
+Longer than most modules (~580 lines): the request's flow (publish, relay, stream, its
 records) is one sequence whose steps share the request's state; admission and response
 shapes are modules of their own.
 """
@@ -33,6 +33,7 @@ from services.gateway.audit_routes import AuditRoutes
 from services.gateway.auth import Authenticator, Principal
 from services.gateway.kb_routes import KbRoutes
 from services.gateway.limits import ConcurrencyGate, RateLimiter
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.openapi import openapi_document
 from services.gateway.policy import Action, Policy, PolicyRequest
 from services.gateway.relay import Delta, Diverged, Pending, Relayed, ReplyRelay
@@ -65,6 +66,11 @@ from shared.topics import CANCELLATIONS
 
 log = get_logger(__name__)
 tracer = trace.get_tracer("meshllm.gateway")
+ROUTES = {
+    "chat": "/v1/chat/completions",
+    "completion": "/v1/completions",
+    "embedding": "/v1/embeddings",
+}
 
 
 class Gateway:
@@ -89,6 +95,7 @@ class Gateway:
         self.rate_limiter = rate_limiter
         self.concurrency = concurrency
         self._background: set[asyncio.Task[Any]] = set()
+        self.metrics = GatewayMetrics([*settings.models, *settings.embedding_models])
         self.admission = Admission(
             settings,
             authenticator=authenticator,
@@ -120,9 +127,7 @@ class Gateway:
 
     def app(self) -> Starlette:
         routes = [
-            Route("/v1/chat/completions", self._route("chat"), methods=["POST"]),
-            Route("/v1/completions", self._route("completion"), methods=["POST"]),
-            Route("/v1/embeddings", self._route("embedding"), methods=["POST"]),
+            *(Route(path, self._route(kind), methods=["POST"]) for kind, path in ROUTES.items()),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/openapi.json", self.openapi, methods=["GET"]),
             *self.audit_routes.routes(),
@@ -175,19 +180,37 @@ class Gateway:
         ) as span:
             trace_id = format(span.get_span_context().trace_id, "032x")
             request.state.request_id = uuid.uuid4().hex
+            started = time.monotonic()
+            status: int = 500
+            failure: str | None = "internal"
             try:
                 response = await self._handle(request, kind)
+                status, failure = response.status_code, None
             except OpenAIError as error:
+                status, failure = error.status, (error.code or error.error_type)[:64]
                 span.set_attribute("http.response.status_code", error.status)
                 error.trace_id = trace_id  # type: ignore[attr-defined]
                 raise
+            finally:
+                self.metrics.request(
+                    method=request.method,
+                    route=ROUTES[kind],
+                    status=status,
+                    seconds=time.monotonic() - started,
+                    tenant=getattr(request.state, "tenant", ""),
+                    model=getattr(request.state, "model", None),
+                    error=failure,
+                )
             span.set_attribute("http.response.status_code", response.status_code)
             response.headers["x-trace-id"] = trace_id
             return response
 
     async def _handle(self, request: Request, kind: str) -> Response:
         principal = self._authenticate(request)  # before a byte of the body is read
+        request.state.tenant = principal.tenant
         body = await self.admission.read_json(request)
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            request.state.model = body["model"]
         admitted = await self.admission.admit(principal, body, kind, request)
         strict = admitted.principal.tenant in self.settings.audit.strict_tenants
         pending = self.relay.open(admitted.request_id, stream=admitted.event.stream and not strict)
@@ -209,7 +232,12 @@ class Gateway:
             reply = await self._final(admitted, pending, request)
         finally:
             await self._release(admitted, pending)
-        whole = await self._whole(admitted, reply, body)
+        try:
+            whole = await self._whole(admitted, reply, body)
+        except OpenAIError as error:
+            self._answered(admitted, reply, None, error)
+            raise
+        self._answered(admitted, reply, None, None)
         if admitted.event.stream:  # a strict tenant's stream: sent once its record is durable
             chunks = strict_stream(admitted, reply, body)
             return StreamingResponse(chunks, media_type="text/event-stream", headers=sse_headers)
@@ -332,6 +360,7 @@ class Gateway:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         shown: dict[int, str] = {}
         ended = False
+        first_token: float | None = None
         try:
             if admitted.kind == "chat":
                 for index in range(admitted.event.sampling.n or 1):
@@ -341,19 +370,25 @@ class Gateway:
                     item = await self._next(admitted, pending, None)
                 except GatewayTimeout as error:
                     ended = True
+                    self._answered(admitted, None, first_token, error)
                     yield sse(await self._interrupted(admitted, None, shown, error))
                     return
                 if isinstance(item, Delta):
+                    if first_token is None and item.text:
+                        first_token = time.monotonic() - admitted.started
                     shown[item.choice_index] = shown.get(item.choice_index, "") + item.text
                     yield sse(builder.chunk(item.choice_index, item.text))
                     continue
                 ended = True
                 if isinstance(item, Diverged):
                     self._cancel(admitted, "the re-run diverged from the text already sent")
-                    yield sse(await self._interrupted(admitted, None, shown, diverged_error(item)))
+                    diverged = diverged_error(item)
+                    self._answered(admitted, None, first_token, diverged)
+                    yield sse(await self._interrupted(admitted, None, shown, diverged))
                     return
                 if item.HasField("error"):
                     failed = ReplyError(item.error)
+                    self._answered(admitted, item, first_token, failed)
                     yield sse(await self._interrupted(admitted, item, shown, failed))
                     return
                 try:  # the end of the answer goes out only once its audit record is durable
@@ -364,9 +399,11 @@ class Gateway:
                 for payload in builder.ending(item, include_usage=include_usage):
                     yield sse(payload)
                 yield "data: [DONE]\n\n"
+                self._answered(admitted, item, first_token, None)
                 return
         finally:
             if not ended:  # the caller went away mid-stream
+                self._answered(admitted, None, first_token, ClientClosed("client disconnected"))
                 self._cancel(admitted, "client disconnected")
                 self._spawn(self._audit_response(admitted, None, 499, "client disconnected", shown))
             await self._release(admitted, pending)
@@ -388,6 +425,25 @@ class Gateway:
         return error.to_dict()
 
     # ----------------------------------------------------------------- bookkeeping
+
+    def _answered(
+        self,
+        admitted: Admitted,
+        reply: ev.FinalReply | None,
+        first_token_s: float | None,
+        error: OpenAIError | None,
+    ) -> None:
+        """Record the answer's metrics (its end: a body sent, a stream's last event)."""
+        usage = reply.usage if reply is not None else None
+        self.metrics.answer(
+            kind=admitted.kind,
+            model=admitted.event.model,
+            seconds=time.monotonic() - admitted.started,
+            first_token_s=first_token_s,
+            output_tokens=usage.completion_tokens if usage is not None else 0,
+            input_tokens=usage.prompt_tokens if usage is not None else 0,
+            error=None if error is None else (error.code or error.error_type)[:64],
+        )
 
     async def _release(self, admitted: Admitted, pending: Pending) -> None:
         self.relay.close(pending.request_id)

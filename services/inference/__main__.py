@@ -16,6 +16,8 @@ import os
 from collections.abc import Awaitable
 from typing import Any
 
+from services.inference import metrics as inference_metrics
+from services.inference.metrics import ReplicaStatuses
 from services.inference.registry import ModelRegistry, UnknownModel, ensure_default
 from services.inference.settings import InferenceSettings
 from shared.bus import Bus
@@ -48,6 +50,8 @@ class Readiness:
     """What ``/readyz`` and ``/healthz`` report, updated by :meth:`probe_forever`."""
 
     def __init__(self) -> None:
+        self.statuses = ReplicaStatuses(PROBE_INTERVAL_S)
+        inference_metrics.report(self.statuses)
         self.deployed = False
         self.ready_problem: str | None = "the Serve application is starting"
         self.failure: str | None = None
@@ -67,9 +71,10 @@ class Readiness:
         answered = False
         while True:
             try:
-                call = chat.status.remote() if answered else chat.complete.remote(PROBE)
-                await asyncio.wait_for(call, 60)
-                answered = True
+                if not answered:
+                    await asyncio.wait_for(chat.complete.remote(PROBE), 60)
+                    answered = True
+                self.statuses.note(await asyncio.wait_for(chat.status.remote(), 60))
                 self.ready_problem = None
             except Exception as error:
                 self.ready_problem = f"chat probe failed: {type(error).__name__}: {error}"[:500]

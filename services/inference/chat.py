@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -251,6 +252,7 @@ class ChatService:
             "in_flight": current.in_flight,
             "active": current.engine.active,
             "waiting": current.engine.waiting,
+            "engine": dataclasses.asdict(current.engine.stats()),
             "retiring": [
                 {"model": m.model_id, "in_flight": m.in_flight}
                 for m in sorted(self._retiring, key=lambda m: m.model_id)

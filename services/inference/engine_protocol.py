@@ -8,9 +8,28 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from services.inference.generation import Delta, InvalidRequest, SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters since the engine started, and its cache use now (for metrics).
+
+    A figure the backend does not know is 0 (``kv_capacity_tokens`` 0: unknown).
+    """
+
+    generated_tokens: int = 0
+    prompt_tokens: int = 0  # computed in prefill (prefix-cache hits not included)
+    steps: int = 0
+    busy_s: float = 0.0  # time spent in steps: busy_s / steps is the mean step time
+    kv_used_tokens: int = 0
+    kv_capacity_tokens: int = 0
+    prefix_lookups: int = 0
+    prefix_hits: int = 0
+    prefix_reused_tokens: int = 0
 
 
 class TextEngine(Protocol):
@@ -41,6 +60,10 @@ class TextEngine(Protocol):
 
     def stuck(self) -> str | None:
         """Why the engine is unhealthy, or None when it is fine."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """Its counters and cache use (read from any thread)."""
         ...
 
     def check(self, prompt: Sequence[int], params: SamplingParams) -> None:

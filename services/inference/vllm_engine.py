@@ -43,7 +43,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from services.inference.engine_protocol import check_request
+from services.inference.engine_protocol import EngineStats, check_request
 from services.inference.generation import (
     Completion,
     Delta,
@@ -223,6 +223,8 @@ class VllmEngine:
         self._requests: set[asyncio.Task[None]] = set()
         self._active = 0
         self._waiting = 0
+        self._generated_tokens = 0
+        self._prompt_tokens = 0
         self._stopping = False
 
     # ----------------------------------------------------------------- lifecycle
@@ -302,6 +304,13 @@ class VllmEngine:
     def waiting(self) -> int:
         return self._waiting
 
+    def stats(self) -> EngineStats:
+        """Tokens counted as they stream out; vLLM's own step and cache figures are in its
+        metrics, not here (0: unknown)."""
+        return EngineStats(
+            generated_tokens=self._generated_tokens, prompt_tokens=self._prompt_tokens
+        )
+
     def stuck(self) -> str | None:
         """A reason when vLLM died, or has work but produced nothing for ``stuck_after_s``."""
         if self._thread is None or not self._thread.is_alive():
@@ -352,9 +361,11 @@ class VllmEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                self._generated_tokens += len(item.token_ids)
                 yield item
                 if item.finish_reason is not None:
                     finished = True
+                    self._prompt_tokens += len(prompt)
                     # the request's bookkeeping (active/waiting) settles before the stream ends
                     await asyncio.wrap_future(request)
                     return

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from services.retrieval import metrics as retrieval_metrics
 from services.retrieval.access import Reader
 from services.retrieval.embedder import EmbedderError
 from services.retrieval.index import DocumentInfo, KnowledgeIndex, Scope
@@ -171,10 +173,13 @@ class RetrievalApi:
     async def search(self, request: Request) -> dict[str, Any]:
         body = await read_json_body(request, MAX_SEARCH_BODY_BYTES, BODY_TIMEOUT_S)
         scope, query, top_k, mode = parse_search(body, self.max_top_k)
+        started = time.monotonic()
         try:
             hits = await asyncio.to_thread(self.searcher.search, scope, query, top_k, mode)
         except EmbedderError as error:
+            retrieval_metrics.searched(mode, time.monotonic() - started, "embedder_error")
             raise ServiceUnavailableError(f"the query could not be embedded: {error}") from error
+        retrieval_metrics.searched(mode, time.monotonic() - started)
         return {
             "hits": [
                 {

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.retrieval import metrics as retrieval_metrics
 from services.retrieval.access import Reader
 from services.retrieval.chunking import chunk_text
 from services.retrieval.embedder import EmbedderError, EmbedderUnavailable
@@ -221,6 +222,8 @@ class Ingestor:
             report.state = ev.INDEX_STATE_FAILED
             report.error = f"internal error: {type(error).__name__}"
         await self._report(tenant, report, acl)
+        state = STATE_NAMES.get(report.state, "?")
+        retrieval_metrics.ingested(state, time.monotonic() - started, report.chunks)
         log.info(
             "document ingested",
             tenant=tenant,

@@ -7,6 +7,7 @@ from collections.abc import Awaitable
 
 import httpx
 
+from services.router.metrics import RouterMetrics
 from services.router.pools import Pools
 from services.router.routing import Router
 from services.router.scheduling import priority_with_aging
@@ -40,7 +41,7 @@ async def build(settings: RouterSettings, bus: Bus, health: HealthState) -> Awai
         default_deadline_s=settings.default_deadline_s,
         rag=settings.rag,
     )
-    bus.add_worker(
+    worker = bus.add_worker(
         [REQUESTS_HIGH, REQUESTS_NORMAL, REQUESTS_LOW],
         group=NAME,
         handler=router.handle,
@@ -48,6 +49,12 @@ async def build(settings: RouterSettings, bus: Bus, health: HealthState) -> Awai
         max_buffered=settings.scheduling.max_buffered,
         choose=priority_with_aging(settings.scheduling.aging_s),
         max_attempts=1,  # the router retries replicas itself; a failure here is a bus problem
+    )
+    priorities = {REQUESTS_HIGH.name: "high", REQUESTS_NORMAL.name: "normal",
+                  REQUESTS_LOW.name: "low"}  # fmt: skip
+    RouterMetrics(
+        buffered=lambda: {priorities[t]: n for t, n in worker.buffered.items() if t in priorities},
+        in_flight=lambda: {p.name: sum(r.in_flight for r in p.replicas) for p in pools.pools},
     )
     # every instance reads every cancellation: its own group, nothing to keep across restarts
     instance = settings.instance_id or uuid.uuid4().hex[:12]

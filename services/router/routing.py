@@ -27,6 +27,7 @@ from opentelemetry import trace
 
 from services.router import rag
 from services.router.chunks import ChunkStream, Send
+from services.router.metrics import RouterMetrics
 from services.router.pools import Pool, Pools, Replica
 from services.router.settings import RagConfig
 from services.router.upstream import (
@@ -179,6 +180,7 @@ class Router:
             max(0, time.time_ns() - request.envelope.occurred_at.ToNanoseconds()) // 1000
         )
         priority = PRIORITY_NAMES.get(request.priority, "normal")
+        RouterMetrics.started(priority, queue_wait_us / 1e6)
         pool: Pool | None = None
         outcome: _Outcome | None = None
         try:
@@ -194,6 +196,7 @@ class Router:
         except RequestFailed as failure:
             final = ev.FinalReply(request_id=request.request_id, model=request.model)
             final.error.CopyFrom(failure.info)
+        RouterMetrics.finished(pool.name if pool else None, priority, final.error.code or None)
         log.info(
             "request done",
             request_id=request.request_id,
@@ -264,6 +267,7 @@ class Router:
                 outcome = await self._run_on(request, replica, reply_topic)
             except ReplicaFailed as error:
                 pool.failed(replica)
+                RouterMetrics.retried(pool.name)
                 last_error = str(error)
                 log.warning(
                     "replica failed",

@@ -22,10 +22,11 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from google.protobuf.message import DecodeError, Message
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 
 from shared import envelope
 from shared.bus import kafka_compat
+from shared.bus import metrics as bus_metrics
 from shared.bus.idempotency import IdempotencyStore
 from shared.bus.producer import TYPE_HEADER, Publisher
 from shared.bus.security import client_options
@@ -38,11 +39,6 @@ from shared.settings import MeshSettings
 from shared.topics import Topic
 
 log = get_logger(__name__)
-_meter = metrics.get_meter("meshllm.bus")
-_processed = _meter.create_counter("meshllm.bus.events", description="Events by outcome")
-_duration = _meter.create_histogram(
-    "meshllm.bus.handler.duration", unit="ms", description="Handler time per event"
-)
 
 DLQ_HEADER_PREFIX = "meshllm-dlq-"
 
@@ -130,6 +126,8 @@ class Subscriber:
         self.failure: BaseException | None = None
         self._membership = _Membership()
         self._wake: WakeListener | None = None
+        self.lag: dict[TopicPartition, int] = {}  # records behind, at the last commit
+        bus_metrics.watch_lag(self)
 
     @property
     def ready(self) -> bool:
@@ -271,6 +269,10 @@ class Subscriber:
                     *(self._handle_partition(tp, records) for tp, records in batch.items())
                 )
                 await consumer.commit(dict(committed))
+                self.lag.update(
+                    bus_metrics.lag_of((tp, consumer.highwater(tp), next_offset)
+                                       for tp, next_offset in committed)
+                )  # fmt: skip
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -314,12 +316,12 @@ class Subscriber:
         except PoisonEvent as poison:
             reason = "unverified" if isinstance(poison, UnsignedEvent) else "undecodable"
             await self._dead_letter(record, headers, reason=reason, error=poison, attempts=0)
-            _processed.add(1, {"topic": topic.name, "outcome": "dead_letter"})
+            self._consumed(topic.name, "dead_letter")
             return None
         env: ev.Envelope | None = event.envelope if topic.enveloped else None
         event_id = env.event_id if env is not None else None
         if event_id and self._idempotency.seen(event_id):
-            _processed.add(1, {"topic": topic.name, "outcome": "duplicate"})
+            self._consumed(topic.name, "duplicate")
             log.debug("duplicate event skipped", event_id=event_id, topic=topic.name)
             return None
         with process_span(
@@ -331,8 +333,16 @@ class Subscriber:
             event_id=event_id,
         ) as span:
             outcome = await self._call_with_retries(record, headers, event, env, span)
-        _processed.add(1, {"topic": topic.name, "outcome": outcome})
+        self._consumed(topic.name, outcome)
         return event_id
+
+    def _consumed(self, topic: str, outcome: str) -> None:
+        bus_metrics.consumed.add(
+            1,
+            bus_metrics.attributes(
+                topic, **{"messaging.consumer.group.name": self.group, "outcome": outcome}
+            ),
+        )
 
     def _decode(self, topic: Topic, value: bytes | None, headers: list[tuple[str, bytes]]) -> Any:
         if not topic.enveloped:
@@ -399,6 +409,7 @@ class Subscriber:
                     error=f"{type(error).__name__}: {error}",
                 )
                 if attempt == self._max_attempts:
+                    self._processed_in(record.topic, started, type(error).__name__)
                     span.set_status(trace.StatusCode.ERROR, f"dead-lettered: {error}")
                     await self._dead_letter(
                         record, headers, reason="handler_failed", error=error, attempts=attempt
@@ -406,9 +417,17 @@ class Subscriber:
                     return "dead_letter"
                 await asyncio.sleep(backoff * 2 ** (attempt - 1))
             else:
-                _duration.record((time.perf_counter() - started) * 1000, {"topic": record.topic})
+                self._processed_in(record.topic, started)
                 return "handled"
         raise AssertionError("unreachable: the loop returns on success or last attempt")
+
+    def _processed_in(self, topic: str, started: float, error: str | None = None) -> None:
+        more = {"messaging.consumer.group.name": self.group}
+        if error is not None:
+            more["error.type"] = error
+        bus_metrics.process_duration.record(
+            time.perf_counter() - started, bus_metrics.attributes(topic, **more)
+        )
 
     async def _dead_letter(
         self,
@@ -432,6 +451,7 @@ class Subscriber:
             "at": datetime.now(UTC).isoformat(),
         }.items():
             dlq_headers.append((DLQ_HEADER_PREFIX + name, value.encode()))
+        bus_metrics.dead_letters.add(1, bus_metrics.attributes(topic.dlq, reason=reason))
         log.error(
             "event dead-lettered",
             topic=record.topic,

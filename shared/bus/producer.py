@@ -12,6 +12,7 @@ from google.protobuf.message import Message
 
 from shared import envelope
 from shared.bus import kafka_compat
+from shared.bus import metrics as bus_metrics
 from shared.bus.security import client_options
 from shared.bus.signing import SIGNATURE_HEADER, EventSigner, load_signer
 from shared.bus.tracing import Headers, start_publish_span
@@ -167,7 +168,9 @@ class Publisher:
         return delivery
 
     def _announce_when_acked(self, topic: str, delivery: asyncio.Future[Any]) -> None:
-        """Wake this machine's sleeping consumers of ``topic`` once the broker has the record."""
+        """Wake this machine's sleeping consumers of ``topic`` once the broker has the record
+        (and count it, acknowledged or failed)."""
+        delivery.add_done_callback(functools.partial(_count_sent, topic))
         if self._waker is not None:
             delivery.add_done_callback(functools.partial(self._announce, self._waker, topic))
 
@@ -198,3 +201,13 @@ class Publisher:
         delivery = await self._require().send(topic, value, key=key, headers=headers)
         self._announce_when_acked(topic, delivery)
         return await delivery
+
+
+def _count_sent(topic: str, delivery: asyncio.Future[Any]) -> None:
+    if delivery.cancelled():
+        error: str | None = "cancelled"
+    else:
+        failure = delivery.exception()
+        error = type(failure).__name__ if failure is not None else None
+    extra = {"error.type": error} if error else {}
+    bus_metrics.sent.add(1, bus_metrics.attributes(topic, **extra))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
+from shared.bus import metrics as bus_metrics
 from shared.bus.consumer import Subscriber
 from shared.logging import get_logger
 
@@ -88,6 +89,7 @@ class WorkConsumer(Subscriber):
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.max_in_flight = max_in_flight
+        self._committed: dict[TopicPartition, int] = {}
         self.max_buffered = max(1, max_buffered)
         self._choose = choose
         self._buffers: dict[str, collections.deque[Waiting]] = {
@@ -227,6 +229,15 @@ class WorkConsumer(Subscriber):
                 progress.commit_at = None
         if offsets:
             await consumer.commit(offsets)
+            self._committed.update(offsets)
+        # records behind each partition's end: fetched-but-waiting ones count as behind
+        self.lag.update(
+            bus_metrics.lag_of(
+                (tp, consumer.highwater(tp), offset)
+                for tp, offset in self._committed.items()
+                if tp in assigned
+            )
+        )
 
     async def _finish_in_flight(self, consumer: AIOKafkaConsumer) -> None:
         """On stop: let running handlers finish (until the drain deadline), then commit.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.gateway.auth import KeyStore
 from shared.bus.embedded import free_port
@@ -135,4 +136,30 @@ async def mesh(
             await mesh.services[name].stop()
 
 
-__all__ = ["Mesh", "Service", "poll_until"]
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+async def scrape(mesh: Mesh, service: str) -> Samples:
+    """{sample name: [(labels, value)]} of a service's /metrics on its health port."""
+    port = mesh.services[service].health_port
+    async with httpx.AsyncClient() as http:
+        reply = await http.get(f"http://127.0.0.1:{port}/metrics")
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples: Samples = {}
+    for family in text_string_to_metric_families(reply.text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    return sum(
+        value
+        for found, value in samples.get(name, [])
+        if all(found.get(k) == v for k, v in labels.items())
+    )
+
+
+__all__ = ["Mesh", "Samples", "Service", "poll_until", "scrape", "total"]

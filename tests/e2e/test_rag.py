@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import Mesh
+from tests.e2e.conftest import Mesh, scrape, total
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -241,3 +241,15 @@ async def test_reingesting_is_idempotent_and_delete_removes_everywhere(handbook:
         await asyncio.sleep(0.2)
     else:
         pytest.fail("the deleted document is still found")
+
+
+async def test_retrieval_metrics_count_ingests_and_searches(handbook: Mesh) -> None:
+    searched = "meshllm_retrieval_search_duration_seconds_count"
+    before = total(await scrape(handbook, "retrieval"), searched)
+    reply = await search(handbook, "user", "paid annual leave", ["handbook"])
+    assert reply.status_code == 200, reply.text
+    retrieval = await scrape(handbook, "retrieval")
+    assert total(retrieval, searched, mode="hybrid") >= before + 1
+    assert total(retrieval, "meshllm_retrieval_ingest_duration_seconds_count", state="indexed") >= 4
+    assert total(retrieval, "meshllm_retrieval_chunks_indexed_total") >= 4
+    assert total(retrieval, "messaging_client_consumed_messages_total", outcome="handled") >= 4

@@ -13,7 +13,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from shared.topics import REQUESTS_HIGH, REQUESTS_LOW, REQUESTS_NORMAL
-from tests.e2e.conftest import Mesh
+from tests.e2e.conftest import Mesh, scrape, total
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -296,3 +296,73 @@ async def test_without_max_tokens_the_policy_limit_caps_the_answer(mesh: Mesh) -
         model="smollm2-135m-instruct", messages=QUESTION, temperature=0
     )
     assert "Paris" in (reply.choices[0].message.content or "")
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+async def test_every_service_serves_its_metrics_on_its_health_port(mesh: Mesh) -> None:
+    """After a streamed answer and two refusals (one naming a model the caller made up),
+    each service's /metrics tells of them, with SLO bounds as buckets, and a name the caller
+    chose is not a label anywhere."""
+    stream = await client(mesh).chat.completions.create(
+        model="smollm2-135m-instruct", messages=QUESTION, temperature=0, max_tokens=8, stream=True
+    )
+    async for _ in stream:
+        pass
+    made_up = "attacker-model-7f3a9c"
+    for model in ("gpt-4o", made_up):
+        with pytest.raises(openai.PermissionDeniedError):
+            await client(mesh, "user").chat.completions.create(model=model, messages=QUESTION)
+
+    gateway = await scrape(mesh, "gateway")
+    answered = {"gen_ai_operation_name": "chat", "gen_ai_request_model": "smollm2-135m-instruct"}
+    bucket = "gen_ai_server_request_duration_seconds_bucket"
+    assert {labels["le"] for labels, _ in gateway[bucket]} >= {"0.1", "0.5", "1.0"}
+    assert total(gateway, "gen_ai_server_request_duration_seconds_count", **answered) >= 1
+    assert total(gateway, "gen_ai_server_time_to_first_token_seconds_count", **answered) >= 1
+    assert total(gateway, "gen_ai_server_time_per_output_token_seconds_count", **answered) >= 1
+    assert total(gateway, "gen_ai_client_token_usage_sum", gen_ai_token_type="output") >= 1
+    assert total(gateway, "meshllm_gateway_requests_total", tenant="acme",
+                 http_response_status_code="200") >= 1  # fmt: skip
+    assert total(gateway, "meshllm_gateway_refusals_total", reason="policy_denied") >= 2
+    assert total(gateway, "meshllm_gateway_requests_total", gen_ai_request_model="other") >= 1
+    chat_route = {"http_route": "/v1/chat/completions"}
+    assert total(gateway, "http_server_request_duration_seconds_count", **chat_route) >= 3
+    assert total(gateway, "messaging_client_sent_messages_total") >= 1
+
+    router = await scrape(mesh, "router")
+    assert total(router, "meshllm_router_requests_total", pool="cpu", priority="normal") >= 1
+    assert total(router, "meshllm_router_queue_wait_seconds_count") >= 1
+    assert {labels["priority"] for labels, _ in router["meshllm_router_queue_depth"]} == {
+        "high", "normal", "low",
+    }  # fmt: skip
+    assert "meshllm_router_in_flight" in router
+    assert total(router, "messaging_client_consumed_messages_total", outcome="handled") >= 1
+    assert "meshllm_bus_consumer_lag" in router
+
+    audit = await scrape(mesh, "audit")
+    assert total(audit, "messaging_process_duration_seconds_count") >= 1
+    assert total(audit, "meshllm_audit_records_total", outcome="stored") >= 1
+    assert total(audit, "meshllm_audit_log_records", measure="size") >= 1
+    assert "meshllm_audit_log_records" in audit
+
+    deadline = time.monotonic() + 60  # the service asks its replica every probe (15 s)
+    while True:
+        inference = await scrape(mesh, "inference")
+        if total(inference, "meshllm_inference_tokens_generated_total") >= 8:
+            break
+        assert time.monotonic() < deadline, inference.get(
+            "meshllm_inference_tokens_generated_total"
+        )
+        await asyncio.sleep(1)
+    assert total(inference, "meshllm_inference_engine_steps_total") >= 8
+    assert "meshllm_inference_kv_cache_usage" in inference
+
+    for name in mesh.services:
+        text = str(await scrape(mesh, name))
+        assert made_up not in text, name
+    # the labels name tenants: the public port does not serve them
+    async with httpx.AsyncClient() as http:
+        public = await http.get(mesh.base_url.removesuffix("/v1") + "/metrics")
+    assert public.status_code == 404

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.inference.engine_protocol import EngineStats
 from services.inference.generation import (
     Completion,
     Delta,
@@ -97,6 +98,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.last_step_at = time.monotonic()
         self.steps = 0
+        self.busy_s = 0.0
+        self.generated_tokens = 0
+        self.prompt_tokens = 0
         self.threads = 0  # torch threads of the worker thread, once it runs
 
     @classmethod
@@ -158,6 +162,20 @@ class Engine:
         if (self._active or self._waiting) and idle > self.settings.stuck_after_s:
             return f"no step for {idle:.0f}s with {self.active} active, {self.waiting} waiting"
         return None
+
+    def stats(self) -> EngineStats:
+        prefix = self.prefix_cache.stats
+        return EngineStats(
+            generated_tokens=self.generated_tokens,
+            prompt_tokens=self.prompt_tokens,
+            steps=self.steps,
+            busy_s=self.busy_s,
+            kv_used_tokens=sum(self._cache.lengths),
+            kv_capacity_tokens=len(self._cache.lengths) * self.max_seq_len,
+            prefix_lookups=prefix.lookups,
+            prefix_hits=prefix.hits,
+            prefix_reused_tokens=prefix.reused_tokens,
+        )
 
     def check(self, prompt: Sequence[int], params: SamplingParams) -> None:
         """Raise :class:`InvalidRequest` if this request can never run."""
@@ -241,6 +259,7 @@ class Engine:
                     break
             if not self._active and self.settings.max_wait_ms > 0:
                 time.sleep(self.settings.max_wait_ms / 1000)  # let a batch gather
+            started = time.monotonic()
             try:
                 self._drop_cancelled()
                 self._admit()
@@ -252,6 +271,7 @@ class Engine:
                     sequence.send(error)
                     self._finish(sequence)
             self.last_step_at = time.monotonic()
+            self.busy_s += self.last_step_at - started
             self.steps += 1
         for sequence in [*self._active, *self._waiting]:
             sequence.send(RuntimeError("engine stopped"))
@@ -290,6 +310,7 @@ class Engine:
         """
         slot, prompt, block = sequence.slot, sequence.prompt, self.prefix_cache.block
         position = self.prefix_cache.load(prompt, self._cache, slot)
+        self.prompt_tokens += len(prompt) - position
         logits = torch.empty(0)
         while position < len(prompt):
             end = min(len(prompt), (position // block + 1) * block)
@@ -319,6 +340,7 @@ class Engine:
 
     def _emit(self, sequence: _Sequence, token: int) -> None:
         sequence.generated += 1
+        self.generated_tokens += 1
         sequence.last_token = token
         finish: str | None = None
         text = ""

@@ -1,0 +1,104 @@
+"""Metrics: the scrape a service answers, its buckets, and labels a caller cannot mint."""
+
+from __future__ import annotations
+
+import httpx
+from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.gateway.metrics import GatewayMetrics
+from services.inference.metrics import ReplicaStatuses
+from shared.bus.metrics import lag_of
+from shared.health import HealthServer, HealthState
+from shared.metrics import SECONDS_BUCKETS, PrometheusScrape, bounded, histogram
+from shared.settings import MeshSettings
+from shared.telemetry import Telemetry
+
+
+def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return found
+
+
+def test_every_slo_threshold_is_a_bucket_bound() -> None:
+    # P99 latency < 500 ms (the alert), TTFT panels at 100 ms and 1 s
+    assert {0.1, 0.5, 1.0} <= set(SECONDS_BUCKETS)
+    scrape = PrometheusScrape()
+    meter = MeterProvider(metric_readers=[scrape.reader]).get_meter("test")
+    latency = histogram(meter, "gen_ai.server.request.duration", unit="s", description="d")
+    latency.record(0.499)
+    latency.record(0.501)
+    buckets = {
+        labels["le"]: value
+        for labels, value in samples(scrape.render().decode())[
+            "gen_ai_server_request_duration_seconds_bucket"
+        ]
+    }
+    assert buckets["0.5"] == 1  # exactly one request within the SLO: no interpolation
+    assert buckets["1.0"] == 2
+
+
+async def test_the_health_port_serves_metrics_and_only_with_a_scrape() -> None:
+    telemetry = Telemetry(MeshSettings(), "demo")
+    meter = telemetry.meter_provider.get_meter("demo")
+    meter.create_counter("meshllm.demo.things").add(3, {"kind": "a"})
+    assert telemetry.scrape is not None
+    with_metrics = HealthServer(
+        HealthState("demo"), "127.0.0.1", 0, metrics=telemetry.scrape.render
+    )
+    without = HealthServer(HealthState("demo"), "127.0.0.1", 0)
+    await with_metrics.start()
+    await without.start()
+    try:
+        async with httpx.AsyncClient() as client:
+            reply = await client.get(f"http://127.0.0.1:{with_metrics.port}/metrics")
+            assert reply.status_code == 200
+            assert reply.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+            found = samples(reply.text)
+            assert found["meshllm_demo_things_total"] == [({"kind": "a"}, 3.0)]
+            assert found["target_info"][0][0]["service_name"] == "demo"
+            refused = await client.post(f"http://127.0.0.1:{with_metrics.port}/metrics")
+            assert refused.status_code == 405
+            missing = await client.get(f"http://127.0.0.1:{without.port}/metrics")
+            assert missing.status_code == 404
+    finally:
+        await with_metrics.stop()
+        await without.stop()
+        telemetry.shutdown()
+
+
+def test_prometheus_can_be_turned_off() -> None:
+    settings = MeshSettings.model_validate({"telemetry": {"prometheus": False}})
+    telemetry = Telemetry(settings, "demo")
+    assert telemetry.scrape is None
+    telemetry.shutdown()
+
+
+def test_a_model_name_from_the_caller_is_a_label_only_when_served() -> None:
+    assert bounded("smollm2", {"smollm2"}) == "smollm2"
+    assert bounded("anything-else", {"smollm2"}) == "other"
+    metrics = GatewayMetrics(["smollm2"])
+    assert metrics.model("x" * 10_000) == "other"
+    assert metrics.model(None) == "other"
+
+
+def test_replicas_not_heard_from_drop_out_of_the_metrics() -> None:
+    now = [0.0]
+    statuses = ReplicaStatuses(probe_interval_s=10, clock=lambda: now[0])
+    statuses.note({"replica": "a", "model": "m:1", "engine": {"generated_tokens": 5}})
+    now[0] = 20
+    statuses.note({"replica": "b", "model": "m:1"})
+    assert [labels["replica"] for labels, _ in statuses.current()] == ["a", "b"]
+    now[0] = 31  # a: three probes without an answer
+    assert [labels["replica"] for labels, _ in statuses.current()] == ["b"]
+
+
+def test_consumer_lag_is_what_the_partition_end_is_ahead() -> None:
+    assert lag_of([("t0", 110, 100), ("t1", 100, 100), ("t2", None, 7)]) == {
+        "t0": 10,
+        "t1": 0,
+        "t2": 0,  # no fetch answered yet: nothing known to be behind
+    }
