@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 SERVER_KIND = 2  # opentelemetry.proto.trace.v1.Span.SPAN_KIND_SERVER
@@ -53,9 +54,12 @@ class SpanRecord:
 
 
 def decode(payload: bytes) -> list[SpanRecord]:
-    """The spans of one ``telemetry.spans`` record."""
+    """The spans of one ``telemetry.spans`` record (none when it is not OTLP)."""
     request = ExportTraceServiceRequest()
-    request.ParseFromString(payload)
+    try:
+        request.ParseFromString(payload)
+    except DecodeError:
+        return []
     spans = []
     for resource in request.resource_spans:
         service = next(

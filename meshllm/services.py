@@ -27,5 +27,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec(name="router", module="services.router"),
     # before the gateway: it answers nothing whose audit record the store has not taken
     ServiceSpec(name="audit", module="services.audit"),
+    # SLIs from the answers' spans, alert rules; it serves no API (its /metrics shows both)
+    ServiceSpec(name="ops", module="services.ops"),
     ServiceSpec(name="gateway", module="services.gateway", edge=True),
 )

@@ -150,6 +150,7 @@ def settings_class(service: dict[str, Any]) -> type[MeshSettings]:
     from services.audit.settings import AuditSettings
     from services.gateway.settings import GatewaySettings
     from services.inference.settings import InferenceSettings
+    from services.ops.settings import OpsSettings
     from services.retrieval.settings import RetrievalSettings
     from services.router.settings import RouterSettings
 
@@ -162,6 +163,7 @@ def settings_class(service: dict[str, Any]) -> type[MeshSettings]:
             "gateway": GatewaySettings,
             "router": RouterSettings,
             "inference": InferenceSettings,
+            "ops": OpsSettings,
         }[args[1]]
     return MeshSettings
 
@@ -303,10 +305,18 @@ def test_prometheus_scrapes_every_mesh_service_on_its_health_port(
             (n, s) for n, s in services.items() if s.get("command") == ["run", spec.name]
         )
         env = environment(service)
-        assert env.get("MESHLLM_HEALTH_HOST") == "0.0.0.0", name  # reachable on the mesh
+        networks = service["networks"]
+        if isinstance(networks, dict) and "edge" in networks:
+            # on the published network too: the health port listens on the mesh address only
+            assert env["MESHLLM_HEALTH_HOST"] == networks["mesh"]["ipv4_address"], name
+        else:
+            assert networks == ["mesh"], name
+            assert env.get("MESHLLM_HEALTH_HOST") == "0.0.0.0", name  # the mesh network only
         assert f"{name}:{env['MESHLLM_HEALTH_PORT']}" in targets, name
     prometheus = services["prometheus"]
-    assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in (
-        prometheus["volumes"]
+    assert (
+        "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
+        in (prometheus["volumes"])
     )
-    assert ":" in prometheus["image"] and not prometheus["image"].endswith(":latest")
+    assert ":" in prometheus["image"]
+    assert not prometheus["image"].endswith(":latest")

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
 from starlette.requests import Request
 
 from services.gateway.auth import Authenticator, AuthError, Principal
@@ -83,6 +84,8 @@ class Admitted:
     started: float
     policy_recorded: asyncio.Future[None] | None = None
     """The policy decision's audit record: published only once it is durable too."""
+    span: trace.SpanContext | None = None
+    """The gateway's span of the request: its answer's span is a child of it."""
 
 
 def limit_key(principal: Principal) -> str:

@@ -212,11 +212,14 @@ class Gateway:
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             request.state.model = body["model"]
         admitted = await self.admission.admit(principal, body, kind, request)
+        admitted.span = trace.get_current_span().get_span_context()
         strict = admitted.principal.tenant in self.settings.audit.strict_tenants
         pending = self.relay.open(admitted.request_id, stream=admitted.event.stream and not strict)
         try:
             await self._publish(admitted, request)
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, OpenAIError):  # the broker or the audit store failed: a 5xx
+                self._answered(admitted, None, None, error)
             await self._release(admitted, pending)
             # never sent: give back what the rate limiter charged for it
             await self._settle(admitted, 0)
@@ -228,11 +231,12 @@ class Gateway:
                 media_type="text/event-stream",
                 headers=sse_headers,
             )
-        try:
-            reply = await self._final(admitted, pending, request)
-        finally:
-            await self._release(admitted, pending)
-        try:
+        reply: ev.FinalReply | None = None
+        try:  # every way this ends is one answer in the metrics and spans: 504 and 499 too
+            try:
+                reply = await self._final(admitted, pending, request)
+            finally:
+                await self._release(admitted, pending)
             whole = await self._whole(admitted, reply, body)
         except OpenAIError as error:
             self._answered(admitted, reply, None, error)
@@ -359,8 +363,15 @@ class Gateway:
         builder = ResponseBuilder(admitted.kind, admitted.request_id, admitted.event.model)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         shown: dict[int, str] = {}
-        ended = False
+        ended = recorded = False
         first_token: float | None = None
+
+        def answered(reply: ev.FinalReply | None, error: OpenAIError | None) -> None:
+            nonlocal recorded
+            if not recorded:  # once per stream, however it ends
+                recorded = True
+                self._answered(admitted, reply, first_token, error)
+
         try:
             if admitted.kind == "chat":
                 for index in range(admitted.event.sampling.n or 1):
@@ -370,7 +381,7 @@ class Gateway:
                     item = await self._next(admitted, pending, None)
                 except GatewayTimeout as error:
                     ended = True
-                    self._answered(admitted, None, first_token, error)
+                    answered(None, error)
                     yield sse(await self._interrupted(admitted, None, shown, error))
                     return
                 if isinstance(item, Delta):
@@ -380,33 +391,37 @@ class Gateway:
                     yield sse(builder.chunk(item.choice_index, item.text))
                     continue
                 ended = True
-                if isinstance(item, Diverged):
-                    self._cancel(admitted, "the re-run diverged from the text already sent")
-                    diverged = diverged_error(item)
-                    self._answered(admitted, None, first_token, diverged)
-                    yield sse(await self._interrupted(admitted, None, shown, diverged))
-                    return
-                if item.HasField("error"):
-                    failed = ReplyError(item.error)
-                    self._answered(admitted, item, first_token, failed)
-                    yield sse(await self._interrupted(admitted, item, shown, failed))
+                if isinstance(item, Diverged) or item.HasField("error"):
+                    reply = None if isinstance(item, Diverged) else item
+                    failed = self._failure_of(admitted, item)
+                    answered(reply, failed)
+                    yield sse(await self._interrupted(admitted, reply, shown, failed))
                     return
                 try:  # the end of the answer goes out only once its audit record is durable
                     await self._shielded(self._audit_response(admitted, item, 200, None))
                 except AuditUnavailable as failure:
-                    yield sse(audit_failure(failure).to_dict())
+                    refused = audit_failure(failure)
+                    answered(item, refused)
+                    yield sse(refused.to_dict())
                     return
+                answered(item, None)  # before the ending goes out: a client may leave meanwhile
                 for payload in builder.ending(item, include_usage=include_usage):
                     yield sse(payload)
                 yield "data: [DONE]\n\n"
-                self._answered(admitted, item, first_token, None)
                 return
         finally:
+            answered(None, ClientClosed("client disconnected"))  # when nothing else was
             if not ended:  # the caller went away mid-stream
-                self._answered(admitted, None, first_token, ClientClosed("client disconnected"))
                 self._cancel(admitted, "client disconnected")
                 self._spawn(self._audit_response(admitted, None, 499, "client disconnected", shown))
             await self._release(admitted, pending)
+
+    def _failure_of(self, admitted: Admitted, item: Diverged | ev.FinalReply) -> OpenAIError:
+        """The error a stream ends with: a re-run that diverged, or the reply's error."""
+        if isinstance(item, Diverged):
+            self._cancel(admitted, "the re-run diverged from the text already sent")
+            return diverged_error(item)
+        return ReplyError(item.error)
 
     async def _interrupted(
         self,
@@ -433,9 +448,12 @@ class Gateway:
         first_token_s: float | None,
         error: OpenAIError | None,
     ) -> None:
-        """Record the answer's metrics (its end: a body sent, a stream's last event)."""
+        """Record the answer's metrics and span (at its end: a body sent, a stream's last
+        event)."""
         usage = reply.usage if reply is not None else None
         self.metrics.answer(
+            parent=admitted.span,
+            tenant=admitted.principal.tenant,
             kind=admitted.kind,
             model=admitted.event.model,
             seconds=time.monotonic() - admitted.started,
@@ -443,6 +461,7 @@ class Gateway:
             output_tokens=usage.completion_tokens if usage is not None else 0,
             input_tokens=usage.prompt_tokens if usage is not None else 0,
             error=None if error is None else (error.code or error.error_type)[:64],
+            status=200 if error is None else error.status,
         )
 
     async def _release(self, admitted: Admitted, pending: Pending) -> None:

@@ -2,6 +2,11 @@
 reason; and GenAI's server metrics for the answers (duration, time to first token, time
 per output token, tokens used).
 
+Each answer is also a span, ``{operation} {model}`` (GenAI's span convention), from the
+request to the answer's end, with its tokens, time to first token, tenant and error: the
+ops service computes its SLIs from these spans on ``telemetry.spans``. (The request's
+HTTP span ends when the response starts, before a stream has said anything.)
+
 Names and attributes follow OpenTelemetry's semantic conventions for HTTP servers and
 for generative AI (``gen_ai.operation.name`` is ``chat``, ``text_completion`` or
 ``embeddings``). A model name comes from the caller's body: it is a label only when the
@@ -10,15 +15,17 @@ gateway serves that model (else ``other``), so a caller cannot mint series.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
 
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
 
 from shared.metrics import PER_TOKEN_BUCKETS, TOKEN_BUCKETS, bounded, histogram
 
 OPERATIONS = {"chat": "chat", "completion": "text_completion", "embedding": "embeddings"}
 
 _meter = metrics.get_meter("meshllm.gateway")
+_tracer = trace.get_tracer("meshllm.gateway")
 _http_duration = histogram(
     _meter,
     "http.server.request.duration",
@@ -68,8 +75,10 @@ _tokens = histogram(
 class GatewayMetrics:
     """Records one gateway's requests; ``models`` are the model names it serves."""
 
-    def __init__(self, models: Collection[str]) -> None:
+    def __init__(self, models: Collection[str], tracer: trace.Tracer | None = None) -> None:
+        """``tracer``: where the answers' spans go (default: the process's provider)."""
         self._models = frozenset(models)
+        self._tracer = tracer or _tracer
 
     def model(self, name: str | None) -> str:
         return bounded(name or "", self._models)
@@ -109,6 +118,8 @@ class GatewayMetrics:
     def answer(
         self,
         *,
+        parent: trace.SpanContext | None,
+        tenant: str,
         kind: str,
         model: str,
         seconds: float,
@@ -116,13 +127,18 @@ class GatewayMetrics:
         output_tokens: int,
         input_tokens: int,
         error: str | None,
+        status: int = 200,
     ) -> None:
         """One answer, at its end (a whole body sent, or a stream's last event)."""
         common = {
             "gen_ai.operation.name": OPERATIONS.get(kind, kind),
             "gen_ai.request.model": self.model(model),
         }
-        timed = {**common, "error.type": error} if error else common
+        self._span(parent, common, tenant=tenant, seconds=seconds, first_token_s=first_token_s,
+                   tokens=(input_tokens, output_tokens), error=error, status=status)  # fmt: skip
+        timed: dict[str, str | int] = {**common, "http.response.status_code": status}
+        if error:
+            timed["error.type"] = error
         _duration.record(seconds, timed)
         if first_token_s is not None:
             _ttft.record(first_token_s, common)
@@ -132,3 +148,39 @@ class GatewayMetrics:
             _tokens.record(input_tokens, {**common, "gen_ai.token.type": "input"})
             if kind != "embedding":
                 _tokens.record(output_tokens, {**common, "gen_ai.token.type": "output"})
+
+    def _span(
+        self,
+        parent: trace.SpanContext | None,
+        common: dict[str, str],
+        *,
+        tenant: str,
+        seconds: float,
+        first_token_s: float | None,
+        tokens: tuple[int, int],
+        error: str | None,
+        status: int,
+    ) -> None:
+        end = time.time_ns()
+        attributes: dict[str, str | int | float] = {
+            **common,
+            "gen_ai.usage.input_tokens": tokens[0],
+            "gen_ai.usage.output_tokens": tokens[1],
+            "meshllm.tenant": tenant or "anonymous",
+            "http.response.status_code": status,
+        }
+        if first_token_s is not None:
+            attributes["meshllm.time_to_first_token_s"] = first_token_s
+        if error is not None:
+            attributes["error.type"] = error
+        context = trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent else None
+        span = self._tracer.start_span(
+            f"{common['gen_ai.operation.name']} {common['gen_ai.request.model']}",
+            context=context,
+            kind=trace.SpanKind.INTERNAL,
+            attributes=attributes,
+            start_time=end - int(seconds * 1e9),
+        )
+        if error is not None:
+            span.set_status(trace.StatusCode.ERROR, error)
+        span.end(end_time=end)

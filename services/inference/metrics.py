@@ -39,7 +39,7 @@ class ReplicaStatuses:
         now = self._clock()
         for replica, (at, status) in list(self._statuses.items()):
             if now - at > self._stale_s:
-                del self._statuses[replica]
+                self._statuses.pop(replica, None)  # another thread may drop it too
                 continue
             yield {"replica": replica, "model": str(status.get("model", ""))}, status
 

@@ -52,13 +52,16 @@ class Bus:
         max_attempts: int | None = None,
         durable_dedup: bool = True,
         from_latest: bool = False,
+        rewind_s: float | None = None,
     ) -> Callable[[Handler], Handler]:
         """Register the decorated coroutine as the handler of ``topics`` for ``group``.
 
         ``durable_dedup`` keeps processed event ids in a SQLite file under the data
         directory, so redeliveries after a restart are recognised too. ``from_latest``
         makes a group without committed offsets start at the end of the log instead of
-        the beginning (for per-instance groups reading a live stream).
+        the beginning (for per-instance groups reading a live stream). ``rewind_s``
+        reads each partition from the last ``rewind_s`` seconds when this member first
+        gets it (see :class:`~shared.bus.consumer.Subscriber`).
         """
 
         def register(handler: Handler) -> Handler:
@@ -69,6 +72,7 @@ class Bus:
                 max_attempts=max_attempts,
                 idempotency=self._idempotency_store(group, durable_dedup),
                 from_latest=from_latest,
+                rewind_s=rewind_s,
             )
             return handler
 
@@ -83,6 +87,7 @@ class Bus:
         idempotency: IdempotencyStore,
         max_attempts: int | None = None,
         from_latest: bool = False,
+        rewind_s: float | None = None,
     ) -> Subscriber:
         subscriber = Subscriber(
             self.settings,
@@ -94,6 +99,7 @@ class Bus:
             max_attempts=max_attempts,
             client_id=f"{self.settings.kafka.client_id_prefix}-{self.service}",
             from_latest=from_latest,
+            rewind_s=rewind_s,
         )
         self.subscribers.append(subscriber)
         return subscriber

@@ -6,8 +6,10 @@ Delivery contract, per consumer group:
 - an event id already marked processed is skipped, so redeliveries and
   duplicate publishes reach the handler once;
 - an event that cannot be decoded, or whose envelope is unusable, goes straight to
-  ``<topic>.dlq`` with the reason; one whose handler keeps failing goes there after
-  ``max_attempts`` tries; either way the partition moves on.
+  ``<topic>.dlq`` with the reason; so does one whose handler raises
+  :class:`PoisonEvent` (reason ``rejected``: the record itself is unusable, no retry);
+  one whose handler keeps failing goes there after ``max_attempts`` tries; either way
+  the partition moves on.
 """
 
 from __future__ import annotations
@@ -74,10 +76,14 @@ Batch = Any  # aiokafka's getmany: dict[TopicPartition, list[ConsumerRecord]], u
 class _Membership(ConsumerRebalanceListener):  # type: ignore[misc]
     joined = False
 
+    def __init__(self, on_assigned: Callable[[list[TopicPartition]], Awaitable[None]]) -> None:
+        self._on_assigned = on_assigned
+
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         self.joined = False
 
-    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self._on_assigned(assigned)
         self.joined = True
 
 
@@ -104,7 +110,11 @@ class Subscriber:
         max_attempts: int | None = None,
         client_id: str = "meshllm",
         from_latest: bool = False,
+        rewind_s: float | None = None,
     ) -> None:
+        """``rewind_s``: a partition this member is given for the first time is read from
+        the records of the last ``rewind_s`` seconds, whatever the group committed (for
+        consumers whose state is the recent past, such as the ops service's windows)."""
         if not topics:
             raise ValueError("a subscriber needs at least one topic")
         self._settings = settings
@@ -124,7 +134,9 @@ class Subscriber:
         self._drain_deadline = 0.0
         self._drain_targets: dict[TopicPartition, int] | None = None
         self.failure: BaseException | None = None
-        self._membership = _Membership()
+        self._membership = _Membership(self._on_assigned)
+        self._rewind_s = rewind_s
+        self._rewound: set[TopicPartition] = set()
         self._wake: WakeListener | None = None
         self.lag: dict[TopicPartition, int] = {}  # records behind, at the last commit
         bus_metrics.watch_lag(self)
@@ -163,6 +175,22 @@ class Subscriber:
         self._consumer.subscribe(list(self._topics), listener=self._membership)
         await self._consumer.start()
         self._task = asyncio.create_task(self._run(), name=f"subscriber:{self.group}")
+
+    async def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        consumer = self._consumer
+        fresh = [tp for tp in assigned if tp not in self._rewound]
+        if self._rewind_s is None or consumer is None or not fresh:
+            return
+        since_ms = int((time.time() - self._rewind_s) * 1000)
+        found = await consumer.offsets_for_times(dict.fromkeys(fresh, since_ms))
+        for tp in fresh:
+            at = found.get(tp)
+            if at is None:  # nothing that recent: from the end
+                await consumer.seek_to_end(tp)
+            else:
+                consumer.seek(tp, at.offset)
+            self._rewound.add(tp)
+        log.info("rewound", group=self.group, seconds=self._rewind_s, partitions=len(fresh))
 
     def _open_wake_listener(self) -> WakeListener | None:
         directory = wake_directory(self._settings)
@@ -269,7 +297,8 @@ class Subscriber:
                     *(self._handle_partition(tp, records) for tp, records in batch.items())
                 )
                 await consumer.commit(dict(committed))
-                self.lag.update(
+                assigned = consumer.assignment()  # a revoked partition is another's to report
+                self.lag = {tp: n for tp, n in self.lag.items() if tp in assigned} | (
                     bus_metrics.lag_of((tp, consumer.highwater(tp), next_offset)
                                        for tp, next_offset in committed)
                 )  # fmt: skip
@@ -408,11 +437,14 @@ class Subscriber:
                     max_attempts=self._max_attempts,
                     error=f"{type(error).__name__}: {error}",
                 )
-                if attempt == self._max_attempts:
+                # a handler that found the record unusable (PoisonEvent) is not asked again
+                poison = isinstance(error, PoisonEvent)
+                if attempt == self._max_attempts or poison:
                     self._processed_in(record.topic, started, type(error).__name__)
                     span.set_status(trace.StatusCode.ERROR, f"dead-lettered: {error}")
+                    reason = "rejected" if poison else "handler_failed"
                     await self._dead_letter(
-                        record, headers, reason="handler_failed", error=error, attempts=attempt
+                        record, headers, reason=reason, error=error, attempts=attempt
                     )
                     return "dead_letter"
                 await asyncio.sleep(backoff * 2 ** (attempt - 1))

@@ -230,13 +230,11 @@ class WorkConsumer(Subscriber):
         if offsets:
             await consumer.commit(offsets)
             self._committed.update(offsets)
-        # records behind each partition's end: fetched-but-waiting ones count as behind
-        self.lag.update(
-            bus_metrics.lag_of(
-                (tp, consumer.highwater(tp), offset)
-                for tp, offset in self._committed.items()
-                if tp in assigned
-            )
+        # records behind each assigned partition's end: fetched-but-waiting ones count
+        self.lag = bus_metrics.lag_of(
+            (tp, consumer.highwater(tp), offset)
+            for tp, offset in self._committed.items()
+            if tp in assigned
         )
 
     async def _finish_in_flight(self, consumer: AIOKafkaConsumer) -> None:

@@ -76,7 +76,7 @@ class Mesh:
         )
 
 
-SERVICES = ("inference", "retrieval", "router", "audit", "gateway")
+SERVICES = ("inference", "retrieval", "router", "audit", "ops", "gateway")
 # tenant initech has its audit text redacted; the others keep it (the default)
 PII_TENANTS = {"initech": {"audit": {"enabled": True}}}
 

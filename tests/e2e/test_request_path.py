@@ -366,3 +366,22 @@ async def test_every_service_serves_its_metrics_on_its_health_port(mesh: Mesh) -
     async with httpx.AsyncClient() as http:
         public = await http.get(mesh.base_url.removesuffix("/v1") + "/metrics")
     assert public.status_code == 404
+
+
+async def test_the_ops_service_computes_slis_from_the_answers_spans(mesh: Mesh) -> None:
+    """gateway answer span -> telemetry.spans -> ops: the answer is in its SLIs."""
+    stream = await client(mesh).chat.completions.create(
+        model="smollm2-135m-instruct", messages=QUESTION, temperature=0, max_tokens=4, stream=True
+    )
+    async for _ in stream:
+        pass
+    deadline = time.monotonic() + 30
+    while True:
+        ops = await scrape(mesh, "ops")
+        chat = {"operation": "chat", "model": "smollm2-135m-instruct", "window": "300s"}
+        if total(ops, "meshllm_ops_sli", indicator="p99_s", **chat) > 0:
+            break
+        assert time.monotonic() < deadline, ops.get("meshllm_ops_sli")
+        await asyncio.sleep(0.5)
+    assert total(ops, "meshllm_ops_answers_total") >= 1
+    assert total(ops, "meshllm_ops_sli", indicator="ttft_p99_s", **chat) > 0
