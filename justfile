@@ -125,6 +125,11 @@ bench-mesh *args:
     {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
     {{python}} -m benchmarks.mesh_bench {{args}}
 
+# What metrics, span export and the ops loop cost the mesh: on and off, in one run.
+[group('bench')]
+bench-telemetry *args:
+    {{python}} -m benchmarks.telemetry_overhead {{args}}
+
 # The product as users run it: `meshllm up` through the gateway with the openai client, against
 # our engine in process, llama-cpp-python and llama.cpp's own server (continuous batching).
 # llama-server is built once into .bench-build/ from the installed llama-cpp-python's sources;

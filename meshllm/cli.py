@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from meshllm.access import api_key, base_url, ensure_dev_key, gateway_settings, greeting
+from meshllm.ops_cli import alerts, ops_app, top
 from meshllm.services import SERVICES
 from meshllm.supervisor import Supervisor, state_path
 from shared.logging import configure_logging
@@ -52,8 +53,9 @@ audit_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(audit_app, name="audit")
-ops_app = typer.Typer(help="The ops service's alert rules.", no_args_is_help=True)
 app.add_typer(ops_app, name="ops")
+app.command()(top)
+app.command()(alerts)
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
@@ -714,28 +716,3 @@ def _service_row(name: str, service: dict[str, Any], host: str) -> dict[str, Any
         "ready": ready,
         "detail": detail,
     }
-
-
-@ops_app.command("prometheus-rules")
-def ops_prometheus_rules(
-    rules: Annotated[
-        Path | None, typer.Option(help="The rules file (default: the bundled rules.yaml).")
-    ] = None,
-    out: Annotated[Path | None, typer.Option(help="Write them to this file.")] = None,
-) -> None:
-    """Print (or write) the alert rules as Prometheus alerting rules (promtool-checkable)."""
-    from services.ops.alerts import DEFAULT_RULES, RulesError, load_rules
-    from services.ops.prometheus_rules import NotExportable, rules_file_text
-
-    path = rules or DEFAULT_RULES
-    source = "services/ops/rules.yaml" if rules is None else str(rules)
-    try:
-        text = rules_file_text(load_rules(path), source)
-    except (RulesError, NotExportable) as error:
-        errors.print(f"[red]{escape(str(error))}[/red]")
-        raise typer.Exit(2) from None
-    if out is None:
-        print(text, end="")
-    else:
-        out.write_text(text)
-        errors.print(f"wrote {out}")

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -190,6 +191,22 @@ async def test_meshllm_up_then_down_from_the_command_line(tmp_path: Path) -> Non
         answer = chat.stdout.read() if chat.stdout else ""
         assert chat.wait(60) == 0, answer
         assert "Paris" in answer
+        # the ops loop at a terminal: the answers are in `meshllm top`, nothing is firing
+        deadline = time.monotonic() + 60
+        while True:
+            top = meshllm("top", "--once", "--window", "300s", data_dir=tmp_path,
+                          COLUMNS="200")  # fmt: skip
+            shown = top.stdout.read() if top.stdout else ""
+            assert top.wait(30) == 0, shown
+            if "smollm2-135m-instruct" in shown:
+                break
+            assert time.monotonic() < deadline, shown
+            await asyncio.sleep(1)
+        assert "no alert firing" in shown
+        alerts = meshllm("alerts", "--json", data_dir=tmp_path)
+        listed = alerts.stdout.read() if alerts.stdout else ""
+        assert alerts.wait(90) == 0, listed
+        assert json.loads(listed) == []
     except BaseException:
         up.send_signal(signal.SIGINT)  # never leave a mesh running behind a failed test
         up.wait(120)

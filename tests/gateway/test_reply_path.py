@@ -474,3 +474,43 @@ async def test_a_rerun_that_answers_differently_is_never_spliced(mesh: Mesh) -> 
     record = await response_record(mesh, seen.request_id)
     assert record.response.status_code == 502
     assert record.response.choices[0].text == words(3)
+
+
+async def test_every_request_is_one_answer_span_however_it_ends(mesh: Mesh) -> None:
+    """The ops service's error rate counts what the clients got: a whole answer past its
+    deadline (504) and a request refused because its record could not be stored (503) are
+    one answer each, with their status, as a good stream is."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from services.gateway.metrics import GatewayMetrics
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "gateway"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    settings = mesh.gateway.settings
+    kept = mesh.gateway.metrics
+    mesh.gateway.metrics = GatewayMetrics(
+        [*settings.models, *settings.embedding_models], tracer=provider.get_tracer("test")
+    )
+    try:
+        assert (await stream(mesh, chat(max_tokens=3))).status == 200
+        mesh.first.token_delay_s = 0.2
+        settings.request_timeout_s = 1.0
+        assert (await stream(mesh, chat(max_tokens=50, stream=False))).status == 504
+        await slots_freed(mesh)
+        settings.request_timeout_s = TIMEOUT_S
+        mesh.break_audit(spool_too=True)
+        assert (await stream(mesh, chat(max_tokens=3))).status == 503
+        await poll_until(lambda: len(exporter.get_finished_spans()) >= 3, message="3 spans")
+        spans = exporter.get_finished_spans()
+        assert [s.attributes["http.response.status_code"] for s in spans] == [200, 504, 503]
+        assert [s.attributes.get("error.type") for s in spans] == [
+            None, "deadline_exceeded", "server_error",
+        ]  # fmt: skip
+        assert all(s.name == "chat smollm2-135m-instruct" for s in spans)
+    finally:
+        mesh.gateway.metrics = kept
+        provider.shutdown()

@@ -1,0 +1,253 @@
+"""The ops loop at a terminal: ``meshllm top``, ``meshllm alerts``, ``meshllm ops ...``.
+
+``top`` reads the ops service's ``/metrics`` (its SLIs per operation and model, the alerts
+firing) and shows them, refreshed; ``alerts`` reads ``ops.alerts`` from the broker and
+shows each alert's latest state. Both find the running mesh as ``meshllm status`` does
+(its state file), or take ``--url`` / the broker settings for a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+
+from meshllm.supervisor import state_path
+from shared.settings import MeshSettings, SettingsError, load_settings
+
+ops_app = typer.Typer(help="The ops service's alert rules.", no_args_is_help=True)
+console = Console()
+errors = Console(stderr=True, soft_wrap=True)
+
+COLUMNS = (  # (indicator, header, scale, format)
+    ("rate_per_s", "req/s", 1.0, "{:.2f}"),
+    ("error_rate", "errors", 100.0, "{:.2f}%"),
+    ("p50_s", "p50 ms", 1000.0, "{:.0f}"),
+    ("p99_s", "p99 ms", 1000.0, "{:.0f}"),
+    ("ttft_p99_s", "TTFT p99 ms", 1000.0, "{:.0f}"),
+    ("tokens_per_s", "tok/s", 1.0, "{:.1f}"),
+)
+
+
+def _settings() -> MeshSettings:
+    try:
+        return load_settings(MeshSettings, service_name="meshllm")
+    except SettingsError as error:
+        errors.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _state(settings: MeshSettings) -> dict[str, Any] | None:
+    try:
+        return json.loads(state_path(settings).read_text())  # type: ignore[no-any-return]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def ops_metrics_url(settings: MeshSettings) -> str | None:
+    """The running mesh's ops service's /metrics, from the state file (None: not running)."""
+    state = _state(settings)
+    ops = (state or {}).get("services", {}).get("ops")
+    if not state or not ops:
+        return None
+    return f"http://{state['health_host']}:{ops['health_port']}/metrics"
+
+
+Slis = dict[tuple[str, ...], dict[str, float]]
+
+
+def parse_ops_metrics(text: str) -> tuple[Slis, list[dict[str, str]]]:
+    """({(operation, model, window): {indicator: value}}, [firing alert labels])."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    slis: Slis = {}
+    firing: list[dict[str, str]] = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "meshllm_ops_sli":
+                key = (
+                    labels.get("operation", ""),
+                    labels.get("model", ""),
+                    labels.get("window", ""),
+                )
+                slis.setdefault(key, {})[labels.get("indicator", "")] = float(sample.value)
+            elif sample.name == "meshllm_ops_alerts_firing" and sample.value > 0:
+                firing.append(dict(labels))
+    return slis, firing
+
+
+def render_top(text: str, window: str) -> Table:
+    slis, firing = parse_ops_metrics(text)
+    table = Table(title=f"meshllm top: answers over the last {window} (from their spans)")
+    for header in ("operation", "model", *(column[1] for column in COLUMNS)):
+        table.add_column(header, justify="left" if header in {"operation", "model"} else "right")
+    for (operation, model, found_window), values in sorted(slis.items()):
+        if found_window != window:
+            continue
+        cells = []
+        for indicator, _, scale, shape in COLUMNS:
+            value = values.get(indicator)
+            cells.append("-" if value is None else shape.format(value * scale))
+        table.add_row(escape(operation), escape(model), *cells)
+    if not table.rows:
+        table.add_row("-", "no answers in this window", *("" for _ in COLUMNS))
+    caption = ", ".join(_alert_text(alert) for alert in firing)
+    table.caption = f"firing: {caption}" if firing else "no alert firing"
+    return table
+
+
+def _alert_text(alert: dict[str, str]) -> str:
+    labels = "".join(
+        f", {escape(k)}={escape(v)}"
+        for k, v in sorted(alert.items())
+        if k not in {"rule", "severity"}
+    )
+    return (
+        f"[red]{escape(alert.get('rule', '?'))}[/red] ({escape(alert.get('severity', ''))}{labels})"
+    )
+
+
+def top(
+    url: Annotated[
+        str | None, typer.Option(help="The ops service's /metrics (default: the running mesh's).")
+    ] = None,
+    window: Annotated[str, typer.Option(help="60s or 300s.")] = "60s",
+    interval: Annotated[float, typer.Option(min=0.5, help="Seconds between refreshes.")] = 2.0,
+    once: Annotated[bool, typer.Option("--once", help="Print once and exit.")] = False,
+) -> None:
+    """A live view of the SLIs per operation and model, and the alerts firing."""
+    if window not in {"60s", "300s"}:
+        errors.print("[red]--window: 60s or 300s[/red]")
+        raise typer.Exit(2)
+    target = url or ops_metrics_url(_settings())
+    if target is None:
+        errors.print("no ops service is running here (start the mesh with `meshllm up`, or --url)")
+        raise typer.Exit(1)
+
+    def fetch() -> Table:
+        try:
+            return render_top(httpx.get(target, timeout=5).text, window)
+        except httpx.HTTPError as error:
+            raise typer.Exit(_unreachable(target, error)) from None
+
+    if once:
+        console.print(fetch())
+        return
+    with Live(fetch(), console=console, auto_refresh=False) as live:
+        while True:
+            time.sleep(interval)
+            live.update(fetch(), refresh=True)
+
+
+def _unreachable(target: str, error: Exception) -> int:
+    errors.print(f"[red]no answer from {escape(target)}: {escape(str(error))}[/red]")
+    return 1
+
+
+async def read_alerts(settings: MeshSettings, bootstrap: str) -> dict[str, Any]:
+    """Every alert's latest event on ops.alerts, by alert id."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from google.protobuf.message import DecodeError
+
+    from shared.bus.security import client_options
+    from shared.events.v1 import events_pb2 as ev
+    from shared.topics import OPS_ALERTS
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, **client_options(settings.kafka)
+    )
+    await consumer.start()
+    latest: dict[str, Any] = {}
+    try:
+        partitions = [TopicPartition(OPS_ALERTS.name, p) for p in range(OPS_ALERTS.partitions)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        while any([await consumer.position(tp) < ends[tp] for tp in partitions]):
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    try:
+                        alert = ev.OpsAlert.FromString(record.value or b"")
+                    except DecodeError:
+                        continue
+                    latest[alert.alert_id] = alert
+    finally:
+        await consumer.stop()
+    return latest
+
+
+def alerts(
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Resolved alerts too (ops.alerts keeps 7 days).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """The alerts firing now (each alert's latest event on ops.alerts)."""
+    from google.protobuf.json_format import MessageToDict
+
+    from shared.events.v1 import events_pb2 as ev
+
+    settings = _settings()
+    state = _state(settings)
+    bootstrap = str(state["bootstrap"]) if state else settings.kafka.bootstrap
+    try:
+        latest = asyncio.run(asyncio.wait_for(read_alerts(settings, bootstrap), 60))
+    except (OSError, TimeoutError) as error:
+        errors.print(f"[red]cannot read ops.alerts from {escape(bootstrap)}: {error}[/red]")
+        raise typer.Exit(1) from None
+    except Exception as error:  # aiokafka's connection errors
+        errors.print(f"[red]cannot read ops.alerts from {escape(bootstrap)}: {error}[/red]")
+        raise typer.Exit(1) from None
+    shown = [a for a in latest.values() if show_all or a.state == ev.ALERT_STATE_FIRING]
+    if as_json:
+        print(json.dumps([MessageToDict(a, preserving_proto_field_name=True) for a in shown]))
+        return
+    table = Table(title="alerts" + (" (latest state of each)" if show_all else " firing"))
+    for header in ("state", "rule", "severity", "labels", "value", "threshold", "since"):
+        table.add_column(header)
+    for alert in sorted(shown, key=lambda a: a.envelope.occurred_at.ToNanoseconds()):
+        table.add_row(
+            ev.AlertState.Name(alert.state).removeprefix("ALERT_STATE_").lower(),
+            escape(alert.rule),
+            escape(alert.severity),
+            escape(", ".join(f"{k}={v}" for k, v in sorted(alert.labels.items()))),
+            f"{alert.value:.4g}",
+            f"{alert.threshold:g}",
+            alert.envelope.occurred_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC"),
+        )
+    console.print(table if shown else "no alert firing" if not show_all else "no alert yet")
+
+
+@ops_app.command("prometheus-rules")
+def ops_prometheus_rules(
+    rules: Annotated[
+        Path | None, typer.Option(help="The rules file (default: the bundled rules.yaml).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write them to this file.")] = None,
+) -> None:
+    """Print (or write) the alert rules as Prometheus alerting rules (promtool-checkable)."""
+    from services.ops.alerts import DEFAULT_RULES, RulesError, load_rules
+    from services.ops.prometheus_rules import NotExportable, rules_file_text
+
+    path = rules or DEFAULT_RULES
+    source = "services/ops/rules.yaml" if rules is None else str(rules)
+    try:
+        text = rules_file_text(load_rules(path), source)
+    except (RulesError, NotExportable) as error:
+        errors.print(f"[red]{escape(str(error))}[/red]")
+        raise typer.Exit(2) from None
+    if out is None:
+        print(text, end="")
+    else:
+        out.write_text(text)
+        errors.print(f"wrote {out}")
