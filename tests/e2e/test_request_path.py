@@ -359,9 +359,15 @@ async def test_every_service_serves_its_metrics_on_its_health_port(mesh: Mesh) -
     assert total(inference, "meshllm_inference_engine_steps_total") >= 8
     assert "meshllm_inference_kv_cache_usage" in inference
 
+    exported: set[str] = set()
     for name in mesh.services:
-        text = str(await scrape(mesh, name))
-        assert made_up not in text, name
+        scraped = await scrape(mesh, name)
+        exported |= set(scraped)
+        assert made_up not in str(scraped), name
+    # every metric a dashboard panel selects is one the services export
+    from tests.ops.test_dashboards import EVENT_ONLY, dashboard_metrics
+
+    assert dashboard_metrics() - exported - set(EVENT_ONLY) == set()
     # the labels name tenants: the public port does not serve them
     async with httpx.AsyncClient() as http:
         public = await http.get(mesh.base_url.removesuffix("/v1") + "/metrics")
