@@ -25,9 +25,10 @@ from rich.table import Table
 from meshllm.access import api_key, base_url, ensure_dev_key, gateway_settings, greeting
 from meshllm.ops_cli import alerts, ops_app, top
 from meshllm.services import SERVICES
-from meshllm.supervisor import Supervisor, state_path
+from meshllm.state import cli_settings, read_state
+from meshllm.supervisor import Supervisor
 from shared.logging import configure_logging
-from shared.settings import MeshSettings, SettingsError, load_settings
+from shared.settings import SettingsError, load_settings
 from shared.topics import REGISTRY
 
 if TYPE_CHECKING:
@@ -60,12 +61,8 @@ console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
 
-def _settings() -> MeshSettings:
-    try:
-        return load_settings(MeshSettings, service_name="meshllm")
-    except SettingsError as error:
-        errors.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
+_settings = cli_settings
+_read_state = read_state
 
 
 @app.command()
@@ -655,14 +652,6 @@ def audit_checkpoints(
             str(item.tree_size), item.root_hash.hex(), iso(item.timestamp_ns), item.key_id
         )
     console.print(table)
-
-
-def _read_state(settings: MeshSettings) -> dict[str, Any] | None:
-    path = state_path(settings)
-    try:
-        return json.loads(path.read_text())  # type: ignore[no-any-return]
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def _alive(pid: object) -> bool:

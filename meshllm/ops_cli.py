@@ -21,8 +21,8 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from meshllm.supervisor import state_path
-from shared.settings import MeshSettings, SettingsError, load_settings
+from meshllm.state import cli_settings, read_state
+from shared.settings import MeshSettings
 
 ops_app = typer.Typer(help="The ops service's alert rules.", no_args_is_help=True)
 console = Console()
@@ -38,24 +38,9 @@ COLUMNS = (  # (indicator, header, scale, format)
 )
 
 
-def _settings() -> MeshSettings:
-    try:
-        return load_settings(MeshSettings, service_name="meshllm")
-    except SettingsError as error:
-        errors.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
-
-
-def _state(settings: MeshSettings) -> dict[str, Any] | None:
-    try:
-        return json.loads(state_path(settings).read_text())  # type: ignore[no-any-return]
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def ops_metrics_url(settings: MeshSettings) -> str | None:
     """The running mesh's ops service's /metrics, from the state file (None: not running)."""
-    state = _state(settings)
+    state = read_state(settings)
     ops = (state or {}).get("services", {}).get("ops")
     if not state or not ops:
         return None
@@ -129,7 +114,7 @@ def top(
     if window not in {"60s", "300s"}:
         errors.print("[red]--window: 60s or 300s[/red]")
         raise typer.Exit(2)
-    target = url or ops_metrics_url(_settings())
+    target = url or ops_metrics_url(cli_settings())
     if target is None:
         errors.print("no ops service is running here (start the mesh with `meshllm up`, or --url)")
         raise typer.Exit(1)
@@ -197,8 +182,8 @@ def alerts(
 
     from shared.events.v1 import events_pb2 as ev
 
-    settings = _settings()
-    state = _state(settings)
+    settings = cli_settings()
+    state = read_state(settings)
     bootstrap = str(state["bootstrap"]) if state else settings.kafka.bootstrap
     try:
         latest = asyncio.run(asyncio.wait_for(read_alerts(settings, bootstrap), 60))
