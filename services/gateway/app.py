@@ -269,16 +269,26 @@ class Gateway:
         record.priority = admitted.event.priority
         record.source_address = request.client.host if request.client else ""
         # all go out together; the request is answered only if the records of its policy
-        # decision and of itself are durable
+        # decision and of itself are durable. The request's own publish is bounded by its
+        # deadline: a broker (or a producer buffer) that never takes it is a 503, not a
+        # request that hangs for ever (the audit record has its own bound and spool).
+        remaining = self.settings.request_timeout_s - (time.monotonic() - admitted.started)
         outcomes: tuple[Any, ...] = await asyncio.gather(
             self.audit.record(audit, key=admitted.request_id, tenant=tenant),
-            self.publisher.publish(topic, admitted.event, key=admitted.request_id, tenant=tenant),
+            asyncio.wait_for(
+                self.publisher.publish(
+                    topic, admitted.event, key=admitted.request_id, tenant=tenant
+                ),
+                max(remaining, 0.001),
+            ),
             _done(admitted.policy_recorded),
             return_exceptions=True,
         )
         recorded, published, policy_recorded = outcomes
         if not isinstance(recorded, BaseException):
             recorded = policy_recorded
+        if isinstance(published, TimeoutError):  # it may still reach the broker: stop it there
+            self._cancel(admitted, "not published within the deadline")
         if isinstance(published, BaseException):
             log.warning(
                 "request not published", request_id=admitted.request_id, error=str(published)

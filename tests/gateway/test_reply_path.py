@@ -514,3 +514,39 @@ async def test_every_request_is_one_answer_span_however_it_ends(mesh: Mesh) -> N
     finally:
         mesh.gateway.metrics = kept
         provider.shutdown()
+
+
+async def test_a_request_the_broker_never_takes_is_503_at_its_deadline(mesh: Mesh) -> None:
+    """A publish that never completes (a broker, or a producer buffer, that takes nothing)
+    ends at the request's deadline with a 503 and gives the slot back; it does not hang."""
+    from shared.topics import REQUESTS_NORMAL
+
+    gateway = mesh.gateway
+    real = gateway.publisher
+    never = asyncio.Event()
+
+    class Stuck:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        async def publish(self, topic: Any, event: Any, **options: Any) -> Any:
+            if topic is REQUESTS_NORMAL:
+                await never.wait()  # the request itself is never taken
+            return await real.publish(topic, event, **options)
+
+    gateway.publisher = Stuck()  # type: ignore[assignment]
+    gateway.settings.request_timeout_s = 1.0
+    try:
+        started = time.monotonic()
+        marker = f"never taken {uuid.uuid4().hex}"
+        body = chat(max_tokens=3, stream=False)
+        body["messages"] = [{"role": "user", "content": marker}]
+        seen = await stream(mesh, body)
+        assert seen.status == 503
+        assert seen.body is not None
+        assert "did not take the request" in seen.body["error"]["message"]
+        assert time.monotonic() - started < 10
+        asked = [b for r in mesh.replicas for b in r.behaviour.bodies]
+        assert marker not in json.dumps(asked)  # it never reached a replica
+    finally:
+        gateway.publisher = real
