@@ -25,7 +25,7 @@ from rich.table import Table
 from meshllm.access import api_key, base_url, ensure_dev_key, gateway_settings, greeting
 from meshllm.ops_cli import alerts, ops_app, top
 from meshllm.services import SERVICES
-from meshllm.state import cli_settings, read_state
+from meshllm.state import cli_settings, read_state, service_settings
 from meshllm.supervisor import Supervisor
 from shared.logging import configure_logging
 from shared.settings import SettingsError, load_settings
@@ -426,11 +426,7 @@ def keys_revoke(
 def _audit_settings() -> AuditSettings:
     from services.audit.settings import AuditSettings
 
-    try:
-        return load_settings(AuditSettings, service_name="audit")
-    except SettingsError as error:
-        errors.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
+    return service_settings(AuditSettings, "audit")
 
 
 def _audit_store(db: Path | None, opensearch: str | None, index_prefix: str | None) -> AuditStore:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -12,12 +12,18 @@ from meshllm.supervisor import state_path
 from shared.settings import MeshSettings, SettingsError, load_settings
 
 errors = Console(stderr=True, soft_wrap=True)
+S = TypeVar("S", bound=MeshSettings)
 
 
 def cli_settings() -> MeshSettings:
     """The mesh's settings as the command line reads them; exit 2 naming a bad one."""
+    return service_settings(MeshSettings, "meshllm")
+
+
+def service_settings(kind: type[S], service_name: str) -> S:
+    """A service's settings as the command line reads them; exit 2 naming a bad one."""
     try:
-        return load_settings(MeshSettings, service_name="meshllm")
+        return load_settings(kind, service_name=service_name)
     except SettingsError as error:
         errors.print(f"[red]{error}[/red]")
         raise typer.Exit(2) from None

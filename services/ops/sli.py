@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from ddsketch import DDSketch
 
 from services.ops.spans import Answer
+from shared.metrics import OTHER
 
 DIMENSIONS = ("operation", "model", "tenant")
 RELATIVE_ACCURACY = 0.01
 MAX_SKEW_S = 60.0
 MAX_CELLS = 1000
-OTHER = "other"
 
 Labels = tuple[tuple[str, str], ...]
 """A group's labels, e.g. (("model", "smollm2"),); () is everything."""
