@@ -130,6 +130,10 @@ bench-mesh *args:
 bench-telemetry *args:
     {{python}} -m benchmarks.telemetry_overhead {{args}}
 
+# The ops loop's drill: a surge past one chat replica, the P99 alert, scale-out to two, recovery.
+bench-ops-loop *args:
+    {{python}} -m benchmarks.ops_loop {{args}}
+
 # The product as users run it: `meshllm up` through the gateway with the openai client, against
 # our engine in process, llama-cpp-python and llama.cpp's own server (continuous batching).
 # llama-server is built once into .bench-build/ from the installed llama-cpp-python's sources;

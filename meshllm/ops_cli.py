@@ -71,6 +71,21 @@ def parse_ops_metrics(text: str) -> tuple[Slis, list[dict[str, str]]]:
     return slis, firing
 
 
+def parse_capacity(text: str) -> tuple[dict[str, int], int | None]:
+    """({deployment: replicas}, the router's backlog) as the ops service knows them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    replicas: dict[str, int] = {}
+    backlog = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "meshllm_ops_replicas":
+                replicas[sample.labels.get("deployment", "?")] = int(sample.value)
+            elif sample.name == "meshllm_ops_backlog":
+                backlog = int(sample.value)
+    return replicas, backlog
+
+
 def render_top(text: str, window: str) -> Table:
     slis, firing = parse_ops_metrics(text)
     table = Table(title=f"meshllm top: answers over the last {window} (from their spans)")
@@ -88,6 +103,11 @@ def render_top(text: str, window: str) -> Table:
         table.add_row("-", "no answers in this window", *("" for _ in COLUMNS))
     caption = ", ".join(_alert_text(alert) for alert in firing)
     table.caption = f"firing: {caption}" if firing else "no alert firing"
+    replicas, backlog = parse_capacity(text)
+    if replicas or backlog is not None:
+        counts = ", ".join(f"{escape(name)} {count}" for name, count in sorted(replicas.items()))
+        waiting = "unknown" if backlog is None else str(backlog)
+        table.caption += f"\nreplicas: {counts or 'unknown'}; requests waiting: {waiting}"
     return table
 
 

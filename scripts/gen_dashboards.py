@@ -97,9 +97,15 @@ PANELS: tuple[Panel, ...] = (
     Panel("Refusals by reason", "reqps", (
         (rate("meshllm_gateway_refusals_total", "reason"), "{{reason}}"),
     )),
+    Panel("Replicas and the queue (ops service's scaling)", "short", (
+        ("max by (deployment) (meshllm_ops_replicas)", "replicas: {{deployment}}"),
+        ("max(meshllm_ops_backlog)", "requests the router has not finished"),
+        ("sum by (deployment, reason) (increase(meshllm_ops_scaling_decisions_total[5m]))",
+         "decisions: {{deployment}} {{reason}}"),
+    ), description="Replica counts the ops loop decided, and what it decided from"),
     Panel("Alerts firing (ops service)", "short", (
         ("sum by (rule) (meshllm_ops_alerts_firing)", "{{rule}}"),
-    ), width=24),
+    )),
 )  # fmt: skip
 
 

@@ -87,9 +87,9 @@ AUDIT_EVENTS = Topic(
     key="request_id",
     partitions=3,
     retention_ms=7 * DAY_MS,
-    producers=("gateway", "router"),
+    producers=("gateway", "router", "ops"),
     consumers=("audit",),
-    description="Requests, responses, routing and policy decisions, for the audit store.",
+    description="Requests, responses, routing, policy and scaling decisions, for the audit store.",
 )
 AUDIT_CHECKPOINTS = Topic(
     name="audit.checkpoints",
@@ -178,8 +178,9 @@ OPS_SCALING = Topic(
     partitions=1,
     retention_ms=DAY_MS,
     producers=("ops",),
-    consumers=("inference",),
-    description="Replica targets decided by the ops loop.",
+    consumers=("inference", "ops"),
+    description="Replica targets decided by the ops loop (which reads its recent ones back "
+    "after a restart, for its cooldowns).",
 )
 KB_INGEST = Topic(
     name="kb.ingest",

@@ -13,17 +13,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import uuid
 from collections.abc import Awaitable
 from typing import Any
 
 from services.inference import metrics as inference_metrics
 from services.inference.metrics import ReplicaStatuses
 from services.inference.registry import ModelRegistry, UnknownModel, ensure_default
+from services.inference.scaling import ReplicaControl
 from services.inference.settings import InferenceSettings
 from shared.bus import Bus
 from shared.health import HealthState
 from shared.logging import get_logger
 from shared.service import run_service
+from shared.topics import OPS_SCALING
 
 log = get_logger("services.inference")
 
@@ -62,7 +65,7 @@ class Readiness:
     def liveness(self) -> str | None:
         return self.failure
 
-    async def probe_forever(self, chat: Any, app_name: str) -> None:
+    async def probe_forever(self, chat: Any, app_name: str, control: ReplicaControl) -> None:
         """Until the chat deployment has answered a one-token request, send one; then ask
         its replicas for their status now and then (cheap: no generation while idle;
         Serve's own health check finds a stuck engine). Note the app's status from Serve."""
@@ -82,9 +85,22 @@ class Readiness:
                 status = await asyncio.to_thread(serve.status)
                 app = status.applications.get(app_name)
                 state = str(app.status) if app is not None else "missing"
+                if app is not None:
+                    control.running = {
+                        name: sum(
+                            count
+                            for state, count in deployment.replica_states.items()
+                            if state == "RUNNING"  # a str enum
+                        )
+                        for name, deployment in app.deployments.items()
+                    }
                 self.failure = f"application {app_name} is {state}" if "FAILED" in state else None
             except Exception as error:
                 self.failure = f"Serve status unavailable: {error}"[:500]
+            try:
+                await asyncio.wait_for(control.report(), 10)
+            except Exception as error:  # the next round tells it again
+                log.warning("replica counts unpublished", error=f"{type(error).__name__}: {error}")
             await asyncio.sleep(PROBE_INTERVAL_S if self.ready_problem is None else 1.0)
 
 
@@ -100,21 +116,25 @@ def _check_model(registry: ModelRegistry, settings: InferenceSettings) -> str | 
     return None
 
 
-def _start_ray(settings: InferenceSettings) -> None:
+def _start_ray(settings: InferenceSettings) -> float | None:
+    """Start or join Ray and Serve; the CPUs of a Ray started here (None: a cluster)."""
     import ray
     from ray import serve
 
     s = settings.serve
+    cpus = None
     if s.ray_address:
         ray.init(address=s.ray_address, namespace="meshllm")
     else:
         for name, value in RAY_ENV_DEFAULTS.items():
             os.environ.setdefault(name, value)  # the local Ray's processes inherit them
         ray.init(num_cpus=s.ray_num_cpus, namespace="meshllm", include_dashboard=False)
+        cpus = float(ray.cluster_resources().get("CPU", 0.0))  # type: ignore[no-untyped-call]
     serve.start(http_options={"host": s.http_host, "port": s.http_port})
+    return cpus
 
 
-def _deploy(settings: InferenceSettings) -> Any:
+def _deploy(settings: InferenceSettings, external_scaling: bool) -> Any:
     """Deploy the application; returns a handle to the chat deployment."""
     from ray import serve
 
@@ -124,6 +144,7 @@ def _deploy(settings: InferenceSettings) -> Any:
         build_app(settings),
         name=settings.serve.app_name,
         route_prefix=settings.serve.route_prefix,
+        external_scaler_enabled=external_scaling,
     )
     return serve.get_deployment_handle(CHAT_DEPLOYMENT, settings.serve.app_name)
 
@@ -154,20 +175,30 @@ async def build(settings: InferenceSettings, bus: Bus, health: HealthState) -> A
     readiness = Readiness()
     health.liveness["serve"] = readiness.liveness
     health.readiness["chat"] = readiness.readiness
-    await asyncio.to_thread(_start_ray, settings)
-    return _serve(settings, readiness)
+    cpus = await asyncio.to_thread(_start_ray, settings)
+    control = ReplicaControl(settings, bus.publisher, cpus)
+    # every instance applies the decisions made from now on (a restart deploys its
+    # configured counts; the ops loop decides again from what it then sees)
+    instance = settings.instance_id or uuid.uuid4().hex[:12]
+    bus.subscribe(
+        OPS_SCALING, group=f"{NAME}-scaling-{instance}", durable_dedup=False, from_latest=True
+    )(control.on_decision)
+    return _serve(settings, readiness, control)
 
 
-async def _serve(settings: InferenceSettings, readiness: Readiness) -> None:
+async def _serve(
+    settings: InferenceSettings, readiness: Readiness, control: ReplicaControl
+) -> None:
     """Deploy the application, then probe it until cancelled; Serve and Ray stop after."""
     try:
-        chat = await asyncio.to_thread(_deploy, settings)
+        chat = await asyncio.to_thread(_deploy, settings, control.external)
+        control.deployed.set()
         log.info(
             "application deployed",
             http=f"http://{settings.serve.http_host}:{settings.serve.http_port}"
             f"{settings.serve.route_prefix}",
         )
-        await readiness.probe_forever(chat, settings.serve.app_name)
+        await readiness.probe_forever(chat, settings.serve.app_name, control)
     finally:
         await asyncio.shield(asyncio.to_thread(_shutdown))
 

@@ -82,6 +82,7 @@ class EngineSettings:
     prefix_cache_mb: float = 128.0  # 0 turns the prefix (L1) cache off
     prefix_block: int = 32  # also the prefill chunk
     threads: int = 0  # torch threads of the engine's worker thread; 0: torch's own setting
+    fault_step_delay_ms: float = 0.0  # fault injection: each step takes this much longer
 
 
 @dataclass(frozen=True)

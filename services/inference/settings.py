@@ -93,6 +93,13 @@ class EngineConfig(BaseModel):
         le=1024,
         description="Tokens per prefix-cache block (reuse granularity), and per prefill chunk.",
     )
+    fault_step_delay_ms: float = Field(
+        0.0,
+        ge=0,
+        le=10_000,
+        description="Fault injection for drills (the ops loop's slowdown drill): every "
+        "torch-engine step waits this long more. 0 in production.",
+    )
     vllm: VllmConfig = VllmConfig()
 
     def engine_settings(self, threads: int = 0) -> EngineSettings:
@@ -107,6 +114,7 @@ class EngineConfig(BaseModel):
             prefix_cache_mb=self.prefix_cache_mb,
             prefix_block=self.prefix_block,
             threads=threads,
+            fault_step_delay_ms=self.fault_step_delay_ms,
         )
         if self.backend == "vllm":
             return VllmEngineSettings(**asdict(common), **self.vllm.model_dump())
@@ -127,7 +135,14 @@ class ServeConfig(BaseModel):
     http_host: str = Field("127.0.0.1", description="Where Ray's HTTP proxy listens.")
     http_port: int = Field(8000, ge=0, le=65535)
 
-    chat_replicas: int = Field(1, ge=1, description="Fixed chat replica count (no autoscaling).")
+    chat_replicas: int = Field(
+        1, ge=1, description="Chat replicas at start (then the ops loop's, within min..max)."
+    )
+    external_scaling: bool = Field(
+        True,
+        description="Take replica counts from the ops loop (ops.scaling), within min..max "
+        "replicas; off: the counts stay as deployed. Not with chat_autoscaling.",
+    )
     chat_autoscaling: bool = Field(
         False, description="Scale chat replicas between min and max on ongoing requests."
     )
@@ -146,6 +161,9 @@ class ServeConfig(BaseModel):
         "not how many threads the engine runs (that is `torch_threads`).",
     )
     embeddings_replicas: int = Field(1, ge=0, description="0 deploys no embeddings.")
+    embeddings_max_replicas: int = Field(
+        2, ge=1, description="The most embeddings replicas the ops loop may ask for."
+    )
     embeddings_num_cpus: float = Field(
         0.5,
         ge=0,
@@ -167,7 +185,7 @@ class ServeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _replica_range(self) -> ServeConfig:
-        if self.chat_autoscaling and self.chat_min_replicas > self.chat_max_replicas:
+        if self.chat_min_replicas > self.chat_max_replicas:
             raise ValueError("chat_min_replicas must not exceed chat_max_replicas")
         return self
 

@@ -6,6 +6,13 @@ windows (:mod:`services.ops.sli`). Every ``evaluate_every_s`` the rules run
 ``ops.alerts`` (keyed by its alert id, so one alert's events stay in order) and logged;
 one the broker did not take waits in an outbox and goes out, in order, at the next
 evaluation.
+
+Then the scaler (:mod:`services.ops.scaling`) sizes each Serve deployment from the same
+windows and the router's backlog on the request topics; a change is published to
+``ops.scaling`` (the inference service applies it) and audited on ``audit.events``.
+Replica counts come from the inference service's ``model.status`` events; the decisions
+of the past are read back from ``ops.scaling`` at start, so a restarted ops service keeps
+its cooldowns instead of deciding again on the windows that caused the last change.
 Only records the gateway exported (record key ``gateway``, as the span exporter keys them)
 are read; a record that is not OTLP is dead-lettered: the topic is internal, but nothing
 read from it is trusted.
@@ -15,19 +22,33 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
 
 from services.ops import metrics as ops_metrics
 from services.ops.alerts import Evaluator, Transition
+from services.ops.scaling import Decision, Demand, Scaler
 from services.ops.sli import SliWindows
 from services.ops.spans import ANSWER_SERVICE, NotSpans, answers
 from shared.bus import Publisher
 from shared.bus.consumer import EventContext, PoisonEvent
+from shared.envelope import stamp
 from shared.events.v1 import events_pb2 as ev
 from shared.logging import get_logger
-from shared.topics import OPS_ALERTS
+from shared.topics import AUDIT_EVENTS, OPS_ALERTS, OPS_SCALING, Topic
 
 log = get_logger(__name__)
+MAX_REPLICAS_READ = 10_000  # a status claiming more is not believed
+Backlog = Callable[[], Awaitable[int]]
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    topic: Topic
+    event: Message
+    key: str
 
 
 class OpsService:
@@ -37,13 +58,20 @@ class OpsService:
         evaluator: Evaluator,
         publisher: Publisher,
         *,
+        scaler: Scaler | None = None,
+        backlog: Backlog | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.windows = windows
         self.evaluator = evaluator
         self.publisher = publisher
+        self.scaler = scaler
+        self.backlog = backlog
         self.clock = clock
-        self.outbox: list[Transition] = []  # decided, not yet taken by the broker
+        self.replicas: dict[str, int] = {}  # deployment -> its count, as last reported
+        self.ceilings: dict[str, int] = {}  # deployment -> the most its owner would run
+        self.waiting: int | None = None  # the router's backlog at the last round
+        self.outbox: list[_Outgoing] = []  # decided, not yet taken by the broker
 
     async def on_spans(self, payload: bytes, ctx: EventContext) -> None:
         if ctx.key != ANSWER_SERVICE.encode():
@@ -57,17 +85,65 @@ class OpsService:
         if found:
             ops_metrics.answers.add(len(found))
 
-    async def evaluate_now(self) -> list[Transition]:
-        """Run the rules once; publish what fired or resolved (and return it)."""
+    async def on_status(self, status: ev.ModelStatus, ctx: EventContext) -> None:
+        """The inference service's replica count of one deployment."""
+        if self.scaler is None or status.deployment not in self.scaler.policies:
+            return
+        if status.replicas > MAX_REPLICAS_READ:
+            raise PoisonEvent(f"replicas {status.replicas} exceeds {MAX_REPLICAS_READ}")
+        self.replicas[status.deployment] = status.replicas
+        if status.max_replicas:
+            self.ceilings[status.deployment] = status.max_replicas
+
+    async def on_decision(self, decision: ev.ScalingDecision, ctx: EventContext) -> None:
+        """A decision of the past (this process's, or an earlier one's): its cooldowns."""
+        if self.scaler is not None and decision.envelope.producer == "ops":
+            at_s = decision.envelope.occurred_at.ToNanoseconds() / 1e9
+            self.scaler.changed(decision.deployment, min(at_s, self.clock()))
+
+    async def evaluate_now(self) -> tuple[list[Transition], list[Decision]]:
+        """Run the rules and the scaler once; publish what fired, resolved or changed
+        (and return it)."""
         now = self.clock()
         changes = self.evaluator.evaluate(
             now, lambda rule: self.windows.slis(now, rule.window_s, rule.by)
         )
-        self.outbox.extend(changes)
+        for change in changes:
+            self.outbox.append(self._alert(change))
+        decisions = await self._scale(now)
         while self.outbox:  # raises, keeping the rest, if the broker does not take one
-            await self._publish(self.outbox[0])
+            out = self.outbox[0]
+            await self.publisher.publish(out.topic, out.event, key=out.key)
             self.outbox.pop(0)
-        return changes
+        return changes, decisions
+
+    async def _scale(self, now: float) -> list[Decision]:
+        if self.scaler is None:
+            return []
+        self.waiting = None
+        if self.backlog is not None:
+            try:
+                self.waiting = await self.backlog()
+            except Exception as error:  # the P99 still decides; the queue is unknown
+                log.warning("backlog unknown", error=f"{type(error).__name__}: {error}")
+        decisions = []
+        for name, policy in self.scaler.policies.items():
+            groups = self.windows.slis(now, policy.window_s, where={"operation": policy.operations})
+            sli = groups.get(())
+            demand = Demand(
+                answers=sli.requests if sli else 0,
+                p99_s=sli.p99_s if sli else None,
+                concurrency=sli.concurrency if sli else 0.0,
+                waiting=self.waiting if policy.out_waiting_per_replica is not None else None,
+            )
+            decision = self.scaler.decide(
+                name, now, self.replicas.get(name), demand, self.ceilings.get(name)
+            )
+            if decision is not None:
+                decisions.append(decision)
+                self.replicas[name] = decision.target  # until the inference service says
+                self.outbox.extend(self._scaling(decision))
+        return decisions
 
     async def run(self, every_s: float) -> None:
         while True:
@@ -77,7 +153,38 @@ class OpsService:
             except Exception:  # the next round tries again; the failure is logged
                 log.exception("rule evaluation failed")
 
-    async def _publish(self, change: Transition) -> None:
+    def _scaling(self, decision: Decision) -> list[_Outgoing]:
+        ops_metrics.decisions.add(1, {"deployment": decision.deployment, "reason": decision.reason})
+        log.warning(
+            "scaling",
+            deployment=decision.deployment,
+            replicas=f"{decision.current} -> {decision.target}",
+            reason=decision.reason,
+            detail=decision.detail,
+        )
+        event = ev.ScalingDecision(
+            deployment=decision.deployment,
+            current_replicas=decision.current,
+            target_replicas=decision.target,
+            reason=f"{decision.reason}: {decision.detail}",
+        )
+        stamp(event, producer="ops")
+        audit = ev.AuditEvent(request_id=f"scaling-{event.envelope.event_id}")
+        audit.scaling.CopyFrom(
+            ev.ScalingRecord(
+                deployment=decision.deployment,
+                current_replicas=decision.current,
+                target_replicas=decision.target,
+                reason=event.reason,
+                decision_id=event.envelope.event_id,
+            )
+        )
+        return [
+            _Outgoing(OPS_SCALING, event, decision.deployment),
+            _Outgoing(AUDIT_EVENTS, audit, audit.request_id),
+        ]
+
+    def _alert(self, change: Transition) -> _Outgoing:
         rule = change.rule
         state = "firing" if change.firing else "resolved"
         ops_metrics.transitions.add(1, {"rule": rule.name, "state": state})
@@ -99,4 +206,4 @@ class OpsService:
             threshold=rule.threshold,
             summary=rule.summary,
         )
-        await self.publisher.publish(OPS_ALERTS, alert, key=change.alert_id)
+        return _Outgoing(OPS_ALERTS, alert, change.alert_id)

@@ -4,6 +4,9 @@ Examples::
 
     MESHLLM_OPS__RULES_FILE=/etc/meshllm/rules.yaml   # unset: the bundled rules.yaml
     MESHLLM_OPS__EVALUATE_EVERY_S=5
+    MESHLLM_OPS__SCALING__ENABLED=false               # decide nothing, publish nothing
+    MESHLLM_OPS__SCALING__CHAT__MAX_REPLICAS=2
+    MESHLLM_OPS__SCALING__CHAT__OUT_P99_S=0.5
 """
 
 from __future__ import annotations
@@ -12,7 +15,41 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, model_validator
 
+from services.ops.scaling import ScalingPolicy
 from shared.settings import MeshSettings, TelemetrySettings
+
+CHAT_DEPLOYMENT = "ChatDeployment"  # services.inference.serve_app's names, without Ray
+EMBEDDINGS_DEPLOYMENT = "EmbeddingsDeployment"
+
+
+class ChatScaling(ScalingPolicy):
+    deployment: str = Field(CHAT_DEPLOYMENT, min_length=1)
+    operations: tuple[str, ...] = Field(("chat", "text_completion"), min_length=1)
+
+
+class EmbeddingsScaling(ScalingPolicy):
+    deployment: str = Field(EMBEDDINGS_DEPLOYMENT, min_length=1)
+    operations: tuple[str, ...] = Field(("embeddings",), min_length=1)
+    max_replicas: int = Field(2, ge=1)
+    # the request topics carry mostly chat: their lag would mislead
+    out_waiting_per_replica: float | None = Field(None, gt=0)
+
+
+class ScalingConfig(BaseModel):
+    """Replica decisions for the inference service's Serve deployments (see
+    :mod:`services.ops.scaling`); the inference service applies them within its own bounds."""
+
+    enabled: bool = Field(True, description="Decide replica counts and publish them.")
+    group: str = Field(
+        "router",
+        min_length=1,
+        description="The consumer group whose lag on the request topics is the queue.",
+    )
+    chat: ChatScaling = ChatScaling()
+    embeddings: EmbeddingsScaling = EmbeddingsScaling()
+
+    def policies(self) -> tuple[ScalingPolicy, ...]:
+        return (self.chat, self.embeddings)
 
 
 class OpsConfig(BaseModel):
@@ -23,7 +60,10 @@ class OpsConfig(BaseModel):
     keep_s: float = Field(
         900.0, gt=0, le=86_400, description="How far back the windows reach (the longest rule)."
     )
-    evaluate_every_s: float = Field(5.0, gt=0, le=300, description="How often rules run.")
+    evaluate_every_s: float = Field(
+        5.0, gt=0, le=300, description="How often rules run and replica counts are decided."
+    )
+    scaling: ScalingConfig = ScalingConfig()
 
     @model_validator(mode="after")
     def _keep_whole_buckets(self) -> OpsConfig:

@@ -17,7 +17,7 @@ and its rates divide by the time those buckets cover up to now.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ddsketch import DDSketch
@@ -43,6 +43,7 @@ class _Cell:
     requests: int = 0
     failures: int = 0
     output_tokens: int = 0
+    busy_s: float = 0.0  # the answers' durations summed
     latency: DDSketch = field(default_factory=_sketch)
     first_token: DDSketch = field(default_factory=_sketch)
 
@@ -50,6 +51,7 @@ class _Cell:
         self.requests += 1
         self.failures += answer.failed
         self.output_tokens += answer.output_tokens
+        self.busy_s += answer.seconds
         self.latency.add(answer.seconds)
         if answer.first_token_s is not None:
             self.first_token.add(answer.first_token_s)
@@ -58,6 +60,7 @@ class _Cell:
         self.requests += other.requests
         self.failures += other.failures
         self.output_tokens += other.output_tokens
+        self.busy_s += other.busy_s
         self.latency.merge(other.latency)
         self.first_token.merge(other.first_token)
 
@@ -70,6 +73,7 @@ class Sli:
     requests: int
     failures: int
     output_tokens: int
+    busy_s: float  # the answers' durations summed
     streamed: int  # answers with a first-token time (streams)
     p50_s: float | None
     p99_s: float | None
@@ -88,6 +92,12 @@ class Sli:
     def tokens_per_s(self) -> float:
         return self.output_tokens / self.window_s
 
+    @property
+    def concurrency(self) -> float:
+        """Answers in progress on average over the window (Little's law: their summed
+        durations over the window's length): the load the group put on its replicas."""
+        return self.busy_s / self.window_s
+
     def count_for(self, indicator: str) -> int:
         """The answers ``indicator`` is computed from (streams only for first-token times)."""
         return self.streamed if indicator.startswith("ttft_") else self.requests
@@ -100,7 +110,7 @@ class Sli:
 
 INDICATORS = frozenset(
     {"requests", "failures", "rate_per_s", "error_rate", "tokens_per_s",
-     "p50_s", "p99_s", "ttft_p50_s", "ttft_p99_s"}
+     "concurrency", "p50_s", "p99_s", "ttft_p50_s", "ttft_p99_s"}
 )  # fmt: skip
 
 Clock = Callable[[], float]
@@ -147,13 +157,21 @@ class SliWindows:
         for index in [i for i in list(self._buckets) if i < oldest]:
             self._buckets.pop(index, None)
 
-    def slis(self, now_s: float, window_s: float, by: Iterable[str] = ()) -> dict[Labels, Sli]:
-        """Each group's SLIs over the buckets that start after ``now_s - window_s``.
+    def slis(
+        self,
+        now_s: float,
+        window_s: float,
+        by: Iterable[str] = (),
+        where: Mapping[str, Collection[str]] | None = None,
+    ) -> dict[Labels, Sli]:
+        """Each group's SLIs over the buckets that start after ``now_s - window_s``, of
+        the answers whose labels are among ``where``'s values (all answers: None).
 
         Safe to call from another thread than the one adding (a metrics exporter's): it
         reads copies of the bucket and cell lists."""
         names = tuple(by)
-        if unknown := set(names) - set(DIMENSIONS):
+        where = where or {}
+        if unknown := (set(names) | set(where)) - set(DIMENSIONS):
             raise ValueError(f"unknown label(s) {sorted(unknown)}; labels are {DIMENSIONS}")
         first = int((now_s - window_s) // self.bucket_s) + 1
         last = int(now_s // self.bucket_s)
@@ -163,6 +181,8 @@ class SliWindows:
                 continue
             for key, cell in list(cells.items()):
                 values = dict(zip(DIMENSIONS, key, strict=True))
+                if any(values[name] not in allowed for name, allowed in where.items()):
+                    continue
                 labels = tuple((name, values[name]) for name in names)
                 groups.setdefault(labels, _Cell()).merge(cell)
         span_s = max(now_s - first * self.bucket_s, self.bucket_s / 1000)
@@ -178,6 +198,7 @@ def _sli(cell: _Cell, window_s: float) -> Sli:
         requests=cell.requests,
         failures=cell.failures,
         output_tokens=cell.output_tokens,
+        busy_s=cell.busy_s,
         streamed=cell.first_token.count,
         p50_s=quantile(cell.latency, 0.5),
         p99_s=quantile(cell.latency, 0.99),

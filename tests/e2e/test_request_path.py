@@ -391,3 +391,10 @@ async def test_the_ops_service_computes_slis_from_the_answers_spans(mesh: Mesh) 
         await asyncio.sleep(0.5)
     assert total(ops, "meshllm_ops_answers_total") >= 1
     assert total(ops, "meshllm_ops_sli", indicator="ttft_p99_s", **chat) > 0
+    # the inference service's model.status told it the chat replicas; the broker, the queue
+    deadline = time.monotonic() + 30
+    while total(ops, "meshllm_ops_replicas", deployment="ChatDeployment") != 1:
+        assert time.monotonic() < deadline, ops.get("meshllm_ops_replicas")
+        await asyncio.sleep(0.5)
+        ops = await scrape(mesh, "ops")
+    assert "meshllm_ops_backlog" in ops

@@ -17,6 +17,12 @@ meshllm_ops_sli{indicator="p99_s",model="[bold]x",operation="chat",window="300s"
 # HELP meshllm_ops_alerts_firing firing
 # TYPE meshllm_ops_alerts_firing gauge
 meshllm_ops_alerts_firing{model="smollm2",operation="chat",rule="LatencyP99High",severity="page"} 1
+# HELP meshllm_ops_replicas replicas
+# TYPE meshllm_ops_replicas gauge
+meshllm_ops_replicas{deployment="ChatDeployment"} 2
+# HELP meshllm_ops_backlog backlog
+# TYPE meshllm_ops_backlog gauge
+meshllm_ops_backlog 17
 """
 
 
@@ -38,3 +44,7 @@ def test_top_shows_each_model_with_its_indicators_and_the_alerts_firing() -> Non
     assert "firing: LatencyP99High (page, model=smollm2, operation=chat)" in text
     # a label is shown as text, never as console markup
     assert "[bold]x" in shown("300s")
+
+
+def test_top_shows_the_replicas_and_the_queue() -> None:
+    assert "replicas: ChatDeployment 2; requests waiting: 17" in shown("60s")

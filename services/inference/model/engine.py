@@ -265,6 +265,8 @@ class Engine:
                 self._admit()
                 if self._active:
                     self._decode()
+                    if self.settings.fault_step_delay_ms:  # a drill's slow engine
+                        time.sleep(self.settings.fault_step_delay_ms / 1000)
             except Exception as error:  # a bug must fail its requests, not hang them
                 log.exception("engine step failed")
                 for sequence in [*self._active]:

@@ -330,8 +330,22 @@ class PolicyDecision(_message.Message):
     roles: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, allow: _Optional[bool] = ..., reasons: _Optional[_Iterable[str]] = ..., action: _Optional[str] = ..., resource: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class ScalingRecord(_message.Message):
+    __slots__ = ("deployment", "current_replicas", "target_replicas", "reason", "decision_id")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    deployment: str
+    current_replicas: int
+    target_replicas: int
+    reason: str
+    decision_id: str
+    def __init__(self, deployment: _Optional[str] = ..., current_replicas: _Optional[int] = ..., target_replicas: _Optional[int] = ..., reason: _Optional[str] = ..., decision_id: _Optional[str] = ...) -> None: ...
+
 class AuditEvent(_message.Message):
-    __slots__ = ("envelope", "request_id", "api_key_id", "user", "model", "model_version", "request", "response", "routing", "policy", "client_user")
+    __slots__ = ("envelope", "request_id", "api_key_id", "user", "model", "model_version", "request", "response", "routing", "policy", "scaling", "client_user")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     API_KEY_ID_FIELD_NUMBER: _ClassVar[int]
@@ -342,6 +356,7 @@ class AuditEvent(_message.Message):
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     ROUTING_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FIELD_NUMBER: _ClassVar[int]
     CLIENT_USER_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     request_id: str
@@ -353,8 +368,9 @@ class AuditEvent(_message.Message):
     response: ResponseRecord
     routing: RoutingDecision
     policy: PolicyDecision
+    scaling: ScalingRecord
     client_user: str
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., api_key_id: _Optional[str] = ..., user: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., request: _Optional[_Union[RequestRecord, _Mapping]] = ..., response: _Optional[_Union[ResponseRecord, _Mapping]] = ..., routing: _Optional[_Union[RoutingDecision, _Mapping]] = ..., policy: _Optional[_Union[PolicyDecision, _Mapping]] = ..., client_user: _Optional[str] = ...) -> None: ...
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., api_key_id: _Optional[str] = ..., user: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., request: _Optional[_Union[RequestRecord, _Mapping]] = ..., response: _Optional[_Union[ResponseRecord, _Mapping]] = ..., routing: _Optional[_Union[RoutingDecision, _Mapping]] = ..., policy: _Optional[_Union[PolicyDecision, _Mapping]] = ..., scaling: _Optional[_Union[ScalingRecord, _Mapping]] = ..., client_user: _Optional[str] = ...) -> None: ...
 
 class AuditCheckpoint(_message.Message):
     __slots__ = ("envelope", "log_id", "tree_size", "root_hash", "signed_at_ns", "key_id", "signature")
@@ -477,7 +493,7 @@ class ModelDeployment(_message.Message):
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., action: _Optional[_Union[DeploymentAction, str]] = ..., traffic_percent: _Optional[int] = ..., pool: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
-    __slots__ = ("envelope", "model", "version", "pool", "state", "replicas", "detail")
+    __slots__ = ("envelope", "model", "version", "pool", "state", "replicas", "detail", "deployment", "max_replicas", "running_replicas")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -485,6 +501,9 @@ class ModelStatus(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     model: str
     version: str
@@ -492,7 +511,10 @@ class ModelStatus(_message.Message):
     state: ModelState
     replicas: int
     detail: str
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., pool: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., replicas: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+    deployment: str
+    max_replicas: int
+    running_replicas: int
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., pool: _Optional[str] = ..., state: _Optional[_Union[ModelState, str]] = ..., replicas: _Optional[int] = ..., detail: _Optional[str] = ..., deployment: _Optional[str] = ..., max_replicas: _Optional[int] = ..., running_replicas: _Optional[int] = ...) -> None: ...
 
 class OpsAlert(_message.Message):
     __slots__ = ("envelope", "alert_id", "rule", "state", "severity", "labels", "value", "threshold", "summary")
