@@ -134,6 +134,10 @@ bench-telemetry *args:
 bench-ops-loop *args:
     {{python}} -m benchmarks.ops_loop {{args}}
 
+# A load ramp (1, 8, 32 clients) with scale-out on the queue and P99, and on P99 only.
+bench-ops-ramp *args:
+    {{python}} -m benchmarks.ops_ramp {{args}}
+
 # The product as users run it: `meshllm up` through the gateway with the openai client, against
 # our engine in process, llama-cpp-python and llama.cpp's own server (continuous batching).
 # llama-server is built once into .bench-build/ from the installed llama-cpp-python's sources;

@@ -115,7 +115,10 @@ class Drill:
     started_wall: float = 0.0
 
 
-async def start(processes: Processes, workdir: Path, bootstrap: str) -> tuple[str, str]:
+async def start(
+    processes: Processes, workdir: Path, bootstrap: str, ops_env: dict[str, str] | None = None
+) -> tuple[str, str]:
+    """The drill's mesh (``ops_env``: more settings of the ops service); (gateway URL, key)."""
     data_dir = workdir / "data"
     data_dir.mkdir()
     rules = workdir / "rules.yaml"
@@ -129,7 +132,7 @@ async def start(processes: Processes, workdir: Path, bootstrap: str) -> tuple[st
         "inference": {"MESHLLM_SERVE__HTTP_PORT": str(port["serve"]), **ENGINE},
         "router": {"MESHLLM_POOLS": pools},
         "gateway": {"MESHLLM_HTTP_PORT": str(gateway_port), "MESHLLM_MODELS": json.dumps([MODEL])},
-        "ops": {"MESHLLM_OPS__RULES_FILE": str(rules), **OPS},
+        "ops": {"MESHLLM_OPS__RULES_FILE": str(rules), **OPS, **(ops_env or {})},
     }
     for name, env in envs.items():
         processes.start(
@@ -310,7 +313,7 @@ def plot(drill: Drill, rows: list[dict[str, float]], path: Path) -> None:
 
 async def main_async(args: argparse.Namespace) -> None:
     scale = 0.6 if args.quick else 1.0
-    drill = Drill([("calm", 3, 40 * scale), ("surge", 11, 120 * scale), ("calm", 3, 90 * scale)])
+    drill = Drill([("calm", 3, 40 * scale), ("surge", 10, 150 * scale), ("calm", 3, 120 * scale)])
     RESULTS_DIR.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ops-drill-") as tmp, Progress(console=console) as bar:
         workdir = Path(args.workdir or tmp)

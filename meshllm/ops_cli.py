@@ -1,4 +1,5 @@
-"""The ops loop at a terminal: ``meshllm top``, ``meshllm alerts``, ``meshllm ops ...``.
+"""The ops loop at a terminal: ``meshllm top``, ``meshllm alerts``, ``meshllm ops ...``
+(``ops report``'s page is built in :mod:`meshllm.ops_report`).
 
 ``top`` reads the ops service's ``/metrics`` (its SLIs per operation and model, the alerts
 firing) and shows them, refreshed; ``alerts`` reads ``ops.alerts`` from the broker and
@@ -256,3 +257,60 @@ def ops_prometheus_rules(
     else:
         out.write_text(text)
         errors.print(f"wrote {out}")
+
+
+@ops_app.command("report")
+def ops_report(
+    since: Annotated[str, typer.Option(help="How far back: 90s, 30m, 1h, 2d.")] = "1h",
+    out: Annotated[Path, typer.Option(help="The HTML file to write.")] = Path("ops-report.html"),
+) -> None:
+    """Write an HTML page of the answers (per minute, plotted), alerts and scaling since then."""
+    from meshllm import ops_report as report
+    from shared.events.v1 import events_pb2 as ev
+    from shared.topics import OPS_ALERTS, OPS_SCALING, TELEMETRY_SPANS
+
+    try:
+        seconds = report.parse_since(since)
+    except ValueError as error:
+        errors.print(f"[red]{escape(str(error))}[/red]")
+        raise typer.Exit(2) from None
+    settings = cli_settings()
+    state = read_state(settings)
+    bootstrap = str(state["bootstrap"]) if state else settings.kafka.bootstrap
+    now = time.time()
+
+    async def read() -> tuple[list[Any], list[Any], list[Any]]:
+        spans, alerts, scaling = await asyncio.gather(
+            report.read_since(settings, bootstrap, TELEMETRY_SPANS, now - seconds),
+            report.read_since(settings, bootstrap, OPS_ALERTS, now - seconds),
+            report.read_since(settings, bootstrap, OPS_SCALING, now - seconds),
+        )
+        return spans, alerts, scaling
+
+    try:
+        spans, alert_records, scaling_records = asyncio.run(asyncio.wait_for(read(), 300))
+    except Exception as error:  # OSError, TimeoutError, aiokafka's connection errors
+        errors.print(f"[red]cannot read the topics from {escape(bootstrap)}: {error}[/red]")
+        raise typer.Exit(1) from None
+    found = report.span_answers([(r.key, r.value) for r in spans])
+    alerts = [_parsed(ev.OpsAlert, r.value) for r in alert_records]
+    decisions = [_parsed(ev.ScalingDecision, r.value) for r in scaling_records]
+    page = report.render(
+        report.minutes(found, now - seconds, now),
+        report.events([a for a in alerts if a], [d for d in decisions if d]),
+        now - seconds,
+        now,
+        len(found),
+    )
+    out.write_text(page)
+    errors.print(f"wrote {out}: {len(found)} answers, {len(alert_records)} alert events, "
+                 f"{len(scaling_records)} scaling decisions")  # fmt: skip
+
+
+def _parsed(kind: Any, value: bytes | None) -> Any:
+    from google.protobuf.message import DecodeError
+
+    try:
+        return kind.FromString(value or b"")
+    except DecodeError:
+        return None

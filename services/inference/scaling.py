@@ -4,7 +4,9 @@ The ops service decides (:mod:`services.ops.scaling`) and publishes a ``ScalingD
 on ``ops.scaling``. A decision is a request, not a command: this service applies it
 within its own bounds (``serve.chat_min_replicas``..``chat_max_replicas``,
 ``1``..``embeddings_max_replicas``), so a record asking for a thousand replicas gets the
-maximum, and one for a deployment this service does not run changes nothing. On a Ray
+maximum, one for a deployment this service does not run changes nothing, and one whose
+envelope names another producer than the ops service is ignored (with signed events,
+``MESHLLM_BUS__REQUIRE_SIGNED``, that name is one a mesh service wrote). On a Ray
 started here (not a cluster, whose autoscaler can add nodes), the count is also bounded
 by what this machine's CPUs can place (``chat_num_cpus`` per chat replica, ...): a
 replica that cannot be placed would wait for ever, holding the deployment in an update.
@@ -76,6 +78,10 @@ class ReplicaControl:
         return min(max(target, low), high)
 
     async def on_decision(self, decision: ev.ScalingDecision, ctx: EventContext) -> None:
+        if decision.envelope.producer != "ops":
+            log.warning("scaling decision not from the ops loop ignored",
+                        producer=decision.envelope.producer)  # fmt: skip
+            return
         if not self.external:
             log.warning(
                 "scaling decision refused: Serve's own autoscaling sizes this deployment",

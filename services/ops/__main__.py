@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
 from services.ops.alerts import DEFAULT_RULES, Evaluator, load_rules
 from services.ops.metrics import OpsMetrics
+from services.ops.notify import AlertmanagerNotifier
+from services.ops.readings import Readings
 from services.ops.scaling import Scaler
-from services.ops.service import OpsService
+from services.ops.service import OpsService, Probe
 from services.ops.settings import OpsSettings
 from services.ops.sli import SliWindows
 from shared.bus import Bus
@@ -17,8 +19,11 @@ from shared.health import HealthState
 from shared.logging import get_logger
 from shared.service import run_service
 from shared.topics import (
+    AUDIT_EVENTS,
+    DLQ_PARTITIONS,
     MODEL_STATUS,
     OPS_SCALING,
+    REGISTRY,
     REQUESTS_HIGH,
     REQUESTS_LOW,
     REQUESTS_NORMAL,
@@ -36,17 +41,22 @@ async def build(settings: OpsSettings, bus: Bus, health: HealthState) -> Awaitab
     windows = SliWindows(settings.ops.bucket_s, settings.ops.keep_s)
     evaluator = Evaluator(rules)
     scaling = settings.ops.scaling
-    scaler, lag = None, None
-    if scaling.enabled:
-        scaler = Scaler(scaling.policies())
-        lag = GroupLag(settings.kafka)
-        await lag.start()
+    scaler = Scaler(scaling.policies()) if scaling.enabled else None
+    lag = GroupLag(settings.kafka)
+    await lag.start()
+    notifier = None
+    if settings.ops.alertmanager_url is not None:
+        url = str(settings.ops.alertmanager_url)
+        notifier = AlertmanagerNotifier(url, settings.ops.evaluate_every_s)
+        log.info("alerts also go to alertmanager", url=url)
     service = OpsService(
         windows,
         evaluator,
         bus.publisher,
         scaler=scaler,
-        backlog=_backlog(lag, scaling.group) if lag is not None else None,
+        probe=_probe(lag, scaling.group),
+        readings=Readings(settings.ops.keep_s),
+        notifier=notifier,
     )
     OpsMetrics(windows, evaluator, scaling=service)
     # spans are a stream of facts: dedup by event id does not apply (they carry none); a
@@ -65,22 +75,40 @@ async def build(settings: OpsSettings, bus: Bus, health: HealthState) -> Awaitab
         bus.subscribe(
             OPS_SCALING, group=f"{NAME}-decisions", durable_dedup=False, rewind_s=longest
         )(service.on_decision)
-    return _run(service, settings.ops.evaluate_every_s, lag)
+    return _run(service, settings.ops.evaluate_every_s, lag, notifier)
 
 
-def _backlog(lag: GroupLag, group: str) -> Callable[[], Awaitable[int]]:
-    async def backlog() -> int:
-        return await lag.behind(group, (REQUESTS_HIGH, REQUESTS_NORMAL, REQUESTS_LOW))
+def _probe(lag: GroupLag, group: str) -> Probe:
+    """The queues' samples: each one the broker did not answer is None."""
+    dead_letter_topics = [topic.dlq for topic in REGISTRY if topic.consumers]
 
-    return backlog
+    async def probe() -> dict[str, float | None]:
+        values: dict[str, float | None] = {}
+        asks = {
+            "backlog": lag.behind(group, (REQUESTS_HIGH, REQUESTS_NORMAL, REQUESTS_LOW)),
+            "audit_backlog": lag.behind("audit", (AUDIT_EVENTS,)),
+            "dead_letters_total": lag.records(dead_letter_topics, DLQ_PARTITIONS),
+        }
+        for name, ask in asks.items():
+            try:
+                values[name] = float(await ask)
+            except Exception as error:
+                values[name] = None
+                log.warning("queue unknown", queue=name, error=f"{type(error).__name__}: {error}")
+        return values
+
+    return probe
 
 
-async def _run(service: OpsService, every_s: float, lag: GroupLag | None) -> None:
+async def _run(
+    service: OpsService, every_s: float, lag: GroupLag, notifier: AlertmanagerNotifier | None
+) -> None:
     try:
         await service.run(every_s)
     finally:
-        if lag is not None:
-            await lag.close()
+        await lag.close()
+        if notifier is not None:
+            await notifier.close()
 
 
 def main() -> None:

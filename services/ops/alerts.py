@@ -16,12 +16,13 @@ import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from services.ops.sli import DIMENSIONS, INDICATORS, Labels, Sli
+from services.ops.readings import READINGS
+from services.ops.sli import DIMENSIONS, INDICATORS, Labels
 
 DEFAULT_RULES = Path(__file__).with_name("rules.yaml")
 
@@ -49,8 +50,9 @@ class Rule(BaseModel):
     @field_validator("indicator")
     @classmethod
     def _known_indicator(cls, value: str) -> str:
-        if value not in INDICATORS:
-            raise ValueError(f"unknown indicator {value!r}; one of {sorted(INDICATORS)}")
+        if value not in INDICATORS | READINGS:
+            known = sorted(INDICATORS | READINGS)
+            raise ValueError(f"unknown indicator {value!r}; one of {known}")
         return value
 
     @field_validator("by")
@@ -59,6 +61,12 @@ class Rule(BaseModel):
         if unknown := set(value) - set(DIMENSIONS):
             raise ValueError(f"unknown label(s) {sorted(unknown)}; labels are {DIMENSIONS}")
         return value
+
+    @model_validator(mode="after")
+    def _readings_have_no_groups(self) -> Rule:
+        if self.indicator in READINGS and self.by:
+            raise ValueError(f"{self.indicator} is one reading of the mesh: it has no 'by' labels")
+        return self
 
     @model_validator(mode="after")
     def _clear_on_the_safe_side(self) -> Rule:
@@ -129,7 +137,16 @@ class _State:
     value: float | None = None
 
 
-SlisFor = Callable[[Rule], Mapping[Labels, Sli]]
+class Measure(Protocol):
+    """What a rule reads for one group: an SLI (:class:`~services.ops.sli.Sli`) or a
+    reading (:class:`~services.ops.readings.Reading`)."""
+
+    def count_for(self, indicator: str) -> int: ...
+
+    def value(self, name: str) -> float | None: ...
+
+
+SlisFor = Callable[[Rule], Mapping[Labels, Measure]]
 
 
 class Evaluator:

@@ -39,8 +39,22 @@ def _duration(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"
 
 
+LAG = "meshllm_bus_consumer_lag"
+READING_QUERIES = {  # the readings of services/ops/readings.py, from each service's metrics
+    "backlog": f'sum({LAG}{{messaging_consumer_group_name="router",'
+    f'messaging_destination_name=~"llm\\\\.requests\\\\..*"}})',
+    "audit_backlog": f'sum({LAG}{{messaging_consumer_group_name="audit",'
+    f'messaging_destination_name="audit.events"}})',
+    "dead_letters": "sum(increase(meshllm_bus_dead_letters_total[{window}]))",
+}
+
+
 def expression(rule: Rule) -> str:
     """The PromQL that holds while ``rule`` is breached."""
+    comparison = ">" if rule.above else "<"
+    if rule.indicator in READING_QUERIES:
+        query = READING_QUERIES[rule.indicator].replace("{window}", _duration(rule.window_s))
+        return f"({query}) {comparison} {rule.threshold:g}"
     if missing := [label for label in rule.by if label not in LABELS]:
         raise NotExportable(
             f"rule {rule.name}: grouped by {missing}, which the gateway's GenAI metrics do not "
@@ -68,13 +82,20 @@ def expression(rule: Rule) -> str:
         "error_rate": f"{summed('rate', answers + SERVER_ERROR)} / {summed('rate', answers)}",
         "tokens_per_s": summed("rate", f'{TOKENS}_sum{{gen_ai_token_type="output"}}'),
     }
-    comparison = ">" if rule.above else "<"
     breached = f"({values[rule.indicator]}) {comparison} {rule.threshold:g}"
     if rule.min_requests > 1:  # first-token times: only streams have one
         counted = f"{FIRST_TOKEN}_count" if rule.indicator.startswith("ttft_") else answers
         enough = f"{summed('increase', counted)} >= {rule.min_requests}"
         breached = f"{breached} and on ({by}) ({enough})"
     return breached
+
+
+def _counted(rule: Rule) -> str:
+    if rule.indicator in READING_QUERIES:
+        return (
+            " (a reading of the queues: the ops service asks the broker, Prometheus the consumers)"
+        )
+    return f" (at least {rule.min_requests} answers)"
 
 
 HEADER = (
@@ -108,8 +129,8 @@ def prometheus_rules(rules: Sequence[Rule], source: str) -> dict[str, Any]:
                             "summary": rule.summary,
                             "description": (
                                 f"{rule.indicator} {'>' if rule.above else '<'} "
-                                f"{rule.threshold:g} over {_duration(rule.window_s)} "
-                                f"(at least {rule.min_requests} answers). Generated from "
+                                f"{rule.threshold:g} over {_duration(rule.window_s)}"
+                                f"{_counted(rule)}. Generated from "
                                 f"{source}; the ops service resolves it once back past "
                                 f"{rule.clear:g} for {_duration(rule.clear_for_s)}, "
                                 "Prometheus keeps it firing that long instead."

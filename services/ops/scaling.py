@@ -9,9 +9,11 @@ The policy, one per deployment (``ops.scaling`` in the settings):
   ``out_waiting_per_replica`` per replica. P99 sees a slowdown after it happened; the
   queue sees demand before it reaches an engine, which Serve's own autoscaler (ongoing
   requests per replica) cannot. One replica more, or as many as the queue needs.
-- **In** by one when, for ``in_for_s``: the P99 is below ``in_p99_s`` (or there were no
-  answers), nothing waits, and the answers in progress per replica (their summed
-  durations over the window, Little's law) are below ``in_concurrency_per_replica``. An
+- **In** by one when, for ``in_for_s``: the P99 is below ``in_p99_s`` (or there were too
+  few answers to have one), and the requests in progress per replica are below
+  ``in_concurrency_per_replica`` both on average over the window (the answers' summed
+  durations over its length, Little's law) and now (the queue, which counts the requests
+  being answered too: the router commits only up to its first unfinished one). An
   idle replica holds cores or a GPU for nothing: the seed's >70% utilisation target makes
   idleness a cost alarm too.
 - Never outside ``[min_replicas, max_replicas]``; a count outside is brought back at once.
@@ -188,9 +190,8 @@ def _out_reason(policy: ScalingPolicy, current: int, demand: Demand) -> tuple[Re
 
 
 def _idle(policy: ScalingPolicy, current: int, demand: Demand) -> bool:
-    if demand.waiting:
+    now = demand.waiting or 0
+    if max(now, demand.concurrency) / current >= policy.in_concurrency_per_replica:
         return False
     enough = demand.p99_s is not None and demand.answers >= policy.min_requests
-    if enough and demand.p99_s is not None and demand.p99_s >= policy.in_p99_s:
-        return False
-    return demand.concurrency / current < policy.in_concurrency_per_replica
+    return not (enough and demand.p99_s is not None and demand.p99_s >= policy.in_p99_s)

@@ -3,13 +3,16 @@
 Each ``telemetry.spans`` record is an OTLP export; the answers in it go into the SLI
 windows (:mod:`services.ops.sli`). Every ``evaluate_every_s`` the rules run
 (:mod:`services.ops.alerts`) and each alert that fires or resolves is published to
-``ops.alerts`` (keyed by its alert id, so one alert's events stay in order) and logged;
+``ops.alerts`` (keyed by its alert id, so one alert's events stay in order), logged, and,
+with ``alertmanager_url`` set, sent to an Alertmanager (:mod:`services.ops.notify`);
 one the broker did not take waits in an outbox and goes out, in order, at the next
 evaluation.
 
 Then the scaler (:mod:`services.ops.scaling`) sizes each Serve deployment from the same
 windows and the router's backlog on the request topics; a change is published to
 ``ops.scaling`` (the inference service applies it) and audited on ``audit.events``.
+Before both, the queues are sampled (:mod:`services.ops.readings`: the router's backlog,
+the audit service's, the dead letters), for the rules that read them and the scaler.
 Replica counts come from the inference service's ``model.status`` events; the decisions
 of the past are read back from ``ops.scaling`` at start, so a restarted ops service keeps
 its cooldowns instead of deciding again on the windows that caused the last change.
@@ -22,15 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
 from services.ops import metrics as ops_metrics
-from services.ops.alerts import Evaluator, Transition
+from services.ops.alerts import Evaluator, Measure, Rule, Transition
+from services.ops.notify import AlertmanagerNotifier
+from services.ops.readings import READINGS, Readings
 from services.ops.scaling import Decision, Demand, Scaler
-from services.ops.sli import SliWindows
+from services.ops.sli import Labels, SliWindows
 from services.ops.spans import ANSWER_SERVICE, NotSpans, answers
 from shared.bus import Publisher
 from shared.bus.consumer import EventContext, PoisonEvent
@@ -41,7 +46,8 @@ from shared.topics import AUDIT_EVENTS, OPS_ALERTS, OPS_SCALING, Topic
 
 log = get_logger(__name__)
 MAX_REPLICAS_READ = 10_000  # a status claiming more is not believed
-Backlog = Callable[[], Awaitable[int]]
+Probe = Callable[[], Awaitable[Mapping[str, float | None]]]
+"""Samples of the mesh's queues: backlog, audit_backlog, dead_letters_total."""
 
 
 @dataclass(frozen=True)
@@ -59,15 +65,19 @@ class OpsService:
         publisher: Publisher,
         *,
         scaler: Scaler | None = None,
-        backlog: Backlog | None = None,
+        probe: Probe | None = None,
+        readings: Readings | None = None,
+        notifier: AlertmanagerNotifier | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.windows = windows
         self.evaluator = evaluator
         self.publisher = publisher
         self.scaler = scaler
-        self.backlog = backlog
+        self.probe = probe
         self.clock = clock
+        self.readings = readings or Readings()
+        self.notifier = notifier
         self.replicas: dict[str, int] = {}  # deployment -> its count, as last reported
         self.ceilings: dict[str, int] = {}  # deployment -> the most its owner would run
         self.waiting: int | None = None  # the router's backlog at the last round
@@ -105,11 +115,12 @@ class OpsService:
         """Run the rules and the scaler once; publish what fired, resolved or changed
         (and return it)."""
         now = self.clock()
-        changes = self.evaluator.evaluate(
-            now, lambda rule: self.windows.slis(now, rule.window_s, rule.by)
-        )
+        await self._read(now)
+        changes = self.evaluator.evaluate(now, lambda rule: self._measures(now, rule))
         for change in changes:
             self.outbox.append(self._alert(change))
+        if self.notifier is not None:  # best effort: the events on ops.alerts are the record
+            await self.notifier.notify(now, self.evaluator.firing(), changes)
         decisions = await self._scale(now)
         while self.outbox:  # raises, keeping the rest, if the broker does not take one
             out = self.outbox[0]
@@ -117,15 +128,26 @@ class OpsService:
             self.outbox.pop(0)
         return changes, decisions
 
+    def _measures(self, now: float, rule: Rule) -> Mapping[Labels, Measure]:
+        if rule.indicator in READINGS:
+            return {(): self.readings.reading(rule.indicator, now, rule.window_s)}
+        return self.windows.slis(now, rule.window_s, rule.by)
+
+    async def _read(self, now: float) -> None:
+        """Sample the queues; a sample not taken is unknown (None), never a guess."""
+        values: Mapping[str, float | None] = {}
+        if self.probe is not None:
+            try:
+                values = await self.probe()
+            except Exception as error:  # the P99 still decides; the queues are unknown
+                log.warning("queues unknown", error=f"{type(error).__name__}: {error}")
+        self.readings.sample(now, dict(values))
+        backlog = self.readings.latest["backlog"]
+        self.waiting = None if backlog is None else int(backlog)
+
     async def _scale(self, now: float) -> list[Decision]:
         if self.scaler is None:
             return []
-        self.waiting = None
-        if self.backlog is not None:
-            try:
-                self.waiting = await self.backlog()
-            except Exception as error:  # the P99 still decides; the queue is unknown
-                log.warning("backlog unknown", error=f"{type(error).__name__}: {error}")
         decisions = []
         for name, policy in self.scaler.policies.items():
             groups = self.windows.slis(now, policy.window_s, where={"operation": policy.operations})

@@ -7,13 +7,14 @@ Examples::
     MESHLLM_OPS__SCALING__ENABLED=false               # decide nothing, publish nothing
     MESHLLM_OPS__SCALING__CHAT__MAX_REPLICAS=2
     MESHLLM_OPS__SCALING__CHAT__OUT_P99_S=0.5
+    MESHLLM_OPS__ALERTMANAGER_URL=http://alertmanager:9093
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AnyHttpUrl, BaseModel, Field, model_validator
 
 from services.ops.scaling import ScalingPolicy
 from shared.settings import MeshSettings, TelemetrySettings
@@ -64,6 +65,11 @@ class OpsConfig(BaseModel):
         5.0, gt=0, le=300, description="How often rules run and replica counts are decided."
     )
     scaling: ScalingConfig = ScalingConfig()
+    alertmanager_url: AnyHttpUrl | None = Field(
+        None,
+        description="An Alertmanager (e.g. http://alertmanager:9093) to send the alerts to, "
+        "besides ops.alerts; unset: none.",
+    )
 
     @model_validator(mode="after")
     def _keep_whole_buckets(self) -> OpsConfig:

@@ -58,3 +58,10 @@ class GroupLag:
             offset = done.offset if done is not None and done.offset >= 0 else starts[tp]
             rows.append((tp, ends[tp], offset))
         return sum(lag_of(rows).values())
+
+    async def records(self, topics: Iterable[str], partitions: int) -> int:
+        """Records held by ``topics`` (``partitions`` each): end minus start offsets."""
+        tps = [TopicPartition(name, index) for name in topics for index in range(partitions)]
+        starts = await self._ends.beginning_offsets(tps)
+        ends = await self._ends.end_offsets(tps)
+        return sum(max(0, ends[tp] - starts[tp]) for tp in tps)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from shared.bus.embedded import free_port
 from shared.topics import REQUESTS_HIGH, REQUESTS_LOW, REQUESTS_NORMAL
 from tests.e2e.conftest import Mesh, scrape, total
 
@@ -398,3 +401,71 @@ async def test_the_ops_service_computes_slis_from_the_answers_spans(mesh: Mesh) 
         await asyncio.sleep(0.5)
         ops = await scrape(mesh, "ops")
     assert "meshllm_ops_backlog" in ops
+
+
+async def test_a_real_prometheus_scrapes_the_mesh_and_evaluates_the_rules(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """Prometheus (Debian's package) scrapes every service's /metrics of the running mesh
+    and loads and evaluates the generated rules (deploy/prometheus/rules.yml)."""
+    import yaml
+
+    from tests.conftest import ROOT
+    from tests.ops.tools import debian_tool
+
+    binary = debian_tool(("prometheus",), "prometheus", "to scrape a running mesh")
+    targets = [f"127.0.0.1:{service.health_port}" for service in mesh.services.values()]
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ROOT / "deploy" / "prometheus" / "rules.yml")],
+        "scrape_configs": [{"job_name": "meshllm", "static_configs": [{"targets": targets}]}],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+        f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    api = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+
+            async def get(path: str, **params: str) -> Any:
+                try:
+                    reply = await http.get(f"{api}/{path}", params=params)
+                except httpx.TransportError:
+                    return None
+                return reply.json()["data"] if reply.status_code == 200 else None
+
+            deadline = time.monotonic() + 90
+            while True:
+                found = await get("targets")
+                up = [t for t in (found or {}).get("activeTargets", []) if t["health"] == "up"]
+                if len(up) == len(targets):
+                    break
+                assert time.monotonic() < deadline, found
+                await asyncio.sleep(0.5)
+            while True:  # every rule evaluated, none broken
+                groups = (await get("rules") or {}).get("groups", [])
+                rules = [rule for group in groups for rule in group["rules"]]
+                if rules and all(
+                    rule.get("lastEvaluation", "0001").startswith("2") for rule in rules
+                ):
+                    break
+                assert time.monotonic() < deadline, groups
+                await asyncio.sleep(0.5)
+            assert {rule["name"] for rule in rules} >= {"LatencyP99High", "ErrorRateHigh"}
+            assert all(rule["health"] == "ok" for rule in rules), rules
+            # the answers of the tests before this one, as Prometheus read them
+            answered = await get("query", query="sum(gen_ai_server_request_duration_seconds_count)")
+            assert answered["result"], answered
+            assert float(answered["result"][0]["value"][1]) >= 1
+            # the router's lag, which the backlog rule reads, is there too
+            lag = await get(
+                "query", query='meshllm_bus_consumer_lag{messaging_consumer_group_name="router"}'
+            )
+            assert lag["result"], lag
+    finally:
+        process.terminate()
+        await process.wait()

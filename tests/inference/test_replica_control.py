@@ -254,3 +254,14 @@ async def test_statuses_say_how_many_would_run_and_how_many_run() -> None:
     # two CPUs, the embeddings replica holds 0.5: three chat replicas of 0.5 fit
     assert (sent[CHAT].max_replicas, sent[CHAT].running_replicas) == (3, 1)
     assert sent[EMBEDDINGS].max_replicas == 2  # embeddings_max_replicas
+
+
+async def test_a_decision_another_service_made_is_ignored(
+    scaled: list[tuple[str, str, int]],
+) -> None:
+    replicas, publisher = control()
+    forged = ev.ScalingDecision(deployment=CHAT, current_replicas=1, target_replicas=2)
+    stamp(forged, producer="router")
+    await replicas.on_decision(forged, CTX)
+    assert scaled == []
+    assert publisher.sent == []

@@ -5,8 +5,6 @@ fast and good ones neither."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,30 +16,19 @@ from typer.testing import CliRunner
 from meshllm.cli import app
 from services.ops.alerts import DEFAULT_RULES, Rule, load_rules
 from services.ops.prometheus_rules import NotExportable, prometheus_rules, rules_file_text
+from tests.ops.tools import debian_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 GENERATED = ROOT / "deploy" / "prometheus" / "rules.yml"
 SOURCE = "services/ops/rules.yaml"
+
 MODEL = "smollm2-135m-instruct"
 
 
 @pytest.fixture(scope="session")
 def promtool() -> str:
     """promtool, from Debian's prometheus package; installed when missing and this is root."""
-    found = shutil.which("promtool")
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(
-            ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"],
-            check=False, capture_output=True, timeout=900,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )  # fmt: skip
-        found = shutil.which("promtool")
-    if found is None:
-        pytest.fail(
-            "promtool is missing: install Prometheus (Debian: apt-get install prometheus), "
-            "which these tests use to check and evaluate the generated alerting rules"
-        )
-    return found
+    return debian_tool(("promtool",), "prometheus", "to check and evaluate the alerting rules")
 
 
 def test_the_committed_prometheus_rules_are_generated_from_rules_yaml() -> None:
@@ -71,7 +58,7 @@ def test_promtool_accepts_the_rules_and_the_compose_prometheus_config(promtool: 
     checked = subprocess.run([promtool, "check", "rules", str(GENERATED)],
                              capture_output=True, text=True, check=False)  # fmt: skip
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 3 rules found" in checked.stdout + checked.stderr
+    assert "SUCCESS: 6 rules found" in checked.stdout + checked.stderr
     config = subprocess.run(
         [promtool, "check", "config", str(GENERATED.with_name("prometheus.yml"))],
         capture_output=True, text=True, check=False,

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from services.ops.alerts import Evaluator, Rule
 from services.ops.scaling import Decision, Demand, Scaler, ScalingPolicy
-from services.ops.service import MAX_REPLICAS_READ, OpsService
+from services.ops.service import MAX_REPLICAS_READ, OpsService, Probe
 from services.ops.settings import CHAT_DEPLOYMENT, EMBEDDINGS_DEPLOYMENT, OpsSettings
 from services.ops.sli import INDICATORS, SliWindows
 from services.ops.spans import Answer
@@ -168,7 +168,7 @@ def test_an_idle_deployment_loses_one_replica_after_in_for_s() -> None:
 @pytest.mark.parametrize(
     "busy",
     [
-        demand(p99_s=0.1, concurrency=0.1, waiting=1),  # one request waits
+        demand(p99_s=0.1, concurrency=0.1, waiting=1),  # 0.5 in progress per replica now
         demand(p99_s=0.25, concurrency=0.1),  # P99 at in_p99_s: not below it
         demand(p99_s=0.4, concurrency=0.1),  # between in_p99_s and out_p99_s
         demand(p99_s=0.1, concurrency=1.0),  # 0.5 per replica on 2: not below 0.5
@@ -178,6 +178,14 @@ def test_an_idle_deployment_loses_one_replica_after_in_for_s() -> None:
 def test_scale_in_is_blocked_while_anything_waits_or_the_p99_is_not_low(busy: Demand) -> None:
     scaler = Scaler([policy(in_for_s=0, in_cooldown_s=0)])
     assert all(scaler.decide(CHAT, float(t), 2, busy) is None for t in range(0, 2000, 10))
+
+
+def test_requests_in_progress_now_do_not_block_scale_in_below_the_limit() -> None:
+    # the queue counts what is being answered too: one request on two replicas is idle
+    scaler = Scaler([policy(in_for_s=0, in_cooldown_s=0, in_concurrency_per_replica=1.0)])
+    decision = scaler.decide(CHAT, 0.0, 2, demand(p99_s=0.1, concurrency=0.6, waiting=1))
+    assert decision is not None
+    assert (decision.target, decision.reason) == (1, "idle")
 
 
 def test_a_wait_in_between_starts_the_idle_time_over() -> None:
@@ -412,6 +420,18 @@ def status(deployment: str, replicas: int) -> ev.ModelStatus:
                           state=ev.MODEL_STATE_READY)  # fmt: skip
 
 
+def _probe(backlog: Callable[[], Awaitable[int]] | None) -> Probe | None:
+    """The service's probe of the queues, reading only the router's backlog."""
+    if backlog is None:
+        return None
+    counted = backlog
+
+    async def probe() -> dict[str, float | None]:
+        return {"backlog": float(await counted())}
+
+    return probe
+
+
 def make_service(
     now: list[float],
     *policies: ScalingPolicy,
@@ -423,7 +443,7 @@ def make_service(
     publisher = publisher or RecordingPublisher()
     scaler = Scaler(policies or (policy(out_for_s=0),))
     ops = OpsService(windows, Evaluator(list(rules)), publisher, scaler=scaler,  # type: ignore[arg-type]
-                     backlog=backlog, clock=lambda: now[0])  # fmt: skip
+                     probe=_probe(backlog), clock=lambda: now[0])  # fmt: skip
     return ops, publisher, windows
 
 
