@@ -16,7 +16,9 @@ arrive open-loop (a fixed rate, whatever the answers do) through the gateway:
    ``LatencyP99High`` alert fires after its ``for``, the scaler asks for a second chat
    replica (``ops.scaling``), the inference service starts it through Serve, P99 comes
    back and the alert resolves;
-3. **calm** again — the scaler takes the idle replica away.
+3. **calm** again — 10 s in, one of the two chat replicas' processes is killed (SIGKILL):
+   the requests it held fail, ``ErrorRateHigh`` fires and resolves once they leave its
+   window, Serve starts a replacement; then the scaler takes the idle replica away.
 
 The rules and the scaler's timings are compressed for a drill of minutes (``for`` 10 s,
 windows 20-30 s, cooldowns 30 s, buckets 2 s; the shipped defaults are minutes): the
@@ -31,7 +33,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -67,6 +71,18 @@ rules:
     min_requests: 10
     severity: page
     summary: P99 latency above 500 ms (drill timings)
+
+  - name: ErrorRateHigh
+    indicator: error_rate
+    threshold: 0.001
+    clear: 0.0005
+    for_s: 5
+    clear_for_s: 20
+    window_s: 30
+    by: [model]
+    min_requests: 10
+    severity: page
+    summary: error rate above 0.1% (drill timings)
 """
 
 ENGINE = {
@@ -84,6 +100,7 @@ OPS = {
     "MESHLLM_OPS__SCALING__CHAT__MAX_REPLICAS": "2",
     "MESHLLM_OPS__SCALING__CHAT__WINDOW_S": "20",
     "MESHLLM_OPS__SCALING__CHAT__MIN_REQUESTS": "10",
+    "MESHLLM_OPS__SCALING__CHAT__OUT_WAITING_PER_REPLICA": "8",  # a batch of 2 here, not 16
     "MESHLLM_OPS__SCALING__CHAT__OUT_FOR_S": "6",
     "MESHLLM_OPS__SCALING__CHAT__OUT_COOLDOWN_S": "30",
     "MESHLLM_OPS__SCALING__CHAT__IN_P99_S": "0.4",
@@ -110,6 +127,7 @@ class Event:
 @dataclass
 class Drill:
     phases: list[tuple[str, float, float]]  # (name, rate per second, seconds)
+    kill_at_s: float | None = None  # when one chat replica's process gets SIGKILL
     answers: list[Answer] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     started_wall: float = 0.0
@@ -172,6 +190,7 @@ async def run_load(drill: Drill, url: str, key: str, progress: Progress) -> None
                 status = 0
             drill.answers.append(Answer(sent_s, time.perf_counter() - started, status))
 
+        killer = asyncio.create_task(kill_a_replica(drill, origin))
         offset = 0.0
         for name, rate, seconds in drill.phases:
             drill.events.append(Event(offset, "phase", f"{name}: {rate:g} requests/s"))
@@ -187,8 +206,28 @@ async def run_load(drill: Drill, url: str, key: str, progress: Progress) -> None
                 sent += 1
                 progress.update(task, completed=min(total_s, now))
             offset += seconds
-        await asyncio.gather(*pending)
+        await asyncio.gather(*pending, killer)
     progress.remove_task(task)
+
+
+async def kill_a_replica(drill: Drill, origin: float) -> None:
+    """A failing replica: SIGKILL one chat replica's process (Serve starts another)."""
+    if drill.kill_at_s is None:
+        return
+    await asyncio.sleep(max(0.0, drill.kill_at_s - (time.perf_counter() - origin)))
+    found = await asyncio.create_subprocess_exec(
+        "pgrep", "-f", "ServeReplica:inference:ChatDeployment", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await found.communicate()
+    pids = [int(pid) for pid in out.split()]
+    at = time.perf_counter() - origin
+    if not pids:
+        drill.events.append(Event(at, "fault", "no chat replica process found to kill"))
+        return
+    os.kill(pids[0], signal.SIGKILL)
+    drill.events.append(
+        Event(at, "fault", f"chat replica killed (pid {pids[0]}, 1 of {len(pids)})")
+    )
 
 
 async def read_events(drill: Drill, bootstrap: str) -> None:
@@ -285,11 +324,13 @@ def plot(drill: Drill, rows: list[dict[str, float]], path: Path) -> None:
     top.plot([r["at_s"] + 2.5 for r in with_p99], [r["p99_ms"] for r in with_p99],
              color="tab:red", label="P99 per 5 s")  # fmt: skip
     top.axhline(SLO_S * 1000, color="black", linestyle="--", linewidth=1, label="SLO 500 ms")
-    firing = [e.at_s for e in drill.events if e.kind == "alert firing"]
-    resolved = [e.at_s for e in drill.events if e.kind == "alert resolved"]
-    for start in firing:
-        end = next((r for r in resolved if r > start), max(a.sent_s for a in drill.answers))
-        top.axvspan(start, end, color="tab:red", alpha=0.08)
+    last = max(a.sent_s for a in drill.answers)
+    for rule, colour in (("LatencyP99High", "tab:red"), ("ErrorRateHigh", "tab:orange")):
+        mine = [e for e in drill.events if e.text.startswith(rule + " ")]
+        resolved = [e.at_s for e in mine if e.kind == "alert resolved"]
+        for start in (e.at_s for e in mine if e.kind == "alert firing"):
+            end = next((r for r in resolved if r > start), last)
+            top.axvspan(start, end, color=colour, alpha=0.1)
     for event in drill.events:
         if event.kind in {"scaling", "phase"}:
             top.axvline(event.at_s, color="tab:blue" if event.kind == "scaling" else "grey",
@@ -298,6 +339,14 @@ def plot(drill: Drill, rows: list[dict[str, float]], path: Path) -> None:
     top.set_ylabel("latency (ms)")
     top.legend(loc="upper left", fontsize=8)
     top.set_title("Ops loop drill: P99 over the SLO → alert (shaded) → scale-out (blue) → recovery")
+    for event in drill.events:
+        if event.kind == "fault":
+            top.axvline(event.at_s, color="black", linewidth=1.5, label="replica killed")
+    failed = [a for a in drill.answers if a.status != 200]
+    if failed:
+        top.scatter([a.sent_s for a in failed], [max(a.seconds, 0.01) * 1000 for a in failed],
+                    s=12, marker="x", color="black", label="failed answers")  # fmt: skip
+    top.legend(loc="upper right", fontsize=8)
     counts = [(e.at_s, int(e.text.rsplit(":", 1)[1])) for e in drill.events if e.kind == "replicas"]
     if counts:
         end = max(a.sent_s for a in drill.answers)
@@ -313,7 +362,13 @@ def plot(drill: Drill, rows: list[dict[str, float]], path: Path) -> None:
 
 async def main_async(args: argparse.Namespace) -> None:
     scale = 0.6 if args.quick else 1.0
-    drill = Drill([("calm", 3, 40 * scale), ("surge", 10, 150 * scale), ("calm", 3, 120 * scale)])
+    phases: list[tuple[str, float, float]] = [
+        ("calm", 3, 40 * scale),
+        ("surge", 10, 150 * scale),
+        ("calm", 3, 150 * scale),
+    ]
+    # a failing replica, while two run: shortly after the surge, before the scale-in
+    drill = Drill(phases, kill_at_s=(40 + 150 + 10) * scale)
     RESULTS_DIR.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ops-drill-") as tmp, Progress(console=console) as bar:
         workdir = Path(args.workdir or tmp)

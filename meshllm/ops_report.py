@@ -63,6 +63,7 @@ class Event:
     at_s: float
     kind: str  # "firing", "resolved", "scaling"
     text: str
+    key: str = ""  # the alert id: a firing and its resolution share it
 
 
 def span_answers(records: Sequence[tuple[bytes | None, bytes | None]]) -> list[Answer]:
@@ -84,7 +85,8 @@ def events(alerts: Sequence[ev.OpsAlert], decisions: Sequence[ev.ScalingDecision
         state = "firing" if alert.state == ev.ALERT_STATE_FIRING else "resolved"
         labels = ", ".join(f"{k}={v}" for k, v in sorted(alert.labels.items()))
         text = f"{alert.rule} ({labels}) value {alert.value:.4g}, threshold {alert.threshold:g}"
-        found.append(Event(alert.envelope.occurred_at.ToNanoseconds() / 1e9, state, text))
+        at_s = alert.envelope.occurred_at.ToNanoseconds() / 1e9
+        found.append(Event(at_s, state, text, alert.alert_id))
     for decision in decisions:
         text = (f"{decision.deployment} {decision.current_replicas} -> "
                 f"{decision.target_replicas}: {decision.reason}")  # fmt: skip
@@ -139,11 +141,10 @@ def plot_png(rows: Sequence[Minute], found: Sequence[Event]) -> bytes:
     firing: dict[str, float] = {}
     for event in found:
         moment = datetime.fromtimestamp(event.at_s, UTC)
-        rule = event.text.split(" ", 1)[0]
         if event.kind == "firing":
-            firing[rule] = event.at_s
-        elif event.kind == "resolved" and rule in firing:
-            start = datetime.fromtimestamp(firing.pop(rule), UTC)
+            firing[event.key] = event.at_s
+        elif event.kind == "resolved" and event.key in firing:
+            start = datetime.fromtimestamp(firing.pop(event.key), UTC)
             latency.axvspan(start, moment, color="tab:red", alpha=0.08)
         elif event.kind == "scaling":
             for axis in (latency, errors, rate):

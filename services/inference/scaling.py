@@ -5,8 +5,10 @@ on ``ops.scaling``. A decision is a request, not a command: this service applies
 within its own bounds (``serve.chat_min_replicas``..``chat_max_replicas``,
 ``1``..``embeddings_max_replicas``), so a record asking for a thousand replicas gets the
 maximum, one for a deployment this service does not run changes nothing, and one whose
-envelope names another producer than the ops service is ignored (with signed events,
-``MESHLLM_BUS__REQUIRE_SIGNED``, that name is one a mesh service wrote). On a Ray
+envelope names another producer than the ops service is ignored (a name the writer
+chose: with signed events, ``MESHLLM_BUS__REQUIRE_SIGNED``, one of the mesh's services),
+and so is one older than two minutes (a backlog after an outage: the ops loop decides
+again from what it sees then). On a Ray
 started here (not a cluster, whose autoscaler can add nodes), the count is also bounded
 by what this machine's CPUs can place (``chat_num_cpus`` per chat replica, ...): a
 replica that cannot be placed would wait for ever, holding the deployment in an update.
@@ -25,19 +27,19 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from typing import Any
 
 from services.inference.settings import InferenceSettings
 from shared.bus import Publisher
 from shared.bus.consumer import EventContext
+from shared.deployments import CHAT_DEPLOYMENT, EMBEDDINGS_DEPLOYMENT
 from shared.events.v1 import events_pb2 as ev
 from shared.logging import get_logger
 from shared.topics import MODEL_STATUS
 
 log = get_logger(__name__)
-
-CHAT_DEPLOYMENT = "ChatDeployment"  # serve_app's names (which imports Ray)
-EMBEDDINGS_DEPLOYMENT = "EmbeddingsDeployment"
+MAX_DECISION_AGE_S = 120.0  # older ones (a backlog after an outage) are ignored
 
 
 class ReplicaControl:
@@ -82,6 +84,11 @@ class ReplicaControl:
             log.warning("scaling decision not from the ops loop ignored",
                         producer=decision.envelope.producer)  # fmt: skip
             return
+        age_s = time.time() - decision.envelope.occurred_at.ToNanoseconds() / 1e9
+        if age_s > MAX_DECISION_AGE_S:
+            log.warning("stale scaling decision ignored", deployment=decision.deployment,
+                        age_s=round(age_s))  # fmt: skip
+            return
         if not self.external:
             log.warning(
                 "scaling decision refused: Serve's own autoscaling sizes this deployment",
@@ -115,6 +122,10 @@ class ReplicaControl:
                 self.replicas[decision.deployment] = target
         await self.report(decision.deployment)
 
+    def _room(self, deployment: str, replicas: int) -> int:
+        """The most replicas it would run; not sized by the ops loop: the count it has."""
+        return (self.bounded(deployment, 1 << 30) or 0) if self.external else replicas
+
     async def report(self, *only: str) -> None:
         """Publish the count of ``only`` these deployments (all: none named)."""
         for deployment, replicas in list(self.replicas.items()):
@@ -126,7 +137,10 @@ class ReplicaControl:
                 deployment=deployment,
                 state=ev.MODEL_STATE_READY,
                 replicas=replicas,
-                max_replicas=self.bounded(deployment, 1 << 30) or 0,
+                # not sized by the ops loop: no room to ask for, so it asks for none
+                max_replicas=(self.bounded(deployment, 1 << 30) or 0)
+                if self.external
+                else replicas,
                 running_replicas=self.running.get(deployment, 0),
             )
             await self.publisher.publish(MODEL_STATUS, status, key=self.model)

@@ -50,13 +50,12 @@ from services.inference.embeddings import EmbeddingEngine, EmbeddingService
 from services.inference.http import HttpFrontend
 from services.inference.registry import ModelRegistry
 from services.inference.settings import InferenceSettings
+from shared.deployments import CHAT_DEPLOYMENT, EMBEDDINGS_DEPLOYMENT
 from shared.logging import get_logger
 from shared.service_auth import ServiceGuard
 
 log = get_logger(__name__)
 
-CHAT_DEPLOYMENT = "ChatDeployment"
-EMBEDDINGS_DEPLOYMENT = "EmbeddingsDeployment"
 
 # --------------------------------------------------------------------------- deployments
 

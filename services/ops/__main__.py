@@ -48,7 +48,7 @@ async def build(settings: OpsSettings, bus: Bus, health: HealthState) -> Awaitab
     if settings.ops.alertmanager_url is not None:
         url = str(settings.ops.alertmanager_url)
         notifier = AlertmanagerNotifier(url, settings.ops.evaluate_every_s)
-        log.info("alerts also go to alertmanager", url=url)
+        log.info("alerts also go to alertmanager", url=notifier.shown)
     service = OpsService(
         windows,
         evaluator,

@@ -5,10 +5,12 @@ Alertmanager expects a client to send every alert that still fires again and aga
 again resolves by itself once that passes, so an ops service that died does not leave
 pages firing for ever. So each round sends every firing alert with ``endsAt`` =
 now + ``3 x every_s``, and each alert resolved since the last delivered round with
-``endsAt`` = when it resolved. A round Alertmanager did not take is not lost: the firing
+``endsAt`` = when it resolved. A round waits at most 5 s for it (after the round's events
+went to the broker). A round Alertmanager did not take is not lost: the firing
 ones go again anyway, the resolved ones are kept (at most ``MAX_PENDING``) for the next.
 
-Labels: ``alertname`` (the rule), ``severity``, the rule's group labels and
+Labels: ``alertname`` (the rule), ``severity``, the rule's group labels (a rule grouped
+``by: [tenant]`` sends tenant names to the Alertmanager and its receivers) and
 ``service="meshllm-ops"``; annotations: ``summary``, ``value``, ``threshold``. The same
 alert from Prometheus (``deploy/prometheus/rules.yml``) carries the same ``alertname`` and
 ``severity``, so Alertmanager's grouping and inhibition treat them alike.
@@ -16,10 +18,12 @@ alert from Prometheus (``deploy/prometheus/rules.yml``) carries the same ``alert
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -71,13 +75,23 @@ def payload(
     return alerts
 
 
+def public(url: str) -> str:
+    """``url`` without the user and password it may carry."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 class AlertmanagerNotifier:
     """Posts each round's alerts to one Alertmanager; keeps resolutions it did not take."""
 
     def __init__(self, url: str, every_s: float, client: httpx.AsyncClient | None = None) -> None:
         self.endpoint = url.rstrip("/") + "/api/v2/alerts"
+        self.shown = public(self.endpoint)  # for logs: without credentials
         self.every_s = every_s
-        self.client = client or httpx.AsyncClient(timeout=10)
+        # a hanging Alertmanager costs a round at most this much
+        self.client = client or httpx.AsyncClient(timeout=min(5.0, every_s))
         self.pending: list[Transition] = []  # resolved, not yet taken
 
     async def notify(
@@ -90,14 +104,16 @@ class AlertmanagerNotifier:
         if not alerts:
             return True
         try:
-            reply = await self.client.post(self.endpoint, json=alerts)
-        except httpx.HTTPError as error:
-            log.warning("alertmanager unreachable", url=self.endpoint, error=str(error))
+            reply = await asyncio.wait_for(
+                self.client.post(self.endpoint, json=alerts), timeout=min(5.0, self.every_s)
+            )
+        except (httpx.HTTPError, TimeoutError) as error:
+            log.warning("alertmanager unreachable", url=self.shown, error=type(error).__name__)
             return False
         if reply.status_code != 200:
             log.warning(
                 "alertmanager refused the alerts",
-                url=self.endpoint,
+                url=self.shown,
                 status=reply.status_code,
                 reply=reply.text[:300],
             )

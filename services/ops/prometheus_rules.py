@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from services.ops.alerts import Rule
+from shared.topics import AUDIT_EVENTS, REQUESTS_HIGH, REQUESTS_LOW, REQUESTS_NORMAL
 
 DURATION = "gen_ai_server_request_duration_seconds"
 FIRST_TOKEN = "gen_ai_server_time_to_first_token_seconds"
@@ -40,11 +41,15 @@ def _duration(seconds: float) -> str:
 
 
 LAG = "meshllm_bus_consumer_lag"
+# the request topics as a PromQL regex (a dot is "\\." inside PromQL's double quotes)
+_REQUESTS = "|".join(
+    t.name.replace(".", "\\\\.") for t in (REQUESTS_HIGH, REQUESTS_NORMAL, REQUESTS_LOW)
+)
 READING_QUERIES = {  # the readings of services/ops/readings.py, from each service's metrics
     "backlog": f'sum({LAG}{{messaging_consumer_group_name="router",'
-    f'messaging_destination_name=~"llm\\\\.requests\\\\..*"}})',
+    f'messaging_destination_name=~"{_REQUESTS}"}})',
     "audit_backlog": f'sum({LAG}{{messaging_consumer_group_name="audit",'
-    f'messaging_destination_name="audit.events"}})',
+    f'messaging_destination_name="{AUDIT_EVENTS.name}"}})',
     "dead_letters": "sum(increase(meshllm_bus_dead_letters_total[{window}]))",
 }
 

@@ -3,12 +3,14 @@
 The policy, one per deployment (``ops.scaling`` in the settings):
 
 - **Out** when, for ``out_for_s``, the P99 latency of the deployment's operations is above
-  ``out_p99_s`` (over ``window_s``, with at least ``min_requests`` answers), or the requests
-  waiting in Kafka for the router (the request topics' end offsets minus the router
-  group's committed offsets: accepted by the gateway, not yet answered) exceed
-  ``out_waiting_per_replica`` per replica. P99 sees a slowdown after it happened; the
-  queue sees demand before it reaches an engine, which Serve's own autoscaler (ongoing
-  requests per replica) cannot. One replica more, or as many as the queue needs.
+  ``out_p99_s`` (over ``window_s``, with at least ``min_requests`` answers), or the
+  unfinished requests in Kafka (the request topics' end offsets minus the router group's
+  committed offsets: accepted by the gateway, queued or being answered; the router
+  commits only up to its first unfinished one, so one long answer holds later ones in
+  the count too) exceed ``out_waiting_per_replica`` per replica. P99 sees a slowdown
+  after it happened; the queue sees demand before it reaches an engine, which Serve's own
+  autoscaler (ongoing requests per replica) cannot. One replica more, or as many as the
+  queue needs (at most twice as many).
 - **In** by one when, for ``in_for_s``: the P99 is below ``in_p99_s`` (or there were too
   few answers to have one), and the requests in progress per replica are below
   ``in_concurrency_per_replica`` both on average over the window (the answers' summed
@@ -16,9 +18,11 @@ The policy, one per deployment (``ops.scaling`` in the settings):
   being answered too: the router commits only up to its first unfinished one). An
   idle replica holds cores or a GPU for nothing: the seed's >70% utilisation target makes
   idleness a cost alarm too.
-- Never outside ``[min_replicas, max_replicas]``; a count outside is brought back at once.
-  The inference service says how many replicas it would run (its own bounds, and what
-  its machine can place); the scaler asks for no more than that.
+- Never outside ``[min_replicas, max_replicas]``; a count outside is brought back (after
+  the cooldown). The inference service says how many replicas it would run (its own
+  bounds, and what its machine can place); the scaler asks for no more than that, and
+  none while a replica it asked for is still starting. A scale-out at most doubles.
+- An unknown queue (the broker did not answer) is never read as an idle one.
 - After a change, no scale-out for ``out_cooldown_s`` and no scale-in for
   ``in_cooldown_s``: a new replica needs time to load, and the windows time to show its
   effect (keep ``out_cooldown_s`` at least ``window_s``, or slow answers from before the
@@ -52,8 +56,9 @@ class ScalingPolicy(BaseModel):
     min_requests: int = Field(20, ge=1, description="Fewer answers: no P99 to act on.")
     out_p99_s: float = Field(0.5, gt=0, description="Scale out above this P99 latency.")
     out_waiting_per_replica: float | None = Field(
-        8.0, gt=0, description="Scale out above this many waiting requests per replica; "
-        "null: the queue is not read (a deployment the request topics do not feed)."
+        24.0, gt=0, description="Scale out above this many unfinished requests (queued or "
+        "being answered) per replica: above a full batch (16) and then some; null: the queue "
+        "is not read (a deployment the request topics do not feed)."
     )  # fmt: skip
     out_for_s: float = Field(15.0, ge=0)
     out_cooldown_s: float = Field(60.0, ge=0)
@@ -122,32 +127,35 @@ class Scaler:
         current: int | None,
         demand: Demand,
         ceiling: int | None = None,
+        *,
+        settled: bool = True,
     ) -> Decision | None:
-        """``ceiling``: the most replicas the deployment's owner would run (None: unsaid)."""
+        """``ceiling``: the most replicas the deployment's owner would run (None: unsaid);
+        it caps scale-out only: the owner enforces it itself, and a lower one (true or
+        forged) never takes replicas away. ``settled``: every replica of the current
+        count runs (no scale-out while one is still starting, or it would count twice)."""
         policy = self.policies[deployment]
         if current is None:
             return None
-        if ceiling is not None and ceiling < policy.max_replicas:
-            policy = policy.model_copy(
-                update={
-                    "max_replicas": max(ceiling, 1),
-                    "min_replicas": min(policy.min_replicas, max(ceiling, 1)),
-                }
-            )
-        bounded = min(max(current, policy.min_replicas), policy.max_replicas)
-        if bounded != current:
-            reason: Reason = "below_min" if bounded > current else "above_max"
-            detail = f"bounds [{policy.min_replicas}, {policy.max_replicas}]"
-            return self._change(Decision(deployment, current, bounded, reason, detail), now_s)
         track = self._tracks[deployment]
+        since_change = now_s - track.changed_at
+        if current < policy.min_replicas and since_change >= policy.out_cooldown_s:
+            detail = f"bounds [{policy.min_replicas}, {policy.max_replicas}]"
+            decision = Decision(deployment, current, policy.min_replicas, "below_min", detail)
+            return self._change(decision, now_s)
+        if current > policy.max_replicas and since_change >= policy.in_cooldown_s:
+            detail = f"bounds [{policy.min_replicas}, {policy.max_replicas}]"
+            decision = Decision(deployment, current, policy.max_replicas, "above_max", detail)
+            return self._change(decision, now_s)
+        highest = policy.max_replicas if ceiling is None else min(policy.max_replicas, ceiling)
         out = _out_reason(policy, current, demand)
         track.out_since = _since(track.out_since, now_s) if out else None
         idle = out is None and _idle(policy, current, demand)
         track.in_since = _since(track.in_since, now_s) if idle else None
-        since_change = now_s - track.changed_at
         if (
             out is not None
-            and current < policy.max_replicas
+            and settled
+            and current < highest
             and now_s - _since(track.out_since, now_s) >= policy.out_for_s
             and since_change >= policy.out_cooldown_s
         ):
@@ -155,7 +163,9 @@ class Scaler:
             target = current + 1
             if reason == "queue" and demand.waiting and policy.out_waiting_per_replica:
                 target = max(target, math.ceil(demand.waiting / policy.out_waiting_per_replica))
-            target = min(target, policy.max_replicas)
+            # at most twice as many at once: a queue that grew for another reason (a stuck
+            # router, a long answer holding the commits back) cannot jump to the maximum
+            target = min(target, 2 * current, highest)
             return self._change(Decision(deployment, current, target, reason, detail), now_s)
         if (
             idle
@@ -190,6 +200,8 @@ def _out_reason(policy: ScalingPolicy, current: int, demand: Demand) -> tuple[Re
 
 
 def _idle(policy: ScalingPolicy, current: int, demand: Demand) -> bool:
+    if demand.waiting is None and policy.out_waiting_per_replica is not None:
+        return False  # the queue is unknown (the broker did not answer): not idle on a guess
     now = demand.waiting or 0
     if max(now, demand.concurrency) / current >= policy.in_concurrency_per_replica:
         return False

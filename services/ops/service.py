@@ -50,11 +50,16 @@ Probe = Callable[[], Awaitable[Mapping[str, float | None]]]
 """Samples of the mesh's queues: backlog, audit_backlog, dead_letters_total."""
 
 
+STALE_DECISION_S = 60.0
+
+
 @dataclass(frozen=True)
 class _Outgoing:
     topic: Topic
     event: Message
     key: str
+    at_s: float = 0.0  # when decided
+    related: Topic | None = None  # the audit record of a scaling decision: OPS_SCALING
 
 
 class OpsService:
@@ -80,6 +85,7 @@ class OpsService:
         self.notifier = notifier
         self.replicas: dict[str, int] = {}  # deployment -> its count, as last reported
         self.ceilings: dict[str, int] = {}  # deployment -> the most its owner would run
+        self.running: dict[str, int] = {}  # deployment -> replicas running, as reported
         self.waiting: int | None = None  # the router's backlog at the last round
         self.outbox: list[_Outgoing] = []  # decided, not yet taken by the broker
 
@@ -99,11 +105,14 @@ class OpsService:
         """The inference service's replica count of one deployment."""
         if self.scaler is None or status.deployment not in self.scaler.policies:
             return
+        if status.envelope.producer != "inference":
+            return  # another writer's claim (signed events: another mesh service's)
         if status.replicas > MAX_REPLICAS_READ:
             raise PoisonEvent(f"replicas {status.replicas} exceeds {MAX_REPLICAS_READ}")
         self.replicas[status.deployment] = status.replicas
         if status.max_replicas:
             self.ceilings[status.deployment] = status.max_replicas
+        self.running[status.deployment] = status.running_replicas
 
     async def on_decision(self, decision: ev.ScalingDecision, ctx: EventContext) -> None:
         """A decision of the past (this process's, or an earlier one's): its cooldowns."""
@@ -119,14 +128,29 @@ class OpsService:
         changes = self.evaluator.evaluate(now, lambda rule: self._measures(now, rule))
         for change in changes:
             self.outbox.append(self._alert(change))
-        if self.notifier is not None:  # best effort: the events on ops.alerts are the record
-            await self.notifier.notify(now, self.evaluator.firing(), changes)
         decisions = await self._scale(now)
-        while self.outbox:  # raises, keeping the rest, if the broker does not take one
+        try:
+            await self._flush(now)
+        finally:  # best effort, bounded: the events on ops.alerts are the record
+            if self.notifier is not None:
+                await self.notifier.notify(now, self.evaluator.firing(), changes)
+        return changes, decisions
+
+    async def _flush(self, now: float) -> None:
+        """Publish the outbox in order; raises, keeping the rest, if the broker does not
+        take one. A scaling decision older than ``STALE_DECISION_S`` that never went out is
+        dropped instead, with its audit record: after an outage the scaler decides again
+        from what it then sees."""
+        while self.outbox:
             out = self.outbox[0]
+            if out.topic is OPS_SCALING and now - out.at_s > STALE_DECISION_S:
+                log.warning("stale scaling decision dropped", key=out.key)
+                self.outbox.pop(0)
+                if self.outbox and self.outbox[0].related is OPS_SCALING:
+                    self.outbox.pop(0)  # its audit record: it was never published
+                continue
             await self.publisher.publish(out.topic, out.event, key=out.key)
             self.outbox.pop(0)
-        return changes, decisions
 
     def _measures(self, now: float, rule: Rule) -> Mapping[Labels, Measure]:
         if rule.indicator in READINGS:
@@ -158,8 +182,10 @@ class OpsService:
                 concurrency=sli.concurrency if sli else 0.0,
                 waiting=self.waiting if policy.out_waiting_per_replica is not None else None,
             )
+            current = self.replicas.get(name)
+            settled = current is None or self.running.get(name, current) >= current
             decision = self.scaler.decide(
-                name, now, self.replicas.get(name), demand, self.ceilings.get(name)
+                name, now, current, demand, self.ceilings.get(name), settled=settled
             )
             if decision is not None:
                 decisions.append(decision)
@@ -201,9 +227,10 @@ class OpsService:
                 decision_id=event.envelope.event_id,
             )
         )
+        now = self.clock()
         return [
-            _Outgoing(OPS_SCALING, event, decision.deployment),
-            _Outgoing(AUDIT_EVENTS, audit, audit.request_id),
+            _Outgoing(OPS_SCALING, event, decision.deployment, now),
+            _Outgoing(AUDIT_EVENTS, audit, audit.request_id, now, related=OPS_SCALING),
         ]
 
     def _alert(self, change: Transition) -> _Outgoing:

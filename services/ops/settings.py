@@ -17,10 +17,8 @@ from pathlib import Path
 from pydantic import AnyHttpUrl, BaseModel, Field, model_validator
 
 from services.ops.scaling import ScalingPolicy
+from shared.deployments import CHAT_DEPLOYMENT, EMBEDDINGS_DEPLOYMENT
 from shared.settings import MeshSettings, TelemetrySettings
-
-CHAT_DEPLOYMENT = "ChatDeployment"  # services.inference.serve_app's names, without Ray
-EMBEDDINGS_DEPLOYMENT = "EmbeddingsDeployment"
 
 
 class ChatScaling(ScalingPolicy):

@@ -29,6 +29,7 @@ DIMENSIONS = ("operation", "model", "tenant")
 RELATIVE_ACCURACY = 0.01
 MAX_SKEW_S = 60.0
 MAX_CELLS = 1000
+MAX_BUSY_S = 600.0  # one answer's share of the concurrency (a forged hour-long one: 10 min)
 
 Labels = tuple[tuple[str, str], ...]
 """A group's labels, e.g. (("model", "smollm2"),); () is everything."""
@@ -51,7 +52,7 @@ class _Cell:
         self.requests += 1
         self.failures += answer.failed
         self.output_tokens += answer.output_tokens
-        self.busy_s += answer.seconds
+        self.busy_s += min(answer.seconds, MAX_BUSY_S)
         self.latency.add(answer.seconds)
         if answer.first_token_s is not None:
             self.first_token.add(answer.first_token_s)

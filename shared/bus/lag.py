@@ -60,8 +60,8 @@ class GroupLag:
         return sum(lag_of(rows).values())
 
     async def records(self, topics: Iterable[str], partitions: int) -> int:
-        """Records held by ``topics`` (``partitions`` each): end minus start offsets."""
+        """Records ever written to ``topics`` (``partitions`` each): their end offsets, which
+        only grow (retention dropping old ones does not hide new ones)."""
         tps = [TopicPartition(name, index) for name in topics for index in range(partitions)]
-        starts = await self._ends.beginning_offsets(tps)
         ends = await self._ends.end_offsets(tps)
-        return sum(max(0, ends[tp] - starts[tp]) for tp in tps)
+        return sum(ends[tp] for tp in tps)

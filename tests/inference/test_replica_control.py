@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 import pytest
@@ -265,3 +266,23 @@ async def test_a_decision_another_service_made_is_ignored(
     await replicas.on_decision(forged, CTX)
     assert scaled == []
     assert publisher.sent == []
+
+
+async def test_a_decision_older_than_two_minutes_is_ignored(
+    scaled: list[tuple[str, str, int]],
+) -> None:
+    replicas, publisher = control()
+    old = ev.ScalingDecision(deployment=CHAT, current_replicas=1, target_replicas=2)
+    old.envelope.occurred_at.FromNanoseconds(time.time_ns() - 121 * 10**9)
+    stamp(old, producer="ops")
+    await replicas.on_decision(old, CTX)
+    assert scaled == []
+    assert publisher.sent == []
+
+
+async def test_with_serves_own_autoscaling_it_offers_the_ops_loop_no_room() -> None:
+    replicas, publisher = control(chat_autoscaling=True, chat_max_replicas=4)
+    await replicas.report(CHAT)
+    [(_, status, _)] = publisher.sent
+    assert isinstance(status, ev.ModelStatus)
+    assert status.max_replicas == status.replicas  # so the loop asks for nothing

@@ -1,7 +1,11 @@
 """Readings of the mesh's queues (backlog, audit backlog, dead letters): the samples kept
 (no I/O), the rules that read them, the ops service sampling its probe and alerting on them
 (no broker), their Prometheus queries, and the broker-side counts of :mod:`shared.bus.lag`
-on a real (embedded) broker."""
+on a real (embedded) broker.
+
+This module is over 500 lines: the readings, their rules, their PromQL and the broker
+probe are one feature, read together.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +31,14 @@ from shared.bus.embedded import EmbeddedBroker
 from shared.bus.lag import GroupLag
 from shared.events.v1 import events_pb2 as ev
 from shared.settings import KafkaSettings
-from shared.topics import DLQ_PARTITIONS, OPS_ALERTS, REQUESTS_HIGH, REQUESTS_NORMAL, Topic
+from shared.topics import (
+    DLQ_PARTITIONS,
+    OPS_ALERTS,
+    REQUESTS_HIGH,
+    REQUESTS_LOW,
+    REQUESTS_NORMAL,
+    Topic,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 READING_RULES = ("RequestBacklogHigh", "AuditBacklogHigh", "DeadLettersGrowing")
@@ -400,7 +411,8 @@ def test_the_backlog_query_selects_the_routers_lag_on_the_request_topics() -> No
     query = expression(bundled("RequestBacklogHigh"))
     assert query == (
         '(sum(meshllm_bus_consumer_lag{messaging_consumer_group_name="router",'
-        'messaging_destination_name=~"llm\\\\.requests\\\\..*"})) > 200'
+        'messaging_destination_name=~"llm\\\\.requests\\\\.high|llm\\\\.requests\\\\.normal|'
+        'llm\\\\.requests\\\\.low"})) > 200'
     )
     [selector] = selectors(promql_parser.parse(query))
     labels = matchers(selector)
@@ -408,7 +420,7 @@ def test_the_backlog_query_selects_the_routers_lag_on_the_request_topics() -> No
     operator, pattern = labels["messaging_destination_name"]
     assert operator == "Re"
     # Prometheus anchors a regex matcher at both ends (RE2, which reads this one as re does)
-    for topic in (REQUESTS_HIGH, REQUESTS_NORMAL):
+    for topic in (REQUESTS_HIGH, REQUESTS_NORMAL, REQUESTS_LOW):
         assert re.fullmatch(pattern, topic.name), topic.name
     assert re.fullmatch(pattern, "llm.requests.high")
     assert not re.fullmatch(pattern, "llmXrequestsXhigh")  # the dots are literal
