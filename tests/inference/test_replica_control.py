@@ -11,15 +11,16 @@ import time
 from typing import Any
 
 import pytest
-from google.protobuf.message import Message
 
 from services.inference import scaling
-from services.inference.scaling import CHAT_DEPLOYMENT, EMBEDDINGS_DEPLOYMENT, ReplicaControl
+from services.inference.scaling import ReplicaControl
 from services.inference.settings import InferenceSettings, ServeConfig
 from shared.bus.consumer import EventContext
+from shared.deployments import CHAT_DEPLOYMENT, EMBEDDINGS_DEPLOYMENT
 from shared.envelope import stamp
 from shared.events.v1 import events_pb2 as ev
-from shared.topics import MODEL_STATUS, OPS_SCALING, Topic
+from shared.topics import MODEL_STATUS, OPS_SCALING
+from tests.fakes.publisher import RecordingPublisher
 
 CHAT = CHAT_DEPLOYMENT
 EMBEDDINGS = EMBEDDINGS_DEPLOYMENT
@@ -33,21 +34,6 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-class RecordingPublisher:
-    """A test double for the bus publisher: records what it takes."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[Topic, Message, str | bytes | None]] = []
-
-    async def publish(
-        self, topic: Topic, event: Message, *, key: str | bytes | None = None, **_: object
-    ) -> None:
-        self.sent.append((topic, event, key))
-
-    def statuses(self) -> list[tuple[str, int]]:
-        return [(e.deployment, e.replicas) for t, e, _ in self.sent if t == MODEL_STATUS]  # type: ignore[attr-defined]
-
-
 @pytest.fixture
 def scaled(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int]]:
     """Serve's scaling call, recorded instead of made: (app, deployment, replicas)."""
@@ -58,6 +44,10 @@ def scaled(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, int]]:
 
     monkeypatch.setattr(scaling, "_scale", record)
     return calls
+
+
+def statuses(publisher: RecordingPublisher) -> list[tuple[str, int]]:
+    return [(e.deployment, e.replicas) for e in publisher.on(MODEL_STATUS)]
 
 
 def control(
@@ -88,7 +78,7 @@ async def test_a_forged_decision_for_a_thousand_replicas_gets_the_maximum(
     await replicas.on_decision(decision(CHAT, 1000), CTX)
     assert scaled == [("inference", CHAT, 3)]
     assert replicas.replicas[CHAT] == 3
-    assert publisher.statuses() == [(CHAT, 3)]
+    assert statuses(publisher) == [(CHAT, 3)]
 
 
 @pytest.mark.parametrize(("chat_min_replicas", "applied"), [(0, 1), (1, 1), (2, 2)])
@@ -136,7 +126,7 @@ async def test_a_local_ray_bounds_the_count_by_the_cpus_it_has(
     await replicas.on_decision(decision(CHAT, 4), CTX)
     assert scaled == []  # one replica runs already: nothing to change
     assert replicas.replicas[CHAT] == 1
-    assert publisher.statuses() == [(CHAT, 1)]  # the count is told all the same
+    assert statuses(publisher) == [(CHAT, 1)]  # the count is told all the same
     # the embeddings may take the CPU the chat replica leaves: (2 - 1) / 0.5
     assert replicas.bounded(EMBEDDINGS, 5) == 2
 
@@ -185,7 +175,7 @@ async def test_the_same_target_twice_scales_once(scaled: list[tuple[str, str, in
     await replicas.on_decision(decision(CHAT, 3), CTX)
     await replicas.on_decision(decision(CHAT, 3), CTX)
     assert scaled == [("inference", CHAT, 3)]
-    assert publisher.statuses() == [(CHAT, 3), (CHAT, 3)]
+    assert statuses(publisher) == [(CHAT, 3), (CHAT, 3)]
 
 
 async def test_an_applied_count_is_published_on_model_status(
@@ -220,14 +210,14 @@ async def test_a_failed_scaling_call_keeps_the_count_and_raises(
 async def test_report_publishes_every_deployments_count() -> None:
     replicas, publisher = control(chat_replicas=2, embeddings_replicas=1)
     await replicas.report()
-    assert publisher.statuses() == [(CHAT, 2), (EMBEDDINGS, 1)]
+    assert statuses(publisher) == [(CHAT, 2), (EMBEDDINGS, 1)]
     assert all(t == MODEL_STATUS and key == MODEL for t, _, key in publisher.sent)
     publisher.sent.clear()
     await replicas.report(EMBEDDINGS)
-    assert publisher.statuses() == [(EMBEDDINGS, 1)]
+    assert statuses(publisher) == [(EMBEDDINGS, 1)]
     chat_only, alone = control(embeddings_replicas=0)
     await chat_only.report()
-    assert alone.statuses() == [(CHAT, 1)]
+    assert statuses(alone) == [(CHAT, 1)]
 
 
 async def test_a_decision_waits_until_the_application_is_deployed(
@@ -243,7 +233,7 @@ async def test_a_decision_waits_until_the_application_is_deployed(
     replicas.deployed.set()
     await asyncio.wait_for(applying, 5)
     assert scaled == [("inference", CHAT, 2)]
-    assert publisher.statuses() == [(CHAT, 2)]
+    assert statuses(publisher) == [(CHAT, 2)]
 
 
 async def test_statuses_say_how_many_would_run_and_how_many_run() -> None:

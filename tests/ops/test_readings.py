@@ -20,7 +20,6 @@ from typing import Any
 import promql_parser
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from google.protobuf.message import Message
 
 from services.ops.alerts import DEFAULT_RULES, Evaluator, Rule, RulesError, load_rules
 from services.ops.prometheus_rules import READING_QUERIES, expression
@@ -37,8 +36,8 @@ from shared.topics import (
     REQUESTS_HIGH,
     REQUESTS_LOW,
     REQUESTS_NORMAL,
-    Topic,
 )
+from tests.fakes.publisher import RecordingPublisher
 
 ROOT = Path(__file__).resolve().parents[2]
 READING_RULES = ("RequestBacklogHigh", "AuditBacklogHigh", "DeadLettersGrowing")
@@ -176,21 +175,6 @@ def test_the_bundled_rules_read_the_backlogs_and_the_dead_letters() -> None:
 
 
 # ------------------------------------------------------------------ the ops service
-
-
-class RecordingPublisher:
-    """A test double for the bus publisher: records what it takes."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[Topic, Message, str | bytes | None]] = []
-
-    async def publish(
-        self, topic: Topic, event: Message, *, key: str | bytes | None = None, **_: object
-    ) -> None:
-        self.sent.append((topic, event, key))
-
-    def on(self, topic: Topic) -> list[Any]:
-        return [event for sent_to, event, _ in self.sent if sent_to == topic]
 
 
 class Queues:

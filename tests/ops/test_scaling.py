@@ -14,19 +14,20 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from google.protobuf.message import Message
 from pydantic import ValidationError
 
 from services.ops.alerts import Evaluator, Rule
 from services.ops.scaling import Decision, Demand, Scaler, ScalingPolicy
 from services.ops.service import MAX_REPLICAS_READ, OpsService, Probe
-from services.ops.settings import CHAT_DEPLOYMENT, EMBEDDINGS_DEPLOYMENT, OpsSettings
+from services.ops.settings import OpsSettings
 from services.ops.sli import INDICATORS, SliWindows
-from services.ops.spans import Answer
 from shared.bus.consumer import EventContext, PoisonEvent
+from shared.deployments import CHAT_DEPLOYMENT, EMBEDDINGS_DEPLOYMENT
 from shared.events.v1 import events_pb2 as ev
 from shared.settings import SettingsError, load_settings
 from shared.topics import AUDIT_EVENTS, MODEL_STATUS, OPS_ALERTS, OPS_SCALING, Topic
+from tests.fakes.publisher import RecordingPublisher
+from tests.ops.test_ops_domain import answer
 
 MODEL = "smollm2-135m-instruct"
 CHAT = CHAT_DEPLOYMENT
@@ -60,16 +61,6 @@ def demand(**overrides: Any) -> Demand:
     fields: dict[str, Any] = {"answers": 50, "p99_s": 0.3, "concurrency": 1.0, "waiting": 0}
     fields.update(overrides)
     return Demand(**fields)
-
-
-def answer(at_s: float, seconds: float, **overrides: object) -> Answer:
-    fields: dict[str, object] = {
-        "at_s": at_s, "operation": "chat", "model": MODEL, "tenant": "acme",
-        "seconds": seconds, "first_token_s": seconds / 3, "input_tokens": 10,
-        "output_tokens": 5, "error": None, "status": 200,
-    }  # fmt: skip
-    fields.update(overrides)
-    return Answer(**fields)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ the policy
@@ -345,15 +336,11 @@ def test_where_keeps_only_the_answers_with_the_listed_labels() -> None:
 
 
 def test_the_scaling_settings_size_both_deployments_by_default() -> None:
-    from services.inference import scaling as inference_scaling
 
     scaling = OpsSettings().ops.scaling
     assert scaling.enabled
     assert scaling.group == "router"
     assert [p.deployment for p in scaling.policies()] == [CHAT, EMBEDDINGS]
-    # the names the inference service runs its deployments under
-    assert CHAT == inference_scaling.CHAT_DEPLOYMENT
-    assert EMBEDDINGS == inference_scaling.EMBEDDINGS_DEPLOYMENT
     assert scaling.chat.operations == ("chat", "text_completion")
     assert scaling.embeddings.operations == ("embeddings",)
     assert scaling.embeddings.max_replicas == 2
@@ -397,26 +384,6 @@ def test_bad_scaling_settings_are_refused_naming_the_variable(
 
 
 # ------------------------------------------------------------------ the service
-
-
-class RecordingPublisher:
-    """A test double for the bus publisher: records what it takes; refuses ``refuse``
-    publishes first."""
-
-    def __init__(self, refuse: int = 0) -> None:
-        self.refuse = refuse
-        self.sent: list[tuple[Topic, Message, str | bytes | None]] = []
-
-    async def publish(
-        self, topic: Topic, event: Message, *, key: str | bytes | None = None, **_: object
-    ) -> None:
-        if self.refuse:
-            self.refuse -= 1
-            raise ConnectionError("broker away")
-        self.sent.append((topic, event, key))
-
-    def on(self, topic: Topic) -> list[Any]:
-        return [event for sent_to, event, _ in self.sent if sent_to == topic]
 
 
 def context(topic: Topic) -> EventContext:
