@@ -29,7 +29,7 @@ from shared.events.v1 import events_pb2 as ev
 BUCKET_S = 60.0
 SLO_P99_S = 0.5
 SLO_ERRORS = 0.001
-_SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_SINCE = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 
 
@@ -39,7 +39,7 @@ def parse_since(text: str) -> float:
     Raises:
         ValueError: anything else, or more than 7 days (the longest the topics keep).
     """
-    found = _SINCE.match(text.strip())
+    found = _SINCE.fullmatch(text.strip())
     if not found:
         raise ValueError(f"--since {text!r}: a number and s, m, h or d (e.g. 1h)")
     seconds = float(found[1]) * _UNIT_S[found[2]]

@@ -23,6 +23,7 @@ from services.inference.registry import ModelRegistry, UnknownModel, ensure_defa
 from services.inference.scaling import ReplicaControl
 from services.inference.settings import InferenceSettings
 from shared.bus import Bus
+from shared.deployments import CHAT_DEPLOYMENT
 from shared.health import HealthState
 from shared.logging import get_logger
 from shared.service import run_service
@@ -138,7 +139,7 @@ def _deploy(settings: InferenceSettings, external_scaling: bool) -> Any:
     """Deploy the application; returns a handle to the chat deployment."""
     from ray import serve
 
-    from services.inference.serve_app import CHAT_DEPLOYMENT, build_app
+    from services.inference.serve_app import build_app
 
     serve.run(
         build_app(settings),

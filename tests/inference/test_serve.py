@@ -23,7 +23,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from services.inference.registry import ModelRegistry, ensure_default
-from services.inference.serve_app import CHAT_DEPLOYMENT, EMBEDDINGS_DEPLOYMENT, build_app
+from services.inference.serve_app import build_app
 from services.inference.settings import (
     DEFAULT_MODEL_NAME,
     DEFAULT_MODEL_VERSION,
@@ -31,6 +31,7 @@ from services.inference.settings import (
     InferenceSettings,
     ServeConfig,
 )
+from shared.deployments import CHAT_DEPLOYMENT, EMBEDDINGS_DEPLOYMENT
 from shared.openai_protocol import (
     InvalidRequestError,
     ModelNotFoundError,
