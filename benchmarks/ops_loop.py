@@ -16,9 +16,10 @@ arrive open-loop (a fixed rate, whatever the answers do) through the gateway:
    ``LatencyP99High`` alert fires after its ``for``, the scaler asks for a second chat
    replica (``ops.scaling``), the inference service starts it through Serve, P99 comes
    back and the alert resolves;
-3. **calm** again — 10 s in, one of the two chat replicas' processes is killed (SIGKILL):
-   the requests it held fail, ``ErrorRateHigh`` fires and resolves once they leave its
-   window, Serve starts a replacement; then the scaler takes the idle replica away.
+   100 s into the surge, with two replicas carrying it, one chat replica's process is
+   killed (SIGKILL): the requests it held fail, ``ErrorRateHigh`` fires and resolves once
+   they leave its window, and Serve starts a replacement;
+3. **calm** again — the scaler takes the idle replica away.
 
 The rules and the scaler's timings are compressed for a drill of minutes (``for`` 10 s,
 windows 20-30 s, cooldowns 30 s, buckets 2 s; the shipped defaults are minutes): the
@@ -246,7 +247,9 @@ async def read_events(drill: Drill, bootstrap: str) -> None:
             at = record.timestamp / 1000 - drill.started_wall
             if isinstance(message, ev.OpsAlert):
                 state = "firing" if message.state == ev.ALERT_STATE_FIRING else "resolved"
-                text = f"{message.rule} {state} (value {message.value * 1000:.0f} ms)"
+                shown = (f"{message.value:.1%}" if message.rule == "ErrorRateHigh"
+                         else f"{message.value * 1000:.0f} ms")  # fmt: skip
+                text = f"{message.rule} {state} (value {shown})"
                 drill.events.append(Event(at, f"alert {state}", text))
             elif isinstance(message, ev.ScalingDecision):
                 text = (f"{message.deployment} {message.current_replicas} -> "
@@ -367,8 +370,8 @@ async def main_async(args: argparse.Namespace) -> None:
         ("surge", 10, 150 * scale),
         ("calm", 3, 150 * scale),
     ]
-    # a failing replica, while two run: shortly after the surge, before the scale-in
-    drill = Drill(phases, kill_at_s=(40 + 150 + 10) * scale)
+    # a failing replica, while two carry the surge (each with requests in flight)
+    drill = Drill(phases, kill_at_s=(40 + 100) * scale)
     RESULTS_DIR.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ops-drill-") as tmp, Progress(console=console) as bar:
         workdir = Path(args.workdir or tmp)
