@@ -226,6 +226,8 @@ def service_env(bootstrap: str, data_dir: Path, **extra: str) -> dict[str, str]:
         "MESHLLM_LIMITS__TENANT_TPM": "100000000000",
         "MESHLLM_LIMITS__MAX_CONCURRENT_PER_KEY": "1024",
         "MESHLLM_LIMITS__MAX_CONCURRENT_PER_TENANT": "1024",
+        # every span on telemetry.spans: the hop-by-hop breakdown reads whole traces
+        "MESHLLM_TELEMETRY__KAFKA_SPANS": "all",
         **extra,
     }
 

@@ -17,7 +17,9 @@ both alike:
   and no ops service. (Spans are still made in process; nothing exports them.)
 
 Per mesh: requests/s and p50/p99 latency at concurrency 32 (whole answers, streams) and
-1. Target: the "on" mesh within 3% of the "off" mesh's requests/s at concurrency 32.
+1, and the CPU milliseconds per request of each process over the measured rounds (less
+sensitive to the machine's drift than requests/s, and it says where the cost is). Target:
+the "on" mesh within 3% of the "off" mesh's requests/s at concurrency 32.
 Results: ``benchmarks/results/telemetry_overhead.md`` and ``telemetry_overhead.png``.
 """
 
@@ -31,7 +33,7 @@ import os
 import platform
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -54,6 +56,7 @@ COMMAND = "python -m benchmarks.telemetry_overhead"
 SCRAPE_EVERY_S = 5.0
 TARGET = 0.03
 OFF = {"MESHLLM_TELEMETRY__PROMETHEUS": "false", "MESHLLM_TELEMETRY__SPANS_TO_KAFKA": "false"}
+ON = {"MESHLLM_TELEMETRY__KAFKA_SPANS": "answers"}  # the default (service_env sets "all")
 
 
 @dataclass
@@ -62,6 +65,15 @@ class Mesh:
     url: str
     key: str
     metrics: list[str]
+    pids: dict[str, int] = field(default_factory=dict)  # service (and broker) -> pid
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds in measured rounds
+    requests: int = 0  # requests of the measured rounds
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def start_mesh(
@@ -72,7 +84,7 @@ async def start_mesh(
     data_dir = workdir / name
     data_dir.mkdir()
     key = admin_key(data_dir)
-    extra = {} if on else OFF
+    extra = ON if on else OFF
     pools = json.dumps([{"name": "cpu", "replicas": [fake_url], "max_concurrency": 64}])
     health = {service: free_port() for service in ("router", "gateway", "ops")}
     gateway_port = free_port()
@@ -93,7 +105,10 @@ async def start_mesh(
         url = f"http://127.0.0.1:{health[service]}/readyz"
         await wait_ready(url, processes, f"{service}-{name}", 60)
     metrics = [f"http://127.0.0.1:{health[s]}/metrics" for s in services] if on else []
-    return Mesh(name, f"http://127.0.0.1:{gateway_port}/v1", key, metrics), broker
+    mesh = Mesh(name, f"http://127.0.0.1:{gateway_port}/v1", key, metrics)
+    mesh.pids = {s: p.pid for n, p in processes.children for s in services if n == f"{s}-{name}"}
+    mesh.pids["broker"] = broker.pid or 0
+    return mesh, broker
 
 
 async def scrape_forever(urls: list[str], scraped: list[int]) -> None:
@@ -137,11 +152,36 @@ async def measure(meshes: list[Mesh], quick: bool, progress: Progress) -> list[R
             for mesh in order:
                 headers = {"authorization": f"Bearer {mesh.key}"}
                 url = mesh.url + "/chat/completions"
+                before = {s: cpu_seconds(pid) for s, pid in mesh.pids.items()}
                 results[mesh.name].add(await load(url, headers, [body], concurrency, count))
+                for service, pid in mesh.pids.items():
+                    spent = cpu_seconds(pid) - before[service]
+                    mesh.cpu_s[service] = mesh.cpu_s.get(service, 0.0) + spent
+                mesh.requests += count
                 progress.advance(task)
         progress.remove_task(task)
         rows += [Row(case, name, stats) for name, stats in results.items()]
     return rows
+
+
+def cpu_table(meshes: list[Mesh]) -> list[str]:
+    """CPU milliseconds per request, by process, over every measured round of each mesh
+    (less sensitive to the machine's drift than requests/s; the ops service's work on a
+    round's spans can finish after it, so its share is a lower bound)."""
+    services = sorted({s for mesh in meshes for s in mesh.pids})
+    lines = [
+        "",
+        "CPU milliseconds per request, by process, over all measured rounds "
+        "(Linux /proc; lower is better):",
+        "",
+        "| mesh | " + " | ".join(services) + " | total |",
+        "|---|" + "---|" * (len(services) + 1),
+    ]
+    for mesh in meshes:
+        per = {s: mesh.cpu_s.get(s, 0.0) * 1000 / max(1, mesh.requests) for s in mesh.pids}
+        cells = [f"{per[s]:.2f}" if s in per else "-" for s in services]
+        lines.append(f"| {mesh.name} | " + " | ".join(cells) + f" | {sum(per.values()):.2f} |")
+    return lines
 
 
 def report(rows: list[Row], scraped: list[int], command: str) -> str:
@@ -234,7 +274,7 @@ async def main_async(args: argparse.Namespace) -> None:
             await broker.stop()
     command = COMMAND + (" --quick" if args.quick else "")
     RESULTS_DIR.mkdir(exist_ok=True)
-    text = report(rows, scraped, command)
+    text = report(rows, scraped, command) + "\n".join(cpu_table(meshes)) + "\n"
     (RESULTS_DIR / "telemetry_overhead.md").write_text(text)
     plot(rows, RESULTS_DIR / "telemetry_overhead.png")
     console.print(text)

@@ -151,6 +151,13 @@ class TelemetrySettings(BaseModel):
         None, description="OTLP/HTTP collector base URL, e.g. http://otel-collector:4318."
     )
     spans_to_kafka: bool = Field(True, description="Publish spans to telemetry.spans.")
+    kafka_spans: Literal["answers", "all"] = Field(
+        "answers",
+        description="Which spans go to telemetry.spans: the gateway's answer spans (what the "
+        "ops service reads; encoding every span cost the gateway and router the most of "
+        "their telemetry CPU) or all of them (whole traces on the bus). The OTLP endpoint, "
+        "when set, gets all of them either way.",
+    )
     sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
     prometheus: bool = Field(
         True, description="Serve metrics in Prometheus' format at /metrics on the health port."

@@ -7,11 +7,12 @@ import concurrent.futures
 from collections.abc import Sequence
 
 from opentelemetry import metrics, trace
+from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SpanExporter,
@@ -26,6 +27,7 @@ from shared.settings import MeshSettings
 from shared.topics import TELEMETRY_SPANS
 
 log = get_logger(__name__)
+ANSWER_ATTRIBUTE = "gen_ai.operation.name"  # only the gateway's answer spans carry it
 
 
 class KafkaSpanExporter(SpanExporter):
@@ -67,6 +69,28 @@ class KafkaSpanExporter(SpanExporter):
         return None
 
 
+class AnswersOnly(SpanProcessor):
+    """Passes on only the answer spans (GenAI's ``{operation} {model}`` spans, which carry
+    ``gen_ai.operation.name``: one per answer, made by the gateway); the rest never reach
+    the exporter, so they are never encoded."""
+
+    def __init__(self, inner: SpanProcessor) -> None:
+        self._inner = inner
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        return None
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.attributes and ANSWER_ATTRIBUTE in span.attributes:
+            self._inner.on_end(span)
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
 class Telemetry:
     """The tracer and meter providers of one service process."""
 
@@ -104,11 +128,12 @@ class Telemetry:
         metrics.set_meter_provider(self.meter_provider)
 
     def export_spans_to_kafka(self, publisher: Publisher, loop: asyncio.AbstractEventLoop) -> None:
-        if self._settings.telemetry.spans_to_kafka:
+        telemetry = self._settings.telemetry
+        if telemetry.spans_to_kafka:
             exporter = KafkaSpanExporter(publisher, loop, self._service)
-            self.tracer_provider.add_span_processor(
-                BatchSpanProcessor(exporter, schedule_delay_millis=500)
-            )
+            batch = BatchSpanProcessor(exporter, schedule_delay_millis=500)
+            processor = batch if telemetry.kafka_spans == "all" else AnswersOnly(batch)
+            self.tracer_provider.add_span_processor(processor)
 
     async def flush(self) -> None:
         """Export spans still buffered; runs off the loop so the exporter can use it."""

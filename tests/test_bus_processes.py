@@ -64,6 +64,7 @@ async def start_consumer(
         TEST_EFFECTS=str(effects_path),
         TEST_DELAY_MS=str(delay_ms),
         MESHLLM_HEALTH_PORT=str(port),
+        MESHLLM_TELEMETRY__KAFKA_SPANS="all",  # whole traces on the bus
     )
     process = await start_process("tests.procs.effect_consumer", env, log)
     await wait_ready(port, process, log)
@@ -127,7 +128,10 @@ async def test_trace_context_crosses_processes(
             "-m",
             "tests.procs.publish_traced",
             cwd=ROOT,
-            env=service_env(TEST_TOPIC=fresh_topic.name, TEST_COUNT="1"),
+            # whole traces on the bus (the default sends the answer spans only)
+            env=service_env(
+                TEST_TOPIC=fresh_topic.name, TEST_COUNT="1", MESHLLM_TELEMETRY__KAFKA_SPANS="all"
+            ),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )

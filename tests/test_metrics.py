@@ -102,3 +102,29 @@ def test_consumer_lag_is_what_the_partition_end_is_ahead() -> None:
         "t1": 0,
         "t2": 0,  # no fetch answered yet: nothing known to be behind
     }
+
+
+def test_only_the_answer_spans_go_to_the_bus_unless_all_are_asked_for() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from shared.telemetry import AnswersOnly
+
+    kept = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(AnswersOnly(SimpleSpanProcessor(kept)))
+    tracer = provider.get_tracer("test")
+    with (
+        tracer.start_as_current_span("POST /v1/chat/completions"),
+        tracer.start_as_current_span("publish llm.requests.normal"),
+    ):
+        pass
+    GatewayMetrics(["m"], tracer=tracer).answer(
+        parent=None, tenant="acme", kind="chat", model="m", seconds=0.2, first_token_s=0.1,
+        output_tokens=3, input_tokens=5, error=None,
+    )  # fmt: skip
+    assert [span.name for span in kept.get_finished_spans()] == ["chat m"]
+    assert provider.force_flush()
+    assert MeshSettings().telemetry.kafka_spans == "answers"
+    assert MeshSettings(telemetry={"kafka_spans": "all"}).telemetry.kafka_spans == "all"
