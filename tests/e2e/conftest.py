@@ -121,6 +121,9 @@ async def mesh(
         "MESHLLM_KB__SERVICE_URL": f"http://127.0.0.1:{kb_port}",
         "MESHLLM_RAG__RETRIEVAL_URL": f"http://127.0.0.1:{kb_port}",
         "MESHLLM_EMBEDDINGS_URL": inference_url,
+        # whole traces on telemetry.spans (the default is the answer spans only): the
+        # trace test follows one request through every service there
+        "MESHLLM_TELEMETRY__KAFKA_SPANS": "all",
     }
     mesh = Mesh(f"http://127.0.0.1:{gateway_port}/v1", inference_url, keys, data)
     for name in SERVICES:
