@@ -279,9 +279,12 @@ def ops_report(
     bootstrap = str(state["bootstrap"]) if state else settings.kafka.bootstrap
     now = time.time()
 
+    def answered(records: list[Any]) -> list[Any]:
+        return report.span_answers([(r.key, r.value) for r in records])
+
     async def read() -> tuple[list[Any], list[Any], list[Any]]:
         spans, alerts, scaling = await asyncio.gather(
-            report.read_since(settings, bootstrap, TELEMETRY_SPANS, now - seconds),
+            report.read_since(settings, bootstrap, TELEMETRY_SPANS, now - seconds, keep=answered),
             report.read_since(settings, bootstrap, OPS_ALERTS, now - seconds),
             report.read_since(settings, bootstrap, OPS_SCALING, now - seconds),
         )
@@ -292,7 +295,7 @@ def ops_report(
     except Exception as error:  # OSError, TimeoutError, aiokafka's connection errors
         errors.print(f"[red]cannot read the topics from {escape(bootstrap)}: {error}[/red]")
         raise typer.Exit(1) from None
-    found = report.span_answers([(r.key, r.value) for r in spans])
+    found = spans  # decoded batch by batch while read
     alerts = [_parsed(ev.OpsAlert, r.value) for r in alert_records]
     decisions = [_parsed(ev.ScalingDecision, r.value) for r in scaling_records]
     page = report.render(

@@ -17,7 +17,7 @@ import base64
 import html
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -204,8 +204,15 @@ errors 0.1%.</p>
 """
 
 
-async def read_since(settings: Any, bootstrap: str, topic: Any, since_s: float) -> list[Any]:
-    """The records of ``topic`` from ``since_s`` on (by their timestamps) up to its end now."""
+async def read_since(
+    settings: Any,
+    bootstrap: str,
+    topic: Any,
+    since_s: float,
+    keep: Callable[[list[Any]], list[Any]] = list,
+) -> list[Any]:
+    """``keep`` of the records of ``topic`` from ``since_s`` on (by their timestamps) up to
+    its end now, applied batch by batch: a day of spans is never held as raw records."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from shared.bus.security import client_options
@@ -225,7 +232,7 @@ async def read_since(settings: Any, bootstrap: str, topic: Any, since_s: float) 
             consumer.seek(tp, at.offset if at is not None else ends[tp])
         while any([await consumer.position(tp) < ends[tp] for tp in partitions]):
             for records in (await consumer.getmany(timeout_ms=500)).values():
-                found += [r for r in records if r.timestamp >= since_s * 1000]
+                found += keep([r for r in records if r.timestamp >= since_s * 1000])
     finally:
         await consumer.stop()
     return found
