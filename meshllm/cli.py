@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from meshllm.access import api_key, base_url, ensure_dev_key, gateway_settings, greeting
+from meshllm.datasets_cli import datasets_app
 from meshllm.ops_cli import alerts, ops_app, top
 from meshllm.services import SERVICES
 from meshllm.state import cli_settings, read_state, service_settings
@@ -55,6 +56,7 @@ audit_app = typer.Typer(
 )
 app.add_typer(audit_app, name="audit")
 app.add_typer(ops_app, name="ops")
+app.add_typer(datasets_app, name="datasets")
 app.command()(top)
 app.command()(alerts)
 console = Console()

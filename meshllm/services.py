@@ -27,6 +27,8 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec(name="router", module="services.router"),
     # before the gateway: it answers nothing whose audit record the store has not taken
     ServiceSpec(name="audit", module="services.audit"),
+    # ratings joined with the audited answers, and datasets from them (reads the audit API)
+    ServiceSpec(name="feedback", module="services.feedback"),
     # SLIs from the answers' spans, alert rules; it serves no API (its /metrics shows both)
     ServiceSpec(name="ops", module="services.ops"),
     ServiceSpec(name="gateway", module="services.gateway", edge=True),

@@ -45,7 +45,8 @@ resource_actions := {
 	"model": {"chat", "complete", "embed", "list"},
 	"kb_collection": {"read", "write", "admin"},
 	"audit": {"read", "verify"},
-	"feedback": {"submit", "read"},
+	"feedback": {"submit", "read", "erase"},
+	"dataset": {"build", "read"},
 	"training_job": {"create", "read", "cancel", "promote"},
 	"admin": {"manage_keys", "deploy", "manage_policies", "manage_tenants"},
 }

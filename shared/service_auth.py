@@ -35,7 +35,7 @@ import httpx
 from shared.openai_protocol import OpenAIError
 from shared.settings import MeshSettings, Mode, ServiceAuthSettings, SettingsError
 
-IDENTITIES: tuple[str, ...] = ("gateway", "router", "retrieval", "audit", "inference")
+IDENTITIES: tuple[str, ...] = ("gateway", "router", "retrieval", "audit", "inference", "feedback")
 """Every service identity of the mesh, named as the services are."""
 
 TOKEN_BYTES = 32  # 256 bits

@@ -148,6 +148,7 @@ def test_dockerignore_keeps_local_state_out() -> None:
 def settings_class(service: dict[str, Any]) -> type[MeshSettings]:
     """The settings a Compose service reads: its service's (``meshllm run NAME``) or the mesh's."""
     from services.audit.settings import AuditSettings
+    from services.feedback.settings import FeedbackSettings
     from services.gateway.settings import GatewaySettings
     from services.inference.settings import InferenceSettings
     from services.ops.settings import OpsSettings
@@ -159,6 +160,7 @@ def settings_class(service: dict[str, Any]) -> type[MeshSettings]:
     if args[:1] == ["run"]:
         return {
             "audit": AuditSettings,
+            "feedback": FeedbackSettings,
             "retrieval": RetrievalSettings,
             "gateway": GatewaySettings,
             "router": RouterSettings,

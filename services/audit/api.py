@@ -51,8 +51,11 @@ FILTERS = ("tenant", "api_key_id", "user", "model", "model_version", "request_id
 QUERY_PARAMS = frozenset((*FILTERS, "since", "until", "cursor", "limit", "order"))
 MAX_FILTER_LENGTH = 256
 MAX_INTEGER = 2**63 - 1  # leaf indices and tree sizes are SQLite/OpenSearch 64-bit integers
-CALLERS = frozenset({"gateway"})
-"""The services that may call this API: the gateway, after its policy allowed the caller."""
+CALLERS = frozenset({"gateway", "feedback"})
+"""The services that may call this API: the gateway, after its policy allowed the caller,
+and the feedback service, which reads the records of the answers rated (``records`` only)."""
+RECORD_READERS = CALLERS
+GATEWAY_ONLY = frozenset({"gateway"})
 # The span of int64 nanoseconds since the epoch, which occurred_at is stored as.
 EARLIEST = datetime(1677, 9, 22, tzinfo=UTC)
 LATEST = datetime(2262, 4, 11, tzinfo=UTC)
@@ -145,10 +148,12 @@ class AuditApi:
         self.guard = guard
 
     def app(self) -> Starlette:
-        def route(path: str, handler: Callable[[Request], Any]) -> Route:
+        def route(
+            path: str, handler: Callable[[Request], Any], callers: frozenset[str] = GATEWAY_ONLY
+        ) -> Route:
             async def endpoint(request: Request) -> Response:
                 try:
-                    self.guard.check(request.headers, CALLERS)
+                    self.guard.check(request.headers, callers)
                     return JSONResponse(await handler(request))
                 except OpenAIError as error:
                     return JSONResponse(error.to_dict(), status_code=error.status)
@@ -163,7 +168,7 @@ class AuditApi:
 
         return Starlette(
             routes=[
-                route("/v1/audit/records", self.records),
+                route("/v1/audit/records", self.records, RECORD_READERS),
                 route("/v1/audit/records/{event_id}", self.record),
                 route("/v1/audit/records/{event_id}/proof", self.proof),
                 route("/v1/audit/checkpoints", self.checkpoints),

@@ -31,6 +31,7 @@ from services.gateway.admission import limit_key as _limit_key
 from services.gateway.audit import AuditRecorder, AuditUnavailable
 from services.gateway.audit_routes import AuditRoutes
 from services.gateway.auth import Authenticator, Principal
+from services.gateway.feedback_routes import FeedbackRoutes
 from services.gateway.kb_routes import KbRoutes
 from services.gateway.limits import ConcurrencyGate, RateLimiter
 from services.gateway.metrics import GatewayMetrics
@@ -50,6 +51,7 @@ from services.gateway.responses import (
     sse,
     strict_stream,
 )
+from services.gateway.route_guard import RouteGuard
 from services.gateway.settings import GatewaySettings
 from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
@@ -111,6 +113,20 @@ class Gateway:
             record=lambda event, key, tenant: audit.record(event, key=key, tenant=tenant),
             headers=service_headers(settings),
         )
+        self.feedback_routes = FeedbackRoutes(
+            settings=settings.feedback,
+            audit_url=settings.audit.service_url,
+            guard=RouteGuard(
+                authenticate=self._authenticate,
+                policy=policy,
+                record=lambda event, key, tenant: audit.record(event, key=key, tenant=tenant),
+                rate_limiter=rate_limiter,
+                concurrency=concurrency,
+                limits=settings.limits,
+            ),
+            publisher=publisher,
+            headers=service_headers(settings),
+        )
         self.kb_routes = KbRoutes(
             settings=settings.kb,
             authenticate=self._authenticate,
@@ -132,6 +148,7 @@ class Gateway:
             Route("/openapi.json", self.openapi, methods=["GET"]),
             *self.audit_routes.routes(),
             *self.kb_routes.routes(),
+            *self.feedback_routes.routes(),
         ]
         return Starlette(
             routes=routes,

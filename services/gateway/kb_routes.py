@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -43,10 +42,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from services.gateway.admission import limit_key
 from services.gateway.auth import Principal
-from services.gateway.limits import ConcurrencyGate, Limit, RateLimiter, limits_checked
+from services.gateway.limits import ConcurrencyGate, RateLimiter
 from services.gateway.policy import Decision, Policy
+from services.gateway.route_guard import RouteGuard
 from services.gateway.settings import KbSettings, LimitsConfig
 from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
@@ -56,14 +55,11 @@ from shared.logging import get_logger
 from shared.openai_protocol import (
     InvalidRequestError,
     NotFoundError,
-    PermissionDeniedError,
-    RateLimitError,
     RequestTooLargeError,
     ServiceUnavailableError,
     invalid_field,
     reject_unknown,
 )
-from shared.policy import AccessRequest, Resource, Subject
 from shared.topics import KB_INGEST
 
 log = get_logger(__name__)
@@ -107,17 +103,16 @@ class KbRoutes:
         """``headers`` name the gateway to the retrieval service (its service token)."""
         self.settings = settings
         self.authenticate = authenticate
-        self.policy = policy
         self.publisher = publisher
-        self.record = record
-        self.rate_limiter = rate_limiter
-        self.concurrency = concurrency
-        self.limits = limits
+        self.guard = RouteGuard(
+            authenticate=authenticate, policy=policy, record=record, rate_limiter=rate_limiter,
+            concurrency=concurrency, limits=limits,
+        )  # fmt: skip
         self._client = httpx.AsyncClient(timeout=30, headers=headers)
 
     def routes(self) -> list[Route]:
         documents = "/v1/kb/collections/{collection}/documents"
-        limited = self._limited
+        limited = self.guard.limited
         return [
             Route("/v1/kb/search", limited(self.search), methods=["POST"]),
             Route("/v1/kb/collections", limited(self.collections), methods=["GET"]),
@@ -128,84 +123,22 @@ class KbRoutes:
             Route(documents + "/{document_id:path}", limited(self.delete), methods=["DELETE"]),
         ]
 
-    # ------------------------------------------------------------------ limits
-
-    def _limited(
-        self, handler: Callable[[Request, Principal], Awaitable[Response]]
-    ) -> Callable[[Request], Awaitable[Response]]:
-        """``handler`` behind authentication; the concurrent slot :meth:`_charge` takes once
-        the request is checked is given back when the handler ends."""
-
-        async def endpoint(request: Request) -> Response:
-            principal = self.authenticate(request)
-            try:
-                return await handler(request, principal)
-            finally:
-                slot = getattr(request.state, "kb_slot", None)
-                if slot is not None:
-                    with contextlib.suppress(Exception):  # a Redis slot lapses by itself
-                        await self.concurrency.release(limit_key(principal), principal.tenant, slot)
-
-        return endpoint
-
-    async def _charge(self, principal: Principal, request: Request) -> None:
-        """Take a concurrent slot of the key and tenant and charge one request to them, once
-        the request is checked (after validation, before policy: every decision writes an
-        audit record, so denied attempts are paid for too); 429 holding nothing otherwise."""
-        key_id = limit_key(principal)
-        slot = uuid.uuid4().hex
-        with limits_checked():
-            full = await self.concurrency.acquire(key_id, principal.tenant, slot)
-        if full is not None:
-            raise RateLimitError("too many concurrent requests for this key or tenant", 1)
-        request.state.kb_slot = slot
-        with limits_checked():
-            wait = await self.rate_limiter.admit(
-                key_id,
-                principal.tenant,
-                Limit(principal.rpm or self.limits.default_rpm, None),
-                Limit(self.limits.tenant_rpm, None),
-                0,
-            )
-        if wait is not None:
-            raise RateLimitError(
-                f"rate limit reached for {key_id if principal.key_id else principal.subject} "
-                f"or tenant {principal.tenant}",
-                wait,
-            )
-
     # ------------------------------------------------------------------ decisions
 
     async def _allow(
         self, request: Request, principal: Principal, action: str, collection: str | None
     ) -> None:
         """403 unless the policy allows ``action``; audited either way."""
-        decision = await self._decide(request, principal, action, collection)
-        if not decision.allow:
-            reason = "; ".join(decision.reasons) or "denied by policy"
-            raise PermissionDeniedError(reason, "collection", "policy_denied")
+        await self.guard.allow(
+            request, principal, "kb_collection", action, collection, label="kb", param="collection"
+        )
 
     async def _decide(
         self, request: Request, principal: Principal, action: str, collection: str | None
     ) -> Decision:
-        decision = await self.policy.aauthorize(
-            AccessRequest(
-                Subject(principal.subject, principal.tenant, principal.roles),
-                action,
-                Resource("kb_collection", principal.tenant, collection),
-                source_ip=request.client.host if request.client else None,
-            )
+        return await self.guard.decide(
+            request, principal, "kb_collection", action, collection, label="kb"
         )
-        request_id = uuid.uuid4().hex
-        event = ev.AuditEvent(request_id=request_id, api_key_id=principal.key_id or "")
-        event.user = principal.subject
-        event.policy.allow = decision.allow
-        event.policy.reasons.extend(decision.reasons)
-        event.policy.action = f"kb.{action}"
-        event.policy.resource = f"kb_collection:{collection or '*'}"
-        event.policy.roles.extend(principal.roles)
-        await self.record(event, request_id, principal.tenant)
-        return decision
 
     async def _document_access(
         self, request: Request, principal: Principal, action: str, collection: str | None
@@ -236,7 +169,7 @@ class KbRoutes:
         collections = _collection_list(
             body.get("collections"), self.settings.max_search_collections
         )
-        await self._charge(principal, request)
+        await self.guard.charge(principal, request)
         for name in collections:
             await self._allow(request, principal, "read", name)
         forwarded = {
@@ -251,7 +184,7 @@ class KbRoutes:
 
     async def collections(self, request: Request, principal: Principal) -> Response:
         reject_unknown(request.query_params, (), what="a query parameter here")
-        await self._charge(principal, request)
+        await self.guard.charge(principal, request)
         admin = await self._document_access(request, principal, "read", None)
         params: Params = [("tenant", principal.tenant), *_reader(principal, admin)]
         return await self._forward("GET", "/v1/kb/collections", params)
@@ -268,7 +201,7 @@ class KbRoutes:
             if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIST_LIMIT:
                 raise invalid_field("limit", f"must be an integer from 1 to {MAX_LIST_LIMIT}")
             params.append(("limit", limit))
-        await self._charge(principal, request)
+        await self.guard.charge(principal, request)
         admin = await self._document_access(request, principal, "read", collection)
         return await self._forward("GET", _path(collection), params + _reader(principal, admin))
 
@@ -276,7 +209,7 @@ class KbRoutes:
         collection = _collection(request)
         document_id = _path_document_id(request)
         reject_unknown(request.query_params, (), what="a query parameter here")
-        await self._charge(principal, request)
+        await self.guard.charge(principal, request)
         admin = await self._document_access(request, principal, "read", collection)
         params: Params = [
             ("tenant", principal.tenant),
@@ -329,7 +262,7 @@ class KbRoutes:
             raise invalid_field(
                 "metadata", f"must be an object of at most {MAX_METADATA} short string values"
             )
-        await self._charge(principal, request)
+        await self.guard.charge(principal, request)
         admin = await self._document_access(request, principal, "write", collection)
         event = ev.KbIngest(
             document_id=document_id,
@@ -349,7 +282,7 @@ class KbRoutes:
         collection = _collection(request)
         document_id = _path_document_id(request)
         reject_unknown(request.query_params, (), what="a query parameter here")
-        await self._charge(principal, request)
+        await self.guard.charge(principal, request)
         admin = await self._document_access(request, principal, "write", collection)
         event = ev.KbIngest(
             document_id=document_id, collection=collection, delete=True, writer_is_admin=admin

@@ -141,6 +141,25 @@ class KbSettings(BaseModel):
     max_top_k: int = Field(50, ge=1, le=1000, description="Most hits one search may ask for.")
 
 
+class FeedbackRouteSettings(BaseModel):
+    service_url: str = Field(
+        "http://127.0.0.1:8092",
+        description="The feedback service that /v1/feedback and /v1/datasets forward to.",
+    )
+    lookup_wait_s: float = Field(
+        2.0,
+        ge=0,
+        le=30,
+        description="How long a rating's answer is looked for in the audit log before a 404 "
+        "(its record is stored a moment after the answer is sent).",
+    )
+    body_timeout_s: float = Field(30.0, gt=0, le=600, description="A body not all there: 408.")
+    max_upload_bytes: int = Field(
+        64 * 2**20, ge=1024, le=512 * 2**20, description="Largest JSONL file made a dataset."
+    )
+    upload_timeout_s: float = Field(300.0, gt=0, le=3600, description="An upload's time limit.")
+
+
 class GatewaySettings(MeshSettings):
     """The gateway: where it listens, where keys and policies live, who it trusts, its limits."""
 
@@ -179,6 +198,7 @@ class GatewaySettings(MeshSettings):
 
     audit: AuditSettings = AuditSettings()
     kb: KbSettings = KbSettings()
+    feedback: FeedbackRouteSettings = FeedbackRouteSettings()
 
     @model_validator(mode="after")
     def _shared_limits_in_a_cluster(self) -> GatewaySettings:

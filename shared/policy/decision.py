@@ -13,7 +13,9 @@ log = get_logger("shared.policy")
 
 Priority = Literal["high", "normal", "low"]
 PRIORITIES: tuple[Priority, ...] = get_args(Priority)
-ResourceKind = Literal["model", "kb_collection", "audit", "feedback", "training_job", "admin"]
+ResourceKind = Literal[
+    "model", "kb_collection", "audit", "feedback", "dataset", "training_job", "admin"
+]
 RESOURCE_KINDS: tuple[ResourceKind, ...] = get_args(ResourceKind)
 DECISION_RULE = "data.meshllm.authz.decision"
 PLATFORM_TENANT = "*"

@@ -76,7 +76,7 @@ class Mesh:
         )
 
 
-SERVICES = ("inference", "retrieval", "router", "audit", "ops", "gateway")
+SERVICES = ("inference", "retrieval", "router", "audit", "feedback", "ops", "gateway")
 # tenant initech has its audit text redacted; the others keep it (the default)
 PII_TENANTS = {"initech": {"audit": {"enabled": True}}}
 
@@ -100,7 +100,9 @@ async def mesh(
             "globex-analyst": store.create("globex", ["analyst"])[1],
         }
         store.revoke(keys["revoked"].split("-")[1])
-    inference_port, gateway_port, audit_port, kb_port = (free_port() for _ in range(4))
+    inference_port, gateway_port, audit_port, kb_port, feedback_port = (
+        free_port() for _ in range(5)
+    )
     inference_url = f"http://127.0.0.1:{inference_port}"
     env = {
         **os.environ,
@@ -117,6 +119,9 @@ async def mesh(
         "MESHLLM_AUDIT__SERVICE_URL": f"http://127.0.0.1:{audit_port}",
         "MESHLLM_CHECKPOINT_INTERVAL_S": "1",
         "MESHLLM_PII__TENANTS": json.dumps(PII_TENANTS),
+        "MESHLLM_FEEDBACK_API_PORT": str(feedback_port),
+        "MESHLLM_FEEDBACK__SERVICE_URL": f"http://127.0.0.1:{feedback_port}",
+        "MESHLLM_AUDIT_URL": f"http://127.0.0.1:{audit_port}",
         "MESHLLM_KB_API_PORT": str(kb_port),
         "MESHLLM_KB__SERVICE_URL": f"http://127.0.0.1:{kb_port}",
         "MESHLLM_RAG__RETRIEVAL_URL": f"http://127.0.0.1:{kb_port}",

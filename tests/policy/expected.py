@@ -13,7 +13,8 @@ KIND_ACTIONS: dict[str, frozenset[str]] = {
     "model": frozenset({"chat", "complete", "embed", "list"}),
     "kb_collection": frozenset({"read", "write", "admin"}),
     "audit": frozenset({"read", "verify"}),
-    "feedback": frozenset({"submit", "read"}),
+    "feedback": frozenset({"submit", "read", "erase"}),
+    "dataset": frozenset({"build", "read"}),
     "training_job": frozenset({"create", "read", "cancel", "promote"}),
     "admin": frozenset({"manage_keys", "deploy", "manage_policies", "manage_tenants"}),
 }
@@ -27,11 +28,13 @@ ROLE_ACTIONS: dict[str, dict[str, frozenset[str]]] = {
     "platform-admin": EVERYTHING,
     # everything, in its own tenant
     "admin": EVERYTHING,
-    # builds on the platform: inference, writes knowledge bases, trains models (not promote)
+    # builds on the platform: inference, writes knowledge bases, builds datasets from
+    # feedback, trains models (not promote); erasing a request's content is an admin's
     "developer": {
         "model": INFERENCE,
         "kb_collection": frozenset({"read", "write"}),
         "feedback": frozenset({"submit", "read"}),
+        "dataset": frozenset({"build", "read"}),
         "training_job": frozenset({"create", "read", "cancel"}),
     },
     # uses the assistant: inference, reads knowledge bases, gives and reads feedback

@@ -27,6 +27,7 @@ RESOURCES: list[tuple[ResourceKind, str | None]] = [
     ("kb_collection", "handbook"),
     ("audit", None),
     ("feedback", None),
+    ("dataset", "support-v1"),
     ("training_job", "job-1"),
     ("admin", None),
 ]
@@ -101,4 +102,4 @@ def test_every_cell(engine: PolicyEvaluator, role: str, tenant: str) -> None:
 def test_the_matrix_is_complete() -> None:
     total = sum(len(cells(role, tenant)) for role in ROLES for tenant in TENANTS.values())
     per_subject = sum(len(table.KIND_ACTIONS[kind]) + 1 for kind, _ in RESOURCES)
-    assert total == len(ROLES) * len(TENANTS) * per_subject == 810
+    assert total == len(ROLES) * len(TENANTS) * per_subject == 918

@@ -113,7 +113,7 @@ async def rig() -> AsyncIterator[Rig]:
         limits=LimitsConfig(),
         headers={},
     )
-    state.concurrency = routes.concurrency  # type: ignore[assignment]
+    state.concurrency = routes.guard.concurrency  # type: ignore[assignment]
     routes._client = httpx.AsyncClient(transport=httpx.MockTransport(retrieval))
     app = Starlette(routes=routes.routes(), exception_handlers={OpenAIError: error_response})
     async with gateway(app) as client:

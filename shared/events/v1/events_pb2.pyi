@@ -391,7 +391,7 @@ class AuditCheckpoint(_message.Message):
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., log_id: _Optional[str] = ..., tree_size: _Optional[int] = ..., root_hash: _Optional[bytes] = ..., signed_at_ns: _Optional[int] = ..., key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class FeedbackEvent(_message.Message):
-    __slots__ = ("envelope", "request_id", "user", "rating", "labels", "correction", "comment")
+    __slots__ = ("envelope", "request_id", "user", "rating", "labels", "correction", "comment", "score", "api_key_id")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     USER_FIELD_NUMBER: _ClassVar[int]
@@ -399,6 +399,8 @@ class FeedbackEvent(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CORRECTION_FIELD_NUMBER: _ClassVar[int]
     COMMENT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     request_id: str
     user: str
@@ -406,7 +408,9 @@ class FeedbackEvent(_message.Message):
     labels: _containers.RepeatedScalarFieldContainer[str]
     correction: str
     comment: str
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., user: _Optional[str] = ..., rating: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., correction: _Optional[str] = ..., comment: _Optional[str] = ...) -> None: ...
+    score: int
+    api_key_id: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., user: _Optional[str] = ..., rating: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., correction: _Optional[str] = ..., comment: _Optional[str] = ..., score: _Optional[int] = ..., api_key_id: _Optional[str] = ...) -> None: ...
 
 class DatasetReady(_message.Message):
     __slots__ = ("envelope", "dataset_id", "uri", "examples", "sha256", "purpose")

@@ -1,0 +1,1 @@
+"""The feedback service: rated answers joined with the audit log, and datasets built from them."""

@@ -1,0 +1,175 @@
+"""Feedback end to end: an answer from the real model, rated through the gateway, joined with
+its audit records by the feedback service, and built into a dataset, with PII removed as the
+tenant's policies say; and the tenant, role and input checks on the way."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.conftest import Mesh
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(600)]
+
+PHONE, EMAIL = "13812345678", "li.na@example.com"
+QUESTION = "How do I reset my VPN password? Answer in one sentence."
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 60) -> Any:
+    """The first truthy result of ``check()``; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = await check()
+        if found:
+            return found
+        await asyncio.sleep(0.2)
+    pytest.fail(f"nothing after {timeout:.0f} s")
+
+
+def auth(mesh: Mesh, key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {mesh.keys[key]}"}
+
+
+def answered(mesh: Mesh, key: str) -> str:
+    """Ask the real model through the official SDK; the answer's x-request-id."""
+    client = openai.OpenAI(base_url=mesh.base_url, api_key=mesh.keys[key], max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="smollm2-135m-instruct",
+        messages=[{"role": "user", "content": QUESTION}],
+        temperature=0,
+        max_tokens=16,
+    )
+    assert raw.parse().choices[0].message.content
+    return str(raw.headers["x-request-id"])
+
+
+async def call(mesh: Mesh, method: str, path: str, key: str, **send: Any) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=60) as client:
+        return await client.request(method, mesh.base_url + path, headers=auth(mesh, key), **send)
+
+
+async def test_a_rated_answer_becomes_a_dataset_row_without_its_pii(mesh: Mesh) -> None:
+    request_id = answered(mesh, "analyst")
+    correction = f"Open the VPN portal and choose Reset; if stuck, call {PHONE}."
+    rated = await call(
+        mesh, "POST", "/feedback", "analyst",
+        json={"request_id": request_id, "rating": "down", "correction": correction,
+              "labels": ["vpn"], "comment": f"write to {EMAIL}"},
+    )  # fmt: skip
+    assert rated.status_code == 202, rated.text
+
+    async def stored() -> dict[str, Any] | None:
+        reply = await call(mesh, "GET", "/feedback", "analyst", params={"request_id": request_id})
+        data = reply.json()["data"] if reply.status_code == 200 else []
+        return data[0] if data else None
+
+    example = await eventually(stored)
+    assert example["messages"] == [{"role": "user", "content": QUESTION}]
+    assert example["answer"]  # the model's exact answer, from the audit log
+    assert example["model"] == "smollm2-135m-instruct"
+    assert example["model_version"]
+    assert PHONE not in example["correction"]
+    assert "5678" in example["correction"]
+    assert EMAIL not in example["comment"]
+
+    # a second rating by the same caller replaces the first
+    body = {"request_id": request_id, "rating": 2, "correction": correction}
+    again = await call(mesh, "POST", "/feedback", "analyst", json=body)
+    assert again.status_code == 202
+    await eventually(lambda: _score(mesh, request_id, 2))
+
+    built = await call(mesh, "POST", "/datasets", "developer",
+                       json={"name": "support", "labels": [], "eval_fraction": 0})  # fmt: skip
+    assert built.status_code == 201, built.text
+    made = built.json()
+    assert request_id in made["source_request_ids"]
+    assert made["pii_policy"]["purpose"] == "training"
+    train = await call(mesh, "GET", f"/datasets/{made['id']}/files/train", "developer")
+    assert train.status_code == 200
+    rows = [json.loads(line) for line in train.text.splitlines()]
+    mine = [r for r in rows if r["messages"][0]["content"] == QUESTION]
+    assert mine, rows
+    assert mine[0]["messages"][-1]["role"] == "assistant"
+    assert mine[0]["messages"][-1]["content"].startswith("Open the VPN portal")
+    assert PHONE not in train.text
+    assert "5678" not in train.text
+    listed = await call(mesh, "GET", "/datasets", "developer")
+    assert made["id"] in [d["id"] for d in listed.json()["data"]]
+
+
+async def _score(mesh: Mesh, request_id: str, score: int) -> bool:
+    reply = await call(mesh, "GET", "/feedback", "analyst", params={"request_id": request_id})
+    data = reply.json().get("data", [])
+    return bool(data) and data[0]["score"] == score
+
+
+async def test_another_tenants_answer_and_an_unknown_one_are_the_same_404(mesh: Mesh) -> None:
+    request_id = answered(mesh, "analyst")
+    theirs = await call(mesh, "POST", "/feedback", "globex-analyst",
+                        json={"request_id": request_id, "rating": "up"})  # fmt: skip
+    unknown = await call(mesh, "POST", "/feedback", "globex-analyst",
+                         json={"request_id": "0" * 32, "rating": "up"})  # fmt: skip
+    assert theirs.status_code == unknown.status_code == 404
+    assert theirs.json() == unknown.json()
+    # nor can they read it or build from it
+    seen = await call(mesh, "GET", "/feedback", "globex-analyst", params={"request_id": request_id})
+    assert seen.status_code == 200
+    assert seen.json()["data"] == []
+
+
+async def test_roles_without_the_right_are_refused(mesh: Mesh) -> None:
+    request_id = answered(mesh, "analyst")
+    denied = await call(mesh, "POST", "/feedback", "auditor",
+                        json={"request_id": request_id, "rating": "up"})  # fmt: skip
+    assert denied.status_code == 403
+    build = await call(mesh, "POST", "/datasets", "analyst", json={"name": "mine"})
+    assert build.status_code == 403
+    erase = await call(mesh, "DELETE", "/feedback", "developer", params={"request_id": request_id})
+    assert erase.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"rating": "up"}, "request_id"),
+        ({"request_id": "abc", "rating": 9}, "rating"),
+        ({"request_id": "abc", "rating": "up", "correction": "x" * 40_000}, "correction"),
+    ],
+)
+async def test_bad_feedback_is_a_400_naming_the_field(
+    mesh: Mesh, body: dict[str, Any], field: str
+) -> None:
+    reply = await call(mesh, "POST", "/feedback", "analyst", json=body)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == field
+
+
+async def test_an_erasure_removes_the_answer_from_feedback_and_unused_datasets(
+    mesh: Mesh,
+) -> None:
+    request_id = answered(mesh, "admin")
+    rated = await call(mesh, "POST", "/feedback", "admin",
+                       json={"request_id": request_id, "rating": "up"})  # fmt: skip
+    assert rated.status_code == 202
+
+    async def stored() -> bool:
+        reply = await call(mesh, "GET", "/feedback", "admin", params={"request_id": request_id})
+        return bool(reply.json().get("data"))
+
+    await eventually(stored)
+    made = (await call(mesh, "POST", "/datasets", "admin", json={"name": "erasable"})).json()
+    assert request_id in made["source_request_ids"]
+    erased = await call(mesh, "DELETE", "/feedback", "admin", params={"request_id": request_id})
+    assert erased.status_code == 200, erased.text
+    assert made["id"] in erased.json()["datasets_changed"]
+    assert not await stored()
+    after = (await call(mesh, "GET", f"/datasets/{made['id']}", "admin")).json()
+    assert request_id not in after["source_request_ids"]
+    assert after["erased_request_ids"] == [request_id]

@@ -1,0 +1,191 @@
+"""Datasets from rated answers: what qualifies, PII, deduplication, lengths, splits, uploads;
+and the bodies of the feedback routes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services.feedback.datasets import (
+    DatasetFilters,
+    DatasetSpec,
+    UploadError,
+    build,
+    examples_from_jsonl,
+    manifest,
+    split_of,
+)
+from services.feedback.examples import Message
+from services.feedback.quality import wilson
+from services.feedback.service import scan_structured
+from shared.feedback_requests import parse_dataset_request, parse_rating
+from shared.openai_protocol import InvalidRequestError
+from shared.pii import Purpose, TenantPiiSettings
+from tests.feedback.conftest import example
+
+SEEDED = {  # one of each structured type
+    "phone": "13812345678",
+    "email": "li.lei@example.com",
+    "id_card": "11010519491231002X",
+    "bank_card": "6222020200112233446",
+    "ip": "203.0.113.77",
+    "passport": "E12345678",
+}
+
+
+def _training(tenant: str = "acme"):  # type: ignore[no-untyped-def]
+    redactor = TenantPiiSettings().redactor(tenant, Purpose.TRAINING)
+    return lambda text: (redactor.redact(text).text, redactor.redact(text).total)
+
+
+def test_corrections_and_well_rated_answers_make_rows_and_the_rest_do_not() -> None:
+    rows = [
+        example("up", rating=1),
+        example("down", rating=-1),
+        example("fixed", rating=-1, correction="Use the self-service portal."),
+        example("three", rating=0, score=3),
+        example("five", rating=1, score=5),
+    ]
+    built = build(rows, DatasetSpec("acme", "s"), _training(), scan_structured)
+    assert set(built.source_request_ids) == {"up", "fixed", "five"}
+    assert built.counts.below_rating == 2
+    fixed = next(json.loads(r.line) for r in built.rows if r.request_id == "fixed")
+    assert fixed["messages"][-1] == {"role": "assistant", "content": "Use the self-service portal."}
+
+
+@pytest.mark.parametrize("field", ["question", "answer", "correction"])
+def test_no_structured_pii_survives_in_any_field(field: str) -> None:
+    text = "details: " + ", ".join(SEEDED.values())
+    changes = {
+        "question": {"messages": (Message("system", "be brief"), Message("user", text))},
+        "answer": {"answer": "sure " + text},
+        "correction": {"correction": "the right answer " + text, "rating": -1},
+    }[field]
+    built = build([example(**changes)], DatasetSpec("acme", "s"), _training(), scan_structured)
+    [row] = built.rows
+    for value in SEEDED.values():
+        assert value not in row.line
+    assert scan_structured(row.line) == []
+    assert built.counts.pii_redacted >= len(SEEDED) - 1  # the IP and passport need context
+
+
+def test_a_row_with_pii_the_policy_let_through_is_dropped_by_the_residue_scan() -> None:
+    nothing = lambda text: (text, 0)  # noqa: E731 - a tenant whose training policy is off
+    built = build([example(answer="call 13812345678")], DatasetSpec("acme", "s"), nothing,
+                  scan_structured)  # fmt: skip
+    assert built.rows == ()
+    assert built.counts.pii_residue == 1
+    assert built.residue_types == {"phone": 1}
+
+
+def test_duplicates_count_once_and_long_or_empty_rows_are_left_out() -> None:
+    same = (Message("user", "How do I reset my VPN password?"),)
+    rows = [
+        example("a", messages=same, rated_at_ns=1),
+        example(
+            "b", messages=(Message("user", "how do I  reset my vpn PASSWORD?"),), rated_at_ns=2
+        ),
+        example("long", answer="x" * 500),
+        example("empty", messages=(Message("user", "  "),)),
+    ]
+    built = build(rows, DatasetSpec("acme", "s", max_chars=300), _training(), scan_structured)
+    assert built.source_request_ids == ("b",)  # the newest of the two duplicates
+    assert (built.counts.duplicate, built.counts.too_long, built.counts.empty) == (1, 1, 1)
+
+
+def test_the_split_is_stable_and_near_the_fraction_asked() -> None:
+    ids = [f"req-{n}" for n in range(4000)]
+    share = sum(split_of(i, 0.1) == "eval" for i in ids) / len(ids)
+    assert 0.08 < share < 0.12
+    assert [split_of(i, 0.1) for i in ids] == [split_of(i, 0.1) for i in ids]
+
+
+def test_filters_and_the_manifest() -> None:
+    rows = [example("a", labels=("vpn",), rated_at_ns=10), example("b", rated_at_ns=20),
+            example("c", model_version="2", labels=("vpn",), rated_at_ns=30)]  # fmt: skip
+    spec = DatasetSpec("acme", "s", DatasetFilters(labels=("vpn",), model_version="1"))
+    built = build(rows, spec, _training(), scan_structured)
+    made = manifest(spec, built, dataset_id="s-v1", version=1, created_at="t", pii_policy={})
+    assert made["source_request_ids"] == ["a"]
+    assert made["splits"]["train"]["rows"] + made["splits"]["eval"]["rows"] == 1
+    assert made["filters"]["labels"] == ["vpn"]
+    assert made["pii_policy"]["purpose"] == "training"
+
+
+def test_an_uploaded_file_is_checked_line_by_line() -> None:
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                    {"role": "assistant", "content": "hello"}]})  # fmt: skip
+    examples = examples_from_jsonl((good + "\n\n" + good).encode(), "acme", uploaded_at_ns=1)
+    assert len(examples) == 2
+    assert examples[0].correction == "hello"
+    with pytest.raises(UploadError, match="line 2"):
+        examples_from_jsonl((good + "\n{not json").encode(), "acme", uploaded_at_ns=1)
+    last_user = json.dumps({"messages": [{"role": "assistant", "content": "a"},
+                                         {"role": "user", "content": "b"}]})  # fmt: skip
+    with pytest.raises(UploadError, match="line 1: the last message"):
+        examples_from_jsonl(last_user.encode(), "acme", uploaded_at_ns=1)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"rating": "up"}, "request_id"),
+        ({"request_id": "a/b", "rating": "up"}, "request_id"),
+        ({"request_id": "r1", "rating": 6}, "rating"),
+        ({"request_id": "r1", "rating": True}, "rating"),
+        ({"request_id": "r1", "rating": "meh"}, "rating"),
+        ({"request_id": "r1", "rating": "up", "correction": "x" * 32_001}, "correction"),
+        ({"request_id": "r1", "rating": "up", "labels": ["x"] * 17}, "labels"),
+        ({"request_id": "r1", "rating": "up", "comment": 5}, "comment"),
+        ({"request_id": "r1", "rating": "up", "extra": 1}, "extra"),
+    ],
+)
+def test_a_bad_rating_names_its_field(body: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidRequestError) as raised:
+        parse_rating(body)
+    assert raised.value.param == field
+
+
+def test_scores_map_onto_up_and_down() -> None:
+    assert [parse_rating({"request_id": "r", "rating": s}).rating for s in range(1, 6)] == [
+        -1, -1, 0, 1, 1,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "name"),
+        ({"name": "Bad Name"}, "name"),
+        ({"name": "s", "min_rating": 0}, "min_rating"),
+        ({"name": "s", "since": "2026-01-01"}, "since"),
+        ({"name": "s", "since": 20, "until": 10}, "until"),
+        ({"name": "s", "eval_fraction": 0.9}, "eval_fraction"),
+        ({"name": "s", "corrections": "yes"}, "corrections"),
+    ],
+)
+def test_a_bad_dataset_request_names_its_field(body: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidRequestError) as raised:
+        parse_dataset_request(body)
+    assert raised.value.param == field
+
+
+def test_wilson_intervals() -> None:
+    assert wilson(0, 0) == (0.0, 1.0)
+    low, high = wilson(0, 3)
+    assert low == pytest.approx(0.0, abs=1e-12)
+    assert 0.55 < high < 0.57
+    low, high = wilson(80, 100)
+    assert 0.70 < low < 0.72
+    assert 0.86 < high < 0.88
+
+
+def test_values_the_feedback_policy_masked_are_dropped_for_training() -> None:
+    from services.feedback.service import training_redaction
+    from services.feedback.settings import FeedbackSettings
+
+    stored = "call [PHONE:***5678] or write [EMAIL:l***@example.com]; a [NOTE:kept] bracket"
+    text, found = training_redaction(FeedbackSettings(), "acme")(stored)
+    assert text == "call [PHONE] or write [EMAIL]; a [NOTE:kept] bracket"
+    assert found == 2

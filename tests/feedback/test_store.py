@@ -1,0 +1,126 @@
+"""The feedback store's contract, on SQLite and on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.feedback.datasets import DatasetSpec, build, manifest
+from services.feedback.store import FeedbackQuery, FeedbackStore
+from tests.feedback.conftest import example
+
+
+async def test_a_later_rating_replaces_an_earlier_one_and_an_older_one_never_does(
+    store: FeedbackStore,
+) -> None:
+    assert await store.put(example(rating=1, rated_at_ns=100))
+    assert await store.put(example(rating=-1, correction="Use the VPN portal.", rated_at_ns=200))
+    assert not await store.put(example(rating=1, rated_at_ns=150))  # a late redelivery
+    [kept] = await store.query(FeedbackQuery("acme", request_id="r1"))
+    assert (kept.rating, kept.correction, kept.rated_at_ns) == (-1, "Use the VPN portal.", 200)
+    assert await store.count() == 1
+
+
+async def test_the_same_event_stored_again_and_again_is_one_example(store: FeedbackStore) -> None:
+    await asyncio.gather(*(store.put(example()) for _ in range(20)))
+    assert await store.count() == 1
+
+
+async def test_each_rater_of_an_answer_has_an_example(store: FeedbackStore) -> None:
+    await store.put(example(subject="alice"))
+    await store.put(example(subject="bob", rating=-1))
+    found = await store.query(FeedbackQuery("acme", request_id="r1"))
+    assert sorted(e.subject for e in found) == ["alice", "bob"]
+
+
+async def test_queries_see_one_tenant_only_and_page_through_everything(
+    store: FeedbackStore,
+) -> None:
+    for n in range(7):
+        await store.put(example(f"r{n}", rated_at_ns=1000 + n // 2))  # ties on the time
+    await store.put(example("other", tenant="globex"))
+    seen: list[str] = []
+    after = None
+    while True:
+        page = await store.query(FeedbackQuery("acme", limit=3, after=after))
+        seen += [e.request_id for e in page]
+        if len(page) < 3:
+            break
+        last = page[-1]
+        after = (last.rated_at_ns, last.request_id, last.subject)
+    assert sorted(seen) == [f"r{n}" for n in range(7)]
+    assert len(seen) == 7
+    assert await store.query(FeedbackQuery("initech")) == []
+
+
+async def test_quality_counts_per_model_version(store: FeedbackStore) -> None:
+    await store.put(example("a", rating=1))
+    await store.put(example("b", rating=-1, correction="better"))
+    await store.put(example("c", rating=1, model_version="2"))
+    rows = {(q.model_version): q for q in await store.quality()}
+    assert (rows["1"].rated, rows["1"].up, rows["1"].down, rows["1"].corrected) == (2, 1, 1, 1)
+    assert (rows["2"].rated, rows["2"].up) == (1, 1)
+
+
+def _dataset(store: FeedbackStore, name: str, examples: list) -> object:  # type: ignore[type-arg]
+    spec = DatasetSpec(tenant="acme", name=name)
+    built = build(examples, spec, lambda text: (text, 0), lambda text: [])
+
+    def make(version: int) -> tuple[dict, object]:  # type: ignore[type-arg]
+        made = manifest(spec, built, dataset_id=f"{name}-v{version}", version=version,
+                        created_at="2026-12-07T00:00:00Z", pii_policy={})  # fmt: skip
+        return made, built.rows
+
+    return store.add_dataset("acme", name, 1, make)  # type: ignore[arg-type]
+
+
+async def test_versions_count_up_and_rows_come_back_in_order(store: FeedbackStore) -> None:
+    rows = [example(f"r{n}") for n in range(30)]
+    first = await _dataset(store, "support", rows)  # type: ignore[misc]
+    second = await _dataset(store, "support", rows[:5])  # type: ignore[misc]
+    assert (first["id"], second["id"]) == ("support-v1", "support-v2")
+    train = await store.lines("acme", "support-v1", "train")
+    evaluation = await store.lines("acme", "support-v1", "eval")
+    assert len(train) + len(evaluation) == 30
+    assert [m["id"] for m in await store.datasets("acme")] == ["support-v1", "support-v2"]
+    assert await store.datasets("globex") == []
+    assert await store.dataset("globex", "support-v1") is None
+
+
+async def test_an_erasure_removes_a_request_from_unused_datasets_and_names_trained_models(
+    store: FeedbackStore,
+) -> None:
+    rows = [example(f"r{n}") for n in range(10)]
+    await store.put(rows[3])
+    await _dataset(store, "unused", rows)  # type: ignore[misc]
+    await _dataset(store, "trained", rows)  # type: ignore[misc]
+    await store.mark_used("acme", "trained-v1", "smollm2-135m-instruct:ft-1")
+    before = await store.dataset("acme", "unused-v1")
+    report = await store.erase("acme", "r3", 5)
+    assert report["examples_removed"] == 1
+    assert report["datasets_changed"] == ["unused-v1"]
+    assert report["trained_models"] == ["smollm2-135m-instruct:ft-1"]
+    after = await store.dataset("acme", "unused-v1")
+    assert after is not None
+    assert before is not None
+    assert after["rows"] == before["rows"] - 1
+    assert after["sha256"] != before["sha256"]
+    assert "r3" not in after["source_request_ids"]
+    assert after["erased_request_ids"] == ["r3"]
+    lines = await store.lines("acme", "unused-v1", "train") + await store.lines(
+        "acme", "unused-v1", "eval"
+    )
+    assert not any("(r3)" in line for line in lines)
+    trained = await store.lines("acme", "trained-v1", "train") + await store.lines(
+        "acme", "trained-v1", "eval"
+    )
+    assert any("(r3)" in line for line in trained)
+
+
+async def test_retention_purges_old_feedback_of_the_tenant_only(store: FeedbackStore) -> None:
+    await store.put(example("old", rated_at_ns=10))
+    await store.put(example("new", rated_at_ns=1_000))
+    await store.put(example("theirs", tenant="globex", rated_at_ns=10))
+    assert await store.purge("acme", 500) == 1
+    assert [e.request_id for e in await store.query(FeedbackQuery("acme"))] == ["new"]
+    assert await store.purge(None, 500, keep=["acme"]) == 1
+    assert await store.query(FeedbackQuery("globex")) == []
