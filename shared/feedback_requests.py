@@ -117,9 +117,9 @@ def moment_ns(value: Any, field: str) -> int | None:
             moment = datetime.fromisoformat(value)
         except ValueError:
             moment = None
-        if moment is not None and moment.tzinfo is not None and moment.year >= 1970:
+        if moment is not None and moment.tzinfo is not None and 1970 <= moment.year < 2262:
             return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1_000
-    raise invalid_field(field, "must be ISO 8601 with a time zone or Unix seconds")
+    raise invalid_field(field, "must be ISO 8601 with a time zone (1970-2261) or Unix seconds")
 
 
 def parse_dataset_request(body: dict[str, Any]) -> dict[str, Any]:

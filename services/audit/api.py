@@ -153,7 +153,7 @@ class AuditApi:
         ) -> Route:
             async def endpoint(request: Request) -> Response:
                 try:
-                    self.guard.check(request.headers, callers)
+                    request.state.caller = self.guard.check(request.headers, callers)
                     return JSONResponse(await handler(request))
                 except OpenAIError as error:
                     return JSONResponse(error.to_dict(), status_code=error.status)
@@ -179,6 +179,11 @@ class AuditApi:
 
     async def records(self, request: Request) -> dict[str, Any]:
         query = parse_query(request.query_params, self.max_page_size)
+        if request.state.caller != "gateway" and not (query.tenant and query.request_id):
+            # the feedback service reads the records of one rated answer, never a listing
+            raise invalid_field(
+                "request_id", "the feedback service must name a tenant and a request"
+            )
         page = await asyncio.to_thread(self.log.store.query, query)
         return page.to_json()
 

@@ -52,6 +52,7 @@ log = get_logger(__name__)
 CALLERS = frozenset({"gateway"})
 MAX_PAGE = 500
 CURSOR_PARTS = 3
+MAX_INT64 = 2**63 - 1
 
 
 def _tenant(params: Mapping[str, str]) -> str:
@@ -64,10 +65,13 @@ def _tenant(params: Mapping[str, str]) -> str:
 def _cursor(value: str | None) -> tuple[int, str, str] | None:
     if value is None:
         return None
-    parts = value.split("~")
-    if len(parts) != CURSOR_PARTS or not parts[0].isascii() or not parts[0].isdigit():
+    parts = value.split("~", CURSOR_PARTS - 1)  # a subject may hold "~"; the rest cannot
+    number = parts[0]
+    if len(parts) != CURSOR_PARTS or not number.isascii() or not number.isdigit():
         raise invalid_field("after", "is not a cursor this API gave")
-    return int(parts[0]), parts[1], parts[2]
+    if len(number) > 19 or int(number) > MAX_INT64:
+        raise invalid_field("after", "is not a cursor this API gave")
+    return int(number), parts[1], parts[2]
 
 
 def spec_of(tenant: str, body: Mapping[str, Any], max_rows: int) -> DatasetSpec:
@@ -123,9 +127,10 @@ class FeedbackApi:
     async def list_feedback(self, request: Request) -> Response:
         params = request.query_params
         reject_unknown(
-            sorted(params), ("tenant", "request_id", "model", "model_version", "limit", "after"),
+            sorted(params),
+            ("tenant", "request_id", "model", "model_version", "subject", "limit", "after"),
             what="a query parameter",
-        )  # fmt: skip
+        )
         limit = params.get("limit", "100")
         if not limit.isascii() or not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE:
             raise invalid_field("limit", f"must be an integer from 1 to {MAX_PAGE}")
@@ -135,6 +140,7 @@ class FeedbackApi:
             request_id=None if request_id is None else parse_request_id(request_id),
             model=params.get("model"),
             model_version=params.get("model_version"),
+            subject=params.get("subject"),
             limit=int(limit),
             after=_cursor(params.get("after")),
         )

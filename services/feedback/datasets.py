@@ -198,6 +198,12 @@ def split_digest(lines: Iterable[str]) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def whole_digest(splits: Mapping[str, Mapping[str, Any]]) -> str:
+    """The dataset's sha256: over the digests of its splits, in order."""
+    text = "".join(f"{split}:{splits[split]['sha256']}\n" for split in SPLITS)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def manifest(
     spec: DatasetSpec,
     built: BuiltDataset,
@@ -214,9 +220,7 @@ def manifest(
         lines = built.lines(split)
         sha, size = split_digest(lines)
         splits[split] = {"rows": len(lines), "bytes": size, "sha256": sha}
-    whole = hashlib.sha256(
-        "".join(f"{s}:{splits[s]['sha256']}\n" for s in SPLITS).encode()
-    ).hexdigest()
+    whole = whole_digest(splits)
     filters = asdict(spec.filters)
     filters["labels"] = list(spec.filters.labels)
     return {

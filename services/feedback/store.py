@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.feedback.datasets import SPLITS, Row, split_digest
+from services.feedback.datasets import SPLITS, Row, split_digest, whole_digest
 from services.feedback.drivers import Driver
 from services.feedback.examples import Example, messages_from_json, messages_json
 from services.feedback.quality import QualityCounts
@@ -118,8 +118,17 @@ class FeedbackStore:
     # ------------------------------------------------------------------ examples
 
     async def put(self, example: Example) -> bool:
-        """Store ``example``; False when a newer rating of the same subject is kept."""
-        return await self.driver.execute(UPSERT, _row(example)) > 0
+        """Store ``example``; False when a newer rating of the same subject is kept, or when
+        the request's content was erased after this rating was given (a redelivered or
+        replayed event cannot bring it back)."""
+        async with self.driver.transaction() as tx:
+            erased = await tx.fetch(
+                "SELECT 1 FROM erasures WHERE tenant = ? AND request_id = ? AND erased_at_ns >= ?",
+                [example.tenant, example.request_id, example.rated_at_ns],
+            )
+            if erased:
+                return False
+            return await tx.execute(UPSERT, _row(example)) > 0
 
     async def query(self, query: FeedbackQuery) -> list[Example]:
         """Examples of one tenant, newest first, a page at a time."""
@@ -330,8 +339,6 @@ async def _save_manifest(
 async def _refresh_digests(
     tx: Driver, tenant: str, dataset_id: str, manifest: dict[str, Any], erased: str
 ) -> None:
-    import hashlib
-
     for split in SPLITS:
         rows = await tx.fetch(
             "SELECT line FROM dataset_rows WHERE tenant = ? AND dataset_id = ? AND split = ? "
@@ -340,9 +347,7 @@ async def _refresh_digests(
         )
         sha, size = split_digest(row[0] for row in rows)
         manifest["splits"][split] = {"rows": len(rows), "bytes": size, "sha256": sha}
-    manifest["sha256"] = hashlib.sha256(
-        "".join(f"{s}:{manifest['splits'][s]['sha256']}\n" for s in SPLITS).encode()
-    ).hexdigest()
+    manifest["sha256"] = whole_digest(manifest["splits"])
     manifest["rows"] = sum(manifest["splits"][s]["rows"] for s in SPLITS)
     manifest["source_request_ids"] = [r for r in manifest["source_request_ids"] if r != erased]
     manifest["erased_request_ids"].append(erased)

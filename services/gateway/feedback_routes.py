@@ -56,7 +56,8 @@ from shared.openai_protocol import (
 from shared.topics import FEEDBACK_EVENTS
 
 log = get_logger(__name__)
-MAX_RATING_BODY = 96 * 1024  # a 32,000-character correction in UTF-8 and the rest
+MAX_RATING_BODY = 256 * 1024  # 32,000 characters of correction as \u escapes, and the rest
+MAX_PAGE = 500
 NOT_FOUND = "no answer with this request_id"
 
 
@@ -102,7 +103,10 @@ class FeedbackRoutes:
         await self.guard.allow(
             request, principal, "feedback", "submit", None, label="feedback", param="request_id"
         )
-        if not await self._answered(principal.tenant, rating.request_id):
+        asker = await self._asker(principal.tenant, rating.request_id)
+        if asker is None or (
+            asker != principal.subject and not await self._reviewer(request, principal)
+        ):
             raise NotFoundError(NOT_FOUND, "request_id", "not_found")
         event = ev.FeedbackEvent(
             request_id=rating.request_id,
@@ -127,8 +131,17 @@ class FeedbackRoutes:
             status_code=202,
         )
 
-    async def _answered(self, tenant: str, request_id: str) -> bool:
-        """Whether the audit log holds the request record of ``request_id`` in ``tenant``.
+    async def _reviewer(self, request: Request, principal: Principal) -> bool:
+        """Whether the caller may see the tenant's rated conversations (``dataset read``):
+        it may rate any answer of its tenant and read every rating; others only their own."""
+        decision = await self.guard.decide(
+            request, principal, "dataset", "read", None, label="feedback"
+        )
+        return decision.allow
+
+    async def _asker(self, tenant: str, request_id: str) -> str | None:
+        """Who asked ``request_id`` in ``tenant`` (its audited request record's user), or
+        None when the audit log holds no such request there.
 
         The record is durable before the answer is sent, but the audit service may store
         it a moment later: a miss is asked again until ``lookup_wait_s``. Both an unknown id
@@ -138,10 +151,11 @@ class FeedbackRoutes:
         pause = 0.05
         while True:
             body = await self._call("GET", self.audit_url + "/v1/audit/records", params, "audit")
-            if body.get("records"):
-                return True
+            records = body.get("records") or []
+            if records:
+                return str(records[0].get("user") or "")
             if time.monotonic() >= deadline:
-                return False
+                return None
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.5)
 
@@ -151,9 +165,17 @@ class FeedbackRoutes:
         params = {k: v for k, v in request.query_params.items() if k in allowed}
         if "request_id" in params:
             parse_request_id(params["request_id"])
+        limit = params.get("limit", "100")
+        if not limit.isascii() or not limit.isdigit() or not 1 <= int(limit) <= MAX_PAGE:
+            raise invalid_field("limit", f"must be an integer from 1 to {MAX_PAGE}")
+        if len(params.get("after", "")) > 400:
+            raise invalid_field("after", "is not a cursor this API gave")
         await self.guard.charge(principal, request)
         await self.guard.allow(request, principal, "feedback", "read", None, label="feedback")
-        return await self._forward("GET", "/v1/feedback", {**params, "tenant": principal.tenant})
+        params["tenant"] = principal.tenant
+        if not await self._reviewer(request, principal):
+            params["subject"] = principal.subject  # only the ratings it gave
+        return await self._forward("GET", "/v1/feedback", params)
 
     async def erase(self, request: Request, principal: Principal) -> Response:
         reject_unknown(sorted(request.query_params), ("request_id",), what="a query parameter")

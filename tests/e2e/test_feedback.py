@@ -124,6 +124,30 @@ async def test_another_tenants_answer_and_an_unknown_one_are_the_same_404(mesh: 
     assert seen.json()["data"] == []
 
 
+async def test_a_caller_rates_and_reads_its_own_answers_unless_it_reviews_the_tenant(
+    mesh: Mesh,
+) -> None:
+    request_id = answered(mesh, "user")  # another analyst of acme asked
+    body = {"request_id": request_id, "rating": "up"}
+    other = await call(mesh, "POST", "/feedback", "analyst", json=body)
+    assert other.status_code == 404  # as if it were not there
+    reviewer = await call(mesh, "POST", "/feedback", "admin", json=body)
+    assert reviewer.status_code == 202
+    own = await call(mesh, "POST", "/feedback", "user", json=body)
+    assert own.status_code == 202
+
+    async def both_stored() -> bool:
+        reply = await call(mesh, "GET", "/feedback", "admin", params={"request_id": request_id})
+        return len(reply.json().get("data", [])) == 2
+
+    await eventually(both_stored)
+    seen = await call(mesh, "GET", "/feedback", "user", params={"request_id": request_id})
+    assert len(seen.json()["data"]) == 1  # its own rating only
+    bad = await call(mesh, "GET", "/feedback", "analyst", params={"limit": "0"})
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "limit"
+
+
 async def test_roles_without_the_right_are_refused(mesh: Mesh) -> None:
     request_id = answered(mesh, "analyst")
     denied = await call(mesh, "POST", "/feedback", "auditor",

@@ -189,3 +189,25 @@ def test_values_the_feedback_policy_masked_are_dropped_for_training() -> None:
     text, found = training_redaction(FeedbackSettings(), "acme")(stored)
     assert text == "call [PHONE] or write [EMAIL]; a [NOTE:kept] bracket"
     assert found == 2
+
+
+@pytest.mark.parametrize("value", ["2300-01-01T00:00:00+00:00", "1969-12-31T00:00:00+00:00"])
+def test_times_outside_what_the_store_holds_are_refused(value: str) -> None:
+    with pytest.raises(InvalidRequestError) as raised:
+        parse_dataset_request({"name": "s", "since": value})
+    assert raised.value.param == "since"
+
+
+@pytest.mark.parametrize("cursor", ["9" * 5000 + "~r~s", str(2**63) + "~r~s", "x~r~s", "1~r"])
+def test_a_cursor_this_api_did_not_give_is_a_400(cursor: str) -> None:
+    from services.feedback.api import _cursor
+
+    with pytest.raises(InvalidRequestError) as raised:
+        _cursor(cursor)
+    assert raised.value.param == "after"
+
+
+def test_a_subject_with_a_tilde_pages_on() -> None:
+    from services.feedback.api import _cursor
+
+    assert _cursor("12~req-1~user~with~tildes") == (12, "req-1", "user~with~tildes")

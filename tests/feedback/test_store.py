@@ -124,3 +124,14 @@ async def test_retention_purges_old_feedback_of_the_tenant_only(store: FeedbackS
     assert [e.request_id for e in await store.query(FeedbackQuery("acme"))] == ["new"]
     assert await store.purge(None, 500, keep=["acme"]) == 1
     assert await store.query(FeedbackQuery("globex")) == []
+
+
+async def test_an_erased_request_does_not_come_back_with_a_replayed_rating(
+    store: FeedbackStore,
+) -> None:
+    await store.put(example("gone", rated_at_ns=100))
+    await store.erase("acme", "gone", 500)
+    assert not await store.put(example("gone", rated_at_ns=100))  # redelivered
+    assert not await store.put(example("gone", rated_at_ns=400, subject="bob"))  # in flight
+    assert await store.query(FeedbackQuery("acme", request_id="gone")) == []
+    assert await store.put(example("gone", rated_at_ns=600))  # rated again after the erasure
