@@ -134,6 +134,11 @@ bench-telemetry *args:
 bench-ops-loop *args:
     {{python}} -m benchmarks.ops_loop {{args}}
 
+# From a rating to a dataset candidate (p95 target 60 s), and a dataset build's cost.
+[group('bench')]
+bench-feedback *args:
+    {{python}} -m benchmarks.feedback_bench {{args}}
+
 # A load ramp (1, 8, 32 clients) with scale-out on the queue and P99, and on P99 only.
 bench-ops-ramp *args:
     {{python}} -m benchmarks.ops_ramp {{args}}

@@ -103,6 +103,13 @@ PANELS: tuple[Panel, ...] = (
         ("sum by (deployment, reason) (increase(meshllm_ops_scaling_decisions_total[5m]))",
          "decisions: {{deployment}} {{reason}}"),
     ), description="Replica counts the ops loop decided, and what it decided from"),
+    Panel("Answer quality from feedback (95% intervals)", "percentunit", (
+        ('max by (gen_ai_request_model, meshllm_model_version, bound) (meshllm_feedback_up_rate)',
+         "up-rate {{bound}}: {{gen_ai_request_model}} {{meshllm_model_version}}"),
+        ('max by (gen_ai_request_model, meshllm_model_version) '
+         '(meshllm_feedback_correction_rate{bound="point"})',
+         "corrected: {{gen_ai_request_model}} {{meshllm_model_version}}"),
+    ), description="Rated answers per model version; low/high bound the up-rate's 95% interval"),
     Panel("Alerts firing (ops service)", "short", (
         ("sum by (rule) (meshllm_ops_alerts_firing)", "{{rule}}"),
     )),

@@ -8,6 +8,8 @@ Routes (JSON; errors as ``{"error": {...}}``):
 
 - ``GET /v1/feedback?tenant=&request_id=|model=&model_version=&limit=&after=``: ratings,
   newest first; ``after`` is the previous page's ``next_cursor``.
+- ``GET /v1/feedback/quality?tenant=&model=``: up-rate and correction rate per model
+  version with their 95% Wilson intervals, over the tenant's ratings.
 - ``DELETE /v1/feedback?tenant=&request_id=``: erase a request's content (see
   :meth:`FeedbackStore.erase`); answers the erasure report.
 - ``POST /v1/datasets?tenant=`` with a dataset build body
@@ -116,6 +118,7 @@ class FeedbackApi:
             routes=[
                 route("/v1/feedback", self.list_feedback, "GET"),
                 route("/v1/feedback", self.erase, "DELETE"),
+                route("/v1/feedback/quality", self.quality, "GET"),
                 route("/v1/datasets", self.build, "POST"),
                 route("/v1/datasets/upload", self.upload, "POST"),
                 route("/v1/datasets", self.datasets, "GET"),
@@ -151,6 +154,16 @@ class FeedbackApi:
             cursor = f"{last.rated_at_ns}~{last.request_id}~{last.subject}"
         body = {"object": "list", "data": [e.to_json() for e in found], "next_cursor": cursor}
         return JSONResponse(body)
+
+    async def quality(self, request: Request) -> Response:
+        """Up-rate and correction rate per model version, with 95% Wilson intervals, over
+        the tenant's ratings (the release gate's quality signal)."""
+        params = request.query_params
+        reject_unknown(sorted(params), ("tenant", "model"), what="a query parameter")
+        rows = await self.store.quality(_tenant(params))
+        model = params.get("model")
+        data = [row.to_json() for row in rows if model is None or row.model == model]
+        return JSONResponse({"object": "list", "data": data})
 
     async def erase(self, request: Request) -> Response:
         params = request.query_params

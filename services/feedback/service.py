@@ -208,13 +208,19 @@ class FeedbackService:
             await asyncio.sleep(3600)
 
     async def purge_expired(self, now_ns: int) -> int:
+        """Ratings, and the rows of datasets, older than their tenant's retention; the
+        count of both."""
         settings = self.settings
         purged = 0
         for tenant, days in settings.retention_days.items():
-            purged += await self.store.purge(tenant, now_ns - days * DAY_NS)
+            before = now_ns - days * DAY_NS
+            purged += await self.store.purge(tenant, before)
+            purged += await self.store.purge_datasets(tenant, before, now_ns)
         if settings.default_retention_days is not None:
             before = now_ns - settings.default_retention_days * DAY_NS
-            purged += await self.store.purge(None, before, keep=list(settings.retention_days))
+            keep = list(settings.retention_days)
+            purged += await self.store.purge(None, before, keep=keep)
+            purged += await self.store.purge_datasets(None, before, now_ns, keep=keep)
         return purged
 
     async def run_quality(self) -> None:

@@ -178,13 +178,16 @@ class FeedbackStore:
     async def count(self) -> int:
         return int((await self.driver.fetch("SELECT COUNT(*) FROM examples"))[0][0])
 
-    async def quality(self) -> list[QualityCounts]:
+    async def quality(self, tenant: str | None = None) -> list[QualityCounts]:
+        """Rating counts per model version: every tenant's, or one tenant's."""
+        where, args = ("WHERE tenant = ? ", [tenant]) if tenant is not None else ("", [])
         rows = await self.driver.fetch(
             "SELECT model, model_version, COUNT(*), "
             "SUM(CASE WHEN rating > 0 THEN 1 ELSE 0 END), "
             "SUM(CASE WHEN rating < 0 THEN 1 ELSE 0 END), "
             "SUM(CASE WHEN correction <> '' THEN 1 ELSE 0 END) "
-            "FROM examples GROUP BY model, model_version ORDER BY model, model_version"
+            f"FROM examples {where}GROUP BY model, model_version ORDER BY model, model_version",
+            args,
         )
         return [QualityCounts(r[0], r[1], int(r[2]), int(r[3]), int(r[4]), int(r[5])) for r in rows]
 
@@ -200,6 +203,37 @@ class FeedbackStore:
         return await self.driver.execute(
             f"DELETE FROM examples WHERE rated_at_ns < ?{others}", [before_ns, *keep]
         )
+
+    async def purge_datasets(
+        self, tenant: str | None, before_ns: int, now_ns: int, keep: Sequence[str] = ()
+    ) -> int:
+        """Delete the rows of datasets built before ``before_ns`` (as :meth:`purge` picks
+        tenants); their manifests stay, with the digests and ``content_purged_at_ns``, so
+        what a model was trained on stays traceable. Returns the datasets purged."""
+        if tenant is not None:
+            where, args = "tenant = ?", [tenant]
+        else:
+            where = "1 = 1" + (f" AND tenant NOT IN ({', '.join('?' * len(keep))})" if keep else "")
+            args = list(keep)
+        purged = 0
+        async with self.driver.transaction() as tx:
+            rows = await tx.fetch(
+                f"SELECT tenant, dataset_id, manifest FROM datasets WHERE {where} "
+                "AND created_at_ns < ?",
+                [*args, before_ns],
+            )
+            for owner, dataset_id, text in rows:
+                manifest = json.loads(text)
+                if manifest.get("content_purged_at_ns"):
+                    continue
+                await tx.execute(
+                    "DELETE FROM dataset_rows WHERE tenant = ? AND dataset_id = ?",
+                    [owner, dataset_id],
+                )
+                manifest["content_purged_at_ns"] = now_ns
+                await _save_manifest(tx, owner, dataset_id, manifest)
+                purged += 1
+        return purged
 
     # ------------------------------------------------------------------ datasets
 

@@ -6,7 +6,10 @@
   the tenant), and an unknown id and another tenant's are the same 404. Accepted ratings go
   to ``feedback.events`` (202); a second rating of the same answer by the same caller
   replaces the first.
-- ``GET /v1/feedback?request_id=|model=|model_version=&limit=&after=``: ``read``.
+- ``GET /v1/feedback?request_id=|model=|model_version=&limit=&after=``: ``read``; an
+  ordinary caller sees the ratings it gave, one allowed ``dataset read`` every rating.
+- ``GET /v1/feedback/quality?model=``: ``dataset read``; up-rate and correction rate per
+  model version, with 95% intervals, over the tenant's ratings.
 - ``DELETE /v1/feedback?request_id=``: ``erase`` (admins): the request's content leaves
   the feedback store and every dataset not yet used for training.
 - ``POST /v1/datasets`` (a build body, see :mod:`shared.feedback_requests`), ``POST
@@ -38,7 +41,6 @@ from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
 from shared.feedback_requests import (
     DATASET_ID,
-    DATASET_NAME,
     parse_dataset_request,
     parse_rating,
     parse_request_id,
@@ -48,6 +50,7 @@ from shared.logging import get_logger
 from shared.openai_protocol import (
     InvalidRequestError,
     NotFoundError,
+    RequestTimeoutError,
     RequestTooLargeError,
     ServiceUnavailableError,
     invalid_field,
@@ -85,6 +88,7 @@ class FeedbackRoutes:
             Route("/v1/feedback", limited(self.submit), methods=["POST"]),
             Route("/v1/feedback", limited(self.list_feedback), methods=["GET"]),
             Route("/v1/feedback", limited(self.erase), methods=["DELETE"]),
+            Route("/v1/feedback/quality", limited(self.quality), methods=["GET"]),
             Route("/v1/datasets", limited(self.build), methods=["POST"]),
             Route("/v1/datasets/upload", limited(self.upload), methods=["POST"]),
             Route("/v1/datasets", limited(self.datasets), methods=["GET"]),
@@ -177,6 +181,16 @@ class FeedbackRoutes:
             params["subject"] = principal.subject  # only the ratings it gave
         return await self._forward("GET", "/v1/feedback", params)
 
+    async def quality(self, request: Request, principal: Principal) -> Response:
+        reject_unknown(sorted(request.query_params), ("model",), what="a query parameter")
+        model = request.query_params.get("model")
+        if model is not None and not 0 < len(model) <= 256:
+            raise invalid_field("model", "must be text of 1-256 characters")
+        await self.guard.charge(principal, request)
+        await self.guard.allow(request, principal, "dataset", "read", None, label="feedback")
+        params = {"tenant": principal.tenant} | ({"model": model} if model else {})
+        return await self._forward("GET", "/v1/feedback/quality", params)
+
     async def erase(self, request: Request, principal: Principal) -> Response:
         reject_unknown(sorted(request.query_params), ("request_id",), what="a query parameter")
         request_id = parse_request_id(request.query_params.get("request_id"))
@@ -196,26 +210,40 @@ class FeedbackRoutes:
         await self.guard.charge(principal, request)
         await self.guard.allow(request, principal, "dataset", "build", name, label="dataset")
         params = {"tenant": principal.tenant}
-        return await self._forward("POST", "/v1/datasets", params, json=body)
+        return await self._forward(
+            "POST", "/v1/datasets", params, json=body, timeout=self.settings.build_timeout_s
+        )
 
     async def upload(self, request: Request, principal: Principal) -> Response:
         allowed = ("name", "eval_fraction")
         reject_unknown(sorted(request.query_params), allowed, what="a query parameter")
-        name = request.query_params.get("name", "")
-        if DATASET_NAME.fullmatch(name) is None:
-            raise invalid_field("name", "is required: 1-64 lower-case letters, digits and ._-")
+        checked: dict[str, Any] = {"name": request.query_params.get("name")}
+        if "eval_fraction" in request.query_params:
+            try:
+                checked["eval_fraction"] = float(request.query_params["eval_fraction"])
+            except ValueError:
+                raise invalid_field("eval_fraction", "must be a number from 0 to 0.5") from None
+        name = parse_dataset_request(checked)["name"]  # a bad one: 400 before any byte is read
         await self.guard.charge(principal, request)
         await self.guard.allow(request, principal, "dataset", "build", name, label="dataset")
         most = self.settings.max_upload_bytes
         data = bytearray()
-        async with asyncio.timeout(self.settings.upload_timeout_s):
-            async for piece in request.stream():
-                data += piece
-                if len(data) > most:
-                    raise RequestTooLargeError(f"the file is over {most} bytes")
+        try:
+            async with asyncio.timeout(self.settings.upload_timeout_s):
+                async for piece in request.stream():
+                    data += piece
+                    if len(data) > most:
+                        raise RequestTooLargeError(f"the file is over {most} bytes")
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the file did not arrive within {self.settings.upload_timeout_s:g} s"
+            ) from None
         params = {k: v for k, v in request.query_params.items() if k in allowed}
         params["tenant"] = principal.tenant
-        return await self._forward("POST", "/v1/datasets/upload", params, content=bytes(data))
+        return await self._forward(
+            "POST", "/v1/datasets/upload", params, content=bytes(data),
+            timeout=self.settings.build_timeout_s,
+        )  # fmt: skip
 
     async def datasets(self, request: Request, principal: Principal) -> Response:
         reject_unknown(sorted(request.query_params), (), what="a query parameter here")

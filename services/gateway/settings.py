@@ -158,6 +158,9 @@ class FeedbackRouteSettings(BaseModel):
         64 * 2**20, ge=1024, le=512 * 2**20, description="Largest JSONL file made a dataset."
     )
     upload_timeout_s: float = Field(300.0, gt=0, le=3600, description="An upload's time limit.")
+    build_timeout_s: float = Field(
+        600.0, gt=0, le=3600, description="How long a dataset build may take before a 503."
+    )
 
 
 class GatewaySettings(MeshSettings):

@@ -102,6 +102,10 @@ async def test_a_rated_answer_becomes_a_dataset_row_without_its_pii(mesh: Mesh) 
     assert "5678" not in train.text
     listed = await call(mesh, "GET", "/datasets", "developer")
     assert made["id"] in [d["id"] for d in listed.json()["data"]]
+    quality = await call(mesh, "GET", "/feedback/quality", "developer")
+    [row] = [q for q in quality.json()["data"] if q["model"] == "smollm2-135m-instruct"]
+    assert row["rated"] >= 1
+    assert 0 <= row["up_rate_ci95"][0] <= row["up_rate"] <= row["up_rate_ci95"][1] <= 1
 
 
 async def _score(mesh: Mesh, request_id: str, score: int) -> bool:
@@ -197,3 +201,33 @@ async def test_an_erasure_removes_the_answer_from_feedback_and_unused_datasets(
     after = (await call(mesh, "GET", f"/datasets/{made['id']}", "admin")).json()
     assert request_id not in after["source_request_ids"]
     assert after["erased_request_ids"] == [request_id]
+
+
+async def test_an_uploaded_jsonl_file_becomes_a_dataset_through_the_same_checks(
+    mesh: Mesh,
+) -> None:
+    rows = [
+        {"messages": [{"role": "user", "content": "Where is the VPN guide?"},
+                      {"role": "assistant", "content": f"Ask {EMAIL} for it."}]},
+        {"messages": [{"role": "user", "content": "Who approves leave?"},
+                      {"role": "assistant", "content": "Your manager, in the HR portal."}]},
+    ]  # fmt: skip
+    data = "\n".join(json.dumps(row) for row in rows).encode()
+    made = await call(mesh, "POST", "/datasets/upload", "developer",
+                      params={"name": "uploaded", "eval_fraction": "0"}, content=data)  # fmt: skip
+    assert made.status_code == 201, made.text
+    manifest = made.json()
+    assert manifest["source"] == "upload"
+    assert manifest["splits"]["train"]["rows"] == 2
+    train = await call(mesh, "GET", f"/datasets/{manifest['id']}/files/train", "developer")
+    assert EMAIL not in train.text
+    assert "[EMAIL]" in train.text
+    bad = await call(mesh, "POST", "/datasets/upload", "developer", params={"name": "uploaded"},
+                     content=data + b"\n{not json")  # fmt: skip
+    assert bad.status_code == 400
+    assert bad.json()["error"]["param"] == "file"
+    assert "line 3" in bad.json()["error"]["message"]
+    params = {"name": "uploaded", "eval_fraction": "0.9"}
+    wrong = await call(mesh, "POST", "/datasets/upload", "developer", params=params, content=data)
+    assert wrong.status_code == 400
+    assert wrong.json()["error"]["param"] == "eval_fraction"

@@ -56,7 +56,9 @@ async def test_quality_counts_per_model_version(store: FeedbackStore) -> None:
     await store.put(example("a", rating=1))
     await store.put(example("b", rating=-1, correction="better"))
     await store.put(example("c", rating=1, model_version="2"))
-    rows = {(q.model_version): q for q in await store.quality()}
+    await store.put(example("d", tenant="globex", model_version="2"))
+    assert [(q.model_version, q.rated) for q in await store.quality("globex")] == [("2", 1)]
+    rows = {(q.model_version): q for q in await store.quality("acme")}
     assert (rows["1"].rated, rows["1"].up, rows["1"].down, rows["1"].corrected) == (2, 1, 1, 1)
     assert (rows["2"].rated, rows["2"].up) == (1, 1)
 
@@ -135,3 +137,17 @@ async def test_an_erased_request_does_not_come_back_with_a_replayed_rating(
     assert not await store.put(example("gone", rated_at_ns=400, subject="bob"))  # in flight
     assert await store.query(FeedbackQuery("acme", request_id="gone")) == []
     assert await store.put(example("gone", rated_at_ns=600))  # rated again after the erasure
+
+
+async def test_retention_empties_old_datasets_but_keeps_their_manifests(
+    store: FeedbackStore,
+) -> None:
+    await _dataset(store, "old", [example(f"r{n}") for n in range(5)])  # type: ignore[misc]
+    assert await store.purge_datasets("acme", 2, now_ns=7) == 1  # built at 1
+    assert await store.purge_datasets("acme", 2, now_ns=8) == 0  # once
+    manifest = await store.dataset("acme", "old-v1")
+    assert manifest is not None
+    assert manifest["content_purged_at_ns"] == 7
+    assert manifest["sha256"]
+    assert await store.lines("acme", "old-v1", "train") == []
+    assert await store.purge_datasets(None, 2, now_ns=9, keep=["acme"]) == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,9 @@ EVENT_ONLY = {
     "meshllm_ops_alerts_firing": "services/ops/metrics.py",
     # a counter appears with its first decision
     "meshllm_ops_scaling_decisions_total": "services/ops/metrics.py",
+    # the answer-quality gauges appear once a rated answer is stored
+    "meshllm_feedback_up_rate": "services/feedback/metrics.py",
+    "meshllm_feedback_correction_rate": "services/feedback/metrics.py",
 }
 
 
@@ -85,8 +89,9 @@ def test_every_panel_parses_and_the_slo_lines_are_the_rules_thresholds() -> None
 
 def test_event_only_metrics_are_declared_where_they_say() -> None:
     for name, source in EVENT_ONLY.items():
-        dotted = name.removeprefix("meshllm_").removesuffix("_total").replace("_", ".")
-        assert f'"meshllm.{dotted}"' in (ROOT / source).read_text(), name
+        declared = re.findall(r'"(meshllm\.[a-z0-9_.]+)"', (ROOT / source).read_text())
+        as_prometheus = {d.replace(".", "_") for d in declared}
+        assert name.removesuffix("_total") in as_prometheus, name
 
 
 def test_grafana_provisioning_points_at_the_dashboards_and_prometheus() -> None:
