@@ -7,6 +7,7 @@ names another gateway (default: this machine's, from the gateway's settings).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -128,11 +129,16 @@ def export(
     out: Annotated[Path, typer.Argument(file_okay=False, help="Folder for the JSONL files.")],
     url: Url = None,
 ) -> None:
-    """Write train.jsonl, eval.jsonl and manifest.json of a dataset into a folder."""
+    """Write train.jsonl, eval.jsonl and manifest.json of a dataset into a folder, each
+    split checked against the manifest's sha256."""
     out.mkdir(parents=True, exist_ok=True)
     manifest = _call(url, "GET", f"/datasets/{dataset_id}").json()
     for split in ("train", "eval"):
         data = _call(url, "GET", f"/datasets/{dataset_id}/files/{split}").content
+        expected = manifest["splits"][split]["sha256"]
+        if hashlib.sha256(data).hexdigest() != expected:
+            errors.print(f"[red]{split}: the bytes do not match the manifest's sha256[/red]")
+            raise typer.Exit(1)
         (out / f"{split}.jsonl").write_bytes(data)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     console.print(f"wrote {out}/train.jsonl, eval.jsonl, manifest.json")

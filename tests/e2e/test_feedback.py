@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from tests.conftest import ROOT
 from tests.e2e.conftest import Mesh
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -55,7 +60,19 @@ async def call(mesh: Mesh, method: str, path: str, key: str, **send: Any) -> htt
         return await client.request(method, mesh.base_url + path, headers=auth(mesh, key), **send)
 
 
-async def test_a_rated_answer_becomes_a_dataset_row_without_its_pii(mesh: Mesh) -> None:
+def export(mesh: Mesh, dataset_id: str, out: Path) -> subprocess.CompletedProcess[str]:
+    """``meshllm datasets export`` against the mesh's gateway, as a user runs it."""
+    env = {**os.environ, "MESHLLM_API_KEY": mesh.keys["developer"], "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "meshllm", "datasets", "export", dataset_id, str(out),
+         "--url", mesh.base_url],
+        env=env, capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+    )  # fmt: skip
+
+
+async def test_a_rated_answer_becomes_a_dataset_row_without_its_pii(
+    mesh: Mesh, tmp_path: Path
+) -> None:
     request_id = answered(mesh, "analyst")
     correction = f"Open the VPN portal and choose Reset; if stuck, call {PHONE}."
     rated = await call(
@@ -102,6 +119,10 @@ async def test_a_rated_answer_becomes_a_dataset_row_without_its_pii(mesh: Mesh) 
     assert "5678" not in train.text
     listed = await call(mesh, "GET", "/datasets", "developer")
     assert made["id"] in [d["id"] for d in listed.json()["data"]]
+    exported = await asyncio.to_thread(export, mesh, made["id"], tmp_path / "out")
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "out" / "train.jsonl").read_text() == train.text
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["id"] == made["id"]
     quality = await call(mesh, "GET", "/feedback/quality", "developer")
     [row] = [q for q in quality.json()["data"] if q["model"] == "smollm2-135m-instruct"]
     assert row["rated"] >= 1

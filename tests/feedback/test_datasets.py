@@ -211,3 +211,20 @@ def test_a_subject_with_a_tilde_pages_on() -> None:
     from services.feedback.api import _cursor
 
     assert _cursor("12~req-1~user~with~tildes") == (12, "req-1", "user~with~tildes")
+
+
+def test_every_free_text_field_of_a_stored_example_is_redacted() -> None:
+    text = "reach me: " + ", ".join(SEEDED.values())
+    raw = example(
+        messages=(Message("system", text), Message("user", text)),
+        answer=text, correction=text, comment=text, labels=(f"caller {SEEDED['email']}",),
+    )  # fmt: skip
+    redactor = TenantPiiSettings().redactor("acme", Purpose.FEEDBACK)
+    stored = raw.redacted(lambda t: (redactor.redact(t).text, redactor.redact(t).total))
+    fields = [m.content for m in stored.messages]
+    fields += [stored.answer, stored.correction, stored.comment, *stored.labels]
+    for field in fields:
+        assert scan_structured(field) == [], field
+        for value in SEEDED.values():
+            assert value not in field
+    assert stored.redactions >= 5 * (len(SEEDED) - 1)
