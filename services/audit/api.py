@@ -43,7 +43,7 @@ from shared.openai_protocol import (
     invalid_field,
     reject_unknown,
 )
-from shared.service_auth import ServiceGuard
+from shared.service_auth import ServiceForbidden, ServiceGuard
 
 log = get_logger(__name__)
 
@@ -181,8 +181,10 @@ class AuditApi:
         query = parse_query(request.query_params, self.max_page_size)
         if request.state.caller != "gateway" and not (query.tenant and query.request_id):
             # the feedback service reads the records of one rated answer, never a listing
-            raise invalid_field(
-                "request_id", "the feedback service must name a tenant and a request"
+            raise ServiceForbidden(
+                "the feedback service reads one request's records (tenant and request_id)",
+                "request_id",
+                "service_not_allowed",
             )
         page = await asyncio.to_thread(self.log.store.query, query)
         return page.to_json()

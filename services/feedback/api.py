@@ -57,6 +57,13 @@ CURSOR_PARTS = 3
 MAX_INT64 = 2**63 - 1
 
 
+class ContentGone(OpenAIError):
+    """410: the dataset's rows were deleted under retention (the manifest stays)."""
+
+    status = 410
+    error_type = "invalid_request_error"
+
+
 def _tenant(params: Mapping[str, str]) -> str:
     tenant = params.get("tenant", "")
     if not tenant or len(tenant) > 128:
@@ -231,6 +238,13 @@ class FeedbackApi:
         if split not in SPLITS:
             raise invalid_field("split", f"must be one of {', '.join(SPLITS)}")
         tenant, found = await self._manifest(request)
+        if found.get("content_purged_at_ns"):
+            raise ContentGone(
+                f"the rows of {found['id']} were deleted under the tenant's retention; "
+                "its manifest stays",
+                "dataset_id",
+                "content_purged",
+            )
         lines = await self.store.lines(tenant, found["id"], split)
         text = "".join(line + "\n" for line in lines)
         return Response(text.encode(), media_type="application/jsonl")

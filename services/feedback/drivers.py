@@ -38,6 +38,10 @@ class Driver(Protocol):
         """A driver whose statements commit together when the block ends (roll back if it
         raises)."""
 
+    async def lock(self, key: str) -> None:
+        """Inside a transaction: hold ``key`` until it ends, so that two transactions about
+        the same thing run one after the other."""
+
     async def close(self) -> None: ...
 
 
@@ -64,6 +68,9 @@ class _SqliteConnection:
 
     def transaction(self) -> AbstractAsyncContextManager[Driver]:
         raise RuntimeError("transactions do not nest")
+
+    async def lock(self, key: str) -> None:
+        return None  # BEGIN IMMEDIATE already runs one writing transaction at a time
 
     async def close(self) -> None:
         return None
@@ -93,6 +100,9 @@ class SqliteDriver:
     async def fetch(self, sql: str, args: Sequence[Any] = ()) -> Rows:
         async with self._lock:
             return await self._connection.fetch(sql, args)
+
+    async def lock(self, key: str) -> None:
+        raise RuntimeError("a lock is taken inside a transaction")
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Driver]:
@@ -137,6 +147,9 @@ class _PostgresConnection:
     def transaction(self) -> AbstractAsyncContextManager[Driver]:
         raise RuntimeError("transactions do not nest")
 
+    async def lock(self, key: str) -> None:
+        await self._conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", key)
+
     async def close(self) -> None:
         return None
 
@@ -169,6 +182,9 @@ class PostgresDriver:
     async def fetch(self, sql: str, args: Sequence[Any] = ()) -> Rows:
         async with self._pool.acquire() as connection:
             return await _PostgresConnection(connection).fetch(sql, args)
+
+    async def lock(self, key: str) -> None:
+        raise RuntimeError("a lock is taken inside a transaction")
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Driver]:

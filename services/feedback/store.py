@@ -119,12 +119,13 @@ class FeedbackStore:
 
     async def put(self, example: Example) -> bool:
         """Store ``example``; False when a newer rating of the same subject is kept, or when
-        the request's content was erased after this rating was given (a redelivered or
-        replayed event cannot bring it back)."""
+        the request's content was erased: no rating brings it back, whether a redelivered
+        or replayed event or a new one (the audit log may still hold the conversation)."""
         async with self.driver.transaction() as tx:
+            await tx.lock(_request_key(example.tenant, example.request_id))  # vs. an erasure
             erased = await tx.fetch(
-                "SELECT 1 FROM erasures WHERE tenant = ? AND request_id = ? AND erased_at_ns >= ?",
-                [example.tenant, example.request_id, example.rated_at_ns],
+                "SELECT 1 FROM erasures WHERE tenant = ? AND request_id = ?",
+                [example.tenant, example.request_id],
             )
             if erased:
                 return False
@@ -316,6 +317,7 @@ class FeedbackStore:
         report: dict[str, Any] = {"request_id": request_id, "examples_removed": 0,
                                   "datasets_changed": [], "trained_models": []}  # fmt: skip
         async with self.driver.transaction() as tx:
+            await tx.lock(_request_key(tenant, request_id))  # no rating lands half-way
             report["examples_removed"] = await tx.execute(
                 "DELETE FROM examples WHERE tenant = ? AND request_id = ?", [tenant, request_id]
             )
@@ -343,6 +345,10 @@ class FeedbackStore:
                 [tenant, request_id, now_ns, json.dumps(report)],
             )
         return report
+
+
+def _request_key(tenant: str, request_id: str) -> str:
+    return f"feedback-request/{len(tenant)}/{tenant}/{request_id}"
 
 
 def _numbered(rows: Sequence[Row]) -> list[tuple[str, int, str, str]]:

@@ -138,10 +138,7 @@ class FeedbackRoutes:
     async def _reviewer(self, request: Request, principal: Principal) -> bool:
         """Whether the caller may see the tenant's rated conversations (``dataset read``):
         it may rate any answer of its tenant and read every rating; others only their own."""
-        decision = await self.guard.decide(
-            request, principal, "dataset", "read", None, label="feedback"
-        )
-        return decision.allow
+        return await self.guard.permits(request, principal, "dataset", "read")
 
     async def _asker(self, tenant: str, request_id: str) -> str | None:
         """Who asked ``request_id`` in ``tenant`` (its audited request record's user), or

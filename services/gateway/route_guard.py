@@ -91,6 +91,21 @@ class RouteGuard:
                 wait,
             )
 
+    async def permits(
+        self, request: Request, principal: Principal, kind: ResourceKind, action: str
+    ) -> bool:
+        """Whether the policy allows ``action`` on ``kind`` of the caller's tenant, asked
+        to choose what a route shows (not audited: nothing is refused on it)."""
+        decision = await self.policy.aauthorize(
+            AccessRequest(
+                Subject(principal.subject, principal.tenant, principal.roles),
+                action,
+                Resource(kind, principal.tenant, None),
+                source_ip=request.client.host if request.client else None,
+            )
+        )
+        return decision.allow
+
     async def decide(
         self,
         request: Request,

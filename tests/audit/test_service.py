@@ -600,6 +600,27 @@ async def test_a_tree_size_that_no_checkpoint_has_or_that_precedes_the_record_is
         assert reply.json()["error"]["param"] == "tree_size"
 
 
+async def test_the_feedback_service_reads_one_requests_records_and_nothing_else(
+    audit: AuditProcess, trail: Trail
+) -> None:
+    token = (audit.data_dir / "run" / "service-tokens" / "feedback.token").read_text().strip()
+    headers = {"Authorization": f"Bearer {token}"}
+    request_id = trail.events[0].request_id
+    tenant = trail.events[0].tenant
+    async with httpx.AsyncClient(base_url=audit.url, timeout=10, headers=headers) as client:
+        one = await client.get(
+            "/v1/audit/records", params={"tenant": tenant, "request_id": request_id}
+        )
+        assert one.status_code == 200, one.text
+        assert {r["request_id"] for r in one.json()["records"]} == {request_id}
+        listing = await client.get("/v1/audit/records", params={"tenant": tenant})
+        assert listing.status_code == 403
+        everything = await client.get("/v1/audit/records")
+        assert everything.status_code == 403
+        checkpoints = await client.get("/v1/audit/checkpoints")
+        assert checkpoints.status_code == 403
+
+
 @pytest.mark.parametrize("suffix", ["", "/proof"])
 async def test_an_unknown_event_id_or_another_tenants_record_is_404(
     audit: AuditProcess, trail: Trail, suffix: str

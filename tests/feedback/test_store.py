@@ -128,15 +128,16 @@ async def test_retention_purges_old_feedback_of_the_tenant_only(store: FeedbackS
     assert await store.query(FeedbackQuery("globex")) == []
 
 
-async def test_an_erased_request_does_not_come_back_with_a_replayed_rating(
+async def test_an_erased_request_does_not_come_back_with_any_rating(
     store: FeedbackStore,
 ) -> None:
     await store.put(example("gone", rated_at_ns=100))
     await store.erase("acme", "gone", 500)
     assert not await store.put(example("gone", rated_at_ns=100))  # redelivered
     assert not await store.put(example("gone", rated_at_ns=400, subject="bob"))  # in flight
+    assert not await store.put(example("gone", rated_at_ns=600))  # nor a new rating
     assert await store.query(FeedbackQuery("acme", request_id="gone")) == []
-    assert await store.put(example("gone", rated_at_ns=600))  # rated again after the erasure
+    assert await store.put(example("gone", tenant="globex", rated_at_ns=600))  # theirs
 
 
 async def test_retention_empties_old_datasets_but_keeps_their_manifests(
@@ -151,3 +152,13 @@ async def test_retention_empties_old_datasets_but_keeps_their_manifests(
     assert manifest["sha256"]
     assert await store.lines("acme", "old-v1", "train") == []
     assert await store.purge_datasets(None, 2, now_ns=9, keep=["acme"]) == 0
+
+
+async def test_ratings_racing_an_erasure_never_outlive_it(store: FeedbackStore) -> None:
+    ratings = [example("race", subject=f"s{n}", rated_at_ns=n) for n in range(40)]
+    await asyncio.gather(
+        *(store.put(e) for e in ratings[:20]),
+        store.erase("acme", "race", 10_000),
+        *(store.put(e) for e in ratings[20:]),
+    )
+    assert await store.query(FeedbackQuery("acme", request_id="race")) == []

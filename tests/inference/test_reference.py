@@ -67,11 +67,12 @@ async def test_tokens_and_greedy_output_match_transformers(
 NEAR_TIE = 0.6
 """Logits apart in the reference within which int4 arithmetic may pick the other token.
 
-Teacher-forced on these prompts' reference answers (158 steps), int4 moves the gap between
+Teacher-forced on these prompts' reference answers (158 steps), int4 moved the gap between
 the reference's two best tokens by 0.09 logits at the median, 0.39 at p99 and 0.43 at most
-with the AVX-512 kernels, and by 0.11, 0.52 and 0.55 with the AVX2 ones (where torch's
-fp32 kernels, the reference's included, differ too); so a flip at a 0.5 gap is int4's
-ordinary error, not a defect."""
+on a machine with AVX-512 VNNI, and by 0.11, 0.52 and 0.55 on one with AVX2 only (the
+kernels' AVX2 build; why the two differ was not established). A flip at a 0.5 gap is int4's
+ordinary error there, not a defect. The plain C++ build measured 0.11, 0.63 and 0.69 on
+the AVX2 machine: it is less exact than the AVX2 build, which this bound does not cover."""
 
 AGREEMENT = 0.9
 """Share of teacher-forced steps at which int4's best token must be the reference's (0.96
@@ -148,11 +149,13 @@ async def test_teacher_forced_int4_picks_the_reference_token_except_at_near_ties
             cache = llama.new_cache(1, len(sequence))
             ours = [llama.forward(torch.tensor([[t]]), [0], cache)[0] for t in sequence[:-1]]
         for position in range(len(ids) - 1, len(sequence) - 1):
-            best, runner_up = torch.topk(expected[position], 2).indices.tolist()
+            best = int(expected[position].argmax())
+            picked = int(ours[position].argmax())
             steps += 1
-            if int(ours[position].argmax()) == best:
+            if picked == best:
                 agree += 1
                 continue
-            gap = float(expected[position][best] - expected[position][runner_up])
+            # the token int4 picked was nearly as likely as the best in the reference
+            gap = float(expected[position][best] - expected[position][picked])
             assert gap < NEAR_TIE, (question, position, gap)
     assert agree / steps >= AGREEMENT, (agree, steps)
