@@ -161,35 +161,10 @@ def _unreachable(target: str, error: Exception) -> int:
 
 
 async def read_alerts(settings: MeshSettings, bootstrap: str) -> dict[str, Any]:
-    """Every alert's latest event on ops.alerts, by alert id."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-    from google.protobuf.message import DecodeError
+    """Every alert's latest event on ops.alerts, by alert id (the ops service's own only)."""
+    from services.ops.history import latest_alerts
 
-    from shared.bus.security import client_options
-    from shared.events.v1 import events_pb2 as ev
-    from shared.topics import OPS_ALERTS
-
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, enable_auto_commit=False, **client_options(settings.kafka)
-    )
-    await consumer.start()
-    latest: dict[str, Any] = {}
-    try:
-        partitions = [TopicPartition(OPS_ALERTS.name, p) for p in range(OPS_ALERTS.partitions)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        while any([await consumer.position(tp) < ends[tp] for tp in partitions]):
-            for records in (await consumer.getmany(timeout_ms=500)).values():
-                for record in records:
-                    try:
-                        alert = ev.OpsAlert.FromString(record.value or b"")
-                    except DecodeError:
-                        continue
-                    latest[alert.alert_id] = alert
-    finally:
-        await consumer.stop()
-    return latest
+    return {key: found.alert for key, found in (await latest_alerts(settings, bootstrap)).items()}
 
 
 def alerts(

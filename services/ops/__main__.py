@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Awaitable
 
 from services.ops.alerts import DEFAULT_RULES, Evaluator, load_rules
+from services.ops.history import latest_alerts
 from services.ops.metrics import OpsMetrics
 from services.ops.notify import AlertmanagerNotifier
 from services.ops.readings import Readings
@@ -58,6 +59,10 @@ async def build(settings: OpsSettings, bus: Bus, health: HealthState) -> Awaitab
         readings=Readings(settings.ops.keep_s),
         notifier=notifier,
     )
+    # the alerts an earlier instance left firing stay firing (and resolve) here
+    firing = service.restore(await latest_alerts(settings))
+    if firing:
+        log.info("alerts left firing taken over", count=firing)
     OpsMetrics(windows, evaluator, scaling=service)
     # spans are a stream of facts: dedup by event id does not apply (they carry none); a
     # (re)started ops service reads the windows' span of the past again, so a restart,

@@ -165,6 +165,17 @@ class Evaluator:
             if state.firing_since is not None
         ]
 
+    def restore(
+        self, rule_name: str, labels: Labels, firing_since: float, value: float | None
+    ) -> bool:
+        """An alert an earlier instance left firing (its last event on ``ops.alerts``):
+        firing here since ``firing_since``, so it resolves once its condition clears and
+        does not fire twice. False for a rule no longer loaded."""
+        if rule_name not in {rule.name for rule in self.rules}:
+            return False
+        self._states[(rule_name, labels)] = _State(firing_since=firing_since, value=value)
+        return True
+
     def evaluate(self, now_s: float, slis_for: SlisFor) -> list[Transition]:
         transitions: list[Transition] = []
         for rule in self.rules:

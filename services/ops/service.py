@@ -24,6 +24,7 @@ read from it is trusted.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from google.protobuf.message import Message
 
 from services.ops import metrics as ops_metrics
 from services.ops.alerts import Evaluator, Measure, Rule, Transition
+from services.ops.history import AlertEvent
 from services.ops.notify import AlertmanagerNotifier
 from services.ops.readings import READINGS, Readings
 from services.ops.scaling import Decision, Demand, Scaler
@@ -119,6 +121,28 @@ class OpsService:
         if self.scaler is not None and decision.envelope.producer == "ops":
             at_s = decision.envelope.occurred_at.ToNanoseconds() / 1e9
             self.scaler.changed(decision.deployment, min(at_s, self.clock()))
+
+    def restore(self, history: Mapping[str, AlertEvent]) -> int:
+        """Take over the alerts an earlier instance left firing (see
+        :mod:`services.ops.history`); one whose rule is gone is resolved with the next
+        round's events. Returns how many were firing."""
+        firing = 0
+        for alert_id, event in sorted(history.items()):
+            if not event.firing:
+                continue
+            firing += 1
+            alert = event.alert
+            labels: Labels = tuple(sorted(alert.labels.items()))
+            value = None if math.isnan(alert.value) else alert.value
+            if self.evaluator.restore(alert.rule, labels, min(event.at_s, self.clock()), value):
+                continue
+            gone = ev.OpsAlert()
+            gone.CopyFrom(alert)
+            gone.ClearField("envelope")
+            gone.state = ev.ALERT_STATE_RESOLVED
+            gone.summary = f"{alert.summary} (its rule {alert.rule} is no longer loaded)"
+            self.outbox.append(_Outgoing(OPS_ALERTS, gone, alert_id))
+        return firing
 
     async def evaluate_now(self) -> tuple[list[Transition], list[Decision]]:
         """Run the rules and the scaler once; publish what fired, resolved or changed
