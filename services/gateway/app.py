@@ -489,6 +489,8 @@ class Gateway:
             input_tokens=usage.prompt_tokens if usage is not None else 0,
             error=None if error is None else (error.code or error.error_type)[:64],
             status=200 if error is None else error.status,
+            model_version=reply.model_version[:64] if reply is not None else "",
+            pool=reply.pool[:64] if reply is not None else "",
         )
 
     async def _release(self, admitted: Admitted, pending: Pending) -> None:

@@ -128,14 +128,21 @@ class GatewayMetrics:
         input_tokens: int,
         error: str | None,
         status: int = 200,
+        model_version: str = "",
+        pool: str = "",
     ) -> None:
-        """One answer, at its end (a whole body sent, or a stream's last event)."""
+        """One answer, at its end (a whole body sent, or a stream's last event). The model
+        version and pool (as the reply names them) go on the span only: the ops service's
+        SLIs are per version and pool, the histograms here are not (their series would
+        multiply with every version)."""
         common = {
             "gen_ai.operation.name": OPERATIONS.get(kind, kind),
             "gen_ai.request.model": self.model(model),
         }
+        placed = {"meshllm.model.version": model_version, "meshllm.pool": pool}
         self._span(parent, common, tenant=tenant, seconds=seconds, first_token_s=first_token_s,
-                   tokens=(input_tokens, output_tokens), error=error, status=status)  # fmt: skip
+                   tokens=(input_tokens, output_tokens), error=error, status=status,
+                   placed={k: v for k, v in placed.items() if v})  # fmt: skip
         timed: dict[str, str | int] = {**common, "http.response.status_code": status}
         if error:
             timed["error.type"] = error
@@ -160,10 +167,12 @@ class GatewayMetrics:
         tokens: tuple[int, int],
         error: str | None,
         status: int,
+        placed: dict[str, str] | None = None,
     ) -> None:
         end = time.time_ns()
         attributes: dict[str, str | int | float] = {
             **common,
+            **(placed or {}),
             "gen_ai.usage.input_tokens": tokens[0],
             "gen_ai.usage.output_tokens": tokens[1],
             "meshllm.tenant": tenant or "anonymous",

@@ -96,6 +96,22 @@ class OpsMetrics:
                         )
 
     @staticmethod
+    def _observe_versions(options: CallbackOptions) -> Iterator[Observation]:
+        latest = OpsMetrics._latest
+        if latest is None:
+            return
+        now = latest.clock()
+        groups = ("operation", "model", "model_version", "pool")
+        for window in WINDOWS_S:
+            for labels, sli in latest.windows.slis(now, window, groups).items():
+                for name in SHOWN:
+                    value = sli.value(name)
+                    if value is not None:
+                        yield Observation(
+                            value, {**dict(labels), "indicator": name, "window": f"{window:g}s"}
+                        )
+
+    @staticmethod
     def _observe_firing(options: CallbackOptions) -> Iterator[Observation]:
         latest = OpsMetrics._latest
         if latest is None:
@@ -108,6 +124,12 @@ _meter.create_observable_gauge(
     "meshllm.ops.sli",
     callbacks=[OpsMetrics._observe_slis],
     description="SLIs from the answers' spans, by indicator, window, operation and model",
+)
+_meter.create_observable_gauge(
+    "meshllm.ops.sli.by_version",
+    callbacks=[OpsMetrics._observe_versions],
+    description="The same SLIs by operation, model, model version and pool (the answering "
+    "replica's pool): what a release compares between two versions",
 )
 _meter.create_observable_gauge(
     "meshllm.ops.alerts.firing",

@@ -25,7 +25,7 @@ from ddsketch import DDSketch
 from services.ops.spans import Answer
 from shared.metrics import OTHER
 
-DIMENSIONS = ("operation", "model", "tenant")
+DIMENSIONS = ("operation", "model", "model_version", "pool", "tenant")
 RELATIVE_ACCURACY = 0.01
 MAX_SKEW_S = 60.0
 MAX_CELLS = 1000
@@ -128,7 +128,7 @@ class SliWindows:
         self.bucket_s = bucket_s
         self.keep_s = keep_s
         self.clock = clock
-        self._buckets: dict[int, dict[tuple[str, str, str], _Cell]] = {}
+        self._buckets: dict[int, dict[tuple[str, ...], _Cell]] = {}
         self.too_old = 0  # answers older than the windows reach
         self.from_future = 0  # answers more than MAX_SKEW_S ahead of the clock
         self.folded = 0  # answers counted in an "other" cell (a bucket was full)
@@ -142,9 +142,9 @@ class SliWindows:
             self.too_old += 1
             return
         bucket = self._buckets.setdefault(int(answer.at_s // self.bucket_s), {})
-        key = (answer.operation, answer.model, answer.tenant)
+        key = (answer.operation, answer.model, answer.model_version, answer.pool, answer.tenant)
         if key not in bucket and len(bucket) >= MAX_CELLS:
-            key = (answer.operation, OTHER, OTHER)
+            key = (answer.operation, OTHER, OTHER, OTHER, OTHER)
             self.folded += 1
         bucket.setdefault(key, _Cell()).add(answer)
         self._forget(now)

@@ -49,6 +49,8 @@ class Answer:
     output_tokens: int
     error: str | None
     status: int = 200
+    model_version: str = "unknown"
+    pool: str = "unknown"
 
     @property
     def failed(self) -> bool:
@@ -100,6 +102,8 @@ def _answer(end_ns: int, seconds: float, operation: str, attributes: dict[str, o
         input_tokens=_count(attributes.get("gen_ai.usage.input_tokens")),
         output_tokens=_count(attributes.get("gen_ai.usage.output_tokens")),
         error=_text(attributes.get("error.type"), "") or None,
+        model_version=_text(attributes.get("meshllm.model.version"), "unknown"),
+        pool=_text(attributes.get("meshllm.pool"), "unknown"),
         status=status if 100 <= status <= 599 else 200,
     )
 

@@ -196,6 +196,8 @@ class Router:
         except RequestFailed as failure:
             final = ev.FinalReply(request_id=request.request_id, model=request.model)
             final.error.CopyFrom(failure.info)
+        if pool is not None:
+            final.pool = pool.name
         RouterMetrics.finished(pool.name if pool else None, priority, final.error.code or None)
         log.info(
             "request done",

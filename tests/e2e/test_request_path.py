@@ -394,6 +394,13 @@ async def test_the_ops_service_computes_slis_from_the_answers_spans(mesh: Mesh) 
         await asyncio.sleep(0.5)
     assert total(ops, "meshllm_ops_answers_total") >= 1
     assert total(ops, "meshllm_ops_sli", indicator="ttft_p99_s", **chat) > 0
+    # the same, by the model version and the pool that answered (the reply names both)
+    versions = {
+        (labels["model_version"], labels["pool"])
+        for labels, _ in ops.get("meshllm_ops_sli_by_version", [])
+        if labels.get("model") == "smollm2-135m-instruct"
+    }
+    assert any(version != "unknown" and pool == "cpu" for version, pool in versions), versions
     # the inference service's model.status told it the chat replicas; the broker, the queue
     deadline = time.monotonic() + 30
     while total(ops, "meshllm_ops_replicas", deployment="ChatDeployment") != 1:

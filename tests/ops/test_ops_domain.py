@@ -71,6 +71,26 @@ def test_the_gateways_answer_spans_are_read_back_as_answers() -> None:
     assert failed.error == "inference_unavailable"
 
 
+def test_the_model_version_and_pool_of_an_answer_group_the_slis() -> None:
+    metrics, exporter = gateway_spans()
+    answered(metrics, model_version="1", pool="cpu", seconds=0.2)
+    answered(metrics, model_version="2", pool="gpu", seconds=0.8)
+    answered(metrics, model_version="2", pool="gpu", seconds=0.6)
+    answered(metrics)  # a reply that named neither
+    found = list(answers(encode_spans(exporter.get_finished_spans()).SerializeToString()))
+    assert [(a.model_version, a.pool) for a in found] == [
+        ("1", "cpu"), ("2", "gpu"), ("2", "gpu"), ("unknown", "unknown"),
+    ]  # fmt: skip
+    windows = SliWindows(bucket_s=10, keep_s=900, clock=lambda: found[0].at_s)
+    windows.add_all(found)
+    by_version = windows.slis(found[0].at_s, 60, by=["model_version", "pool"])
+    assert by_version[(("model_version", "2"), ("pool", "gpu"))].requests == 2
+    assert by_version[(("model_version", "1"), ("pool", "cpu"))].requests == 1
+    only_two = windows.slis(found[0].at_s, 60, where={"model_version": ["2"]})[()]
+    assert only_two.requests == 2
+    assert only_two.p50_s == pytest.approx(0.6, rel=0.02)  # of 0.6 and 0.8, not of 0.2
+
+
 def test_a_client_that_went_away_is_not_an_error_of_the_mesh() -> None:
     assert not answer(0, 1, error="client_closed_request", status=499).failed
     assert not answer(0, 1, error="model_not_found", status=404).failed
@@ -174,7 +194,7 @@ def test_windows_group_by_any_labels_and_forget_old_buckets() -> None:
     assert windows.too_old == 1
     assert windows.slis(now_s=400, window_s=900)[()].requests == 1
     with pytest.raises(ValueError, match="unknown label"):
-        windows.slis(now_s=0, window_s=60, by=["pool"])
+        windows.slis(now_s=0, window_s=60, by=["region"])
 
 
 def test_a_steady_rate_reads_right_between_bucket_boundaries() -> None:
@@ -276,7 +296,7 @@ def test_the_bundled_rules_hold_the_slo_thresholds() -> None:
         ("rules: [{name: A, indicator: p99_s, threshold: 1, clear: 2, for_s: 1, "
          "clear_for_s: 1, window_s: 1, summary: s}]", r"clear \(2.0\) must be at or below"),
         ("rules: [{name: A, indicator: p99_s, threshold: 1, clear: 1, for_s: 1, "
-         "clear_for_s: 1, window_s: 1, summary: s, by: [pool]}]", "unknown label"),
+         "clear_for_s: 1, window_s: 1, summary: s, by: [region]}]", "unknown label"),
         ("rules: [{name: A, indicator: p99_s, threshold: 1, clear: 1, for_s: 1, "
          "clear_for_s: 1, window_s: 1, summary: s, colour: red}]", "rules.0.colour"),
         ("rules: [{name: A, indicator: p99_s, threshold: 1, clear: 1, for_s: 1, "

@@ -329,7 +329,7 @@ def test_where_keeps_only_the_answers_with_the_listed_labels() -> None:
     assert windows.slis(1000, 60, where={"operation": ()}) == {}
     assert windows.slis(1000, 60, where=None)[()].requests == 11
     with pytest.raises(ValueError, match="unknown label"):
-        windows.slis(1000, 60, where={"pool": ["gpu"]})
+        windows.slis(1000, 60, where={"region": ["eu"]})
 
 
 # ------------------------------------------------------------------ settings

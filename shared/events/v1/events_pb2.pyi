@@ -249,7 +249,7 @@ class ErrorInfo(_message.Message):
     def __init__(self, type: _Optional[str] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., param: _Optional[str] = ...) -> None: ...
 
 class FinalReply(_message.Message):
-    __slots__ = ("envelope", "request_id", "model", "model_version", "choices", "embeddings", "usage", "citations", "error")
+    __slots__ = ("envelope", "request_id", "model", "model_version", "choices", "embeddings", "usage", "citations", "error", "pool")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +259,7 @@ class FinalReply(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     CITATIONS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     request_id: str
     model: str
@@ -268,7 +269,8 @@ class FinalReply(_message.Message):
     usage: Usage
     citations: _containers.RepeatedCompositeFieldContainer[Citation]
     error: ErrorInfo
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., error: _Optional[_Union[ErrorInfo, _Mapping]] = ...) -> None: ...
+    pool: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., error: _Optional[_Union[ErrorInfo, _Mapping]] = ..., pool: _Optional[str] = ...) -> None: ...
 
 class RequestRecord(_message.Message):
     __slots__ = ("kind", "messages", "inputs", "sampling", "priority", "source_address")
