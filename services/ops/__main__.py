@@ -11,7 +11,7 @@ from services.ops.metrics import OpsMetrics
 from services.ops.notify import AlertmanagerNotifier
 from services.ops.readings import Readings
 from services.ops.scaling import Scaler
-from services.ops.service import OpsService, Probe
+from services.ops.service import CONSUMERS, OpsService, Probe
 from services.ops.settings import OpsSettings
 from services.ops.sli import SliWindows
 from shared.bus import Bus
@@ -93,6 +93,7 @@ def _probe(lag: GroupLag, group: str) -> Probe:
             "backlog": lag.behind(group, (REQUESTS_HIGH, REQUESTS_NORMAL, REQUESTS_LOW)),
             "audit_backlog": lag.behind("audit", (AUDIT_EVENTS,)),
             "dead_letters_total": lag.records(dead_letter_topics, DLQ_PARTITIONS),
+            CONSUMERS: lag.members(group),
         }
         for name, ask in asks.items():
             try:

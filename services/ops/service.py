@@ -47,6 +47,8 @@ from shared.logging import get_logger
 from shared.topics import AUDIT_EVENTS, OPS_ALERTS, OPS_SCALING, Topic
 
 log = get_logger(__name__)
+CONSUMERS = "backlog_consumers"
+"""The probe's sample of the router group's members (a backlog nobody reads is no demand)."""
 MAX_REPLICAS_READ = 10_000  # a status claiming more is not believed
 Probe = Callable[[], Awaitable[Mapping[str, float | None]]]
 """Samples of the mesh's queues: backlog, audit_backlog, dead_letters_total."""
@@ -89,6 +91,7 @@ class OpsService:
         self.ceilings: dict[str, int] = {}  # deployment -> the most its owner would run
         self.running: dict[str, int] = {}  # deployment -> replicas running, as reported
         self.waiting: int | None = None  # the router's backlog at the last round
+        self.unconsumed = False  # the router's group had no members at the last round
         self.outbox: list[_Outgoing] = []  # decided, not yet taken by the broker
 
     async def on_spans(self, payload: bytes, ctx: EventContext) -> None:
@@ -192,6 +195,15 @@ class OpsService:
         self.readings.sample(now, dict(values))
         backlog = self.readings.latest["backlog"]
         self.waiting = None if backlog is None else int(backlog)
+        if self.waiting is not None and values.get(CONSUMERS) == 0:
+            # no router reads the queue: more replicas would answer none of it (the backlog
+            # alert still sees it); an unknown member count leaves the backlog as it is
+            if not self.unconsumed:
+                log.warning("the router's group has no members: its backlog is not demand")
+            self.unconsumed = True
+            self.waiting = None
+        elif values.get(CONSUMERS):
+            self.unconsumed = False
 
     async def _scale(self, now: float) -> list[Decision]:
         if self.scaler is None:

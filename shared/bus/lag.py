@@ -59,6 +59,15 @@ class GroupLag:
             rows.append((tp, ends[tp], offset))
         return sum(lag_of(rows).values())
 
+    async def members(self, group: str) -> int:
+        """Consumers in ``group`` now (0 when it is empty, dead or unknown to the broker)."""
+        count = 0
+        for response in await self._admin.describe_consumer_groups([group]):
+            for described in response.to_object().get("groups", []):
+                if described.get("group") == group and described.get("error_code", 0) == 0:
+                    count += len(described.get("members", []))
+        return count
+
     async def records(self, topics: Iterable[str], partitions: int) -> int:
         """Records ever written to ``topics`` (``partitions`` each): their end offsets, which
         only grow (retention dropping old ones does not hide new ones)."""

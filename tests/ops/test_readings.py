@@ -502,6 +502,19 @@ async def test_behind_counts_what_a_group_has_not_committed(broker: str, lag: Gr
     assert await lag.behind(f"{group}-other", (REQUESTS_NORMAL,)) == 7
 
 
+@pytest.mark.kafka
+async def test_members_counts_the_consumers_of_a_group_now(broker: str, lag: GroupLag) -> None:
+    group = f"tests-{uuid.uuid4().hex[:8]}"
+    assert await lag.members(group) == 0  # never joined
+    consumer = AIOKafkaConsumer(REQUESTS_NORMAL.name, bootstrap_servers=broker, group_id=group)
+    await consumer.start()
+    try:
+        assert await eventually(lambda: lag.members(group), 1) == 1
+    finally:
+        await consumer.stop()
+    assert await eventually(lambda: lag.members(group), 0) == 0  # it left
+
+
 def test_dead_letters_are_unknown_when_the_last_round_did_not_take_them() -> None:
     readings = Readings()
     readings.sample(1000.0, {"dead_letters_total": 0.0})

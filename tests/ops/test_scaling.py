@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from services.ops.alerts import Evaluator, Rule
 from services.ops.scaling import Decision, Demand, Scaler, ScalingPolicy
-from services.ops.service import MAX_REPLICAS_READ, OpsService, Probe
+from services.ops.service import CONSUMERS, MAX_REPLICAS_READ, OpsService, Probe
 from services.ops.settings import OpsSettings
 from services.ops.sli import INDICATORS, SliWindows
 from shared.bus.consumer import EventContext, PoisonEvent
@@ -577,6 +577,27 @@ async def test_only_the_ops_loops_past_decisions_keep_a_cooldown(
     _, decisions = await ops.evaluate_now()
     assert [(d.current, d.target) for d in decisions] == [(1, 2)]
     assert len(publisher.on(OPS_SCALING)) == 1
+
+
+async def test_a_backlog_no_router_reads_is_not_demand_for_replicas() -> None:
+    members = [0]
+
+    async def probe() -> dict[str, float | None]:
+        return {"backlog": 100.0, CONSUMERS: float(members[0])}
+
+    now = [1000.0]
+    ops, _, _ = make_service(now, policy(out_for_s=0, out_cooldown_s=0))
+    ops.probe = probe
+    await ops.on_status(status(CHAT, 1), context(MODEL_STATUS))
+    _, decisions = await ops.evaluate_now()
+    assert ops.readings.latest["backlog"] == 100  # the backlog alert still reads it
+    assert ops.waiting is None
+    assert decisions == []
+    members[0] = 1  # a router is back: the queue is demand again
+    now[0] = 1001.0
+    _, decisions = await ops.evaluate_now()
+    assert ops.waiting == 100
+    assert [(d.target, d.reason) for d in decisions] == [(2, "queue")]
 
 
 async def test_an_unknown_backlog_leaves_the_p99_to_decide() -> None:
