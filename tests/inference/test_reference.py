@@ -64,7 +64,7 @@ async def test_tokens_and_greedy_output_match_transformers(
     assert len(produced) == len(expected)
 
 
-NEAR_TIE = 0.6
+NEAR_TIE = 0.7
 """Logits apart in the reference within which int4 arithmetic may pick the other token.
 
 Teacher-forced on these prompts' reference answers (158 steps), int4 moved the gap between
@@ -74,8 +74,8 @@ by 0.11, 0.63 and 0.69 with the plain C++ one (both on an AVX2-only machine). Th
 products agree to float rounding (1e-6 relative), but each row of activations is rounded to
 int8 codes: a 1e-7 difference flips a code at a rounding boundary, and a layer with a
 large activation carries it on, so each build's int4 output is its own sample of the
-quantization error. A flip at a 0.5 gap is that error, not a defect; 0.6 covers the builds
-measured except the plain C++ one's largest."""
+quantization error. A flip at a 0.5 gap is that error, not a defect; 0.7 (the best token
+about twice as likely as the one picked) covers every build measured."""
 
 AGREEMENT = 0.9
 """Share of teacher-forced steps at which int4's best token must be the reference's (0.96
