@@ -96,15 +96,24 @@ class RouteGuard:
     ) -> bool:
         """Whether the policy allows ``action`` on ``kind`` of the caller's tenant, asked
         to choose what a route shows (not audited: nothing is refused on it)."""
-        decision = await self.policy.aauthorize(
+        return (await self._ask(request, principal, kind, action, None)).allow
+
+    async def _ask(
+        self,
+        request: Request,
+        principal: Principal,
+        kind: ResourceKind,
+        action: str,
+        name: str | None,
+    ) -> Decision:
+        return await self.policy.aauthorize(
             AccessRequest(
                 Subject(principal.subject, principal.tenant, principal.roles),
                 action,
-                Resource(kind, principal.tenant, None),
+                Resource(kind, principal.tenant, name),
                 source_ip=request.client.host if request.client else None,
             )
         )
-        return decision.allow
 
     async def decide(
         self,
@@ -118,14 +127,7 @@ class RouteGuard:
     ) -> Decision:
         """The policy's decision on ``action`` over ``kind``/``name`` of the caller's tenant,
         audited as action ``<label>.<action>`` on ``<kind>:<name or *>``."""
-        decision = await self.policy.aauthorize(
-            AccessRequest(
-                Subject(principal.subject, principal.tenant, principal.roles),
-                action,
-                Resource(kind, principal.tenant, name),
-                source_ip=request.client.host if request.client else None,
-            )
-        )
+        decision = await self._ask(request, principal, kind, action, name)
         request_id = uuid.uuid4().hex
         event = ev.AuditEvent(request_id=request_id, api_key_id=principal.key_id or "")
         event.user = principal.subject

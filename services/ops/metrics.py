@@ -81,27 +81,12 @@ class OpsMetrics:
             yield Observation(latest.scaling.waiting)
 
     @staticmethod
-    def _observe_slis(options: CallbackOptions) -> Iterator[Observation]:
+    def _observations(groups: tuple[str, ...]) -> Iterator[Observation]:
+        """The SLIs of every window, by ``groups``."""
         latest = OpsMetrics._latest
         if latest is None:
             return
         now = latest.clock()
-        for window in WINDOWS_S:
-            for labels, sli in latest.windows.slis(now, window, ("operation", "model")).items():
-                for name in SHOWN:
-                    value = sli.value(name)
-                    if value is not None:
-                        yield Observation(
-                            value, {**dict(labels), "indicator": name, "window": f"{window:g}s"}
-                        )
-
-    @staticmethod
-    def _observe_versions(options: CallbackOptions) -> Iterator[Observation]:
-        latest = OpsMetrics._latest
-        if latest is None:
-            return
-        now = latest.clock()
-        groups = ("operation", "model", "model_version", "pool")
         for window in WINDOWS_S:
             for labels, sli in latest.windows.slis(now, window, groups).items():
                 for name in SHOWN:
@@ -110,6 +95,14 @@ class OpsMetrics:
                         yield Observation(
                             value, {**dict(labels), "indicator": name, "window": f"{window:g}s"}
                         )
+
+    @staticmethod
+    def _observe_slis(options: CallbackOptions) -> Iterator[Observation]:
+        yield from OpsMetrics._observations(("operation", "model"))
+
+    @staticmethod
+    def _observe_versions(options: CallbackOptions) -> Iterator[Observation]:
+        yield from OpsMetrics._observations(("operation", "model", "model_version", "pool"))
 
     @staticmethod
     def _observe_firing(options: CallbackOptions) -> Iterator[Observation]:
