@@ -121,6 +121,10 @@ class FeedbackService:
             except JoinError as error:
                 kinds = {r.get("kind") for r in records}
                 if "request" in kinds and "response" not in kinds:
+                    if _unanswered(records, self.settings.answer_within_s):
+                        metrics.taken("rejected")  # it will never have an answer to join
+                        message = f"{error}; the request is too old to be answered"
+                        raise PoisonEvent(message) from error
                     if time.monotonic() >= deadline:
                         raise  # the bus retries later
                 elif not records:
@@ -230,6 +234,20 @@ class FeedbackService:
             except Exception:
                 log.exception("quality counts unavailable")
             await asyncio.sleep(self.settings.quality_interval_s)
+
+
+def _unanswered(records: Sequence[Mapping[str, Any]], within_s: float) -> bool:
+    """Whether the request record is older than any answer to it can be (its response
+    record, when there is one, is written when it is answered)."""
+    asked = next((r for r in records if r.get("kind") == "request"), None)
+    moment = asked.get("occurred_at") if asked is not None else None
+    if not isinstance(moment, str):
+        return False
+    try:
+        at = datetime.fromisoformat(moment)
+    except ValueError:
+        return False
+    return (datetime.now(UTC) - at).total_seconds() > within_s
 
 
 def _redact(redactor: Redactor, text: str) -> tuple[str, int]:

@@ -46,6 +46,14 @@ class FeedbackSettings(MeshSettings):
         description="How long a rating waits for its answer's audit records (the audit "
         "service may store them a moment after the answer); then the event is retried.",
     )
+    answer_within_s: float = Field(
+        900.0,
+        gt=0,
+        le=86_400,
+        description="A request audited longer ago than this without a response record never "
+        "got an answer: its rating goes to the dead-letter topic at once instead of waiting "
+        "(the gateway's deadline is far shorter).",
+    )
     retention_days: dict[str, int] = Field(
         default_factory=dict, description="Days each tenant's feedback is kept."
     )

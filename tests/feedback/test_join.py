@@ -1,0 +1,71 @@
+"""How a rating waits for its answer's audit records (the audit API is a test double here;
+the real one is in tests/feedback/test_service_kill.py and tests/e2e/test_feedback.py)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.feedback.drivers import SqliteDriver
+from services.feedback.examples import JoinError
+from services.feedback.service import FeedbackService
+from services.feedback.settings import FeedbackSettings
+from services.feedback.store import FeedbackStore
+from shared.bus.consumer import EventContext, PoisonEvent
+from shared.envelope import stamp
+from shared.events.v1 import events_pb2 as ev
+
+
+class Records:
+    """The audit API's answer for every request: a request record of ``age``, no response."""
+
+    def __init__(self, age: timedelta) -> None:
+        self.age = age
+        self.asked = 0
+
+    async def records(self, tenant: str, request_id: str) -> list[dict[str, Any]]:
+        self.asked += 1
+        at = (datetime.now(UTC) - self.age).isoformat().replace("+00:00", "Z")
+        return [{"kind": "request", "occurred_at": at, "event": {"request": {}}}]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[FeedbackStore]:
+    opened = await FeedbackStore(SqliteDriver(tmp_path / "f.sqlite")).open()
+    yield opened
+    await opened.close()
+
+
+def rating() -> tuple[ev.FeedbackEvent, EventContext]:
+    event = ev.FeedbackEvent(request_id="r1", user="alice", rating=1)
+    envelope = stamp(event, producer="gateway", tenant="acme")
+    context = EventContext("feedback.events", 0, 0, b"r1", [], envelope, 1)
+    return event, context
+
+
+async def test_a_request_too_old_to_be_answered_is_dead_lettered_at_once(
+    store: FeedbackStore,
+) -> None:
+    audit = Records(timedelta(hours=1))
+    service = FeedbackService(store, FeedbackSettings(join_wait_s=30), None, audit)  # type: ignore[arg-type]
+    started = time.monotonic()
+    with pytest.raises(PoisonEvent, match="too old to be answered"):
+        await service.on_event(*rating())
+    assert time.monotonic() - started < 5  # not the 30 s wait
+    assert audit.asked == 1
+
+
+async def test_a_recent_request_waits_for_its_answer_then_is_retried(
+    store: FeedbackStore,
+) -> None:
+    audit = Records(timedelta(seconds=1))
+    service = FeedbackService(store, FeedbackSettings(join_wait_s=0.5), None, audit)  # type: ignore[arg-type]
+    with pytest.raises(JoinError, match="no response record"):
+        await service.on_event(*rating())
+    assert audit.asked > 1  # it looked again while it waited
+    assert await store.count() == 0
