@@ -104,6 +104,20 @@ def parse_rating(body: dict[str, Any]) -> Rating:
     )
 
 
+def iso_ns(text: object) -> int | None:
+    """ISO 8601 text with a zone, 1970-2261, as nanoseconds since the epoch; None for
+    anything else (no zone, out of range, not a time)."""
+    if not isinstance(text, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None or not 1970 <= moment.year < 2262:
+        return None
+    return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1_000
+
+
 def moment_ns(value: Any, field: str) -> int | None:
     """ISO 8601 with a zone, or Unix seconds, as nanoseconds since the epoch."""
     if value is None:
@@ -112,13 +126,9 @@ def moment_ns(value: Any, field: str) -> int | None:
         if not math.isfinite(value) or not 0 <= value < 2**33:
             raise invalid_field(field, "must be Unix seconds after 1970 and before 2242")
         return int(value * 1_000_000_000)
-    if isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value)
-        except ValueError:
-            moment = None
-        if moment is not None and moment.tzinfo is not None and 1970 <= moment.year < 2262:
-            return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1_000
+    found = iso_ns(value)
+    if found is not None:
+        return found
     raise invalid_field(field, "must be ISO 8601 with a time zone (1970-2261) or Unix seconds")
 
 

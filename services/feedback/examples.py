@@ -20,10 +20,10 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import Any
 
 from shared.events.v1 import events_pb2 as ev
+from shared.feedback_requests import iso_ns
 
 KINDS = {"REQUEST_KIND_CHAT": "chat", "REQUEST_KIND_COMPLETION": "completion"}
 """The audited request kinds an answer can be rated for (embeddings have no answer)."""
@@ -189,10 +189,7 @@ def join(
 
 def _ns(moment: Any) -> int:
     """An audit record's ISO 8601 time as nanoseconds since the epoch (0 if absent)."""
-    if not isinstance(moment, str) or not moment:
-        return 0
-    parsed = datetime.fromisoformat(moment)
-    return int(parsed.timestamp()) * 1_000_000_000 + parsed.microsecond * 1_000
+    return iso_ns(moment) or 0
 
 
 def _one(records: Sequence[Mapping[str, Any]], kind: str) -> Mapping[str, Any] | None:

@@ -38,6 +38,7 @@ from services.feedback.store import DatasetExists, FeedbackStore
 from shared.bus import Publisher
 from shared.bus.consumer import EventContext, PoisonEvent
 from shared.events.v1 import events_pb2 as ev
+from shared.feedback_requests import iso_ns
 from shared.logging import get_logger
 from shared.pii import PiiMode, PiiPolicy, PiiType, Purpose, Redactor, detect
 from shared.pii.types import STRUCTURED_TYPES
@@ -240,14 +241,8 @@ def _unanswered(records: Sequence[Mapping[str, Any]], within_s: float) -> bool:
     """Whether the request record is older than any answer to it can be (its response
     record, when there is one, is written when it is answered)."""
     asked = next((r for r in records if r.get("kind") == "request"), None)
-    moment = asked.get("occurred_at") if asked is not None else None
-    if not isinstance(moment, str):
-        return False
-    try:
-        at = datetime.fromisoformat(moment)
-    except ValueError:
-        return False
-    return (datetime.now(UTC) - at).total_seconds() > within_s
+    at_ns = iso_ns(asked.get("occurred_at")) if asked is not None else None
+    return at_ns is not None and (time.time_ns() - at_ns) / 1e9 > within_s
 
 
 def _redact(redactor: Redactor, text: str) -> tuple[str, int]:

@@ -173,6 +173,20 @@ async def test_a_caller_rates_and_reads_its_own_answers_unless_it_reviews_the_te
     assert bad.json()["error"]["param"] == "limit"
 
 
+async def test_no_credentials_and_an_oversized_upload_are_refused(mesh: Mesh) -> None:
+    async with httpx.AsyncClient(timeout=60) as client:
+        for method, path in (("POST", "/feedback"), ("GET", "/feedback"),
+                             ("POST", "/datasets"), ("GET", "/datasets")):  # fmt: skip
+            bare = await client.request(method, mesh.base_url + path, json={})
+            assert bare.status_code == 401, (method, path)
+    big = b"x" * (64 * 2**20 + 1)  # one byte over the default limit
+    reply = await call(mesh, "POST", "/datasets/upload", "developer",
+                       params={"name": "huge"}, content=big)  # fmt: skip
+    assert reply.status_code == 413
+    listed = await call(mesh, "GET", "/datasets", "developer")
+    assert not [d for d in listed.json()["data"] if d["name"] == "huge"]
+
+
 async def test_roles_without_the_right_are_refused(mesh: Mesh) -> None:
     request_id = answered(mesh, "analyst")
     denied = await call(mesh, "POST", "/feedback", "auditor",
