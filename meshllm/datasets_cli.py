@@ -76,10 +76,14 @@ def build(
     model: Annotated[str | None, typer.Option(help="Only answers of this model.")] = None,
     label: Annotated[list[str] | None, typer.Option(help="Only answers with a label.")] = None,
     eval_fraction: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.1,
+    sources: Annotated[
+        bool, typer.Option(help="Keep the knowledge-base sources the model was given.")
+    ] = True,
     url: Url = None,
 ) -> None:
     """Build the next version of a dataset from your tenant's rated answers."""
-    body: dict[str, Any] = {"name": name, "min_rating": min_rating, "eval_fraction": eval_fraction}
+    body: dict[str, Any] = {"name": name, "min_rating": min_rating,
+                            "eval_fraction": eval_fraction, "sources": sources}  # fmt: skip
     for field, value in (("since", since), ("until", until), ("model", model)):
         if value is not None:
             body[field] = value

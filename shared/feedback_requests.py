@@ -5,7 +5,9 @@ naming the field, before anything is charged) and again at the feedback service.
   ``"down"`` or a score 1-5), optional ``correction``, ``labels``, ``comment``.
 - A dataset build: ``name``, optional ``since``/``until`` (ISO 8601 with a zone, or Unix
   seconds), ``min_rating`` (1-5, default 4), ``model``, ``model_version``, ``labels``,
-  ``corrections`` (default true), ``eval_fraction`` (0-0.5, default 0.1), ``max_chars``.
+  ``corrections`` (default true), ``sources`` (default true: a row of an answer from the
+  knowledge base keeps the sources the model was given), ``eval_fraction`` (0-0.5, default
+  0.1), ``max_chars``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ MAX_MODEL_CHARS = 256
 RATING_FIELDS = frozenset({"request_id", "rating", "correction", "labels", "comment"})
 DATASET_FIELDS = frozenset(
     {"name", "since", "until", "min_rating", "model", "model_version", "labels", "corrections",
-     "eval_fraction", "max_chars"}
+     "sources", "eval_fraction", "max_chars"}
 )  # fmt: skip
 
 
@@ -153,10 +155,11 @@ def parse_dataset_request(body: dict[str, Any]) -> dict[str, Any]:
         ):
             raise invalid_field(field, f"must be text of 1-{MAX_MODEL_CHARS} characters")
         spec[field] = value
-    corrections = body.get("corrections", True)
-    if not isinstance(corrections, bool):
-        raise invalid_field("corrections", "must be true or false")
-    spec["corrections"] = corrections
+    for flag in ("corrections", "sources"):
+        value = body.get(flag, True)
+        if not isinstance(value, bool):
+            raise invalid_field(flag, "must be true or false")
+        spec[flag] = value
     fraction = body.get("eval_fraction", 0.1)
     if (
         isinstance(fraction, bool)

@@ -90,7 +90,7 @@ def spec_of(tenant: str, body: Mapping[str, Any], max_rows: int) -> DatasetSpec:
         since_ns=checked["since_ns"], until_ns=checked["until_ns"],
         min_rating=checked["min_rating"], model=checked["model"],
         model_version=checked["model_version"], labels=tuple(checked["labels"]),
-        corrections=checked["corrections"],
+        corrections=checked["corrections"], sources=checked["sources"],
     )  # fmt: skip
     return DatasetSpec(
         tenant=tenant, name=checked["name"], filters=filters,

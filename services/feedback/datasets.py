@@ -14,6 +14,8 @@ left out (counted as ``below_rating``).
 
 Every row goes, in order, through:
 
+0. the prompt: the caller's messages, or for an answer from the knowledge base the prompt
+   the model was given, sources included (unless the filters say ``sources=False``);
 1. the tenant's PII policy for the ``training`` purpose (every message's content);
 2. the length check (``max_chars`` of content per row) and the empty check;
 3. deduplication (the same messages, whitespace and case folded, count once; the most
@@ -60,6 +62,10 @@ class DatasetFilters:
     model_version: str | None = None
     labels: tuple[str, ...] = ()  # any of them; empty: no label filter
     corrections: bool = True  # rows from corrections, whatever the rating
+    # a sourced answer's row holds the prompt the model was given (the knowledge base's
+    # sources in the user turn), so it teaches answering from sources; False: the
+    # caller's messages only
+    sources: bool = True
 
     def admits(self, example: Example) -> bool:
         """Whether ``example`` is a candidate (before the rating/correction rule)."""
@@ -94,6 +100,7 @@ class Counts:
     pii_residue: int = 0
     pii_redacted: int = 0  # values the training policy replaced
     over_max_rows: int = 0
+    with_sources: int = 0  # rows whose prompt holds the knowledge base's sources
 
 
 @dataclass(frozen=True)
@@ -146,7 +153,8 @@ def build(
         if assistant is None:
             counts.below_rating += 1
             continue
-        turns = [(m.role, m.content) for m in example.messages] + [("assistant", assistant)]
+        asked = example.prompt if example.prompt and spec.filters.sources else example.messages
+        turns = [(m.role, m.content) for m in asked] + [("assistant", assistant)]
         cleaned = []
         for role, content in turns:
             text, found = redact(content) if content else (content, 0)
@@ -177,6 +185,7 @@ def build(
         if len(chosen) >= spec.max_rows:
             counts.over_max_rows += 1
             continue
+        counts.with_sources += asked is example.prompt
         line = json.dumps({"messages": cleaned}, ensure_ascii=False, separators=(",", ":"))
         chosen.append(
             Row(example.request_id, split_of(example.request_id, spec.eval_fraction), line)

@@ -33,6 +33,11 @@ class JoinError(ValueError):
     """The audit records cannot make an example (the message says why)."""
 
 
+class NotYet(JoinError):
+    """A record the example needs is not in the audit log yet (it is written a moment
+    after the answer): worth asking again."""
+
+
 @dataclass(frozen=True)
 class Message:
     role: str
@@ -63,6 +68,9 @@ class Example:
     answered_at_ns: int
     event_id: str  # the FeedbackEvent's
     redactions: int = 0  # PII values the feedback policy replaced
+    # the messages the model was given when the router changed the caller's (the knowledge
+    # base's sources in the last user turn, as the router's routing record holds them)
+    prompt: tuple[Message, ...] = ()
 
     @property
     def feedback_id(self) -> str:
@@ -90,6 +98,7 @@ class Example:
         return replace(
             self,
             messages=tuple(Message(m.role, clean(m.content)) for m in self.messages),
+            prompt=tuple(Message(m.role, clean(m.content)) for m in self.prompt),
             answer=clean(self.answer),
             correction=clean(self.correction),
             comment=clean(self.comment),
@@ -113,6 +122,7 @@ class Example:
             "model_version": self.model_version,
             "kind": self.kind,
             "messages": [{"role": m.role, "content": m.content} for m in self.messages],
+            "prompt": [{"role": m.role, "content": m.content} for m in self.prompt] or None,
             "answer": self.answer,
             "finish_reason": self.finish_reason,
             "retrieved_chunk_ids": list(self.retrieved_chunk_ids),
@@ -140,14 +150,21 @@ def join(
     """The example of ``event``, from the audit records of its request (the audit API's
     JSON: ``kind``, ``model``, ``model_version``, ``occurred_at`` and the decoded ``event``).
 
+    An answer from knowledge-base sources also needs the router's routing record: it holds
+    the prompt the model was given, sources included, which becomes :attr:`Example.prompt`.
+
     Raises:
-        JoinError: no request or no response record, content purged, or not an answer.
+        NotYet: no records, a request without its response, or a sourced answer without
+            its routing record.
+        JoinError: a response without its request, content purged, or not an answer.
     """
     request = _one(records, "request")
     response = _one(records, "response")
+    if request is None and response is not None:
+        raise JoinError(f"the audit log has a response of {event.request_id} but no request")
     if request is None or response is None:
         missing = "request" if request is None else "response"
-        raise JoinError(f"the audit log has no {missing} record of {event.request_id} yet")
+        raise NotYet(f"the audit log has no {missing} record of {event.request_id} yet")
     if request.get("event") is None or response.get("event") is None:
         raise JoinError(f"the content of {event.request_id} was purged from the audit log")
     asked = request["event"].get("request", {})
@@ -164,6 +181,7 @@ def join(
     answered = response["event"].get("response", {})
     choices = answered.get("choices", [])
     first = choices[0] if choices else {}
+    prompt = _prompt(event.request_id, records, sourced=bool(answered.get("retrieved_chunk_ids")))
     return Example(
         tenant=envelope.tenant,
         request_id=event.request_id,
@@ -184,6 +202,29 @@ def join(
         rated_at_ns=envelope.occurred_at.ToNanoseconds(),
         answered_at_ns=_ns(response.get("occurred_at")),
         event_id=envelope.event_id,
+        prompt=prompt,
+    )
+
+
+def _prompt(
+    request_id: str, records: Sequence[Mapping[str, Any]], *, sourced: bool
+) -> tuple[Message, ...]:
+    """The augmented prompt of the routing record; () when the router changed nothing (or
+    its record predates prompts being recorded)."""
+    routing = next(
+        (r for r in records if r.get("kind") == "routing" and r.get("event") is not None
+         and r["event"].get("routing", {}).get("prompt")),
+        None,
+    )  # fmt: skip
+    if routing is None:
+        if sourced and not any(r.get("kind") == "routing" for r in records):
+            raise NotYet(f"the audit log has no routing record of {request_id} yet")
+        if sourced and any(r.get("kind") == "routing" and r.get("event") is None for r in records):
+            raise JoinError(f"the content of {request_id} was purged from the audit log")
+        return ()
+    return tuple(
+        Message(str(m.get("role", "")), str(m.get("content", "")))
+        for m in routing["event"]["routing"]["prompt"]
     )
 
 

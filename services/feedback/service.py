@@ -32,7 +32,7 @@ from services.feedback.datasets import (
     examples_from_jsonl,
     manifest,
 )
-from services.feedback.examples import Example, JoinError, join
+from services.feedback.examples import Example, JoinError, NotYet, join
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import DatasetExists, FeedbackStore
 from shared.bus import Publisher
@@ -119,21 +119,17 @@ class FeedbackService:
             records = await self.audit.records(envelope.tenant, event.request_id)
             try:
                 return join(event, envelope, records)
-            except JoinError as error:
+            except NotYet as error:
                 kinds = {r.get("kind") for r in records}
-                if "request" in kinds and "response" not in kinds:
-                    if _unanswered(records, self.settings.answer_within_s):
-                        metrics.taken("rejected")  # it will never have an answer to join
-                        message = f"{error}; the request is too old to be answered"
-                        raise PoisonEvent(message) from error
-                    if time.monotonic() >= deadline:
-                        raise  # the bus retries later
-                elif not records:
-                    if time.monotonic() >= deadline:
-                        raise
-                else:
-                    metrics.taken("rejected")
-                    raise PoisonEvent(str(error)) from error
+                if "response" not in kinds and _unanswered(records, self.settings.answer_within_s):
+                    metrics.taken("rejected")  # it will never have an answer to join
+                    message = f"{error}; the request is too old to be answered"
+                    raise PoisonEvent(message) from error
+                if time.monotonic() >= deadline:
+                    raise  # the bus retries later
+            except JoinError as error:
+                metrics.taken("rejected")
+                raise PoisonEvent(str(error)) from error
             await asyncio.sleep(pause)
             pause = min(pause * 2, 1.0)
 

@@ -32,7 +32,7 @@ SCHEMA = (
         model TEXT NOT NULL, model_version TEXT NOT NULL, kind TEXT NOT NULL,
         messages TEXT NOT NULL, answer TEXT NOT NULL, finish_reason TEXT NOT NULL,
         chunks TEXT NOT NULL, rated_at_ns BIGINT NOT NULL, answered_at_ns BIGINT NOT NULL,
-        event_id TEXT NOT NULL, redactions BIGINT NOT NULL,
+        event_id TEXT NOT NULL, redactions BIGINT NOT NULL, prompt TEXT NOT NULL DEFAULT '[]',
         PRIMARY KEY (tenant, request_id, subject))""",
     "CREATE INDEX IF NOT EXISTS examples_rated ON examples (tenant, rated_at_ns)",
     "CREATE INDEX IF NOT EXISTS examples_model ON examples (model, model_version)",
@@ -50,14 +50,17 @@ SCHEMA = (
         report TEXT NOT NULL)""",
 )
 
+ADDED_COLUMNS = (("examples", "prompt", "TEXT NOT NULL DEFAULT '[]'"),)
+"""Columns added since a table was first created: (table, column, definition)."""
+
 COLUMNS = (
     "tenant, request_id, subject, api_key_id, rating, score, labels, correction, comment, "
     "model, model_version, kind, messages, answer, finish_reason, chunks, rated_at_ns, "
-    "answered_at_ns, event_id, redactions"
+    "answered_at_ns, event_id, redactions, prompt"
 )
 _UPDATED = [c.strip() for c in COLUMNS.split(",")][3:]
 UPSERT = (
-    f"INSERT INTO examples ({COLUMNS}) VALUES ({', '.join('?' * 20)}) "
+    f"INSERT INTO examples ({COLUMNS}) VALUES ({', '.join('?' * 21)}) "
     "ON CONFLICT (tenant, request_id, subject) DO UPDATE SET "
     + ", ".join(f"{c} = excluded.{c}" for c in _UPDATED)
     + " WHERE excluded.rated_at_ns >= examples.rated_at_ns"
@@ -89,6 +92,7 @@ def _row(example: Example) -> tuple[Any, ...]:
         example.kind, messages_json(example.messages), example.answer, example.finish_reason,
         json.dumps(list(example.retrieved_chunk_ids)), example.rated_at_ns,
         example.answered_at_ns, example.event_id, example.redactions,
+        messages_json(example.prompt),
     )  # fmt: skip
 
 
@@ -100,6 +104,7 @@ def _example(row: Sequence[Any]) -> Example:
         messages=messages_from_json(row[12]), answer=row[13], finish_reason=row[14],
         retrieved_chunk_ids=tuple(json.loads(row[15])), rated_at_ns=int(row[16]),
         answered_at_ns=int(row[17]), event_id=row[18], redactions=int(row[19]),
+        prompt=messages_from_json(row[20]),
     )  # fmt: skip
 
 
@@ -110,6 +115,15 @@ class FeedbackStore:
     async def open(self) -> FeedbackStore:
         for statement in SCHEMA:
             await self.driver.execute(statement)
+        for table, column, definition in ADDED_COLUMNS:  # a store made by an older version
+            if self.driver.dialect == "postgres":
+                await self.driver.execute(
+                    f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {definition}"
+                )
+                continue
+            present = await self.driver.fetch(f"PRAGMA table_info({table})")
+            if column not in {row[1] for row in present}:
+                await self.driver.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         return self
 
     async def close(self) -> None:

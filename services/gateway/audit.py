@@ -37,7 +37,8 @@ from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
 from shared.files import private_file
 from shared.logging import get_logger
-from shared.pii import Purpose, Redactor, TenantPiiSettings
+from shared.pii import Purpose, TenantPiiSettings
+from shared.pii.events import redact_audit_event
 from shared.topics import AUDIT_EVENTS
 
 log = get_logger(__name__)
@@ -221,19 +222,6 @@ class AuditSpool:
         self._offset = offset
 
 
-def redact_event(event: ev.AuditEvent, redactor: Redactor) -> None:
-    """Redact, in place, the text an audit event carries: prompts, inputs and answers."""
-    if not redactor.policy.enabled:
-        return
-    for message in event.request.messages:
-        message.content = redactor.redact(message.content).text
-    inputs = [redactor.redact(text).text for text in event.request.inputs]
-    del event.request.inputs[:]
-    event.request.inputs.extend(inputs)
-    for choice in event.response.choices:
-        choice.text = redactor.redact(choice.text).text
-
-
 class AuditRecorder:
     """Makes each audit record durable: Kafka's ack, else the spool; replays the spool."""
 
@@ -263,7 +251,7 @@ class AuditRecorder:
         Raises:
             AuditUnavailable: neither took it.
         """
-        redact_event(event, self.pii.redactor(tenant, Purpose.AUDIT))
+        redact_audit_event(event, self.pii.redactor(tenant, Purpose.AUDIT))
         envelope.stamp(event, producer=self.producer, tenant=tenant)  # one id, kept on replay
         try:
             delivery = await asyncio.wait_for(

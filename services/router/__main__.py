@@ -40,6 +40,7 @@ async def build(settings: RouterSettings, bus: Bus, health: HealthState) -> Awai
         client,
         default_deadline_s=settings.default_deadline_s,
         rag=settings.rag,
+        pii=settings.pii,
     )
     worker = bus.add_worker(
         [REQUESTS_HIGH, REQUESTS_NORMAL, REQUESTS_LOW],

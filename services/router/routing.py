@@ -41,6 +41,8 @@ from services.router.upstream import (
 from shared.bus import EventContext, Publisher
 from shared.events.v1 import events_pb2 as ev
 from shared.logging import get_logger
+from shared.pii import Purpose, TenantPiiSettings
+from shared.pii.events import redact_audit_event
 from shared.topics import AUDIT_EVENTS, REPLIES, Topic, by_name
 
 log = get_logger(__name__)
@@ -127,12 +129,14 @@ class Router:
         default_deadline_s: float,
         service: str = "router",
         rag: RagConfig | None = None,
+        pii: TenantPiiSettings | None = None,
     ) -> None:
         self._publisher = publisher
         self._pools = pools
         self._client = client
         self._default_deadline_s = default_deadline_s
         self._rag = rag if rag is not None else RagConfig()
+        self._pii = pii if pii is not None else TenantPiiSettings()
         self._service = service
         self._running: dict[str, asyncio.Task[None]] = {}
         # ids cancelled before (or while) they ran; bounded, oldest forgotten first
@@ -183,6 +187,7 @@ class Router:
         RouterMetrics.started(priority, queue_wait_us / 1e6)
         pool: Pool | None = None
         outcome: _Outcome | None = None
+        prompted = request
         try:
             self._check_deadline(request)
             sources = await self._sources(request)
@@ -209,7 +214,7 @@ class Router:
         await self._publisher.publish(
             reply_topic, final, key=request.request_id, tenant=request.envelope.tenant
         )
-        await self._audit(request, pool, outcome, queue_wait_us)
+        await self._audit(request, pool, outcome, queue_wait_us, prompted)
 
     async def _sources(self, request: ev.InferenceRequest) -> list[rag.Source]:
         """The knowledge-base sources of a RAG request, within the context budget."""
@@ -382,7 +387,10 @@ class Router:
         pool: Pool | None,
         outcome: _Outcome | None,
         queue_wait_us: int,
+        prompted: ev.InferenceRequest,
     ) -> None:
+        """The routing record; for an augmented prompt it holds the messages the model was
+        given, redacted by the tenant's ``audit`` policy like the gateway's records."""
         event = ev.AuditEvent(
             request_id=request.request_id,
             api_key_id=request.api_key_id,
@@ -396,6 +404,9 @@ class Router:
         event.routing.replica = outcome.replica if outcome else ""
         event.routing.queue_wait_us = queue_wait_us
         event.routing.attempt = outcome.attempt if outcome else 0
+        if prompted is not request:
+            event.routing.prompt.extend(prompted.messages)
+            redact_audit_event(event, self._pii.redactor(request.envelope.tenant, Purpose.AUDIT))
         # acknowledged before the request's offset is committed: a routing record the broker
         # did not take fails the request's handling (it is dead-lettered with the reason)
         await self._publisher.publish(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from typing import Any
 
 import httpx
@@ -253,3 +254,64 @@ async def test_retrieval_metrics_count_ingests_and_searches(handbook: Mesh) -> N
     assert total(retrieval, "meshllm_retrieval_ingest_duration_seconds_count", state="indexed") >= 4
     assert total(retrieval, "meshllm_retrieval_chunks_indexed_total") >= 4
     assert total(retrieval, "messaging_client_consumed_messages_total", outcome="handled") >= 4
+
+
+async def test_a_rated_sourced_answer_trains_on_the_prompt_the_model_was_given(
+    handbook: Mesh,
+) -> None:
+    """The router's routing record holds the augmented prompt; the feedback service joins
+    it, and the dataset row teaches answering from the same sources."""
+    question = "How many days of paid leave do employees get?"
+    async with httpx.AsyncClient(timeout=120) as client:
+        reply = await client.post(
+            f"{handbook.base_url}/chat/completions",
+            json={"model": "smollm2-135m-instruct", "max_tokens": 8, "temperature": 0,
+                  "messages": [{"role": "user", "content": question}],
+                  "rag": {"collections": ["handbook"], "top_k": 2}},
+            headers=headers(handbook, "user"),
+        )  # fmt: skip
+        assert reply.status_code == 200, reply.text
+        request_id = reply.headers["x-request-id"]
+        rated = await client.post(
+            f"{handbook.base_url}/feedback",
+            json={"request_id": request_id, "rating": "down", "labels": ["rag-e2e"],
+                  "correction": "27 days a year [1]."},
+            headers=headers(handbook, "user"),
+        )  # fmt: skip
+        assert rated.status_code == 202, rated.text
+        for _ in range(300):
+            mine = await client.get(
+                f"{handbook.base_url}/feedback", params={"request_id": request_id},
+                headers=headers(handbook, "user"),
+            )  # fmt: skip
+            if mine.status_code == 200 and mine.json()["data"]:
+                break
+            await asyncio.sleep(0.2)
+        [example] = mine.json()["data"]
+        assert example["messages"] == [{"role": "user", "content": question}]
+        assert "27 days of paid annual leave" in example["prompt"][-1]["content"]
+        routing = await client.get(
+            f"{handbook.base_url}/audit/records",
+            params={"request_id": request_id, "kind": "routing"},
+            headers=headers(handbook, "auditor"),
+        )
+        [record] = routing.json()["records"]
+        assert record["event"]["routing"]["prompt"] == example["prompt"]
+        built = await client.post(
+            f"{handbook.base_url}/datasets",
+            json={"name": "rag-grounded", "labels": ["rag-e2e"], "min_rating": 1,
+                  "eval_fraction": 0},
+            headers=headers(handbook, "developer"),
+        )  # fmt: skip
+        assert built.status_code == 201, built.text
+        assert built.json()["counts"]["with_sources"] == 1
+        train = await client.get(
+            f"{handbook.base_url}/datasets/{built.json()['id']}/files/train",
+            headers=headers(handbook, "developer"),
+        )
+    [row] = [json.loads(line) for line in train.text.splitlines()]
+    user_turn = row["messages"][-2]["content"]
+    assert "<sources>" in user_turn
+    assert "27 days of paid annual leave" in user_turn
+    assert user_turn.endswith(f"Question: {question}")
+    assert row["messages"][-1] == {"role": "assistant", "content": "27 days a year [1]."}

@@ -163,6 +163,7 @@ def test_scores_map_onto_up_and_down() -> None:
         ({"name": "s", "since": 20, "until": 10}, "until"),
         ({"name": "s", "eval_fraction": 0.9}, "eval_fraction"),
         ({"name": "s", "corrections": "yes"}, "corrections"),
+        ({"name": "s", "sources": 1}, "sources"),
     ],
 )
 def test_a_bad_dataset_request_names_its_field(body: dict[str, object], field: str) -> None:
@@ -217,14 +218,44 @@ def test_every_free_text_field_of_a_stored_example_is_redacted() -> None:
     text = "reach me: " + ", ".join(SEEDED.values())
     raw = example(
         messages=(Message("system", text), Message("user", text)),
+        prompt=(Message("system", text), Message("user", f"<sources>{text}</sources> {text}")),
         answer=text, correction=text, comment=text, labels=(f"caller {SEEDED['email']}",),
     )  # fmt: skip
     redactor = TenantPiiSettings().redactor("acme", Purpose.FEEDBACK)
     stored = raw.redacted(lambda t: (redactor.redact(t).text, redactor.redact(t).total))
-    fields = [m.content for m in stored.messages]
+    fields = [m.content for m in (*stored.messages, *stored.prompt)]
     fields += [stored.answer, stored.correction, stored.comment, *stored.labels]
     for field in fields:
         assert scan_structured(field) == [], field
         for value in SEEDED.values():
             assert value not in field
     assert stored.redactions >= 5 * (len(SEEDED) - 1)
+
+
+SOURCED = (
+    Message("system", "Answer from the sources."),
+    Message("user", "<sources>[1] Staff get 25 days of paid leave. HR: hr@example.com</sources>"
+                    "\n\nQuestion: How many vacation days?"),
+)  # fmt: skip
+
+
+def test_a_row_of_a_sourced_answer_holds_the_prompt_the_model_was_given() -> None:
+    rows = [
+        example("rag", messages=(Message("user", "How many vacation days?"),), prompt=SOURCED,
+                correction="25 days [1]."),
+        example("plain"),
+    ]  # fmt: skip
+    built = build(rows, DatasetSpec("acme", "s"), _training(), scan_structured)
+    assert built.counts.with_sources == 1
+    lines = {row.request_id: json.loads(row.line)["messages"] for row in built.rows}
+    assert [m["role"] for m in lines["rag"]] == ["system", "user", "assistant"]
+    assert "Staff get 25 days of paid leave." in lines["rag"][1]["content"]
+    assert "hr@example.com" not in lines["rag"][1]["content"]  # the training policy, sources too
+    assert lines["rag"][2]["content"] == "25 days [1]."
+    assert lines["plain"][0]["content"].startswith("How do I reset my VPN password?")
+
+    without = DatasetSpec("acme", "s", DatasetFilters(sources=False))
+    built = build(rows, without, _training(), scan_structured)
+    assert built.counts.with_sources == 0
+    rag_row = next(json.loads(r.line)["messages"] for r in built.rows if r.request_id == "rag")
+    assert rag_row[0] == {"role": "user", "content": "How many vacation days?"}

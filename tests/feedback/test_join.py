@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from services.feedback.drivers import SqliteDriver
-from services.feedback.examples import JoinError
+from services.feedback.examples import JoinError, NotYet, join
 from services.feedback.service import FeedbackService
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
@@ -69,3 +69,59 @@ async def test_a_recent_request_waits_for_its_answer_then_is_retried(
         await service.on_event(*rating())
     assert audit.asked > 1  # it looked again while it waited
     assert await store.count() == 0
+
+
+def _records(*, sourced: bool, routing: dict[str, Any] | str | None = "absent") -> list[Any]:
+    at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    request = {"kind": "REQUEST_KIND_CHAT", "messages": [{"role": "user", "content": "Days?"}]}
+    response: dict[str, Any] = {"choices": [{"text": "25 days [1].", "finish_reason": "stop"}]}
+    if sourced:
+        response["retrieved_chunk_ids"] = ["doc-1#0"]
+    records: list[Any] = [
+        {"kind": "request", "occurred_at": at, "event": {"request": request}},
+        {"kind": "response", "occurred_at": at, "event": {"response": response}},
+    ]
+    if routing != "absent":
+        records.append({"kind": "routing", "occurred_at": at,
+                        "event": None if routing is None else {"routing": routing}})  # fmt: skip
+    return records
+
+
+PROMPT = [
+    {"role": "system", "content": "Answer from the sources."},
+    {"role": "user", "content": "<sources>[1] 25 days</sources>\n\nQuestion: Days?"},
+]
+
+
+def test_a_sourced_answer_joins_with_the_prompt_the_model_was_given() -> None:
+    event, context = rating()
+    made = join(event, context.envelope, _records(sourced=True, routing={"prompt": PROMPT}))
+    assert [m.content for m in made.messages] == ["Days?"]
+    assert [(m.role, m.content) for m in made.prompt] == [(p["role"], p["content"]) for p in PROMPT]
+    assert made.retrieved_chunk_ids == ("doc-1#0",)
+
+
+def test_a_sourced_answer_waits_for_its_routing_record() -> None:
+    event, context = rating()
+    with pytest.raises(NotYet, match="no routing record"):
+        join(event, context.envelope, _records(sourced=True))
+    with pytest.raises(JoinError, match="purged"):
+        join(event, context.envelope, _records(sourced=True, routing=None))
+    # a routing record from before prompts were recorded: the caller's messages only
+    made = join(event, context.envelope, _records(sourced=True, routing={"pool": "cpu"}))
+    assert made.prompt == ()
+
+
+def test_an_answer_without_sources_needs_no_routing_record() -> None:
+    event, context = rating()
+    assert join(event, context.envelope, _records(sourced=False)).prompt == ()
+
+
+async def test_a_response_without_its_request_is_dead_lettered(store: FeedbackStore) -> None:
+    class Orphan:
+        async def records(self, tenant: str, request_id: str) -> list[dict[str, Any]]:
+            return _records(sourced=False)[1:]
+
+    service = FeedbackService(store, FeedbackSettings(join_wait_s=5), None, Orphan())  # type: ignore[arg-type]
+    with pytest.raises(PoisonEvent, match="no request"):
+        await service.on_event(*rating())

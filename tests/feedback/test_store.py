@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from services.feedback.datasets import DatasetSpec, build, manifest
-from services.feedback.store import FeedbackQuery, FeedbackStore
+from services.feedback.examples import Message
+from services.feedback.store import COLUMNS, SCHEMA, FeedbackQuery, FeedbackStore
 from tests.feedback.conftest import example
 
 
@@ -162,3 +163,30 @@ async def test_ratings_racing_an_erasure_never_outlive_it(store: FeedbackStore) 
         *(store.put(e) for e in ratings[20:]),
     )
     assert await store.query(FeedbackQuery("acme", request_id="race")) == []
+
+
+async def test_the_prompt_of_a_sourced_answer_is_kept(store: FeedbackStore) -> None:
+    prompt = (Message("system", "Answer from the sources."), Message("user", "<sources>…"))
+    await store.put(example(prompt=prompt))
+    [kept] = await store.query(FeedbackQuery("acme", request_id="r1"))
+    assert kept.prompt == prompt
+
+
+async def test_a_store_made_before_prompts_were_kept_gains_the_column(
+    store: FeedbackStore,
+) -> None:
+    await store.driver.execute("DROP TABLE examples")
+    old = SCHEMA[0].replace(", prompt TEXT NOT NULL DEFAULT '[]'", "")
+    assert "prompt" not in old
+    await store.driver.execute(old)
+    columns = COLUMNS.replace(", prompt", "")
+    await store.driver.execute(
+        f"INSERT INTO examples ({columns}) VALUES ({', '.join('?' * 20)})",
+        ["acme", "old", "key-1", "k1", 1, 0, "[]", "", "", "m", "1", "chat",
+         '[{"role": "user", "content": "hi"}]', "hello", "stop", "[]", 5, 4, "e-old", 0],
+    )  # fmt: skip
+    await store.open()
+    await store.open()  # and again: nothing to add
+    [kept] = await store.query(FeedbackQuery("acme", request_id="old"))
+    assert (kept.messages, kept.prompt) == ((Message("user", "hi"),), ())
+    assert await store.put(example(prompt=(Message("user", "<sources>"),)))
