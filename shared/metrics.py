@@ -1,11 +1,11 @@
 """Metrics as Prometheus scrapes them: bucket bounds, instrument helpers, the scrape.
 
-Every service records OpenTelemetry metrics (semantic-convention names where they exist:
-``http.server.request.duration``, ``gen_ai.server.time_to_first_token``,
-``messaging.process.duration``; ``meshllm.*`` for the rest) and serves them in
-Prometheus' text format at ``/metrics`` on its health port, never on a public API port:
-the labels name tenants and models. The OpenTelemetry Prometheus exporter turns
-``gen_ai.server.request.duration`` (unit ``s``) into
+Every service records metrics on OpenTelemetry's instrument API (:mod:`shared.instruments`)
+with semantic-convention names where they exist (``http.server.request.duration``,
+``gen_ai.server.time_to_first_token``, ``messaging.process.duration``; ``meshllm.*`` for
+the rest) and serves them in Prometheus' text format at ``/metrics`` on its health port,
+never on a public API port: the labels name tenants and models. Names follow the
+OpenTelemetry Prometheus exporter: ``gen_ai.server.request.duration`` (unit ``s``) becomes
 ``gen_ai_server_request_duration_seconds``; counters get ``_total``.
 
 Histogram bounds are given by each instrument (OpenTelemetry's bucket advisory), chosen
@@ -18,12 +18,20 @@ Labels whose values come from a caller (a model name in a request body) go throu
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
-from opentelemetry.metrics import Histogram, Meter
-from opentelemetry.sdk.metrics import Counter, UpDownCounter
-from opentelemetry.sdk.metrics import Histogram as SdkHistogram
-from opentelemetry.sdk.metrics.export import MetricReader
+from shared.instruments import (
+    REGISTRY,
+    SERIES_LIMIT,
+    Collector,
+    Histogram,
+    Meter,
+    Registry,
+    get_meter,
+)
+
+__all__ = ["SERIES_LIMIT", "Histogram", "Meter", "PrometheusScrape", "bounded", "get_meter"]
 
 SECONDS_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
@@ -42,9 +50,6 @@ TOKEN_BUCKETS: tuple[float, ...] = (
 """Token counts per request (GenAI's suggested powers of four)."""
 
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-SERIES_LIMIT = 2000
-"""Most series one instrument exports per scrape; more fold into one overflow series."""
 
 OTHER = "other"
 
@@ -72,26 +77,20 @@ def bounded(value: str, known: Collection[str]) -> str:
 
 
 class PrometheusScrape:
-    """The metric reader of a service and the ``/metrics`` body it answers with.
+    """The ``/metrics`` body of a service: its instruments in the Prometheus text format.
 
-    Each service has a registry of its own (not prometheus_client's global one), so two
-    meshes' services in one test process, or a library's collectors, do not mix.
+    Each scrape has a prometheus_client registry of its own (not the library's global one),
+    holding only the mesh's instruments and ``target_info``.
     """
 
-    def __init__(self) -> None:
-        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    def __init__(
+        self, registry: Registry | None = None, resource: Mapping[str, Any] | None = None
+    ) -> None:
         from prometheus_client import CollectorRegistry
 
+        self.instruments = registry if registry is not None else REGISTRY
         self.registry = CollectorRegistry(auto_describe=False)
-        self.reader: MetricReader = PrometheusMetricReader(
-            scope_info_enabled=False,
-            registry=self.registry,
-            cardinality_limits={
-                Counter: SERIES_LIMIT,
-                UpDownCounter: SERIES_LIMIT,
-                SdkHistogram: SERIES_LIMIT,
-            },
-        )
+        self.registry.register(Collector(self.instruments, resource))
 
     def render(self) -> bytes:
         """The current values, in the Prometheus text exposition format."""

@@ -148,7 +148,9 @@ class BusSettings(BaseModel):
 
 class TelemetrySettings(BaseModel):
     otlp_endpoint: str | None = Field(
-        None, description="OTLP/HTTP collector base URL, e.g. http://otel-collector:4318."
+        None,
+        description="OTLP/HTTP collector base URL for traces, e.g. http://otel-collector:4318 "
+        "(metrics are scraped from /metrics).",
     )
     spans_to_kafka: bool = Field(True, description="Publish spans to telemetry.spans.")
     kafka_spans: Literal["answers", "all"] = Field(

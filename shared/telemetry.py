@@ -1,4 +1,6 @@
-"""OpenTelemetry set-up: traces (to the telemetry.spans topic and/or OTLP) and metrics."""
+"""OpenTelemetry set-up: traces (to the telemetry.spans topic and/or OTLP) and the metrics
+scrape (metrics are :mod:`shared.instruments`, served at ``/metrics``; an OTLP endpoint
+gets traces only, and a Collector scrapes the metrics)."""
 
 from __future__ import annotations
 
@@ -6,11 +8,9 @@ import asyncio
 import concurrent.futures
 from collections.abc import Sequence
 
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -92,7 +92,7 @@ class AnswersOnly(SpanProcessor):
 
 
 class Telemetry:
-    """The tracer and meter providers of one service process."""
+    """The tracer provider and the metrics scrape of one service process."""
 
     def __init__(self, settings: MeshSettings, service: str) -> None:
         resource = Resource.create(
@@ -101,31 +101,22 @@ class Telemetry:
         self.tracer_provider = TracerProvider(
             resource=resource, sampler=ParentBasedTraceIdRatio(settings.telemetry.sample_ratio)
         )
-        readers: list[MetricReader] = []
         endpoint = settings.telemetry.otlp_endpoint
         if endpoint:
-            from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            base = endpoint.rstrip("/")
             self.tracer_provider.add_span_processor(
-                BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{base}/v1/traces"))
-            )
-            readers.append(
-                PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=f"{base}/v1/metrics"))
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{endpoint.rstrip('/')}/v1/traces"))
             )
         self.scrape: PrometheusScrape | None = None
         if settings.telemetry.prometheus:
-            self.scrape = PrometheusScrape()
-            readers.append(self.scrape.reader)
-        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+            self.scrape = PrometheusScrape(resource=dict(resource.attributes))
         self._settings = settings
         self._service = service
 
     def install(self) -> None:
-        """Make these providers the process-wide ones (once per process)."""
+        """Make this tracer provider the process-wide one (once per process)."""
         trace.set_tracer_provider(self.tracer_provider)
-        metrics.set_meter_provider(self.meter_provider)
 
     def export_spans_to_kafka(self, publisher: Publisher, loop: asyncio.AbstractEventLoop) -> None:
         telemetry = self._settings.telemetry
@@ -141,4 +132,3 @@ class Telemetry:
 
     def shutdown(self) -> None:
         self.tracer_provider.shutdown()
-        self.meter_provider.shutdown()

@@ -10,10 +10,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-_meter = metrics.get_meter("meshllm.audit")
+from shared.instruments import get_meter
+
+_meter = get_meter("meshllm.audit")
 _records = _meter.create_counter(
     "meshllm.audit.records",
     unit="{record}",

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from services.feedback.quality import QualityCounts, wilson
+from shared.instruments import get_meter
 
-_meter = metrics.get_meter("meshllm.feedback")
+_meter = get_meter("meshllm.feedback")
 _ratings = _meter.create_counter(
     "meshllm.feedback.ratings",
     unit="{rating}",

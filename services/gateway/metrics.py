@@ -18,13 +18,14 @@ from __future__ import annotations
 import time
 from collections.abc import Collection
 
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 
+from shared.instruments import get_meter
 from shared.metrics import PER_TOKEN_BUCKETS, TOKEN_BUCKETS, bounded, histogram
 
 OPERATIONS = {"chat": "chat", "completion": "text_completion", "embedding": "embeddings"}
 
-_meter = metrics.get_meter("meshllm.gateway")
+_meter = get_meter("meshllm.gateway")
 _tracer = trace.get_tracer("meshllm.gateway")
 _http_duration = histogram(
     _meter,

@@ -15,10 +15,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-_meter = metrics.get_meter("meshllm.inference")
+from shared.instruments import get_meter
+
+_meter = get_meter("meshllm.inference")
 
 STALE_AFTER_PROBES = 3
 

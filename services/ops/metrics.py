@@ -13,11 +13,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from services.ops.alerts import Evaluator
 from services.ops.sli import SliWindows
+from shared.instruments import get_meter
 
 if TYPE_CHECKING:
     from services.ops.service import OpsService
@@ -26,7 +26,7 @@ WINDOWS_S = (60.0, 300.0)
 SHOWN = ("rate_per_s", "error_rate", "p50_s", "p99_s", "ttft_p50_s", "ttft_p99_s",
          "tokens_per_s", "concurrency")  # fmt: skip
 
-_meter = metrics.get_meter("meshllm.ops")
+_meter = get_meter("meshllm.ops")
 answers = _meter.create_counter(
     "meshllm.ops.answers", unit="{answer}", description="Answers read from telemetry.spans"
 )

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from opentelemetry import metrics
-
+from shared.instruments import get_meter
 from shared.metrics import histogram
 
-_meter = metrics.get_meter("meshllm.retrieval")
+_meter = get_meter("meshllm.retrieval")
 _search = histogram(
     _meter,
     "meshllm.retrieval.search.duration",

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
-from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from shared.instruments import get_meter
 from shared.metrics import histogram
 
-_meter = metrics.get_meter("meshllm.router")
+_meter = get_meter("meshllm.router")
 _retries = _meter.create_counter(
     "meshllm.router.retries",
     unit="{attempt}",

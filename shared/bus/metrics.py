@@ -12,14 +12,14 @@ import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
-from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
+from shared.instruments import get_meter
 from shared.metrics import histogram
 
 SYSTEM = {"messaging.system": "kafka"}
 
-_meter = metrics.get_meter("meshllm.bus")
+_meter = get_meter("meshllm.bus")
 sent = _meter.create_counter(
     "messaging.client.sent.messages",
     unit="{message}",
