@@ -136,64 +136,93 @@ def split_of(request_id: str, eval_fraction: float) -> str:
     return "eval" if bucket < eval_fraction else "train"
 
 
-def build(
-    examples: Iterable[Example], spec: DatasetSpec, redact: Redact, scan: Scan
-) -> BuiltDataset:
-    """The rows of the dataset ``spec`` asks for (see the module's steps)."""
-    counts = Counts()
-    chosen: list[Row] = []
-    seen: set[str] = set()
-    residue: dict[str, int] = {}
-    ordered = sorted(examples, key=lambda e: e.rated_at_ns, reverse=True)  # newest first
-    for example in ordered:
-        if not spec.filters.admits(example):
-            continue
-        counts.candidates += 1
-        assistant = target(example, spec.filters)
-        if assistant is None:
-            counts.below_rating += 1
-            continue
-        asked = example.prompt if example.prompt and spec.filters.sources else example.messages
-        turns = [(m.role, m.content) for m in asked] + [("assistant", assistant)]
-        cleaned = []
-        for role, content in turns:
-            text, found = redact(content) if content else (content, 0)
-            counts.pii_redacted += found
-            cleaned.append({"role": role, "content": text})
-        if not assistant.strip() or not any(m["content"].strip() for m in cleaned[:-1]):
-            counts.empty += 1
-            continue
-        if sum(len(m["content"]) for m in cleaned) > spec.max_chars:
-            counts.too_long += 1
-            continue
+class Builder:
+    """A dataset built one example at a time, newest rating first (the order the store
+    pages them in), so a build over any history holds only the rows it keeps and the
+    hashes of the rows it has seen."""
+
+    def __init__(self, spec: DatasetSpec, redact: Redact, scan: Scan) -> None:
+        self.spec = spec
+        self._redact = redact
+        self._scan = scan
+        self.counts = Counts()
+        self._chosen: list[Row] = []
+        self._seen: set[str] = set()
+        self._residue: dict[str, int] = {}
+
+    def add_all(self, examples: Iterable[Example]) -> None:
+        for example in examples:
+            self.add(example)
+
+    def add(self, example: Example) -> None:
+        """Consider one example (see the module's steps)."""
+        made = self._turns(example)
+        if made is None:
+            return
+        cleaned, sourced = made
         key = hashlib.sha256(
             json.dumps(
                 [(m["role"], _SPACE.sub(" ", m["content"]).strip().casefold()) for m in cleaned],
                 ensure_ascii=False,
             ).encode()
         ).hexdigest()
-        if key in seen:
-            counts.duplicate += 1
-            continue
-        seen.add(key)
-        found_types = [t for m in cleaned for t in scan(m["content"])]
+        if key in self._seen:
+            self.counts.duplicate += 1
+            return
+        self._seen.add(key)
+        found_types = [t for m in cleaned for t in self._scan(m["content"])]
         if found_types:
-            counts.pii_residue += 1
+            self.counts.pii_residue += 1
             for pii_type in found_types:
-                residue[pii_type] = residue.get(pii_type, 0) + 1
-            continue
-        if len(chosen) >= spec.max_rows:
-            counts.over_max_rows += 1
-            continue
-        counts.with_sources += asked is example.prompt
+                self._residue[pii_type] = self._residue.get(pii_type, 0) + 1
+            return
+        if len(self._chosen) >= self.spec.max_rows:
+            self.counts.over_max_rows += 1
+            return
+        self.counts.with_sources += sourced
         line = json.dumps({"messages": cleaned}, ensure_ascii=False, separators=(",", ":"))
-        chosen.append(
-            Row(example.request_id, split_of(example.request_id, spec.eval_fraction), line)
-        )
-    chosen.sort(key=lambda row: row.request_id)  # the same examples give the same bytes
-    return BuiltDataset(
-        tuple(chosen), counts, tuple(sorted({row.request_id for row in chosen})), residue
-    )
+        split = split_of(example.request_id, self.spec.eval_fraction)
+        self._chosen.append(Row(example.request_id, split, line))
+
+    def _turns(self, example: Example) -> tuple[list[dict[str, str]], bool] | None:
+        """Steps 0-2: the row's redacted turns and whether they hold sources, or None (the
+        reason counted)."""
+        spec, counts = self.spec, self.counts
+        if not spec.filters.admits(example):
+            return None
+        counts.candidates += 1
+        assistant = target(example, spec.filters)
+        if assistant is None:
+            counts.below_rating += 1
+            return None
+        sourced = bool(example.prompt) and spec.filters.sources
+        asked = example.prompt if sourced else example.messages
+        cleaned = []
+        for role, content in [(m.role, m.content) for m in asked] + [("assistant", assistant)]:
+            text, found = self._redact(content) if content else (content, 0)
+            counts.pii_redacted += found
+            cleaned.append({"role": role, "content": text})
+        if not assistant.strip() or not any(m["content"].strip() for m in cleaned[:-1]):
+            counts.empty += 1
+            return None
+        if sum(len(m["content"]) for m in cleaned) > spec.max_chars:
+            counts.too_long += 1
+            return None
+        return cleaned, sourced
+
+    def result(self) -> BuiltDataset:
+        chosen = sorted(self._chosen, key=lambda row: row.request_id)  # same rows, same bytes
+        request_ids = tuple(sorted({row.request_id for row in chosen}))
+        return BuiltDataset(tuple(chosen), self.counts, request_ids, dict(self._residue))
+
+
+def build(
+    examples: Iterable[Example], spec: DatasetSpec, redact: Redact, scan: Scan
+) -> BuiltDataset:
+    """The rows of the dataset ``spec`` asks for, from examples in any order."""
+    builder = Builder(spec, redact, scan)
+    builder.add_all(sorted(examples, key=lambda e: e.rated_at_ns, reverse=True))
+    return builder.result()
 
 
 def split_digest(lines: Iterable[str]) -> tuple[str, int]:

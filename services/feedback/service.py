@@ -26,6 +26,7 @@ import httpx
 
 from services.feedback import metrics
 from services.feedback.datasets import (
+    Builder,
     BuiltDataset,
     DatasetSpec,
     build,
@@ -46,6 +47,7 @@ from shared.topics import TRAINING_DATASETS
 
 log = get_logger(__name__)
 DAY_NS = 86_400 * 1_000_000_000
+PROGRESS_EVERY = 10_000  # examples read between a build's progress lines
 
 
 class AuditUnreachable(Exception):
@@ -136,10 +138,23 @@ class FeedbackService:
     # ------------------------------------------------------------------ datasets
 
     async def build_dataset(self, spec: DatasetSpec) -> dict[str, Any]:
-        """Build, store and announce the next version of ``spec.name`` from the feedback."""
+        """Build, store and announce the next version of ``spec.name`` from the feedback.
+
+        The history is read a page at a time, newest first, and each page is built off the
+        event loop; a progress line is logged every :data:`PROGRESS_EVERY` examples.
+        """
         filters = spec.filters
-        examples = await self.store.all_of(spec.tenant, filters.since_ns, filters.until_ns)
-        return await self._store_dataset(spec, examples, source="feedback")
+        builder = Builder(spec, training_redaction(self.settings, spec.tenant), scan_structured)
+        read = 0
+        started = time.monotonic()
+        async for page in self.store.pages(spec.tenant, filters.since_ns, filters.until_ns):
+            await asyncio.to_thread(builder.add_all, page)
+            before, read = read, read + len(page)
+            if read // PROGRESS_EVERY > before // PROGRESS_EVERY:
+                log.info("dataset build progress", tenant=spec.tenant, dataset=spec.name,
+                         examples_read=read, rows=builder.counts.candidates,
+                         seconds=round(time.monotonic() - started, 1))  # fmt: skip
+        return await self._store_dataset(spec, builder.result(), source="feedback")
 
     async def import_dataset(self, spec: DatasetSpec, data: bytes) -> dict[str, Any]:
         """Make an uploaded chat-format JSONL file a dataset, through the same checks.
@@ -148,15 +163,13 @@ class FeedbackService:
             UploadError: a line that is not chat-format JSON (its number is in the message).
         """
         examples = examples_from_jsonl(data, spec.tenant, uploaded_at_ns=time.time_ns())
-        return await self._store_dataset(spec, examples, source="upload")
+        redact = training_redaction(self.settings, spec.tenant)
+        built = await asyncio.to_thread(build, examples, spec, redact, scan_structured)
+        return await self._store_dataset(spec, built, source="upload")
 
     async def _store_dataset(
-        self, spec: DatasetSpec, examples: Sequence[Example], source: str
+        self, spec: DatasetSpec, built: BuiltDataset, source: str
     ) -> dict[str, Any]:
-        redact = training_redaction(self.settings, spec.tenant)
-        built: BuiltDataset = await asyncio.to_thread(
-            build, examples, spec, redact, scan_structured
-        )
         policy = self.settings.pii.policy_for(spec.tenant, Purpose.TRAINING)
         policy_json = policy.model_dump(mode="json", exclude={"key"})
         now = datetime.now(UTC)

@@ -15,7 +15,7 @@ One implementation over a :class:`~services.feedback.drivers.Driver`. Tables:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,20 +173,21 @@ class FeedbackStore:
         )
         return [_example(row) for row in await self.driver.fetch(sql, [*args, query.limit])]
 
-    async def all_of(
-        self, tenant: str, since_ns: int | None, until_ns: int | None
-    ) -> list[Example]:
-        """Every example of ``tenant`` rated in [since, until), for a dataset build."""
-        found: list[Example] = []
-        page = FeedbackQuery(tenant, since_ns=since_ns, until_ns=until_ns, limit=1000)
+    async def pages(
+        self, tenant: str, since_ns: int | None, until_ns: int | None, size: int = 1000
+    ) -> AsyncIterator[list[Example]]:
+        """Every example of ``tenant`` rated in [since, until), newest first, ``size`` at a
+        time (a dataset build reads the history this way, never all of it at once)."""
+        page = FeedbackQuery(tenant, since_ns=since_ns, until_ns=until_ns, limit=size)
         while True:
             batch = await self.query(page)
-            found += batch
+            if batch:
+                yield batch
             if len(batch) < page.limit:
-                return found
+                return
             last = batch[-1]
             page = FeedbackQuery(
-                tenant, since_ns=since_ns, until_ns=until_ns, limit=1000,
+                tenant, since_ns=since_ns, until_ns=until_ns, limit=size,
                 after=(last.rated_at_ns, last.request_id, last.subject),
             )  # fmt: skip
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from services.feedback.datasets import DatasetSpec, build, manifest
+from services.feedback.datasets import Builder, DatasetSpec, build, manifest
 from services.feedback.examples import Message
 from services.feedback.store import COLUMNS, SCHEMA, FeedbackQuery, FeedbackStore
 from tests.feedback.conftest import example
@@ -190,3 +190,22 @@ async def test_a_store_made_before_prompts_were_kept_gains_the_column(
     [kept] = await store.query(FeedbackQuery("acme", request_id="old"))
     assert (kept.messages, kept.prompt) == ((Message("user", "hi"),), ())
     assert await store.put(example(prompt=(Message("user", "<sources>"),)))
+
+
+async def test_a_build_reads_the_history_a_page_at_a_time_and_gets_the_same_rows(
+    store: FeedbackStore,
+) -> None:
+    for number in range(25):  # two ratings share each moment: the cursor breaks ties
+        await store.put(example(f"r{number:02d}", rated_at_ns=1_000 + number // 2,
+                                correction=f"Answer {number % 20}."))  # fmt: skip
+    pages = [page async for page in store.pages("acme", None, None, size=10)]
+    assert [len(page) for page in pages] == [10, 10, 5]
+    flat = [e for page in pages for e in page]
+    assert [e.rated_at_ns for e in flat] == sorted((e.rated_at_ns for e in flat), reverse=True)
+    assert len({e.request_id for e in flat}) == 25
+    spec = DatasetSpec("acme", "paged", max_rows=18)
+    builder = Builder(spec, lambda text: (text, 0), lambda text: [])
+    for page in pages:
+        builder.add_all(page)
+    assert builder.result() == build(flat, spec, lambda text: (text, 0), lambda text: [])
+    assert builder.result().counts.over_max_rows == 7
