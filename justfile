@@ -130,6 +130,10 @@ bench-mesh *args:
 bench-telemetry *args:
     {{python}} -m benchmarks.telemetry_overhead {{args}}
 
+# The embedded broker's CPU per fetch as a partition grows (one record per batch vs 100).
+bench-broker *args:
+    {{python}} -m benchmarks.broker_fetch_cost {{args}}
+
 # The ops loop's drill: a surge past one chat replica, the P99 alert, scale-out to two, recovery.
 bench-ops-loop *args:
     {{python}} -m benchmarks.ops_loop {{args}}
