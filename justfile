@@ -130,6 +130,10 @@ bench-mesh *args:
 bench-telemetry *args:
     {{python}} -m benchmarks.telemetry_overhead {{args}}
 
+# One metric recording: the mesh's instruments vs the OpenTelemetry SDK and prometheus_client.
+bench-instruments *args:
+    {{python}} -m benchmarks.instruments_bench {{args}}
+
 # The embedded broker's CPU per fetch as a partition grows (one record per batch vs 100).
 bench-broker *args:
     {{python}} -m benchmarks.broker_fetch_cost {{args}}
