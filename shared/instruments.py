@@ -3,17 +3,19 @@
 Services create instruments as OpenTelemetry has them (``get_meter(...).create_counter``,
 ``create_histogram``, ``create_observable_gauge``, ``create_observable_counter``) and record
 with ``add(value, attributes)`` / ``record(value, attributes)``. The OpenTelemetry SDK
-spends 25-30 us on each such call (it cleans, copies and hashes the attributes, builds a
+spends 25-35 us on each such call (it cleans, copies and hashes the attributes, builds a
 measurement object and offers it to an exemplar reservoir); a request through the gateway
-and router records about thirty, which made metrics the larger part of what telemetry cost
-a request (``benchmarks/telemetry_overhead.py``). These instruments keep one running
-aggregate per series, found by the attributes as given, for about 1 us.
+and router records about thirty. These instruments keep one running aggregate per series,
+found by the attributes as given, for 2-3 us (``just bench-instruments``,
+``benchmarks/results/instruments.md``).
 
 What they export is what the OpenTelemetry Prometheus exporter exported: the same metric
 and label names, units and ``_total`` suffixes (its own naming functions are used), the
 same bucket bounds, label values of other types as JSON, series beyond
-:data:`SERIES_LIMIT` folded into one ``otel_metric_overflow="true"`` series, and
-``target_info`` from the service's resource. ``tests/test_instruments.py`` checks this
+:data:`SERIES_LIMIT` folded into one ``otel_metric_overflow="true"`` series, negative
+counter and histogram values and non-finite values dropped, a failing callback logged and
+skipped (the rest of the scrape still answers), and ``target_info`` from the service's
+resource. ``tests/test_instruments.py`` checks this
 against the SDK and its exporter on the same measurements. Metrics are scraped (Prometheus,
 or an OpenTelemetry Collector's Prometheus receiver); they are not pushed over OTLP.
 """
@@ -41,8 +43,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.core import Metric as Family
 
+from shared.logging import get_logger
+
+log = get_logger(__name__)
+
 SERIES_LIMIT = 2000
 """Most series one instrument keeps; more fold into one overflow series."""
+LOOKUP_LIMIT = 4 * SERIES_LIMIT
+"""Most attribute orders remembered for the fast lookup; past it the lookup starts over."""
 OVERFLOW: tuple[tuple[str, Any], ...] = (("otel.metric.overflow", True),)
 DEFAULT_BOUNDS: tuple[float, ...] = (
     0.0, 5.0, 10.0, 25.0, 50.0, 75.0, 100.0, 250.0, 500.0, 750.0, 1000.0, 2500.0, 5000.0,
@@ -84,13 +92,16 @@ class _Instrument:
             with self._lock:
                 canonical = tuple(sorted(key))
                 found = self._canonical.get(canonical)
-                if found is None:
-                    if len(self._canonical) >= SERIES_LIMIT and canonical != OVERFLOW:
-                        found = self._canonical.get(OVERFLOW)
-                        canonical = OVERFLOW
+                if found is not None or len(self._canonical) < SERIES_LIMIT:
                     if found is None:
                         found = self._canonical[canonical] = self._empty()
-                self._series[key] = found
+                    if len(self._series) >= LOOKUP_LIMIT:
+                        self._series.clear()
+                    self._series[key] = found
+                else:  # folded: not remembered, so callers minting keys cannot grow memory
+                    found = self._canonical.get(OVERFLOW)
+                    if found is None:
+                        found = self._canonical[OVERFLOW] = self._empty()
         return found
 
     def _empty(self) -> list[float]:
@@ -105,7 +116,7 @@ class Counter(_Instrument):
     """A monotonic sum (``_total`` in Prometheus); negative amounts are ignored."""
 
     def add(self, amount: float, attributes: Attributes = None) -> None:
-        if amount < 0:
+        if not amount >= 0 or math.isinf(amount):  # negative, NaN or infinite: dropped
             return
         aggregate = self._aggregate(attributes)
         with self._lock:
@@ -118,6 +129,8 @@ class UpDownCounter(Counter):
     kind = "gauge"
 
     def add(self, amount: float, attributes: Attributes = None) -> None:
+        if not math.isfinite(amount):
+            return
         aggregate = self._aggregate(attributes)
         with self._lock:
             aggregate[0] += amount
@@ -137,7 +150,7 @@ class Histogram(_Instrument):
         return [0.0] * (self._size + 2)
 
     def record(self, amount: float, attributes: Attributes = None) -> None:
-        if math.isnan(amount):
+        if not amount >= 0 or math.isinf(amount):  # negative, NaN or infinite: dropped
             return
         aggregate = self._aggregate(attributes)
         index = bisect.bisect_left(self.bounds, amount)  # a value on a bound is in its bucket
@@ -161,11 +174,16 @@ class Observable:
         self._callbacks = list(callbacks)
 
     def points(self) -> list[tuple[Key, list[float]]]:
+        """What the callbacks report now; a callback that fails is logged and skipped."""
         observed: dict[Key, list[float]] = {}
         for callback in self._callbacks:
-            for observation in callback(CallbackOptions()):
-                attributes = observation.attributes or {}
-                observed[tuple(sorted(attributes.items()))] = [float(observation.value)]
+            try:
+                for observation in callback(CallbackOptions()):
+                    value = float(observation.value)
+                    if math.isfinite(value):
+                        observed[_key(observation.attributes)] = [value]
+            except Exception:
+                log.exception("metric callback failed", instrument=self.name)
         return list(observed.items())
 
 
@@ -177,14 +195,22 @@ class Registry:
         self._lock = threading.Lock()
 
     def add(self, instrument: Any) -> Any:
+        """``instrument``, or the one of that name made before (which must be alike)."""
         with self._lock:
-            return self._instruments.setdefault(instrument.name, instrument)
+            made = self._instruments.setdefault(instrument.name, instrument)
+        if type(made) is not type(instrument) or made.kind != instrument.kind:
+            raise ValueError(f"metric {instrument.name!r} exists as another kind of instrument")
+        return made
 
     def families(self) -> Iterator[Family]:
         with self._lock:
             instruments = list(self._instruments.values())
         for instrument in instruments:
-            family = _family(instrument)
+            try:
+                family = _family(instrument)
+            except Exception:  # one instrument's fault leaves the rest of the scrape
+                log.exception("metric not exported", instrument=instrument.name)
+                continue
             if family is not None:
                 yield family
 
@@ -221,17 +247,17 @@ class Meter:
     def create_observable_gauge(
         self, name: str, callbacks: Sequence[Callback] = (), unit: str = "", description: str = ""
     ) -> Observable:
-        made: Observable = self.registry.add(
-            Observable(name, unit, description, callbacks, "gauge")
-        )
-        return made
+        return self._observable("gauge", name, callbacks, unit, description)
 
     def create_observable_counter(
         self, name: str, callbacks: Sequence[Callback] = (), unit: str = "", description: str = ""
     ) -> Observable:
-        made: Observable = self.registry.add(
-            Observable(name, unit, description, callbacks, "counter")
-        )
+        return self._observable("counter", name, callbacks, unit, description)
+
+    def _observable(
+        self, kind: str, name: str, callbacks: Sequence[Callback], unit: str, description: str
+    ) -> Observable:
+        made: Observable = self.registry.add(Observable(name, unit, description, callbacks, kind))
         return made
 
 
@@ -289,6 +315,12 @@ def _family(instrument: _Instrument | Observable) -> Family | None:
     for row, value in rows:
         sums.add_metric(row, value[0])
     return sums
+
+
+def _key(attributes: Attributes) -> Key:
+    """Attributes as a sorted, hashable key (unhashable values as the exporter shows them)."""
+    items = attributes.items() if attributes else ()
+    return tuple(sorted((k, v if _hashable(v) else json.dumps(v, default=str)) for k, v in items))
 
 
 def _label(value: Any) -> str:

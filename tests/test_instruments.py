@@ -68,6 +68,8 @@ def _record(meter: Any) -> None:
     per_token.record(0.0075, {"model": "m"})
     sizes = meter.create_histogram("meshllm.audit.batch", unit="By", description="Bytes.")
     sizes.record(512.5)
+    sizes.record(-1.0)  # dropped, as a negative value is by the SDK
+    duration.record(float("nan"))
     meter.create_observable_gauge("meshllm.router.buffered", callbacks=[_queue],
                                   unit="{request}", description="Buffered.")  # fmt: skip
     meter.create_observable_counter("meshllm.inference.generated", callbacks=[_served],
@@ -133,3 +135,39 @@ def test_unhashable_attribute_values_are_labels_as_json() -> None:
 def test_an_instrument_made_twice_is_one_instrument(create: Callable[..., Any]) -> None:
     meter = Meter(Registry())
     assert create(meter, "meshllm.test.twice") is create(meter, "meshllm.test.twice")
+
+
+def _fails(options: CallbackOptions) -> Iterable[Observation]:
+    raise RuntimeError("the state this gauge reads is gone")
+
+
+def _odd(options: CallbackOptions) -> Iterable[Observation]:
+    yield Observation(float("inf"), {"kind": "infinite"})
+    yield Observation(2, {"groups": ["a", "b"]})
+
+
+def test_a_failing_callback_leaves_the_rest_of_the_scrape() -> None:
+    registry = Registry()
+    meter = Meter(registry)
+    meter.create_observable_gauge("meshllm.test.broken", callbacks=[_fails])
+    meter.create_observable_gauge("meshllm.test.odd", callbacks=[_odd])
+    meter.create_counter("meshllm.test.fine").add(1)
+    found = {name: (labels, value) for _, name, labels, value in
+             _samples(PrometheusScrape(registry).render().decode())}  # fmt: skip
+    assert found["meshllm_test_fine_total"] == ((), 1.0)
+    assert found["meshllm_test_odd"] == ((("groups", '["a", "b"]'),), 2.0)  # not the infinite one
+    assert not any(name.startswith("meshllm_test_broken") for name in found)
+
+
+def test_folded_series_are_not_remembered() -> None:
+    counter = Meter(Registry()).create_counter("meshllm.test.minted")
+    for number in range(SERIES_LIMIT + 5000):
+        counter.add(1, {"caller": f"c{number}"})
+    assert len(counter._series) <= SERIES_LIMIT  # the memory this bounds
+
+
+def test_a_name_is_one_kind_of_instrument() -> None:
+    meter = Meter(Registry())
+    meter.create_counter("meshllm.test.kind")
+    with pytest.raises(ValueError, match="another kind"):
+        meter.create_histogram("meshllm.test.kind")

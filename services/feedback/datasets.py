@@ -15,7 +15,9 @@ left out (counted as ``below_rating``).
 Every row goes, in order, through:
 
 0. the prompt: the caller's messages, or for an answer from the knowledge base the prompt
-   the model was given, sources included (unless the filters say ``sources=False``);
+   the model was given, sources included (unless the filters say ``sources=False``); an
+   answer from sources whose prompt was not kept (a source only some groups may read, or
+   rated before prompts were kept) is left out (``sources_withheld``);
 1. the tenant's PII policy for the ``training`` purpose (every message's content);
 2. the length check (``max_chars`` of content per row) and the empty check;
 3. deduplication (the same messages, whitespace and case folded, count once; the most
@@ -101,6 +103,7 @@ class Counts:
     pii_redacted: int = 0  # values the training policy replaced
     over_max_rows: int = 0
     with_sources: int = 0  # rows whose prompt holds the knowledge base's sources
+    sources_withheld: int = 0  # answers from sources whose prompt was not kept (ACL, older)
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,9 @@ class Builder:
         assistant = target(example, spec.filters)
         if assistant is None:
             counts.below_rating += 1
+            return None
+        if spec.filters.sources and example.retrieved_chunk_ids and not example.prompt:
+            counts.sources_withheld += 1  # a row must not teach citing sources it does not show
             return None
         sourced = bool(example.prompt) and spec.filters.sources
         asked = example.prompt if sourced else example.messages

@@ -209,8 +209,10 @@ def join(
 def _prompt(
     request_id: str, records: Sequence[Mapping[str, Any]], *, sourced: bool
 ) -> tuple[Message, ...]:
-    """The augmented prompt of the routing record; () when the router changed nothing (or
-    its record predates prompts being recorded)."""
+    """The augmented prompt of the routing record; () when the router changed nothing, when
+    its record predates prompts being recorded, or when a source in it is readable only by
+    some of the tenant's groups (feedback and datasets are read tenant-wide, so such a
+    prompt is not kept; the audit log keeps it for auditors)."""
     routing = next(
         (r for r in records if r.get("kind") == "routing" and r.get("event") is not None
          and r["event"].get("routing", {}).get("prompt")),
@@ -221,6 +223,8 @@ def _prompt(
             raise NotYet(f"the audit log has no routing record of {request_id} yet")
         if sourced and any(r.get("kind") == "routing" and r.get("event") is None for r in records):
             raise JoinError(f"the content of {request_id} was purged from the audit log")
+        return ()
+    if routing["event"]["routing"].get("prompt_restricted"):
         return ()
     return tuple(
         Message(str(m.get("role", "")), str(m.get("content", "")))

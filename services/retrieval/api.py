@@ -192,6 +192,8 @@ class RetrievalApi:
                     "score": hit.score,
                     "bm25_rank": hit.bm25_rank,
                     "vector_rank": hit.vector_rank,
+                    # readable only by some of the tenant's groups (it has an ACL)
+                    "restricted": bool(hit.chunk.acl),
                 }
                 for hit in hits
             ]

@@ -56,6 +56,7 @@ class Source:
     collection: str
     text: str
     score: float
+    restricted: bool = False  # readable only by some of the tenant's groups (an ACL)
 
 
 def question_of(request: ev.InferenceRequest) -> str:
@@ -102,6 +103,7 @@ async def retrieve(
             collection=str(hit["collection"]),
             text=str(hit["text"]),
             score=float(hit.get("score") or 0.0),
+            restricted=bool(hit.get("restricted", True)),  # unknown: assume it is
         )
         for hit in reply.json()["hits"]
     ]

@@ -188,6 +188,7 @@ class Router:
         pool: Pool | None = None
         outcome: _Outcome | None = None
         prompted = request
+        sources: list[rag.Source] = []
         try:
             self._check_deadline(request)
             sources = await self._sources(request)
@@ -214,7 +215,8 @@ class Router:
         await self._publisher.publish(
             reply_topic, final, key=request.request_id, tenant=request.envelope.tenant
         )
-        await self._audit(request, pool, outcome, queue_wait_us, prompted)
+        restricted = any(source.restricted for source in sources)
+        await self._audit(request, pool, outcome, queue_wait_us, prompted, restricted=restricted)
 
     async def _sources(self, request: ev.InferenceRequest) -> list[rag.Source]:
         """The knowledge-base sources of a RAG request, within the context budget."""
@@ -388,6 +390,8 @@ class Router:
         outcome: _Outcome | None,
         queue_wait_us: int,
         prompted: ev.InferenceRequest,
+        *,
+        restricted: bool = False,
     ) -> None:
         """The routing record; for an augmented prompt it holds the messages the model was
         given, redacted by the tenant's ``audit`` policy like the gateway's records."""
@@ -404,8 +408,9 @@ class Router:
         event.routing.replica = outcome.replica if outcome else ""
         event.routing.queue_wait_us = queue_wait_us
         event.routing.attempt = outcome.attempt if outcome else 0
-        if prompted is not request:
+        if prompted is not request and outcome is not None:  # the model was given it
             event.routing.prompt.extend(prompted.messages)
+            event.routing.prompt_restricted = restricted
             redact_audit_event(event, self._pii.redactor(request.envelope.tenant, Purpose.AUDIT))
         # acknowledged before the request's offset is committed: a routing record the broker
         # did not take fails the request's handling (it is dead-lettered with the reason)

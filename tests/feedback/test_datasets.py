@@ -254,6 +254,11 @@ def test_a_row_of_a_sourced_answer_holds_the_prompt_the_model_was_given() -> Non
     assert lines["rag"][2]["content"] == "25 days [1]."
     assert lines["plain"][0]["content"].startswith("How do I reset my VPN password?")
 
+    withheld = example("acl", retrieved_chunk_ids=("doc-9#0",), correction="Ask HR [1].")
+    built = build([*rows, withheld], DatasetSpec("acme", "s"), _training(), scan_structured)
+    assert built.counts.sources_withheld == 1
+    assert "acl" not in built.source_request_ids
+
     without = DatasetSpec("acme", "s", DatasetFilters(sources=False))
     built = build(rows, without, _training(), scan_structured)
     assert built.counts.with_sources == 0

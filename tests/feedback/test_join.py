@@ -112,6 +112,14 @@ def test_a_sourced_answer_waits_for_its_routing_record() -> None:
     assert made.prompt == ()
 
 
+def test_a_prompt_with_a_source_only_some_groups_may_read_is_not_kept() -> None:
+    event, context = rating()
+    routing = {"prompt": PROMPT, "prompt_restricted": True}
+    made = join(event, context.envelope, _records(sourced=True, routing=routing))
+    assert made.prompt == ()
+    assert made.retrieved_chunk_ids == ("doc-1#0",)
+
+
 def test_an_answer_without_sources_needs_no_routing_record() -> None:
     event, context = rating()
     assert join(event, context.envelope, _records(sourced=False)).prompt == ()

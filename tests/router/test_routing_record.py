@@ -81,17 +81,18 @@ class Recorder:
         return None
 
 
-def _kb(http: httpx.Request) -> httpx.Response:
+def _kb(restricted: bool) -> httpx.MockTransport:
     hit = {"chunk_id": "doc-1#0", "document_id": "doc-1", "title": "Contacts", "score": 1.0,
-           "collection": "handbook", "text": "IT help desk: call 13812345678."}  # fmt: skip
-    return httpx.Response(200, json={"hits": [hit]})
+           "collection": "handbook", "text": "IT help desk: call 13812345678.",
+           "restricted": restricted}  # fmt: skip
+    return httpx.MockTransport(lambda http: httpx.Response(200, json={"hits": [hit]}))
 
 
-async def _route(rag_collections: list[str]) -> ev.AuditEvent:
+async def _route(rag_collections: list[str], *, restricted: bool = False) -> ev.AuditEvent:
     pii = TenantPiiSettings(tenants={"acme": {Purpose.AUDIT: PiiPolicy()}})
     with FakeBackend(free_port()) as replica:
         recorder = Recorder()
-        mounts = {"http://kb.test": httpx.MockTransport(_kb)}
+        mounts = {"http://kb.test": _kb(restricted)}
         async with httpx.AsyncClient(mounts=mounts) as client:
             router = Router(
                 recorder,  # type: ignore[arg-type]
@@ -128,6 +129,13 @@ async def test_the_routing_record_keeps_the_augmented_prompt_redacted_for_audit(
     # the tenant's audit policy masks PII in the sources and in the caller's words alike
     assert "13812345678" not in user_turn
     assert "ann@example.com" not in user_turn
+    assert not routing.routing.prompt_restricted
+
+
+async def test_a_prompt_with_a_source_only_some_groups_may_read_says_so() -> None:
+    routing = await _route(["handbook"], restricted=True)
+    assert routing.routing.prompt
+    assert routing.routing.prompt_restricted
 
 
 async def test_a_prompt_the_router_did_not_change_is_not_recorded_twice() -> None:

@@ -305,20 +305,22 @@ class ResponseRecord(_message.Message):
     def __init__(self, choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., status_code: _Optional[int] = ..., error: _Optional[_Union[ErrorInfo, _Mapping]] = ..., latency_us: _Optional[int] = ..., retrieved_chunk_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RoutingDecision(_message.Message):
-    __slots__ = ("pool", "replica", "queue_wait_us", "cache", "attempt", "prompt")
+    __slots__ = ("pool", "replica", "queue_wait_us", "cache", "attempt", "prompt", "prompt_restricted")
     POOL_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     QUEUE_WAIT_US_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_RESTRICTED_FIELD_NUMBER: _ClassVar[int]
     pool: str
     replica: str
     queue_wait_us: int
     cache: str
     attempt: int
     prompt: _containers.RepeatedCompositeFieldContainer[ChatMessage]
-    def __init__(self, pool: _Optional[str] = ..., replica: _Optional[str] = ..., queue_wait_us: _Optional[int] = ..., cache: _Optional[str] = ..., attempt: _Optional[int] = ..., prompt: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+    prompt_restricted: bool
+    def __init__(self, pool: _Optional[str] = ..., replica: _Optional[str] = ..., queue_wait_us: _Optional[int] = ..., cache: _Optional[str] = ..., attempt: _Optional[int] = ..., prompt: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_restricted: _Optional[bool] = ...) -> None: ...
 
 class PolicyDecision(_message.Message):
     __slots__ = ("allow", "reasons", "action", "resource", "roles")
