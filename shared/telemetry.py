@@ -108,6 +108,8 @@ class Telemetry:
             self.tracer_provider.add_span_processor(
                 BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{endpoint.rstrip('/')}/v1/traces"))
             )
+            log.info("traces go to the OTLP endpoint; metrics are not pushed, scrape /metrics",
+                     endpoint=endpoint)  # fmt: skip
         self.scrape: PrometheusScrape | None = None
         if settings.telemetry.prometheus:
             self.scrape = PrometheusScrape(resource=dict(resource.attributes))

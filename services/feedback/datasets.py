@@ -37,8 +37,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from services.feedback.examples import Example
@@ -104,6 +104,7 @@ class Counts:
     over_max_rows: int = 0
     with_sources: int = 0  # rows whose prompt holds the knowledge base's sources
     sources_withheld: int = 0  # answers from sources whose prompt was not kept (ACL, older)
+    erased: int = 0  # rows whose request was erased while the dataset was being built
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,15 @@ class BuiltDataset:
 
     def lines(self, split: str) -> list[str]:
         return [row.line for row in self.rows if row.split == split]
+
+    def without(self, request_ids: Collection[str]) -> BuiltDataset:
+        """These rows less those of ``request_ids`` (erased while the build read)."""
+        kept = tuple(row for row in self.rows if row.request_id not in request_ids)
+        if len(kept) == len(self.rows):
+            return self
+        counts = replace(self.counts, erased=self.counts.erased + len(self.rows) - len(kept))
+        ids = tuple(sorted({row.request_id for row in kept}))
+        return BuiltDataset(kept, counts, ids, self.residue_types)
 
 
 def target(example: Example, filters: DatasetFilters) -> str | None:

@@ -146,12 +146,15 @@ def join(
     event: ev.FeedbackEvent,
     envelope: ev.Envelope,
     records: Sequence[Mapping[str, Any]],
+    *,
+    routing_overdue: bool = False,
 ) -> Example:
     """The example of ``event``, from the audit records of its request (the audit API's
     JSON: ``kind``, ``model``, ``model_version``, ``occurred_at`` and the decoded ``event``).
 
     An answer from knowledge-base sources also needs the router's routing record: it holds
-    the prompt the model was given, sources included, which becomes :attr:`Example.prompt`.
+    the prompt the model was given, sources included, which becomes :attr:`Example.prompt`
+    (``routing_overdue``: it will not come; the example is made without it).
 
     Raises:
         NotYet: no records, a request without its response, or a sourced answer without
@@ -181,7 +184,8 @@ def join(
     answered = response["event"].get("response", {})
     choices = answered.get("choices", [])
     first = choices[0] if choices else {}
-    prompt = _prompt(event.request_id, records, sourced=bool(answered.get("retrieved_chunk_ids")))
+    sourced = bool(answered.get("retrieved_chunk_ids")) and not routing_overdue
+    prompt = _prompt(event.request_id, records, sourced=sourced)
     return Example(
         tenant=envelope.tenant,
         request_id=event.request_id,

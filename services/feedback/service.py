@@ -123,7 +123,13 @@ class FeedbackService:
                 return join(event, envelope, records)
             except NotYet as error:
                 kinds = {r.get("kind") for r in records}
-                if "response" not in kinds and _unanswered(records, self.settings.answer_within_s):
+                if "response" in kinds and _older(records, "response", self.settings.join_wait_s):
+                    # the routing record follows the answer by moments: one this late will
+                    # not come (its publish failed); keep the rating, without the prompt
+                    return join(event, envelope, records, routing_overdue=True)
+                if "response" not in kinds and _older(
+                    records, "request", self.settings.answer_within_s
+                ):
                     metrics.taken("rejected")  # it will never have an answer to join
                     message = f"{error}; the request is too old to be answered"
                     raise PoisonEvent(message) from error
@@ -174,13 +180,14 @@ class FeedbackService:
         policy_json = policy.model_dump(mode="json", exclude={"key"})
         now = datetime.now(UTC)
 
-        def make(version: int) -> tuple[dict[str, Any], Any]:
+        def make(version: int, erased: set[str]) -> tuple[dict[str, Any], Any]:
+            kept = built.without(erased)
             made = manifest(
-                spec, built, dataset_id=f"{spec.name}-v{version}", version=version,
+                spec, kept, dataset_id=f"{spec.name}-v{version}", version=version,
                 created_at=now.isoformat().replace("+00:00", "Z"), pii_policy=policy_json,
                 source=source,
             )  # fmt: skip
-            return made, built.rows
+            return made, kept.rows
 
         for attempt in range(3):
             try:
@@ -246,12 +253,12 @@ class FeedbackService:
             await asyncio.sleep(self.settings.quality_interval_s)
 
 
-def _unanswered(records: Sequence[Mapping[str, Any]], within_s: float) -> bool:
-    """Whether the request record is older than any answer to it can be (its response
-    record, when there is one, is written when it is answered)."""
-    asked = next((r for r in records if r.get("kind") == "request"), None)
-    at_ns = iso_ns(asked.get("occurred_at")) if asked is not None else None
-    return at_ns is not None and (time.time_ns() - at_ns) / 1e9 > within_s
+def _older(records: Sequence[Mapping[str, Any]], kind: str, seconds: float) -> bool:
+    """Whether the ``kind`` record is older than ``seconds`` (a request older than any answer
+    to it can be; an answer older than its routing record can follow it)."""
+    found = next((r for r in records if r.get("kind") == kind), None)
+    at_ns = iso_ns(found.get("occurred_at")) if found is not None else None
+    return at_ns is not None and (time.time_ns() - at_ns) / 1e9 > seconds
 
 
 def _redact(redactor: Redactor, text: str) -> tuple[str, int]:

@@ -258,18 +258,21 @@ class FeedbackStore:
         tenant: str,
         name: str,
         created_at_ns: int,
-        make: Callable[[int], tuple[dict[str, Any], Sequence[Row]]],
+        make: Callable[[int, set[str]], tuple[dict[str, Any], Sequence[Row]]],
     ) -> dict[str, Any]:
-        """Store the next version of ``tenant``'s dataset ``name``: ``make(version)`` gives
-        its manifest and rows. Raises :class:`DatasetExists` if a concurrent build took the
-        version (the caller builds again)."""
+        """Store the next version of ``tenant``'s dataset ``name``: ``make(version, erased)``
+        gives its manifest and rows, leaving out the requests erased so far (a build reads
+        for a while; an erasure that finished meanwhile must not come back with it). Raises
+        :class:`DatasetExists` if a concurrent build took the version (the caller builds
+        again)."""
         async with self.driver.transaction() as tx:
             [(latest,)] = await tx.fetch(
                 "SELECT COALESCE(MAX(version), 0) FROM datasets WHERE tenant = ? AND name = ?",
                 [tenant, name],
             )
             version = int(latest) + 1
-            manifest, rows = make(version)
+            erased = await tx.fetch("SELECT request_id FROM erasures WHERE tenant = ?", [tenant])
+            manifest, rows = make(version, {str(row[0]) for row in erased})
             dataset_id = manifest["id"]
             try:
                 await tx.execute(

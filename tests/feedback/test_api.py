@@ -39,7 +39,7 @@ async def api(tmp_path: Path) -> Any:
     spec = DatasetSpec("acme", "old")
     built = build([example("r0")], spec, lambda t: (t, 0), lambda t: [])
     made = manifest(spec, built, dataset_id="old-v1", version=1, created_at="t", pii_policy={})
-    await store.add_dataset("acme", "old", 1, lambda version: (made, built.rows))
+    await store.add_dataset("acme", "old", 1, lambda version, erased: (made, built.rows))
     await store.purge_datasets("acme", 10, now_ns=11)
     service = FeedbackService(store, FeedbackSettings(), NoPublisher(), NoAudit())  # type: ignore[arg-type]
     guard = ServiceGuard.of_tokens({"gateway": GATEWAY, "router": ROUTER})

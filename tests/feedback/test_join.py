@@ -15,7 +15,7 @@ from services.feedback.drivers import SqliteDriver
 from services.feedback.examples import JoinError, NotYet, join
 from services.feedback.service import FeedbackService
 from services.feedback.settings import FeedbackSettings
-from services.feedback.store import FeedbackStore
+from services.feedback.store import FeedbackQuery, FeedbackStore
 from shared.bus.consumer import EventContext, PoisonEvent
 from shared.envelope import stamp
 from shared.events.v1 import events_pb2 as ev
@@ -133,3 +133,20 @@ async def test_a_response_without_its_request_is_dead_lettered(store: FeedbackSt
     service = FeedbackService(store, FeedbackSettings(join_wait_s=5), None, Orphan())  # type: ignore[arg-type]
     with pytest.raises(PoisonEvent, match="no request"):
         await service.on_event(*rating())
+
+
+async def test_a_routing_record_that_never_came_does_not_hold_the_rating(
+    store: FeedbackStore,
+) -> None:
+    class Late:
+        async def records(self, tenant: str, request_id: str) -> list[dict[str, Any]]:
+            old = (datetime.now(UTC) - timedelta(minutes=5)).isoformat().replace("+00:00", "Z")
+            return [{**r, "occurred_at": old} for r in _records(sourced=True)]
+
+    service = FeedbackService(store, FeedbackSettings(join_wait_s=30), None, Late())  # type: ignore[arg-type]
+    started = time.monotonic()
+    await service.on_event(*rating())
+    assert time.monotonic() - started < 5
+    [kept] = await store.query(FeedbackQuery("acme", request_id="r1"))
+    assert kept.prompt == ()
+    assert kept.retrieved_chunk_ids == ("doc-1#0",)  # its dataset row is withheld

@@ -68,10 +68,11 @@ def _dataset(store: FeedbackStore, name: str, examples: list) -> object:  # type
     spec = DatasetSpec(tenant="acme", name=name)
     built = build(examples, spec, lambda text: (text, 0), lambda text: [])
 
-    def make(version: int) -> tuple[dict, object]:  # type: ignore[type-arg]
-        made = manifest(spec, built, dataset_id=f"{name}-v{version}", version=version,
+    def make(version: int, erased: set[str]) -> tuple[dict, object]:  # type: ignore[type-arg]
+        kept = built.without(erased)
+        made = manifest(spec, kept, dataset_id=f"{name}-v{version}", version=version,
                         created_at="2026-12-07T00:00:00Z", pii_policy={})  # fmt: skip
-        return made, built.rows
+        return made, kept.rows
 
     return store.add_dataset("acme", name, 1, make)  # type: ignore[arg-type]
 
@@ -209,3 +210,15 @@ async def test_a_build_reads_the_history_a_page_at_a_time_and_gets_the_same_rows
         builder.add_all(page)
     assert builder.result() == build(flat, spec, lambda text: (text, 0), lambda text: [])
     assert builder.result().counts.over_max_rows == 7
+
+
+async def test_a_request_erased_while_a_build_read_is_not_in_the_dataset(
+    store: FeedbackStore,
+) -> None:
+    rows = [example("kept"), example("gone")]
+    for row in rows:
+        await store.put(row)
+    await store.erase("acme", "gone", 5)  # after the build read it, before it stored
+    made = await _dataset(store, "raced", rows)  # type: ignore[misc]
+    assert made["source_request_ids"] == ["kept"]
+    assert made["counts"]["erased"] == 1
