@@ -59,9 +59,15 @@ def spans() -> InMemorySpanExporter:
     return _SPANS
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    """A Kafka-compatible broker with the registered topics: ``MESHLLM_TEST_KAFKA`` or embedded."""
+    """A Kafka-compatible broker with the registered topics: ``MESHLLM_TEST_KAFKA``, or an
+    embedded one for each test module.
+
+    The embedded broker slows down as its partitions fill (a fetch walks the partition's
+    record batches: ``benchmarks/results/broker_fetch_cost.md``), so one broker for the
+    whole session made the later modules slow by the traffic of the earlier ones.
+    """
     given = os.environ.get("MESHLLM_TEST_KAFKA")
     if given:
         await ensure_topics(given)
