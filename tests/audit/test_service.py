@@ -782,7 +782,7 @@ async def assert_store_verifies(audit: AuditProcess) -> None:
     assert report.seals_checked == report.records
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(400)
 async def test_kill_9_ten_times_during_2000_requests_loses_and_duplicates_nothing(
     audit: AuditProcess, publisher: Publisher, kafka_bootstrap: str
 ) -> None:
@@ -832,7 +832,9 @@ async def test_kill_9_ten_times_during_2000_requests_loses_and_duplicates_nothin
         found = kinds_of(audit.db, tenant)
         return found is not None and found.total() >= 2 * requests
 
-    await eventually(complete, 60, f"{2 * requests} records", interval=0.5)
+    # catching up after the last restart is slow where the machine and the embedded broker
+    # are (its fetches cost more as partitions fill): a bound for "never", not a speed target
+    await eventually(complete, 180, f"{2 * requests} records", interval=0.5)
     assert len(published) == 2 * requests
     assert_stored_once(audit.db, tenant, published)
     served = [record["event_id"] for record in await audit.records(tenant=tenant)]
