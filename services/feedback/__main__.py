@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import Awaitable
 
 from services.feedback.api import CALLERS, FeedbackApi
-from services.feedback.drivers import Driver, PostgresDriver, SqliteDriver
 from services.feedback.service import AuditReader, FeedbackService
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
@@ -17,6 +16,7 @@ from shared.logging import get_logger
 from shared.service import run_service
 from shared.service_auth import ServiceGuard, service_headers
 from shared.settings import SettingsError
+from shared.sqldb import Driver, PostgresDriver, SqliteDriver
 from shared.topics import FEEDBACK_EVENTS
 
 NAME = "feedback"

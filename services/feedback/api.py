@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from services.feedback.datasets import SPLITS, DatasetFilters, DatasetSpec, UploadError
+from services.feedback.datasets import SPLITS, DatasetFilters, DatasetSpec
 from services.feedback.service import FeedbackService
 from services.feedback.store import FeedbackQuery
 from shared.feedback_requests import (
@@ -38,6 +38,7 @@ from shared.feedback_requests import (
     parse_dataset_request,
     parse_request_id,
 )
+from shared.finetune_format import FormatError
 from shared.http_body import read_json_body
 from shared.logging import get_logger
 from shared.openai_protocol import (
@@ -208,7 +209,7 @@ class FeedbackApi:
                 raise RequestTooLargeError(f"the file is over {most} bytes")
         try:
             made = await self.service.import_dataset(spec, bytes(data))
-        except UploadError as error:
+        except FormatError as error:
             raise invalid_field("file", str(error)) from None
         return JSONResponse(made, status_code=201)
 

@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from services.feedback.examples import Example
+from shared import finetune_format
+from shared.finetune_format import FormatError
 
 FORMAT = "openai-chat-jsonl"
 SPLITS = ("train", "eval")
@@ -301,51 +303,25 @@ def manifest(
     }
 
 
-class UploadError(ValueError):
-    """An uploaded JSONL file is not OpenAI's chat fine-tuning format; names the line."""
-
-    def __init__(self, line: int, message: str) -> None:
-        super().__init__(f"line {line}: {message}")
-        self.line = line
-
-
-UPLOAD_ROLES = frozenset({"system", "user", "assistant"})
-
-
 def examples_from_jsonl(data: bytes, tenant: str, *, uploaded_at_ns: int) -> list[Example]:
     """An uploaded chat-format JSONL file as examples :func:`build` takes: each line's last
     turn (the assistant's) is its correction, so every line qualifies whatever the rating.
 
     Raises:
-        UploadError: a line that is not UTF-8 JSON with a ``messages`` list of role/content
-            objects ending with the assistant's turn.
+        FormatError: a line not in OpenAI's chat fine-tuning format
+            (:mod:`shared.finetune_format`), or whose last turn is not the assistant's.
     """
     from services.feedback.examples import Message
 
     examples = []
-    for number, raw in enumerate(data.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as error:
-            raise UploadError(number, f"not UTF-8 JSON ({error})") from None
-        messages = row.get("messages") if isinstance(row, dict) else None
-        if not isinstance(messages, list) or len(messages) < 2:
-            raise UploadError(number, "needs a 'messages' list of at least two turns")
-        turns = []
-        for turn in messages:
-            if (
-                not isinstance(turn, dict)
-                or turn.get("role") not in UPLOAD_ROLES
-                or not isinstance(turn.get("content"), str)
-            ):
-                raise UploadError(
-                    number, "each message needs a role (system, user, assistant) and text content"
-                )
-            turns.append(Message(turn["role"], turn["content"]))
-        if turns[-1].role != "assistant":
-            raise UploadError(number, "the last message must be the assistant's")
+    lines = data.splitlines()
+    for number, _kind, row in finetune_format.rows(data):
+        if not isinstance(row, finetune_format.ChatRow):
+            raise FormatError(number, "a dataset takes chat rows ('messages'), not preferences")
+        turns = [Message(m.role, m.content) for m in row.messages]
+        if len(turns) < 2 or turns[-1].role != "assistant":
+            raise FormatError(number, "the last message must be the assistant's")
+        raw = lines[number - 1]
         request_id = "upload-" + hashlib.sha256(raw.strip()).hexdigest()[:32]
         examples.append(
             Example(
@@ -371,5 +347,5 @@ def examples_from_jsonl(data: bytes, tenant: str, *, uploaded_at_ns: int) -> lis
             )
         )
     if not examples:
-        raise UploadError(1, "the file has no rows")
+        raise FormatError(1, "the file has no rows")
     return examples

@@ -166,7 +166,7 @@ class FeedbackService:
         """Make an uploaded chat-format JSONL file a dataset, through the same checks.
 
         Raises:
-            UploadError: a line that is not chat-format JSON (its number is in the message).
+            FormatError: a line that is not chat-format JSON (its number is in the message).
         """
         examples = examples_from_jsonl(data, spec.tenant, uploaded_at_ns=time.time_ns())
         redact = training_redaction(self.settings, spec.tenant)

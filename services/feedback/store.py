@@ -1,6 +1,6 @@
 """Where rated examples and datasets are kept: SQLite (embedded) or PostgreSQL (cluster).
 
-One implementation over a :class:`~services.feedback.drivers.Driver`. Tables:
+One implementation over a :class:`~shared.sqldb.Driver`. Tables:
 
 - ``examples``: one row per (tenant, request id, subject), replaced by a newer rating only
   (``rated_at_ns``), so redelivered or reordered events cannot undo a later rating and a
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.feedback.datasets import SPLITS, Row, split_digest, whole_digest
-from services.feedback.drivers import Driver
 from services.feedback.examples import Example, messages_from_json, messages_json
 from services.feedback.quality import QualityCounts
+from shared.sqldb import Driver
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS examples (

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from services.feedback.drivers import PostgresDriver, SqliteDriver
 from services.feedback.examples import Example, Message
 from services.feedback.store import FeedbackStore
+from shared.sqldb import PostgresDriver, SqliteDriver
 from tests.procs.postgres import postgres_database
 
 

@@ -12,11 +12,11 @@ from starlette.testclient import TestClient
 
 from services.feedback.api import FeedbackApi
 from services.feedback.datasets import DatasetSpec, build, manifest
-from services.feedback.drivers import SqliteDriver
 from services.feedback.service import FeedbackService
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
 from shared.service_auth import ServiceGuard
+from shared.sqldb import SqliteDriver
 from tests.feedback.conftest import example
 
 GATEWAY, ROUTER = "g" * 64, "r" * 64

@@ -10,7 +10,6 @@ import pytest
 from services.feedback.datasets import (
     DatasetFilters,
     DatasetSpec,
-    UploadError,
     build,
     examples_from_jsonl,
     manifest,
@@ -20,6 +19,7 @@ from services.feedback.examples import Message
 from services.feedback.quality import wilson
 from services.feedback.service import scan_structured
 from shared.feedback_requests import parse_dataset_request, parse_rating
+from shared.finetune_format import FormatError
 from shared.openai_protocol import InvalidRequestError
 from shared.pii import Purpose, TenantPiiSettings
 from tests.feedback.conftest import example
@@ -119,11 +119,11 @@ def test_an_uploaded_file_is_checked_line_by_line() -> None:
     examples = examples_from_jsonl((good + "\n\n" + good).encode(), "acme", uploaded_at_ns=1)
     assert len(examples) == 2
     assert examples[0].correction == "hello"
-    with pytest.raises(UploadError, match="line 2"):
+    with pytest.raises(FormatError, match="line 2"):
         examples_from_jsonl((good + "\n{not json").encode(), "acme", uploaded_at_ns=1)
     last_user = json.dumps({"messages": [{"role": "assistant", "content": "a"},
                                          {"role": "user", "content": "b"}]})  # fmt: skip
-    with pytest.raises(UploadError, match="line 1: the last message"):
+    with pytest.raises(FormatError, match="line 1: the last message"):
         examples_from_jsonl(last_user.encode(), "acme", uploaded_at_ns=1)
 
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from services.feedback.drivers import SqliteDriver
 from services.feedback.examples import JoinError, NotYet, join
 from services.feedback.service import FeedbackService
 from services.feedback.settings import FeedbackSettings
@@ -19,6 +18,7 @@ from services.feedback.store import FeedbackQuery, FeedbackStore
 from shared.bus.consumer import EventContext, PoisonEvent
 from shared.envelope import stamp
 from shared.events.v1 import events_pb2 as ev
+from shared.sqldb import SqliteDriver
 
 
 class Records:

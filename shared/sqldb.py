@@ -1,4 +1,5 @@
-"""The two databases the feedback store runs on, behind one small :class:`Driver` contract.
+"""The two databases the feedback and trainer stores run on, behind one small
+:class:`Driver` contract.
 
 - :class:`SqliteDriver` (embedded mode): one connection, its calls on a worker thread and
   one at a time; a transaction holds the connection (``BEGIN IMMEDIATE``).
