@@ -28,10 +28,10 @@ RUN whl="$(ls /wheels/meshllm-*.whl)" \
     && useradd --create-home --uid 10001 --user-group meshllm
 USER meshllm
 # the named volumes mount here; made by this user so it can write to them
-RUN mkdir -p /home/meshllm/var/audit /home/meshllm/var/gateway /home/meshllm/var/kb \
+RUN mkdir -p /home/meshllm/var/audit /home/meshllm/var/gateway /home/meshllm/var/kb /home/meshllm/var/trainer \
     /home/meshllm/.cache/meshllm \
     && cd /home/meshllm && mkdir -m 700 service-tokens && cd service-tokens \
-    && mkdir -m 700 gateway router retrieval audit inference digests events
+    && mkdir -m 700 gateway router retrieval audit inference feedback trainer digests events
 WORKDIR /home/meshllm
 COPY --chown=meshllm policies /home/meshllm/policies
 ENV MESHLLM_POLICY_DIR=/home/meshllm/policies

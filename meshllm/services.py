@@ -29,6 +29,8 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec(name="audit", module="services.audit"),
     # ratings joined with the audited answers, and datasets from them (reads the audit API)
     ServiceSpec(name="feedback", module="services.feedback"),
+    # fine-tuning jobs on Ray Train (a local Ray per job), their files and candidates
+    ServiceSpec(name="trainer", module="services.trainer"),
     # SLIs from the answers' spans, alert rules; it serves no API (its /metrics shows both)
     ServiceSpec(name="ops", module="services.ops"),
     ServiceSpec(name="gateway", module="services.gateway", edge=True),

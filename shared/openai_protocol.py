@@ -75,6 +75,13 @@ class NotFoundError(OpenAIError):
     error_type = "not_found_error"
 
 
+class ConflictError(OpenAIError):
+    """409: the resource is in a state that forbids this (a file a running job reads)."""
+
+    status = 409
+    error_type = "invalid_request_error"
+
+
 class ServiceUnavailableError(OpenAIError):
     """503: the model cannot answer now (it is stopping, or failed)."""
 

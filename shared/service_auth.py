@@ -35,7 +35,9 @@ import httpx
 from shared.openai_protocol import OpenAIError
 from shared.settings import MeshSettings, Mode, ServiceAuthSettings, SettingsError
 
-IDENTITIES: tuple[str, ...] = ("gateway", "router", "retrieval", "audit", "inference", "feedback")
+IDENTITIES: tuple[str, ...] = (
+    "gateway", "router", "retrieval", "audit", "inference", "feedback", "trainer",
+)  # fmt: skip
 """Every service identity of the mesh, named as the services are."""
 
 TOKEN_BYTES = 32  # 256 bits

@@ -127,9 +127,20 @@ TRAINING_JOBS = Topic(
     key="job_id",
     partitions=1,
     retention_ms=30 * DAY_MS,
-    producers=("operators",),
+    producers=("trainer",),
     consumers=("trainer",),
-    description="Fine-tuning, distillation, DP training and quantization jobs to run.",
+    description="Fine-tuning jobs created through the API, for the trainer's runners to run "
+    "(the job's row in the trainer's store is the truth; this is the wake-up).",
+)
+TRAINING_PROGRESS = Topic(
+    name="training.progress",
+    messages=(ev.TrainingProgress,),
+    key="job_id",
+    partitions=1,
+    retention_ms=7 * DAY_MS,
+    producers=("trainer",),
+    consumers=("clients", "ops"),
+    description="Fine-tuning jobs' states, and step, loss, tokens/s and ETA while they run.",
 )
 MODEL_CANDIDATES = Topic(
     name="model.candidates",
@@ -229,6 +240,7 @@ REGISTRY: tuple[Topic, ...] = (
     FEEDBACK_EVENTS,
     TRAINING_DATASETS,
     TRAINING_JOBS,
+    TRAINING_PROGRESS,
     MODEL_CANDIDATES,
     MODEL_DEPLOYMENTS,
     MODEL_STATUS,

@@ -154,6 +154,7 @@ def settings_class(service: dict[str, Any]) -> type[MeshSettings]:
     from services.ops.settings import OpsSettings
     from services.retrieval.settings import RetrievalSettings
     from services.router.settings import RouterSettings
+    from services.trainer.settings import TrainerSettings
 
     command = service.get("command", [])
     args = shlex.split(command) if isinstance(command, str) else list(command)
@@ -161,6 +162,7 @@ def settings_class(service: dict[str, Any]) -> type[MeshSettings]:
         return {
             "audit": AuditSettings,
             "feedback": FeedbackSettings,
+            "trainer": TrainerSettings,
             "retrieval": RetrievalSettings,
             "gateway": GatewaySettings,
             "router": RouterSettings,

@@ -2,7 +2,8 @@
 caller, with the tenant the caller may see fixed in the query.
 
 Only the gateway's service identity may call it (401 without a known token, 403 for
-another service), so no other process that reaches the port reads a tenant's feedback.
+another service), so no other process that reaches the port reads a tenant's feedback; the
+trainer's may read a dataset's split files (a fine-tuning job of that tenant trains on them).
 
 Routes (JSON; errors as ``{"error": {...}}``):
 
@@ -53,6 +54,7 @@ from shared.service_auth import ServiceGuard
 
 log = get_logger(__name__)
 CALLERS = frozenset({"gateway"})
+DATASET_READERS = CALLERS | {"trainer"}  # a fine-tuning job reads its dataset's splits
 MAX_PAGE = 500
 CURSOR_PARTS = 3
 MAX_INT64 = 2**63 - 1
@@ -107,11 +109,14 @@ class FeedbackApi:
 
     def app(self) -> Starlette:
         def route(
-            path: str, handler: Callable[[Request], Awaitable[Response]], method: str
+            path: str,
+            handler: Callable[[Request], Awaitable[Response]],
+            method: str,
+            callers: frozenset[str] = CALLERS,
         ) -> Route:
             async def endpoint(request: Request) -> Response:
                 try:
-                    self.guard.check(request.headers, CALLERS)
+                    self.guard.check(request.headers, callers)
                     return await handler(request)
                 except OpenAIError as error:
                     return JSONResponse(error.to_dict(), status_code=error.status)
@@ -131,7 +136,9 @@ class FeedbackApi:
                 route("/v1/datasets/upload", self.upload, "POST"),
                 route("/v1/datasets", self.datasets, "GET"),
                 route("/v1/datasets/{dataset_id}", self.dataset, "GET"),
-                route("/v1/datasets/{dataset_id}/files/{split}", self.file, "GET"),
+                route(
+                    "/v1/datasets/{dataset_id}/files/{split}", self.file, "GET", DATASET_READERS
+                ),
             ]
         )
 

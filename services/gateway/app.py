@@ -53,6 +53,7 @@ from services.gateway.responses import (
 )
 from services.gateway.route_guard import RouteGuard
 from services.gateway.settings import GatewaySettings
+from services.gateway.training_routes import TrainingRoutes
 from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
 from shared.logging import get_logger
@@ -113,19 +114,23 @@ class Gateway:
             record=lambda event, key, tenant: audit.record(event, key=key, tenant=tenant),
             headers=service_headers(settings),
         )
+        guard = RouteGuard(
+            authenticate=self._authenticate,
+            policy=policy,
+            record=lambda event, key, tenant: audit.record(event, key=key, tenant=tenant),
+            rate_limiter=rate_limiter,
+            concurrency=concurrency,
+            limits=settings.limits,
+        )
         self.feedback_routes = FeedbackRoutes(
             settings=settings.feedback,
             audit_url=settings.audit.service_url,
-            guard=RouteGuard(
-                authenticate=self._authenticate,
-                policy=policy,
-                record=lambda event, key, tenant: audit.record(event, key=key, tenant=tenant),
-                rate_limiter=rate_limiter,
-                concurrency=concurrency,
-                limits=settings.limits,
-            ),
+            guard=guard,
             publisher=publisher,
             headers=service_headers(settings),
+        )
+        self.training_routes = TrainingRoutes(
+            settings=settings.training, guard=guard, headers=service_headers(settings)
         )
         self.kb_routes = KbRoutes(
             settings=settings.kb,
@@ -149,6 +154,7 @@ class Gateway:
             *self.audit_routes.routes(),
             *self.kb_routes.routes(),
             *self.feedback_routes.routes(),
+            *self.training_routes.routes(),
         ]
         return Starlette(
             routes=routes,

@@ -141,6 +141,17 @@ class KbSettings(BaseModel):
     max_top_k: int = Field(50, ge=1, le=1000, description="Most hits one search may ask for.")
 
 
+class TrainingRouteSettings(BaseModel):
+    service_url: str = Field(
+        "http://127.0.0.1:8093",
+        description="The trainer that /v1/files and /v1/fine_tuning/jobs forward to.",
+    )
+    max_file_bytes: int = Field(
+        512 * 2**20, ge=1024, le=8 * 2**30, description="Largest file POST /v1/files takes."
+    )
+    body_timeout_s: float = Field(30.0, gt=0, le=600, description="A body not all there: 408.")
+
+
 class FeedbackRouteSettings(BaseModel):
     service_url: str = Field(
         "http://127.0.0.1:8092",
@@ -202,6 +213,7 @@ class GatewaySettings(MeshSettings):
     audit: AuditSettings = AuditSettings()
     kb: KbSettings = KbSettings()
     feedback: FeedbackRouteSettings = FeedbackRouteSettings()
+    training: TrainingRouteSettings = TrainingRouteSettings()
 
     @model_validator(mode="after")
     def _shared_limits_in_a_cluster(self) -> GatewaySettings:

@@ -153,6 +153,10 @@ class ModelEntry:
     created_at: str
     source: str
     directory: Path
+    # "candidate" (trained here, waiting for the release gate: never picked as the latest
+    # unless promoted) or "production"
+    status: str = "production"
+    lineage: dict[str, Any] | None = None  # what a trained version was made from, and how
 
     @property
     def path(self) -> Path:
@@ -218,6 +222,8 @@ class ModelEntry:
                 created_at=str(data["created_at"]),
                 source=str(data.get("source", "")),
                 directory=directory,
+                status=str(data.get("status", "production")),
+                lineage=data.get("lineage") if isinstance(data.get("lineage"), dict) else None,
             )
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise CorruptModel(f"{path}: unreadable manifest ({error})") from None
@@ -262,7 +268,8 @@ class ModelRegistry:
         ]
 
     def latest(self, name: str) -> str:
-        """The version ``resolve(name)`` picks.
+        """The version ``resolve(name)`` picks: the promoted one, else the highest that is not
+        a candidate.
 
         Raises:
             UnknownModel: no version of ``name`` is registered.
@@ -276,7 +283,16 @@ class ModelRegistry:
             if promoted in versions:
                 return promoted
             log.warning("latest pointer names a missing version", model=name, version=promoted)
-        return versions[-1]
+        released = [v for v in versions if self._status(name, v) != "candidate"]
+        if not released:
+            raise UnknownModel(name, None, self.models())
+        return released[-1]
+
+    def _status(self, name: str, version: str) -> str:
+        try:
+            return ModelEntry.from_manifest(self.path / name / version).status
+        except CorruptModel:
+            return "production"  # resolve() tells what is wrong with it
 
     def resolve(self, name: str, version: str | None = None) -> ModelEntry:
         """The manifest of ``name`` at ``version`` (None: the latest), size-checked.
@@ -307,10 +323,13 @@ class ModelRegistry:
         *,
         copy: bool = True,
         source: str | None = None,
+        status: str = "production",
+        lineage: dict[str, Any] | None = None,
     ) -> ModelEntry:
         """Add ``gguf_path`` as ``name`` at ``version``; the same file again is a no-op.
 
         ``copy=False`` stores a symlink to the (absolute) source path instead of a copy.
+        ``status="candidate"``: the version is never :meth:`latest` until promoted.
 
         Raises:
             ValueError: a name or version that is not a safe path component.
@@ -354,6 +373,8 @@ class ModelRegistry:
                 created_at=datetime.now(UTC).isoformat(timespec="seconds"),
                 source=source or str(source_path),
                 directory=model_dir / version,
+                status=status,
+                lineage=lineage,
             )
             (staging / MANIFEST).write_text(json.dumps(entry.manifest(), indent=2) + "\n")
             try:

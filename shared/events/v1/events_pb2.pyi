@@ -24,6 +24,15 @@ class RequestKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REQUEST_KIND_COMPLETION: _ClassVar[RequestKind]
     REQUEST_KIND_EMBEDDING: _ClassVar[RequestKind]
 
+class TrainingState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TRAINING_STATE_UNSPECIFIED: _ClassVar[TrainingState]
+    TRAINING_STATE_QUEUED: _ClassVar[TrainingState]
+    TRAINING_STATE_RUNNING: _ClassVar[TrainingState]
+    TRAINING_STATE_SUCCEEDED: _ClassVar[TrainingState]
+    TRAINING_STATE_FAILED: _ClassVar[TrainingState]
+    TRAINING_STATE_CANCELLED: _ClassVar[TrainingState]
+
 class DeploymentAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DEPLOYMENT_ACTION_UNSPECIFIED: _ClassVar[DeploymentAction]
@@ -62,6 +71,12 @@ REQUEST_KIND_UNSPECIFIED: RequestKind
 REQUEST_KIND_CHAT: RequestKind
 REQUEST_KIND_COMPLETION: RequestKind
 REQUEST_KIND_EMBEDDING: RequestKind
+TRAINING_STATE_UNSPECIFIED: TrainingState
+TRAINING_STATE_QUEUED: TrainingState
+TRAINING_STATE_RUNNING: TrainingState
+TRAINING_STATE_SUCCEEDED: TrainingState
+TRAINING_STATE_FAILED: TrainingState
+TRAINING_STATE_CANCELLED: TrainingState
 DEPLOYMENT_ACTION_UNSPECIFIED: DeploymentAction
 DEPLOYMENT_ACTION_CANARY: DeploymentAction
 DEPLOYMENT_ACTION_PROMOTE: DeploymentAction
@@ -435,7 +450,7 @@ class DatasetReady(_message.Message):
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., dataset_id: _Optional[str] = ..., uri: _Optional[str] = ..., examples: _Optional[int] = ..., sha256: _Optional[str] = ..., purpose: _Optional[str] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("envelope", "job_id", "method", "base_model", "base_version", "dataset_id", "parameters")
+    __slots__ = ("envelope", "job_id", "method", "base_model", "base_version", "dataset_id", "parameters", "training_file", "validation_file")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -450,6 +465,8 @@ class TrainingJob(_message.Message):
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FILE_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_FILE_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     job_id: str
     method: str
@@ -457,7 +474,35 @@ class TrainingJob(_message.Message):
     base_version: str
     dataset_id: str
     parameters: _containers.ScalarMap[str, str]
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., job_id: _Optional[str] = ..., method: _Optional[str] = ..., base_model: _Optional[str] = ..., base_version: _Optional[str] = ..., dataset_id: _Optional[str] = ..., parameters: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    training_file: str
+    validation_file: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., job_id: _Optional[str] = ..., method: _Optional[str] = ..., base_model: _Optional[str] = ..., base_version: _Optional[str] = ..., dataset_id: _Optional[str] = ..., parameters: _Optional[_Mapping[str, str]] = ..., training_file: _Optional[str] = ..., validation_file: _Optional[str] = ...) -> None: ...
+
+class TrainingProgress(_message.Message):
+    __slots__ = ("envelope", "job_id", "state", "step", "total_steps", "epoch", "loss", "tokens_per_s", "eta_s", "fine_tuned_model", "error")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    ETA_S_FIELD_NUMBER: _ClassVar[int]
+    FINE_TUNED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    job_id: str
+    state: TrainingState
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    tokens_per_s: float
+    eta_s: float
+    fine_tuned_model: str
+    error: str
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., job_id: _Optional[str] = ..., state: _Optional[_Union[TrainingState, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., epoch: _Optional[float] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., eta_s: _Optional[float] = ..., fine_tuned_model: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ModelCandidate(_message.Message):
     __slots__ = ("envelope", "model", "version", "base_version", "artifact_uri", "job_id", "metrics")

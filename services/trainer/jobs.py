@@ -1,0 +1,126 @@
+"""Fine-tuning jobs: the states a job moves through, and the OpenAI shapes of jobs, events,
+checkpoints and files. No I/O. (The create body is checked by
+:mod:`shared.training_requests`.)
+
+States::
+
+    queued -> running -> succeeded | failed | cancelled
+    queued -> cancelled
+    running -> queued     (its runner died; taken over from the last checkpoint)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from shared.training_requests import (
+    BASE_LEARNING_RATE,
+    FILE_ID,
+    JOB_ID,
+    JobRequest,
+    new_id,
+    parse_job_request,
+)
+
+__all__ = ["FILE_ID", "JOB_ID", "JobRequest", "new_id", "parse_job_request"]
+
+
+def learning_rate(tuning: str, hyperparameters: Mapping[str, Any]) -> float:
+    """The optimiser's learning rate: the method's base rate times the multiplier."""
+    return BASE_LEARNING_RATE[tuning] * float(hyperparameters["learning_rate_multiplier"])
+
+
+def candidate_version(base_version: str, suffix: str | None, job_id: str) -> str:
+    """The registry version a job's model gets: ``ft-<suffix>-<job tail>`` under the base
+    model's name, so the lineage reads off the name and two jobs never collide."""
+    tail = job_id.removeprefix("ftjob-")[:12].lower()
+    return "-".join(part for part in ("ft", suffix, tail) if part)[:128]
+
+
+def file_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "object": "file",
+        "bytes": row["bytes"],
+        "created_at": row["created_at"],
+        "filename": row["filename"],
+        "purpose": row["purpose"],
+        "status": "processed",
+        "status_details": None,
+        "expires_at": None,
+        "rows": row["row_count"],
+        "kind": row["kind"],
+        "sha256": row["sha256"],
+    }
+
+
+def job_json(job: Mapping[str, Any]) -> dict[str, Any]:
+    """A job row as OpenAI's ``fine_tuning.job`` (with our extensions beside its fields)."""
+    hyper = dict(job["hyperparameters"])
+    openai_hyper = {
+        "n_epochs": hyper["n_epochs"],
+        "batch_size": hyper["batch_size"],
+        "learning_rate_multiplier": hyper["learning_rate_multiplier"],
+    }
+    progress = job["progress"] or {}
+    estimated = None
+    if job["status"] == "running" and progress.get("eta_s") is not None:
+        estimated = int(progress.get("at", 0) + progress["eta_s"])
+    return {
+        "id": job["id"],
+        "object": "fine_tuning.job",
+        "created_at": job["created_at"],
+        "error": job["error"],
+        "fine_tuned_model": job["fine_tuned_model"],
+        "finished_at": job["finished_at"],
+        "hyperparameters": openai_hyper,
+        "model": job["model"],
+        "organization_id": job["tenant"],
+        "result_files": [],
+        "seed": job["seed"],
+        "status": job["status"],
+        "trained_tokens": job["trained_tokens"],
+        "training_file": job["training_file"],
+        "validation_file": job["validation_file"],
+        "estimated_finish": estimated,
+        "integrations": None,
+        "metadata": job["metadata"] or None,
+        "user_provided_suffix": job["suffix"],
+        "method": {"type": "supervised", "supervised": {"hyperparameters": openai_hyper}},
+        # ours
+        "tuning": job["tuning"],
+        "base_version": job["base_version"],
+        "dataset": job["dataset"],
+        "lora": {k: hyper[k] for k in ("lora_rank", "lora_alpha")},
+        "max_length": hyper["max_length"],
+        "progress": progress or None,
+        "attempts": job["attempts"],
+        "result": job["result"],
+    }
+
+
+def event_json(job_id: str, event: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "id": f"ftevent-{job_id.removeprefix('ftjob-')}-{event['seq']}",
+        "object": "fine_tuning.job.event",
+        "created_at": event["created_at"],
+        "level": event["level"],
+        "message": event["message"],
+        "data": event["data"],
+        "type": event["type"],
+    }
+
+
+def checkpoint_json(job: Mapping[str, Any], checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    metrics = dict(checkpoint["metrics"])
+    step = checkpoint["step"]
+    return {
+        "id": f"ftckpt-{job['id'].removeprefix('ftjob-')}-{step}",
+        "object": "fine_tuning.job.checkpoint",
+        "created_at": checkpoint["created_at"],
+        "fine_tuned_model_checkpoint": f"{job['id']}:step-{step}",
+        "fine_tuning_job_id": job["id"],
+        "metrics": {"step": step, **metrics},
+        "step_number": step,
+    }

@@ -1,0 +1,345 @@
+"""Runs fine-tuning jobs: takes them from the store with a lease, runs each in a child
+process (:mod:`services.trainer.job_process`, which runs Ray Train), follows its progress,
+and registers what it made as a candidate model version.
+
+- Jobs are found by a scan of the store every ``scan_interval_s`` and at once when
+  ``training.jobs`` announces one; the store's :meth:`~TrainerStore.claim` makes sure one
+  runner runs a job.
+- While a job runs, the runner renews its lease every third of ``lease_s``. A renewal that
+  fails means the job was cancelled (the child is stopped, the job is ``cancelled``) or
+  taken over by another runner after this one stalled (the child is stopped, nothing is
+  written).
+- The child dies with the runner (it asks the kernel for that). A runner killed with -9
+  leaves a ``running`` job whose lease runs out; the next runner takes it over and the
+  child resumes from the last checkpoint. After ``train.max_attempts`` runs the job fails.
+- Progress goes to the store (the job's ``progress`` and its events and checkpoints) and
+  to ``training.progress``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from services.inference.model.gguf_model import ModelLoadError
+from services.inference.registry import ModelExists, ModelRegistry
+from services.trainer.export import ExportError, export_gguf, load_weights
+from services.trainer.jobs import candidate_version, learning_rate
+from services.trainer.service import TrainerService
+from services.trainer.store import Job
+from shared.bus import Publisher
+from shared.events.v1 import events_pb2 as ev
+from shared.logging import get_logger
+from shared.topics import TRAINING_PROGRESS
+
+log = get_logger(__name__)
+STATES = {
+    "queued": ev.TRAINING_STATE_QUEUED,
+    "running": ev.TRAINING_STATE_RUNNING,
+    "succeeded": ev.TRAINING_STATE_SUCCEEDED,
+    "failed": ev.TRAINING_STATE_FAILED,
+    "cancelled": ev.TRAINING_STATE_CANCELLED,
+}
+STOP_GRACE_S = 30.0
+PROGRESS_EVENT_EVERY_S = 10.0
+
+
+class JobFailed(Exception):
+    """The job cannot succeed (the message is the job's error)."""
+
+
+class Released(Exception):
+    """This runner no longer runs the job: it was cancelled, or another runner took it."""
+
+
+class Runner:
+    def __init__(self, service: TrainerService, publisher: Publisher) -> None:
+        self.service = service
+        self.store = service.store
+        self.settings = service.settings
+        self.publisher = publisher
+        self.registry: ModelRegistry = service.registry
+        self.owner = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._progress_noted: dict[str, float] = {}
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def on_job(self, event: ev.TrainingJob, *_: Any) -> None:
+        """``training.jobs``: a job was created; look at the store now."""
+        self.wake()
+
+    async def run_forever(self) -> None:
+        while True:
+            try:
+                await self.scan()
+            except Exception:
+                log.exception("job scan failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.scan_interval_s)
+            self._wake.clear()
+
+    async def scan(self) -> None:
+        free = self.settings.max_running_jobs - len(self.running)
+        if free <= 0:
+            return
+        for job_id in await self.store.runnable(int(time.time()), limit=free * 4):
+            if job_id in self.running or len(self.running) >= self.settings.max_running_jobs:
+                continue
+            now = int(time.time())
+            job = await self.store.claim(job_id, self.owner, now, now + int(self.settings.lease_s))
+            if job is None:
+                continue
+            task = asyncio.create_task(self._run(job), name=f"job {job_id}")
+            self.running[job_id] = task
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self.running = {k: t for k, t in self.running.items() if t is not task}
+
+    async def stop(self) -> None:
+        """Stop the children and give their jobs back for another runner to resume."""
+        for task in list(self.running.values()):
+            task.cancel()
+        await asyncio.gather(*self.running.values(), return_exceptions=True)
+
+    # ------------------------------------------------------------------ one job
+
+    def run_dir(self, job: Job) -> Path:
+        return self.settings.root() / "runs" / job.id
+
+    async def _run(self, job: Job) -> None:
+        attempt = int(job["attempts"])
+        if attempt > self.settings.train.max_attempts:
+            await self._fail(job, f"the job's runner died {attempt - 1} times; giving up")
+            return
+        note = "Job started" if attempt == 1 else f"Job resumed (run {attempt})"
+        await self._event(job, note)
+        await self._publish(job, "running")
+        try:
+            result = await self._supervise(job)
+            model = await asyncio.to_thread(self._register, job, result)
+        except JobFailed as error:
+            await self._fail(job, str(error))
+            return
+        except Released:
+            return
+        except asyncio.CancelledError:
+            await self.store.requeue(job.id, self.owner)
+            raise
+        except Exception as error:
+            log.exception("job failed", job=job.id)
+            await self._fail(job, f"{type(error).__name__}: {error}")
+            return
+        now = int(time.time())
+        done = await self.store.finish(
+            job.id, self.owner, "succeeded", finished_at=now, fine_tuned_model=model,
+            trained_tokens=int(result.get("tokens_seen", 0)), result=result,
+        )  # fmt: skip
+        if done:
+            await self._event(job, f"Job succeeded: {model} registered as a candidate")
+            await self._publish(job, "succeeded", fine_tuned_model=model)
+
+    async def _supervise(self, job: Job) -> dict[str, Any]:
+        """Run the child to its end; its result.
+
+        Raises:
+            JobFailed: the child reported an error, or exited without a result.
+            Released: the job was cancelled, or another runner took it over.
+            asyncio.CancelledError: this runner is stopping (the job is given back).
+        """
+        spec_path = await asyncio.to_thread(self._write_spec, job)
+        stderr = (self.run_dir(job) / "job.log").open("ab")
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.trainer.job_process", str(spec_path),
+            stdout=asyncio.subprocess.PIPE, stderr=stderr, limit=2**20,
+        )  # fmt: skip
+        lease = asyncio.create_task(self._keep_lease(job, child))
+        result: dict[str, Any] | None = None
+        error: str | None = None
+        try:
+            assert child.stdout is not None
+            async for raw in child.stdout:
+                line = _parse(raw)
+                if line is None:
+                    continue
+                kind = line.get("event")
+                if kind == "result":
+                    result = line
+                elif kind == "error":
+                    error = str(line.get("message", "the training run failed"))[:2000]
+                else:
+                    await self._note(job, line)
+            code = await child.wait()
+        except asyncio.CancelledError:
+            await _stop(child)
+            raise
+        finally:
+            lease.cancel()
+            stderr.close()
+        if lease.done() and not lease.cancelled() and lease.result() == "lost":
+            raise Released
+        if error is not None:
+            raise JobFailed(error)
+        if code != 0 or result is None:
+            raise JobFailed(f"the training process exited with code {code} without a result")
+        return result
+
+    async def _keep_lease(self, job: Job, child: asyncio.subprocess.Process) -> str:
+        period = self.settings.lease_s / 3
+        while True:
+            await asyncio.sleep(period)
+            until = int(time.time() + self.settings.lease_s)
+            if not await self.store.renew(job.id, self.owner, until, None):
+                break
+        current = await self.store.job(job.id)
+        if current is not None and current["cancel_requested"]:
+            await _stop(child)
+            if await self.store.finish(
+                job.id, self.owner, "cancelled", finished_at=int(time.time())
+            ):
+                await self._event(job, "Job cancelled")
+                await self._publish(job, "cancelled")
+        else:
+            log.warning("job lease lost; stopping its process", job=job.id)
+            await _stop(child)
+        return "lost"
+
+    async def _note(self, job: Job, line: dict[str, Any]) -> None:
+        now = int(time.time())
+        if line.get("event") == "checkpoint":
+            step = int(line.get("step", 0))
+            metrics = {k: line[k] for k in ("loss", "valid_loss") if line.get(k) is not None}
+            await self.store.add_checkpoint(job.id, step, now, metrics, str(line.get("path", "")))
+            await self._event(job, f"Checkpoint at step {step}", kind="metrics", data=metrics)
+            return
+        if line.get("event") != "progress":
+            return
+        keys = ("step", "total_steps", "epoch", "loss", "tokens_per_s", "eta_s")
+        progress: dict[str, Any] = {k: line.get(k) for k in keys} | {"at": now}
+        until = int(time.time() + self.settings.lease_s)
+        await self.store.renew(job.id, self.owner, until, progress)
+        if time.monotonic() - self._progress_noted.get(job.id, 0.0) >= PROGRESS_EVENT_EVERY_S:
+            self._progress_noted[job.id] = time.monotonic()
+            message = f"Step {progress['step']}/{progress['total_steps']}"
+            await self._event(job, message, kind="metrics", data=progress)
+        await self._publish(job, "running", progress=progress)
+
+    def _write_spec(self, job: Job) -> Path:
+        run = self.run_dir(job)
+        run.mkdir(parents=True, exist_ok=True, mode=0o700)
+        base = self.registry.resolve(job["model"], job["base_version"])
+        train = self.settings.train
+        validation = job["validation_file"]
+        spec = {
+            "job_id": job.id, "tenant": job["tenant"], "method": job["tuning"],
+            "base_gguf": str(base.path.resolve()),
+            "cache_dir": str(self.settings.root() / "cache"),
+            "training_file": str(self.service.file_path(job["tenant"], job["training_file"])),
+            "validation_file": None if validation is None
+            else str(self.service.file_path(job["tenant"], validation)),
+            "hyperparameters": {
+                **{k: job["hyperparameters"][k] for k in (
+                    "n_epochs", "batch_size", "lora_rank", "lora_alpha", "max_length")},
+                "learning_rate": learning_rate(job["tuning"], job["hyperparameters"]),
+                "seed": int(job["seed"]),
+            },
+            "checkpoint_every": train.checkpoint_every, "output_dir": str(run),
+            "workers": train.workers, "use_gpu": train.use_gpu, "parallel": train.parallel,
+            "ray_address": train.ray_address,
+        }  # fmt: skip
+        path = run / "spec.json"
+        path.write_text(json.dumps(spec, indent=2))
+        return path
+
+    def _register(self, job: Job, result: dict[str, Any]) -> str:
+        """Export the trained model to GGUF and register it as a candidate; its name."""
+        model_dir = Path(str(result.get("model_dir", "")))
+        base = self.registry.resolve(job["model"], job["base_version"])
+        version = candidate_version(job["base_version"], job["suffix"], job.id)
+        out = self.run_dir(job) / "export" / f"{job['model']}-{version}.Q8_0.gguf"
+        try:
+            export_gguf(load_weights(model_dir), base.path, out, name=f"{job['model']} {version}")
+        except (ExportError, OSError) as error:
+            raise JobFailed(f"the trained model could not be exported: {error}") from None
+        lineage = {
+            "job_id": job.id, "tenant": job["tenant"], "base": base.ref,
+            "base_sha256": base.sha256, "training_file": job["training_file"],
+            "validation_file": job["validation_file"], "dataset": job["dataset"],
+            "method": job["tuning"], "hyperparameters": job["hyperparameters"],
+            "seed": job["seed"], "metrics": {k: v for k, v in result.items()
+                                             if isinstance(v, int | float)},
+        }  # fmt: skip
+        try:
+            entry = self.registry.register(
+                job["model"], version, out, source=f"fine-tune {job.id}",
+                status="candidate", lineage=lineage,
+            )  # fmt: skip
+        except (ModelLoadError, ModelExists, ValueError) as error:
+            raise JobFailed(f"the trained model could not be registered: {error}") from None
+        return entry.ref
+
+    async def _fail(self, job: Job, message: str) -> None:
+        error = {"code": "training_failed", "message": message, "param": None}
+        if await self.store.finish(
+            job.id, self.owner, "failed", finished_at=int(time.time()), error=error
+        ):
+            await self._event(job, f"Job failed: {message}", level="error")
+            await self._publish(job, "failed", error=message)
+
+    async def _event(
+        self, job: Job, message: str, *, level: str = "info", kind: str = "message",
+        data: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        await self.store.add_event(job.id, int(time.time()), message, level=level, kind=kind,
+                                   data=data)  # fmt: skip
+
+    async def _publish(
+        self, job: Job, state: str, *, progress: dict[str, Any] | None = None,
+        fine_tuned_model: str = "", error: str = "",
+    ) -> None:  # fmt: skip
+        p = progress or {}
+        event = ev.TrainingProgress(
+            job_id=job.id, state=STATES[state], step=int(p.get("step") or 0),
+            total_steps=int(p.get("total_steps") or 0), epoch=float(p.get("epoch") or 0),
+            loss=float(p.get("loss") or 0), tokens_per_s=float(p.get("tokens_per_s") or 0),
+            eta_s=float(p.get("eta_s") or 0), fine_tuned_model=fine_tuned_model,
+            error=error[:2000],
+        )  # fmt: skip
+        try:
+            await self.publisher.publish(TRAINING_PROGRESS, event, key=job.id, tenant=job["tenant"])
+        except Exception as failure:  # progress is advisory; the store holds the truth
+            log.warning("progress unpublished", job=job.id, error=str(failure))
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    try:
+        line = json.loads(raw)
+    except ValueError:
+        log.warning("the training process wrote a line that is not JSON", line=raw[:200])
+        return None
+    return line if isinstance(line, dict) else None
+
+
+async def _stop(child: asyncio.subprocess.Process) -> None:
+    """SIGTERM (the child stops Ray and exits), then SIGKILL after a grace period."""
+    if child.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        child.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(child.wait(), STOP_GRACE_S)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            child.kill()
+        await child.wait()

@@ -1,0 +1,203 @@
+"""The body of ``POST /v1/fine_tuning/jobs``, checked the same way at the gateway (a 400
+naming the field, before anything is charged) and again at the trainer.
+
+A create body is OpenAI's (``model``, ``training_file``, ``validation_file``,
+``hyperparameters`` {``n_epochs``, ``batch_size``, ``learning_rate_multiplier``}, ``suffix``,
+``seed``, ``metadata``, ``method`` {``type``: ``supervised``}) plus our extensions:
+
+- ``method`` may also be the string ``"lora"`` (adapters, the default) or ``"full"``;
+- ``hyperparameters`` may also hold ``lora_rank``, ``lora_alpha``, ``max_length``;
+- ``dataset``: a dataset id of the feedback service instead of ``training_file`` (its eval
+  split becomes the validation file);
+- ``dp`` and ``distill`` are named but refused until the trainer runs them, so a caller is
+  never told a private or distilled model was made when it was not.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.feedback_requests import DATASET_ID
+from shared.openai_protocol import invalid_field, reject_unknown
+
+FILE_ID = re.compile(r"file-[A-Za-z0-9]{24}")
+JOB_ID = re.compile(r"ftjob-[A-Za-z0-9]{24}")
+SUFFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,39}")
+MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}(:[A-Za-z0-9][A-Za-z0-9._-]{0,127})?")
+CREATE_FIELDS = frozenset({
+    "model", "training_file", "validation_file", "hyperparameters", "suffix", "seed",
+    "metadata", "method", "integrations", "dataset", "dp", "distill",
+})  # fmt: skip
+HYPERPARAMETERS = frozenset({
+    "n_epochs", "batch_size", "learning_rate_multiplier", "lora_rank", "lora_alpha",
+    "max_length",
+})  # fmt: skip
+BASE_LEARNING_RATE = {"lora": 2e-4, "full": 2e-5}
+DEFAULTS: dict[str, Any] = {
+    "n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0, "lora_rank": 8,
+    "lora_alpha": 16, "max_length": 512,
+}  # fmt: skip
+INTEGER_RANGES = {
+    "n_epochs": (1, 50), "batch_size": (1, 256), "lora_rank": (1, 256), "lora_alpha": (1, 1024),
+    "max_length": (32, 8192),
+}  # fmt: skip
+MAX_METADATA = 16
+_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def new_id(prefix: str) -> str:
+    """``prefix`` and 24 random letters and digits (OpenAI's id shape)."""
+    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(24))
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A checked create body."""
+
+    model: str
+    tuning: str  # "lora" or "full"
+    training_file: str | None
+    validation_file: str | None
+    dataset: str | None
+    hyperparameters: dict[str, Any]
+    suffix: str | None
+    seed: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _integer(name: str, value: Any) -> int:
+    low, high = INTEGER_RANGES[name]
+    if value == "auto":
+        return int(DEFAULTS[name])
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise invalid_field(f"hyperparameters.{name}", f"must be 'auto' or {low}-{high}")
+    return value
+
+
+def parse_hyperparameters(value: Any) -> dict[str, Any]:
+    """The hyperparameters with ``auto`` and the missing ones filled in.
+
+    Raises:
+        InvalidRequestError: a field that is unknown or out of range (named).
+    """
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise invalid_field("hyperparameters", "must be an object")
+    reject_unknown(sorted(value), sorted(HYPERPARAMETERS), what="a hyperparameter")
+    checked = dict(DEFAULTS)
+    for name, given in value.items():
+        if name == "learning_rate_multiplier":
+            if given == "auto":
+                continue
+            if (
+                isinstance(given, bool)
+                or not isinstance(given, int | float)
+                or not math.isfinite(given)
+                or not 0 < given <= 10
+            ):
+                raise invalid_field(
+                    "hyperparameters.learning_rate_multiplier", "must be 'auto' or in (0, 10]"
+                )
+            checked[name] = float(given)
+        else:
+            checked[name] = _integer(name, given)
+    return checked
+
+
+def _tuning(method: Any) -> str:
+    if method is None:
+        return "lora"
+    if isinstance(method, str):
+        if method not in ("lora", "full"):
+            raise invalid_field("method", "must be 'lora', 'full' or an object with a type")
+        return method
+    if not isinstance(method, dict):
+        raise invalid_field("method", "must be 'lora', 'full' or an object with a type")
+    kind = method.get("type")
+    if kind == "dpo":
+        raise invalid_field("method.type", "preference (dpo) training is not available yet")
+    if kind != "supervised":
+        raise invalid_field("method.type", "must be 'supervised'")
+    reject_unknown(sorted(method), ("type", "supervised"), what="a method field")
+    return "lora"
+
+
+def _supervised_hyperparameters(body: dict[str, Any]) -> Any:
+    """The hyperparameters, from the top level or OpenAI's ``method.supervised``."""
+    method = body.get("method")
+    nested = None
+    if isinstance(method, dict) and isinstance(method.get("supervised"), dict):
+        nested = method["supervised"].get("hyperparameters")
+    if nested is not None and body.get("hyperparameters") is not None:
+        raise invalid_field("hyperparameters", "give them at the top level or in the method")
+    return nested if nested is not None else body.get("hyperparameters")
+
+
+def _file_id(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or FILE_ID.fullmatch(value) is None:
+        raise invalid_field(name, "must be a file id (file-...) from POST /v1/files")
+    return value
+
+
+def parse_job_request(body: Any) -> JobRequest:
+    """A create body, checked.
+
+    Raises:
+        InvalidRequestError: the first field that is missing, unknown or wrong (named).
+    """
+    if not isinstance(body, dict):
+        raise invalid_field("body", "must be a JSON object")
+    reject_unknown(sorted(body), sorted(CREATE_FIELDS), what="a field")
+    for name, what in (("dp", "differentially private"), ("distill", "distillation")):
+        if body.get(name) is not None:
+            raise invalid_field(name, f"{what} training is not available yet")
+    if body.get("integrations"):
+        raise invalid_field("integrations", "no integrations are available")
+    model = body.get("model")
+    if not isinstance(model, str) or MODEL.fullmatch(model) is None:
+        raise invalid_field("model", "must be a model name, or name:version")
+    training = _file_id(body.get("training_file"), "training_file")
+    validation = _file_id(body.get("validation_file"), "validation_file")
+    dataset = body.get("dataset")
+    if dataset is not None and (not isinstance(dataset, str) or not DATASET_ID.fullmatch(dataset)):
+        raise invalid_field("dataset", "must be a dataset id (<name>-v<version>)")
+    if (training is None) == (dataset is None):
+        raise invalid_field("training_file", "give a training_file or a dataset (one of them)")
+    if dataset is not None and validation is not None:
+        raise invalid_field("validation_file", "a dataset brings its own (its eval split)")
+    suffix = body.get("suffix")
+    if suffix is not None and (not isinstance(suffix, str) or not SUFFIX.fullmatch(suffix)):
+        raise invalid_field("suffix", "must be 1-40 letters, digits, '-' or '_'")
+    seed = body.get("seed")
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+        raise invalid_field("seed", "must be an integer from 0 to 2147483647")
+    metadata = body.get("metadata") or {}
+    if (
+        not isinstance(metadata, dict)
+        or len(metadata) > MAX_METADATA
+        or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
+            for k, v in metadata.items()
+        )
+    ):
+        raise invalid_field("metadata", "must map up to 16 keys (64 chars) to text (512 chars)")
+    return JobRequest(
+        model=model,
+        tuning=_tuning(body.get("method")),
+        training_file=training,
+        validation_file=validation,
+        dataset=dataset,
+        hyperparameters=parse_hyperparameters(_supervised_hyperparameters(body)),
+        suffix=suffix,
+        seed=seed,
+        metadata=metadata,
+    )
