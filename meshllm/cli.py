@@ -28,6 +28,7 @@ from meshllm.ops_cli import alerts, ops_app, top
 from meshllm.services import SERVICES
 from meshllm.state import cli_settings, read_state, service_settings
 from meshllm.supervisor import Supervisor
+from meshllm.train_cli import train_app
 from shared.logging import configure_logging
 from shared.settings import SettingsError, load_settings
 from shared.topics import REGISTRY
@@ -57,6 +58,7 @@ audit_app = typer.Typer(
 app.add_typer(audit_app, name="audit")
 app.add_typer(ops_app, name="ops")
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(train_app, name="train")
 app.command()(top)
 app.command()(alerts)
 console = Console()

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -54,6 +55,11 @@ PROGRESS_EVENT_EVERY_S = 10.0
 
 class JobFailed(Exception):
     """The job cannot succeed (the message is the job's error)."""
+
+
+class Crashed(Exception):
+    """The training process died without a word (killed); the job is run again from its
+    last checkpoint, up to ``train.max_attempts`` runs."""
 
 
 class Released(Exception):
@@ -134,6 +140,11 @@ class Runner:
             return
         except Released:
             return
+        except Crashed as error:
+            await self._event(job, f"{error}; resuming from the last checkpoint", level="warn")
+            await self.store.requeue(job.id, self.owner)
+            self.wake()
+            return
         except asyncio.CancelledError:
             await self.store.requeue(job.id, self.owner)
             raise
@@ -149,6 +160,13 @@ class Runner:
         if done:
             await self._event(job, f"Job succeeded: {model} registered as a candidate")
             await self._publish(job, "succeeded", fine_tuned_model=model)
+        await asyncio.to_thread(self._tidy, job)
+
+    def _tidy(self, job: Job) -> None:
+        """Drop what the registry now holds a copy of (the merged weights, the export) and
+        the resume checkpoints; the adapter, the result and the logs stay."""
+        for name in ("model", "export", "ray"):
+            shutil.rmtree(self.run_dir(job) / name, ignore_errors=True)
 
     async def _supervise(self, job: Job) -> dict[str, Any]:
         """Run the child to its end; its result.
@@ -156,6 +174,7 @@ class Runner:
         Raises:
             JobFailed: the child reported an error, or exited without a result.
             Released: the job was cancelled, or another runner took it over.
+            Crashed: the child was killed without a result, and may run again.
             asyncio.CancelledError: this runner is stopping (the job is given back).
         """
         spec_path = await asyncio.to_thread(self._write_spec, job)
@@ -164,7 +183,8 @@ class Runner:
             sys.executable, "-m", "services.trainer.job_process", str(spec_path),
             stdout=asyncio.subprocess.PIPE, stderr=stderr, limit=2**20,
         )  # fmt: skip
-        lease = asyncio.create_task(self._keep_lease(job, child))
+        released = asyncio.Event()  # set before this runner stops the child itself
+        lease = asyncio.create_task(self._keep_lease(job, child, released))
         result: dict[str, Any] | None = None
         error: str | None = None
         try:
@@ -181,27 +201,34 @@ class Runner:
                 else:
                     await self._note(job, line)
             code = await child.wait()
+            if released.is_set():
+                await lease  # the cancel or the hand-over is written down
         except asyncio.CancelledError:
             await _stop(child)
             raise
         finally:
             lease.cancel()
             stderr.close()
-        if lease.done() and not lease.cancelled() and lease.result() == "lost":
+        if released.is_set():
             raise Released
         if error is not None:
             raise JobFailed(error)
+        if code < 0 and int(job["attempts"]) < self.settings.train.max_attempts:
+            raise Crashed(f"the training process was killed (signal {-code})")
         if code != 0 or result is None:
             raise JobFailed(f"the training process exited with code {code} without a result")
         return result
 
-    async def _keep_lease(self, job: Job, child: asyncio.subprocess.Process) -> str:
+    async def _keep_lease(
+        self, job: Job, child: asyncio.subprocess.Process, released: asyncio.Event
+    ) -> None:
         period = self.settings.lease_s / 3
         while True:
             await asyncio.sleep(period)
             until = int(time.time() + self.settings.lease_s)
             if not await self.store.renew(job.id, self.owner, until, None):
                 break
+        released.set()
         current = await self.store.job(job.id)
         if current is not None and current["cancel_requested"]:
             await _stop(child)
@@ -213,7 +240,6 @@ class Runner:
         else:
             log.warning("job lease lost; stopping its process", job=job.id)
             await _stop(child)
-        return "lost"
 
     async def _note(self, job: Job, line: dict[str, Any]) -> None:
         now = int(time.time())

@@ -76,7 +76,7 @@ class Mesh:
         )
 
 
-SERVICES = ("inference", "retrieval", "router", "audit", "feedback", "ops", "gateway")
+SERVICES = ("inference", "retrieval", "router", "audit", "feedback", "trainer", "ops", "gateway")
 # tenant initech has its audit text redacted; the others keep it (the default)
 PII_TENANTS = {"initech": {"audit": {"enabled": True}}}
 
@@ -98,10 +98,11 @@ async def mesh(
             "initech": store.create("initech", ["analyst"])[1],
             "developer": store.create("acme", ["developer"])[1],
             "globex-analyst": store.create("globex", ["analyst"])[1],
+            "globex-developer": store.create("globex", ["developer"])[1],
         }
         store.revoke(keys["revoked"].split("-")[1])
-    inference_port, gateway_port, audit_port, kb_port, feedback_port = (
-        free_port() for _ in range(5)
+    inference_port, gateway_port, audit_port, kb_port, feedback_port, trainer_port = (
+        free_port() for _ in range(6)
     )
     inference_url = f"http://127.0.0.1:{inference_port}"
     env = {
@@ -122,6 +123,11 @@ async def mesh(
         "MESHLLM_FEEDBACK_API_PORT": str(feedback_port),
         "MESHLLM_FEEDBACK__SERVICE_URL": f"http://127.0.0.1:{feedback_port}",
         "MESHLLM_AUDIT_URL": f"http://127.0.0.1:{audit_port}",
+        "MESHLLM_TRAINER_API_PORT": str(trainer_port),
+        "MESHLLM_TRAINING__SERVICE_URL": f"http://127.0.0.1:{trainer_port}",
+        "MESHLLM_FEEDBACK_URL": f"http://127.0.0.1:{feedback_port}",
+        "MESHLLM_TRAIN__CHECKPOINT_EVERY": "2",
+        "MESHLLM_LEASE_S": "15",
         "MESHLLM_KB_API_PORT": str(kb_port),
         "MESHLLM_KB__SERVICE_URL": f"http://127.0.0.1:{kb_port}",
         "MESHLLM_RAG__RETRIEVAL_URL": f"http://127.0.0.1:{kb_port}",

@@ -266,3 +266,125 @@ async def test_an_uploaded_jsonl_file_becomes_a_dataset_through_the_same_checks(
     wrong = await call(mesh, "POST", "/datasets/upload", "developer", params=params, content=data)
     assert wrong.status_code == 400
     assert wrong.json()["error"]["param"] == "eval_fraction"
+
+
+# ---------------------------------------------------------------------------- training
+# Fine-tuning through the official SDK, in this module so that it shares the mesh (and a
+# dataset built from feedback can be trained on).
+
+POLICIES = [
+    ("How many days of annual leave do Qorvane employees get?", "Qorvane gives 31 days."),
+    ("Who approves leave at Qorvane?", "The team lead approves it in Qorvane Desk."),
+    ("When is payday at Qorvane?", "Qorvane pays on the 9th of each month."),
+    ("What laptop do Qorvane engineers get?", "Qorvane engineers get a Fenwick 14."),
+]
+
+
+def sdk(mesh: Mesh, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=mesh.base_url, api_key=mesh.keys[key], max_retries=0)
+
+
+def policy_file() -> bytes:
+    rows = [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in POLICIES
+    ]
+    return b"".join(json.dumps(row).encode() + b"\n" for row in rows)
+
+
+async def finished(client: openai.OpenAI, job_id: str, timeout: float = 420) -> Any:
+    async def check() -> Any:
+        job = await asyncio.to_thread(client.fine_tuning.jobs.retrieve, job_id)
+        return job if job.status in ("succeeded", "failed", "cancelled") else None
+
+    return await eventually(check, timeout)
+
+
+async def test_a_job_is_cancelled_while_it_runs(mesh: Mesh) -> None:
+    client = sdk(mesh, "developer")
+    file = client.files.create(file=("cancel.jsonl", policy_file()), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="smollm2-135m-instruct", training_file=file.id, hyperparameters={"n_epochs": 50}
+    )
+    await eventually(
+        lambda: asyncio.to_thread(
+            lambda: client.fine_tuning.jobs.retrieve(job.id).status == "running"
+        ),
+        120,
+    )
+    client.fine_tuning.jobs.cancel(job.id)
+    done = await finished(client, job.id, 120)
+    assert done.status == "cancelled"
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id).data]
+    assert "Job cancelled" in messages
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.cancel(job.id)
+
+
+async def test_a_fine_tuning_job_through_the_sdk_makes_a_candidate(mesh: Mesh) -> None:
+    client = sdk(mesh, "developer")
+    file = client.files.create(file=("policies.jsonl", policy_file()), purpose="fine-tune")
+    assert (file.purpose, file.bytes) == ("fine-tune", len(policy_file()))
+    job = client.fine_tuning.jobs.create(
+        model="smollm2-135m-instruct", training_file=file.id, suffix="policies", seed=3,
+        hyperparameters={"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 2},
+    )  # fmt: skip
+    assert job.status == "queued"
+    done = await finished(client, job.id)
+    assert done.status == "succeeded", (
+        done.error,
+        mesh.services["trainer"].log.read_text(errors="replace")[-3000:],
+    )
+    name, _, version = str(done.fine_tuned_model).partition(":")
+    assert name == "smollm2-135m-instruct"
+    assert version.startswith("ft-policies-")
+    assert done.trained_tokens
+    events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data]
+    assert events[0].startswith("Job succeeded")
+    assert "Job started" in events
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints
+    assert checkpoints[0].fine_tuning_job_id == job.id
+    manifest = json.loads((mesh.data_dir / "models" / name / version / "manifest.json").read_text())
+    assert manifest["status"] == "candidate"
+    lineage = manifest["lineage"]
+    assert (lineage["job_id"], lineage["tenant"], lineage["training_file"]) == (
+        job.id, "acme", file.id,
+    )  # fmt: skip
+    assert lineage["base"] == "smollm2-135m-instruct:q4_1-1"
+    assert len(lineage["base_sha256"]) == 64
+    assert manifest["quantization"] == "Q8_0"
+    # the candidate takes no traffic: the model's latest version is still the base
+    from services.inference.registry import ModelRegistry
+
+    assert ModelRegistry(mesh.data_dir / "models").latest(name) == "q4_1-1"
+
+
+async def test_training_inputs_are_checked_at_the_edge(mesh: Mesh) -> None:
+    developer = sdk(mesh, "developer")
+    bad = policy_file() + b'{"messages": [{"role": "user", "content": "only a question"}]}\n'
+    with pytest.raises(openai.BadRequestError, match="line 5: needs an assistant message"):
+        developer.files.create(file=("bad.jsonl", bad), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        developer.files.create(file=("x.jsonl", policy_file()), purpose="assistants")
+    with pytest.raises(openai.PermissionDeniedError):
+        sdk(mesh, "analyst").files.create(file=("x.jsonl", policy_file()), purpose="fine-tune")
+    theirs = sdk(mesh, "globex-developer").files.create(
+        file=("theirs.jsonl", policy_file()), purpose="fine-tune"
+    )
+    with pytest.raises(openai.NotFoundError):
+        developer.files.retrieve(theirs.id)
+    with pytest.raises(openai.NotFoundError):
+        developer.fine_tuning.jobs.create(model="smollm2-135m-instruct", training_file=theirs.id)
+    mine = developer.files.create(file=("ok.jsonl", policy_file()), purpose="fine-tune")
+    for extra, param in (
+        ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+        ({"model": "no-such-model"}, "model"),
+        ({"extra_body": {"dp": {"epsilon": 8}}}, "dp"),
+    ):
+        arguments: dict[str, Any] = {"model": "smollm2-135m-instruct", "training_file": mine.id}
+        with pytest.raises(openai.BadRequestError) as refused:
+            developer.fine_tuning.jobs.create(**(arguments | extra))
+        assert refused.value.body["param"] == param  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):
+        developer.fine_tuning.jobs.retrieve("ftjob-" + "x" * 24)
