@@ -19,10 +19,13 @@ Routes (JSON; errors as ``{"error": {...}}``):
   JSONL file; 201 and the manifest, or 400 naming the first bad line.
 - ``GET /v1/datasets?tenant=``, ``GET /v1/datasets/{id}?tenant=``: manifests.
 - ``GET /v1/datasets/{id}/files/{split}?tenant=``: the split as JSONL (``train``, ``eval``).
+- ``POST /v1/datasets/{id}/used?tenant=&by=`` (the trainer only): a job or a model was
+  trained on the dataset.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -55,6 +58,8 @@ from shared.service_auth import ServiceGuard
 log = get_logger(__name__)
 CALLERS = frozenset({"gateway"})
 DATASET_READERS = CALLERS | {"trainer"}  # a fine-tuning job reads its dataset's splits
+TRAINER = frozenset({"trainer"})
+USED_BY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,299}")
 MAX_PAGE = 500
 CURSOR_PARTS = 3
 MAX_INT64 = 2**63 - 1
@@ -136,9 +141,8 @@ class FeedbackApi:
                 route("/v1/datasets/upload", self.upload, "POST"),
                 route("/v1/datasets", self.datasets, "GET"),
                 route("/v1/datasets/{dataset_id}", self.dataset, "GET"),
-                route(
-                    "/v1/datasets/{dataset_id}/files/{split}", self.file, "GET", DATASET_READERS
-                ),
+                route("/v1/datasets/{dataset_id}/files/{split}", self.file, "GET", DATASET_READERS),
+                route("/v1/datasets/{dataset_id}/used", self.used, "POST", TRAINER),
             ]
         )
 
@@ -239,6 +243,19 @@ class FeedbackApi:
     async def dataset(self, request: Request) -> Response:
         reject_unknown(sorted(request.query_params), ("tenant",), what="a query parameter")
         return JSONResponse((await self._manifest(request))[1])
+
+    async def used(self, request: Request) -> Response:
+        """The trainer took the dataset's rows for a job or a model (``by``): an erasure
+        leaves its rows from now on and names ``by`` instead."""
+        params = request.query_params
+        reject_unknown(sorted(params), ("tenant", "by"), what="a query parameter")
+        by = params.get("by", "")
+        if USED_BY.fullmatch(by) is None:
+            raise invalid_field("by", "must name a job or a model (name:version)")
+        tenant, found = await self._manifest(request)
+        marked = await self.store.mark_used(tenant, found["id"], by)
+        assert marked is not None  # datasets are never deleted, only emptied
+        return JSONResponse({"id": found["id"], "used_by": marked["used_by"]})
 
     async def file(self, request: Request) -> Response:
         reject_unknown(sorted(request.query_params), ("tenant",), what="a query parameter")

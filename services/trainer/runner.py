@@ -160,7 +160,19 @@ class Runner:
         if done:
             await self._event(job, f"Job succeeded: {model} registered as a candidate")
             await self._publish(job, "succeeded", fine_tuned_model=model)
+            await self._mark_dataset(job, model)
         await asyncio.to_thread(self._tidy, job)
+
+    async def _mark_dataset(self, job: Job, model: str) -> None:
+        """Name the model on its dataset (the job is named there since it was created)."""
+        datasets = self.service.datasets
+        if job["dataset"] is None or datasets is None:
+            return
+        try:
+            await datasets.mark_used(job["tenant"], job["dataset"], model)
+        except Exception as error:  # the job's own mark stays; an erasure still names it
+            log.warning("dataset not marked with the model", job=job.id, error=str(error))
+            await self._event(job, f"{job['dataset']} not marked as used by {model}", level="warn")
 
     def _tidy(self, job: Job) -> None:
         """Drop what the registry now holds a copy of (the merged weights, the export) and

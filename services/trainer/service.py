@@ -65,11 +65,30 @@ class DatasetReader:
             raise ServiceUnavailableError("the feedback service is unreachable") from error
         if reply.status_code == 404:
             raise NotFoundError(f"no dataset {dataset_id}", "dataset", "not_found")
+        if reply.status_code == 410:
+            raise invalid_field("dataset", "its rows were deleted under the tenant's retention")
         if reply.status_code != 200:
             raise ServiceUnavailableError(
                 f"the feedback service answered {reply.status_code} for the dataset"
             )
         return reply.content
+
+    async def mark_used(self, tenant: str, dataset_id: str, by: str) -> None:
+        """Tell the feedback service that ``by`` (a job, or the model it made) holds the
+        dataset's rows, so an erasure names it instead of assuming the rows are gone.
+
+        Raises:
+            ServiceUnavailableError: the feedback service did not record it.
+        """
+        url = f"{self._url}/v1/datasets/{dataset_id}/used"
+        try:
+            reply = await self._client.post(url, params={"tenant": tenant, "by": by})
+        except httpx.HTTPError as error:
+            raise ServiceUnavailableError("the feedback service is unreachable") from error
+        if reply.status_code != 200:
+            raise ServiceUnavailableError(
+                f"the feedback service answered {reply.status_code} marking the dataset used"
+            )
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -172,9 +191,13 @@ class TrainerService:
             entry = await asyncio.to_thread(self.registry.resolve, name, version or None)
         except (UnknownModel, ValueError) as error:
             raise invalid_field("model", f"not a registered model ({error})") from None
+        job_id = new_id("ftjob-")
         training, validation = request.training_file, request.validation_file
         if request.dataset is not None:
             training, validation = await self._dataset_files(tenant, subject, request.dataset)
+            assert self.datasets is not None
+            # its rows are in this service's files from now on: an erasure must say so
+            await self.datasets.mark_used(tenant, request.dataset, job_id)
         for param, file_id in (("training_file", training), ("validation_file", validation)):
             if file_id is None:
                 continue
@@ -183,7 +206,6 @@ class TrainerService:
                 raise NotFoundError(f"no file {file_id}", param, "not_found")
             if row["purpose"] != "fine-tune" or row["kind"] != "chat":
                 raise invalid_field(param, "must be a fine-tune file of chat rows")
-        job_id = new_id("ftjob-")
         job = await self.store.add_job({
             "id": job_id, "tenant": tenant, "created_by": subject,
             "created_at": int(time.time()), "model": entry.name, "base_version": entry.version,

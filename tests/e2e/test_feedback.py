@@ -388,3 +388,27 @@ async def test_training_inputs_are_checked_at_the_edge(mesh: Mesh) -> None:
         assert refused.value.body["param"] == param  # type: ignore[index]
     with pytest.raises(openai.NotFoundError):
         developer.fine_tuning.jobs.retrieve("ftjob-" + "x" * 24)
+
+
+async def test_a_job_on_a_feedback_dataset_marks_it_used(mesh: Mesh) -> None:
+    listed = (await call(mesh, "GET", "/datasets", "developer")).json()["data"]
+    dataset = next(d["id"] for d in listed if d["id"].startswith("support-v"))
+    theirs = sdk(mesh, "globex-developer")
+    with pytest.raises(openai.NotFoundError):
+        theirs.fine_tuning.jobs.create(
+            model="smollm2-135m-instruct", training_file=None,  # type: ignore[arg-type]
+            extra_body={"dataset": dataset},
+        )  # fmt: skip
+    client = sdk(mesh, "developer")
+    job = client.fine_tuning.jobs.create(
+        model="smollm2-135m-instruct", training_file=None,  # type: ignore[arg-type]
+        extra_body={"dataset": dataset},
+    )  # fmt: skip
+    client.fine_tuning.jobs.cancel(job.id)  # training on it is the test above's business
+    assert job.training_file is not None
+    assert job.training_file.startswith("file-")
+    manifest = (await call(mesh, "GET", f"/datasets/{dataset}", "developer")).json()
+    assert job.id in manifest["used_by"]
+    copied = client.files.content(job.training_file).content
+    train = await call(mesh, "GET", f"/datasets/{dataset}/files/train", "developer")
+    assert copied == train.content

@@ -19,7 +19,7 @@ from shared.service_auth import ServiceGuard
 from shared.sqldb import SqliteDriver
 from tests.feedback.conftest import example
 
-GATEWAY, ROUTER = "g" * 64, "r" * 64
+GATEWAY, ROUTER, TRAINER = "g" * 64, "r" * 64, "t" * 64
 
 
 class NoPublisher:
@@ -42,7 +42,7 @@ async def api(tmp_path: Path) -> Any:
     await store.add_dataset("acme", "old", 1, lambda version, erased: (made, built.rows))
     await store.purge_datasets("acme", 10, now_ns=11)
     service = FeedbackService(store, FeedbackSettings(), NoPublisher(), NoAudit())  # type: ignore[arg-type]
-    guard = ServiceGuard.of_tokens({"gateway": GATEWAY, "router": ROUTER})
+    guard = ServiceGuard.of_tokens({"gateway": GATEWAY, "router": ROUTER, "trainer": TRAINER})
     yield TestClient(FeedbackApi(service, guard).app())
     await store.close()
 
@@ -111,3 +111,24 @@ def test_a_build_body_is_checked(api: TestClient) -> None:
     )
     assert reply.status_code == 400
     assert reply.json()["error"]["param"] == "min_rating"
+
+
+def test_the_trainer_reads_dataset_files_and_marks_them_used_and_nothing_else(
+    api: TestClient,
+) -> None:
+    trainer = {"authorization": f"Bearer {TRAINER}"}
+    gateway = {"authorization": f"Bearer {GATEWAY}"}
+    assert get(api, "/v1/feedback", TRAINER, tenant="acme").status_code == 403
+    assert get(api, "/v1/datasets", TRAINER, tenant="acme").status_code == 403
+    used = "/v1/datasets/old-v1/used"
+    assert (
+        api.post(used, params={"tenant": "acme", "by": "x:1"}, headers=gateway).status_code == 403
+    )
+    bad = api.post(used, params={"tenant": "acme", "by": "../x"}, headers=trainer)
+    assert (bad.status_code, bad.json()["error"]["param"]) == (400, "by")
+    theirs = api.post(used, params={"tenant": "globex", "by": "ftjob-1"}, headers=trainer)
+    assert theirs.status_code == 404
+    for by in ("ftjob-1", "smollm2:ft-1", "ftjob-1"):
+        marked = api.post(used, params={"tenant": "acme", "by": by}, headers=trainer)
+        assert marked.status_code == 200
+    assert marked.json()["used_by"] == ["ftjob-1", "smollm2:ft-1"]
