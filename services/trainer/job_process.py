@@ -1,0 +1,460 @@
+"""The child process that runs one fine-tuning job: ``python -m services.trainer.job_process
+SPEC_JSON_PATH``.
+
+The spec (written by the trainer service)::
+
+    {"job_id": "ftjob-abc", "tenant": "acme", "method": "lora" | "full",
+     "base_gguf": "/abs/model.gguf", "cache_dir": "/abs/cache",
+     "training_file": "/abs/train.jsonl", "validation_file": null | "/abs/valid.jsonl",
+     "hyperparameters": {"n_epochs": 3, "batch_size": 4, "learning_rate": 0.0002,
+                         "lora_rank": 8, "lora_alpha": 16, "max_length": 512, "seed": 0, ...},
+     "checkpoint_every": 20, "output_dir": "/abs/run", "workers": 1, "use_gpu": false,
+     "ray_address": null, "parallel": "ddp" | "fsdp" (optional, ddp),
+     "cpus_per_worker": null | int (optional: this machine's CPUs shared by the workers)}
+
+``hyperparameters`` takes every field of :class:`~services.trainer.sft.Hyperparameters`
+except ``method`` and ``checkpoint_every``, which are the spec's own.
+
+Stdout carries only the protocol, one JSON object per line (Ray, transformers and the logs
+write to stderr: this process moves its stdout aside at start, so even a library writing
+to file descriptor 1 lands on stderr)::
+
+    {"event": "progress", "step", "total_steps", "epoch", "loss", "tokens_per_s", "eta_s"}
+    {"event": "checkpoint", "step", "path", "loss", "valid_loss"}
+    {"event": "result", ...result.json..., "model_dir"}                   exit 0
+    {"event": "error", "message"}                                         exit 1
+    {"event": "error", "message", "field"}  (a bad spec, nothing started)  exit 2
+    {"event": "error", "message", "cancelled": true}  (SIGTERM/SIGINT)     exit 143
+
+Progress reaches this process through Ray Train itself: the workers' ``ray.train.report``
+metrics are delivered to a ``ray.train.UserCallback`` in the run's controller, which Ray
+places on this process's node; it appends them to ``<output_dir>/events.jsonl``, which this
+process follows. So no worker needs to see this machine's disk for progress to flow.
+
+Resuming: Ray Train keeps the run's state under ``<output_dir>/ray/<job_id>``; started
+again for the same job (after a crash or ``kill -9``), the trainer finds the latest
+checkpoint there and the loop continues from its step. Two checkpoints are kept.
+
+Stopping: the process asks the kernel for SIGTERM when its parent dies, and on SIGTERM
+(a cancel) it shuts down the Ray it started (its worker processes with it) and exits 143.
+The local Ray processes are bound to this process, so even a ``kill -9`` takes them down.
+
+Parallelism (``workers``, ``use_gpu``, ``parallel``): each worker is one Ray Train worker
+process; with more than one, ``prepare_model`` wraps the model according to
+:func:`~services.trainer.sft.parallel_config`:
+
+- ``ddp`` (default): data parallel. Every worker holds the whole model, takes
+  ``batch_size / workers`` rows per step, and gradients are averaged (gloo on CPU, NCCL on
+  GPUs). Right whenever the model and its optimizer state fit one device, as LoRA on small
+  and medium models does.
+- ``fsdp``: fully sharded data parallel, GPUs only. Parameters, gradients and optimizer
+  state are sharded across the workers, each decoder layer its own FSDP unit
+  (``use_orig_params`` so frozen base weights and trainable adapters can share a unit);
+  for full fine-tuning of models whose optimizer state does not fit one GPU. Checkpoints
+  then hold each rank's shard, so a run resumes with the same number of workers.
+
+With ``ray_address`` the job joins an existing cluster instead of starting a local Ray;
+``output_dir`` and ``cache_dir`` must then be on storage every node sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from services.trainer.sft import METHODS, Hyperparameters, parallel_config
+from services.trainer.sft_loop import LoopConfig
+
+EVENTS = "events.jsonl"
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+EXIT_ERROR, EXIT_SPEC, EXIT_CANCELLED = 1, 2, 143
+_PR_SET_PDEATHSIG = 1
+_REQUIRED = (
+    "job_id", "tenant", "method", "base_gguf", "cache_dir", "training_file", "hyperparameters",
+    "checkpoint_every", "output_dir", "workers", "use_gpu",
+)  # fmt: skip
+_OPTIONAL = ("validation_file", "ray_address", "parallel", "cpus_per_worker")
+
+
+class SpecError(ValueError):
+    """The spec is not one this process can run; ``field`` names the culprit."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: str
+    tenant: str
+    base_gguf: Path
+    cache_dir: Path
+    training_file: Path
+    validation_file: Path | None
+    hyperparameters: Hyperparameters  # with the spec's method and checkpoint_every
+    output_dir: Path
+    workers: int
+    use_gpu: bool
+    ray_address: str | None
+    parallel: str
+    cpus_per_worker: int
+
+
+def parse_spec(spec: Any) -> JobSpec:
+    """The spec, checked.
+
+    Raises:
+        SpecError: the first field that is missing, unknown, of the wrong type, or a file
+            that is not there.
+    """
+    if not isinstance(spec, dict):
+        raise SpecError("spec", "must be a JSON object")
+    for name in _REQUIRED:
+        if name not in spec:
+            raise SpecError(name, "is required")
+    unknown = sorted(set(spec) - set(_REQUIRED) - set(_OPTIONAL))
+    if unknown:
+        raise SpecError(unknown[0], "unknown field")
+    job_id = spec["job_id"]
+    if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+        raise SpecError("job_id", "must be 1-128 letters, digits, '.', '_' or '-'")
+    if not isinstance(spec["tenant"], str) or not spec["tenant"]:
+        raise SpecError("tenant", "must be a non-empty string")
+    workers = _integer(spec, "workers", 1, 4096)
+    if not isinstance(spec["use_gpu"], bool):
+        raise SpecError("use_gpu", "must be true or false")
+    address = spec.get("ray_address")
+    if address is not None and (not isinstance(address, str) or not address):
+        raise SpecError("ray_address", "must be null or an address")
+    parallel = spec.get("parallel") or "ddp"
+    try:
+        parallel_config(parallel, workers=workers, use_gpu=spec["use_gpu"])
+    except ValueError as error:
+        raise SpecError("parallel", str(error).removeprefix("parallel: ")) from None
+    if spec.get("cpus_per_worker") is None:
+        cpus = max(1, (os.cpu_count() or 1) // workers)
+    else:
+        cpus = _integer(spec, "cpus_per_worker", 1, 1024)
+    return JobSpec(
+        job_id=job_id, tenant=spec["tenant"], hyperparameters=_hyperparameters(spec),
+        base_gguf=_path(spec, "base_gguf", must_exist=True),
+        cache_dir=_path(spec, "cache_dir"),
+        training_file=_path(spec, "training_file", must_exist=True),
+        validation_file=None if spec.get("validation_file") is None
+        else _path(spec, "validation_file", must_exist=True),
+        output_dir=_path(spec, "output_dir"), workers=workers, use_gpu=spec["use_gpu"],
+        ray_address=address, parallel=parallel, cpus_per_worker=cpus,
+    )  # fmt: skip
+
+
+def _integer(spec: dict[str, Any], name: str, low: int, high: int) -> int:
+    value = spec[name]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SpecError(name, f"must be an integer from {low} to {high}")
+    return value
+
+
+def _hyperparameters(spec: dict[str, Any]) -> Hyperparameters:
+    if spec["method"] not in METHODS:
+        raise SpecError("method", f"must be one of {', '.join(METHODS)}")
+    every = _integer(spec, "checkpoint_every", 1, 1 << 30)
+    given = spec["hyperparameters"]
+    if not isinstance(given, dict):
+        raise SpecError("hyperparameters", "must be an object")
+    for name in ("method", "checkpoint_every"):
+        if name in given:
+            raise SpecError(f"hyperparameters.{name}", f"is set by the spec's {name}")
+    try:
+        return Hyperparameters.from_mapping(
+            {**given, "method": spec["method"], "checkpoint_every": every}
+        )
+    except (TypeError, ValueError) as error:
+        raise SpecError("hyperparameters", str(error)) from None
+
+
+def _path(spec: dict[str, Any], name: str, must_exist: bool = False) -> Path:
+    value = spec[name]
+    if not isinstance(value, str) or not os.path.isabs(value):
+        raise SpecError(name, "must be an absolute path")
+    if must_exist and not os.path.isfile(value):
+        raise SpecError(name, f"no such file: {value}")
+    return Path(value)
+
+
+def loop_config(spec: JobSpec, base_dir: Path) -> LoopConfig:
+    """What every worker's loop is given."""
+    return LoopConfig(
+        base_dir=str(base_dir),
+        training_file=str(spec.training_file),
+        validation_file=None if spec.validation_file is None else str(spec.validation_file),
+        output_dir=str(spec.output_dir),
+        hyperparameters=spec.hyperparameters.as_dict(),
+        parallel=parallel_config(spec.parallel, workers=spec.workers, use_gpu=spec.use_gpu),
+        num_threads=spec.cpus_per_worker,
+    )
+
+
+# ---------------------------------------------------------------- process plumbing
+
+
+class _Protocol:
+    """The parent's channel: the original stdout, one JSON object per line."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def emit(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            self._stream.write(json.dumps(event, separators=(",", ":")) + "\n")
+            self._stream.flush()
+
+
+def _claim_stdout() -> _Protocol:
+    """Keep the real stdout for the protocol; point descriptor 1 (and ``sys.stdout``) at
+    stderr, so whatever else writes there, Ray's child processes included, cannot corrupt
+    the parent's stream."""
+    sys.stdout.flush()
+    protocol = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return _Protocol(protocol)
+
+
+def _die_with_parent() -> None:
+    """Have the kernel send SIGTERM when the parent dies (a cancel, so Ray is stopped)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _relay(events: Path) -> Any:
+    """A ``ray.train.UserCallback`` appending each report to ``events`` as protocol lines.
+
+    It runs in the run's controller actor, on this process's node; defined here so the
+    class is pickled with the trainer.
+    """
+    import ray.train
+
+    class ProgressRelay(ray.train.UserCallback):
+        def __init__(self, path: str) -> None:
+            self.path = path
+
+        def after_report(self, run_context: Any, metrics: Any, checkpoint: Any) -> None:
+            report = metrics[0] if metrics else {}
+            keys = ("step", "total_steps", "epoch", "loss", "tokens_per_s", "eta_s")
+            lines = [{"event": "progress", **{k: report.get(k) for k in keys}}]
+            if checkpoint is not None:
+                lines.append({
+                    "event": "checkpoint", "step": report.get("step"), "path": checkpoint.path,
+                    "loss": report.get("loss"), "valid_loss": report.get("valid_loss"),
+                })  # fmt: skip
+            with open(self.path, "a", encoding="utf-8") as file:
+                file.writelines(json.dumps(line, separators=(",", ":")) + "\n" for line in lines)
+
+    return ProgressRelay(str(events))
+
+
+class _Follower:
+    """Forwards the complete lines appended to a file since this object was made."""
+
+    def __init__(self, path: Path, protocol: _Protocol) -> None:
+        self.path, self.protocol = path, protocol
+        self.offset = path.stat().st_size if path.exists() else 0
+        self.partial = ""
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, encoding="utf-8") as file:
+            file.seek(self.offset)
+            data = file.read()
+            self.offset = file.tell()
+        *lines, self.partial = (self.partial + data).split("\n")
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                self.protocol.emit(json.loads(line))
+
+
+def _failure_message(error: BaseException) -> str:
+    """The first worker's own exception when Ray Train reports worker failures."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        first = failures[min(failures)]
+        cause = getattr(first, "cause", None) or first
+        return f"{type(cause).__name__}: {cause}".strip()[:4000]
+    return f"{type(error).__name__}: {error}"[:4000]
+
+
+def _fit(spec: JobSpec, base_dir: Path, events: Path) -> None:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from services.trainer.sft_loop import train_loop_per_worker
+
+    resources = {"CPU": spec.cpus_per_worker} | ({"GPU": 1} if spec.use_gpu else {})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(loop_config(spec, base_dir)),
+        scaling_config=ScalingConfig(
+            num_workers=spec.workers, use_gpu=spec.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            storage_path=str(spec.output_dir / "ray"),
+            name=spec.job_id,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=0),  # a retry is the parent's decision
+            callbacks=[_relay(events)],
+        ),
+    )
+    trainer.fit()
+
+
+class _Stop:
+    """SIGTERM/SIGINT handling: before Ray is up the main thread is the one working, so the
+    signal interrupts it; afterwards the main thread only follows the run, and sees the flag."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.ray_up = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _: Any) -> None:
+        self.requested.set()
+        if not self.ray_up:
+            raise _Cancelled
+
+    def after_ray_init(self) -> None:
+        # Ray's core worker installs its own SIGTERM handler (it aborts the process); a
+        # cancel must stop Ray and report instead
+        self.ray_up = True
+        self.install()
+
+
+def run(spec: JobSpec, protocol: _Protocol, stop: _Stop) -> int:
+    """Train ``spec`` to its end; the exit code (the protocol lines are emitted here).
+
+    Raises:
+        _Cancelled: a stop was requested.
+    """
+    import ray
+
+    from services.trainer.base_model import cached_base
+
+    spec.output_dir.mkdir(parents=True, exist_ok=True)
+    base_dir = cached_base(spec.base_gguf, spec.cache_dir)
+    # the run controller's placement-group cleaner warns every second that the state API
+    # (served by the dashboard, which is not started) is unavailable: Ray logs errors only
+    logging_config = ray.LoggingConfig(log_level="ERROR")
+    if spec.ray_address:
+        ray.init(address=spec.ray_address, logging_config=logging_config)
+    else:
+        cpus = max(spec.cpus_per_worker * spec.workers, os.cpu_count() or 1)
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_config=logging_config)
+    stop.after_ray_init()
+    events = spec.output_dir / EVENTS
+    follower = _Follower(events, protocol)
+    outcome: dict[str, BaseException | None] = {}
+
+    def fit() -> None:
+        try:
+            _fit(spec, base_dir, events)
+            outcome["error"] = None
+        except BaseException as error:  # reported to the parent, whatever it is
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="fit", daemon=True)
+    thread.start()
+    while thread.is_alive() and not stop.requested.is_set():
+        follower.poll()
+        thread.join(0.25)
+    follower.poll()
+    if stop.requested.is_set():
+        raise _Cancelled
+    error = outcome.get("error")
+    if error is not None:
+        protocol.emit({"event": "error", "message": _failure_message(error)})
+        return EXIT_ERROR
+    result = json.loads((spec.output_dir / "result.json").read_text())
+    protocol.emit({"event": "result", **result, "model_dir": result.get("model_dir")})
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Run the job of the spec file ``argv[0]``; the exit code."""
+    protocol = _claim_stdout()
+    if len(argv) != 1:
+        protocol.emit({"event": "error", "message": "usage: job_process SPEC_JSON_PATH"})
+        return EXIT_SPEC
+    try:
+        raw = json.loads(Path(argv[0]).read_text())
+    except (OSError, ValueError) as error:
+        protocol.emit({"event": "error", "message": f"spec: unreadable ({error})"})
+        return EXIT_SPEC
+    try:
+        spec = parse_spec(raw)
+    except SpecError as error:
+        protocol.emit({"event": "error", "message": str(error), "field": error.field})
+        return EXIT_SPEC
+    from shared.logging import configure_logging, get_logger
+
+    configure_logging("trainer")
+    log = get_logger("services.trainer.job_process")
+    stop = _Stop()
+    started = time.monotonic()
+    log.info("job starting", job=spec.job_id, tenant=spec.tenant, workers=spec.workers)
+    try:
+        stop.install()
+        _die_with_parent()
+        code = run(spec, protocol, stop)
+    except _Cancelled:
+        protocol.emit({"event": "error", "message": "cancelled", "cancelled": True})
+        code = EXIT_CANCELLED
+    except Exception as error:
+        log.exception("job failed", job=spec.job_id)
+        protocol.emit({"event": "error", "message": _failure_message(error)})
+        code = EXIT_ERROR
+    finally:
+        with contextlib.suppress(Exception):
+            _shutdown_ray()
+    log.info("job process exiting", job=spec.job_id, code=code, seconds=time.monotonic() - started)
+    return code
+
+
+def _shutdown_ray() -> None:
+    """Stop the Ray this process started (or leave the cluster it joined), within a bound:
+    a shutdown racing the training thread must not keep a cancelled job alive."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    stopper = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
+    stopper.start()
+    stopper.join(30.0)
+
+
+if __name__ == "__main__":
+    exit_code = main(sys.argv[1:])
+    sys.stderr.flush()
+    os._exit(exit_code)  # Ray's threads must not keep a finished job's process alive
