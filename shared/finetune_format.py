@@ -13,7 +13,8 @@ Two kinds of row, one kind per file:
 
 Tool calls, function definitions and content parts (images) are refused by name: the
 trainer does not learn them yet, and a row silently trained without them would teach
-something else.
+something else. A message's ``name`` (which OpenAI's format allows) is accepted and not
+trained on: the chat templates of the models served here have no place for it.
 
 Worked example::
 

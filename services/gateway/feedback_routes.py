@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.gateway.auth import Principal
-from services.gateway.route_guard import RouteGuard
+from services.gateway.route_guard import RouteGuard, relay
 from services.gateway.settings import FeedbackRouteSettings
 from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
@@ -281,7 +281,7 @@ class FeedbackRoutes:
                 "the feedback service is unreachable; retry later"
             ) from error
         if reply.status_code != 200:
-            return self._relay(reply, "feedback")
+            return relay(reply, "feedback")
         return Response(reply.content, media_type="application/jsonl")
 
     # ------------------------------------------------------------------ plumbing
@@ -311,16 +311,4 @@ class FeedbackRoutes:
             raise ServiceUnavailableError(
                 f"the feedback service is unreachable ({type(error).__name__}); retry later"
             ) from error
-        return self._relay(reply, "feedback")
-
-    @staticmethod
-    def _relay(reply: httpx.Response, what: str) -> Response:
-        try:
-            body = reply.json()
-        except ValueError:
-            body = None
-        if reply.status_code in (401, 403) or reply.status_code >= 500 or body is None:
-            # the gateway's identity refused, or the service failed: logged, not told
-            log.error(f"the {what} service failed a call", status=reply.status_code)
-            raise ServiceUnavailableError(f"the {what} service could not answer; retry later")
-        return JSONResponse(body, status_code=reply.status_code)
+        return relay(reply, "feedback")

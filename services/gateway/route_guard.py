@@ -8,8 +8,9 @@ import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 
+import httpx
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 
 from services.gateway.admission import limit_key
 from services.gateway.auth import Principal
@@ -17,9 +18,11 @@ from services.gateway.limits import ConcurrencyGate, Limit, RateLimiter, limits_
 from services.gateway.policy import Decision, Policy
 from services.gateway.settings import LimitsConfig
 from shared.events.v1 import events_pb2 as ev
-from shared.openai_protocol import PermissionDeniedError, RateLimitError
+from shared.logging import get_logger
+from shared.openai_protocol import PermissionDeniedError, RateLimitError, ServiceUnavailableError
 from shared.policy import AccessRequest, Resource, ResourceKind, Subject
 
+log = get_logger(__name__)
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 
 
@@ -155,3 +158,16 @@ class RouteGuard:
         if not decision.allow:
             reason = "; ".join(decision.reasons) or "denied by policy"
             raise PermissionDeniedError(reason, param, "policy_denied")
+
+
+def relay(reply: httpx.Response, what: str) -> Response:
+    """An internal service's answer as the gateway's: its JSON and status, except that a
+    refusal of the gateway's own identity or a failure is logged and told as a 503."""
+    try:
+        body = reply.json()
+    except ValueError:
+        body = None
+    if reply.status_code in (401, 403) or reply.status_code >= 500 or body is None:
+        log.error(f"the {what} service failed a call", status=reply.status_code)
+        raise ServiceUnavailableError(f"the {what} service could not answer; retry later")
+    return JSONResponse(body, status_code=reply.status_code)

@@ -150,6 +150,9 @@ class TrainingRouteSettings(BaseModel):
         512 * 2**20, ge=1024, le=8 * 2**30, description="Largest file POST /v1/files takes."
     )
     body_timeout_s: float = Field(30.0, gt=0, le=600, description="A body not all there: 408.")
+    upload_timeout_s: float = Field(
+        600.0, gt=0, le=7200, description="A file not all there in this time: 408."
+    )
 
 
 class FeedbackRouteSettings(BaseModel):

@@ -1,7 +1,9 @@
 """OpenAI's Files and Fine-tuning APIs at the gateway, forwarded to the trainer service.
 
 - ``POST /v1/files`` (multipart: ``file``, ``purpose=fine-tune``): ``create`` on
-  ``training_job`` (uploading training data is the first step of creating a job); ``GET
+  ``training_job`` (uploading training data is the first step of creating a job; a caller
+  the policy would refuse is refused before its body is read, and the body has
+  ``training.upload_timeout_s`` to arrive); ``GET
   /v1/files``, ``/v1/files/{id}``, ``/v1/files/{id}/content``: ``read``; ``DELETE
   /v1/files/{id}``: ``create`` (who may upload may take it back).
 - ``POST /v1/fine_tuning/jobs``: ``create`` (and ``dataset read`` when it trains on a
@@ -16,24 +18,26 @@ trainer (400 naming the line).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message
 
 from services.gateway.auth import Principal
-from services.gateway.feedback_routes import FeedbackRoutes
-from services.gateway.route_guard import RouteGuard
+from services.gateway.route_guard import RouteGuard, relay
 from services.gateway.settings import TrainingRouteSettings
 from shared.http_body import read_json_body
 from shared.openai_protocol import (
     InvalidRequestError,
+    RequestTimeoutError,
     RequestTooLargeError,
     ServiceUnavailableError,
     invalid_field,
@@ -85,9 +89,20 @@ class TrainingRoutes:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > most + CHUNK:
             raise RequestTooLargeError(f"the file is over {most} bytes")
-        async with _capped(request, most + CHUNK).form(
-            max_files=1, max_fields=4, max_part_size=64 * 1024
-        ) as form:
+        if not await self.guard.permits(request, principal, "training_job", "create"):
+            await self._allow(request, principal, "create")  # charged and audited: a 403
+        try:
+            async with asyncio.timeout(self.settings.upload_timeout_s):
+                form = await _capped(request, most + CHUNK).form(
+                    max_files=1, max_fields=4, max_part_size=64 * 1024
+                )
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the file did not arrive within {self.settings.upload_timeout_s:g} s"
+            ) from None
+        except HTTPException as error:  # a malformed multipart body
+            raise InvalidRequestError(f"not a multipart form: {error.detail}") from None
+        try:
             reject_unknown(sorted(form), ("file", "purpose"), what="a form field")
             purpose = form.get("purpose")
             if purpose != PURPOSE:
@@ -104,6 +119,8 @@ class TrainingRoutes:
             return await self._forward(
                 "POST", "/v1/files", params, content=_chunks(upload), timeout=600
             )
+        finally:
+            await form.close()
 
     async def files(self, request: Request, principal: Principal) -> Response:
         reject_unknown(sorted(request.query_params), ("purpose", "limit"), what="a query parameter")
@@ -132,7 +149,7 @@ class TrainingRoutes:
         except httpx.HTTPError as error:
             raise ServiceUnavailableError("the trainer is unreachable; retry later") from error
         if reply.status_code != 200:
-            return FeedbackRoutes._relay(reply, "trainer")
+            return relay(reply, "trainer")
         return Response(reply.content, media_type="application/jsonl")
 
     async def delete_file(self, request: Request, principal: Principal) -> Response:
@@ -204,7 +221,7 @@ class TrainingRoutes:
             raise ServiceUnavailableError(
                 f"the trainer is unreachable ({type(error).__name__}); retry later"
             ) from error
-        return FeedbackRoutes._relay(reply, "trainer")
+        return relay(reply, "trainer")
 
 
 def _capped(request: Request, most: int) -> Request:

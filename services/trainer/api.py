@@ -73,6 +73,17 @@ def _id(request: Request, name: str) -> str:
     return value
 
 
+def _step(params: Mapping[str, str]) -> int | None:
+    """The step of a checkpoint id given as ``after`` (ftckpt-<job>-<step>)."""
+    after = params.get("after")
+    if after is None:
+        return None
+    tail = after.rsplit("-", 1)[-1]
+    if not after.startswith("ftckpt-") or not tail.isascii() or not tail.isdigit():
+        raise invalid_field("after", "is not a checkpoint id")
+    return int(tail[:18])
+
+
 class TrainerApi:
     def __init__(self, service: TrainerService, guard: ServiceGuard) -> None:
         self.service = service
@@ -204,9 +215,10 @@ class TrainerApi:
         params = request.query_params
         reject_unknown(sorted(params), ("tenant", "limit", "after"), what="a query parameter")
         job = await self.service.job(_tenant(params), _id(request, "job_id"))
-        found = await self.service.store.checkpoints(job.id, _limit(params, 10))
-        data = [checkpoint_json(job.values, c) for c in found]
-        body = {"object": "list", "data": data, "has_more": False}
+        limit = _limit(params, 10)
+        found = await self.service.store.checkpoints(job.id, limit + 1, _step(params))
+        data = [checkpoint_json(job.values, c) for c in found[:limit]]
+        body = {"object": "list", "data": data, "has_more": len(found) > limit}
         if data:
             body |= {"first_id": data[0]["id"], "last_id": data[-1]["id"]}
         return JSONResponse(body)

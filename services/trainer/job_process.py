@@ -37,7 +37,9 @@ checkpoint there and the loop continues from its step. Two checkpoints are kept.
 
 Stopping: the process asks the kernel for SIGTERM when its parent dies, and on SIGTERM
 (a cancel) it shuts down the Ray it started (its worker processes with it) and exits 143.
-The local Ray processes are bound to this process, so even a ``kill -9`` takes them down.
+The local Ray processes are bound to this process: after a ``kill -9`` its workers die with
+it, and Ray's two per-node agents exit by themselves within about a minute (a resumed run
+does not wait for them).
 
 Parallelism (``workers``, ``use_gpu``, ``parallel``): each worker is one Ray Train worker
 process; with more than one, ``prepare_model`` wraps the model according to

@@ -119,7 +119,7 @@ def checkpoint_json(job: Mapping[str, Any], checkpoint: Mapping[str, Any]) -> di
         "id": f"ftckpt-{job['id'].removeprefix('ftjob-')}-{step}",
         "object": "fine_tuning.job.checkpoint",
         "created_at": checkpoint["created_at"],
-        "fine_tuned_model_checkpoint": f"{job['id']}:step-{step}",
+        "fine_tuned_model_checkpoint": None,  # a resume point, not a servable model
         "fine_tuning_job_id": job["id"],
         "metrics": {"step": step, **metrics},
         "step_number": step,

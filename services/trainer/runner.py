@@ -39,7 +39,7 @@ from services.trainer.store import Job
 from shared.bus import Publisher
 from shared.events.v1 import events_pb2 as ev
 from shared.logging import get_logger
-from shared.topics import TRAINING_PROGRESS
+from shared.topics import MODEL_CANDIDATES, TRAINING_PROGRESS
 
 log = get_logger(__name__)
 STATES = {
@@ -50,6 +50,7 @@ STATES = {
     "cancelled": ev.TRAINING_STATE_CANCELLED,
 }
 STOP_GRACE_S = 30.0
+PRIVATE_RESULT_KEYS = frozenset({"event", "model_dir", "adapter_dir"})  # server paths
 PROGRESS_EVENT_EVERY_S = 10.0
 
 
@@ -67,7 +68,13 @@ class Released(Exception):
 
 
 class Runner:
-    def __init__(self, service: TrainerService, publisher: Publisher) -> None:
+    def __init__(
+        self,
+        service: TrainerService,
+        publisher: Publisher,
+        child_module: str = "services.trainer.job_process",
+    ) -> None:
+        """``child_module``: what runs a job (``python -m <it> SPEC``); tests give a stand-in."""
         self.service = service
         self.store = service.store
         self.settings = service.settings
@@ -77,6 +84,8 @@ class Runner:
         self.running: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._progress_noted: dict[str, float] = {}
+        self._children: dict[str, asyncio.subprocess.Process] = {}
+        self.child_module = child_module
 
     def wake(self) -> None:
         self._wake.set()
@@ -132,36 +141,66 @@ class Runner:
         note = "Job started" if attempt == 1 else f"Job resumed (run {attempt})"
         await self._event(job, note)
         await self._publish(job, "running")
+        released = asyncio.Event()  # set once the job is no longer this runner's
+        lease = asyncio.create_task(self._keep_lease(job, released))
         try:
-            result = await self._supervise(job)
-            model = await asyncio.to_thread(self._register, job, result)
+            result = await self._supervise(job, released)
+            files = {}
+            for role in ("training_file", "validation_file"):
+                row = job[role] and await self.store.file(job["tenant"], job[role])
+                if row:
+                    files[role] = row
+            model = await asyncio.to_thread(self._register, job, result, files)
+            await self._succeed(job, model, result)
         except JobFailed as error:
             await self._fail(job, str(error))
-            return
         except Released:
-            return
+            pass
         except Crashed as error:
             await self._event(job, f"{error}; resuming from the last checkpoint", level="warn")
             await self.store.requeue(job.id, self.owner)
             self.wake()
-            return
         except asyncio.CancelledError:
             await self.store.requeue(job.id, self.owner)
             raise
         except Exception as error:
             log.exception("job failed", job=job.id)
             await self._fail(job, f"{type(error).__name__}: {error}")
-            return
-        now = int(time.time())
+        finally:
+            lease.cancel()
+            self._children.pop(job.id, None)
+
+    async def _succeed(self, job: Job, model: str, result: dict[str, Any]) -> None:
         done = await self.store.finish(
-            job.id, self.owner, "succeeded", finished_at=now, fine_tuned_model=model,
-            trained_tokens=int(result.get("tokens_seen", 0)), result=result,
+            job.id, self.owner, "succeeded", finished_at=int(time.time()),
+            fine_tuned_model=model, trained_tokens=int(result.get("tokens_seen", 0)),
+            result={k: v for k, v in result.items() if k not in PRIVATE_RESULT_KEYS},
         )  # fmt: skip
         if done:
             await self._event(job, f"Job succeeded: {model} registered as a candidate")
             await self._publish(job, "succeeded", fine_tuned_model=model)
+            await self._announce_candidate(job, model, result)
             await self._mark_dataset(job, model)
+        else:  # cancelled while it was exported: the candidate stays, unpromoted
+            log.warning("job cancelled after its model was registered", job=job.id, model=model)
+            await self._event(job, f"Cancelled after {model} was registered", level="warn")
         await asyncio.to_thread(self._tidy, job)
+
+    async def _announce_candidate(self, job: Job, model: str, result: dict[str, Any]) -> None:
+        """``model.candidates``: what the release gate takes up (the registry has it)."""
+        name, _, version = model.partition(":")
+        entry = self.registry.resolve(name, version)
+        event = ev.ModelCandidate(
+            model=name, version=version, base_version=job["base_version"],
+            artifact_uri=entry.path.resolve().as_uri(), job_id=job.id,
+        )  # fmt: skip
+        for key, value in result.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                event.metrics[key] = float(value)
+        try:
+            await self.publisher.publish(MODEL_CANDIDATES, event, key=name, tenant=job["tenant"])
+        except Exception as error:  # the registry and the job hold it; the gate can list them
+            log.warning("candidate unannounced", job=job.id, error=str(error))
 
     async def _mark_dataset(self, job: Job, model: str) -> None:
         """Name the model on its dataset (the job is named there since it was created)."""
@@ -180,7 +219,7 @@ class Runner:
         for name in ("model", "export", "ray"):
             shutil.rmtree(self.run_dir(job) / name, ignore_errors=True)
 
-    async def _supervise(self, job: Job) -> dict[str, Any]:
+    async def _supervise(self, job: Job, released: asyncio.Event) -> dict[str, Any]:
         """Run the child to its end; its result.
 
         Raises:
@@ -192,13 +231,12 @@ class Runner:
         spec_path = await asyncio.to_thread(self._write_spec, job)
         stderr = (self.run_dir(job) / "job.log").open("ab")
         child = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.trainer.job_process", str(spec_path),
+            sys.executable, "-m", self.child_module, str(spec_path),
             stdout=asyncio.subprocess.PIPE, stderr=stderr, limit=2**20,
         )  # fmt: skip
-        released = asyncio.Event()  # set before this runner stops the child itself
-        lease = asyncio.create_task(self._keep_lease(job, child, released))
+        self._children[job.id] = child
         result: dict[str, Any] | None = None
-        error: str | None = None
+        error: dict[str, Any] | None = None
         try:
             assert child.stdout is not None
             async for raw in child.stdout:
@@ -209,41 +247,46 @@ class Runner:
                 if kind == "result":
                     result = line
                 elif kind == "error":
-                    error = str(line.get("message", "the training run failed"))[:2000]
+                    error = line
                 else:
-                    await self._note(job, line)
+                    await self._note_safely(job, line)
             code = await child.wait()
-            if released.is_set():
-                await lease  # the cancel or the hand-over is written down
-        except asyncio.CancelledError:
+        except BaseException:  # a stop, or anything else: the child must not run on alone
             await _stop(child)
             raise
         finally:
-            lease.cancel()
             stderr.close()
         if released.is_set():
             raise Released
+        runs_left = int(job["attempts"]) < self.settings.train.max_attempts
+        if error is not None and error.get("cancelled") and runs_left:
+            raise Crashed("the training process was stopped from outside")
         if error is not None:
-            raise JobFailed(error)
-        if code < 0 and int(job["attempts"]) < self.settings.train.max_attempts:
+            raise JobFailed(str(error.get("message") or "the training run failed")[:2000])
+        if code < 0 and runs_left:
             raise Crashed(f"the training process was killed (signal {-code})")
         if code != 0 or result is None:
             raise JobFailed(f"the training process exited with code {code} without a result")
         return result
 
-    async def _keep_lease(
-        self, job: Job, child: asyncio.subprocess.Process, released: asyncio.Event
-    ) -> None:
+    async def _keep_lease(self, job: Job, released: asyncio.Event) -> None:
+        """Renew the lease until the job ends here; when a renewal is refused (a cancel, or
+        another runner took the job over), stop the child and record a cancel."""
         period = self.settings.lease_s / 3
         while True:
             await asyncio.sleep(period)
             until = int(time.time() + self.settings.lease_s)
-            if not await self.store.renew(job.id, self.owner, until, None):
-                break
+            try:
+                if not await self.store.renew(job.id, self.owner, until, None):
+                    break
+            except Exception as error:  # a store hiccup: the next renewal tries again
+                log.warning("lease not renewed", job=job.id, error=str(error))
         released.set()
+        child = self._children.get(job.id)
         current = await self.store.job(job.id)
         if current is not None and current["cancel_requested"]:
-            await _stop(child)
+            if child is not None:
+                await _stop(child)
             if await self.store.finish(
                 job.id, self.owner, "cancelled", finished_at=int(time.time())
             ):
@@ -251,7 +294,14 @@ class Runner:
                 await self._publish(job, "cancelled")
         else:
             log.warning("job lease lost; stopping its process", job=job.id)
-            await _stop(child)
+            if child is not None:
+                await _stop(child)
+
+    async def _note_safely(self, job: Job, line: dict[str, Any]) -> None:
+        try:
+            await self._note(job, line)
+        except Exception as error:  # progress is advisory; the run goes on
+            log.warning("progress not recorded", job=job.id, error=str(error))
 
     async def _note(self, job: Job, line: dict[str, Any]) -> None:
         now = int(time.time())
@@ -300,8 +350,9 @@ class Runner:
         path.write_text(json.dumps(spec, indent=2))
         return path
 
-    def _register(self, job: Job, result: dict[str, Any]) -> str:
-        """Export the trained model to GGUF and register it as a candidate; its name."""
+    def _register(self, job: Job, result: dict[str, Any], files: dict[str, dict[str, Any]]) -> str:
+        """Export the trained model to GGUF and register it as a candidate; its name.
+        ``files``: the job's files' rows (their digests go into the lineage)."""
         model_dir = Path(str(result.get("model_dir", "")))
         base = self.registry.resolve(job["model"], job["base_version"])
         version = candidate_version(job["base_version"], job["suffix"], job.id)
@@ -311,12 +362,20 @@ class Runner:
         except (ExportError, OSError) as error:
             raise JobFailed(f"the trained model could not be exported: {error}") from None
         lineage = {
-            "job_id": job.id, "tenant": job["tenant"], "base": base.ref,
-            "base_sha256": base.sha256, "training_file": job["training_file"],
-            "validation_file": job["validation_file"], "dataset": job["dataset"],
+            "job_id": job.id, "tenant": job["tenant"], "created_by": job["created_by"],
+            "base": base.ref, "base_sha256": base.sha256, "dataset": job["dataset"],
+            "files": {
+                role: {"id": row["id"], "sha256": row["sha256"], "rows": row["row_count"]}
+                for role, row in files.items()
+            },
             "method": job["tuning"], "hyperparameters": job["hyperparameters"],
-            "seed": job["seed"], "metrics": {k: v for k, v in result.items()
-                                             if isinstance(v, int | float)},
+            "learning_rate": learning_rate(job["tuning"], job["hyperparameters"]),
+            "seed": job["seed"], "train": self.settings.train.model_dump(),
+            "metrics": {k: v for k, v in result.items()
+                        if isinstance(v, int | float) and not isinstance(v, bool)},
+            # loss_before/after are over held-out rows only when this says "validation"
+            "held_out_source": result.get("held_out_source"),
+            "training_counts": result.get("training_counts"),
         }  # fmt: skip
         try:
             entry = self.registry.register(

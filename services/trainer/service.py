@@ -191,13 +191,18 @@ class TrainerService:
             entry = await asyncio.to_thread(self.registry.resolve, name, version or None)
         except (UnknownModel, ValueError) as error:
             raise invalid_field("model", f"not a registered model ({error})") from None
+        made_by = (entry.lineage or {}).get("tenant")
+        if entry.status == "candidate" and made_by != tenant:
+            # another tenant's fine-tune holds that tenant's data: told as unknown
+            raise invalid_field("model", f"not a registered model ({request.model})")
         job_id = new_id("ftjob-")
         training, validation = request.training_file, request.validation_file
         if request.dataset is not None:
-            training, validation = await self._dataset_files(tenant, subject, request.dataset)
-            assert self.datasets is not None
-            # its rows are in this service's files from now on: an erasure must say so
+            if self.datasets is None:
+                raise ServiceUnavailableError("no feedback service is configured for datasets")
+            # marked before the rows are copied here, so no erasure can miss the copy
             await self.datasets.mark_used(tenant, request.dataset, job_id)
+            training, validation = await self._dataset_files(tenant, subject, request.dataset)
         for param, file_id in (("training_file", training), ("validation_file", validation)):
             if file_id is None:
                 continue

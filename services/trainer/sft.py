@@ -146,6 +146,9 @@ class EncodeCounts:
     truncated: int = 0  # longer than max_length: cut, still trained on what is left
     dropped_truncated: int = 0  # no trained token left within max_length
     dropped_untrained: int = 0  # no assistant turn to train on (all weight 0)
+    # a turn's text holds one of the tokenizer's control tokens (<|im_start|>...), which
+    # would be read as a real turn boundary: a planted system or assistant turn
+    dropped_control: int = 0
     tokens: int = 0
     trained_tokens: int = 0
 
@@ -197,15 +200,31 @@ def encode_row(
     return (encoded if encoded.trained_tokens else None), truncated
 
 
+def control_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """The tokenizer's special and added tokens as text (what a turn must not contain)."""
+    found = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+    added = getattr(tokenizer, "get_added_vocab", None)
+    if callable(added):
+        found.update(added())
+    return tuple(sorted(t for t in found if t))
+
+
 def encode_rows(
-    rows: Sequence[Sequence[Mapping[str, Any]]], tokenizer: ChatTokenizer, max_length: int
+    rows: Sequence[Sequence[Mapping[str, Any]]],
+    tokenizer: ChatTokenizer,
+    max_length: int,
+    controls: Sequence[str] = (),
 ) -> tuple[list[Encoded], EncodeCounts]:
-    """:func:`encode_row` over a file's rows, with what was cut or dropped counted."""
+    """:func:`encode_row` over a file's rows, with what was cut or dropped counted. A row
+    whose text holds any of ``controls`` (:func:`control_tokens`) is dropped."""
     counts = EncodeCounts(rows=len(rows))
     kept = []
     for messages in rows:
         if not any(m["role"] == "assistant" and m.get("weight", 1) != 0 for m in messages):
             counts.dropped_untrained += 1
+            continue
+        if any(c in str(m["content"]) for m in messages for c in controls):
+            counts.dropped_control += 1
             continue
         encoded, truncated = encode_row(messages, tokenizer, max_length)
         counts.truncated += truncated

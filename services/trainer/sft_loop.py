@@ -29,6 +29,7 @@ from services.trainer.sft import (
     Hyperparameters,
     UpdateCheck,
     check_update,
+    control_tokens,
     encode_rows,
     epoch_batches,
     learning_rate_factor,
@@ -91,8 +92,9 @@ class _Run:
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.base = base_model.load_base(loop.base_dir)
         tokenizer = self.base.tokenizer
+        controls = control_tokens(tokenizer)
         self.train_rows, self.train_counts = encode_rows(
-            read_chat_rows(loop.training_file), tokenizer, hp.max_length
+            read_chat_rows(loop.training_file), tokenizer, hp.max_length, controls
         )
         if not self.train_rows:
             raise ValueError("no training row keeps a trained token within max_length")
@@ -100,7 +102,7 @@ class _Run:
         self.valid_counts: EncodeCounts | None = None
         if loop.validation_file:
             self.valid_rows, self.valid_counts = encode_rows(
-                read_chat_rows(loop.validation_file), tokenizer, hp.max_length
+                read_chat_rows(loop.validation_file), tokenizer, hp.max_length, controls
             )
         self.held_out = (self.valid_rows or self.train_rows)[:HELD_OUT_ROWS]
         torch.manual_seed(hp.seed)  # the same adapter initialisation on every rank

@@ -163,11 +163,9 @@ class TrainerStore:
         """The tenant's jobs, newest first; ``after``: the last job id of the previous page."""
         where, args = "tenant = ?", [tenant]
         if after is not None:
-            where += (
-                " AND (created_at < (SELECT created_at FROM jobs WHERE id = ?) OR "
-                "(created_at = (SELECT created_at FROM jobs WHERE id = ?) AND id < ?))"
-            )
-            args += [after, after, after]
+            mark = "(SELECT created_at FROM jobs WHERE id = ? AND tenant = ?)"
+            where += f" AND (created_at < {mark} OR (created_at = {mark} AND id < ?))"
+            args += [after, tenant, after, tenant, after]
         rows = await self.driver.fetch(
             f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs WHERE {where} "
             "ORDER BY created_at DESC, id DESC LIMIT ?",
@@ -176,10 +174,17 @@ class TrainerStore:
         return [_job(row) for row in rows]
 
     async def runnable(self, now: int, limit: int = 10) -> list[str]:
-        """Jobs waiting for a runner: queued, or running with a lease that ran out."""
+        """Jobs waiting for a runner: queued, or running with a lease that ran out. A job
+        cancelled while its runner was gone is finished as cancelled here."""
+        await self.driver.execute(
+            "UPDATE jobs SET status = 'cancelled', finished_at = ?, lease_until = 0 "
+            "WHERE cancel_requested = 1 AND (status = 'queued' OR "
+            "(status = 'running' AND lease_until < ?))",
+            (now, now),
+        )
         rows = await self.driver.fetch(
-            "SELECT id FROM jobs WHERE status = 'queued' OR "
-            "(status = 'running' AND lease_until < ?) ORDER BY created_at LIMIT ?",
+            "SELECT id FROM jobs WHERE cancel_requested = 0 AND (status = 'queued' OR "
+            "(status = 'running' AND lease_until < ?)) ORDER BY created_at LIMIT ?",
             (now, limit),
         )
         return [str(row[0]) for row in rows]
@@ -210,10 +215,13 @@ class TrainerStore:
 
     async def finish(self, job_id: str, owner: str | None, status: str, **fields: Any) -> bool:
         """Move a job to a final state (with ``fields`` such as ``error``, ``result``,
-        ``fine_tuned_model``); ``owner`` None: whoever holds it. False if already final."""
+        ``fine_tuned_model``); ``owner`` None: whoever holds it. False if already final, or
+        (for ``succeeded``) if a cancel came first."""
         sets = ["status = ?", "lease_until = 0"] + [f"{name} = ?" for name in fields]
         args = [status, *(_encode(name, value) for name, value in fields.items())]
         where = "id = ? AND status IN ('queued', 'running')"
+        if status == "succeeded":
+            where += " AND cancel_requested = 0"
         args.append(job_id)
         if owner is not None:
             where += " AND owner = ?"
@@ -224,9 +232,11 @@ class TrainerStore:
         return changed == 1
 
     async def requeue(self, job_id: str, owner: str) -> None:
-        """Give a job back (this runner stops; another may take it now)."""
+        """Give a job back (this runner stops; another may take it now), or finish it as
+        cancelled when a cancel was asked for."""
         await self.driver.execute(
-            "UPDATE jobs SET status = 'queued', lease_until = 0, owner = NULL "
+            "UPDATE jobs SET status = CASE WHEN cancel_requested = 1 THEN 'cancelled' "
+            "ELSE 'queued' END, lease_until = 0, owner = NULL "
             "WHERE id = ? AND owner = ? AND status = 'running'",
             (job_id, owner),
         )
@@ -234,14 +244,11 @@ class TrainerStore:
     async def request_cancel(self, tenant: str, job_id: str, now: int) -> Job | None:
         """Cancel: a queued job at once, a running one through its runner. The job after."""
         await self.driver.execute(
-            "UPDATE jobs SET status = 'cancelled', finished_at = ? "
-            "WHERE id = ? AND tenant = ? AND status = 'queued'",
+            "UPDATE jobs SET cancel_requested = 1, "
+            "status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END, "
+            "finished_at = CASE WHEN status = 'queued' THEN ? ELSE finished_at END "
+            "WHERE id = ? AND tenant = ? AND status IN ('queued', 'running')",
             (now, job_id, tenant),
-        )
-        await self.driver.execute(
-            "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND tenant = ? "
-            "AND status = 'running'",
-            (job_id, tenant),
         )
         return await self.job(job_id, tenant)
 
@@ -252,6 +259,7 @@ class TrainerStore:
         kind: str = "message", data: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
         async with self.driver.transaction() as tx:
+            await tx.lock("job-events:" + job_id)  # the API and a runner may both write
             rows = await tx.fetch(
                 "SELECT COALESCE(MAX(seq), 0) FROM job_events WHERE job_id = ?", (job_id,)
             )
@@ -287,11 +295,14 @@ class TrainerStore:
             (job_id, step, now, json.dumps(metrics), path),
         )
 
-    async def checkpoints(self, job_id: str, limit: int) -> list[dict[str, Any]]:
+    async def checkpoints(
+        self, job_id: str, limit: int, before_step: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first; ``before_step``: the step of the previous page's last."""
         rows = await self.driver.fetch(
             "SELECT step, created_at, metrics, path FROM job_checkpoints WHERE job_id = ? "
-            "ORDER BY step DESC LIMIT ?",
-            (job_id, limit),
+            "AND step < ? ORDER BY step DESC LIMIT ?",
+            (job_id, 2**62 if before_step is None else before_step, limit),
         )
         return [
             {"step": int(r[0]), "created_at": int(r[1]), "metrics": json.loads(r[2]),

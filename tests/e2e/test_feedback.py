@@ -348,9 +348,10 @@ async def test_a_fine_tuning_job_through_the_sdk_makes_a_candidate(mesh: Mesh) -
     manifest = json.loads((mesh.data_dir / "models" / name / version / "manifest.json").read_text())
     assert manifest["status"] == "candidate"
     lineage = manifest["lineage"]
-    assert (lineage["job_id"], lineage["tenant"], lineage["training_file"]) == (
-        job.id, "acme", file.id,
-    )  # fmt: skip
+    assert (lineage["job_id"], lineage["tenant"]) == (job.id, "acme")
+    trained_on = lineage["files"]["training_file"]
+    assert (trained_on["id"], trained_on["rows"]) == (file.id, len(POLICIES))
+    assert len(trained_on["sha256"]) == 64
     assert lineage["base"] == "smollm2-135m-instruct:q4_1-1"
     assert len(lineage["base_sha256"]) == 64
     assert manifest["quantization"] == "Q8_0"
