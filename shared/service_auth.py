@@ -27,13 +27,19 @@ import hashlib
 import hmac
 import os
 import secrets
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
 from pathlib import Path
 
 import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
+from shared.logging import get_logger
 from shared.openai_protocol import OpenAIError
 from shared.settings import MeshSettings, Mode, ServiceAuthSettings, SettingsError
+
+log = get_logger(__name__)
 
 IDENTITIES: tuple[str, ...] = (
     "gateway", "router", "retrieval", "audit", "inference", "feedback", "trainer",
@@ -283,6 +289,32 @@ class ServiceGuard:
                 f"the {identity} service may not call this route", None, "service_not_allowed"
             )
         return identity
+
+    def route(
+        self,
+        path: str,
+        handler: Callable[[Request], Awaitable[Response]],
+        method: str,
+        callers: Iterable[str],
+        *,
+        service: str,
+    ) -> Route:
+        """A route of an internal API: only ``callers`` get to ``handler``; its errors, and
+        any other failure (logged), answer as OpenAI error bodies."""
+        allowed = frozenset(callers)
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                self.check(request.headers, allowed)
+                return await handler(request)
+            except OpenAIError as error:
+                return JSONResponse(error.to_dict(), status_code=error.status)
+            except Exception:
+                log.exception(f"{service} API request failed", path=request.url.path)
+                failed = OpenAIError(f"the {service} service failed to answer; see its logs")
+                return JSONResponse(failed.to_dict(), status_code=failed.status)
+
+        return Route(path, endpoint, methods=[method])
 
 
 __all__ = [

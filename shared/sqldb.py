@@ -194,3 +194,26 @@ class PostgresDriver:
 
     async def close(self) -> None:
         await self._pool.close()
+
+
+async def open_driver(
+    kind: str, sqlite_path: Path, url: str | None, password_file: Path | None, *, prefix: str
+) -> Driver:
+    """A store's database as its service's settings choose it: ``kind`` "sqlite" (a file)
+    or "postgres" (``url``, with the password from ``password_file`` if given); ``prefix``
+    names the settings in the error (``MESHLLM_FEEDBACK``).
+
+    Raises:
+        SettingsError: postgres without a URL.
+    """
+    from shared.settings import SettingsError
+
+    if kind == "sqlite":
+        return await asyncio.to_thread(SqliteDriver, sqlite_path)
+    if url is None:
+        raise SettingsError(
+            f"{prefix}_DATABASE_URL is required with the postgres store "
+            "(postgresql://user:password@host:port/database)"
+        )
+    password = password_file.read_text().strip() if password_file is not None else None
+    return await PostgresDriver.connect(url, password=password)

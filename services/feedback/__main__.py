@@ -9,14 +9,14 @@ from services.feedback.api import CALLERS, FeedbackApi
 from services.feedback.service import AuditReader, FeedbackService
 from services.feedback.settings import FeedbackSettings
 from services.feedback.store import FeedbackStore
+from shared import sqldb
 from shared.bus import Bus
 from shared.health import HealthState
 from shared.http_server import HttpApi
 from shared.logging import get_logger
 from shared.service import run_service
 from shared.service_auth import ServiceGuard, service_headers
-from shared.settings import SettingsError
-from shared.sqldb import Driver, PostgresDriver, SqliteDriver
+from shared.sqldb import Driver
 from shared.topics import FEEDBACK_EVENTS
 
 NAME = "feedback"
@@ -25,19 +25,12 @@ log = get_logger("services.feedback")
 
 async def open_driver(settings: FeedbackSettings) -> Driver:
     """The store's database, as the settings choose it."""
-    if settings.store_kind() == "sqlite":
-        return await asyncio.to_thread(SqliteDriver, settings.sqlite_path())
-    if settings.feedback_database_url is None:
-        raise SettingsError(
-            "MESHLLM_FEEDBACK_DATABASE_URL is required with the postgres store "
-            "(postgresql://user:password@host:port/database)"
-        )
-    password = None
-    if settings.feedback_database_password_file is not None:
-        password = settings.feedback_database_password_file.read_text().strip()
-    return await PostgresDriver.connect(
-        settings.feedback_database_url.get_secret_value(), password=password
-    )
+    url = settings.feedback_database_url
+    return await sqldb.open_driver(
+        settings.store_kind(), settings.sqlite_path(),
+        None if url is None else url.get_secret_value(),
+        settings.feedback_database_password_file, prefix="MESHLLM_FEEDBACK",
+    )  # fmt: skip
 
 
 async def build(settings: FeedbackSettings, bus: Bus, health: HealthState) -> Awaitable[None]:

@@ -119,18 +119,7 @@ class FeedbackApi:
             method: str,
             callers: frozenset[str] = CALLERS,
         ) -> Route:
-            async def endpoint(request: Request) -> Response:
-                try:
-                    self.guard.check(request.headers, callers)
-                    return await handler(request)
-                except OpenAIError as error:
-                    return JSONResponse(error.to_dict(), status_code=error.status)
-                except Exception:
-                    log.exception("feedback API request failed", path=request.url.path)
-                    failed = OpenAIError("the feedback service failed to answer; see its logs")
-                    return JSONResponse(failed.to_dict(), status_code=failed.status)
-
-            return Route(path, endpoint, methods=[method])
+            return self.guard.route(path, handler, method, callers, service="feedback")
 
         return Starlette(
             routes=[

@@ -11,14 +11,14 @@ from services.trainer.runner import Runner
 from services.trainer.service import DatasetReader, TrainerService
 from services.trainer.settings import TrainerSettings
 from services.trainer.store import TrainerStore
+from shared import sqldb
 from shared.bus import Bus
 from shared.health import HealthState
 from shared.http_server import HttpApi
 from shared.logging import get_logger
 from shared.service import run_service
 from shared.service_auth import ServiceGuard, service_headers
-from shared.settings import SettingsError
-from shared.sqldb import Driver, PostgresDriver, SqliteDriver
+from shared.sqldb import Driver
 from shared.topics import TRAINING_JOBS
 
 NAME = "trainer"
@@ -27,19 +27,12 @@ log = get_logger("services.trainer")
 
 async def open_driver(settings: TrainerSettings) -> Driver:
     """The store's database, as the settings choose it."""
-    if settings.store_kind() == "sqlite":
-        return await asyncio.to_thread(SqliteDriver, settings.sqlite_path())
-    if settings.trainer_database_url is None:
-        raise SettingsError(
-            "MESHLLM_TRAINER_DATABASE_URL is required with the postgres store "
-            "(postgresql://user:password@host:port/database)"
-        )
-    password = None
-    if settings.trainer_database_password_file is not None:
-        password = settings.trainer_database_password_file.read_text().strip()
-    return await PostgresDriver.connect(
-        settings.trainer_database_url.get_secret_value(), password=password
-    )
+    url = settings.trainer_database_url
+    return await sqldb.open_driver(
+        settings.store_kind(), settings.sqlite_path(),
+        None if url is None else url.get_secret_value(),
+        settings.trainer_database_password_file, prefix="MESHLLM_TRAINER",
+    )  # fmt: skip
 
 
 async def build(settings: TrainerSettings, bus: Bus, health: HealthState) -> Awaitable[None]:

@@ -39,7 +39,6 @@ from services.trainer.service import TrainerService
 from shared.http_body import read_json_body
 from shared.logging import get_logger
 from shared.openai_protocol import (
-    OpenAIError,
     RequestTooLargeError,
     invalid_field,
     reject_unknown,
@@ -93,18 +92,7 @@ class TrainerApi:
         def route(
             path: str, handler: Callable[[Request], Awaitable[Response]], method: str
         ) -> Route:
-            async def endpoint(request: Request) -> Response:
-                try:
-                    self.guard.check(request.headers, CALLERS)
-                    return await handler(request)
-                except OpenAIError as error:
-                    return JSONResponse(error.to_dict(), status_code=error.status)
-                except Exception:
-                    log.exception("trainer API request failed", path=request.url.path)
-                    failed = OpenAIError("the trainer failed to answer; see its logs")
-                    return JSONResponse(failed.to_dict(), status_code=failed.status)
-
-            return Route(path, endpoint, methods=[method])
+            return self.guard.route(path, handler, method, CALLERS, service="trainer")
 
         job = "/v1/fine_tuning/jobs/{job_id}"
         return Starlette(

@@ -56,8 +56,9 @@ def answered(mesh: Mesh, key: str) -> str:
 
 
 async def call(mesh: Mesh, method: str, path: str, key: str, **send: Any) -> httpx.Response:
+    headers = auth(mesh, key) | send.pop("headers", {})
     async with httpx.AsyncClient(timeout=60) as client:
-        return await client.request(method, mesh.base_url + path, headers=auth(mesh, key), **send)
+        return await client.request(method, mesh.base_url + path, headers=headers, **send)
 
 
 def export(mesh: Mesh, dataset_id: str, out: Path) -> subprocess.CompletedProcess[str]:
@@ -389,6 +390,12 @@ async def test_training_inputs_are_checked_at_the_edge(mesh: Mesh) -> None:
         assert refused.value.body["param"] == param  # type: ignore[index]
     with pytest.raises(openai.NotFoundError):
         developer.fine_tuning.jobs.retrieve("ftjob-" + "x" * 24)
+    # raw bodies an SDK would not send
+    plain = await call(mesh, "POST", "/files", "developer", content=policy_file())
+    assert (plain.status_code, plain.json()["error"]["type"]) == (400, "invalid_request_error")
+    broken = await call(mesh, "POST", "/files", "developer", content=b"--x\r\nnonsense",
+                        headers={"content-type": "multipart/form-data; boundary=x"})  # fmt: skip
+    assert broken.status_code == 400
 
 
 async def test_a_job_on_a_feedback_dataset_marks_it_used(mesh: Mesh) -> None:
