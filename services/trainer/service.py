@@ -47,9 +47,15 @@ def tenant_key(tenant: str) -> str:
 class DatasetReader:
     """A feedback dataset's splits, read from the feedback service as the trainer."""
 
-    def __init__(self, base_url: str, headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        headers: dict[str, str],
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """``transport``: how to reach the service (tests hand its app in process)."""
         self._url = base_url.rstrip("/")
-        self._client = httpx.AsyncClient(timeout=120, headers=headers)
+        self._client = httpx.AsyncClient(timeout=120, headers=headers, transport=transport)
 
     async def split(self, tenant: str, dataset_id: str, split: str) -> bytes:
         """The split's JSONL.
@@ -78,6 +84,7 @@ class DatasetReader:
         dataset's rows, so an erasure names it instead of assuming the rows are gone.
 
         Raises:
+            NotFoundError: no such dataset in the tenant (another tenant's too).
             ServiceUnavailableError: the feedback service did not record it.
         """
         url = f"{self._url}/v1/datasets/{dataset_id}/used"
@@ -85,6 +92,8 @@ class DatasetReader:
             reply = await self._client.post(url, params={"tenant": tenant, "by": by})
         except httpx.HTTPError as error:
             raise ServiceUnavailableError("the feedback service is unreachable") from error
+        if reply.status_code == 404:
+            raise NotFoundError(f"no dataset {dataset_id}", "dataset", "not_found")
         if reply.status_code != 200:
             raise ServiceUnavailableError(
                 f"the feedback service answered {reply.status_code} marking the dataset used"

@@ -336,3 +336,50 @@ async def test_pages_and_bad_parameters(api: httpx.AsyncClient) -> None:
     assert (await call(api, "GET", "/v1/fine_tuning/jobs")).json()["error"]["param"] == "tenant"
     bad_id = await call(api, "GET", "/v1/fine_tuning/jobs/ftjob-..%2F..", tenant="acme")
     assert bad_id.status_code in (400, 404)
+
+
+async def test_a_job_on_a_feedback_dataset_copies_it_and_marks_it_used(
+    store: TrainerStore, settings: TrainerSettings, tmp_path: Path
+) -> None:
+    """The trainer reads the dataset from the real feedback API (in process, as the
+    trainer's identity): its own tenant's is copied and marked used by the job before the
+    copy; another tenant's and an unknown one are the same 404 and mark nothing."""
+    from services.feedback.api import FeedbackApi
+    from services.feedback.datasets import DatasetSpec, build, manifest
+    from services.feedback.service import FeedbackService
+    from services.feedback.settings import FeedbackSettings
+    from services.feedback.store import FeedbackStore
+    from services.trainer.service import DatasetReader
+    from tests.feedback.conftest import example
+
+    feedback = await FeedbackStore(SqliteDriver(tmp_path / "feedback.sqlite")).open()
+    spec = DatasetSpec("acme", "support", eval_fraction=0)
+    built = build([example("r1", correction="Reset it in the portal.")], spec,
+                  lambda t: (t, 0), lambda t: [])  # fmt: skip
+    made = manifest(spec, built, dataset_id="support-v1", version=1, created_at="t",
+                    pii_policy={})  # fmt: skip
+    await feedback.add_dataset("acme", "support", 1, lambda version, erased: (made, built.rows))
+    trainer_token = "t" * 64
+    guard = ServiceGuard.of_tokens({"gateway": GATEWAY, "trainer": trainer_token})
+    # nothing is published or joined here: the dataset is read, and marked
+    service = FeedbackService(feedback, FeedbackSettings(), None, None)  # type: ignore[arg-type]
+    app = FeedbackApi(service, guard).app()
+    reader = DatasetReader(
+        "http://feedback", {"authorization": f"Bearer {trainer_token}"},
+        transport=httpx.ASGITransport(app=app),
+    )  # fmt: skip
+    published = Published()
+    async with client_of(TrainerService(store, settings, published, reader)) as api:  # type: ignore[arg-type]
+        for tenant, dataset in (("globex", "support-v1"), ("acme", "other-v1")):
+            refused = await create(api, tenant, model=DEFAULT_MODEL_NAME, dataset=dataset)
+            assert (refused.status_code, refused.json()["error"]["param"]) == (404, "dataset")
+        assert (await feedback.dataset("acme", "support-v1") or {})["used_by"] == []
+        job = (await create(api, model=DEFAULT_MODEL_NAME, dataset="support-v1")).json()
+        assert job["dataset"] == "support-v1"
+        assert job["validation_file"] is None  # the dataset has no eval rows
+        copied = await call(api, "GET", f"/v1/files/{job['training_file']}/content",
+                            tenant="acme")  # fmt: skip
+        assert copied.content == "".join(line + "\n" for line in built.lines("train")).encode()
+    assert (await feedback.dataset("acme", "support-v1") or {})["used_by"] == [job["id"]]
+    await reader.close()
+    await feedback.close()
