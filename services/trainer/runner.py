@@ -155,7 +155,7 @@ class Runner:
         except JobFailed as error:
             await self._fail(job, str(error))
         except Released:
-            pass
+            await lease  # it records the cancel (or the hand-over) before the task ends
         except Crashed as error:
             await self._event(job, f"{error}; resuming from the last checkpoint", level="warn")
             await self.store.requeue(job.id, self.owner)
