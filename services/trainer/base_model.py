@@ -186,12 +186,6 @@ def load_base(folder: str | Path) -> BaseModel:
     return BaseModel(model=model, tokenizer=tokenizer, folder=path)
 
 
-def load_for_training(gguf_path: str | Path, cache_dir: str | Path) -> BaseModel:
-    """:func:`cached_base` then :func:`load_base`: the first call per GGUF content pays
-    for dequantizing, the later ones load the cached folder."""
-    return load_base(cached_base(gguf_path, cache_dir))
-
-
 def _since(started: float) -> float:
     return round(time.monotonic() - started, 1)
 
