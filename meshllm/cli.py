@@ -24,6 +24,7 @@ from rich.table import Table
 
 from meshllm.access import api_key, base_url, ensure_dev_key, gateway_settings, greeting
 from meshllm.datasets_cli import datasets_app
+from meshllm.export_cli import export
 from meshllm.ops_cli import alerts, ops_app, top
 from meshllm.services import SERVICES
 from meshllm.state import cli_settings, read_state, service_settings
@@ -61,6 +62,7 @@ app.add_typer(datasets_app, name="datasets")
 app.add_typer(train_app, name="train")
 app.command()(top)
 app.command()(alerts)
+app.command()(export)
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 

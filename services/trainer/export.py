@@ -2,9 +2,16 @@
 
 The base model's GGUF is the template: its metadata (architecture, tokenizer, chat template)
 and its tensor list are copied, and each tensor's values are replaced by the trained
-weights, stored as ``Q8_0`` (2-D weights) or ``F32`` (norms). Q8_0 keeps a LoRA
-fine-tune's effect where re-quantizing to Q4_1 was seen to erase it; 4-bit export is for
-the edge export, behind a quality check (not here).
+weights (:func:`export_gguf`), or by a registered file's own weights at another precision
+(:func:`requantize_gguf`, the edge export). Precisions (:data:`QUANTS`):
+
+- ``q8_0`` (the trainer's output): 2-D weights in Q8_0, norms in F32. Q8_0 keeps a LoRA
+  fine-tune's effect where re-quantizing to Q4_1 was seen to erase it.
+- ``q4_0`` (edge devices): the decoder layers' 2-D weights in Q4_0; the token embedding
+  (which is also the output head when they are tied) stays Q8_0, as llama.cpp keeps its
+  output head at higher precision. Only behind a quality check
+  (:mod:`services.trainer.quant_check`): 4 bits can erase a fine-tune.
+- ``f32``: no quantization; the reference the quality check compares against.
 
 Names: Hugging Face's Llama weights map onto llama.cpp's (``model.layers.3.self_attn.q_proj``
 -> ``blk.3.attn_q``). llama.cpp stores the query and key projections with their rotary
@@ -40,6 +47,8 @@ TOP_NAMES = {
     "output": "lm_head",
 }
 WRITTEN_BY_WRITER = ("general.architecture", "general.file_type")
+QUANTS = ("q8_0", "q4_0", "f32")
+BLOCK = 32  # the row length Q8_0 and Q4_0 blocks need
 
 
 class ExportError(ValueError):
@@ -70,23 +79,115 @@ def interleave_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def export_gguf(
-    weights: Mapping[str, Any], template: Path, out: Path, *, name: str | None = None
+    weights: Mapping[str, Any],
+    template: Path,
+    out: Path,
+    *,
+    name: str | None = None,
+    quant: str = "q8_0",
 ) -> Path:
     """Write ``weights`` (a Hugging Face Llama state dict of tensors or arrays) as a GGUF
-    shaped like ``template``; returns ``out``.
+    shaped like ``template`` at ``quant`` (:data:`QUANTS`); returns ``out``.
 
     Raises:
         ExportError: a template tensor has no trained weight, or another shape.
+        ValueError: an unknown ``quant``.
     """
     import gguf
 
     reader = gguf.GGUFReader(str(template))
+    heads, kv_heads = _heads(reader)
+    arrays = {tensor.name: _trained(weights, tensor, heads, kv_heads) for tensor in reader.tensors}
+    return _write(reader, arrays, out, quant=quant, name=name)
+
+
+def requantize_gguf(source: Path, out: Path, *, quant: str, name: str | None = None) -> Path:
+    """``source``'s own weights, dequantized and written again at ``quant``; returns ``out``.
+
+    Raises:
+        ValueError: an unknown ``quant``, or a tensor type the ``gguf`` package cannot read.
+    """
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(str(source))
+    arrays = {}
+    for tensor in reader.tensors:
+        shape = tuple(int(n) for n in reversed(tensor.shape))
+        values = dequantize(tensor.data, tensor.tensor_type)
+        arrays[tensor.name] = np.ascontiguousarray(values.reshape(shape), dtype=np.float32)
+    return _write(reader, arrays, out, quant=quant, name=name)
+
+
+def _heads(reader: Any) -> tuple[int, int]:
     arch = str(reader.fields["general.architecture"].contents())
     heads = int(reader.fields[f"{arch}.attention.head_count"].contents())
     kv_field = reader.fields.get(f"{arch}.attention.head_count_kv")
-    kv_heads = int(kv_field.contents()) if kv_field is not None else heads
-    arrays = {tensor.name: _trained(weights, tensor, heads, kv_heads) for tensor in reader.tensors}
+    return heads, int(kv_field.contents()) if kv_field is not None else heads
 
+
+def tensor_type(name: str, shape: tuple[int, ...], quant: str) -> str:
+    """The GGML type a tensor is written in at ``quant`` (see the module's docstring).
+
+    Raises:
+        ValueError: an unknown ``quant``, naming the choices.
+    """
+    if quant not in QUANTS:
+        raise ValueError(f"quant must be one of {', '.join(QUANTS)}; got {quant!r}")
+    if quant == "f32" or len(shape) != 2 or shape[-1] % BLOCK:
+        return "F32"
+    if quant == "q4_0" and name.startswith("blk."):
+        return "Q4_0"
+    return "Q8_0"
+
+
+Q4_0_SCALES = np.linspace(0.8, 1.2, 17)
+
+
+def quantize_q4_0(array: np.ndarray) -> np.ndarray:
+    """GGUF Q4_0 blocks of ``array`` [rows, K] as bytes [rows, K / 32 * 18]: per block of
+    32 values an fp16 step d and 16 bytes of codes q in [0, 15] (byte j: value j in the low
+    nibble, value j + 16 in the high one), each value ``d * (q - 8)``.
+
+    llama.cpp's reference quantizer puts the block's largest magnitude at code 0
+    (d = that value / -8); here d is that times the factor among :data:`Q4_0_SCALES` that
+    reconstructs the block best (about a fifth less squared error on SmolLM2's layers).
+    Any reader of Q4_0 reads the result: only the choice of d differs.
+    """
+    rows, width = array.shape
+    blocks = np.ascontiguousarray(array, dtype=np.float32).reshape(-1, BLOCK)
+    extreme = blocks[np.arange(len(blocks)), np.abs(blocks).argmax(axis=1)]
+    best_d = np.zeros(len(blocks), dtype=np.float16)
+    best_error = np.full(len(blocks), np.inf, dtype=np.float32)
+    best_codes = np.zeros(blocks.shape, dtype=np.uint8)
+    for factor in Q4_0_SCALES:
+        d = (extreme / -8 * factor).astype(np.float16)
+        step = d.astype(np.float32)[:, None]
+        inverse = np.divide(1.0, step, out=np.zeros_like(step), where=step != 0)
+        codes = np.clip(np.round(blocks * inverse) + 8, 0, 15)
+        error = np.square((codes - 8) * step - blocks).sum(axis=1)
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_d = np.where(better, d, best_d)
+        best_codes[better] = codes[better].astype(np.uint8)
+    packed = best_codes[:, : BLOCK // 2] | (best_codes[:, BLOCK // 2 :] << 4)
+    out = np.concatenate([best_d[:, None].view(np.uint8), packed], axis=1)
+    return out.reshape(rows, width // BLOCK * 18)
+
+
+def _write(
+    reader: Any, arrays: Mapping[str, np.ndarray], out: Path, *, quant: str, name: str | None
+) -> Path:
+    """``arrays`` (llama.cpp's names and layout) as a GGUF with ``reader``'s metadata."""
+    import gguf
+
+    types = {n: tensor_type(n, a.shape, quant) for n, a in arrays.items()}  # checks quant
+    file_type = {
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "f32": gguf.LlamaFileType.ALL_F32,
+    }[quant]
+    arch = str(reader.fields["general.architecture"].contents())
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".part")
     writer = gguf.GGUFWriter(str(partial), arch=arch)
@@ -99,19 +200,21 @@ def export_gguf(
         if field.name == "general.name" and name is not None:
             value = name
         writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_file_type(file_type)
     for tensor_name, array in arrays.items():
-        if array.ndim == 2 and array.shape[-1] % 32 == 0:
-            packed = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(tensor_name, packed, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
+        kind = types[tensor_name]
+        if kind == "F32":
             writer.add_tensor(tensor_name, array)
+            continue
+        qtype = getattr(gguf.GGMLQuantizationType, kind)
+        packed = quantize_q4_0(array) if kind == "Q4_0" else gguf.quants.quantize(array, qtype)
+        writer.add_tensor(tensor_name, packed, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     partial.replace(out)
-    log.info("exported", path=str(out), tensors=len(arrays), quantization="Q8_0")
+    log.info("exported", path=str(out), tensors=len(arrays), quantization=quant)
     return out
 
 

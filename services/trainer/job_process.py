@@ -10,7 +10,8 @@ The spec (written by the trainer service)::
                          "lora_rank": 8, "lora_alpha": 16, "max_length": 512, "seed": 0, ...},
      "checkpoint_every": 20, "output_dir": "/abs/run", "workers": 1, "use_gpu": false,
      "ray_address": null, "parallel": "ddp" | "fsdp" (optional, ddp),
-     "cpus_per_worker": null | int (optional: this machine's CPUs shared by the workers)}
+     "cpus_per_worker": null | int (optional: this machine's CPUs shared by the workers),
+     "edge_quant": "q4_0" | "none" (optional, none: see services.trainer.edge)}
 
 ``hyperparameters`` takes every field of :class:`~services.trainer.sft.Hyperparameters`
 except ``method`` and ``checkpoint_every``, which are the spec's own.
@@ -74,6 +75,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from services.trainer.edge import EDGE_QUANTS
 from services.trainer.sft import METHODS, Hyperparameters, parallel_config
 from services.trainer.sft_loop import LoopConfig
 
@@ -85,7 +87,7 @@ _REQUIRED = (
     "job_id", "tenant", "method", "base_gguf", "cache_dir", "training_file", "hyperparameters",
     "checkpoint_every", "output_dir", "workers", "use_gpu",
 )  # fmt: skip
-_OPTIONAL = ("validation_file", "ray_address", "parallel", "cpus_per_worker")
+_OPTIONAL = ("validation_file", "ray_address", "parallel", "cpus_per_worker", "edge_quant")
 
 
 class SpecError(ValueError):
@@ -111,6 +113,7 @@ class JobSpec:
     ray_address: str | None
     parallel: str
     cpus_per_worker: int
+    edge_quant: str = "none"
 
 
 def parse_spec(spec: Any) -> JobSpec:
@@ -144,6 +147,9 @@ def parse_spec(spec: Any) -> JobSpec:
         parallel_config(parallel, workers=workers, use_gpu=spec["use_gpu"])
     except ValueError as error:
         raise SpecError("parallel", str(error).removeprefix("parallel: ")) from None
+    edge_quant = spec.get("edge_quant") or "none"
+    if edge_quant not in EDGE_QUANTS:
+        raise SpecError("edge_quant", f"must be one of {', '.join(EDGE_QUANTS)}")
     if spec.get("cpus_per_worker") is None:
         cpus = max(1, (os.cpu_count() or 1) // workers)
     else:
@@ -156,7 +162,7 @@ def parse_spec(spec: Any) -> JobSpec:
         validation_file=None if spec.get("validation_file") is None
         else _path(spec, "validation_file", must_exist=True),
         output_dir=_path(spec, "output_dir"), workers=workers, use_gpu=spec["use_gpu"],
-        ray_address=address, parallel=parallel, cpus_per_worker=cpus,
+        ray_address=address, parallel=parallel, cpus_per_worker=cpus, edge_quant=edge_quant,
     )  # fmt: skip
 
 
@@ -399,8 +405,31 @@ def run(spec: JobSpec, protocol: _Protocol, stop: _Stop) -> int:
         protocol.emit({"event": "error", "message": _failure_message(error)})
         return EXIT_ERROR
     result = json.loads((spec.output_dir / "result.json").read_text())
+    if spec.edge_quant != "none":
+        _shutdown_ray()  # its workers are done; the check wants the CPUs and the memory
+        stop.ray_up = False  # a cancel interrupts the check at once
+        if stop.requested.is_set():
+            raise _Cancelled
+        result["edge"] = _edge(spec, result)
     protocol.emit({"event": "result", **result, "model_dir": result.get("model_dir")})
     return 0
+
+
+def _edge(spec: JobSpec, result: dict[str, Any]) -> dict[str, Any]:
+    """The 4-bit export behind its check; a failure of it does not fail the job (the Q8_0
+    export stands), it is reported instead."""
+    from services.trainer.edge import edge_export
+    from shared.logging import get_logger
+
+    prompts = spec.validation_file or spec.training_file
+    try:
+        return edge_export(
+            Path(result["model_dir"]), spec.base_gguf, spec.output_dir / "edge", prompts,
+            quant=spec.edge_quant,
+        )  # fmt: skip
+    except Exception as error:
+        get_logger(__name__).exception("edge export failed", job=spec.job_id)
+        return {"quant": spec.edge_quant, "path": None, "error": f"{type(error).__name__}: {error}"}
 
 
 def main(argv: list[str]) -> int:

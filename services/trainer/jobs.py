@@ -38,6 +38,18 @@ def candidate_version(base_version: str, suffix: str | None, job_id: str) -> str
     return "-".join(part for part in ("ft", suffix, tail) if part)[:128]
 
 
+def edge_note(model: str, edge: Mapping[str, Any]) -> str:
+    """The job event that tells what became of the 4-bit edge export of ``model``."""
+    quant = str(edge.get("quant", "")).upper()
+    if edge.get("error"):
+        return f"{quant} edge export failed: {edge['error']}"
+    check = edge.get("check") or {}
+    measured = f"KL {check.get('kl', 0):.4f} nats, top-1 {check.get('top1', 0):.1%}"
+    if edge.get("path") or edge.get("bytes"):
+        return f"{quant} edge export passed its check ({measured}): {model}-{edge['quant']}"
+    return f"{quant} edge export not kept: {'; '.join(edge.get('reasons') or [measured])}"
+
+
 def file_json(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": row["id"],

@@ -33,7 +33,7 @@ from typing import Any
 from services.inference.model.gguf_model import ModelLoadError
 from services.inference.registry import ModelExists, ModelRegistry
 from services.trainer.export import ExportError, export_gguf, load_weights
-from services.trainer.jobs import candidate_version, learning_rate
+from services.trainer.jobs import candidate_version, edge_note, learning_rate
 from services.trainer.service import TrainerService
 from services.trainer.store import Job
 from shared.bus import Publisher
@@ -171,13 +171,19 @@ class Runner:
             self._children.pop(job.id, None)
 
     async def _succeed(self, job: Job, model: str, result: dict[str, Any]) -> None:
+        public = {k: v for k, v in result.items() if k not in PRIVATE_RESULT_KEYS}
+        edge = public.get("edge")
+        if isinstance(edge, dict):
+            public["edge"] = {k: v for k, v in edge.items() if k != "path"}
         done = await self.store.finish(
             job.id, self.owner, "succeeded", finished_at=int(time.time()),
             fine_tuned_model=model, trained_tokens=int(result.get("tokens_seen", 0)),
-            result={k: v for k, v in result.items() if k not in PRIVATE_RESULT_KEYS},
+            result=public,
         )  # fmt: skip
         if done:
             await self._event(job, f"Job succeeded: {model} registered as a candidate")
+            if isinstance(edge, dict):
+                await self._event(job, edge_note(model, edge), data=public["edge"])
             await self._publish(job, "succeeded", fine_tuned_model=model)
             await self._announce_candidate(job, model, result)
             await self._mark_dataset(job, model)
@@ -216,7 +222,7 @@ class Runner:
     def _tidy(self, job: Job) -> None:
         """Drop what the registry now holds a copy of (the merged weights, the export) and
         the resume checkpoints; the adapter, the result and the logs stay."""
-        for name in ("model", "export", "ray"):
+        for name in ("model", "export", "edge", "ray"):
             shutil.rmtree(self.run_dir(job) / name, ignore_errors=True)
 
     async def _supervise(self, job: Job, released: asyncio.Event) -> dict[str, Any]:
@@ -344,7 +350,7 @@ class Runner:
             },
             "checkpoint_every": train.checkpoint_every, "output_dir": str(run),
             "workers": train.workers, "use_gpu": train.use_gpu, "parallel": train.parallel,
-            "ray_address": train.ray_address,
+            "ray_address": train.ray_address, "edge_quant": train.edge_quant,
         }  # fmt: skip
         path = run / "spec.json"
         path.write_text(json.dumps(spec, indent=2))
@@ -382,6 +388,14 @@ class Runner:
                 job["model"], version, out, source=f"fine-tune {job.id}",
                 status="candidate", lineage=lineage,
             )  # fmt: skip
+            edge = result.get("edge") or {}
+            if edge.get("path"):
+                self.registry.register(
+                    job["model"], f"{version}-{edge['quant']}", Path(edge["path"]),
+                    source=f"fine-tune {job.id} ({edge['quant']} edge export)",
+                    status="candidate",
+                    lineage={**lineage, "quantized_from": entry.ref, "quant_check": edge["check"]},
+                )  # fmt: skip
         except (ModelLoadError, ModelExists, ValueError) as error:
             raise JobFailed(f"the trained model could not be registered: {error}") from None
         return entry.ref

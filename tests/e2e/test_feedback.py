@@ -360,6 +360,21 @@ async def test_a_fine_tuning_job_through_the_sdk_makes_a_candidate(mesh: Mesh) -
     from services.inference.registry import ModelRegistry
 
     assert ModelRegistry(mesh.data_dir / "models").latest(name) == "q4_1-1"
+    # the 4-bit edge export: its check's verdict is on the job, and the registry agrees
+    edge = next(e for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data
+                if e.message.startswith("Q4_0 edge export"))  # fmt: skip
+    verdict = edge.data["check"]  # type: ignore[index]
+    assert verdict["prompts"] == 12 + len(POLICIES)  # general prompts and the job's own
+    edge_dir = mesh.data_dir / "models" / name / f"{version}-q4_0"
+    if verdict["passed"]:
+        assert "passed its check" in edge.message
+        edge_manifest = json.loads((edge_dir / "manifest.json").read_text())
+        assert (edge_manifest["status"], edge_manifest["quantization"]) == ("candidate", "Q4_0")
+        assert edge_manifest["lineage"]["quantized_from"] == f"{name}:{version}"
+        assert edge_manifest["lineage"]["quant_check"]["kl"] == verdict["kl"]
+    else:
+        assert "not kept" in edge.message
+        assert not edge_dir.exists()
 
 
 async def test_training_inputs_are_checked_at_the_edge(mesh: Mesh) -> None:

@@ -171,17 +171,44 @@ def test_int4_kernel_layout_round_trip(out_features: int, generator: torch.Gener
     weight = torch.randn(out_features, 96, generator=generator)
     codes, scale, zero = quantize_int4(weight)
     assert int(codes.max()) <= 15
-    # every weight within half a step of its code's grid point
-    error = (dequantize_int4(codes, scale, zero) - weight).abs().view(out_features, -1, 32)
-    assert bool((error <= scale.float()[..., None] / 2 + 1e-6).all())
+    # every block at most as far from the weights as on its own min-max grid
+    error = (dequantize_int4(codes, scale, zero) - weight).view(out_features, -1, 32)
+    assert bool((error.square().sum(-1) <= min_max_error(weight, torch.bfloat16) + 1e-6).all())
     linear = prepare_linear(weight, QuantMode.INT4, block=False)
     assert isinstance(linear, Int4Linear)
     assert torch.equal(linear.codes(), codes)
     assert torch.equal(linear.dequantize(), dequantize_int4(codes, scale, zero))
 
 
+def min_max_error(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each block's squared error [N, G] on its min-max grid (GGUF Q4_1's), rounded as stored."""
+    w = weight.float().view(weight.shape[0], -1, BLOCK)
+    lo, hi = w.amin(-1), w.amax(-1)
+    d = ((hi - lo) / 15).to(dtype).float()
+    c = (lo + 8 * d).to(dtype).float()
+    codes = torch.round((w - c[..., None]) / d[..., None] + 8).clamp(0, 15)
+    return ((codes - 8) * d[..., None] + c[..., None] - w).square().sum(-1)
+
+
+def test_a_q4_0_block_is_read_exactly() -> None:
+    """A block on GGUF Q4_0's grid (d * (q - 8), its largest magnitude at code 0) that does
+    not reach code 15 is kept exactly; min-max would re-round it onto another grid."""
+    d = 2.0**-6  # exact in fp16 (a Q4_0 file) and bf16 (torch's int4 kernel)
+    codes = torch.tensor([0, 3, 8, 11, 12, 9, 5, 8] * 4, dtype=torch.float32)  # never 15
+    weight = ((codes - 8) * d).view(1, BLOCK)
+    assert float(min_max_error(weight, torch.float16).max()) > 1e-6
+    back = BlockInt4Linear(weight).dequantize()
+    torch.testing.assert_close(back, weight, atol=1e-6, rtol=0)
+    codes4, scale, zero = quantize_int4(weight)
+    torch.testing.assert_close(dequantize_int4(codes4, scale, zero), weight, atol=1e-6, rtol=0)
+    mirrored = -weight  # the largest magnitude positive: the other Q4_0 grid
+    codes4, scale, zero = quantize_int4(mirrored)
+    torch.testing.assert_close(dequantize_int4(codes4, scale, zero), mirrored, atol=1e-6, rtol=0)
+
+
 def test_block_quantization_round_trips(generator: torch.Generator) -> None:
-    """Block codes read back exactly; every weight lies within half a step of its grid point."""
+    """Block codes read back exactly; no block is further from its weights than on its
+    min-max grid."""
     weight = torch.randn(40, 96, generator=generator) + 0.3  # an offset the int4 blocks carry
     packed, scale, offset = quantize_q4_blocks(weight)
     assert packed.shape == (40, 48)
@@ -192,8 +219,8 @@ def test_block_quantization_round_trips(generator: torch.Generator) -> None:
     assert int(codes.max()) <= 15
     expected = (codes.float().view(40, -1, BLOCK) - 8) * scale.float()[..., None]
     assert torch.equal(linear.dequantize(), (expected + offset.float()[..., None]).view(40, 96))
-    step = scale.float().repeat_interleave(BLOCK, dim=1)  # [N, K]
-    assert bool(((linear.dequantize() - weight).abs() <= step / 2 + 1e-5).all())
+    error = (linear.dequantize() - weight).view(40, -1, BLOCK).square().sum(-1)
+    assert bool((error <= min_max_error(weight, torch.float16) + 1e-5).all())
     # byte j of a block holds inputs j and j + 16
     first = packed.view(40, -1, BLOCK // 2)[:, 0]  # [N, 16]
     assert torch.equal(first & 15, codes[:, :16])

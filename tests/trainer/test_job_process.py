@@ -147,6 +147,7 @@ class Child:
         ({"workers": 0}, "workers"),
         ({"parallel": "fsdp"}, "parallel"),
         ({"colour": "blue"}, "colour"),
+        ({"edge_quant": "q2_k"}, "edge_quant"),
     ],
 )
 def test_a_bad_spec_exits_2_naming_the_field(
@@ -188,6 +189,16 @@ def test_the_real_template_masks_all_but_the_answer(base_cache: Path) -> None:
     assert tokenizer.decode(list(encoded.input_ids[:first])) == prompt
 
 
+def check_edge(edge: dict[str, Any], folder: Path) -> None:
+    """The 4-bit export was checked against the float result, and kept only if it passed."""
+    assert edge["check"]["prompts"] == 12 + len(QA)  # the general prompts and the job's rows
+    assert edge["check"]["positions"] > 0
+    assert not (folder / "float.F32.gguf").exists()
+    kept = folder / "model.Q4_0.gguf"
+    assert edge["path"] == (str(kept) if edge["check"]["passed"] else None)
+    assert kept.exists() == edge["check"]["passed"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_killed_run_resumes_from_its_checkpoint_and_finishes(
@@ -212,6 +223,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_finishes(
     assert progress[0]["total_steps"] == 6
     assert all(line["eta_s"] >= 0 and line["tokens_per_s"] > 0 for line in progress)
 
+    spec = write_spec(tmp_path, base_cache, edge_quant="q4_0")  # the same run, and its edge file
     second = Child(spec, tmp_path / "second.log")
     result = second.until("result", timeout=400)
     assert second.wait(60) == 0
@@ -220,6 +232,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_finishes(
     assert steps[-1] == 6
     assert result["resumed_from_step"] == 2
     assert result["steps"] == 6
+    check_edge(result["edge"], run / "edge")
 
     assert result["loss_after"] < result["loss_before"] - 0.2, result
     assert result["held_out_source"] == "training"

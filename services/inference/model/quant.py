@@ -337,11 +337,46 @@ def quantize_int4(
     if k % group_size:
         raise ValueError(f"in_features {k} is not a multiple of the int4 group size {group_size}")
     w = weight.float().reshape(n, k // group_size, group_size)  # [N, G, gs]
+    codes, scale, zero = four_bit_grid(w, torch.bfloat16)
+    return codes.reshape(n, k), scale, zero
+
+
+def four_bit_grid(
+    w: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 16-level grid ``w ~ d * (q - 8) + c`` of each block of ``w`` [N, G, B] that
+    reconstructs it best among three (d and c rounded to ``dtype`` before the codes are
+    chosen): the block's min-max grid (GGUF Q4_1's, exact for a Q4_1 block) and the two
+    symmetric grids of GGUF Q4_0, whose most negative (or most positive) value is -8 d
+    (exact for a Q4_0 block, where min-max misses the grid whenever the block does not
+    reach code 15, and re-rounding would add up to half a step to every weight).
+
+    Returns:
+        codes uint8 [N, G, B] in [0, 15]; d and c [N, G] in ``dtype``.
+    """
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # [N, G]
-    scale = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16)  # [N, G]
-    zero = (lo + 8 * scale.float()).to(torch.bfloat16)  # [N, G]
-    codes = torch.round((w - zero.float()[..., None]) / scale.float()[..., None] + 8)
-    return codes.clamp(0, 15).to(torch.uint8).reshape(n, k), scale, zero
+    candidates = (((hi - lo) / 15, lo), (-lo / 8, lo), (hi / 8, hi - 15 * hi / 8))
+    best: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    for step, lowest in candidates:
+        valid = step >= 0
+        d = step.clamp(min=0).to(dtype)
+        c = (lowest + 8 * d.float()).to(dtype)
+        divisor = torch.where(d.float() > 0, d.float(), 1.0)[..., None]
+        codes = torch.round((w - c.float()[..., None]) / divisor + 8).clamp(0, 15)
+        error = ((codes - 8) * d.float()[..., None] + c.float()[..., None] - w).square().sum(-1)
+        error = torch.where(valid, error, torch.inf)
+        if best is None:
+            best = (codes, d, c, error)
+            continue
+        better = error < best[3]
+        best = (
+            torch.where(better[..., None], codes, best[0]),
+            torch.where(better, d, best[1]),
+            torch.where(better, c, best[2]),
+            torch.minimum(error, best[3]),
+        )
+    assert best is not None
+    return best[0].to(torch.uint8), best[1], best[2]
 
 
 def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -451,19 +486,16 @@ def _require_block_kernels() -> None:
 def quantize_q4_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric int4 in blocks of 32: ``w ~ d * (q - 8) + c``, q in [0, 15].
 
-    That is GGUF Q4_1's grid (d = (max - min) / 15, from the block's minimum up) with the
-    codes centred: c = min + 8 d, so the kernel's rounding of x does not scale with the
-    block's offset. d and c are rounded to fp16 (the stored dtype) before the codes are
-    chosen against them. Returns the codes packed as the kernel reads them (per block,
-    byte j holds inputs j and j + 16 in its low and high nibble): uint8 [N, K/2]; the fp16
-    scale and offset [N, G] each.
+    That is GGUF Q4_1's grid (d = (max - min) / 15, from the block's minimum up), or Q4_0's where
+    that fits the block better (:func:`four_bit_grid`), with the codes centred: c = min
+    + 8 d, so the kernel's rounding of x does not scale with the block's offset. d and c
+    are rounded to fp16 (the stored dtype) before the codes are chosen against them.
+    Returns the codes packed as the kernel reads them (per block, byte j holds inputs j
+    and j + 16 in its low and high nibble): uint8 [N, K/2]; the fp16 scale and offset
+    [N, G] each.
     """
     w = _blocks(weight)  # [N, G, 32]
-    lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # [N, G]
-    d = ((hi - lo) / 15).half()
-    c = (lo + 8 * d.float()).half()
-    codes = torch.round((w - c.float()[..., None]) / _step(d)[..., None] + 8).clamp(0, 15)
-    codes = codes.to(torch.uint8)
+    codes, d, c = four_bit_grid(w, torch.float16)
     packed = codes[..., : BLOCK // 2] | (codes[..., BLOCK // 2 :] << 4)  # [N, G, 16]
     return packed.reshape(weight.shape[0], -1).contiguous(), d.contiguous(), c.contiguous()
 
