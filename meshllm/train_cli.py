@@ -18,7 +18,7 @@ from rich.table import Table
 
 from meshllm.datasets_cli import Url, _call, console, errors
 
-train_app = typer.Typer(help="Fine-tuning jobs (LoRA on Ray Train).", no_args_is_help=True)
+train_app = typer.Typer(help="Fine-tuning jobs (LoRA, DPO on Ray Train).", no_args_is_help=True)
 FINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -36,7 +36,10 @@ def start(
     batch_size: Annotated[int | None, typer.Option(min=1, max=256)] = None,
     learning_rate_multiplier: Annotated[float | None, typer.Option(min=0.0, max=10.0)] = None,
     suffix: Annotated[str | None, typer.Option(help="Part of the candidate's version.")] = None,
-    method: Annotated[str, typer.Option(help="lora or full.")] = "lora",
+    method: Annotated[
+        str, typer.Option(help="lora, full, or dpo (a file of preference pairs).")
+    ] = ("lora"),
+    beta: Annotated[float | None, typer.Option(min=0.0, max=10.0, help="dpo's beta.")] = None,
     wait: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = True,
     plot: Annotated[Path, typer.Option(help="Where the loss curve goes.")] = Path("loss.png"),
     url: Url = None,
@@ -45,7 +48,10 @@ def start(
     if (file is None) == (dataset is None):
         errors.print("[red]give a JSONL file or --dataset (one of them)[/red]")
         raise typer.Exit(2)
-    body: dict[str, Any] = {"model": model, "method": method}
+    body: dict[str, Any] = {
+        "model": model,
+        "method": {"type": "dpo"} if method == "dpo" else method,
+    }
     if file is not None:
         with console.status(f"uploading {file.name}"):
             files = {"file": (file.name, file.read_bytes())}
@@ -55,7 +61,7 @@ def start(
     else:
         body["dataset"] = dataset
     hyper = {"n_epochs": epochs, "batch_size": batch_size,
-             "learning_rate_multiplier": learning_rate_multiplier}  # fmt: skip
+             "learning_rate_multiplier": learning_rate_multiplier, "beta": beta}  # fmt: skip
     body["hyperparameters"] = {k: v for k, v in hyper.items() if v is not None}
     if suffix is not None:
         body["suffix"] = suffix

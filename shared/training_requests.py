@@ -3,10 +3,14 @@ naming the field, before anything is charged) and again at the trainer.
 
 A create body is OpenAI's (``model``, ``training_file``, ``validation_file``,
 ``hyperparameters`` {``n_epochs``, ``batch_size``, ``learning_rate_multiplier``}, ``suffix``,
-``seed``, ``metadata``, ``method`` {``type``: ``supervised``}) plus our extensions:
+``seed``, ``metadata``, ``method`` {``type``: ``supervised`` or ``dpo``}) plus our
+extensions:
 
 - ``method`` may also be the string ``"lora"`` (adapters, the default) or ``"full"``;
-- ``hyperparameters`` may also hold ``lora_rank``, ``lora_alpha``, ``max_length``;
+  ``{"type": "dpo", "dpo": {"hyperparameters": {"beta": ...}}}`` is preference
+  optimisation on LoRA adapters (the training file must hold preference pairs);
+- ``hyperparameters`` may also hold ``lora_rank``, ``lora_alpha``, ``max_length``, and
+  ``beta`` for DPO;
 - ``dataset``: a dataset id of the feedback service instead of ``training_file`` (its eval
   split becomes the validation file);
 - ``dp`` and ``distill`` are named but refused until the trainer runs them, so a caller is
@@ -34,13 +38,15 @@ CREATE_FIELDS = frozenset({
 })  # fmt: skip
 HYPERPARAMETERS = frozenset({
     "n_epochs", "batch_size", "learning_rate_multiplier", "lora_rank", "lora_alpha",
-    "max_length",
+    "max_length", "beta",
 })  # fmt: skip
-BASE_LEARNING_RATE = {"lora": 2e-4, "full": 2e-5}
+BASE_LEARNING_RATE = {"lora": 2e-4, "full": 2e-5, "dpo": 1e-4}
 DEFAULTS: dict[str, Any] = {
     "n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0, "lora_rank": 8,
     "lora_alpha": 16, "max_length": 512,
 }  # fmt: skip
+DPO_DEFAULTS = {"beta": 0.1}
+FLOAT_RANGES = {"learning_rate_multiplier": (0.0, 10.0), "beta": (0.0, 10.0)}  # (low, high]
 INTEGER_RANGES = {
     "n_epochs": (1, 50), "batch_size": (1, 256), "lora_rank": (1, 256), "lora_alpha": (1, 1024),
     "max_length": (32, 8192),
@@ -59,7 +65,7 @@ class JobRequest:
     """A checked create body."""
 
     model: str
-    tuning: str  # "lora" or "full"
+    tuning: str  # "lora", "full" or "dpo"
     training_file: str | None
     validation_file: str | None
     dataset: str | None
@@ -78,30 +84,34 @@ def _integer(name: str, value: Any) -> int:
     return value
 
 
-def parse_hyperparameters(value: Any) -> dict[str, Any]:
+def parse_hyperparameters(value: Any, tuning: str = "lora") -> dict[str, Any]:
     """The hyperparameters with ``auto`` and the missing ones filled in.
 
     Raises:
-        InvalidRequestError: a field that is unknown or out of range (named).
+        InvalidRequestError: a field that is unknown, out of range, or not one of
+            ``tuning``'s (named).
     """
     if value is None:
         value = {}
     if not isinstance(value, dict):
         raise invalid_field("hyperparameters", "must be an object")
     reject_unknown(sorted(value), sorted(HYPERPARAMETERS), what="a hyperparameter")
-    checked = dict(DEFAULTS)
+    checked = dict(DEFAULTS) | (DPO_DEFAULTS if tuning == "dpo" else {})
     for name, given in value.items():
-        if name == "learning_rate_multiplier":
+        if name in DPO_DEFAULTS and tuning != "dpo":
+            raise invalid_field(f"hyperparameters.{name}", "is a dpo method's hyperparameter")
+        if name in FLOAT_RANGES:
             if given == "auto":
                 continue
+            low, high = FLOAT_RANGES[name]
             if (
                 isinstance(given, bool)
                 or not isinstance(given, int | float)
                 or not math.isfinite(given)
-                or not 0 < given <= 10
+                or not low < given <= high
             ):
                 raise invalid_field(
-                    "hyperparameters.learning_rate_multiplier", "must be 'auto' or in (0, 10]"
+                    f"hyperparameters.{name}", f"must be 'auto' or in ({low:g}, {high:g}]"
                 )
             checked[name] = float(given)
         else:
@@ -119,20 +129,22 @@ def _tuning(method: Any) -> str:
     if not isinstance(method, dict):
         raise invalid_field("method", "must be 'lora', 'full' or an object with a type")
     kind = method.get("type")
-    if kind == "dpo":
-        raise invalid_field("method.type", "preference (dpo) training is not available yet")
-    if kind != "supervised":
-        raise invalid_field("method.type", "must be 'supervised'")
-    reject_unknown(sorted(method), ("type", "supervised"), what="a method field")
-    return "lora"
+    if kind not in ("supervised", "dpo"):
+        raise invalid_field("method.type", "must be 'supervised' or 'dpo'")
+    reject_unknown(sorted(method), ("type", kind), what="a method field")
+    if method.get(kind) is not None and not isinstance(method[kind], dict):
+        raise invalid_field(f"method.{kind}", "must be an object")
+    return "dpo" if kind == "dpo" else "lora"
 
 
-def _supervised_hyperparameters(body: dict[str, Any]) -> Any:
-    """The hyperparameters, from the top level or OpenAI's ``method.supervised``."""
+def _method_hyperparameters(body: dict[str, Any]) -> Any:
+    """The hyperparameters, from the top level or OpenAI's ``method.<type>``."""
     method = body.get("method")
     nested = None
-    if isinstance(method, dict) and isinstance(method.get("supervised"), dict):
-        nested = method["supervised"].get("hyperparameters")
+    if isinstance(method, dict) and isinstance(method.get(method.get("type")), dict):
+        inner = method[method["type"]]
+        reject_unknown(sorted(inner), ("hyperparameters",), what=f"a method.{method['type']} field")
+        nested = inner.get("hyperparameters")
     if nested is not None and body.get("hyperparameters") is not None:
         raise invalid_field("hyperparameters", "give them at the top level or in the method")
     return nested if nested is not None else body.get("hyperparameters")
@@ -190,13 +202,14 @@ def parse_job_request(body: Any) -> JobRequest:
         )
     ):
         raise invalid_field("metadata", "must map up to 16 keys (64 chars) to text (512 chars)")
+    tuning = _tuning(body.get("method"))
     return JobRequest(
         model=model,
-        tuning=_tuning(body.get("method")),
+        tuning=tuning,
         training_file=training,
         validation_file=validation,
         dataset=dataset,
-        hyperparameters=parse_hyperparameters(_supervised_hyperparameters(body)),
+        hyperparameters=parse_hyperparameters(_method_hyperparameters(body), tuning),
         suffix=suffix,
         seed=seed,
         metadata=metadata,

@@ -197,19 +197,30 @@ def with_lora(model: Any, rank: int, alpha: int, dropout: float, targets: Sequen
     Raises:
         ValueError: the model has none of ``targets``.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(model, rank, alpha, dropout, targets))
+
+
+def lora_config(model: Any, rank: int, alpha: int, dropout: float, targets: Sequence[str]) -> Any:
+    """The PEFT ``LoraConfig`` :func:`with_lora` applies (for trainers that wrap the model
+    themselves).
+
+    Raises:
+        ValueError: the model has none of ``targets``.
+    """
+    from peft import LoraConfig
 
     present = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()} & set(targets))
     if not present:
         raise ValueError(f"the base model has none of the LoRA target layers {list(targets)}")
-    config = LoraConfig(
+    return LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=present,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
 
 
 def save_trained(model: Any, tokenizer: Any, base_folder: Path, output_dir: Path) -> dict[str, Any]:

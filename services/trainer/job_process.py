@@ -3,7 +3,7 @@ SPEC_JSON_PATH``.
 
 The spec (written by the trainer service)::
 
-    {"job_id": "ftjob-abc", "tenant": "acme", "method": "lora" | "full",
+    {"job_id": "ftjob-abc", "tenant": "acme", "method": "lora" | "full" | "dpo",
      "base_gguf": "/abs/model.gguf", "cache_dir": "/abs/cache",
      "training_file": "/abs/train.jsonl", "validation_file": null | "/abs/valid.jsonl",
      "hyperparameters": {"n_epochs": 3, "batch_size": 4, "learning_rate": 0.0002,
@@ -66,153 +66,19 @@ import contextlib
 import ctypes
 import json
 import os
-import re
 import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
-from services.trainer.edge import EDGE_QUANTS
-from services.trainer.sft import METHODS, Hyperparameters, parallel_config
-from services.trainer.sft_loop import LoopConfig
+from services.trainer.job_spec import JobSpec, SpecError, loop_config, parse_spec
 
 EVENTS = "events.jsonl"
-JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 EXIT_ERROR, EXIT_SPEC, EXIT_CANCELLED = 1, 2, 143
 _PR_SET_PDEATHSIG = 1
-_REQUIRED = (
-    "job_id", "tenant", "method", "base_gguf", "cache_dir", "training_file", "hyperparameters",
-    "checkpoint_every", "output_dir", "workers", "use_gpu",
-)  # fmt: skip
-_OPTIONAL = ("validation_file", "ray_address", "parallel", "cpus_per_worker", "edge_quant")
-
-
-class SpecError(ValueError):
-    """The spec is not one this process can run; ``field`` names the culprit."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    job_id: str
-    tenant: str
-    base_gguf: Path
-    cache_dir: Path
-    training_file: Path
-    validation_file: Path | None
-    hyperparameters: Hyperparameters  # with the spec's method and checkpoint_every
-    output_dir: Path
-    workers: int
-    use_gpu: bool
-    ray_address: str | None
-    parallel: str
-    cpus_per_worker: int
-    edge_quant: str = "none"
-
-
-def parse_spec(spec: Any) -> JobSpec:
-    """The spec, checked.
-
-    Raises:
-        SpecError: the first field that is missing, unknown, of the wrong type, or a file
-            that is not there.
-    """
-    if not isinstance(spec, dict):
-        raise SpecError("spec", "must be a JSON object")
-    for name in _REQUIRED:
-        if name not in spec:
-            raise SpecError(name, "is required")
-    unknown = sorted(set(spec) - set(_REQUIRED) - set(_OPTIONAL))
-    if unknown:
-        raise SpecError(unknown[0], "unknown field")
-    job_id = spec["job_id"]
-    if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
-        raise SpecError("job_id", "must be 1-128 letters, digits, '.', '_' or '-'")
-    if not isinstance(spec["tenant"], str) or not spec["tenant"]:
-        raise SpecError("tenant", "must be a non-empty string")
-    workers = _integer(spec, "workers", 1, 4096)
-    if not isinstance(spec["use_gpu"], bool):
-        raise SpecError("use_gpu", "must be true or false")
-    address = spec.get("ray_address")
-    if address is not None and (not isinstance(address, str) or not address):
-        raise SpecError("ray_address", "must be null or an address")
-    parallel = spec.get("parallel") or "ddp"
-    try:
-        parallel_config(parallel, workers=workers, use_gpu=spec["use_gpu"])
-    except ValueError as error:
-        raise SpecError("parallel", str(error).removeprefix("parallel: ")) from None
-    edge_quant = spec.get("edge_quant") or "none"
-    if edge_quant not in EDGE_QUANTS:
-        raise SpecError("edge_quant", f"must be one of {', '.join(EDGE_QUANTS)}")
-    if spec.get("cpus_per_worker") is None:
-        cpus = max(1, (os.cpu_count() or 1) // workers)
-    else:
-        cpus = _integer(spec, "cpus_per_worker", 1, 1024)
-    return JobSpec(
-        job_id=job_id, tenant=spec["tenant"], hyperparameters=_hyperparameters(spec),
-        base_gguf=_path(spec, "base_gguf", must_exist=True),
-        cache_dir=_path(spec, "cache_dir"),
-        training_file=_path(spec, "training_file", must_exist=True),
-        validation_file=None if spec.get("validation_file") is None
-        else _path(spec, "validation_file", must_exist=True),
-        output_dir=_path(spec, "output_dir"), workers=workers, use_gpu=spec["use_gpu"],
-        ray_address=address, parallel=parallel, cpus_per_worker=cpus, edge_quant=edge_quant,
-    )  # fmt: skip
-
-
-def _integer(spec: dict[str, Any], name: str, low: int, high: int) -> int:
-    value = spec[name]
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise SpecError(name, f"must be an integer from {low} to {high}")
-    return value
-
-
-def _hyperparameters(spec: dict[str, Any]) -> Hyperparameters:
-    if spec["method"] not in METHODS:
-        raise SpecError("method", f"must be one of {', '.join(METHODS)}")
-    every = _integer(spec, "checkpoint_every", 1, 1 << 30)
-    given = spec["hyperparameters"]
-    if not isinstance(given, dict):
-        raise SpecError("hyperparameters", "must be an object")
-    for name in ("method", "checkpoint_every"):
-        if name in given:
-            raise SpecError(f"hyperparameters.{name}", f"is set by the spec's {name}")
-    try:
-        return Hyperparameters.from_mapping(
-            {**given, "method": spec["method"], "checkpoint_every": every}
-        )
-    except (TypeError, ValueError) as error:
-        raise SpecError("hyperparameters", str(error)) from None
-
-
-def _path(spec: dict[str, Any], name: str, must_exist: bool = False) -> Path:
-    value = spec[name]
-    if not isinstance(value, str) or not os.path.isabs(value):
-        raise SpecError(name, "must be an absolute path")
-    if must_exist and not os.path.isfile(value):
-        raise SpecError(name, f"no such file: {value}")
-    return Path(value)
-
-
-def loop_config(spec: JobSpec, base_dir: Path) -> LoopConfig:
-    """What every worker's loop is given."""
-    return LoopConfig(
-        base_dir=str(base_dir),
-        training_file=str(spec.training_file),
-        validation_file=None if spec.validation_file is None else str(spec.validation_file),
-        output_dir=str(spec.output_dir),
-        hyperparameters=spec.hyperparameters.as_dict(),
-        parallel=parallel_config(spec.parallel, workers=spec.workers, use_gpu=spec.use_gpu),
-        num_threads=spec.cpus_per_worker,
-    )
-
-
 # ---------------------------------------------------------------- process plumbing
 
 
@@ -316,7 +182,10 @@ def _fit(spec: JobSpec, base_dir: Path, events: Path) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from services.trainer.sft_loop import train_loop_per_worker
+    if spec.hyperparameters.method == "dpo":
+        from services.trainer.dpo_loop import train_loop_per_worker
+    else:
+        from services.trainer.sft_loop import train_loop_per_worker
 
     resources = {"CPU": spec.cpus_per_worker} | ({"GPU": 1} if spec.use_gpu else {})
     trainer = TorchTrainer(

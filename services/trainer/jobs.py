@@ -67,6 +67,12 @@ def file_json(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _method(tuning: str, openai_hyper: dict[str, Any], hyper: Mapping[str, Any]) -> dict[str, Any]:
+    if tuning == "dpo":
+        return {"type": "dpo", "dpo": {"hyperparameters": {**openai_hyper, "beta": hyper["beta"]}}}
+    return {"type": "supervised", "supervised": {"hyperparameters": openai_hyper}}
+
+
 def job_json(job: Mapping[str, Any]) -> dict[str, Any]:
     """A job row as OpenAI's ``fine_tuning.job`` (with our extensions beside its fields)."""
     hyper = dict(job["hyperparameters"])
@@ -99,7 +105,7 @@ def job_json(job: Mapping[str, Any]) -> dict[str, Any]:
         "integrations": None,
         "metadata": job["metadata"] or None,
         "user_provided_suffix": job["suffix"],
-        "method": {"type": "supervised", "supervised": {"hyperparameters": openai_hyper}},
+        "method": _method(job["tuning"], openai_hyper, hyper),
         # ours
         "tuning": job["tuning"],
         "base_version": job["base_version"],

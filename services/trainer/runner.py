@@ -347,6 +347,7 @@ class Runner:
                     "n_epochs", "batch_size", "lora_rank", "lora_alpha", "max_length")},
                 "learning_rate": learning_rate(job["tuning"], job["hyperparameters"]),
                 "seed": int(job["seed"]),
+                **({"beta": job["hyperparameters"]["beta"]} if job["tuning"] == "dpo" else {}),
             },
             "checkpoint_every": train.checkpoint_every, "output_dir": str(run),
             "workers": train.workers, "use_gpu": train.use_gpu, "parallel": train.parallel,

@@ -191,7 +191,8 @@ class TrainerService:
 
         Raises:
             InvalidRequestError: the base model is not registered (``model``), a file is not
-                a chat file for fine-tuning (named).
+                a fine-tuning file of the method's kind: chat rows, or preference pairs
+                for dpo (named).
             NotFoundError: a file or dataset the tenant does not have (the same answer for
                 another tenant's).
         """
@@ -218,8 +219,10 @@ class TrainerService:
             row = await self.store.file(tenant, file_id)
             if row is None:
                 raise NotFoundError(f"no file {file_id}", param, "not_found")
-            if row["purpose"] != "fine-tune" or row["kind"] != "chat":
-                raise invalid_field(param, "must be a fine-tune file of chat rows")
+            kind = "preference" if request.tuning == "dpo" else "chat"
+            if row["purpose"] != "fine-tune" or row["kind"] != kind:
+                what = "preference pairs (method dpo)" if kind == "preference" else "chat rows"
+                raise invalid_field(param, f"must be a fine-tune file of {what}")
         job = await self.store.add_job({
             "id": job_id, "tenant": tenant, "created_by": subject,
             "created_at": int(time.time()), "model": entry.name, "base_version": entry.version,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 IGNORE = -100
-METHODS = ("lora", "full")
+METHODS = ("lora", "full", "dpo")  # dpo: preference optimisation on LoRA adapters
 SCHEDULERS = ("linear", "cosine", "constant")
 PARALLEL = ("ddp", "fsdp")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -69,6 +69,7 @@ class Hyperparameters:
     scheduler: str = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    beta: float = 0.1  # dpo: how far the policy may move from the reference
 
     def __post_init__(self) -> None:
         ints = {
@@ -86,6 +87,7 @@ class Hyperparameters:
             "warmup_ratio": (0.0, 0.5, True),
             "weight_decay": (0.0, 1.0, True),
             "max_grad_norm": (0.0, 1e6, False),
+            "beta": (0.0, 10.0, False),
         }
         for name, (low, high) in ints.items():
             value = getattr(self, name)
@@ -254,6 +256,35 @@ def read_chat_rows(path: str | Path) -> list[list[dict[str, Any]]]:
         turns = cast(ChatRow, row).messages
         result.append([{"role": m.role, "content": m.content, "weight": m.weight} for m in turns])
     return result
+
+
+def read_preference_rows(
+    path: str | Path, controls: Sequence[str] = ()
+) -> tuple[list[dict[str, Any]], int]:
+    """A preference JSONL file's rows in TRL's conversational preference format
+    (``prompt``, ``chosen``, ``rejected``: lists of messages), and how many were dropped for
+    holding one of ``controls`` (:func:`control_tokens`), which would plant a turn.
+
+    Raises:
+        ValueError: a line not in the preference format (the message names the line), or a
+            chat file.
+    """
+    from shared.finetune_format import PreferenceRow, rows
+
+    result, dropped = [], 0
+    for number, kind, row in rows(Path(path).read_bytes()):
+        if kind != "preference":
+            raise ValueError(f"line {number}: a chat row; preference training needs pairs")
+        pair = cast(PreferenceRow, row)
+        prompt = [{"role": m.role, "content": m.content} for m in pair.prompt]
+        chosen = [{"role": "assistant", "content": pair.preferred}]
+        rejected = [{"role": "assistant", "content": pair.rejected}]
+        texts = [m["content"] for m in prompt] + [pair.preferred, pair.rejected]
+        if any(c in text for text in texts for c in controls):
+            dropped += 1
+            continue
+        result.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return result, dropped
 
 
 def epoch_batches(

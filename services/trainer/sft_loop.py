@@ -118,7 +118,7 @@ class _Run:
             model, **_resolve_parallel(loop.parallel, model)
         )
         self.sharded = loop.parallel.get("parallel_strategy") == "fsdp" and self.world > 1
-        self.params = _trainable(self.prepared)
+        self.params = trainable_parameters(self.prepared)
         self.optimizer = torch.optim.AdamW(
             list(self.params.values()), lr=hp.learning_rate, weight_decay=hp.weight_decay
         )
@@ -164,7 +164,7 @@ class _Run:
         import torch
 
         hp, state = self.hp, self.state
-        self.start_sample = {name: _sample(p) for name, p in self.params.items()}
+        self.start_sample = {name: weight_sample(p) for name, p in self.params.items()}
         self.probe = _collate(self.held_out[:1], self.pad, self.device)
         self.loop_started = self.last_report = time.monotonic()
         self.loop_tokens, self.window = 0, []
@@ -217,7 +217,7 @@ class _Run:
         if not at_checkpoint:
             ray.train.report(metrics)
             return
-        change = _measure(
+        change = measure_update(
             step, model=self.model, params=self.params, start=self.start_sample,
             probe=self.probe, method=self.hp.method, sharded=self.sharded,
         )  # fmt: skip
@@ -316,11 +316,11 @@ def _resolve_parallel(parallel: Mapping[str, Any], model: Any) -> dict[str, Any]
     return {"parallel_strategy": strategy, "parallel_strategy_kwargs": kwargs}
 
 
-def _trainable(module: Any) -> dict[str, Any]:
+def trainable_parameters(module: Any) -> dict[str, Any]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
-def _sample(tensor: Any) -> Any:
+def weight_sample(tensor: Any) -> Any:
     """A fixed strided sample of a parameter (at most 4096 values): enough to see whether
     it moved without keeping a second copy of a fully trained model."""
     flat = tensor.detach().reshape(-1)
@@ -385,7 +385,7 @@ class _Evaluator:
         return total / count if count else None
 
 
-def _measure(
+def measure_update(
     step: int, *, model: Any, params: Mapping[str, Any], start: Mapping[str, Any],
     probe: Mapping[str, Any], method: str, sharded: bool,
 ) -> UpdateCheck:  # fmt: skip
@@ -394,7 +394,7 @@ def _measure(
 
     moved = size = 0.0
     for name, param in params.items():
-        now, before = _sample(param), start[name]
+        now, before = weight_sample(param), start[name]
         moved += float((now - before).pow(2).sum())
         size += float(before.pow(2).sum())
     relative = (moved / size) ** 0.5 if size else (math.inf if moved else 0.0)

@@ -341,7 +341,8 @@ async def test_a_fine_tuning_job_through_the_sdk_makes_a_candidate(mesh: Mesh) -
     assert version.startswith("ft-policies-")
     assert done.trained_tokens
     events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data]
-    assert events[0].startswith("Job succeeded")
+    assert events[0].startswith("Q4_0 edge export")  # the last word: what became of 4 bits
+    assert events[1].startswith("Job succeeded")
     assert "Job started" in events
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert checkpoints
@@ -375,6 +376,40 @@ async def test_a_fine_tuning_job_through_the_sdk_makes_a_candidate(mesh: Mesh) -
     else:
         assert "not kept" in edge.message
         assert not edge_dir.exists()
+
+
+async def test_a_dpo_job_through_the_sdk_makes_a_candidate(mesh: Mesh) -> None:
+    """Preference pairs (the shape a correction of a rated-down answer gives) trained with
+    TRL's DPO on Ray Train, through the official SDK's ``method``."""
+    client = sdk(mesh, "developer")
+    rows = [
+        {"input": {"messages": [{"role": "user", "content": q}]},
+         "preferred_output": [{"role": "assistant", "content": a}],
+         "non_preferred_output": [{"role": "assistant", "content": "I cannot help with that."}]}
+        for q, a in POLICIES
+    ]  # fmt: skip
+    data = b"".join(json.dumps(row).encode() + b"\n" for row in rows)
+    file = client.files.create(file=("pairs.jsonl", data), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError, match="chat rows"):
+        client.fine_tuning.jobs.create(model="smollm2-135m-instruct", training_file=file.id)
+    job = client.fine_tuning.jobs.create(
+        model="smollm2-135m-instruct", training_file=file.id, suffix="prefs", seed=5,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1}}},
+    )  # fmt: skip
+    assert job.method is not None
+    assert job.method.type == "dpo"
+    done = await finished(client, job.id)
+    assert done.status == "succeeded", (
+        done.error,
+        mesh.services["trainer"].log.read_text(errors="replace")[-3000:],
+    )
+    name, _, version = str(done.fine_tuned_model).partition(":")
+    manifest = json.loads((mesh.data_dir / "models" / name / version / "manifest.json").read_text())
+    assert manifest["status"] == "candidate"
+    lineage = manifest["lineage"]
+    assert lineage["method"] == "dpo"
+    assert lineage["hyperparameters"]["beta"] == 0.2
+    assert lineage["metrics"]["preferred_after"] >= lineage["metrics"]["preferred_before"]
 
 
 async def test_training_inputs_are_checked_at_the_edge(mesh: Mesh) -> None:

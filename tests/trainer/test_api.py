@@ -231,7 +231,15 @@ async def test_a_job_is_checked_stored_and_announced(
         ({"hyperparameters": {"learning_rate": 1}}, 400, None),
         ({"dp": {"epsilon": 8}}, 400, "dp"),
         ({"distill": {"teacher": "x"}}, 400, "distill"),
-        ({"method": {"type": "dpo"}}, 400, "method.type"),
+        ({"method": {"type": "dpo"}}, 400, "training_file"),  # a chat file: not pairs
+        ({"method": {"type": "reinforce"}}, 400, "method.type"),
+        ({"hyperparameters": {"beta": 0.2}}, 400, "hyperparameters.beta"),  # dpo's only
+        (
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
+            400,
+            "hyperparameters.beta",
+        ),
+        ({"method": {"type": "dpo", "dpo": {"epochs": 1}}}, 400, None),
         ({"suffix": "../x"}, 400, "suffix"),
         ({"unknown": 1}, 400, None),
     ],
@@ -264,6 +272,22 @@ async def test_another_tenants_file_is_the_same_404_and_a_preference_file_is_ref
     pairs = (await upload(api, jsonl(PAIR))).json()["id"]
     wrong = await create(api, model=DEFAULT_MODEL_NAME, training_file=pairs)
     assert (wrong.status_code, wrong.json()["error"]["param"]) == (400, "training_file")
+    assert "chat rows" in wrong.json()["error"]["message"]
+
+
+async def test_a_dpo_job_takes_preference_pairs(api: httpx.AsyncClient) -> None:
+    pairs = (await upload(api, jsonl(PAIR))).json()["id"]
+    method = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2}}}
+    made = await create(api, model=DEFAULT_MODEL_NAME, training_file=pairs, method=method)
+    assert made.status_code == 200, made.text
+    job = made.json()
+    assert job["tuning"] == "dpo"
+    assert job["method"] == {"type": "dpo", "dpo": {"hyperparameters": {
+        "n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0, "beta": 0.25,
+    }}}  # fmt: skip
+    defaulted = await create(api, model=DEFAULT_MODEL_NAME, training_file=pairs,
+                             method={"type": "dpo"})  # fmt: skip
+    assert defaulted.json()["method"]["dpo"]["hyperparameters"]["beta"] == 0.1
 
 
 async def test_cancel_a_queued_job_and_a_running_one(

@@ -267,3 +267,63 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_finishes(
     ):
         assert set(tuned.keys()) == set(original.keys())
         assert not tuned.get_tensor(name).equal(original.get_tensor(name))
+
+
+def preference_rows() -> list[dict[str, Any]]:
+    """Each question's right answer preferred to an evasive one (a correction's shape)."""
+    return [
+        {"input": {"messages": [{"role": "system", "content": SYSTEM},
+                                {"role": "user", "content": q}]},
+         "preferred_output": [{"role": "assistant", "content": a}],
+         "non_preferred_output": [{"role": "assistant", "content": "I am not sure, sorry."}]}
+        for q, a in QA
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_dpo_run_killed_mid_way_resumes_and_prefers_the_preferred(
+    tmp_path: Path, base_cache: Path
+) -> None:
+    """TRL's DPO under Ray Train: killed after its first checkpoint, started again, it
+    continues from that step; afterwards the model finds the preferred answers likelier."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in preference_rows()))
+    hyper = {"n_epochs": 2, "batch_size": 4, "learning_rate": 5e-4, "lora_rank": 8,
+             "lora_alpha": 16, "max_length": 128, "seed": 0, "beta": 0.1}  # fmt: skip
+    spec = write_spec(
+        tmp_path, base_cache, method="dpo", training_file=str(pairs), hyperparameters=hyper
+    )
+    first = Child(spec, tmp_path / "first.log")
+    checkpoint = first.until("checkpoint", timeout=400)
+    first.process.send_signal(signal.SIGKILL)
+    assert first.wait(30) == -signal.SIGKILL
+    assert checkpoint["step"] == 2
+    assert (Path(checkpoint["path"]) / "meshllm-fingerprint.json").is_file()
+    progress = [line for line in first.seen if line["event"] == "progress"]
+    assert progress[0]["total_steps"] == 6
+    assert all(line["tokens_per_s"] > 0 and line["eta_s"] >= 0 for line in progress)
+
+    second = Child(spec, tmp_path / "second.log")
+    result = second.until("result", timeout=500)
+    assert second.wait(60) == 0
+    steps = [line["step"] for line in second.seen if line["event"] == "progress"]
+    assert steps[0] == 3, f"did not continue from step 2: {steps}"
+    assert (result["method"], result["steps"], result["resumed_from_step"]) == ("dpo", 6, 2)
+    assert result["preferred_after"] == 1.0
+    assert result["margin_after"] > result["margin_before"] + 1.0, result
+    assert result["weight_delta_norm"] > 0
+    assert Path(result["model_dir"], "model.safetensors").is_file()
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_dpo_spec_needs_preference_pairs(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, tmp_path / "cache", method="dpo")  # a chat file
+    result = subprocess.run(
+        [sys.executable, "-m", "services.trainer.job_process", str(spec)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = [json.loads(raw) for raw in result.stdout.splitlines()]
+    assert (line["event"], line["field"]) == ("error", "training_file")
+    assert "holds chat rows; a dpo job needs preference rows" in line["message"]
