@@ -289,7 +289,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from services.trainer.base_model import with_lora
 from services.trainer.sft import LORA_TARGETS, NoOpUpdateError
-from services.trainer.sft_loop import _measure, _sample, _trainable
+from services.trainer.sft_loop import measure_update, trainable_parameters, weight_sample
 from services.trainer.sft import check_update
 
 torch.manual_seed(0)
@@ -300,12 +300,12 @@ probe = {"input_ids": ids[:1], "attention_mask": torch.ones_like(ids[:1])}
 verdicts = []
 for lr in (0.0, 1e-2):
     model = with_lora(LlamaForCausalLM(config), 4, 8, 0.0, LORA_TARGETS)
-    params = _trainable(model)
-    start = {name: _sample(p) for name, p in params.items()}
+    params = trainable_parameters(model)
+    start = {name: weight_sample(p) for name, p in params.items()}
     optimizer = torch.optim.AdamW(list(params.values()), lr=lr)
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
-    check = _measure(1, model=model, params=params, start=start, probe=probe, method="lora",
+    check = measure_update(1, model=model, params=params, start=start, probe=probe, method="lora",
                      sharded=False)
     try:
         check_update(check)
