@@ -79,10 +79,13 @@ def build(
     sources: Annotated[
         bool, typer.Option(help="Keep the knowledge-base sources the model was given.")
     ] = True,
+    kind: Annotated[
+        str, typer.Option(help="chat, or preference: pairs for DPO (corrections, up vs down).")
+    ] = "chat",
     url: Url = None,
 ) -> None:
     """Build the next version of a dataset from your tenant's rated answers."""
-    body: dict[str, Any] = {"name": name, "min_rating": min_rating,
+    body: dict[str, Any] = {"name": name, "min_rating": min_rating, "kind": kind,
                             "eval_fraction": eval_fraction, "sources": sources}  # fmt: skip
     for field, value in (("since", since), ("until", until), ("model", model)):
         if value is not None:

@@ -7,7 +7,7 @@ naming the field, before anything is charged) and again at the feedback service.
   seconds), ``min_rating`` (1-5, default 4), ``model``, ``model_version``, ``labels``,
   ``corrections`` (default true), ``sources`` (default true: a row of an answer from the
   knowledge base keeps the sources the model was given), ``eval_fraction`` (0-0.5, default
-  0.1), ``max_chars``.
+  0.1), ``max_chars``, ``kind`` (``chat``, the default, or ``preference``: pairs for DPO).
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ MAX_MODEL_CHARS = 256
 RATING_FIELDS = frozenset({"request_id", "rating", "correction", "labels", "comment"})
 DATASET_FIELDS = frozenset(
     {"name", "since", "until", "min_rating", "model", "model_version", "labels", "corrections",
-     "sources", "eval_fraction", "max_chars"}
+     "sources", "eval_fraction", "max_chars", "kind"}
 )  # fmt: skip
+DATASET_KINDS = ("chat", "preference")
 
 
 @dataclass(frozen=True)
@@ -176,4 +177,8 @@ def parse_dataset_request(body: dict[str, Any]) -> dict[str, Any]:
     ):
         raise invalid_field("max_chars", "must be an integer from 100 to 1000000")
     spec["max_chars"] = max_chars
+    kind = body.get("kind", "chat")
+    if kind not in DATASET_KINDS:
+        raise invalid_field("kind", "must be 'chat' or 'preference' (pairs for dpo)")
+    spec["kind"] = kind
     return spec

@@ -103,6 +103,7 @@ def spec_of(tenant: str, body: Mapping[str, Any], max_rows: int) -> DatasetSpec:
     return DatasetSpec(
         tenant=tenant, name=checked["name"], filters=filters,
         eval_fraction=checked["eval_fraction"], max_chars=checked["max_chars"], max_rows=max_rows,
+        kind=checked["kind"],
     )  # fmt: skip
 
 

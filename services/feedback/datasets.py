@@ -28,6 +28,19 @@ Every row goes, in order, through:
 5. the split: a row is in ``eval`` when a hash of its request id falls under
    ``eval_fraction``, so the same request lands in the same split in every version.
 
+A **preference** dataset (``kind="preference"``, for DPO) holds pairs instead, in OpenAI's
+preference format (``input.messages``, ``preferred_output``, ``non_preferred_output``):
+
+- a **correction** is preferred to the answer it corrects;
+- for the same prompt (the same messages, whitespace and case folded), an answer rated at
+  least ``min_rating`` is preferred to one rated down (2 stars or fewer); each rated answer
+  is in at most one pair, the newest ratings first. A rated answer left without a partner
+  is counted as ``unpaired``.
+
+Pairs go through the same steps (the prompt, the policy on every message and both answers,
+length, deduplication of the whole pair, PII residue, the split by the preferred answer's
+request id).
+
 The manifest records the filters, the policy applied, the counts of each step, the source
 request ids and the sha256 of each split's bytes.
 """
@@ -46,6 +59,9 @@ from shared import finetune_format
 from shared.finetune_format import FormatError
 
 FORMAT = "openai-chat-jsonl"
+FORMATS = {"chat": FORMAT, "preference": "openai-preference-jsonl"}
+KINDS = tuple(FORMATS)
+MAX_REJECTED_STARS = 2  # a rating of at most this is a rejected answer (down is 1)
 SPLITS = ("train", "eval")
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 """A dataset's name (matched whole); its id is ``<name>-v<version>``."""
@@ -92,6 +108,7 @@ class DatasetSpec:
     eval_fraction: float = 0.1
     max_chars: int = 32_000
     max_rows: int = 100_000
+    kind: str = "chat"  # or "preference": pairs for DPO (see the module docstring)
 
 
 @dataclass
@@ -107,6 +124,7 @@ class Counts:
     with_sources: int = 0  # rows whose prompt holds the knowledge base's sources
     sources_withheld: int = 0  # answers from sources whose prompt was not kept (ACL, older)
     erased: int = 0  # rows whose request was erased while the dataset was being built
+    unpaired: int = 0  # preference: rated answers no answer of the same prompt paired with
 
 
 @dataclass(frozen=True)
@@ -114,6 +132,7 @@ class Row:
     request_id: str
     split: str
     line: str  # the JSON line, without its newline
+    sources: tuple[str, ...] = ()  # every request id the row holds (a pair: two); () = itself
 
 
 @dataclass(frozen=True)
@@ -128,11 +147,12 @@ class BuiltDataset:
 
     def without(self, request_ids: Collection[str]) -> BuiltDataset:
         """These rows less those of ``request_ids`` (erased while the build read)."""
-        kept = tuple(row for row in self.rows if row.request_id not in request_ids)
+        erased = set(request_ids)
+        kept = tuple(row for row in self.rows if erased.isdisjoint(row.sources or [row.request_id]))
         if len(kept) == len(self.rows):
             return self
         counts = replace(self.counts, erased=self.counts.erased + len(self.rows) - len(kept))
-        ids = tuple(sorted({row.request_id for row in kept}))
+        ids = tuple(sorted({i for row in kept for i in row.sources or [row.request_id]}))
         return BuiltDataset(kept, counts, ids, self.residue_types)
 
 
@@ -164,6 +184,8 @@ class Builder:
         self._chosen: list[Row] = []
         self._seen: set[str] = set()
         self._residue: dict[str, int] = {}
+        self._good: dict[str, Example] = {}  # preference: answers waiting for a partner
+        self._bad: dict[str, Example] = {}
 
     def add_all(self, examples: Iterable[Example]) -> None:
         for example in examples:
@@ -171,13 +193,24 @@ class Builder:
 
     def add(self, example: Example) -> None:
         """Consider one example (see the module's steps)."""
+        if self.spec.kind == "preference":
+            self._add_preference(example)
+            return
         made = self._turns(example)
         if made is None:
             return
         cleaned, sourced = made
+        line = json.dumps({"messages": cleaned}, ensure_ascii=False, separators=(",", ":"))
+        self._keep(example.request_id, (), cleaned, line, sourced)
+
+    def _keep(
+        self, request_id: str, others: tuple[str, ...], parts: list[dict[str, str]], line: str,
+        sourced: bool,
+    ) -> None:  # fmt: skip
+        """Steps 3-5 for a made row: ``parts`` are its texts (role and content)."""
         key = hashlib.sha256(
             json.dumps(
-                [(m["role"], _SPACE.sub(" ", m["content"]).strip().casefold()) for m in cleaned],
+                [(m["role"], _SPACE.sub(" ", m["content"]).strip().casefold()) for m in parts],
                 ensure_ascii=False,
             ).encode()
         ).hexdigest()
@@ -185,7 +218,7 @@ class Builder:
             self.counts.duplicate += 1
             return
         self._seen.add(key)
-        found_types = [t for m in cleaned for t in self._scan(m["content"])]
+        found_types = [t for m in parts for t in self._scan(m["content"])]
         if found_types:
             self.counts.pii_residue += 1
             for pii_type in found_types:
@@ -195,42 +228,114 @@ class Builder:
             self.counts.over_max_rows += 1
             return
         self.counts.with_sources += sourced
-        line = json.dumps({"messages": cleaned}, ensure_ascii=False, separators=(",", ":"))
-        split = split_of(example.request_id, self.spec.eval_fraction)
-        self._chosen.append(Row(example.request_id, split, line))
+        split = split_of(request_id, self.spec.eval_fraction)
+        sources = (request_id, *others) if others else ()
+        self._chosen.append(Row(request_id, split, line, sources))
+
+    def _prompt(self, example: Example) -> tuple[list[tuple[str, str]], bool] | None:
+        """Step 0: the prompt's turns and whether they hold sources; None when a sourced
+        answer's prompt was not kept (counted)."""
+        if self.spec.filters.sources and example.retrieved_chunk_ids and not example.prompt:
+            self.counts.sources_withheld += 1  # a row must not teach sources it does not show
+            return None
+        sourced = bool(example.prompt) and self.spec.filters.sources
+        asked = example.prompt if sourced else example.messages
+        return [(m.role, m.content) for m in asked], sourced
+
+    def _clean(self, turns: list[tuple[str, str]]) -> list[dict[str, str]]:
+        """Step 1: the training policy on every text."""
+        cleaned = []
+        for role, content in turns:
+            text, found = self._redact(content) if content else (content, 0)
+            self.counts.pii_redacted += found
+            cleaned.append({"role": role, "content": text})
+        return cleaned
+
+    def _fits(self, prompt: list[dict[str, str]], answers: list[str]) -> bool:
+        """Step 2: something asked, something answered, and not too long (counted)."""
+        if not all(a.strip() for a in answers) or not any(m["content"].strip() for m in prompt):
+            self.counts.empty += 1
+            return False
+        if sum(len(m["content"]) for m in prompt) + sum(map(len, answers)) > self.spec.max_chars:
+            self.counts.too_long += 1
+            return False
+        return True
 
     def _turns(self, example: Example) -> tuple[list[dict[str, str]], bool] | None:
         """Steps 0-2: the row's redacted turns and whether they hold sources, or None (the
         reason counted)."""
-        spec, counts = self.spec, self.counts
-        if not spec.filters.admits(example):
+        if not self.spec.filters.admits(example):
             return None
-        counts.candidates += 1
-        assistant = target(example, spec.filters)
+        self.counts.candidates += 1
+        assistant = target(example, self.spec.filters)
         if assistant is None:
-            counts.below_rating += 1
+            self.counts.below_rating += 1
             return None
-        if spec.filters.sources and example.retrieved_chunk_ids and not example.prompt:
-            counts.sources_withheld += 1  # a row must not teach citing sources it does not show
+        made = self._prompt(example)
+        if made is None:
             return None
-        sourced = bool(example.prompt) and spec.filters.sources
-        asked = example.prompt if sourced else example.messages
-        cleaned = []
-        for role, content in [(m.role, m.content) for m in asked] + [("assistant", assistant)]:
-            text, found = self._redact(content) if content else (content, 0)
-            counts.pii_redacted += found
-            cleaned.append({"role": role, "content": text})
-        if not assistant.strip() or not any(m["content"].strip() for m in cleaned[:-1]):
-            counts.empty += 1
-            return None
-        if sum(len(m["content"]) for m in cleaned) > spec.max_chars:
-            counts.too_long += 1
+        turns, sourced = made
+        cleaned = self._clean([*turns, ("assistant", assistant)])
+        if not self._fits(cleaned[:-1], [cleaned[-1]["content"]]):
             return None
         return cleaned, sourced
 
+    def _add_preference(self, example: Example) -> None:
+        """A correction makes a pair at once; a rated answer waits for a partner of the
+        opposite verdict on the same prompt."""
+        filters = self.spec.filters
+        if not filters.admits(example):
+            return
+        self.counts.candidates += 1
+        made = self._prompt(example)
+        if made is None:
+            return
+        turns, sourced = made
+        answer = example.answer
+        corrected = example.correction and example.correction.strip() != answer.strip()
+        if corrected and filters.corrections and answer.strip():
+            self._pair(example.request_id, (), turns, sourced=sourced,
+                       preferred=example.correction, rejected=answer)  # fmt: skip
+            return
+        if example.stars >= filters.min_rating:
+            side, other = self._good, self._bad
+        elif example.stars <= MAX_REJECTED_STARS:
+            side, other = self._bad, self._good
+        else:
+            self.counts.below_rating += 1
+            return
+        key = hashlib.sha256(
+            json.dumps([(r, _SPACE.sub(" ", c).strip().casefold()) for r, c in turns]).encode()
+        ).hexdigest()
+        partner = other.pop(key, None)
+        if partner is None:
+            side.setdefault(key, example)  # the newest rating of each side waits
+            return
+        good, bad = (example, partner) if side is self._good else (partner, example)
+        self._pair(good.request_id, (bad.request_id,), turns, sourced=sourced,
+                   preferred=good.answer, rejected=bad.answer)  # fmt: skip
+
+    def _pair(
+        self, request_id: str, others: tuple[str, ...], turns: list[tuple[str, str]], *,
+        sourced: bool, preferred: str, rejected: str,
+    ) -> None:  # fmt: skip
+        prompt = self._clean(turns)
+        chosen, other = (m["content"] for m in self._clean([("assistant", preferred),
+                                                             ("assistant", rejected)]))  # fmt: skip
+        if not self._fits(prompt, [chosen, other]):
+            return
+        row = {"input": {"messages": prompt},
+               "preferred_output": [{"role": "assistant", "content": chosen}],
+               "non_preferred_output": [{"role": "assistant", "content": other}]}  # fmt: skip
+        line = json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+        parts = [*prompt, {"role": "preferred", "content": chosen},
+                 {"role": "rejected", "content": other}]  # fmt: skip
+        self._keep(request_id, others, parts, line, sourced)
+
     def result(self) -> BuiltDataset:
+        self.counts.unpaired = len(self._good) + len(self._bad)
         chosen = sorted(self._chosen, key=lambda row: row.request_id)  # same rows, same bytes
-        request_ids = tuple(sorted({row.request_id for row in chosen}))
+        request_ids = tuple(sorted({i for row in chosen for i in row.sources or [row.request_id]}))
         return BuiltDataset(tuple(chosen), self.counts, request_ids, dict(self._residue))
 
 
@@ -287,7 +392,8 @@ def manifest(
         "tenant": spec.tenant,
         "created_at": created_at,
         "source": source,
-        "format": FORMAT,
+        "format": FORMATS[spec.kind],
+        "kind": spec.kind,
         "sha256": whole,
         "rows": len(built.rows),
         "splits": splits,

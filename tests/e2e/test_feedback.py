@@ -124,10 +124,24 @@ async def test_a_rated_answer_becomes_a_dataset_row_without_its_pii(
     assert exported.returncode == 0, exported.stderr
     assert (tmp_path / "out" / "train.jsonl").read_text() == train.text
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["id"] == made["id"]
+    await preference_pair_of_the_correction(mesh, example["answer"])
     quality = await call(mesh, "GET", "/feedback/quality", "developer")
     [row] = [q for q in quality.json()["data"] if q["model"] == "smollm2-135m-instruct"]
     assert row["rated"] >= 1
     assert 0 <= row["up_rate_ci95"][0] <= row["up_rate"] <= row["up_rate_ci95"][1] <= 1
+
+
+async def preference_pair_of_the_correction(mesh: Mesh, answer: str) -> None:
+    """The same rating as a preference pair for DPO: the correction over the model's answer."""
+    body = {"name": "support-pairs", "kind": "preference", "eval_fraction": 0}
+    pairs = await call(mesh, "POST", "/datasets", "developer", json=body)
+    assert pairs.status_code == 201, pairs.text
+    assert pairs.json()["format"] == "openai-preference-jsonl"
+    pair_file = await call(mesh, "GET", f"/datasets/{pairs.json()['id']}/files/train", "developer")
+    [pair] = [json.loads(line) for line in pair_file.text.splitlines() if QUESTION in line]
+    assert pair["preferred_output"][0]["content"].startswith("Open the VPN portal")
+    assert pair["non_preferred_output"][0]["content"] == answer
+    assert PHONE not in pair_file.text
 
 
 async def _score(mesh: Mesh, request_id: str, score: int) -> bool:
@@ -470,3 +484,18 @@ async def test_a_job_on_a_feedback_dataset_marks_it_used(mesh: Mesh) -> None:
     copied = client.files.content(job.training_file).content
     train = await call(mesh, "GET", f"/datasets/{dataset}/files/train", "developer")
     assert copied == train.content
+    # a preference dataset feeds a DPO job (and a chat one does not)
+    pairs = next(d["id"] for d in listed if d["id"].startswith("support-pairs-v"))
+    with pytest.raises(openai.BadRequestError, match="preference pairs"):
+        client.fine_tuning.jobs.create(
+            model="smollm2-135m-instruct", training_file=None,  # type: ignore[arg-type]
+            method={"type": "dpo"}, extra_body={"dataset": dataset},
+        )  # fmt: skip
+    dpo = client.fine_tuning.jobs.create(
+        model="smollm2-135m-instruct", training_file=None,  # type: ignore[arg-type]
+        method={"type": "dpo"}, extra_body={"dataset": pairs},
+    )  # fmt: skip
+    client.fine_tuning.jobs.cancel(dpo.id)
+    assert dpo.method is not None
+    assert dpo.method.type == "dpo"
+    assert dpo.id in (await call(mesh, "GET", f"/datasets/{pairs}", "developer")).json()["used_by"]

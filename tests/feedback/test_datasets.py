@@ -164,6 +164,7 @@ def test_scores_map_onto_up_and_down() -> None:
         ({"name": "s", "eval_fraction": 0.9}, "eval_fraction"),
         ({"name": "s", "corrections": "yes"}, "corrections"),
         ({"name": "s", "sources": 1}, "sources"),
+        ({"name": "s", "kind": "pairs"}, "kind"),
     ],
 )
 def test_a_bad_dataset_request_names_its_field(body: dict[str, object], field: str) -> None:
@@ -264,3 +265,55 @@ def test_a_row_of_a_sourced_answer_holds_the_prompt_the_model_was_given() -> Non
     assert built.counts.with_sources == 0
     rag_row = next(json.loads(r.line)["messages"] for r in built.rows if r.request_id == "rag")
     assert rag_row[0] == {"role": "user", "content": "How many vacation days?"}
+
+
+PREFERENCE = DatasetSpec("acme", "p", kind="preference")
+SAME = (Message("user", "How do I reset my VPN password?"),)
+
+
+def test_a_correction_is_preferred_to_the_answer_it_corrects() -> None:
+    rows = [example("fixed", rating=-1, correction="Use the self-service portal at /vpn.")]
+    built = build(rows, PREFERENCE, _training(), scan_structured)
+    [row] = built.rows
+    pair = json.loads(row.line)
+    assert pair["input"]["messages"][-1]["role"] == "user"
+    assert pair["preferred_output"] == [
+        {"role": "assistant", "content": "Use the self-service portal at /vpn."}
+    ]
+    assert pair["non_preferred_output"] == [
+        {"role": "assistant", "content": "Open the portal and choose Reset."}
+    ]
+    from shared.finetune_format import check_jsonl
+
+    assert check_jsonl((row.line + "\n").encode()).kind == "preference"  # the trainer reads it
+
+
+def test_up_and_down_answers_of_the_same_prompt_pair_up_newest_first() -> None:
+    rows = [
+        example("up-old", messages=SAME, answer="Use the portal.", rated_at_ns=1),
+        example("up-new", messages=SAME, answer="Open /vpn and press Reset.", rated_at_ns=5),
+        example("down", messages=SAME, answer="Call your bank.", rating=-1, rated_at_ns=3),
+        example("lonely-down", rating=-1),  # another prompt: no partner
+        example("meh", messages=SAME, rating=0, score=3),  # neither side
+    ]
+    built = build(rows, PREFERENCE, _training(), scan_structured)
+    [row] = built.rows
+    pair = json.loads(row.line)
+    assert pair["preferred_output"][0]["content"] == "Open /vpn and press Reset."
+    assert pair["non_preferred_output"][0]["content"] == "Call your bank."
+    assert row.request_id == "up-new"  # the split follows the preferred answer
+    assert set(built.source_request_ids) == {"up-new", "down"}
+    assert built.counts.unpaired == 2  # up-old and lonely-down
+    assert built.counts.below_rating == 1
+    assert built.without({"down"}).rows == ()  # erasing either side drops the pair
+
+
+def test_a_preference_pair_has_its_pii_redacted_and_its_manifest_says_so() -> None:
+    text = "mail li.lei@example.com"
+    rows = [example("fixed", rating=-1, correction="Write to it: " + text, answer="no " + text)]
+    built = build(rows, PREFERENCE, _training(), scan_structured)
+    [row] = built.rows
+    assert "li.lei@example.com" not in row.line
+    made = manifest(PREFERENCE, built, dataset_id="p-v1", version=1, created_at="now",
+                    pii_policy={})  # fmt: skip
+    assert (made["kind"], made["format"]) == ("preference", "openai-preference-jsonl")
