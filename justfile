@@ -147,6 +147,12 @@ bench-ops-loop *args:
 bench-feedback *args:
     {{python}} -m benchmarks.feedback_bench {{args}}
 
+# Fine-tuning: facts learnt (held-out paraphrases, base vs candidate, Q8_0 and Q4_0, our
+# engine and llama.cpp) and training tokens/s against a plain transformers + PEFT loop.
+[group('bench')]
+bench-finetune *args:
+    {{python}} -m benchmarks.finetune_bench {{args}}
+
 # A load ramp (1, 8, 32 clients) with scale-out on the queue and P99, and on P99 only.
 bench-ops-ramp *args:
     {{python}} -m benchmarks.ops_ramp {{args}}

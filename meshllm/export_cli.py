@@ -25,7 +25,7 @@ import typer
 from meshllm.datasets_cli import console, errors
 
 FORMATS = ("gguf",)
-EDGE_QUANTS = ("q4_0", "q8_0")
+EXPORT_QUANTS = ("q4_0", "q8_0")
 SPEED_TOKENS = 64
 
 
@@ -54,8 +54,8 @@ def export(
 
     if format not in FORMATS:
         _fail(f"--format must be one of {', '.join(FORMATS)}; got {format!r}", code=2)
-    if quant not in EDGE_QUANTS:
-        _fail(f"--quant must be one of {', '.join(EDGE_QUANTS)}; got {quant!r}", code=2)
+    if quant not in EXPORT_QUANTS:
+        _fail(f"--quant must be one of {', '.join(EXPORT_QUANTS)}; got {quant!r}", code=2)
     try:
         thresholds = Thresholds(max_kl=max_kl, min_top1=min_top1)
         prompts = check_prompts(check)

@@ -18,7 +18,7 @@ from typing import Any
 from services.trainer.export import export_gguf, load_weights
 from services.trainer.quant_check import Thresholds, check_prompts, run_check
 
-EDGE_QUANTS = ("q4_0", "none")
+SPEC_EDGE_QUANTS = ("q4_0", "none")  # what a job spec may ask for
 MAX_JOB_PROMPTS = 24  # the job's rows the check answers, beside the general prompts
 
 
@@ -30,16 +30,19 @@ def edge_export(
     *,
     quant: str = "q4_0",
     thresholds: Thresholds | None = None,
+    keep_failed: bool = False,
 ) -> dict[str, Any]:
-    """Export ``model_dir`` at ``quant`` behind the check; what happened, as JSON.
+    """Export ``model_dir`` at ``quant`` (q4_0, or q8_0 to measure it) behind the check;
+    what happened, as JSON.
 
-    ``path`` is the kept file, or None when the check failed (the file is then deleted).
+    ``path`` is the kept file, or None when the check failed (the file is then deleted,
+    unless ``keep_failed``: a benchmark measures it all the same).
 
     Raises:
         ValueError: ``quant`` is not one this export makes.
     """
-    if quant not in EDGE_QUANTS or quant == "none":
-        raise ValueError(f"quant must be q4_0; got {quant!r}")
+    if quant not in ("q4_0", "q8_0"):
+        raise ValueError(f"quant must be q4_0 or q8_0; got {quant!r}")
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = load_weights(model_dir)
@@ -54,13 +57,15 @@ def edge_export(
         )
     finally:
         reference.unlink(missing_ok=True)
-    if not verdict.passed:
+    kept = verdict.passed or keep_failed
+    size = edge.stat().st_size
+    if not kept:
         edge.unlink(missing_ok=True)
     return {
         "quant": quant,
         "check": verdict.as_dict(),
         "reasons": verdict.reasons(),
-        "path": str(edge) if verdict.passed else None,
-        "bytes": edge.stat().st_size if verdict.passed else None,
+        "path": str(edge) if kept else None,
+        "bytes": size,
         "seconds": round(time.monotonic() - started, 1),
     }

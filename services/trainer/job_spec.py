@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.trainer.edge import EDGE_QUANTS
+from services.trainer.edge import SPEC_EDGE_QUANTS
 from services.trainer.sft import METHODS, Hyperparameters, parallel_config
 from services.trainer.sft_loop import LoopConfig
 
@@ -57,8 +57,8 @@ def parse_spec(spec: Any) -> JobSpec:
     _check_fields(spec)
     workers, address, parallel, cpus = _placement(spec)
     edge_quant = spec.get("edge_quant") or "none"
-    if edge_quant not in EDGE_QUANTS:
-        raise SpecError("edge_quant", f"must be one of {', '.join(EDGE_QUANTS)}")
+    if edge_quant not in SPEC_EDGE_QUANTS:
+        raise SpecError("edge_quant", f"must be one of {', '.join(SPEC_EDGE_QUANTS)}")
     hyperparameters = _hyperparameters(spec)
     wanted = "preference" if hyperparameters.method == "dpo" else "chat"
     for name in ("training_file", "validation_file"):

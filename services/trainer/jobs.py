@@ -45,7 +45,7 @@ def edge_note(model: str, edge: Mapping[str, Any]) -> str:
         return f"{quant} edge export failed: {edge['error']}"
     check = edge.get("check") or {}
     measured = f"KL {check.get('kl', 0):.4f} nats, top-1 {check.get('top1', 0):.1%}"
-    if edge.get("path") or edge.get("bytes"):
+    if check.get("passed"):
         return f"{quant} edge export passed its check ({measured}): {model}-{edge['quant']}"
     return f"{quant} edge export not kept: {'; '.join(edge.get('reasons') or [measured])}"
 

@@ -69,11 +69,15 @@ class QuantCheck:
 
     @property
     def passed(self) -> bool:
-        return self.kl <= self.thresholds.max_kl and self.top1 >= self.thresholds.min_top1
+        return (
+            self.positions > 0
+            and self.kl <= self.thresholds.max_kl
+            and self.top1 >= self.thresholds.min_top1
+        )
 
     def reasons(self) -> list[str]:
         """Why it failed (empty when it passed)."""
-        why = []
+        why = [] if self.positions else ["no answer position was compared"]
         if self.kl > self.thresholds.max_kl:
             why.append(f"KL {self.kl:.4f} nats is above max_kl {self.thresholds.max_kl}")
         if self.top1 < self.thresholds.min_top1:
@@ -93,24 +97,32 @@ def divergence(reference: Any, other: Any) -> tuple[float, int]:
     return float(kl.clamp_min(0).sum()), int(same.sum())
 
 
+MAX_PROMPT_CHARS = 8_000  # a longer prompt of a job's file is left out of the check
+
+
 def check_prompts(path: Path | None = None) -> list[list[dict[str, str]]]:
-    """The check's conversations: :data:`GENERAL_PROMPTS`, then each chat row of ``path``
-    (an OpenAI fine-tuning JSONL, e.g. a job's validation file) up to its last assistant
-    turn, which the model is to answer.
+    """The check's conversations: :data:`GENERAL_PROMPTS`, then each row of ``path`` (an
+    OpenAI fine-tuning JSONL, e.g. a job's validation file): a chat row up to its last
+    assistant turn, a preference row's ``input.messages``; rows longer than
+    :data:`MAX_PROMPT_CHARS` are left out.
 
     Raises:
-        ValueError: ``path`` is not a chat fine-tuning file (the message names the line).
+        ValueError: ``path`` is not a fine-tuning file (the message names the line).
     """
     prompts = [[{"role": "user", "content": text}] for text in GENERAL_PROMPTS]
     if path is None:
         return prompts
-    from services.trainer.sft import read_chat_rows
+    from shared.finetune_format import PreferenceRow, rows
 
-    for row in read_chat_rows(path):
-        last = max(i for i, m in enumerate(row) if m["role"] == "assistant")
-        turns = [{"role": m["role"], "content": m["content"]} for m in row[:last]]
-        if turns:
-            prompts.append(turns)
+    for _, _, row in rows(Path(path).read_bytes()):
+        if isinstance(row, PreferenceRow):
+            turns = list(row.prompt)
+        else:
+            messages = row.messages
+            last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=0)
+            turns = list(messages[:last])
+        if turns and sum(len(m.content) for m in turns) <= MAX_PROMPT_CHARS:
+            prompts.append([{"role": m.role, "content": m.content} for m in turns])
     return prompts
 
 

@@ -147,3 +147,28 @@ def test_meshllm_export_writes_a_checked_file_or_nothing(tmp_path: Path) -> None
     assert report["engine"]["tokens"] > 0
     assert report["engine"]["answer"].strip()
     assert load_gguf(out).tensor_types["blk.0.ffn_up.weight"] == "Q4_0"
+
+
+def test_our_q4_0_blocks_decode_as_gguf_says_and_our_engine_reads_them_exactly() -> None:
+    """The layout is GGUF's (its own decoder reads it), the scale search has less error
+    than llama.cpp's reference rounding, and every block keeps its extreme at code 0, so
+    the engine's grid inference reproduces each value."""
+    import gguf
+    import torch
+    from gguf.quants import dequantize, quantize
+
+    from services.inference.model.quant import four_bit_grid
+    from services.trainer.export import quantize_q4_0
+
+    q4_0 = gguf.GGMLQuantizationType.Q4_0
+    weight = load_gguf(smollm2_path()).tensors["blk.0.ffn_up.weight"]
+    ours = dequantize(quantize_q4_0(weight), q4_0)
+    reference = dequantize(quantize(weight, q4_0), q4_0)
+    assert ours.shape == weight.shape
+    assert ((ours - weight) ** 2).sum() < 0.9 * ((reference - weight) ** 2).sum()
+    blocks = torch.from_numpy(ours).float().reshape(ours.shape[0], -1, 32)
+    codes, d, c = four_bit_grid(blocks, torch.float16)
+    read = (codes.float() - 8) * d.float()[..., None] + c.float()[..., None]
+    torch.testing.assert_close(read, blocks, atol=1e-6, rtol=0)
+    zeros = np.zeros((2, 64), dtype=np.float32)
+    assert not dequantize(quantize_q4_0(zeros), q4_0).any()
