@@ -181,4 +181,8 @@ def parse_dataset_request(body: dict[str, Any]) -> dict[str, Any]:
     if kind not in DATASET_KINDS:
         raise invalid_field("kind", "must be 'chat' or 'preference' (pairs for dpo)")
     spec["kind"] = kind
+    if kind == "preference" and min_rating <= 2:
+        raise invalid_field(
+            "min_rating", "must be 3-5 for preference pairs: 1-2 stars are the rejected side"
+        )
     return spec

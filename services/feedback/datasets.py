@@ -308,6 +308,12 @@ class Builder:
             json.dumps([(r, _SPACE.sub(" ", c).strip().casefold()) for r, c in turns]).encode()
         ).hexdigest()
         partner = other.pop(key, None)
+        if partner is not None and (
+            partner.request_id == example.request_id  # two raters of one answer disagree
+            or _SPACE.sub(" ", partner.answer).strip() == _SPACE.sub(" ", answer).strip()
+        ):
+            other[key] = partner  # no pair: the same answer both preferred and not
+            partner = None
         if partner is None:
             side.setdefault(key, example)  # the newest rating of each side waits
             return

@@ -50,7 +50,12 @@ SCHEMA = (
         report TEXT NOT NULL)""",
 )
 
-ADDED_COLUMNS = (("examples", "prompt", "TEXT NOT NULL DEFAULT '[]'"),)
+ADDED_COLUMNS = (
+    ("examples", "prompt", "TEXT NOT NULL DEFAULT '[]'"),
+    # a preference pair's second source: the rejected answer's request (erasing either
+    # side removes the pair)
+    ("dataset_rows", "paired_request_id", "TEXT NOT NULL DEFAULT ''"),
+)
 """Columns added since a table was first created: (table, column, definition)."""
 
 COLUMNS = (
@@ -124,6 +129,10 @@ class FeedbackStore:
             present = await self.driver.fetch(f"PRAGMA table_info({table})")
             if column not in {row[1] for row in present}:
                 await self.driver.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        await self.driver.execute(
+            "CREATE INDEX IF NOT EXISTS dataset_rows_paired "
+            "ON dataset_rows (tenant, paired_request_id)"
+        )
         return self
 
     async def close(self) -> None:
@@ -288,7 +297,7 @@ class FeedbackStore:
             if numbered:
                 await tx.executemany(
                     "INSERT INTO dataset_rows (tenant, dataset_id, split, line_no, request_id, "
-                    "line) VALUES (?, ?, ?, ?, ?, ?)",
+                    "line, paired_request_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [(tenant, dataset_id, *row) for row in numbered],
                 )
         return manifest
@@ -340,8 +349,9 @@ class FeedbackStore:
                 "DELETE FROM examples WHERE tenant = ? AND request_id = ?", [tenant, request_id]
             )
             holding = await tx.fetch(
-                "SELECT DISTINCT dataset_id FROM dataset_rows WHERE tenant = ? AND request_id = ?",
-                [tenant, request_id],
+                "SELECT DISTINCT dataset_id FROM dataset_rows WHERE tenant = ? "
+                "AND (request_id = ? OR paired_request_id = ?)",
+                [tenant, request_id, request_id],
             )
             for (dataset_id,) in holding:
                 manifest = await _manifest(tx, tenant, dataset_id)
@@ -352,8 +362,8 @@ class FeedbackStore:
                     continue
                 await tx.execute(
                     "DELETE FROM dataset_rows WHERE tenant = ? AND dataset_id = ? "
-                    "AND request_id = ?",
-                    [tenant, dataset_id, request_id],
+                    "AND (request_id = ? OR paired_request_id = ?)",
+                    [tenant, dataset_id, request_id, request_id],
                 )
                 await _refresh_digests(tx, tenant, dataset_id, manifest, request_id)
                 report["datasets_changed"].append(dataset_id)
@@ -369,11 +379,12 @@ def _request_key(tenant: str, request_id: str) -> str:
     return f"feedback-request/{len(tenant)}/{tenant}/{request_id}"
 
 
-def _numbered(rows: Sequence[Row]) -> list[tuple[str, int, str, str]]:
+def _numbered(rows: Sequence[Row]) -> list[tuple[str, int, str, str, str]]:
     counters = dict.fromkeys(SPLITS, 0)
     numbered = []
     for row in rows:
-        numbered.append((row.split, counters[row.split], row.request_id, row.line))
+        paired = next((i for i in row.sources if i != row.request_id), "")
+        numbered.append((row.split, counters[row.split], row.request_id, row.line, paired))
         counters[row.split] += 1
     return numbered
 
@@ -407,6 +418,12 @@ async def _refresh_digests(
         manifest["splits"][split] = {"rows": len(rows), "bytes": size, "sha256": sha}
     manifest["sha256"] = whole_digest(manifest["splits"])
     manifest["rows"] = sum(manifest["splits"][s]["rows"] for s in SPLITS)
-    manifest["source_request_ids"] = [r for r in manifest["source_request_ids"] if r != erased]
+    left = await tx.fetch(  # a pair's other side goes with it
+        "SELECT request_id, paired_request_id FROM dataset_rows WHERE tenant = ? "
+        "AND dataset_id = ?",
+        [tenant, dataset_id],
+    )
+    holding = {str(i) for row in left for i in row if i}
+    manifest["source_request_ids"] = [r for r in manifest["source_request_ids"] if r in holding]
     manifest["erased_request_ids"].append(erased)
     await _save_manifest(tx, tenant, dataset_id, manifest)

@@ -23,9 +23,10 @@ trainer promises every job:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import tempfile
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,9 +62,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """
     import ray.train
     import torch
-    from datasets import Dataset
-    from trl.trainer.dpo_config import DPOConfig
-    from trl.trainer.dpo_trainer import DPOTrainer
 
     from services.trainer import base_model
     from shared.logging import configure_logging
@@ -87,14 +85,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     held_out = (valid_rows or train_rows)[:HELD_OUT_ROWS]
     before = preference_stats(base.model, base.tokenizer, held_out, hp.max_length)
     torch.manual_seed(hp.seed)  # the same adapter initialisation on every rank
-    lora = base_model.lora_config(
-        base.model, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, LORA_TARGETS
-    )
     fingerprint = {
         "hyperparameters": {k: v for k, v in hp.as_dict().items() if k != "checkpoint_every"},
         "rows": len(train_rows), "world_size": world,
+        "training_sha256": hashlib.sha256(Path(loop.training_file).read_bytes()).hexdigest(),
     }  # fmt: skip
-    scratch = Path(tempfile.mkdtemp(prefix="meshllm-dpo-"))
+    # TRL's own checkpoints, handed to Ray Train as they are written; removed at the end
+    scratch = Path(loop.output_dir) / f"dpo-scratch-rank{rank}"
+    try:
+        _train(loop, hp, base, (train_rows, dropped, valid_rows, held_out, before), fingerprint,
+               scratch=scratch, rank=rank, world=world, started=started)  # fmt: skip
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train(
+    loop: LoopConfig, hp: Hyperparameters, base: Any, data: tuple[Any, ...],
+    fingerprint: dict[str, Any], *, scratch: Path, rank: int, world: int, started: float,
+) -> None:  # fmt: skip
+    """TRL's run, then (rank 0) the model and ``result.json``."""
+    import ray.train
+    import torch
+    from datasets import Dataset
+    from trl.trainer.dpo_config import DPOConfig
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    from services.trainer import base_model
+
+    train_rows, dropped, valid_rows, held_out, before = data
+    lora = base_model.lora_config(
+        base.model, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, LORA_TARGETS
+    )
     args = DPOConfig(
         output_dir=str(scratch), per_device_train_batch_size=max(1, hp.batch_size // world),
         num_train_epochs=hp.n_epochs, learning_rate=hp.learning_rate, beta=hp.beta,
@@ -113,8 +134,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model: Any = trainer.model
     relay = _Relay(model, rank=rank, fingerprint=fingerprint)
     trainer.add_callback(relay)
-    resumed = _resume_from(ray.train.get_checkpoint(), fingerprint)
+    resumed = _Resume(ray.train.get_checkpoint(), fingerprint)
     with resumed as folder:
+        relay.tokens_before = resumed.tokens_before
         output = trainer.train(resume_from_checkpoint=folder)
     relay.check(trainer.state.global_step)
     after = preference_stats(model, base.tokenizer, held_out, hp.max_length)
@@ -122,8 +144,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return
     out = Path(loop.output_dir)
     written = base_model.save_trained(model, base.tokenizer, base.folder, out)
-    tokens = int(relay.tokens)
-    seconds = float(output.metrics.get("train_runtime") or 0.0)
+    seconds = float(output.metrics.get("train_runtime") or 0.0)  # this run's
     result = {
         "method": "dpo", "steps": trainer.state.global_step, "epochs": hp.n_epochs,
         "train_loss": output.training_loss, "valid_loss": None,
@@ -133,7 +154,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "margin_before": before[1], "margin_after": after[1],
         "reward_accuracy": relay.last.get("rewards/accuracies"),
         "reward_margin": relay.last.get("rewards/margins"),
-        "tokens_seen": tokens, "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "tokens_seen": int(relay.tokens_before + relay.tokens),
+        "tokens_per_s": relay.tokens / seconds if seconds else 0.0,
         "train_seconds": seconds, "wall_seconds": time.monotonic() - started,
         "resumed_from_step": relay.resumed_from,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -174,6 +196,7 @@ class _Resume:
     def __init__(self, checkpoint: Any, fingerprint: dict[str, Any]) -> None:
         self.checkpoint, self.fingerprint = checkpoint, fingerprint
         self._context: Any = None
+        self.tokens_before = 0.0  # trained on by the runs before this one
 
     def __enter__(self) -> str | None:
         if self.checkpoint is None:
@@ -181,17 +204,14 @@ class _Resume:
         self._context = self.checkpoint.as_directory()
         folder = Path(self._context.__enter__())
         saved = json.loads((folder / FINGERPRINT).read_text())
-        if saved != self.fingerprint:
+        if saved.get("fingerprint") != self.fingerprint:
             raise ValueError("the checkpoint is of a run with other settings or data; not resuming")
+        self.tokens_before = float(saved.get("tokens", 0.0))
         return str(folder)
 
     def __exit__(self, *exc: object) -> None:
         if self._context is not None:
             self._context.__exit__(*exc)
-
-
-def _resume_from(checkpoint: Any, fingerprint: dict[str, Any]) -> _Resume:
-    return _Resume(checkpoint, fingerprint)
 
 
 class _Relay(TrainerCallback):
@@ -201,8 +221,8 @@ class _Relay(TrainerCallback):
         self.model, self.rank, self.fingerprint = model, rank, fingerprint
         self.params = trainable_parameters(model)
         self.start = {name: weight_sample(p) for name, p in self.params.items()}
-        self.tokens = 0.0  # TRL's count of tokens trained on, this run
-        self.first_tokens: float | None = None
+        self.tokens = 0.0  # TRL's count of tokens trained on (it counts this run only)
+        self.tokens_before = 0.0  # the runs' before a resume (kept in each checkpoint)
         self.last: dict[str, Any] = {}  # TRL's last log
         self.reported: dict[str, Any] = {}  # and what it became
         self.resumed_from = 0
@@ -219,10 +239,7 @@ class _Relay(TrainerCallback):
         if "loss" not in logs:  # the summary at the end
             return
         self.last = dict(logs)
-        counted = float(logs.get("num_tokens", 0.0))  # cumulative, over resumes too
-        if self.first_tokens is None:
-            self.first_tokens = 0.0 if self.resumed_from == 0 else counted
-        self.tokens = counted - self.first_tokens
+        self.tokens = float(logs.get("num_tokens", self.tokens))
         step = int(state.global_step)
         elapsed = time.monotonic() - self.began
         done = max(1, step - self.resumed_from)
@@ -246,7 +263,8 @@ class _Relay(TrainerCallback):
         if self.rank != 0:
             ray.train.report(metrics)
             return
-        (folder / FINGERPRINT).write_text(json.dumps(self.fingerprint))
+        saved = {"fingerprint": self.fingerprint, "tokens": self.tokens_before + self.tokens}
+        (folder / FINGERPRINT).write_text(json.dumps(saved))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
 
     def check(self, step: int) -> None:

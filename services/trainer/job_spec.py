@@ -60,6 +60,8 @@ def parse_spec(spec: Any) -> JobSpec:
     if edge_quant not in SPEC_EDGE_QUANTS:
         raise SpecError("edge_quant", f"must be one of {', '.join(SPEC_EDGE_QUANTS)}")
     hyperparameters = _hyperparameters(spec)
+    if hyperparameters.method == "dpo" and parallel != "ddp":
+        raise SpecError("parallel", "a dpo job runs data parallel (ddp) only")
     wanted = "preference" if hyperparameters.method == "dpo" else "chat"
     for name in ("training_file", "validation_file"):
         if spec.get(name) is not None:

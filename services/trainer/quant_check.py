@@ -199,8 +199,12 @@ def run_check(
     """
     import torch
 
+    from services.inference.generation import EngineSettings
+
     ref = load_file(reference, reference_quant)
-    ids = [ref.tokenizer.encode(ref.tokenizer.render_chat(list(p))) for p in prompts]
+    encoded = [ref.tokenizer.encode(ref.tokenizer.render_chat(list(p))) for p in prompts]
+    room = EngineSettings().max_seq_len - max_tokens  # a longer prompt is left out
+    ids = [prompt for prompt in encoded if len(prompt) <= room]
     answers = greedy(ref, ids, max_tokens)
     cand = load_file(candidate, candidate_quant)
     own = greedy(cand, ids, max_tokens)

@@ -210,6 +210,7 @@ class TrainerService:
         if request.dataset is not None:
             if self.datasets is None:
                 raise ServiceUnavailableError("no feedback service is configured for datasets")
+            await self._check_dataset_kind(tenant, request.dataset, request.tuning)
             # marked before the rows are copied here, so no erasure can miss the copy
             await self.datasets.mark_used(tenant, request.dataset, job_id)
             training, validation = await self._dataset_files(tenant, subject, request.dataset)
@@ -249,6 +250,20 @@ class TrainerService:
             await self.publisher.publish(TRAINING_JOBS, event, key=job.id, tenant=job["tenant"])
         except Exception as error:  # the job runs at the next scan
             log.warning("job announcement failed", job=job.id, error=str(error))
+
+    async def _check_dataset_kind(self, tenant: str, dataset_id: str, tuning: str) -> None:
+        """A dataset of the other kind is refused before it is marked used (a refused job
+        must not pin the dataset's rows against erasure)."""
+        assert self.datasets is not None
+        data = await self.datasets.split(tenant, dataset_id, "train")
+        if not data.strip():
+            return  # _dataset_files refuses it
+        kind = (await asyncio.to_thread(check_jsonl, data)).kind
+        wanted = "preference" if tuning == "dpo" else "chat"
+        if kind != wanted:
+            needs = "a dpo job needs preference pairs" if tuning == "dpo" else (
+                "a supervised job needs chat rows")  # fmt: skip
+            raise invalid_field("dataset", f"{dataset_id} holds {kind} rows; {needs}")
 
     async def _dataset_files(
         self, tenant: str, subject: str, dataset_id: str

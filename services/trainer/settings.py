@@ -38,11 +38,12 @@ class TrainSettings(BaseModel):
     max_attempts: int = Field(
         3, ge=1, le=10, description="Runs of a job whose runner died before it is failed."
     )
-    edge_quant: Literal["q4_0", "none"] = Field(
-        "q4_0",
-        description="Also export each trained model in 4 bits for edge devices, registered "
-        "as a second candidate only when it passes the quality check against the float "
-        "result (about a minute per job on 2 cores); none: Q8_0 only.",
+    edge_quant: Literal["auto", "q4_0", "none"] = Field(
+        "auto",
+        description="Also export each trained model in 4 bits (Q4_0) for edge devices, "
+        "registered as a second candidate only when it passes the quality check against "
+        "the float result; auto: unless the base's layers are 4-bit already (the bundled "
+        "Q4_1 model: a second 4-bit rounding never passes); none: Q8_0 only.",
     )
 
 

@@ -355,7 +355,6 @@ async def test_a_fine_tuning_job_through_the_sdk_makes_a_candidate(mesh: Mesh) -
     assert version.startswith("ft-policies-")
     assert done.trained_tokens
     events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data]
-    assert events[0].startswith("Q4_0 edge export")  # the last word: what became of 4 bits
     assert events[1].startswith("Job succeeded")
     assert "Job started" in events
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
@@ -375,21 +374,10 @@ async def test_a_fine_tuning_job_through_the_sdk_makes_a_candidate(mesh: Mesh) -
     from services.inference.registry import ModelRegistry
 
     assert ModelRegistry(mesh.data_dir / "models").latest(name) == "q4_1-1"
-    # the 4-bit edge export: its check's verdict is on the job, and the registry agrees
-    edge = next(e for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data
-                if e.message.startswith("Q4_0 edge export"))  # fmt: skip
-    verdict = edge.data["check"]  # type: ignore[index]
-    assert verdict["prompts"] == 12 + len(POLICIES)  # general prompts and the job's own
-    edge_dir = mesh.data_dir / "models" / name / f"{version}-q4_0"
-    if verdict["passed"]:
-        assert "passed its check" in edge.message
-        edge_manifest = json.loads((edge_dir / "manifest.json").read_text())
-        assert (edge_manifest["status"], edge_manifest["quantization"]) == ("candidate", "Q4_0")
-        assert edge_manifest["lineage"]["quantized_from"] == f"{name}:{version}"
-        assert edge_manifest["lineage"]["quant_check"]["kl"] == verdict["kl"]
-    else:
-        assert "not kept" in edge.message
-        assert not edge_dir.exists()
+    # no 4-bit edge file of a 4-bit base (two 4-bit roundings never pass the check; the
+    # check itself is the job process's tests' business), and the job says so
+    assert events[0] == "Q4_0 edge export skipped: the base is already 4-bit (Q4_1)"
+    assert not (mesh.data_dir / "models" / name / f"{version}-q4_0").exists()
 
 
 async def test_a_dpo_job_through_the_sdk_makes_a_candidate(mesh: Mesh) -> None:
@@ -423,7 +411,7 @@ async def test_a_dpo_job_through_the_sdk_makes_a_candidate(mesh: Mesh) -> None:
     lineage = manifest["lineage"]
     assert lineage["method"] == "dpo"
     assert lineage["hyperparameters"]["beta"] == 0.2
-    assert lineage["metrics"]["preferred_after"] >= lineage["metrics"]["preferred_before"]
+    assert lineage["metrics"]["margin_after"] > lineage["metrics"]["margin_before"]
 
 
 async def test_training_inputs_are_checked_at_the_edge(mesh: Mesh) -> None:
@@ -486,11 +474,14 @@ async def test_a_job_on_a_feedback_dataset_marks_it_used(mesh: Mesh) -> None:
     assert copied == train.content
     # a preference dataset feeds a DPO job (and a chat one does not)
     pairs = next(d["id"] for d in listed if d["id"].startswith("support-pairs-v"))
+    users = (await call(mesh, "GET", f"/datasets/{dataset}", "developer")).json()["used_by"]
     with pytest.raises(openai.BadRequestError, match="preference pairs"):
         client.fine_tuning.jobs.create(
             model="smollm2-135m-instruct", training_file=None,  # type: ignore[arg-type]
             method={"type": "dpo"}, extra_body={"dataset": dataset},
         )  # fmt: skip
+    again = (await call(mesh, "GET", f"/datasets/{dataset}", "developer")).json()["used_by"]
+    assert again == users  # a refused job pins nothing
     dpo = client.fine_tuning.jobs.create(
         model="smollm2-135m-instruct", training_file=None,  # type: ignore[arg-type]
         method={"type": "dpo"}, extra_body={"dataset": pairs},

@@ -165,6 +165,7 @@ def test_scores_map_onto_up_and_down() -> None:
         ({"name": "s", "corrections": "yes"}, "corrections"),
         ({"name": "s", "sources": 1}, "sources"),
         ({"name": "s", "kind": "pairs"}, "kind"),
+        ({"name": "s", "kind": "preference", "min_rating": 2}, "min_rating"),
     ],
 )
 def test_a_bad_dataset_request_names_its_field(body: dict[str, object], field: str) -> None:
@@ -306,6 +307,17 @@ def test_up_and_down_answers_of_the_same_prompt_pair_up_newest_first() -> None:
     assert built.counts.unpaired == 2  # up-old and lonely-down
     assert built.counts.below_rating == 1
     assert built.without({"down"}).rows == ()  # erasing either side drops the pair
+
+
+def test_raters_who_disagree_about_one_answer_make_no_pair() -> None:
+    rows = [
+        example("r1", subject="alice", messages=SAME, rated_at_ns=2),
+        example("r1", subject="bob", messages=SAME, rating=-1, rated_at_ns=1),
+        example("r2", messages=SAME, rating=-1, rated_at_ns=0),  # the same text as r1's
+    ]
+    built = build(rows, PREFERENCE, _training(), scan_structured)
+    assert built.rows == ()
+    assert built.counts.unpaired == 2
 
 
 def test_a_preference_pair_has_its_pii_redacted_and_its_manifest_says_so() -> None:

@@ -64,8 +64,8 @@ async def test_quality_counts_per_model_version(store: FeedbackStore) -> None:
     assert (rows["2"].rated, rows["2"].up) == (1, 1)
 
 
-def _dataset(store: FeedbackStore, name: str, examples: list) -> object:  # type: ignore[type-arg]
-    spec = DatasetSpec(tenant="acme", name=name)
+def _dataset(store: FeedbackStore, name: str, examples: list, kind: str = "chat") -> object:  # type: ignore[type-arg]
+    spec = DatasetSpec(tenant="acme", name=name, kind=kind)
     built = build(examples, spec, lambda text: (text, 0), lambda text: [])
 
     def make(version: int, erased: set[str]) -> tuple[dict, object]:  # type: ignore[type-arg]
@@ -118,6 +118,31 @@ async def test_an_erasure_removes_a_request_from_unused_datasets_and_names_train
         "acme", "trained-v1", "eval"
     )
     assert any("(r3)" in line for line in trained)
+
+
+async def test_erasing_either_side_of_a_preference_pair_removes_the_pair(
+    store: FeedbackStore,
+) -> None:
+    same = (Message("user", "How do I reset my VPN password?"),)
+    rows = [
+        example("good", messages=same, answer="Open /vpn and press Reset.", rated_at_ns=5),
+        example("bad", messages=same, answer="Call your bank.", rating=-1, rated_at_ns=3),
+        example("fixed", rating=-1, correction="Use the portal."),
+    ]
+    for row in rows:
+        await store.put(row)
+    made = await _dataset(store, "pairs", rows, "preference")  # type: ignore[misc]
+    assert made["source_request_ids"] == ["bad", "fixed", "good"]
+    report = await store.erase("acme", "bad", 5)  # the rejected side
+    assert report["datasets_changed"] == ["pairs-v1"]
+    after = await store.dataset("acme", "pairs-v1")
+    assert after is not None
+    assert after["rows"] == 1
+    assert after["source_request_ids"] == ["fixed"]  # the pair's other side went with it
+    lines = await store.lines("acme", "pairs-v1", "train") + await store.lines(
+        "acme", "pairs-v1", "eval"
+    )
+    assert not any("Call your bank" in line for line in lines)
 
 
 async def test_retention_purges_old_feedback_of_the_tenant_only(store: FeedbackStore) -> None:

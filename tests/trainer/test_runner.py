@@ -196,3 +196,61 @@ async def _final(service: TrainerService, job_id: str) -> Any:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_passed_edge_file_is_registered_beside_the_candidate_and_nothing_else_is(
+    service: TrainerService, tmp_path: Path
+) -> None:
+    """The runner's side of the 4-bit export: only a file whose check passed, at the run's
+    own path (not one the child names), becomes a second candidate; a registration that
+    fails is recorded on the verdict and fails nothing."""
+    import shutil
+
+    runner = Runner(service, service.publisher, child_module=STAND_IN)
+    made = await service.add_file("acme", "dev", "t.jsonl", "fine-tune", ROW)
+    body = {"model": DEFAULT_MODEL_NAME, "training_file": made["id"]}
+    job_id = (await service.create_job("acme", "dev", parse_job_request(body)))["id"]
+    job = await service.store.job(job_id)
+    assert job is not None
+    source = f"{DEFAULT_MODEL_NAME}:ft-x"
+    lineage = {"job_id": job_id, "tenant": "acme"}
+    check = {"kl": 0.01, "top1": 0.95, "passed": True}
+    registry = service.registry
+
+    # no file at the run's path: noted, nothing registered, nothing raised
+    missing: dict[str, Any] = {
+        "edge": {"quant": "q4_0", "check": dict(check), "path": str(tmp_path / "x")}
+    }
+    runner._register_edge(job, missing, lineage, source)
+    assert missing["edge"]["check"]["passed"] is False
+    assert missing["edge"]["reasons"] == ["the 4-bit file could not be registered"]
+
+    edge_dir = runner.run_dir(job) / "edge"
+    edge_dir.mkdir(parents=True)
+    shutil.copy(smollm2_path(), edge_dir / "model.Q4_0.gguf")
+    for result in (
+        {"edge": {"quant": "q4_0", "check": {**check, "passed": False}}},
+        {"edge": {"quant": "q8_0", "check": dict(check)}},
+        {},
+    ):
+        runner._register_edge(job, result, lineage, source)
+        assert "ft-x-q4_0" not in registry.versions(DEFAULT_MODEL_NAME)
+    runner._register_edge(job, {"edge": {"quant": "q4_0", "check": check}}, lineage, source)
+    entry = registry.resolve(DEFAULT_MODEL_NAME, "ft-x-q4_0")
+    assert entry.status == "candidate"
+    assert entry.lineage is not None
+    assert (entry.lineage["quantized_from"], entry.lineage["quant_check"]) == (source, check)
+    assert registry.latest(DEFAULT_MODEL_NAME) == DEFAULT_MODEL_VERSION  # no traffic
+
+
+async def test_auto_skips_the_edge_export_of_a_four_bit_base(service: TrainerService) -> None:
+    runner = Runner(service, service.publisher, child_module=STAND_IN)
+    made = await service.add_file("acme", "dev", "t.jsonl", "fine-tune", ROW)
+    body = {"model": DEFAULT_MODEL_NAME, "training_file": made["id"]}
+    job_id = (await service.create_job("acme", "dev", parse_job_request(body)))["id"]
+    job = await service.store.job(job_id)
+    assert job is not None
+    assert runner.edge_quant(job) == ("none", "the base is already 4-bit (Q4_1)")
+    forced = runner.settings.train.model_copy(update={"edge_quant": "q4_0"})
+    runner.settings = runner.settings.model_copy(update={"train": forced})
+    assert runner.edge_quant(job) == ("q4_0", None)
