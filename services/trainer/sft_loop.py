@@ -165,7 +165,7 @@ class _Run:
 
         hp, state = self.hp, self.state
         self.start_sample = {name: weight_sample(p) for name, p in self.params.items()}
-        self.probe = _collate(self.held_out[:1], self.pad, self.device)
+        self.probe = collate(self.held_out[:1], self.pad, self.device)
         self.loop_started = self.last_report = time.monotonic()
         self.loop_tokens, self.window = 0, []
         batches: list[list[int]] = []
@@ -176,7 +176,7 @@ class _Run:
                     len(self.train_rows), hp.batch_size, hp.seed, epoch,
                     rank=self.rank, world_size=self.world,
                 )  # fmt: skip
-            batch = _collate([self.train_rows[i] for i in batches[index]], self.pad, self.device)
+            batch = collate([self.train_rows[i] for i in batches[index]], self.pad, self.device)
             self.prepared.train()
             loss = self.prepared(**batch).loss
             loss.backward()
@@ -327,7 +327,7 @@ def weight_sample(tensor: Any) -> Any:
     return flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu().clone()
 
 
-def _collate(rows: Sequence[Encoded], pad: int, device: Any) -> dict[str, Any]:
+def collate(rows: Sequence[Encoded], pad: int, device: Any) -> dict[str, Any]:
     import torch
 
     width = max(len(row.input_ids) for row in rows)
@@ -375,7 +375,7 @@ class _Evaluator:
         self.model.eval()
         with torch.no_grad():
             for i in range(0, len(mine), self.batch_rows):
-                batch = _collate(mine[i : i + self.batch_rows], self.pad, self.device)
+                batch = collate(mine[i : i + self.batch_rows], self.pad, self.device)
                 n = int((batch["labels"][:, 1:] != IGNORE).sum())
                 total += float(self.model(**batch).loss) * n
                 count += n
