@@ -228,7 +228,8 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_finishes(
     result = second.until("result", timeout=400)
     assert second.wait(60) == 0
     steps = [line["step"] for line in second.seen if line["event"] == "progress"]
-    assert steps[0] == 3, f"did not continue from step 2: {steps}"
+    # progress is reported every 2 s and at checkpoints: step 3 may pass unreported
+    assert min(steps) in (3, 4), f"did not continue from step 2: {steps}"
     assert steps[-1] == 6
     assert result["resumed_from_step"] == 2
     assert result["steps"] == 6
