@@ -120,7 +120,9 @@ def _engine_answer(path: Path, question: list[dict[str, str]]) -> dict[str, Any]
     ids = loaded.tokenizer.encode(loaded.tokenizer.render_chat(question))
     started = time.monotonic()
     (answer,) = greedy(loaded, [ids], SPEED_TOKENS)
-    seconds = time.monotonic() - started
+    seconds = time.monotonic() - started  # prefill and the engine's start included
+    if answer and answer[-1] == loaded.tokenizer.eos_id:
+        answer = answer[:-1]  # counted as llama.cpp counts: generated tokens only
     return {"answer": loaded.tokenizer.decode(answer), "tokens": len(answer),
             "tokens_per_s": len(answer) / seconds}  # fmt: skip
 

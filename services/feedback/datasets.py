@@ -166,6 +166,13 @@ def target(example: Example, filters: DatasetFilters) -> str | None:
     return None
 
 
+def folded_key(turns: Iterable[tuple[str, str]]) -> str:
+    """A hash of (role, text) pairs with whitespace and case folded: the same conversation
+    (or pair) written twice has one key."""
+    folded = [(role, _SPACE.sub(" ", text).strip().casefold()) for role, text in turns]
+    return hashlib.sha256(json.dumps(folded, ensure_ascii=False).encode()).hexdigest()
+
+
 def split_of(request_id: str, eval_fraction: float) -> str:
     bucket = int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") / 2**64
     return "eval" if bucket < eval_fraction else "train"
@@ -208,12 +215,7 @@ class Builder:
         sourced: bool,
     ) -> None:  # fmt: skip
         """Steps 3-5 for a made row: ``parts`` are its texts (role and content)."""
-        key = hashlib.sha256(
-            json.dumps(
-                [(m["role"], _SPACE.sub(" ", m["content"]).strip().casefold()) for m in parts],
-                ensure_ascii=False,
-            ).encode()
-        ).hexdigest()
+        key = folded_key([(m["role"], m["content"]) for m in parts])
         if key in self._seen:
             self.counts.duplicate += 1
             return
@@ -304,9 +306,7 @@ class Builder:
         else:
             self.counts.below_rating += 1
             return
-        key = hashlib.sha256(
-            json.dumps([(r, _SPACE.sub(" ", c).strip().casefold()) for r, c in turns]).encode()
-        ).hexdigest()
+        key = folded_key(turns)
         partner = other.pop(key, None)
         if partner is not None and (
             partner.request_id == example.request_id  # two raters of one answer disagree
