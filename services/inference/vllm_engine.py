@@ -362,10 +362,12 @@ class VllmEngine:
                     finished = True
                     raise item
                 self._generated_tokens += len(item.token_ids)
-                yield item
                 if item.finish_reason is not None:
+                    # the final delta: nothing is left to cancel if the caller stops here
                     finished = True
                     self._prompt_tokens += len(prompt)
+                yield item
+                if finished:
                     # the request's bookkeeping (active/waiting) settles before the stream ends
                     await asyncio.wrap_future(request)
                     return
@@ -376,13 +378,16 @@ class VllmEngine:
     async def complete(self, prompt: Sequence[int], params: SamplingParams) -> Completion:
         parts: list[str] = []
         ids: list[int] = []
+        final: Delta | None = None
         async with contextlib.aclosing(self.stream(prompt, params)) as deltas:
-            async for delta in deltas:
+            async for delta in deltas:  # read to the end, so the request's bookkeeping settles
                 parts.append(delta.text)
                 ids.extend(delta.token_ids)
-                if delta.finish_reason is not None and delta.usage is not None:
-                    return Completion("".join(parts), tuple(ids), delta.finish_reason, delta.usage)
-        raise RuntimeError("generation ended without a final delta")
+                if delta.finish_reason is not None:
+                    final = delta
+        if final is None or final.finish_reason is None or final.usage is None:
+            raise RuntimeError("generation ended without a final delta")
+        return Completion("".join(parts), tuple(ids), final.finish_reason, final.usage)
 
     async def _generate(
         self,
