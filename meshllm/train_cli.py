@@ -18,7 +18,9 @@ from rich.table import Table
 
 from meshllm.datasets_cli import Url, _call, console, errors
 
-train_app = typer.Typer(help="Fine-tuning jobs (LoRA, DPO on Ray Train).", no_args_is_help=True)
+train_app = typer.Typer(
+    help="Fine-tuning jobs (LoRA, DPO, DP-SGD on Ray Train).", no_args_is_help=True
+)
 FINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -40,6 +42,13 @@ def start(
         str, typer.Option(help="lora, full, or dpo (a file of preference pairs).")
     ] = ("lora"),
     beta: Annotated[float | None, typer.Option(min=0.0, max=10.0, help="dpo's beta.")] = None,
+    dp_epsilon: Annotated[
+        float | None, typer.Option(help="Train with DP-SGD, spending at most this epsilon.")
+    ] = None,
+    dp_delta: Annotated[float | None, typer.Option(help="DP-SGD's delta (default 1/n).")] = None,
+    dp_max_grad_norm: Annotated[
+        float | None, typer.Option(help="DP-SGD's per-example clipping norm (default 1).")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = True,
     plot: Annotated[Path, typer.Option(help="Where the loss curve goes.")] = Path("loss.png"),
     url: Url = None,
@@ -65,6 +74,12 @@ def start(
     body["hyperparameters"] = {k: v for k, v in hyper.items() if v is not None}
     if suffix is not None:
         body["suffix"] = suffix
+    if dp_epsilon is not None:
+        dp = {"epsilon": dp_epsilon, "delta": dp_delta, "max_grad_norm": dp_max_grad_norm}
+        body["dp"] = {k: v for k, v in dp.items() if v is not None}
+    elif dp_delta is not None or dp_max_grad_norm is not None:
+        errors.print("[red]--dp-delta and --dp-max-grad-norm need --dp-epsilon[/red]")
+        raise typer.Exit(2)
     job = _call(url, "POST", "/fine_tuning/jobs", json=body).json()
     console.print(f"[bold]{job['id']}[/bold] {job['status']}")
     if wait:
@@ -109,6 +124,10 @@ def _follow(job_id: str, plot: Path, url: str | None) -> None:
             seen.setdefault(int(data["step"]), float(data["loss"]))
     if job["status"] == "succeeded":
         console.print(f"[green]succeeded[/green]: {job['fine_tuned_model']} (a candidate)")
+        if (job.get("dp") or {}).get("epsilon_spent") is not None:
+            dp = job["dp"]
+            console.print(f"differential privacy: epsilon {dp['epsilon_spent']:.3f} spent "
+                          f"at delta {dp['delta']:.3g}")  # fmt: skip
     else:
         error = (job.get("error") or {}).get("message", "")
         console.print(f"[red]{job['status']}[/red] {error}")

@@ -13,8 +13,10 @@ extensions:
   ``beta`` for DPO;
 - ``dataset``: a dataset id of the feedback service instead of ``training_file`` (its eval
   split becomes the validation file);
-- ``dp`` and ``distill`` are named but refused until the trainer runs them, so a caller is
-  never told a private or distilled model was made when it was not.
+- ``dp``: ``{"epsilon": 8, "delta": null, "max_grad_norm": 1.0}`` trains the LoRA adapters
+  with DP-SGD (:class:`Privacy`; supervised method only);
+- ``distill`` is named but refused until the trainer runs it, so a caller is never told a
+  distilled model was made when it was not.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shared.feedback_requests import DATASET_ID
@@ -46,6 +49,8 @@ DEFAULTS: dict[str, Any] = {
     "lora_alpha": 16, "max_length": 512,
 }  # fmt: skip
 DPO_DEFAULTS = {"beta": 0.1}
+DP_FIELDS = ("epsilon", "delta", "max_grad_norm")
+DP_RANGES = {"epsilon": (0.0, 100.0), "max_grad_norm": (0.0, 100.0)}  # (low, high]
 FLOAT_RANGES = {"learning_rate_multiplier": (0.0, 10.0), "beta": (0.0, 10.0)}  # (low, high]
 INTEGER_RANGES = {
     "n_epochs": (1, 50), "batch_size": (1, 256), "lora_rank": (1, 256), "lora_alpha": (1, 1024),
@@ -53,6 +58,64 @@ INTEGER_RANGES = {
 }  # fmt: skip
 MAX_METADATA = 16
 _ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """A job's DP-SGD settings (``dp``): spend at most ``epsilon`` at ``delta`` (None: 1/n for
+    n training rows), each example's gradient clipped to ``max_grad_norm``. Constructing one
+    checks every field.
+
+    Raises:
+        InvalidRequestError: naming the field (``dp.epsilon``...).
+    """
+
+    epsilon: float
+    delta: float | None = None
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, (low, high) in DP_RANGES.items():
+            value = getattr(self, name)
+            if not _finite(value) or not low < value <= high:
+                raise invalid_field(f"dp.{name}", f"must be a number in ({low:g}, {high:g}]")
+        if self.delta is not None and (not _finite(self.delta) or not 0 < self.delta < 1):
+            raise invalid_field("dp.delta", "must be null (1/n) or a number in (0, 1)")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Privacy:
+        reject_unknown(sorted(values), DP_FIELDS, what="a dp setting", prefix="dp.")
+        if values.get("epsilon") is None:
+            raise invalid_field("dp.epsilon", "is required")
+        return cls(
+            epsilon=values["epsilon"],
+            delta=values.get("delta"),
+            max_grad_norm=values.get("max_grad_norm", 1.0),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_dp(value: Any, tuning: str) -> dict[str, Any] | None:
+    """The ``dp`` field checked, as stored with the job (None without one).
+
+    Raises:
+        InvalidRequestError: not an object, a field unknown or out of range, or a method
+            other than supervised LoRA.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid_field("dp", "must be an object with epsilon (and delta, max_grad_norm)")
+    privacy = Privacy.from_mapping(value)
+    if tuning != "lora":
+        raise invalid_field("dp", "DP-SGD trains LoRA adapters: use the supervised lora method")
+    return privacy.as_dict()
 
 
 def new_id(prefix: str) -> str:
@@ -73,6 +136,7 @@ class JobRequest:
     suffix: str | None
     seed: int
     metadata: dict[str, str] = field(default_factory=dict)
+    dp: dict[str, Any] | None = None  # Privacy.as_dict()
 
 
 def _integer(name: str, value: Any) -> int:
@@ -167,9 +231,8 @@ def parse_job_request(body: Any) -> JobRequest:
     if not isinstance(body, dict):
         raise invalid_field("body", "must be a JSON object")
     reject_unknown(sorted(body), sorted(CREATE_FIELDS), what="a field")
-    for name, what in (("dp", "differentially private"), ("distill", "distillation")):
-        if body.get(name) is not None:
-            raise invalid_field(name, f"{what} training is not available yet")
+    if body.get("distill") is not None:
+        raise invalid_field("distill", "distillation is not available yet")
     if body.get("integrations"):
         raise invalid_field("integrations", "no integrations are available")
     model = body.get("model")
@@ -213,4 +276,5 @@ def parse_job_request(body: Any) -> JobRequest:
         suffix=suffix,
         seed=seed,
         metadata=metadata,
+        dp=parse_dp(body.get("dp"), tuning),
     )

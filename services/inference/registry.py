@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from services.inference import model_card
 from services.inference.model.gguf_model import (
     SUPPORTED_ARCHITECTURES,
     ModelLoadError,
@@ -377,6 +378,7 @@ class ModelRegistry:
                 lineage=lineage,
             )
             (staging / MANIFEST).write_text(json.dumps(entry.manifest(), indent=2) + "\n")
+            (staging / model_card.FILE_NAME).write_text(model_card.render(entry.manifest()))
             try:
                 staging.rename(entry.directory)
             except OSError:

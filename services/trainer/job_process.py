@@ -11,7 +11,9 @@ The spec (written by the trainer service)::
      "checkpoint_every": 20, "output_dir": "/abs/run", "workers": 1, "use_gpu": false,
      "ray_address": null, "parallel": "ddp" | "fsdp" (optional, ddp),
      "cpus_per_worker": null | int (optional: this machine's CPUs shared by the workers),
-     "edge_quant": "q4_0" | "none" (optional, none: see services.trainer.edge)}
+     "edge_quant": "q4_0" | "none" (optional, none: see services.trainer.edge),
+     "dp": null | {"epsilon": 8, "delta": null | 1e-5, "max_grad_norm": 1.0}
+           (optional: DP-SGD on LoRA, one worker; see services.trainer.dp_loop)}
 
 ``hyperparameters`` takes every field of :class:`~services.trainer.sft.Hyperparameters`
 except ``method`` and ``checkpoint_every``, which are the spec's own.
@@ -185,6 +187,8 @@ def _fit(spec: JobSpec, base_dir: Path, events: Path) -> None:
 
     if spec.hyperparameters.method == "dpo":
         from services.trainer.dpo_loop import train_loop_per_worker
+    elif spec.privacy is not None:
+        from services.trainer.dp_loop import train_loop_per_worker
     else:
         from services.trainer.sft_loop import train_loop_per_worker
 

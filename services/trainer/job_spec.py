@@ -12,13 +12,17 @@ from typing import Any
 from services.trainer.edge import SPEC_EDGE_QUANTS
 from services.trainer.sft import METHODS, Hyperparameters, parallel_config
 from services.trainer.sft_loop import LoopConfig
+from shared.openai_protocol import InvalidRequestError
+from shared.training_requests import Privacy
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _REQUIRED = (
     "job_id", "tenant", "method", "base_gguf", "cache_dir", "training_file", "hyperparameters",
     "checkpoint_every", "output_dir", "workers", "use_gpu",
 )  # fmt: skip
-_OPTIONAL = ("validation_file", "ray_address", "parallel", "cpus_per_worker", "edge_quant")
+_OPTIONAL = (
+    "validation_file", "ray_address", "parallel", "cpus_per_worker", "edge_quant", "dp",
+)  # fmt: skip
 
 
 class SpecError(ValueError):
@@ -45,6 +49,7 @@ class JobSpec:
     parallel: str
     cpus_per_worker: int
     edge_quant: str = "none"
+    privacy: Privacy | None = None  # DP-SGD (services.trainer.dp_loop)
 
 
 def parse_spec(spec: Any) -> JobSpec:
@@ -62,6 +67,7 @@ def parse_spec(spec: Any) -> JobSpec:
     hyperparameters = _hyperparameters(spec)
     if hyperparameters.method == "dpo" and parallel != "ddp":
         raise SpecError("parallel", "a dpo job runs data parallel (ddp) only")
+    privacy = _privacy(spec, hyperparameters.method, workers)
     wanted = "preference" if hyperparameters.method == "dpo" else "chat"
     for name in ("training_file", "validation_file"):
         if spec.get(name) is not None:
@@ -75,7 +81,25 @@ def parse_spec(spec: Any) -> JobSpec:
         else _path(spec, "validation_file", must_exist=True),
         output_dir=_path(spec, "output_dir"), workers=workers, use_gpu=spec["use_gpu"],
         ray_address=address, parallel=parallel, cpus_per_worker=cpus, edge_quant=edge_quant,
+        privacy=privacy,
     )  # fmt: skip
+
+
+def _privacy(spec: dict[str, Any], method: str, workers: int) -> Privacy | None:
+    given = spec.get("dp")
+    if given is None:
+        return None
+    if not isinstance(given, dict):
+        raise SpecError("dp", "must be an object")
+    if method != "lora":
+        raise SpecError("dp", "DP-SGD trains LoRA adapters only (method lora)")
+    if workers != 1:
+        raise SpecError("dp", "DP-SGD runs on one worker")
+    try:
+        return Privacy.from_mapping(given)
+    except InvalidRequestError as error:
+        field = error.param or "dp"
+        raise SpecError(field, error.message.removeprefix(f"{field}: ")) from None
 
 
 def _check_fields(spec: Any) -> None:
@@ -174,4 +198,5 @@ def loop_config(spec: JobSpec, base_dir: Path) -> LoopConfig:
         hyperparameters=spec.hyperparameters.as_dict(),
         parallel=parallel_config(spec.parallel, workers=spec.workers, use_gpu=spec.use_gpu),
         num_threads=spec.cpus_per_worker,
+        privacy=None if spec.privacy is None else spec.privacy.as_dict(),
     )

@@ -50,6 +50,16 @@ def edge_note(model: str, edge: Mapping[str, Any]) -> str:
     return f"{quant} edge export not kept: {'; '.join(edge.get('reasons') or [measured])}"
 
 
+def privacy_note(dp: Mapping[str, Any]) -> str:
+    """The job event that states what a DP-SGD run spent."""
+    return (
+        f"Differential privacy: epsilon {dp['epsilon_spent']:.3f} spent at delta "
+        f"{dp['delta']:.3g} (target {dp['epsilon']:g}; noise multiplier "
+        f"{dp['noise_multiplier']:.4f}, {dp['steps_taken']} steps at sample rate "
+        f"{dp['sample_rate']:.4f}, {dp['accountant']} accountant)"
+    )
+
+
 def file_json(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": row["id"],
@@ -71,6 +81,15 @@ def _method(tuning: str, openai_hyper: dict[str, Any], hyper: Mapping[str, Any])
     if tuning == "dpo":
         return {"type": "dpo", "dpo": {"hyperparameters": {**openai_hyper, "beta": hyper["beta"]}}}
     return {"type": "supervised", "supervised": {"hyperparameters": openai_hyper}}
+
+
+def _privacy(asked: Mapping[str, Any] | None, result: Mapping[str, Any] | None) -> Any:
+    """A DP-SGD job's settings and, once it ran, the noise used and the epsilon spent."""
+    if asked is None:
+        return None
+    ran = (result or {}).get("dp") or {}
+    keys = ("delta", "noise_multiplier", "sample_rate", "steps_taken", "epsilon_spent")
+    return dict(asked) | {k: ran[k] for k in keys if k in ran}
 
 
 def job_json(job: Mapping[str, Any]) -> dict[str, Any]:
@@ -112,6 +131,7 @@ def job_json(job: Mapping[str, Any]) -> dict[str, Any]:
         "dataset": job["dataset"],
         "lora": {k: hyper[k] for k in ("lora_rank", "lora_alpha")},
         "max_length": hyper["max_length"],
+        "dp": _privacy(hyper.get("dp"), job["result"]),
         "progress": progress or None,
         "attempts": job["attempts"],
         "result": job["result"],

@@ -34,7 +34,7 @@ from services.inference.model.gguf_model import ModelLoadError
 from services.inference.model.quant import FOUR_BIT_TYPES
 from services.inference.registry import ModelExists, ModelRegistry
 from services.trainer.export import ExportError, export_gguf, load_weights
-from services.trainer.jobs import candidate_version, edge_note, learning_rate
+from services.trainer.jobs import candidate_version, edge_note, learning_rate, privacy_note
 from services.trainer.service import TrainerService
 from services.trainer.store import Job
 from shared.bus import Publisher
@@ -183,6 +183,8 @@ class Runner:
         )  # fmt: skip
         if done:
             await self._event(job, f"Job succeeded: {model} registered as a candidate")
+            if isinstance(public.get("dp"), dict):
+                await self._event(job, privacy_note(public["dp"]), data=public["dp"])
             if isinstance(edge, dict):
                 await self._event(job, edge_note(model, edge), data=public["edge"])
             elif skipped := (await asyncio.to_thread(self.edge_quant, job))[1]:
@@ -355,6 +357,7 @@ class Runner:
             "checkpoint_every": train.checkpoint_every, "output_dir": str(run),
             "workers": train.workers, "use_gpu": train.use_gpu, "parallel": train.parallel,
             "ray_address": train.ray_address, "edge_quant": self.edge_quant(job)[0],
+            "dp": job["hyperparameters"].get("dp"),
         }  # fmt: skip
         path = run / "spec.json"
         path.write_text(json.dumps(spec, indent=2))
@@ -386,6 +389,8 @@ class Runner:
             # loss_before/after are over held-out rows only when this says "validation"
             "held_out_source": result.get("held_out_source"),
             "training_counts": result.get("training_counts"),
+            # DP-SGD: the noise used and the epsilon the accountant gives for the steps taken
+            "dp": result.get("dp"),
         }  # fmt: skip
         try:
             entry = self.registry.register(

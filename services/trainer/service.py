@@ -205,6 +205,9 @@ class TrainerService:
         if entry.status == "candidate" and made_by != tenant:
             # another tenant's fine-tune holds that tenant's data: told as unknown
             raise invalid_field("model", f"not a registered model ({request.model})")
+        workers = self.settings.train.workers
+        if request.dp is not None and workers != 1:
+            raise invalid_field("dp", f"DP-SGD runs on one worker; this trainer runs {workers}")
         job_id = new_id("ftjob-")
         training, validation = request.training_file, request.validation_file
         if request.dataset is not None:
@@ -228,7 +231,8 @@ class TrainerService:
             "id": job_id, "tenant": tenant, "created_by": subject,
             "created_at": int(time.time()), "model": entry.name, "base_version": entry.version,
             "tuning": request.tuning, "training_file": training, "validation_file": validation,
-            "dataset": request.dataset, "hyperparameters": request.hyperparameters,
+            "dataset": request.dataset,
+            "hyperparameters": request.hyperparameters | ({"dp": request.dp} if request.dp else {}),
             "suffix": request.suffix, "seed": request.seed, "metadata": request.metadata,
             "status": "queued",
         })  # fmt: skip

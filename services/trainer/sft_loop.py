@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services.trainer.loop_checkpoint import report_checkpoint, restore
 from services.trainer.sft import (
     HELD_OUT_ROWS,
     IGNORE,
@@ -50,6 +51,7 @@ class LoopConfig:
     parallel: dict[str, Any] = field(default_factory=dict)  # parallel_config's result
     num_threads: int | None = None
     progress_interval_s: float = 2.0
+    privacy: dict[str, Any] | None = None  # DP-SGD's settings (services.trainer.dp_loop)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -68,12 +70,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from shared.logging import configure_logging
 
     configure_logging("trainer")
-    run = _Run(LoopConfig(**config))
+    run = SupervisedRun(LoopConfig(**config))
     run.train()
     run.finish()
 
 
-class _Run:
+class SupervisedRun:
     """One worker's training run (set up by the constructor, which resumes if it can)."""
 
     def __init__(self, loop: LoopConfig) -> None:
@@ -114,16 +116,17 @@ class _Run:
         self.model = model
         torch.manual_seed(hp.seed + 7919 * self.rank)  # each rank its own dropout masks
         self.device = ray_torch.get_device()
-        self.prepared: Any = ray_torch.prepare_model(
-            model, **_resolve_parallel(loop.parallel, model)
-        )
-        self.sharded = loop.parallel.get("parallel_strategy") == "fsdp" and self.world > 1
-        self.params = trainable_parameters(self.prepared)
-        self.optimizer = torch.optim.AdamW(
-            list(self.params.values()), lr=hp.learning_rate, weight_decay=hp.weight_decay
-        )
         self.per_epoch = steps_per_epoch(len(self.train_rows), hp.batch_size, self.world)
         self.total = self.per_epoch * hp.n_epochs
+        self._epoch_order: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its batches)
+        self.prepared: Any = self._prepare(model)
+        self.sharded = loop.parallel.get("parallel_strategy") == "fsdp" and self.world > 1
+        self.params = trainable_parameters(self.prepared)
+        self.optimizer = self._optimizer(
+            torch.optim.AdamW(
+                list(self.params.values()), lr=hp.learning_rate, weight_decay=hp.weight_decay
+            )
+        )
         warmup = math.ceil(hp.warmup_ratio * self.total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: learning_rate_factor(s, self.total, warmup, hp.scheduler)
@@ -137,13 +140,57 @@ class _Run:
         )  # fmt: skip
         self._resume(ray.train.get_checkpoint())
 
-    def _resume(self, checkpoint: Any) -> None:
-        # what must not change for a checkpoint to be resumed (how often to checkpoint may)
+    # --- what a variant of the loop (dp_loop) changes
+
+    def _prepare(self, model: Any) -> Any:
+        """The model the steps run: DDP- or FSDP-wrapped by Ray Train."""
+        from ray.train import torch as ray_torch
+
+        return ray_torch.prepare_model(model, **_resolve_parallel(self.loop.parallel, model))
+
+    def _optimizer(self, optimizer: Any) -> Any:
+        return optimizer
+
+    def _settings(self) -> dict[str, Any]:
+        """What must not change for a checkpoint to be resumed (how often to checkpoint may)."""
         settings = {k: v for k, v in self.hp.as_dict().items() if k != "checkpoint_every"}
-        self.fingerprint = {
-            "hyperparameters": settings, "rows": len(self.train_rows), "world_size": self.world,
-        }  # fmt: skip
-        state = _restore(
+        return {"hyperparameters": settings, "rows": len(self.train_rows), "world_size": self.world}
+
+    def _batch(self, epoch: int, index: int) -> list[int]:
+        """The rows of this rank's batch at ``index`` in ``epoch``."""
+        if index == 0 or self._epoch_order[0] != epoch:
+            order = epoch_batches(
+                len(self.train_rows), self.hp.batch_size, self.hp.seed, epoch,
+                rank=self.rank, world_size=self.world,
+            )  # fmt: skip
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1][index]
+
+    def _step(self, rows: Sequence[int]) -> tuple[float | None, int]:
+        """One optimisation step on ``rows``: its loss and the tokens it saw."""
+        import torch
+
+        batch = collate([self.train_rows[i] for i in rows], self.pad, self.device)
+        self.prepared.train()
+        loss = self.prepared(**batch).loss
+        loss.backward()
+        if hasattr(self.prepared, "clip_grad_norm_"):  # FSDP clips across its shards
+            self.prepared.clip_grad_norm_(self.hp.max_grad_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.hp.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()), int(batch["attention_mask"].sum())
+
+    def _result(self) -> dict[str, Any]:
+        """What the variant adds to ``result.json``."""
+        return {}
+
+    # ---
+
+    def _resume(self, checkpoint: Any) -> None:
+        self.fingerprint = self._settings()
+        state = restore(
             checkpoint, self.fingerprint, params=self.params, optimizer=self.optimizer,
             scheduler=self.scheduler, rank=self.rank, sharded=self.sharded,
         )  # fmt: skip
@@ -161,38 +208,21 @@ class _Run:
 
     def train(self) -> None:
         """Run the steps left, reporting and checkpointing on the way."""
-        import torch
-
-        hp, state = self.hp, self.state
+        state = self.state
         self.start_sample = {name: weight_sample(p) for name, p in self.params.items()}
         self.probe = collate(self.held_out[:1], self.pad, self.device)
         self.loop_started = self.last_report = time.monotonic()
         self.loop_tokens, self.window = 0, []
-        batches: list[list[int]] = []
         while state["step"] < self.total:
             epoch, index = divmod(state["step"], self.per_epoch)
-            if index == 0 or not batches:
-                batches = epoch_batches(
-                    len(self.train_rows), hp.batch_size, hp.seed, epoch,
-                    rank=self.rank, world_size=self.world,
-                )  # fmt: skip
-            batch = collate([self.train_rows[i] for i in batches[index]], self.pad, self.device)
-            self.prepared.train()
-            loss = self.prepared(**batch).loss
-            loss.backward()
-            if hasattr(self.prepared, "clip_grad_norm_"):  # FSDP clips across its shards
-                self.prepared.clip_grad_norm_(hp.max_grad_norm)
-            else:
-                torch.nn.utils.clip_grad_norm_(list(self.params.values()), hp.max_grad_norm)
-            self.optimizer.step()
+            loss, tokens = self._step(self._batch(epoch, index))
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
-            tokens = int(batch["attention_mask"].sum())
             self.loop_tokens += tokens
             state["tokens"] += tokens
-            self.window.append(float(loss.detach()))
-            state["losses"] = (state["losses"] + self.window[-1:])[-self.per_epoch :]
+            if loss is not None:  # None: a step that saw no row (DP-SGD's sampling)
+                self.window.append(loss)
+                state["losses"] = (state["losses"] + [loss])[-self.per_epoch :]
             self._maybe_report(epoch + 1)
 
     def _maybe_report(self, epoch: int) -> None:
@@ -208,7 +238,8 @@ class _Run:
         rate = _all_sum([self.loop_tokens / max(elapsed, 1e-9)], self.world, self.device)[0]
         metrics: dict[str, Any] = {
             "step": step, "total_steps": self.total, "epoch": epoch,
-            "loss": sum(self.window) / len(self.window), "tokens_per_s": rate,
+            "loss": sum(self.window) / len(self.window) if self.window else None,
+            "tokens_per_s": rate,
             "eta_s": (self.total - step) * elapsed / (step - self.resumed_from),
             "learning_rate": self.scheduler.get_last_lr()[0],
             "tokens_seen": self.state["tokens"] * self.world,
@@ -226,7 +257,7 @@ class _Run:
         metrics["valid_loss"] = self.evaluate(self.valid_rows) if self.valid_rows else None
         self.state["seconds"] = self.resumed_seconds + elapsed
         self.state["fingerprint"] = self.fingerprint
-        _report_checkpoint(
+        report_checkpoint(
             metrics, self.state, params=self.params, optimizer=self.optimizer,
             scheduler=self.scheduler, rank=self.rank, sharded=self.sharded,
         )  # fmt: skip
@@ -262,6 +293,7 @@ class _Run:
             "training_counts": asdict(self.train_counts),
             "validation_counts": asdict(self.valid_counts) if self.valid_counts else None,
             "hyperparameters": self.hp.as_dict(),
+            **self._result(),
             **written,
         }
         temporary = output / "result.json.tmp"
@@ -413,70 +445,3 @@ def measure_update(
         model.train()
         change = float((tuned - plain).abs().max())
     return UpdateCheck(step, relative, nonzero, len(b_matrices), change)
-
-
-def _report_checkpoint(
-    metrics: dict[str, Any], state: Mapping[str, Any], *, params: Mapping[str, Any],
-    optimizer: Any, scheduler: Any, rank: int, sharded: bool,
-) -> None:  # fmt: skip
-    """Report ``metrics`` with a checkpoint: rank 0 writes the trainable weights, optimizer,
-    scheduler and loop state (FSDP: every rank its own shard of the first two), every rank
-    its random state; Ray merges the ranks' files into one checkpoint folder."""
-    import random as pyrandom
-    import tempfile
-
-    import ray.train
-    import torch
-
-    suffix = f"-rank{rank}" if sharded else ""
-    with tempfile.TemporaryDirectory(prefix="meshllm-checkpoint-") as directory:
-        path = Path(directory)
-        if rank == 0 or sharded:
-            weights = {name: p.detach().cpu() for name, p in params.items()}
-            torch.save(weights, path / f"trainable{suffix}.pt")
-            torch.save(optimizer.state_dict(), path / f"optimizer{suffix}.pt")
-        if rank == 0:
-            torch.save({**state, "scheduler": scheduler.state_dict()}, path / "state.pt")
-        rng = {"torch": torch.get_rng_state(), "python": pyrandom.getstate()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, path / f"rng-rank{rank}.pt")
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-
-
-def _restore(
-    checkpoint: Any, fingerprint: Mapping[str, Any], *, params: Mapping[str, Any],
-    optimizer: Any, scheduler: Any, rank: int, sharded: bool,
-) -> dict[str, Any] | None:  # fmt: skip
-    """Load what :func:`_report_checkpoint` wrote into the live objects; the loop state, or
-    None without a checkpoint.
-
-    Raises:
-        ValueError: the checkpoint is of a run with other settings, data or world size.
-    """
-    if checkpoint is None:
-        return None
-    import random as pyrandom
-
-    import torch
-
-    suffix = f"-rank{rank}" if sharded else ""
-    with checkpoint.as_directory() as directory:
-        path = Path(directory)
-        state: dict[str, Any] = torch.load(path / "state.pt", weights_only=False)
-        if state["fingerprint"] != fingerprint:
-            raise ValueError("the checkpoint is of a run with other settings or data; not resuming")
-        weights = torch.load(path / f"trainable{suffix}.pt", map_location="cpu")
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(weights[name])
-        optimizer.load_state_dict(torch.load(path / f"optimizer{suffix}.pt", map_location="cpu"))
-        scheduler.load_state_dict(state.pop("scheduler"))
-        rng_file = path / f"rng-rank{rank}.pt"
-        if rng_file.exists():  # absent when the world grew; the seed set at start stays
-            rng = torch.load(rng_file, weights_only=False)
-            torch.set_rng_state(rng["torch"])
-            pyrandom.setstate(rng["python"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-    return state

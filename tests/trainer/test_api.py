@@ -229,7 +229,10 @@ async def test_a_job_is_checked_stored_and_announced(
         ({"validation_file": "file-" + "y" * 24}, 404, "validation_file"),
         ({"hyperparameters": {"n_epochs": 0}}, 400, "hyperparameters.n_epochs"),
         ({"hyperparameters": {"learning_rate": 1}}, 400, None),
-        ({"dp": {"epsilon": 8}}, 400, "dp"),
+        ({"dp": {"epsilon": 0}}, 400, "dp.epsilon"),
+        ({"dp": {"epsilon": 8, "noise": 1}}, 400, "dp.noise"),
+        ({"dp": {"epsilon": 8}, "method": "full"}, 400, "dp"),
+        ({"dp": 8}, 400, "dp"),
         ({"distill": {"teacher": "x"}}, 400, "distill"),
         ({"method": {"type": "dpo"}}, 400, "training_file"),  # a chat file: not pairs
         ({"method": {"type": "reinforce"}}, 400, "method.type"),
@@ -288,6 +291,25 @@ async def test_a_dpo_job_takes_preference_pairs(api: httpx.AsyncClient) -> None:
     defaulted = await create(api, model=DEFAULT_MODEL_NAME, training_file=pairs,
                              method={"type": "dpo"})  # fmt: skip
     assert defaulted.json()["method"]["dpo"]["hyperparameters"]["beta"] == 0.1
+
+
+async def test_a_private_job_keeps_its_budget_and_needs_one_worker(
+    api: httpx.AsyncClient, settings: TrainerSettings
+) -> None:
+    file_id = (await upload(api, jsonl(ROW))).json()["id"]
+    made = await create(api, model=DEFAULT_MODEL_NAME, training_file=file_id,
+                        dp={"epsilon": 4, "max_grad_norm": 0.5})  # fmt: skip
+    assert made.status_code == 200, made.text
+    assert made.json()["dp"] == {"epsilon": 4, "delta": None, "max_grad_norm": 0.5}
+    assert made.json()["hyperparameters"] == {
+        "n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0,
+    }  # fmt: skip
+    plain = (await create(api, model=DEFAULT_MODEL_NAME, training_file=file_id)).json()
+    assert plain["dp"] is None
+    settings.train.workers = 2
+    refused = await create(api, model=DEFAULT_MODEL_NAME, training_file=file_id, dp={"epsilon": 4})
+    assert (refused.status_code, refused.json()["error"]["param"]) == (400, "dp")
+    assert "one worker" in refused.json()["error"]["message"]
 
 
 async def test_cancel_a_queued_job_and_a_running_one(

@@ -50,16 +50,6 @@ def gguf() -> Path:
     return smollm2_path()
 
 
-@pytest.fixture(scope="session")
-def base_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One dequantized base for the session (about 45 s on two cores, once)."""
-    from services.trainer.base_model import cached_base
-
-    cache = tmp_path_factory.mktemp("trainer-cache")
-    cached_base(gguf(), cache)
-    return cache
-
-
 def write_spec(tmp_path: Path, cache: Path, **changes: Any) -> Path:
     training = tmp_path / "train.jsonl"
     training.write_text("".join(json.dumps(row) + "\n" for row in rows()))
@@ -148,6 +138,12 @@ class Child:
         ({"parallel": "fsdp"}, "parallel"),
         ({"colour": "blue"}, "colour"),
         ({"edge_quant": "q2_k"}, "edge_quant"),
+        ({"dp": {"epsilon": 0}}, "dp.epsilon"),
+        ({"dp": {"epsilon": 8, "delta": 1}}, "dp.delta"),
+        ({"dp": {"epsilon": 8, "noise": 1.0}}, "dp.noise"),
+        ({"dp": {"epsilon": 8}, "method": "full"}, "dp"),
+        ({"dp": {"epsilon": 8}, "workers": 2}, "dp"),
+        ({"dp": [8]}, "dp"),
     ],
 )
 def test_a_bad_spec_exits_2_naming_the_field(

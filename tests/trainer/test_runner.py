@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +20,7 @@ import pytest
 from services.inference.model.gguf_model import smollm2_path
 from services.inference.registry import ModelRegistry
 from services.inference.settings import DEFAULT_MODEL_NAME, DEFAULT_MODEL_VERSION
+from services.trainer.jobs import job_json
 from services.trainer.runner import Runner
 from services.trainer.service import TrainerService
 from services.trainer.settings import TrainerSettings, TrainSettings
@@ -254,3 +256,46 @@ async def test_auto_skips_the_edge_export_of_a_four_bit_base(service: TrainerSer
     forced = runner.settings.train.model_copy(update={"edge_quant": "q4_0"})
     runner.settings = runner.settings.model_copy(update={"train": forced})
     assert runner.edge_quant(job) == ("q4_0", None)
+
+
+async def test_a_private_job_passes_its_budget_to_the_run_and_states_what_it_spent(
+    service: TrainerService,
+) -> None:
+    runner = Runner(service, service.publisher, child_module=STAND_IN)
+    made = await service.add_file("acme", "dev", "t.jsonl", "fine-tune", ROW)
+    body = {"model": DEFAULT_MODEL_NAME, "training_file": made["id"], "dp": {"epsilon": 3}}
+    job_id = (await service.create_job("acme", "dev", parse_job_request(body)))["id"]
+    job = await service.store.claim(job_id, runner.owner, now=100, lease_until=10**12)
+    assert job is not None
+    spec = json.loads(runner._write_spec(job).read_text())
+    assert spec["dp"] == {"epsilon": 3, "delta": None, "max_grad_norm": 1.0}
+    assert "dp" not in spec["hyperparameters"]
+    spent = {
+        "epsilon": 3, "delta": 0.5, "max_grad_norm": 1.0, "sample_rate": 1.0, "steps": 3,
+        "noise_multiplier": 2.5, "accountant": "prv", "steps_taken": 3, "epsilon_spent": 2.98,
+    }  # fmt: skip
+    service.registry.register(
+        DEFAULT_MODEL_NAME, "ft-dp", smollm2_path(), copy=False, status="candidate"
+    )
+    await runner._succeed(job, f"{DEFAULT_MODEL_NAME}:ft-dp", {"tokens_seen": 10, "dp": spent})
+    shown = job_json((await service.job("acme", job_id)).values)["dp"]
+    assert shown == {"epsilon": 3, "max_grad_norm": 1.0} | {
+        k: spent[k] for k in ("delta", "noise_multiplier", "sample_rate", "steps_taken",
+                              "epsilon_spent")
+    }  # fmt: skip
+    events = [e["message"] for e in await service.store.events(job_id, 20)]
+    assert any(
+        m.startswith("Differential privacy: epsilon 2.980 spent at delta 0.5") for m in events
+    )
+
+
+def test_the_registry_writes_a_card_beside_each_version(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path)
+    lineage = {"base": "smollm2:q4_1", "method": "lora", "dp": {
+        "epsilon": 8, "delta": 0.01, "max_grad_norm": 1.0, "sample_rate": 0.1, "steps": 30,
+        "noise_multiplier": 0.9, "accountant": "prv", "steps_taken": 30, "epsilon_spent": 7.9,
+    }}  # fmt: skip
+    entry = registry.register("m", "1", smollm2_path(), copy=False, lineage=lineage)
+    card = (entry.directory / "MODEL_CARD.md").read_text()
+    assert card.startswith("# m:1\n")
+    assert "(7.900, 0.01)-differentially private" in card

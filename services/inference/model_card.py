@@ -1,0 +1,93 @@
+"""A registered model version's card: ``MODEL_CARD.md`` beside its file, written by the
+registry from the manifest (:func:`render`). It says what the version is, what it was made
+from and how, and what its training spent of a privacy budget, in words a reviewer reads
+without opening the JSON. The manifest stays the source of truth; the card is its view."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+FILE_NAME = "MODEL_CARD.md"
+
+
+def render(manifest: Mapping[str, Any]) -> str:
+    """The card of a version from its manifest (``ModelEntry.manifest()``)."""
+    lines = [
+        f"# {manifest['name']}:{manifest['version']}",
+        "",
+        f"- Status: {manifest.get('status', 'production')}",
+        f"- File: {manifest['file_name']} ({manifest['architecture']}, "
+        f"{manifest['quantization']}, {manifest['size']:,} bytes)",
+        f"- SHA-256: `{manifest['sha256']}`",
+        f"- Registered: {manifest['created_at']} from {manifest.get('source') or 'a file'}",
+    ]
+    lineage = manifest.get("lineage")
+    if not isinstance(lineage, Mapping):
+        lines += ["", "No lineage is recorded: this version was registered from a file."]
+        return "\n".join(lines) + "\n"
+    lines += ["", "## How it was made", ""]
+    if lineage.get("quantized_from"):
+        lines.append(f"- Quantized from {lineage['quantized_from']}")
+    lines += _made_from(lineage)
+    lines += ["", "## Differential privacy", "", *_privacy(lineage.get("dp"))]
+    metrics = lineage.get("metrics")
+    if isinstance(metrics, Mapping) and metrics:
+        lines += ["", "## Training metrics", ""]
+        source = lineage.get("held_out_source")
+        if source:
+            lines.append(f"Losses before/after are over held-out rows from the {source} file.")
+            lines.append("")
+        lines += [f"- {name}: {_number(value)}" for name, value in sorted(metrics.items())]
+    if lineage.get("quant_check"):
+        lines += ["", "## Quantization check", "", "```json"]
+        lines += [json.dumps(lineage["quant_check"], indent=1, sort_keys=True), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _made_from(lineage: Mapping[str, Any]) -> list[str]:
+    lines = []
+    if lineage.get("base"):
+        lines.append(f"- Base: {lineage['base']} (SHA-256 `{lineage.get('base_sha256', '?')}`)")
+    if lineage.get("method"):
+        lines.append(f"- Method: {lineage['method']}")
+    if lineage.get("job_id"):
+        lines.append(
+            f"- Job: {lineage['job_id']} for tenant {lineage.get('tenant', '?')}, "
+            f"by {lineage.get('created_by', '?')}"
+        )
+    if lineage.get("dataset"):
+        lines.append(f"- Dataset: {lineage['dataset']}")
+    for role, file in sorted((lineage.get("files") or {}).items()):
+        lines.append(
+            f"- {role}: {file.get('id')} ({file.get('rows')} rows, SHA-256 `{file.get('sha256')}`)"
+        )
+    hyper = {k: v for k, v in (lineage.get("hyperparameters") or {}).items() if k != "dp"}
+    if hyper:
+        lines.append(f"- Hyperparameters: {json.dumps(hyper, sort_keys=True)}")
+    if lineage.get("learning_rate") is not None:
+        lines.append(f"- Learning rate: {lineage['learning_rate']:g}")
+    if lineage.get("seed") is not None:
+        lines.append(f"- Seed: {lineage['seed']}")
+    return lines
+
+
+def _privacy(dp: Any) -> list[str]:
+    if not isinstance(dp, Mapping):
+        return ["Not trained with differential privacy."]
+    return [
+        f"Trained with DP-SGD: ({dp['epsilon_spent']:.3f}, {dp['delta']:.3g})-differentially "
+        "private with respect to each training row (the weights; not the job's metrics).",
+        "",
+        f"- Epsilon spent: {dp['epsilon_spent']:.4f} (target {dp['epsilon']:g}), "
+        f"from the {dp.get('accountant', '?')} accountant",
+        f"- Delta: {dp['delta']:.4g}",
+        f"- Noise multiplier: {dp['noise_multiplier']:.4f}; per-example clipping norm "
+        f"{dp['max_grad_norm']:g}",
+        f"- Steps: {dp['steps_taken']} at sample rate {dp['sample_rate']:.4f} (Poisson sampling)",
+    ]
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,135 @@
+"""Differentially private LoRA fine-tuning (DP-SGD with Opacus) on a Ray Train worker: the
+supervised loop of :mod:`services.trainer.sft_loop` with three things changed.
+
+- **Batches** are Poisson samples (:func:`~services.trainer.privacy.poisson_rows`): each
+  row joins a step with probability ``batch_size / n``, as the accountant assumes.
+- **The model** is wrapped in Opacus' ``GradSampleModule`` (per-example gradients of the
+  trainable adapter weights; the frozen base has none) instead of DDP, and **the optimiser**
+  in its ``DPOptimizer``: every example's gradient clipped to ``max_grad_norm``, Gaussian
+  noise of ``noise_multiplier * max_grad_norm`` added, divided by the expected batch size.
+  No other clipping. The loss is each row's mean over its trained tokens, averaged over the
+  rows, so one row's gradient depends on that row alone.
+- **The noise** is derived before the first step from the target ε at δ over the run's
+  steps (:func:`~services.trainer.privacy.plan`); ``result.json`` holds the plan and the ε
+  the accountant gives for the steps actually taken.
+
+One worker only: Opacus' distributed optimiser would have to replace DDP's gradient
+averaging, which is not built. The noise comes from torch's generator, seeded like the rest
+of the run (and resumed from the checkpoint's random state), not from a cryptographic
+source: Opacus' ``secure_mode`` needs a package this platform does not ship.
+
+The guarantee covers the weights. The job's metrics (losses, the guard's probe, the
+before/after evaluation) are computed on the owner's rows without noise: they are for the
+data's owner, not for those who only get the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from services.trainer.privacy import Plan, plan, poisson_rows, spent_epsilon
+from services.trainer.sft import IGNORE
+from services.trainer.sft_loop import LoopConfig, SupervisedRun, collate
+from shared.training_requests import Privacy
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The DP-SGD loop; what Ray Train's ``TorchTrainer`` runs (see the module docstring).
+
+    Raises:
+        ValueError: more than one worker, a method other than LoRA, no ``privacy`` in the
+            config, or a budget no noise level meets (PrivacyBudgetError).
+    """
+    import warnings
+
+    from shared.logging import configure_logging
+
+    configure_logging("trainer")
+    # Opacus' hooks on a model whose inputs (frozen embeddings) need no gradient, and its
+    # accountant's search over orders: both expected, neither actionable
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+    run = _PrivateRun(LoopConfig(**config))
+    run.train()
+    run.finish()
+
+
+class _PrivateRun(SupervisedRun):
+    """A supervised run with DP-SGD's sampling, clipping and noise."""
+
+    plan: Plan
+
+    def _prepare(self, model: Any) -> Any:
+        from opacus import GradSampleModule
+
+        if self.world != 1:
+            raise ValueError("dp: DP-SGD runs on one worker; this run has " + str(self.world))
+        if self.hp.method != "lora":
+            raise ValueError("dp: DP-SGD trains LoRA adapters only")
+        if not self.loop.privacy:
+            raise ValueError("dp: the loop was started without privacy settings")
+        privacy = Privacy.from_mapping(self.loop.privacy)
+        self.plan = plan(
+            privacy, rows=len(self.train_rows), batch_size=self.hp.batch_size, steps=self.total
+        )
+        return GradSampleModule(model.to(self.device), batch_first=True, loss_reduction="mean")
+
+    def _optimizer(self, optimizer: Any) -> Any:
+        from opacus.optimizers import DPOptimizer
+
+        return DPOptimizer(
+            optimizer,
+            noise_multiplier=self.plan.noise_multiplier,
+            max_grad_norm=self.plan.max_grad_norm,
+            expected_batch_size=self.hp.batch_size,
+            loss_reduction="mean",
+        )
+
+    def _settings(self) -> dict[str, Any]:
+        return {**super()._settings(), "dp": self.plan.as_dict()}
+
+    def _batch(self, epoch: int, index: int) -> list[int]:
+        step = epoch * self.per_epoch + index
+        return poisson_rows(len(self.train_rows), self.plan.sample_rate, self.hp.seed, step)
+
+    def _step(self, rows: Sequence[int]) -> tuple[float | None, int]:
+        import torch
+
+        if not rows:  # nobody sampled: the step still adds its noise (and is accounted)
+            for param in self.params.values():
+                param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return None, 0
+        batch = collate([self.train_rows[i] for i in rows], self.pad, self.device)
+        self.prepared.train()
+        logits = self.prepared(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
+        loss = per_row_loss(logits, batch["labels"]).mean()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()), int(batch["attention_mask"].sum())
+
+    def _result(self) -> dict[str, Any]:
+        steps = self.state["step"]
+        spent = spent_epsilon(
+            self.plan.noise_multiplier, self.plan.sample_rate, steps, self.plan.delta
+        )
+        return {"dp": {**self.plan.as_dict(), "steps_taken": steps, "epsilon_spent": spent}}
+
+
+def per_row_loss(logits: Any, labels: Any) -> Any:
+    """Each row's mean next-token loss over its trained tokens (``labels`` not ``IGNORE``):
+    a row's value, and so its gradient, depends on that row alone, whatever else is in the
+    batch and however it is padded."""
+    import torch.nn.functional as F
+
+    targets = labels[:, 1:]
+    trained = targets != IGNORE
+    token_loss = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), targets.clamp(min=0), reduction="none"
+    )
+    return (token_loss * trained).sum(1) / trained.sum(1).clamp(min=1)
