@@ -153,6 +153,11 @@ bench-feedback *args:
 bench-finetune *args:
     {{python}} -m benchmarks.finetune_bench {{args}}
 
+# DP-SGD at epsilon 8, 4, 1 against the same job without privacy, on held-out IT tickets.
+[group('bench')]
+bench-dp *args:
+    {{python}} -m benchmarks.dp_bench {{args}}
+
 # A load ramp (1, 8, 32 clients) with scale-out on the queue and P99, and on P99 only.
 bench-ops-ramp *args:
     {{python}} -m benchmarks.ops_ramp {{args}}

@@ -217,7 +217,8 @@ def run_ours(
         if event["event"] == "progress":
             progress.update(task, description="ours: training", total=event["total_steps"],
                             completed=event["step"])  # fmt: skip
-            training.losses.append((int(event["step"]), float(event["loss"])))
+            if event.get("loss") is not None:  # None: a DP step that sampled no row
+                training.losses.append((int(event["step"]), float(event["loss"])))
         elif event["event"] == "result":
             result = event
         elif event["event"] == "error":

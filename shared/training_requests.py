@@ -15,8 +15,9 @@ extensions:
   split becomes the validation file);
 - ``dp``: ``{"epsilon": 8, "delta": null, "max_grad_norm": 1.0}`` trains the LoRA adapters
   with DP-SGD (:class:`Privacy`; supervised method only);
-- ``distill`` is named but refused until the trainer runs it, so a caller is never told a
-  distilled model was made when it was not.
+- ``distill``: ``{"teacher": null, "student": {"layers": 20, "ffn_keep": 0.75}}`` makes a
+  smaller student of the model (whole layers and feed-forward channels removed) and trains
+  it on the model's own outputs (:func:`parse_distill`); the teacher is the job's model.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ HYPERPARAMETERS = frozenset({
     "n_epochs", "batch_size", "learning_rate_multiplier", "lora_rank", "lora_alpha",
     "max_length", "beta",
 })  # fmt: skip
-BASE_LEARNING_RATE = {"lora": 2e-4, "full": 2e-5, "dpo": 1e-4}
+BASE_LEARNING_RATE = {"lora": 2e-4, "full": 2e-5, "dpo": 1e-4, "distill": 1e-4}
 DEFAULTS: dict[str, Any] = {
     "n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0, "lora_rank": 8,
     "lora_alpha": 16, "max_length": 512,
@@ -118,6 +119,35 @@ def parse_dp(value: Any, tuning: str) -> dict[str, Any] | None:
     return privacy.as_dict()
 
 
+def parse_distill(value: Any, model: str) -> dict[str, Any] | None:
+    """The ``distill`` field checked (None without one): the student's ``layers`` (2 or
+    more; the teacher must have more, checked when the job runs) and ``ffn_keep``, the share
+    of each layer's feed-forward channels kept (0, 1].
+
+    Raises:
+        InvalidRequestError: naming the field (``distill.student.layers``...).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise invalid_field("distill", "must be an object with a student")
+    reject_unknown(sorted(value), ("student", "teacher"), what="a distill field", prefix="distill.")
+    teacher = value.get("teacher")
+    if teacher is not None and teacher != model:
+        raise invalid_field("distill.teacher", "the teacher is the job's model: leave it out")
+    student = value.get("student")
+    if not isinstance(student, dict):
+        raise invalid_field("distill.student", "must be an object with layers (and ffn_keep)")
+    prefix = "distill.student."
+    reject_unknown(sorted(student), ("layers", "ffn_keep"), what="a student field", prefix=prefix)
+    layers, keep = student.get("layers"), student.get("ffn_keep", 1.0)
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 2 <= layers <= 1024:
+        raise invalid_field(f"{prefix}layers", "must be an integer from 2 to 1024")
+    if not _finite(keep) or not 0 < keep <= 1:
+        raise invalid_field(f"{prefix}ffn_keep", "must be a number in (0, 1]")
+    return {"layers": layers, "ffn_keep": float(keep)}
+
+
 def new_id(prefix: str) -> str:
     """``prefix`` and 24 random letters and digits (OpenAI's id shape)."""
     return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(24))
@@ -137,6 +167,7 @@ class JobRequest:
     seed: int
     metadata: dict[str, str] = field(default_factory=dict)
     dp: dict[str, Any] | None = None  # Privacy.as_dict()
+    distill: dict[str, Any] | None = None  # parse_distill's result
 
 
 def _integer(name: str, value: Any) -> int:
@@ -231,8 +262,6 @@ def parse_job_request(body: Any) -> JobRequest:
     if not isinstance(body, dict):
         raise invalid_field("body", "must be a JSON object")
     reject_unknown(sorted(body), sorted(CREATE_FIELDS), what="a field")
-    if body.get("distill") is not None:
-        raise invalid_field("distill", "distillation is not available yet")
     if body.get("integrations"):
         raise invalid_field("integrations", "no integrations are available")
     model = body.get("model")
@@ -265,7 +294,10 @@ def parse_job_request(body: Any) -> JobRequest:
         )
     ):
         raise invalid_field("metadata", "must map up to 16 keys (64 chars) to text (512 chars)")
-    tuning = _tuning(body.get("method"))
+    distill = parse_distill(body.get("distill"), model)
+    if distill is not None and body.get("method") is not None:
+        raise invalid_field("method", "a distillation job has its own method: leave it out")
+    tuning = "distill" if distill is not None else _tuning(body.get("method"))
     return JobRequest(
         model=model,
         tuning=tuning,
@@ -277,4 +309,5 @@ def parse_job_request(body: Any) -> JobRequest:
         seed=seed,
         metadata=metadata,
         dp=parse_dp(body.get("dp"), tuning),
+        distill=distill,
     )

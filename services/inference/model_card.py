@@ -32,6 +32,8 @@ def render(manifest: Mapping[str, Any]) -> str:
         lines.append(f"- Quantized from {lineage['quantized_from']}")
     lines += _made_from(lineage)
     lines += ["", "## Differential privacy", "", *_privacy(lineage.get("dp"))]
+    if isinstance(lineage.get("distill"), Mapping):
+        lines += ["", "## Distillation", "", *_distillation(lineage["distill"])]
     metrics = lineage.get("metrics")
     if isinstance(metrics, Mapping) and metrics:
         lines += ["", "## Training metrics", ""]
@@ -86,6 +88,21 @@ def _privacy(dp: Any) -> list[str]:
         f"- Noise multiplier: {dp['noise_multiplier']:.4f}; per-example clipping norm "
         f"{dp['max_grad_norm']:g}",
         f"- Steps: {dp['steps_taken']} at sample rate {dp['sample_rate']:.4f} (Poisson sampling)",
+    ]
+
+
+def _distillation(distill: Mapping[str, Any]) -> list[str]:
+    kept = distill.get("layers_kept") or []
+    return [
+        f"A student pruned from {distill.get('teacher_layers', '?')} layers to {len(kept)} "
+        f"(kept: {', '.join(str(i) for i in kept)}) and feed-forward width "
+        f"{distill.get('teacher_intermediate_size', '?')} to "
+        f"{distill.get('intermediate_size', '?')}, trained on the teacher's outputs.",
+        "",
+        f"- Parameters: {distill.get('student_parameters', 0):,} "
+        f"(teacher {distill.get('teacher_parameters', 0):,})",
+        f"- KL to the teacher on held-out rows: {_number(distill.get('kl_before'))} before "
+        f"training, {_number(distill.get('kl_after'))} after",
     ]
 
 

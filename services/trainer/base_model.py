@@ -223,13 +223,16 @@ def lora_config(model: Any, rank: int, alpha: int, dropout: float, targets: Sequ
     )
 
 
-def save_trained(model: Any, tokenizer: Any, base_folder: Path, output_dir: Path) -> dict[str, Any]:
+def save_trained(
+    model: Any, tokenizer: Any, base_folder: Path | None, output_dir: Path
+) -> dict[str, Any]:
     """Write the trained model as a Hugging Face folder (``<output_dir>/model``: the LoRA
     merged into the base weights) and, for LoRA, the adapter alone (``<output_dir>/adapter``).
 
     Each folder is written under a temporary name and renamed into place. The model is
     merged in place (it is no longer a PEFT model afterwards). Returns the folders and
-    ``weight_delta_norm``: the Frobenius norm of the merged weights minus the base's.
+    ``weight_delta_norm``: the Frobenius norm of the merged weights minus the base's (None
+    without ``base_folder``: a pruned student's tensors are not the base's).
     """
     from peft import PeftModel
 
@@ -246,7 +249,9 @@ def save_trained(model: Any, tokenizer: Any, base_folder: Path, output_dir: Path
         tokenizer.save_pretrained(str(path))
 
     written["model_dir"] = str(_replace_folder(output_dir / "model", write_model))
-    written["weight_delta_norm"] = weight_delta_norm(model.state_dict(), base_folder)
+    written["weight_delta_norm"] = (
+        None if base_folder is None else weight_delta_norm(model.state_dict(), base_folder)
+    )
     return written
 
 

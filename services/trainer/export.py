@@ -21,6 +21,7 @@ export does it again (:func:`interleave_rotary`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -97,8 +98,31 @@ def export_gguf(
 
     reader = gguf.GGUFReader(str(template))
     heads, kv_heads = _heads(reader)
-    arrays = {tensor.name: _trained(weights, tensor, heads, kv_heads) for tensor in reader.tensors}
-    return _write(reader, arrays, out, quant=quant, name=name)
+    layers, ffn = _student_shape(weights)
+    arrays = {
+        tensor.name: _trained(weights, tensor, heads, kv_heads, ffn)
+        for tensor in reader.tensors
+        if _layer(tensor.name) < layers
+    }
+    arch = str(reader.fields["general.architecture"].contents())
+    shape = {f"{arch}.block_count": layers}
+    if ffn is not None:
+        shape[f"{arch}.feed_forward_length"] = ffn
+    return _write(reader, arrays, out, quant=quant, name=name, overrides=shape)
+
+
+def _layer(gguf_name: str) -> int:
+    """The decoder layer a tensor belongs to (-1: none)."""
+    match = re.match(r"blk\.(\d+)\.", gguf_name)
+    return int(match.group(1)) if match else -1
+
+
+def _student_shape(weights: Mapping[str, Any]) -> tuple[int, int | None]:
+    """The decoder layers ``weights`` hold and their feed-forward width (None: unknown; a
+    pruned student can hold fewer of both than the template)."""
+    layers = {int(m.group(1)) for k in weights if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    gate = weights.get("model.layers.0.mlp.gate_proj.weight")
+    return len(layers), None if gate is None else int(gate.shape[0])
 
 
 def requantize_gguf(source: Path, out: Path, *, quant: str, name: str | None = None) -> Path:
@@ -181,9 +205,11 @@ def quantize_q4_0(array: np.ndarray) -> np.ndarray:
 
 
 def _write(
-    reader: Any, arrays: Mapping[str, np.ndarray], out: Path, *, quant: str, name: str | None
-) -> Path:
-    """``arrays`` (llama.cpp's names and layout) as a GGUF with ``reader``'s metadata."""
+    reader: Any, arrays: Mapping[str, np.ndarray], out: Path, *, quant: str, name: str | None,
+    overrides: Mapping[str, int] | None = None,
+) -> Path:  # fmt: skip
+    """``arrays`` (llama.cpp's names and layout) as a GGUF with ``reader``'s metadata
+    (integer fields in ``overrides`` replaced: a pruned student's layer count and width)."""
     import gguf
 
     types = {n: tensor_type(n, a.shape, quant) for n, a in arrays.items()}  # checks quant
@@ -204,6 +230,8 @@ def _write(
         value = field.contents()
         if field.name == "general.name" and name is not None:
             value = name
+        if overrides and field.name in overrides:
+            value = overrides[field.name]
         writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
     writer.add_file_type(file_type)
     for tensor_name, array in arrays.items():
@@ -223,8 +251,11 @@ def _write(
     return out
 
 
-def _trained(weights: Mapping[str, Any], tensor: Any, heads: int, kv_heads: int) -> np.ndarray:
-    """The trained values of one template tensor, in llama.cpp's layout."""
+def _trained(
+    weights: Mapping[str, Any], tensor: Any, heads: int, kv_heads: int, ffn: int | None
+) -> np.ndarray:
+    """The trained values of one template tensor, in llama.cpp's layout (the feed-forward
+    tensors ``ffn`` wide where the student was pruned)."""
     source = hf_name(tensor.name)
     if source not in weights:
         if tensor.name == "output.weight" and "model.embed_tokens.weight" in weights:
@@ -233,6 +264,10 @@ def _trained(weights: Mapping[str, Any], tensor: Any, heads: int, kv_heads: int)
             raise ExportError(f"the trained model has no {source} (for {tensor.name})")
     array = _numpy(weights[source])
     expected = tuple(int(n) for n in reversed(tensor.shape))
+    if ffn is not None and tensor.name.endswith(("ffn_gate.weight", "ffn_up.weight")):
+        expected = (ffn, expected[1])
+    elif ffn is not None and tensor.name.endswith("ffn_down.weight"):
+        expected = (expected[0], ffn)
     if array.shape != expected:
         raise ExportError(f"{source} has shape {array.shape}, {tensor.name} {expected}")
     if tensor.name.endswith("attn_q.weight"):

@@ -3,7 +3,7 @@ SPEC_JSON_PATH``.
 
 The spec (written by the trainer service)::
 
-    {"job_id": "ftjob-abc", "tenant": "acme", "method": "lora" | "full" | "dpo",
+    {"job_id": "ftjob-abc", "tenant": "acme", "method": "lora" | "full" | "dpo" | "distill",
      "base_gguf": "/abs/model.gguf", "cache_dir": "/abs/cache",
      "training_file": "/abs/train.jsonl", "validation_file": null | "/abs/valid.jsonl",
      "hyperparameters": {"n_epochs": 3, "batch_size": 4, "learning_rate": 0.0002,
@@ -13,7 +13,9 @@ The spec (written by the trainer service)::
      "cpus_per_worker": null | int (optional: this machine's CPUs shared by the workers),
      "edge_quant": "q4_0" | "none" (optional, none: see services.trainer.edge),
      "dp": null | {"epsilon": 8, "delta": null | 1e-5, "max_grad_norm": 1.0}
-           (optional: DP-SGD on LoRA, one worker; see services.trainer.dp_loop)}
+           (optional: DP-SGD on LoRA, one worker; see services.trainer.dp_loop),
+     "distill": null | {"layers": 20, "ffn_keep": 0.75}
+           (with method distill: a pruned student; see services.trainer.distill_loop)}
 
 ``hyperparameters`` takes every field of :class:`~services.trainer.sft.Hyperparameters`
 except ``method`` and ``checkpoint_every``, which are the spec's own.
@@ -187,6 +189,8 @@ def _fit(spec: JobSpec, base_dir: Path, events: Path) -> None:
 
     if spec.hyperparameters.method == "dpo":
         from services.trainer.dpo_loop import train_loop_per_worker
+    elif spec.hyperparameters.method == "distill":
+        from services.trainer.distill_loop import train_loop_per_worker
     elif spec.privacy is not None:
         from services.trainer.dp_loop import train_loop_per_worker
     else:

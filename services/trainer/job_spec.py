@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from services.trainer.edge import SPEC_EDGE_QUANTS
+from services.trainer.pruning import StudentShape
 from services.trainer.sft import METHODS, Hyperparameters, parallel_config
 from services.trainer.sft_loop import LoopConfig
 from shared.openai_protocol import InvalidRequestError
@@ -22,6 +23,7 @@ _REQUIRED = (
 )  # fmt: skip
 _OPTIONAL = (
     "validation_file", "ray_address", "parallel", "cpus_per_worker", "edge_quant", "dp",
+    "distill",
 )  # fmt: skip
 
 
@@ -50,6 +52,7 @@ class JobSpec:
     cpus_per_worker: int
     edge_quant: str = "none"
     privacy: Privacy | None = None  # DP-SGD (services.trainer.dp_loop)
+    student: StudentShape | None = None  # distillation (services.trainer.distill_loop)
 
 
 def parse_spec(spec: Any) -> JobSpec:
@@ -68,6 +71,7 @@ def parse_spec(spec: Any) -> JobSpec:
     if hyperparameters.method == "dpo" and parallel != "ddp":
         raise SpecError("parallel", "a dpo job runs data parallel (ddp) only")
     privacy = _privacy(spec, hyperparameters.method, workers)
+    student = _student(spec, hyperparameters.method, parallel)
     wanted = "preference" if hyperparameters.method == "dpo" else "chat"
     for name in ("training_file", "validation_file"):
         if spec.get(name) is not None:
@@ -81,8 +85,26 @@ def parse_spec(spec: Any) -> JobSpec:
         else _path(spec, "validation_file", must_exist=True),
         output_dir=_path(spec, "output_dir"), workers=workers, use_gpu=spec["use_gpu"],
         ray_address=address, parallel=parallel, cpus_per_worker=cpus, edge_quant=edge_quant,
-        privacy=privacy,
+        privacy=privacy, student=student,
     )  # fmt: skip
+
+
+def _student(spec: dict[str, Any], method: str, parallel: str) -> StudentShape | None:
+    given = spec.get("distill")
+    if (given is not None) != (method == "distill"):
+        raise SpecError("distill", "is required with method distill, and only with it")
+    if given is None:
+        return None
+    if not isinstance(given, dict) or set(given) - {"layers", "ffn_keep"}:
+        raise SpecError("distill", "must be an object with layers (and ffn_keep)")
+    layers, keep = given.get("layers"), given.get("ffn_keep", 1.0)
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 2 <= layers <= 4096:
+        raise SpecError("distill.layers", "must be an integer from 2")
+    if isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 < keep <= 1:
+        raise SpecError("distill.ffn_keep", "must be a number in (0, 1]")
+    if parallel != "ddp":
+        raise SpecError("parallel", "a distillation job runs data parallel (ddp) only")
+    return StudentShape(layers=layers, ffn_keep=float(keep))
 
 
 def _privacy(spec: dict[str, Any], method: str, workers: int) -> Privacy | None:
@@ -199,4 +221,5 @@ def loop_config(spec: JobSpec, base_dir: Path) -> LoopConfig:
         parallel=parallel_config(spec.parallel, workers=spec.workers, use_gpu=spec.use_gpu),
         num_threads=spec.cpus_per_worker,
         privacy=None if spec.privacy is None else spec.privacy.as_dict(),
+        distill=None if spec.student is None else asdict(spec.student),
     )

@@ -92,6 +92,17 @@ def _privacy(asked: Mapping[str, Any] | None, result: Mapping[str, Any] | None) 
     return dict(asked) | {k: ran[k] for k in keys if k in ran}
 
 
+def _distill(asked: Mapping[str, Any] | None, result: Mapping[str, Any] | None) -> Any:
+    """A distillation job's student and, once it ran, what was kept and its KL to the
+    teacher before and after."""
+    if asked is None:
+        return None
+    ran = (result or {}).get("distill") or {}
+    keys = ("layers_kept", "intermediate_size", "kl_before", "kl_after", "student_parameters",
+            "teacher_parameters")  # fmt: skip
+    return {"student": dict(asked)} | {k: ran[k] for k in keys if k in ran}
+
+
 def job_json(job: Mapping[str, Any]) -> dict[str, Any]:
     """A job row as OpenAI's ``fine_tuning.job`` (with our extensions beside its fields)."""
     hyper = dict(job["hyperparameters"])
@@ -132,6 +143,7 @@ def job_json(job: Mapping[str, Any]) -> dict[str, Any]:
         "lora": {k: hyper[k] for k in ("lora_rank", "lora_alpha")},
         "max_length": hyper["max_length"],
         "dp": _privacy(hyper.get("dp"), job["result"]),
+        "distill": _distill(hyper.get("distill"), job["result"]),
         "progress": progress or None,
         "attempts": job["attempts"],
         "result": job["result"],

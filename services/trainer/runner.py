@@ -358,6 +358,7 @@ class Runner:
             "workers": train.workers, "use_gpu": train.use_gpu, "parallel": train.parallel,
             "ray_address": train.ray_address, "edge_quant": self.edge_quant(job)[0],
             "dp": job["hyperparameters"].get("dp"),
+            "distill": job["hyperparameters"].get("distill"),
         }  # fmt: skip
         path = run / "spec.json"
         path.write_text(json.dumps(spec, indent=2))
@@ -391,6 +392,8 @@ class Runner:
             "training_counts": result.get("training_counts"),
             # DP-SGD: the noise used and the epsilon the accountant gives for the steps taken
             "dp": result.get("dp"),
+            # distillation: what was cut from the teacher, the student's KL before and after
+            "distill": result.get("distill"),
         }  # fmt: skip
         try:
             entry = self.registry.register(

@@ -232,7 +232,9 @@ class TrainerService:
             "created_at": int(time.time()), "model": entry.name, "base_version": entry.version,
             "tuning": request.tuning, "training_file": training, "validation_file": validation,
             "dataset": request.dataset,
-            "hyperparameters": request.hyperparameters | ({"dp": request.dp} if request.dp else {}),
+            "hyperparameters": request.hyperparameters
+            | ({"dp": request.dp} if request.dp else {})
+            | ({"distill": request.distill} if request.distill else {}),
             "suffix": request.suffix, "seed": request.seed, "metadata": request.metadata,
             "status": "queued",
         })  # fmt: skip

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 IGNORE = -100
-METHODS = ("lora", "full", "dpo")  # dpo: preference optimisation on LoRA adapters
+# dpo: preference optimisation on LoRA adapters; distill: a pruned student of the base
+METHODS = ("lora", "full", "dpo", "distill")
 SCHEDULERS = ("linear", "cosine", "constant")
 PARALLEL = ("ddp", "fsdp")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -52,6 +52,7 @@ class LoopConfig:
     num_threads: int | None = None
     progress_interval_s: float = 2.0
     privacy: dict[str, Any] | None = None  # DP-SGD's settings (services.trainer.dp_loop)
+    distill: dict[str, Any] | None = None  # the student's shape (services.trainer.distill_loop)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -77,6 +78,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 class SupervisedRun:
     """One worker's training run (set up by the constructor, which resumes if it can)."""
+
+    lora_targets: tuple[str, ...] = LORA_TARGETS  # the modules that get adapters
 
     def __init__(self, loop: LoopConfig) -> None:
         import ray.train
@@ -107,12 +110,10 @@ class SupervisedRun:
                 read_chat_rows(loop.validation_file), tokenizer, hp.max_length, controls
             )
         self.held_out = (self.valid_rows or self.train_rows)[:HELD_OUT_ROWS]
+        pad = tokenizer.pad_token_id
+        self.pad = tokenizer.eos_token_id if pad is None else pad
         torch.manual_seed(hp.seed)  # the same adapter initialisation on every rank
-        model = self.base.model
-        if hp.method == "lora":
-            model = base_model.with_lora(
-                model, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, LORA_TARGETS
-            )
+        model = self._model(self.base.model)
         self.model = model
         torch.manual_seed(hp.seed + 7919 * self.rank)  # each rank its own dropout masks
         self.device = ray_torch.get_device()
@@ -131,8 +132,6 @@ class SupervisedRun:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: learning_rate_factor(s, self.total, warmup, hp.scheduler)
         )
-        pad = tokenizer.pad_token_id
-        self.pad = tokenizer.eos_token_id if pad is None else pad
         self.evaluate = _Evaluator(
             self.prepared if self.sharded else model, pad=self.pad, device=self.device,
             batch_rows=max(1, hp.batch_size // self.world), rank=self.rank, world=self.world,
@@ -140,7 +139,27 @@ class SupervisedRun:
         )  # fmt: skip
         self._resume(ray.train.get_checkpoint())
 
-    # --- what a variant of the loop (dp_loop) changes
+    # --- what a variant of the loop (dp_loop, distill_loop) changes
+
+    def _model(self, base: Any) -> Any:
+        """The model to train, made from the base: the base with LoRA adapters, or itself."""
+        from services.trainer import base_model
+
+        hp = self.hp
+        if hp.method != "lora":
+            return base
+        return base_model.with_lora(
+            base, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, self.lora_targets
+        )
+
+    def _first_state(self) -> dict[str, Any]:
+        """The loop state of a run that starts from step 0."""
+        before = self.evaluate(self.held_out)
+        return {"step": 0, "tokens": 0, "seconds": 0.0, "losses": [], "before": before}
+
+    def _compare_to_base(self) -> bool:
+        """Whether the result reports the trained weights' distance to the base's."""
+        return True
 
     def _prepare(self, model: Any) -> Any:
         """The model the steps run: DDP- or FSDP-wrapped by Ray Train."""
@@ -195,8 +214,7 @@ class SupervisedRun:
             scheduler=self.scheduler, rank=self.rank, sharded=self.sharded,
         )  # fmt: skip
         if state is None:
-            state = {"step": 0, "tokens": 0, "seconds": 0.0, "losses": []}
-            state["before"] = self.evaluate(self.held_out)
+            state = self._first_state()
         self.state = state
         self.resumed_from, self.resumed_seconds = state["step"], state["seconds"]
         self.trainable_count = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -272,7 +290,12 @@ class SupervisedRun:
         if self.rank != 0:
             return
         output, state, world = Path(self.loop.output_dir), self.state, self.world
-        written = base_model.save_trained(trained, self.base.tokenizer, self.base.folder, output)
+        written = base_model.save_trained(
+            trained,
+            self.base.tokenizer,
+            self.base.folder if self._compare_to_base() else None,
+            output,
+        )
         losses = state["losses"]
         result = {
             "method": self.hp.method,
@@ -320,7 +343,7 @@ class SupervisedRun:
         if self.hp.method == "lora":
             hp = self.hp
             fresh = base_model.with_lora(
-                fresh, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, LORA_TARGETS
+                fresh, hp.lora_rank, hp.lora_alpha, hp.lora_dropout, self.lora_targets
             )
         fresh.load_state_dict(state)
         return fresh
