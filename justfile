@@ -158,6 +158,11 @@ bench-finetune *args:
 bench-dp *args:
     {{python}} -m benchmarks.dp_bench {{args}}
 
+# Distillation with pruning: a 20-layer student's speed in our engine and its KL to the teacher.
+[group('bench')]
+bench-distill *args:
+    {{python}} -m benchmarks.distill_bench {{args}}
+
 # A load ramp (1, 8, 32 clients) with scale-out on the queue and P99, and on P99 only.
 bench-ops-ramp *args:
     {{python}} -m benchmarks.ops_ramp {{args}}

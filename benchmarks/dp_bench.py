@@ -257,8 +257,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     left.set(xlabel="step", ylabel="training loss", title="Training loss")
     left.legend(fontsize=8)
     names = list(report["scores"])
-    values = [100 * sum(report["scores"][n]) / len(report["scores"][n]) for n in names]
-    bars = right_axes.bar(range(len(names)), values)
+    shares = [100 * sum(report["scores"][n]) / len(report["scores"][n]) for n in names]
+    bars = right_axes.bar(range(len(names)), shares)
     right_axes.bar_label(bars, fmt="%.0f%%")
     right_axes.set_xticks(range(len(names)), names)
     right_axes.set(ylabel="test accuracy (%)", ylim=(0, 105),

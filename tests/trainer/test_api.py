@@ -233,7 +233,9 @@ async def test_a_job_is_checked_stored_and_announced(
         ({"dp": {"epsilon": 8, "noise": 1}}, 400, "dp.noise"),
         ({"dp": {"epsilon": 8}, "method": "full"}, 400, "dp"),
         ({"dp": 8}, 400, "dp"),
-        ({"distill": {"teacher": "x"}}, 400, "distill"),
+        ({"distill": {"teacher": "x"}}, 400, "distill.teacher"),
+        ({"distill": {"student": {"layers": 1}}}, 400, "distill.student.layers"),
+        ({"distill": {"student": {"layers": 20}}, "method": "full"}, 400, "method"),
         ({"method": {"type": "dpo"}}, 400, "training_file"),  # a chat file: not pairs
         ({"method": {"type": "reinforce"}}, 400, "method.type"),
         ({"hyperparameters": {"beta": 0.2}}, 400, "hyperparameters.beta"),  # dpo's only
@@ -310,6 +312,17 @@ async def test_a_private_job_keeps_its_budget_and_needs_one_worker(
     refused = await create(api, model=DEFAULT_MODEL_NAME, training_file=file_id, dp={"epsilon": 4})
     assert (refused.status_code, refused.json()["error"]["param"]) == (400, "dp")
     assert "one worker" in refused.json()["error"]["message"]
+
+
+async def test_a_distillation_job_names_its_student(api: httpx.AsyncClient) -> None:
+    file_id = (await upload(api, jsonl(ROW))).json()["id"]
+    made = await create(api, model=DEFAULT_MODEL_NAME, training_file=file_id,
+                        distill={"student": {"layers": 20, "ffn_keep": 0.75}})  # fmt: skip
+    assert made.status_code == 200, made.text
+    job = made.json()
+    assert job["tuning"] == "distill"
+    assert job["distill"] == {"student": {"layers": 20, "ffn_keep": 0.75}}
+    assert job["dp"] is None
 
 
 async def test_cancel_a_queued_job_and_a_running_one(
