@@ -15,7 +15,8 @@ trainer's own job process (``python -m services.trainer.job_process``, Ray Train
 guard), with the same rows, epochs, expected batch and learning rate:
 
 - **non-private**: a supervised LoRA job (adapters on every projection, fixed-size batches);
-- **DP-SGD at ε = 8, 4, 1** with δ = 1/n: Poisson batches, adapters on the attention's
+- **DP-SGD at ε = 8, 4, 1** at the product's default δ (``min(1e-5, 1/(10 n))``): Poisson
+  batches, adapters on the attention's
   query and value projections, each example's gradient clipped to 1, noise from Opacus'
   PRV accountant for the target (what a ``dp`` job runs; see services/trainer/dp_loop.py).
 
@@ -46,6 +47,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from benchmarks.finetune_bench import THREADS, run_ours, wilson
 from benchmarks.report import machine_lines, markdown_table, package_version, results_console
 from services.inference.model.gguf_model import smollm2_path
+from services.trainer.privacy import default_delta
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TICKETS = Path(__file__).resolve().parent / "data" / "dp_tickets.json"
@@ -224,7 +226,8 @@ def results_text(report: dict[str, Any]) -> str:
         f"categories; phrases and templates never trained on). Every run: {hp['n_epochs']} "
         f"epochs, batch {hp['batch_size']} (DP: expected batch, sample rate "
         f"{hp['batch_size'] / report['rows']:.3f}), learning rate {hp['learning_rate']:g}, "
-        f"LoRA rank {hp['lora_rank']}; DP runs at δ = 1/n = {1 / report['rows']:.5f}, "
+        f"LoRA rank {hp['lora_rank']}; DP runs at δ = {default_delta(report['rows']):g} (the "
+        "default), "
         "clipping norm 1, adapters on q_proj and v_proj; the non-private run on every "
         "projection. Accuracy is of the exported Q8_0 model in our engine, greedy.",
         "",

@@ -63,9 +63,9 @@ _ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 @dataclass(frozen=True)
 class Privacy:
-    """A job's DP-SGD settings (``dp``): spend at most ``epsilon`` at ``delta`` (None: 1/n for
-    n training rows), each example's gradient clipped to ``max_grad_norm``. Constructing one
-    checks every field.
+    """A job's DP-SGD settings (``dp``): spend at most ``epsilon`` at ``delta`` (None: the
+    trainer's default, ``min(1e-5, 1/(10 n))`` for n training rows; it must be below 1/n),
+    each example's gradient clipped to ``max_grad_norm``. Constructing one checks every field.
 
     Raises:
         InvalidRequestError: naming the field (``dp.epsilon``...).
@@ -80,8 +80,10 @@ class Privacy:
             value = getattr(self, name)
             if not _finite(value) or not low < value <= high:
                 raise invalid_field(f"dp.{name}", f"must be a number in ({low:g}, {high:g}]")
-        if self.delta is not None and (not _finite(self.delta) or not 0 < self.delta < 1):
-            raise invalid_field("dp.delta", "must be null (1/n) or a number in (0, 1)")
+        if self.delta is not None and (not _finite(self.delta) or not 0 < self.delta <= 1e-3):
+            raise invalid_field(
+                "dp.delta", "must be null (min(1e-5, 1/(10 n))) or a number in (0, 0.001]"
+            )
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Privacy:
@@ -119,6 +121,35 @@ def parse_dp(value: Any, tuning: str) -> dict[str, Any] | None:
     return privacy.as_dict()
 
 
+CHANNEL_MULTIPLE = 32  # GGUF's block quantizations need rows of a multiple of 32 values
+
+
+@dataclass(frozen=True)
+class StudentShape:
+    """A distillation student: ``layers`` of the teacher's decoder layers, ``ffn_keep`` of
+    each layer's feed-forward channels (1.0: all). Constructing one checks both fields.
+
+    Raises:
+        InvalidRequestError: naming the field (``distill.student.layers``...).
+    """
+
+    layers: int
+    ffn_keep: float = 1.0
+
+    def __post_init__(self) -> None:
+        layers, keep = self.layers, self.ffn_keep
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 2 <= layers <= 1024:
+            raise invalid_field("distill.student.layers", "must be an integer from 2 to 1024")
+        if not _finite(keep) or not 0 < keep <= 1:
+            raise invalid_field("distill.student.ffn_keep", "must be a number in (0, 1]")
+
+    def channels(self, intermediate: int) -> int:
+        """The feed-forward channels kept of ``intermediate``: rounded down to a multiple of
+        32 (at least 32)."""
+        kept = math.floor(intermediate * self.ffn_keep / CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE
+        return max(CHANNEL_MULTIPLE, min(intermediate, kept))
+
+
 def parse_distill(value: Any, model: str) -> dict[str, Any] | None:
     """The ``distill`` field checked (None without one): the student's ``layers`` (2 or
     more; the teacher must have more, checked when the job runs) and ``ffn_keep``, the share
@@ -140,12 +171,8 @@ def parse_distill(value: Any, model: str) -> dict[str, Any] | None:
         raise invalid_field("distill.student", "must be an object with layers (and ffn_keep)")
     prefix = "distill.student."
     reject_unknown(sorted(student), ("layers", "ffn_keep"), what="a student field", prefix=prefix)
-    layers, keep = student.get("layers"), student.get("ffn_keep", 1.0)
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 2 <= layers <= 1024:
-        raise invalid_field(f"{prefix}layers", "must be an integer from 2 to 1024")
-    if not _finite(keep) or not 0 < keep <= 1:
-        raise invalid_field(f"{prefix}ffn_keep", "must be a number in (0, 1]")
-    return {"layers": layers, "ffn_keep": float(keep)}
+    shape = StudentShape(layers=student.get("layers", 0), ffn_keep=student.get("ffn_keep", 1.0))
+    return {"layers": shape.layers, "ffn_keep": float(shape.ffn_keep)}
 
 
 def new_id(prefix: str) -> str:

@@ -6,6 +6,7 @@ without opening the JSON. The manifest stays the source of truth; the card is it
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,13 +16,14 @@ FILE_NAME = "MODEL_CARD.md"
 def render(manifest: Mapping[str, Any]) -> str:
     """The card of a version from its manifest (``ModelEntry.manifest()``)."""
     lines = [
-        f"# {manifest['name']}:{manifest['version']}",
+        f"# {_text(manifest['name'])}:{_text(manifest['version'])}",
         "",
-        f"- Status: {manifest.get('status', 'production')}",
-        f"- File: {manifest['file_name']} ({manifest['architecture']}, "
-        f"{manifest['quantization']}, {manifest['size']:,} bytes)",
-        f"- SHA-256: `{manifest['sha256']}`",
-        f"- Registered: {manifest['created_at']} from {manifest.get('source') or 'a file'}",
+        f"- Status: {_text(manifest.get('status', 'production'))}",
+        f"- File: {_text(manifest['file_name'])} ({_text(manifest['architecture'])}, "
+        f"{_text(manifest['quantization'])}, {manifest['size']:,} bytes)",
+        f"- SHA-256: {_text(manifest['sha256'])}",
+        f"- Registered: {_text(manifest['created_at'])} from "
+        f"{_text(manifest.get('source') or 'a file')}",
     ]
     lineage = manifest.get("lineage")
     if not isinstance(lineage, Mapping):
@@ -29,7 +31,7 @@ def render(manifest: Mapping[str, Any]) -> str:
         return "\n".join(lines) + "\n"
     lines += ["", "## How it was made", ""]
     if lineage.get("quantized_from"):
-        lines.append(f"- Quantized from {lineage['quantized_from']}")
+        lines.append(f"- Quantized from {_text(lineage['quantized_from'])}")
     lines += _made_from(lineage)
     lines += ["", "## Differential privacy", "", *_privacy(lineage.get("dp"))]
     if isinstance(lineage.get("distill"), Mapping):
@@ -51,23 +53,26 @@ def render(manifest: Mapping[str, Any]) -> str:
 def _made_from(lineage: Mapping[str, Any]) -> list[str]:
     lines = []
     if lineage.get("base"):
-        lines.append(f"- Base: {lineage['base']} (SHA-256 `{lineage.get('base_sha256', '?')}`)")
+        lines.append(
+            f"- Base: {_text(lineage['base'])} (SHA-256 {_text(lineage.get('base_sha256'))})"
+        )
     if lineage.get("method"):
-        lines.append(f"- Method: {lineage['method']}")
+        lines.append(f"- Method: {_text(lineage['method'])}")
     if lineage.get("job_id"):
         lines.append(
-            f"- Job: {lineage['job_id']} for tenant {lineage.get('tenant', '?')}, "
-            f"by {lineage.get('created_by', '?')}"
+            f"- Job: {_text(lineage['job_id'])} for tenant {_text(lineage.get('tenant'))}, "
+            f"by {_text(lineage.get('created_by'))}"
         )
     if lineage.get("dataset"):
-        lines.append(f"- Dataset: {lineage['dataset']}")
+        lines.append(f"- Dataset: {_text(lineage['dataset'])}")
     for role, file in sorted((lineage.get("files") or {}).items()):
         lines.append(
-            f"- {role}: {file.get('id')} ({file.get('rows')} rows, SHA-256 `{file.get('sha256')}`)"
+            f"- {_text(role)}: {_text(file.get('id'))} ({_text(file.get('rows'))} rows, "
+            f"SHA-256 {_text(file.get('sha256'))})"
         )
     hyper = {k: v for k, v in (lineage.get("hyperparameters") or {}).items() if k != "dp"}
     if hyper:
-        lines.append(f"- Hyperparameters: {json.dumps(hyper, sort_keys=True)}")
+        lines.append(f"- Hyperparameters: {_text(json.dumps(hyper, sort_keys=True))}")
     if lineage.get("learning_rate") is not None:
         lines.append(f"- Learning rate: {lineage['learning_rate']:g}")
     if lineage.get("seed") is not None:
@@ -104,6 +109,12 @@ def _distillation(distill: Mapping[str, Any]) -> list[str]:
         f"- KL to the teacher on held-out rows: {_number(distill.get('kl_before'))} before "
         f"training, {_number(distill.get('kl_after'))} after",
     ]
+
+
+def _text(value: Any) -> str:
+    """A value as inert Markdown: one line, its markup characters escaped."""
+    text = " ".join(str("?" if value is None else value).split())
+    return re.sub(r"([\\`*_{}\[\]()<>#+\-.!|~])", r"\\\1", text)
 
 
 def _number(value: Any) -> str:

@@ -16,11 +16,10 @@ Data parallel (``ddp``) like a supervised job; the teacher runs on every worker.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
-from services.trainer.pruning import StudentShape, calibrate, choose_layers, prune, top_channels
+from services.trainer.pruning import StudentShape, calibrate, choose_layers, cut_copy, top_channels
 from services.trainer.sft import IGNORE, Encoded
 from services.trainer.sft_loop import LoopConfig, SupervisedRun, collate
 
@@ -67,17 +66,21 @@ class _DistillRun(SupervisedRun):
         channels = None
         if count < intermediate:
             channels = [top_channels(channel_scores[i], count) for i in keep]
-        student = prune(copy.deepcopy(base), keep, channels)
+        student = cut_copy(base, keep, channels)
         for param in base.parameters():
             param.requires_grad_(False)
         base.eval()
         student.get_input_embeddings().weight.requires_grad_(False)  # tied to the output head
         self.kept = {
             "teacher_layers": len(layer_scores), "layers_kept": keep,
-            "layer_scores": [round(s, 5) for s in layer_scores],
             "intermediate_size": count, "teacher_intermediate_size": intermediate,
         }  # fmt: skip
+        self.layer_scores = [round(s, 5) for s in layer_scores]
         return student
+
+    def _prepare(self, model: Any) -> Any:
+        self.teacher.to(self.device)  # the student goes with Ray Train's prepare_model
+        return super()._prepare(model)
 
     def _settings(self) -> dict[str, Any]:
         return {**super()._settings(), "distill": dict(self.loop.distill or {}), **self.kept}
@@ -93,7 +96,7 @@ class _DistillRun(SupervisedRun):
         batch = collate([self.train_rows[i] for i in rows], self.pad, self.device)
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         with torch.no_grad():
-            teacher = self.teacher(**inputs).logits
+            teacher = self.teacher(**inputs, use_cache=False).logits
         self.prepared.train()
         student = self.prepared(**inputs).logits
         loss = distill_loss(student, teacher, batch["labels"], batch["attention_mask"])
@@ -113,7 +116,8 @@ class _DistillRun(SupervisedRun):
             for i in range(0, len(rows), 4):
                 batch = collate(rows[i : i + 4], self.pad, self.device)
                 inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-                kl = token_kl(self.model(**inputs).logits, self.teacher(**inputs).logits, 1.0)
+                student = self.model(**inputs, use_cache=False).logits
+                kl = token_kl(student, self.teacher(**inputs, use_cache=False).logits, 1.0)
                 mask = batch["attention_mask"].float()
                 total += float((kl * mask).sum())
                 count += float(mask.sum())
@@ -123,7 +127,8 @@ class _DistillRun(SupervisedRun):
     def _result(self) -> dict[str, Any]:
         return {
             "distill": {
-                **self.kept, "alpha": ALPHA, "temperature": TEMPERATURE,
+                **self.kept, "layer_scores": self.layer_scores,
+                "alpha": ALPHA, "temperature": TEMPERATURE,
                 "kl_before": self.state["kl_before"], "kl_after": self.kl_to_teacher(self.held_out),
                 "student_parameters": sum(p.numel() for p in self.model.parameters()),
                 "teacher_parameters": sum(p.numel() for p in self.teacher.parameters()),

@@ -17,9 +17,15 @@ supervised loop of :mod:`services.trainer.sft_loop` with four things changed.
   the accountant gives for the steps actually taken.
 
 One worker only: Opacus' distributed optimiser would have to replace DDP's gradient
-averaging, which is not built. The noise comes from torch's generator, seeded like the rest
-of the run (and resumed from the checkpoint's random state), not from a cryptographic
-source: Opacus' ``secure_mode`` needs a package this platform does not ship.
+averaging, which is not built.
+
+The randomness privacy rests on (which rows each step takes, the noise) comes from a secret
+the run draws from the operating system at its start, kept only in its checkpoints (never
+the job's seed, which the caller picks and the lineage shows); the noise has its own torch
+generator, seeded from that secret and checkpointed, and is drawn in Opacus' ``secure_mode``
+(four draws summed, against floating-point attacks). The generator is torch's Mersenne
+Twister, not a cryptographic one: with its state secret that is the accepted practice, but
+it is not a CSPRNG.
 
 The guarantee covers the weights. The job's metrics (losses, the guard's probe, the
 before/after evaluation) are computed on the owner's rows without noise: they are for the
@@ -85,31 +91,47 @@ class _PrivateRun(SupervisedRun):
         return GradSampleModule(model.to(self.device), batch_first=True, loss_reduction="mean")
 
     def _optimizer(self, optimizer: Any) -> Any:
+        import torch
         from opacus.optimizers import DPOptimizer
 
+        # the noise's own generator, seeded from the run's secret once the state is known
+        self.noise = torch.Generator(device=self.device)
         return DPOptimizer(
             optimizer,
             noise_multiplier=self.plan.noise_multiplier,
             max_grad_norm=self.plan.max_grad_norm,
-            expected_batch_size=self.hp.batch_size,
+            expected_batch_size=min(self.hp.batch_size, len(self.train_rows)),
             loss_reduction="mean",
+            generator=self.noise,
+            secure_mode=True,  # noise robust to floating-point attacks (four draws summed)
         )
 
     def _settings(self) -> dict[str, Any]:
         return {**super()._settings(), "dp": self.plan.as_dict()}
 
+    def _first_state(self) -> dict[str, Any]:
+        import secrets
+
+        return {**super()._first_state(), "dp_secret": secrets.randbits(62)}
+
+    def _resume(self, checkpoint: Any) -> None:
+        super()._resume(checkpoint)
+        self.secret = int(self.state["dp_secret"])
+        if "dp_noise" in self.state:  # resumed: the noise goes on where it stopped
+            self.noise.set_state(self.state["dp_noise"])
+        else:
+            self.noise.manual_seed(self.secret)
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {"dp_noise": self.noise.get_state()}
+
     def _batch(self, epoch: int, index: int) -> list[int]:
         step = epoch * self.per_epoch + index
-        return poisson_rows(len(self.train_rows), self.plan.sample_rate, self.hp.seed, step)
+        return poisson_rows(len(self.train_rows), self.plan.sample_rate, self.secret, step)
 
     def _step(self, rows: Sequence[int]) -> tuple[float | None, int]:
-        import torch
-
         if not rows:  # nobody sampled: the step still adds its noise (and is accounted)
-            for param in self.params.values():
-                param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            empty_step(self.optimizer, self.params.values())
             return None, 0
         batch = collate([self.train_rows[i] for i in rows], self.pad, self.device)
         self.prepared.train()
@@ -128,6 +150,17 @@ class _PrivateRun(SupervisedRun):
             self.plan.noise_multiplier, self.plan.sample_rate, steps, self.plan.delta
         )
         return {"dp": {**self.plan.as_dict(), "steps_taken": steps, "epsilon_spent": spent}}
+
+
+def empty_step(optimizer: Any, params: Any) -> None:
+    """A DP-SGD step whose batch is empty: no gradient, only the noise (on each parameter's
+    own device)."""
+    import torch
+
+    for param in params:
+        param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def per_row_loss(logits: Any, labels: Any) -> Any:

@@ -12,6 +12,7 @@ lineage; a failed verdict is recorded on the job and the Q8_0 version stands alo
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,15 @@ def edge_export(
     quant: str = "q4_0",
     thresholds: Thresholds | None = None,
     keep_failed: bool = False,
+    student: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export ``model_dir`` at ``quant`` (q4_0, or q8_0 to measure it) behind the check;
     what happened, as JSON.
 
     ``path`` is the kept file, or None when the check failed (the file is then deleted,
-    unless ``keep_failed``: a benchmark measures it all the same).
+    unless ``keep_failed``: a benchmark measures it all the same). ``student``: a
+    distillation job's result (its ``layers_kept`` and ``intermediate_size``), for a model
+    smaller than the base.
 
     Raises:
         ValueError: ``quant`` is not one this export makes.
@@ -46,8 +50,13 @@ def edge_export(
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = load_weights(model_dir)
-    reference = export_gguf(weights, base_gguf, out_dir / "float.F32.gguf", quant="f32")
-    edge = export_gguf(weights, base_gguf, out_dir / f"model.{quant.upper()}.gguf", quant=quant)
+    shape: dict[str, Any] = {}
+    if student:
+        shape = {"layers": len(student["layers_kept"]), "ffn": student["intermediate_size"]}
+    reference = export_gguf(weights, base_gguf, out_dir / "float.F32.gguf", quant="f32", **shape)
+    edge = export_gguf(
+        weights, base_gguf, out_dir / f"model.{quant.upper()}.gguf", quant=quant, **shape
+    )
     del weights
     general = check_prompts()
     own = check_prompts(prompts_file)[len(general) :][:MAX_JOB_PROMPTS]

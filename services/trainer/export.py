@@ -86,28 +86,39 @@ def export_gguf(
     *,
     name: str | None = None,
     quant: str = "q8_0",
+    layers: int | None = None,
+    ffn: int | None = None,
 ) -> Path:
     """Write ``weights`` (a Hugging Face Llama state dict of tensors or arrays) as a GGUF
     shaped like ``template`` at ``quant`` (:data:`QUANTS`); returns ``out``.
 
+    A pruned student (``layers`` decoder layers, feed-forward width ``ffn``: fewer than the
+    template's) is written with its own layer count and width; without them the weights
+    must fill the template exactly.
+
     Raises:
-        ExportError: a template tensor has no trained weight, or another shape.
+        ExportError: a template tensor has no trained weight, or another shape; weights of
+            more layers than the export writes.
         ValueError: an unknown ``quant``.
     """
     import gguf
 
     reader = gguf.GGUFReader(str(template))
     heads, kv_heads = _heads(reader)
-    layers, ffn = _student_shape(weights)
+    arch = str(reader.fields["general.architecture"].contents())
+    shape: dict[str, int] = {}
+    if layers is not None:
+        held = _layers(weights)
+        if held != layers:
+            raise ExportError(f"the weights hold {held} decoder layers, the student {layers}")
+        shape[f"{arch}.block_count"] = layers
+    if ffn is not None:
+        shape[f"{arch}.feed_forward_length"] = ffn
     arrays = {
         tensor.name: _trained(weights, tensor, heads, kv_heads, ffn)
         for tensor in reader.tensors
-        if _layer(tensor.name) < layers
+        if layers is None or _layer(tensor.name) < layers
     }
-    arch = str(reader.fields["general.architecture"].contents())
-    shape = {f"{arch}.block_count": layers}
-    if ffn is not None:
-        shape[f"{arch}.feed_forward_length"] = ffn
     return _write(reader, arrays, out, quant=quant, name=name, overrides=shape)
 
 
@@ -117,12 +128,10 @@ def _layer(gguf_name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def _student_shape(weights: Mapping[str, Any]) -> tuple[int, int | None]:
-    """The decoder layers ``weights`` hold and their feed-forward width (None: unknown; a
-    pruned student can hold fewer of both than the template)."""
-    layers = {int(m.group(1)) for k in weights if (m := re.match(r"model\.layers\.(\d+)\.", k))}
-    gate = weights.get("model.layers.0.mlp.gate_proj.weight")
-    return len(layers), None if gate is None else int(gate.shape[0])
+def _layers(weights: Mapping[str, Any]) -> int:
+    """How many decoder layers ``weights`` hold."""
+    found = {int(m.group(1)) for k in weights if (m := re.match(r"model\.layers\.(\d+)\.", k))}
+    return len(found)
 
 
 def requantize_gguf(source: Path, out: Path, *, quant: str, name: str | None = None) -> Path:

@@ -308,7 +308,7 @@ def _edge(spec: JobSpec, result: dict[str, Any]) -> dict[str, Any]:
     try:
         return edge_export(
             Path(result["model_dir"]), spec.base_gguf, spec.output_dir / "edge", prompts,
-            quant=spec.edge_quant,
+            quant=spec.edge_quant, student=result.get("distill"),
         )  # fmt: skip
     except _Cancelled:
         raise

@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from services.trainer.edge import SPEC_EDGE_QUANTS
-from services.trainer.pruning import StudentShape
 from services.trainer.sft import METHODS, Hyperparameters, parallel_config
 from services.trainer.sft_loop import LoopConfig
 from shared.openai_protocol import InvalidRequestError
-from shared.training_requests import Privacy
+from shared.training_requests import Privacy, StudentShape
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _REQUIRED = (
@@ -97,14 +96,13 @@ def _student(spec: dict[str, Any], method: str, parallel: str) -> StudentShape |
         return None
     if not isinstance(given, dict) or set(given) - {"layers", "ffn_keep"}:
         raise SpecError("distill", "must be an object with layers (and ffn_keep)")
-    layers, keep = given.get("layers"), given.get("ffn_keep", 1.0)
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 2 <= layers <= 4096:
-        raise SpecError("distill.layers", "must be an integer from 2")
-    if isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 < keep <= 1:
-        raise SpecError("distill.ffn_keep", "must be a number in (0, 1]")
     if parallel != "ddp":
         raise SpecError("parallel", "a distillation job runs data parallel (ddp) only")
-    return StudentShape(layers=layers, ffn_keep=float(keep))
+    try:
+        return StudentShape(layers=given.get("layers", 0), ffn_keep=given.get("ffn_keep", 1.0))
+    except InvalidRequestError as error:
+        field = (error.param or "distill").replace("distill.student.", "distill.")
+        raise SpecError(field, error.message.split(": ", 1)[-1]) from None
 
 
 def _privacy(spec: dict[str, Any], method: str, workers: int) -> Privacy | None:

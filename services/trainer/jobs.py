@@ -50,6 +50,46 @@ def edge_note(model: str, edge: Mapping[str, Any]) -> str:
     return f"{quant} edge export not kept: {'; '.join(edge.get('reasons') or [measured])}"
 
 
+# What a DP-SGD candidate's lineage may say about the run: nothing computed on the rows
+# without noise (losses, token counts, timings), and not the job's seed.
+PRIVATE_RUN_METRICS = ("steps", "epochs", "trainable_parameters")
+
+
+def candidate_lineage(
+    job: Mapping[str, Any], *, base: Any, files: Mapping[str, Mapping[str, Any]],
+    result: Mapping[str, Any], train: Mapping[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """What a candidate was made from and how (the registry's lineage, shown on its card).
+
+    A DP-SGD job's lineage leaves out what is not covered by its guarantee: metrics computed
+    on the rows (they stay in the job's result, which only its tenant reads) and the seed.
+    """
+    private = result.get("dp") is not None
+    metrics = {k: v for k, v in result.items()
+               if isinstance(v, int | float) and not isinstance(v, bool)}  # fmt: skip
+    if private:
+        metrics = {k: v for k, v in metrics.items() if k in PRIVATE_RUN_METRICS}
+    return {
+        "job_id": job["id"], "tenant": job["tenant"], "created_by": job["created_by"],
+        "base": base.ref, "base_sha256": base.sha256, "dataset": job["dataset"],
+        "files": {
+            role: {"id": row["id"], "sha256": row["sha256"], "rows": row["row_count"]}
+            for role, row in files.items()
+        },
+        "method": job["tuning"], "hyperparameters": job["hyperparameters"],
+        "learning_rate": learning_rate(job["tuning"], job["hyperparameters"]),
+        "seed": None if private else job["seed"], "train": dict(train),
+        "metrics": metrics,
+        # loss_before/after are over held-out rows only when this says "validation"
+        "held_out_source": None if private else result.get("held_out_source"),
+        "training_counts": None if private else result.get("training_counts"),
+        # DP-SGD: the noise used and the epsilon the accountant gives for the steps taken
+        "dp": result.get("dp"),
+        # distillation: what was cut from the teacher, the student's KL before and after
+        "distill": result.get("distill"),
+    }  # fmt: skip
+
+
 def privacy_note(dp: Mapping[str, Any]) -> str:
     """The job event that states what a DP-SGD run spent."""
     return (

@@ -20,27 +20,14 @@ reads or writes files.
 
 from __future__ import annotations
 
+import copy
 import itertools
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-CHANNEL_MULTIPLE = 32
+from shared.training_requests import StudentShape
 
-
-@dataclass(frozen=True)
-class StudentShape:
-    """What the student keeps: ``layers`` of the teacher's, ``ffn_keep`` of each layer's
-    feed-forward channels (1.0: all)."""
-
-    layers: int
-    ffn_keep: float = 1.0
-
-    def channels(self, intermediate: int) -> int:
-        """The feed-forward channels kept of ``intermediate``: rounded to a multiple of 32."""
-        kept = math.floor(intermediate * self.ffn_keep / CHANNEL_MULTIPLE) * CHANNEL_MULTIPLE
-        return max(CHANNEL_MULTIPLE, min(intermediate, kept))
+__all__ = ["StudentShape", "calibrate", "choose_layers", "cut_copy", "prune", "top_channels"]
 
 
 def layer_scores(hidden_states: Sequence[Any], mask: Any) -> list[float]:
@@ -117,14 +104,32 @@ def calibrate(model: Any, batches: Sequence[dict[str, Any]]) -> tuple[list[float
     return layer_total, channel_total
 
 
-def prune(model: Any, keep_layers: Sequence[int], channels: Sequence[Any] | None) -> Any:
+def cut_copy(teacher: Any, keep_layers: Sequence[int], channels: Sequence[Any] | None) -> Any:
+    """A student made of a copy of ``teacher``'s layers ``keep_layers`` only (the others
+    are never copied, so the peak is one teacher and one student), cut by :func:`prune`."""
+    import torch
+
+    layers = teacher.model.layers
+    teacher.model.layers = torch.nn.ModuleList([layers[i] for i in keep_layers])
+    try:
+        student = copy.deepcopy(teacher)
+    finally:
+        teacher.model.layers = layers
+    return prune(student, keep_layers, channels, copied=True)
+
+
+def prune(
+    model: Any, keep_layers: Sequence[int], channels: Sequence[Any] | None, *,
+    copied: bool = False,
+) -> Any:  # fmt: skip
     """``model`` (a copy of the teacher: changed in place and returned) cut to the layers
     ``keep_layers`` and, with ``channels`` (for each kept layer, the indices of the
-    feed-forward channels it keeps), to those channels."""
+    feed-forward channels it keeps), to those channels. ``copied``: ``model`` already holds
+    only the kept layers, in order (:func:`cut_copy`)."""
     import torch
 
     old = model.model.layers
-    chosen: list[Any] = [old[i] for i in keep_layers]
+    chosen: list[Any] = list(old) if copied else [old[i] for i in keep_layers]
     kept = torch.nn.ModuleList(chosen)
     for position, layer in enumerate(chosen):
         layer.self_attn.layer_idx = position  # the KV cache is indexed by it

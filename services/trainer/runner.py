@@ -34,7 +34,13 @@ from services.inference.model.gguf_model import ModelLoadError
 from services.inference.model.quant import FOUR_BIT_TYPES
 from services.inference.registry import ModelExists, ModelRegistry
 from services.trainer.export import ExportError, export_gguf, load_weights
-from services.trainer.jobs import candidate_version, edge_note, learning_rate, privacy_note
+from services.trainer.jobs import (
+    candidate_lineage,
+    candidate_version,
+    edge_note,
+    learning_rate,
+    privacy_note,
+)
 from services.trainer.service import TrainerService
 from services.trainer.store import Job
 from shared.bus import Publisher
@@ -371,30 +377,22 @@ class Runner:
         base = self.registry.resolve(job["model"], job["base_version"])
         version = candidate_version(job["base_version"], job["suffix"], job.id)
         out = self.run_dir(job) / "export" / f"{job['model']}-{version}.Q8_0.gguf"
+        distill = result.get("distill") or {}
         try:
-            export_gguf(load_weights(model_dir), base.path, out, name=f"{job['model']} {version}")
+            export_gguf(
+                load_weights(model_dir), base.path, out, name=f"{job['model']} {version}",
+                layers=len(distill["layers_kept"]) if distill else None,
+                ffn=distill.get("intermediate_size"),
+            )  # fmt: skip
         except (ExportError, OSError) as error:
             raise JobFailed(f"the trained model could not be exported: {error}") from None
-        lineage = {
-            "job_id": job.id, "tenant": job["tenant"], "created_by": job["created_by"],
-            "base": base.ref, "base_sha256": base.sha256, "dataset": job["dataset"],
-            "files": {
-                role: {"id": row["id"], "sha256": row["sha256"], "rows": row["row_count"]}
-                for role, row in files.items()
-            },
-            "method": job["tuning"], "hyperparameters": job["hyperparameters"],
-            "learning_rate": learning_rate(job["tuning"], job["hyperparameters"]),
-            "seed": job["seed"], "train": self.settings.train.model_dump(),
-            "metrics": {k: v for k, v in result.items()
-                        if isinstance(v, int | float) and not isinstance(v, bool)},
-            # loss_before/after are over held-out rows only when this says "validation"
-            "held_out_source": result.get("held_out_source"),
-            "training_counts": result.get("training_counts"),
-            # DP-SGD: the noise used and the epsilon the accountant gives for the steps taken
-            "dp": result.get("dp"),
-            # distillation: what was cut from the teacher, the student's KL before and after
-            "distill": result.get("distill"),
-        }  # fmt: skip
+        lineage = candidate_lineage(
+            job.values,
+            base=base,
+            files=files,
+            result=result,
+            train=self.settings.train.model_dump(),
+        )
         try:
             entry = self.registry.register(
                 job["model"], version, out, source=f"fine-tune {job.id}",

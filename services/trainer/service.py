@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from services.inference.model.gguf_model import read_gguf_header
 from services.inference.registry import ModelRegistry, UnknownModel
 from services.trainer.jobs import JobRequest, file_json, job_json, new_id
 from services.trainer.settings import TrainerSettings
@@ -34,6 +35,7 @@ from shared.openai_protocol import (
     invalid_field,
 )
 from shared.topics import TRAINING_JOBS
+from shared.training_requests import Privacy
 
 log = get_logger(__name__)
 PURPOSES = frozenset({"fine-tune"})
@@ -205,9 +207,7 @@ class TrainerService:
         if entry.status == "candidate" and made_by != tenant:
             # another tenant's fine-tune holds that tenant's data: told as unknown
             raise invalid_field("model", f"not a registered model ({request.model})")
-        workers = self.settings.train.workers
-        if request.dp is not None and workers != 1:
-            raise invalid_field("dp", f"DP-SGD runs on one worker; this trainer runs {workers}")
+        await self._check_method(request, entry)
         job_id = new_id("ftjob-")
         training, validation = request.training_file, request.validation_file
         if request.dataset is not None:
@@ -217,6 +217,7 @@ class TrainerService:
             # marked before the rows are copied here, so no erasure can miss the copy
             await self.datasets.mark_used(tenant, request.dataset, job_id)
             training, validation = await self._dataset_files(tenant, subject, request.dataset)
+        rows = 0
         for param, file_id in (("training_file", training), ("validation_file", validation)):
             if file_id is None:
                 continue
@@ -227,6 +228,9 @@ class TrainerService:
             if row["purpose"] != "fine-tune" or row["kind"] != kind:
                 what = "preference pairs (method dpo)" if kind == "preference" else "chat rows"
                 raise invalid_field(param, f"must be a fine-tune file of {what}")
+            rows = rows or int(row["row_count"])
+        if request.dp is not None:
+            await asyncio.to_thread(_check_budget, request, rows)
         job = await self.store.add_job({
             "id": job_id, "tenant": tenant, "created_by": subject,
             "created_at": int(time.time()), "model": entry.name, "base_version": entry.version,
@@ -242,6 +246,29 @@ class TrainerService:
         await self.announce(job)
         log.info("job queued", tenant=tenant, job=job_id, model=entry.ref, tuning=request.tuning)
         return job_json(job.values)
+
+    async def _check_method(self, request: JobRequest, entry: Any) -> None:
+        """What this trainer and the base must allow for a DP-SGD or distillation job.
+
+        Raises:
+            InvalidRequestError: ``dp`` on a trainer with several workers; a student with
+                as many layers as the base, or distillation on a trainer set to fsdp.
+        """
+        train = self.settings.train
+        if request.dp is not None and train.workers != 1:
+            raise invalid_field(
+                "dp", f"DP-SGD runs on one worker; this trainer runs {train.workers}"
+            )
+        if request.distill is None:
+            return
+        if train.parallel != "ddp":
+            raise invalid_field("distill", "distillation runs data parallel: this trainer is fsdp")
+        header = await asyncio.to_thread(read_gguf_header, entry.path)
+        if request.distill["layers"] >= header.config.num_layers:
+            raise invalid_field(
+                "distill.student.layers",
+                f"must be below the model's {header.config.num_layers} layers",
+            )
 
     async def announce(self, job: Job) -> None:
         """Wake the runners (the job is already stored: a lost wake-up only delays it until
@@ -318,3 +345,23 @@ def _write_private(path: Path, data: bytes) -> None:
         out.flush()
         os.fsync(out.fileno())
     temporary.replace(path)
+
+
+def _check_budget(request: JobRequest, rows: int) -> None:
+    """The noise a DP-SGD job needs exists for its rows (counted before encoding, which can
+    only drop rows: the job checks again with the rows it keeps).
+
+    Raises:
+        InvalidRequestError: naming ``dp.epsilon`` or ``dp.delta``.
+    """
+    from services.trainer.privacy import PrivacyBudgetError, plan
+    from services.trainer.sft import steps_per_epoch
+
+    assert request.dp is not None
+    batch = int(request.hyperparameters["batch_size"])
+    steps = steps_per_epoch(rows, batch) * int(request.hyperparameters["n_epochs"])
+    try:
+        plan(Privacy.from_mapping(request.dp), rows=rows, batch_size=batch, steps=steps)
+    except PrivacyBudgetError as error:
+        field = "dp.delta" if str(error).startswith("dp.delta") else "dp.epsilon"
+        raise invalid_field(field, str(error).removeprefix(f"{field} ")) from None

@@ -161,6 +161,10 @@ class SupervisedRun:
         """Whether the result reports the trained weights' distance to the base's."""
         return True
 
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """What the variant keeps in each checkpoint beside the loop state."""
+        return {}
+
     def _prepare(self, model: Any) -> Any:
         """The model the steps run: DDP- or FSDP-wrapped by Ray Train."""
         from ray.train import torch as ray_torch
@@ -272,9 +276,12 @@ class SupervisedRun:
         )  # fmt: skip
         check_update(change)
         metrics["relative_change"] = change.relative_change
-        metrics["valid_loss"] = self.evaluate(self.valid_rows) if self.valid_rows else None
+        # a sample, as OpenAI's checkpoint valid_loss is (the whole file is scored at the end)
+        sample = self.valid_rows[:HELD_OUT_ROWS]
+        metrics["valid_loss"] = self.evaluate(sample) if sample else None
         self.state["seconds"] = self.resumed_seconds + elapsed
         self.state["fingerprint"] = self.fingerprint
+        self.state.update(self._checkpoint_state())
         report_checkpoint(
             metrics, self.state, params=self.params, optimizer=self.optimizer,
             scheduler=self.scheduler, rank=self.rank, sharded=self.sharded,

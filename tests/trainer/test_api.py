@@ -308,6 +308,14 @@ async def test_a_private_job_keeps_its_budget_and_needs_one_worker(
     }  # fmt: skip
     plain = (await create(api, model=DEFAULT_MODEL_NAME, training_file=file_id)).json()
     assert plain["dp"] is None
+    impossible = await create(api, model=DEFAULT_MODEL_NAME, training_file=file_id,
+                              dp={"epsilon": 1e-6})  # fmt: skip
+    assert (impossible.status_code, impossible.json()["error"]["param"]) == (400, "dp.epsilon")
+    many = (await upload(api, jsonl(*[ROW] * 2000))).json()["id"]
+    loose = await create(api, model=DEFAULT_MODEL_NAME, training_file=many,
+                         dp={"epsilon": 8, "delta": 1e-3})  # fmt: skip
+    assert (loose.status_code, loose.json()["error"]["param"]) == (400, "dp.delta")
+    assert "below 1/n" in loose.json()["error"]["message"]
     settings.train.workers = 2
     refused = await create(api, model=DEFAULT_MODEL_NAME, training_file=file_id, dp={"epsilon": 4})
     assert (refused.status_code, refused.json()["error"]["param"]) == (400, "dp")
@@ -323,6 +331,10 @@ async def test_a_distillation_job_names_its_student(api: httpx.AsyncClient) -> N
     assert job["tuning"] == "distill"
     assert job["distill"] == {"student": {"layers": 20, "ffn_keep": 0.75}}
     assert job["dp"] is None
+    whole = await create(api, model=DEFAULT_MODEL_NAME, training_file=file_id,
+                         distill={"student": {"layers": 30}})  # fmt: skip
+    assert (whole.status_code, whole.json()["error"]["param"]) == (400, "distill.student.layers")
+    assert "below the model's 30 layers" in whole.json()["error"]["message"]
 
 
 async def test_cancel_a_queued_job_and_a_running_one(

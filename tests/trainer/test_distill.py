@@ -92,6 +92,24 @@ def test_pruning_nothing_keeps_the_model_and_cut_channels_are_exactly_removed() 
     )
 
 
+def test_a_cut_copy_is_the_pruned_copy_and_leaves_the_teacher_whole() -> None:
+    import torch
+
+    from services.trainer.pruning import cut_copy, prune
+
+    teacher = tiny_llama()
+    ids = torch.randint(0, 96, (1, 8))
+    channels = [torch.arange(0, 128, 2), torch.arange(1, 128, 2)]
+    cut = cut_copy(teacher, [0, 2], channels)
+    pruned = prune(copy.deepcopy(teacher), [0, 2], channels)
+    torch.testing.assert_close(cut(input_ids=ids).logits, pruned(input_ids=ids).logits)
+    assert len(teacher.model.layers) == teacher.config.num_hidden_layers == 4
+    assert teacher.model.layers[0].mlp.gate_proj.weight.shape == (128, 64)
+    assert cut.model.layers[1].mlp.gate_proj.weight.data_ptr() != (
+        teacher.model.layers[2].mlp.gate_proj.weight.data_ptr()
+    )
+
+
 def test_a_student_without_some_layers_generates_with_its_cache() -> None:
     import torch
 

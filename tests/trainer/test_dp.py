@@ -14,6 +14,7 @@ import pytest
 from services.inference import model_card
 from services.trainer.privacy import (
     PrivacyBudgetError,
+    default_delta,
     plan,
     poisson_rows,
     sample_rate,
@@ -24,10 +25,11 @@ from shared.training_requests import Privacy, parse_dp
 from tests.trainer.test_job_process import QA, Child, rows, write_spec
 
 
-def test_a_steps_batch_is_a_poisson_sample_fixed_by_seed_and_step() -> None:
-    assert poisson_rows(1000, 0.1, seed=3, step=7) == poisson_rows(1000, 0.1, seed=3, step=7)
-    assert poisson_rows(1000, 0.1, seed=3, step=7) != poisson_rows(1000, 0.1, seed=3, step=8)
-    sizes = [len(poisson_rows(1000, 0.05, seed=1, step=s)) for s in range(200)]
+def test_a_steps_batch_is_a_poisson_sample_fixed_by_the_secret_and_step() -> None:
+    assert poisson_rows(1000, 0.1, secret=3, step=7) == poisson_rows(1000, 0.1, secret=3, step=7)
+    assert poisson_rows(1000, 0.1, secret=3, step=7) != poisson_rows(1000, 0.1, secret=3, step=8)
+    assert poisson_rows(1000, 0.1, secret=3, step=7) != poisson_rows(1000, 0.1, secret=4, step=7)
+    sizes = [len(poisson_rows(1000, 0.05, secret=1, step=s)) for s in range(200)]
     assert 45 < sum(sizes) / len(sizes) < 55  # expected 50
     assert len(set(sizes)) > 5  # the size varies, as Poisson sampling's does
     assert sample_rate(4, 12) == pytest.approx(1 / 3)
@@ -38,7 +40,9 @@ def test_the_noise_spends_the_target_and_the_accountant_says_so() -> None:
     from opacus.accountants import PRVAccountant
 
     planned = plan(Privacy(epsilon=4.0), rows=480, batch_size=16, steps=90)
-    assert planned.delta == pytest.approx(1 / 480)  # the default: 1/n
+    assert planned.delta == 1e-5  # the default: min(1e-5, 1/(10 n))
+    assert plan(Privacy(epsilon=4.0), rows=20, batch_size=4, steps=9).delta == 1e-5
+    assert default_delta(50_000) == pytest.approx(2e-6)
     assert planned.sample_rate == pytest.approx(16 / 480)
     spent = spent_epsilon(planned.noise_multiplier, planned.sample_rate, 90, planned.delta)
     accountant = PRVAccountant()
@@ -51,9 +55,31 @@ def test_the_noise_spends_the_target_and_the_accountant_says_so() -> None:
     assert tighter.noise_multiplier > planned.noise_multiplier
 
 
-def test_a_budget_no_noise_meets_is_refused_naming_epsilon() -> None:
+def test_a_budget_no_noise_meets_and_a_delta_of_1_over_n_are_refused() -> None:
     with pytest.raises(PrivacyBudgetError, match=r"dp\.epsilon 0\.001 cannot be met"):
         plan(Privacy(epsilon=0.001, delta=1e-9), rows=10, batch_size=10, steps=10_000)
+    with pytest.raises(PrivacyBudgetError, match=r"dp\.delta 0\.001 must be below 1/n"):
+        plan(Privacy(epsilon=8, delta=1e-3), rows=1000, batch_size=10, steps=100)
+
+
+def test_a_step_without_rows_still_adds_the_noise() -> None:
+    import torch
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from services.trainer.dp_loop import empty_step
+
+    layer = GradSampleModule(torch.nn.Linear(4, 3))
+    before = [p.detach().clone() for p in layer.parameters()]
+    noise = torch.Generator().manual_seed(1)
+    optimizer = DPOptimizer(
+        torch.optim.SGD(layer.parameters(), lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
+        expected_batch_size=4, generator=noise, secure_mode=True,
+    )  # fmt: skip
+    empty_step(optimizer, list(layer.parameters()))
+    moved = [float((p.detach() - b).abs().max()) for p, b in zip(layer.parameters(), before,
+                                                                   strict=True)]  # fmt: skip
+    assert all(m > 0 for m in moved)  # noise of std 1/4 per weight, nothing else
 
 
 @pytest.mark.parametrize(
@@ -65,6 +91,7 @@ def test_a_budget_no_noise_meets_is_refused_naming_epsilon() -> None:
         ({"epsilon": True}, "lora", "dp.epsilon"),
         ({"epsilon": 1000}, "lora", "dp.epsilon"),
         ({"epsilon": 8, "delta": 0}, "lora", "dp.delta"),
+        ({"epsilon": 8, "delta": 0.01}, "lora", "dp.delta"),
         ({"epsilon": 8, "delta": "1e-5"}, "lora", "dp.delta"),
         ({"epsilon": 8, "max_grad_norm": 0}, "lora", "dp.max_grad_norm"),
         ({"epsilon": 8, "noise_multiplier": 0.1}, "lora", "dp.noise_multiplier"),
@@ -180,11 +207,11 @@ def test_a_private_run_killed_mid_way_resumes_and_reports_the_accountants_epsilo
     assert result["resumed_from_step"] == 2
     dp = result["dp"]
     n = len(QA)
-    assert dp["delta"] == pytest.approx(1 / n)
+    assert dp["delta"] == 1e-5
     assert dp["sample_rate"] == pytest.approx(4 / n)
     assert dp["steps"] == dp["steps_taken"] == result["steps"] == 6
     assert dp["epsilon_spent"] == pytest.approx(
-        spent_epsilon(dp["noise_multiplier"], dp["sample_rate"], 6, 1 / n)
+        spent_epsilon(dp["noise_multiplier"], dp["sample_rate"], 6, 1e-5)
     )
     assert 7.5 < dp["epsilon_spent"] <= 8.0
     assert dp["accountant"] == "prv"
@@ -215,8 +242,21 @@ def test_the_model_card_states_what_a_private_run_spent() -> None:
     card = model_card.render(manifest)
     assert "(7.991, 0.00208)-differentially private" in card
     assert "Noise multiplier: 0.4871; per-example clipping norm 1" in card
-    assert "training_file: file-x (480 rows" in card
+    assert "training\\_file: file\\-x (480 rows" in card
     manifest["lineage"]["dp"] = None
     assert "Not trained with differential privacy." in model_card.render(manifest)
     del manifest["lineage"]
     assert "No lineage is recorded" in model_card.render(manifest)
+
+
+def test_the_card_shows_tenant_text_as_text() -> None:
+    manifest = {
+        "name": "m", "version": "1", "file_name": "m.gguf", "architecture": "llama",
+        "quantization": "Q8_0", "size": 1, "sha256": "ab", "created_at": "now",
+        "lineage": {"job_id": "ftjob-x", "tenant": "acme",
+                    "created_by": "eve](http://evil.example) <script>\n# Approved"},
+    }  # fmt: skip
+    card = model_card.render(manifest)
+    assert "\n# Approved" not in card
+    assert "](http" not in card
+    assert "<script>" not in card

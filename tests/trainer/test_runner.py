@@ -299,3 +299,28 @@ def test_the_registry_writes_a_card_beside_each_version(tmp_path: Path) -> None:
     card = (entry.directory / "MODEL_CARD.md").read_text()
     assert card.startswith("# m:1\n")
     assert "(7.900, 0.01)-differentially private" in card
+
+
+def test_a_private_candidates_lineage_keeps_only_what_the_guarantee_covers() -> None:
+    from types import SimpleNamespace
+
+    from services.trainer.jobs import candidate_lineage
+
+    job = {"id": "ftjob-x", "tenant": "acme", "created_by": "alice", "dataset": None,
+           "tuning": "lora", "hyperparameters": {"learning_rate_multiplier": 1.0},
+           "seed": 42}  # fmt: skip
+    base = SimpleNamespace(ref="m:1", sha256="ab" * 32)
+    result = {"steps": 9, "epochs": 3, "loss_before": 2.0, "loss_after": 0.4,
+              "tokens_seen": 999, "train_seconds": 5.0, "held_out_source": "training",
+              "training_counts": {"rows": 12}, "trainable_parameters": 7}  # fmt: skip
+    plain = candidate_lineage(job, base=base, files={}, result=result, train={})
+    assert plain["seed"] == 42
+    assert plain["metrics"]["loss_after"] == 0.4
+    private = candidate_lineage(
+        job, base=base, files={}, result={**result, "dp": {"epsilon_spent": 7.9}}, train={}
+    )
+    assert private["seed"] is None
+    assert private["metrics"] == {"steps": 9, "epochs": 3, "trainable_parameters": 7}
+    assert private["training_counts"] is None
+    assert private["held_out_source"] is None
+    assert private["dp"] == {"epsilon_spent": 7.9}
