@@ -49,6 +49,12 @@ def start(
     dp_max_grad_norm: Annotated[
         float | None, typer.Option(help="DP-SGD's per-example clipping norm (default 1).")
     ] = None,
+    distill_layers: Annotated[
+        int | None, typer.Option(help="Distil into a student of this many layers.")
+    ] = None,
+    distill_ffn_keep: Annotated[
+        float | None, typer.Option(help="The share of feed-forward channels it keeps.")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = True,
     plot: Annotated[Path, typer.Option(help="Where the loss curve goes.")] = Path("loss.png"),
     url: Url = None,
@@ -79,6 +85,15 @@ def start(
         body["dp"] = {k: v for k, v in dp.items() if v is not None}
     elif dp_delta is not None or dp_max_grad_norm is not None:
         errors.print("[red]--dp-delta and --dp-max-grad-norm need --dp-epsilon[/red]")
+        raise typer.Exit(2)
+    if distill_layers is not None:
+        student: dict[str, Any] = {"layers": distill_layers}
+        if distill_ffn_keep is not None:
+            student["ffn_keep"] = distill_ffn_keep
+        body["distill"] = {"student": student}
+        del body["method"]  # a distillation job has its own
+    elif distill_ffn_keep is not None:
+        errors.print("[red]--distill-ffn-keep needs --distill-layers[/red]")
         raise typer.Exit(2)
     job = _call(url, "POST", "/fine_tuning/jobs", json=body).json()
     console.print(f"[bold]{job['id']}[/bold] {job['status']}")
@@ -128,6 +143,10 @@ def _follow(job_id: str, plot: Path, url: str | None) -> None:
             dp = job["dp"]
             console.print(f"differential privacy: epsilon {dp['epsilon_spent']:.3f} spent "
                           f"at delta {dp['delta']:.3g}")  # fmt: skip
+        distilled = job.get("distill") or {}
+        if distilled.get("kl_after") is not None:
+            console.print(f"student: {len(distilled['layers_kept'])} layers, KL to the teacher "
+                          f"{distilled['kl_before']:.3f} -> {distilled['kl_after']:.3f}")  # fmt: skip
     else:
         error = (job.get("error") or {}).get("message", "")
         console.print(f"[red]{job['status']}[/red] {error}")
