@@ -145,8 +145,9 @@ def _follow(job_id: str, plot: Path, url: str | None) -> None:
                           f"at delta {dp['delta']:.3g}")  # fmt: skip
         distilled = job.get("distill") or {}
         if distilled.get("kl_after") is not None:
-            console.print(f"student: {len(distilled['layers_kept'])} layers, KL to the teacher "
-                          f"{distilled['kl_before']:.3f} -> {distilled['kl_after']:.3f}")  # fmt: skip
+            before, after = distilled["kl_before"], distilled["kl_after"]
+            layers = len(distilled["layers_kept"])
+            console.print(f"student: {layers} layers, KL to teacher {before:.3f} to {after:.3f}")
     else:
         error = (job.get("error") or {}).get("message", "")
         console.print(f"[red]{job['status']}[/red] {error}")
