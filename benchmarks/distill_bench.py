@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> None:
             export.load_weights(base_dir), base_gguf, folder / "teacher.Q8_0.gguf"
         )
         student_q8 = export.export_gguf(
-            export.load_weights(Path(result["model_dir"])), base_gguf, folder / "student.gguf"
-        )
+            export.load_weights(Path(result["model_dir"])), base_gguf, folder / "student.gguf",
+            layers=len(kept), ffn=result["distill"]["intermediate_size"],
+        )  # fmt: skip
         report["speed"] = {"teacher": speed(teacher_q8), "student": speed(student_q8)}
         progress.update(task, total=1, completed=1)
     report["job"] = {**result["distill"], "steps": result["steps"],

@@ -227,9 +227,10 @@ def test_a_pruned_student_learns_from_its_teacher_and_serves(
     assert distill["kl_after"] < distill["kl_before"]
     assert result["weight_delta_norm"] is None
 
-    out = export.export_gguf(
-        export.load_weights(Path(result["model_dir"])), smollm2_path(), tmp_path / "s.gguf"
-    )
+    weights = export.load_weights(Path(result["model_dir"]))
+    with pytest.raises(export.ExportError, match="has shape"):  # not without its shape
+        export.export_gguf(weights, smollm2_path(), tmp_path / "x.gguf")
+    out = export.export_gguf(weights, smollm2_path(), tmp_path / "s.gguf", layers=20, ffn=1152)
     header = read_gguf_header(out)
     assert (header.config.num_layers, header.config.intermediate_size) == (20, 1152)
     loaded = load_file(out, "auto")
