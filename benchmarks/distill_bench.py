@@ -19,8 +19,9 @@ One run, on an otherwise idle machine:
    cut (rebuilt here with the job's own pruning code; its layers are checked against the
    job's) and as trained. float32, in transformers.
 3. **Speed**: teacher and student, both exported to Q8_0 GGUF the way the trainer
-   registers models, generate ``NEW_TOKENS`` tokens greedily after a chat prompt in our
-   engine, one sequence, two threads; the best of three timed runs after a warm-up.
+   registers models, decode ``NEW_TOKENS`` tokens greedily (the end token ignored) after a
+   chat prompt in our engine, one sequence, two threads: tokens per second between the
+   first and the last token, the best of three timed runs after a warm-up.
 
 Results: ``benchmarks/results/distill.md``, ``distill.json`` and ``distill.png``.
 """
@@ -124,24 +125,50 @@ def closeness(
 
 
 def speed(gguf: Path) -> dict[str, float]:
-    """Generation in our engine: tokens per second over ``NEW_TOKENS`` (best of three)."""
+    """Decode speed in our engine: tokens per second between the first and the last of
+    ``NEW_TOKENS`` generated tokens (the end token ignored, so both models make as many),
+    best of three after a warm-up; and the time to the first token."""
+    import asyncio
+
     import torch
 
-    from services.trainer.quant_check import greedy, load_file
+    from services.inference.generation import EngineSettings, SamplingParams
+    from services.inference.model.engine import Engine
+    from services.trainer.quant_check import load_file
 
     torch.set_num_threads(THREADS)
     loaded = load_file(gguf, "auto")
     prompt = loaded.tokenizer.encode(
         loaded.tokenizer.render_chat([{"role": "user", "content": PROMPT}])
     )
-    greedy(loaded, [prompt], 8)  # warm-up
-    best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
-        (made,) = greedy(loaded, [prompt], NEW_TOKENS)
-        best = min(best, time.perf_counter() - started)
-    return {"seconds": best, "tokens": len(made), "tokens_per_s": len(made) / best,
-            "prompt_tokens": len(prompt), "file_bytes": gguf.stat().st_size}  # fmt: skip
+
+    async def run() -> dict[str, float]:
+        engine = Engine(loaded.llama, loaded.tokenizer, EngineSettings(max_batch=1))
+        engine.start()
+
+        async def timed(tokens: int) -> tuple[float, float, int]:
+            params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+            started = time.perf_counter()
+            first = last = 0.0
+            count = 0
+            async for delta in engine.stream(prompt, params):
+                now = time.perf_counter() - started
+                count += len(delta.token_ids)
+                first = first or now
+                last = now
+            return first, last, count
+
+        try:
+            await timed(8)  # warm-up
+            runs = [await timed(NEW_TOKENS) for _ in range(3)]
+        finally:
+            engine.stop()
+        rates = [(count - 1) / (last - first) for first, last, count in runs]
+        return {"tokens_per_s": max(rates), "ttft_s": min(r[0] for r in runs),
+                "tokens": runs[0][2], "prompt_tokens": len(prompt),
+                "file_bytes": gguf.stat().st_size}  # fmt: skip
+
+    return asyncio.run(run())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -223,7 +250,7 @@ def results_text(report: dict[str, Any]) -> str:
          f"{student['file_bytes'] / 1e6:.0f} MB", f"{student['tokens_per_s']:.1f}",
          f"{student['tokens_per_s'] / teacher['tokens_per_s']:.2f}x", f"{kl['trained']:.3f}"],
     ]  # fmt: skip
-    headers = ["model", "layers", "FFN width", "parameters", "file", "tokens/s (our engine)",
+    headers = ["model", "layers", "FFN width", "parameters", "file", "decode tokens/s (ours)",
                "speed", "KL to teacher (held-out, nats/token)"]  # fmt: skip
     lines = [
         "# Distillation with structured pruning: speed and closeness to the teacher",
@@ -239,8 +266,10 @@ def results_text(report: dict[str, Any]) -> str:
         f"{hp['batch_size']}, learning rate {hp['learning_rate']:g}: the product's default, "
         f"not tuned) at {job['tokens_per_s']:.0f} training tokens/s. KL is over "
         f"{report['held_out_rows']} held-out rows ({kl['tokens']:.0f} tokens) never trained "
-        f"on. Speed: {NEW_TOKENS} new tokens after a {teacher['prompt_tokens']}-token chat "
-        "prompt, one sequence, best of three.",
+        f"on. Speed: decoding {NEW_TOKENS} tokens (the end token ignored) after a "
+        f"{teacher['prompt_tokens']}-token chat prompt, one sequence, best of three; time to "
+        f"first token {1000 * teacher['ttft_s']:.0f} ms (teacher) and "
+        f"{1000 * student['ttft_s']:.0f} ms (student).",
         "",
         markdown_table(headers, rows),
         "",

@@ -18,7 +18,7 @@ def test_the_report_states_speed_and_closeness() -> None:
     job = {"teacher_layers": 30, "layers_kept": list(range(20)), "intermediate_size": 1152,
            "teacher_intermediate_size": 1536, "teacher_parameters": 134.5e6,
            "student_parameters": 85.8e6, "steps": 90, "tokens_per_s": 80.0}  # fmt: skip
-    speed = {"tokens_per_s": 50.0, "file_bytes": 145e6, "prompt_tokens": 40}
+    speed = {"tokens_per_s": 50.0, "file_bytes": 145e6, "prompt_tokens": 40, "ttft_s": 0.05}
     report = {
         "when": "now", "quick": False, "machine": ["cpu"], "rows": 360, "held_out_rows": 184,
         "hyperparameters": {"n_epochs": 2, "batch_size": 8, "learning_rate": 1e-4},
