@@ -45,7 +45,9 @@ def start(
     dp_epsilon: Annotated[
         float | None, typer.Option(help="Train with DP-SGD, spending at most this epsilon.")
     ] = None,
-    dp_delta: Annotated[float | None, typer.Option(help="DP-SGD's delta (default 1/n).")] = None,
+    dp_delta: Annotated[
+        float | None, typer.Option(help="DP-SGD's delta (default min(1e-5, 1/(10 n))).")
+    ] = None,
     dp_max_grad_norm: Annotated[
         float | None, typer.Option(help="DP-SGD's per-example clipping norm (default 1).")
     ] = None,

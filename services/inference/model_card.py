@@ -66,6 +66,9 @@ def _made_from(lineage: Mapping[str, Any]) -> list[str]:
     if lineage.get("dataset"):
         lines.append(f"- Dataset: {_text(lineage['dataset'])}")
     for role, file in sorted((lineage.get("files") or {}).items()):
+        if file.get("sha256") is None:  # a DP-SGD candidate's: the id only
+            lines.append(f"- {_text(role)}: {_text(file.get('id'))}")
+            continue
         lines.append(
             f"- {_text(role)}: {_text(file.get('id'))} ({_text(file.get('rows'))} rows, "
             f"SHA-256 {_text(file.get('sha256'))})"
@@ -106,8 +109,9 @@ def _distillation(distill: Mapping[str, Any]) -> list[str]:
         "",
         f"- Parameters: {distill.get('student_parameters', 0):,} "
         f"(teacher {distill.get('teacher_parameters', 0):,})",
-        f"- KL to the teacher on held-out rows: {_number(distill.get('kl_before'))} before "
-        f"training, {_number(distill.get('kl_after'))} after",
+        f"- KL to the teacher on the job's held-out rows (its validation file, else its "
+        f"first training rows): {_number(distill.get('kl_before'))} before training, "
+        f"{_number(distill.get('kl_after'))} after",
     ]
 
 

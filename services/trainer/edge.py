@@ -33,6 +33,7 @@ def edge_export(
     thresholds: Thresholds | None = None,
     keep_failed: bool = False,
     student: Mapping[str, Any] | None = None,
+    private: bool = False,
 ) -> dict[str, Any]:
     """Export ``model_dir`` at ``quant`` (q4_0, or q8_0 to measure it) behind the check;
     what happened, as JSON.
@@ -40,7 +41,8 @@ def edge_export(
     ``path`` is the kept file, or None when the check failed (the file is then deleted,
     unless ``keep_failed``: a benchmark measures it all the same). ``student``: a
     distillation job's result (its ``layers_kept`` and ``intermediate_size``), for a model
-    smaller than the base.
+    smaller than the base. ``private``: a DP-SGD job's model, checked on the general prompts
+    only (a verdict on the job's own rows would be computed on them without noise).
 
     Raises:
         ValueError: ``quant`` is not one this export makes.
@@ -59,7 +61,7 @@ def edge_export(
     )
     del weights
     general = check_prompts()
-    own = check_prompts(prompts_file)[len(general) :][:MAX_JOB_PROMPTS]
+    own = [] if private else check_prompts(prompts_file)[len(general) :][:MAX_JOB_PROMPTS]
     try:
         verdict = run_check(
             reference, edge, [*general, *own], thresholds=thresholds, reference_quant="fp32"

@@ -309,6 +309,7 @@ def _edge(spec: JobSpec, result: dict[str, Any]) -> dict[str, Any]:
         return edge_export(
             Path(result["model_dir"]), spec.base_gguf, spec.output_dir / "edge", prompts,
             quant=spec.edge_quant, student=result.get("distill"),
+            private=spec.privacy is not None,
         )  # fmt: skip
     except _Cancelled:
         raise

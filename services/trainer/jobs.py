@@ -62,7 +62,8 @@ def candidate_lineage(
     """What a candidate was made from and how (the registry's lineage, shown on its card).
 
     A DP-SGD job's lineage leaves out what is not covered by its guarantee: metrics computed
-    on the rows (they stay in the job's result, which only its tenant reads) and the seed.
+    on the rows (they stay in the job's result, which only its tenant reads), the files'
+    digests and row counts (a digest lets anyone test a guessed data set), and the seed.
     """
     private = result.get("dp") is not None
     metrics = {k: v for k, v in result.items()
@@ -73,7 +74,8 @@ def candidate_lineage(
         "job_id": job["id"], "tenant": job["tenant"], "created_by": job["created_by"],
         "base": base.ref, "base_sha256": base.sha256, "dataset": job["dataset"],
         "files": {
-            role: {"id": row["id"], "sha256": row["sha256"], "rows": row["row_count"]}
+            role: {"id": row["id"]} if private
+            else {"id": row["id"], "sha256": row["sha256"], "rows": row["row_count"]}
             for role, row in files.items()
         },
         "method": job["tuning"], "hyperparameters": job["hyperparameters"],

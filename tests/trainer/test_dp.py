@@ -233,14 +233,14 @@ def test_the_model_card_states_what_a_private_run_spent() -> None:
             "hyperparameters": {"n_epochs": 3, "dp": {"epsilon": 8}},
             "metrics": {"loss_after": 1.25},
             "dp": {
-                "epsilon": 8, "delta": 1 / 480, "max_grad_norm": 1.0, "sample_rate": 1 / 30,
+                "epsilon": 8, "delta": 1e-5, "max_grad_norm": 1.0, "sample_rate": 1 / 30,
                 "steps": 90, "noise_multiplier": 0.4871, "accountant": "prv",
                 "steps_taken": 90, "epsilon_spent": 7.9914,
             },
         },
     }  # fmt: skip
     card = model_card.render(manifest)
-    assert "(7.991, 0.00208)-differentially private" in card
+    assert "(7.991, 1e-05)-differentially private" in card
     assert "Noise multiplier: 0.4871; per-example clipping norm 1" in card
     assert "training\\_file: file\\-x (480 rows" in card
     manifest["lineage"]["dp"] = None

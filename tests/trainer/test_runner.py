@@ -313,12 +313,15 @@ def test_a_private_candidates_lineage_keeps_only_what_the_guarantee_covers() -> 
     result = {"steps": 9, "epochs": 3, "loss_before": 2.0, "loss_after": 0.4,
               "tokens_seen": 999, "train_seconds": 5.0, "held_out_source": "training",
               "training_counts": {"rows": 12}, "trainable_parameters": 7}  # fmt: skip
-    plain = candidate_lineage(job, base=base, files={}, result=result, train={})
+    files = {"training_file": {"id": "file-x", "sha256": "cd" * 32, "row_count": 12}}
+    plain = candidate_lineage(job, base=base, files=files, result=result, train={})
     assert plain["seed"] == 42
+    assert plain["files"]["training_file"]["rows"] == 12
     assert plain["metrics"]["loss_after"] == 0.4
     private = candidate_lineage(
-        job, base=base, files={}, result={**result, "dp": {"epsilon_spent": 7.9}}, train={}
+        job, base=base, files=files, result={**result, "dp": {"epsilon_spent": 7.9}}, train={}
     )
+    assert private["files"] == {"training_file": {"id": "file-x"}}  # no digest, no count
     assert private["seed"] is None
     assert private["metrics"] == {"steps": 9, "epochs": 3, "trainable_parameters": 7}
     assert private["training_counts"] is None
