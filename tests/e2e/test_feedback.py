@@ -435,7 +435,7 @@ async def test_training_inputs_are_checked_at_the_edge(mesh: Mesh) -> None:
         ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
         ({"model": "no-such-model"}, "model"),
         ({"extra_body": {"dp": {"epsilon": 0}}}, "dp.epsilon"),
-        ({"extra_body": {"dp": {"epsilon": 8}, "method": "dpo"}}, "dp"),
+        ({"extra_body": {"dp": {"epsilon": 8}, "method": {"type": "dpo"}}}, "dp"),
         ({"extra_body": {"distill": {"student": {"layers": 30}}}}, "distill.student.layers"),
     ):
         arguments: dict[str, Any] = {"model": "smollm2-135m-instruct", "training_file": mine.id}
