@@ -101,7 +101,7 @@ docs-check:
 [group('bench')]
 bench-bus *args:
     {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
-    {{python}} -m benchmarks.bus_bench {{args}}
+    {{python}} -m meshbench.bus_bench {{args}}
 
 # CPU inference: our engine (fp32/int8/int4) vs transformers and llama-cpp-python, same GGUF;
 # then the prefix cache's time to first token, cold against warm.
@@ -111,61 +111,61 @@ bench-bus *args:
 bench-inference *args:
     {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
     CMAKE_ARGS="{{llama_cpp_flags}}" {{python}} -m pip install --quiet llama-cpp-python
-    {{python}} -m benchmarks.inference_bench {{args}}
-    {{python}} -m benchmarks.prefix_cache_bench
+    {{python}} -m meshbench.inference_bench {{args}}
+    {{python}} -m meshbench.prefix_cache_bench
 
 # Quality of int8/int4 vs fp32: greedy agreement, perplexity and KL, weight memory.
 [group('bench')]
 bench-quant *args:
-    {{python}} -m benchmarks.quant_quality {{args}}
+    {{python}} -m meshbench.quant_quality {{args}}
 
 # Mesh overhead: direct model calls vs gateway + Kafka + router; the mesh vs LiteLLM's proxy.
 [group('bench')]
 bench-mesh *args:
     {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
-    {{python}} -m benchmarks.mesh_bench {{args}}
+    {{python}} -m meshbench.mesh_bench {{args}}
 
 # What metrics, span export and the ops loop cost the mesh: on and off, in one run.
 [group('bench')]
 bench-telemetry *args:
-    {{python}} -m benchmarks.telemetry_overhead {{args}}
+    {{python}} -m meshbench.telemetry_overhead {{args}}
 
 # One metric recording: the mesh's instruments vs the OpenTelemetry SDK and prometheus_client.
 bench-instruments *args:
-    {{python}} -m benchmarks.instruments_bench {{args}}
+    {{python}} -m meshbench.instruments_bench {{args}}
 
 # The embedded broker's CPU per fetch as a partition grows (one record per batch vs 100).
 bench-broker *args:
-    {{python}} -m benchmarks.broker_fetch_cost {{args}}
+    {{python}} -m meshbench.broker_fetch_cost {{args}}
 
 # The ops loop's drill: a surge past one chat replica, the P99 alert, scale-out to two, recovery.
 bench-ops-loop *args:
-    {{python}} -m benchmarks.ops_loop {{args}}
+    {{python}} -m meshbench.ops_loop {{args}}
 
 # From a rating to a dataset candidate (p95 target 60 s), and a dataset build's cost.
 [group('bench')]
 bench-feedback *args:
-    {{python}} -m benchmarks.feedback_bench {{args}}
+    {{python}} -m meshbench.feedback_bench {{args}}
 
 # Fine-tuning: facts learnt (held-out paraphrases, base vs candidate, Q8_0 and Q4_0, our
 # engine and llama.cpp) and training tokens/s against a plain transformers + PEFT loop.
 [group('bench')]
 bench-finetune *args:
-    {{python}} -m benchmarks.finetune_bench {{args}}
+    {{python}} -m meshbench.finetune_bench {{args}}
 
 # DP-SGD at epsilon 8, 4, 1 against the same job without privacy, on held-out IT tickets.
 [group('bench')]
 bench-dp *args:
-    {{python}} -m benchmarks.dp_bench {{args}}
+    {{python}} -m meshbench.dp_bench {{args}}
 
 # Distillation with pruning: a 20-layer student's speed in our engine and its KL to the teacher.
 [group('bench')]
 bench-distill *args:
-    {{python}} -m benchmarks.distill_bench {{args}}
+    {{python}} -m meshbench.distill_bench {{args}}
 
 # A load ramp (1, 8, 32 clients) with scale-out on the queue and P99, and on P99 only.
 bench-ops-ramp *args:
-    {{python}} -m benchmarks.ops_ramp {{args}}
+    {{python}} -m meshbench.ops_ramp {{args}}
 
 # The product as users run it: `meshllm up` through the gateway with the openai client, against
 # our engine in process, llama-cpp-python and llama.cpp's own server (continuous batching).
@@ -175,28 +175,28 @@ bench-ops-ramp *args:
 bench-served *args:
     {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
     CMAKE_ARGS="{{llama_cpp_flags}}" {{python}} -m pip install --quiet llama-cpp-python
-    -{{python}} -m benchmarks.build_llama_server --cmake-args "{{llama_cpp_flags}}"
-    {{python}} -m benchmarks.served_bench {{args}}
+    -{{python}} -m meshbench.build_llama_server --cmake-args "{{llama_cpp_flags}}"
+    {{python}} -m meshbench.served_bench {{args}}
 
 # Policy decision latency: regorus in process (ours) vs regopy, and over the OPA REST API.
 [group('bench')]
 bench-policy *args:
     {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
-    {{python}} -m benchmarks.policy_bench {{args}}
+    {{python}} -m meshbench.policy_bench {{args}}
 
 # PII detection: precision and recall per type on a generated corpus, vs a naive regex.
 [group('bench')]
 bench-pii *args:
     {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
-    {{python}} -m benchmarks.pii_bench {{args}}
+    {{python}} -m meshbench.pii_bench {{args}}
 
 # Retrieval quality (BM25, vectors, hybrid) on a bilingual set; vector search vs faiss at 10k/100k.
 [group('bench')]
 bench-retrieval *args:
     {{python}} -m pip install --quiet -c constraints.txt -e ".[bench]"
-    {{python}} -m benchmarks.retrieval_bench {{args}}
+    {{python}} -m meshbench.retrieval_bench {{args}}
 
 # Prompt injection through retrieved documents: how often the answer obeys, old vs new layout.
 [group('bench')]
 bench-injection *args:
-    {{python}} -m benchmarks.injection_bench {{args}}
+    {{python}} -m meshbench.injection_bench {{args}}

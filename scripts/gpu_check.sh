@@ -38,4 +38,4 @@ fi
 "$py" -c 'import torch, vllm; assert torch.cuda.is_available(), "torch sees no CUDA GPU"; print("vllm", vllm.__version__, "torch", torch.__version__)'
 
 "$py" -m pytest -q -p no:cacheprovider tests/inference/test_vllm_engine.py -rs
-"$py" -m benchmarks.vllm_bench "$@"
+"$py" -m meshbench.vllm_bench "$@"

@@ -7,7 +7,7 @@ spends 25-35 us on each such call (it cleans, copies and hashes the attributes, 
 measurement object and offers it to an exemplar reservoir); a request through the gateway
 and router records about thirty. These instruments keep one running aggregate per series,
 found by the attributes as given, for 2-3 us (``just bench-instruments``,
-``benchmarks/results/instruments.md``).
+``meshbench/results/instruments.md``).
 
 What they export is what the OpenTelemetry Prometheus exporter exported: the same metric
 and label names, units and ``_total`` suffixes (its own naming functions are used), the

@@ -65,7 +65,7 @@ async def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> AsyncIter
     embedded one for each test module.
 
     The embedded broker slows down as its partitions fill (a fetch walks the partition's
-    record batches: ``benchmarks/results/broker_fetch_cost.md``), so one broker for the
+    record batches: ``meshbench/results/broker_fetch_cost.md``), so one broker for the
     whole session made the later modules slow by the traffic of the earlier ones.
     """
     given = os.environ.get("MESHLLM_TEST_KAFKA")

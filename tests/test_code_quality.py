@@ -39,30 +39,8 @@ def test_no_top_level_package_shadows_an_installed_distribution() -> None:
         name: others
         for name in sorted(ours)
         if (others := [d for d in provided.get(name, []) if d.lower() != "meshllm"])
-        and set(others) - STRAY_PACKAGES.get(name, set())
     }
     assert not clashes, f"rename these packages of ours: {clashes}"
-
-
-# Top-level packages a distribution's wheel installs beside its real one without importing
-# them itself (its repository's benchmark scripts): ours may share the name.
-STRAY_PACKAGES = {"benchmarks": {"opacus"}}
-
-
-@pytest.mark.parametrize("name", sorted(STRAY_PACKAGES))
-def test_stray_packages_are_unused_by_their_distribution_and_ours_come_first(name: str) -> None:
-    for distribution in STRAY_PACKAGES[name]:
-        files = importlib.metadata.files(distribution) or []
-        sources = [f for f in files if f.suffix == ".py" and f.parts[0] != name]
-        assert sources, f"{distribution} is not installed"
-        importing = re.compile(rf"^\s*(from|import)\s+{name}\b", re.MULTILINE)
-        users = [str(f) for f in sources if importing.search(f.read_text(encoding="utf-8"))]
-        assert not users, f"{distribution} imports its {name} package: rename ours ({users})"
-    found = subprocess.run(
-        [sys.executable, "-c", f"import {name}; print({name}.__file__)"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    assert found == str(ROOT / name / "__init__.py")
 
 
 def test_constraints_pin_every_requirement() -> None:

@@ -142,7 +142,7 @@ def test_dockerfile_installs_meshllm_for_a_non_root_user() -> None:
 
 def test_dockerignore_keeps_local_state_out() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().splitlines())
-    assert {".git", ".venv", "var", "**/__pycache__", "benchmarks/results"} <= ignored
+    assert {".git", ".venv", "var", "**/__pycache__", "meshbench/results"} <= ignored
 
 
 def settings_class(service: dict[str, Any]) -> type[MeshSettings]:

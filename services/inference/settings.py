@@ -221,7 +221,7 @@ class InferenceSettings(MeshSettings):
         "auto",
         description="Weight quantization of the linear layers at load time: auto (the file's "
         "own precision: int4 for a file of 4-bit layers such as the bundled Q4_1, int8 for "
-        "anything wider), fp32, int8 or int4 (see benchmarks/results/quant_quality.md for "
+        "anything wider), fp32, int8 or int4 (see meshbench/results/quant_quality.md for "
         "speed and agreement with fp32).",
     )
     torch_threads: int = Field(

@@ -11,7 +11,7 @@ Each ranker fetches more candidates than asked for (``candidates`` times ``k``, 
 
 In both score fusions a chunk missing from one list gets that list's lowest scaled score.
 The defaults (z-score, ``w = 0.7``, ``candidates = 2``) won on the labelled bilingual set of
-``benchmarks/retrieval_bench.py``: rank fusion gives a chunk that both lists hold deep down
+``meshbench/retrieval_bench.py``: rank fusion gives a chunk that both lists hold deep down
 more than one that a single list ranks first, so on queries where one ranker only returns
 noise (BM25 on a paraphrase) that noise pushes the answer down; score fusion keeps the size
 of the lead.

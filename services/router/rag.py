@@ -14,7 +14,7 @@ it; the system message holds only the platform's fixed instructions and the call
 system prompt. Text inside a source that imitates the block's delimiters or the model's
 chat-template tokens (``<|im_start|>``) is defused, so a document can neither close the
 block early nor open a turn of its own.
-(benchmarks/injection_bench.py measures how often injected instructions are obeyed.)
+(meshbench/injection_bench.py measures how often injected instructions are obeyed.)
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.broker_fetch_cost import Point, measure, plot, report
+from meshbench.broker_fetch_cost import Point, measure, plot, report
 
 
 def test_the_report_has_a_row_per_point_and_the_plot_is_drawn(tmp_path: Path) -> None:

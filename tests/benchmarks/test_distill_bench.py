@@ -3,7 +3,7 @@ table states the speed ratio and both KLs."""
 
 from __future__ import annotations
 
-from benchmarks.distill_bench import results_text, rows
+from meshbench.distill_bench import results_text, rows
 
 
 def test_no_held_out_row_is_trained_on() -> None:

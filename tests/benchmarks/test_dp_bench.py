@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.dp_bench import load_tickets, results_text, right, write_training
+from meshbench.dp_bench import load_tickets, results_text, right, write_training
 
 
 def test_the_test_tickets_share_neither_phrase_nor_template_with_training(
@@ -16,7 +16,7 @@ def test_the_test_tickets_share_neither_phrase_nor_template_with_training(
     assert len(train) == 240
     assert len(test) == 6 * 8 * 3
     assert {t.category for t in train} == {t.category for t in test}
-    data = json.loads(Path("benchmarks/data/dp_tickets.json").read_text())
+    data = json.loads(Path("meshbench/data/dp_tickets.json").read_text())
     for category, phrases in data["categories"].items():
         seen = [p for p in phrases[:16] if any(p in t.text for t in train)]
         assert seen  # training rows come from the first 16 phrases only

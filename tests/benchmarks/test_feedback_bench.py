@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.feedback_bench import Result, plot, report
+from meshbench.feedback_bench import Result, plot, report
 
 
 def test_the_verdict_follows_the_p95_and_missing_ratings(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.finetune_bench import Fact, load_facts, write_files
+from meshbench.finetune_bench import Fact, load_facts, write_files
 
 
 def test_the_files_hold_training_and_tuning_questions_never_a_test_question(

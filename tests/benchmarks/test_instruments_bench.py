@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.instruments_bench import cases, report
+from meshbench.instruments_bench import cases, report
 
 
 def test_every_contender_records_and_is_reported() -> None:

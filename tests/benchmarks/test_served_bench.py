@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import served_bench
-from benchmarks.served_results import (
+from meshbench import served_bench
+from meshbench.served_results import (
     QUICK,
     Plan,
     Sample,
@@ -99,8 +99,8 @@ def test_the_results_file_shows_the_figures_targets_and_failures() -> None:
     figures["served"].load_breakdown = {"inference": 150.25}  # the broker's reading missing
     failed = result("llama-server", failed="llama-server build failed: cmake exited 1")
     rows = [figures["served"], figures["engine"], figures["llama-cpp"], failed]
-    text = render_markdown(rows, QUICK, "python -m benchmarks.served_bench --quick", ["a line"])
-    assert "`python -m benchmarks.served_bench --quick`" in text
+    text = render_markdown(rows, QUICK, "python -m meshbench.served_bench --quick", ["a line"])
+    assert "`python -m meshbench.served_bench --quick`" in text
     assert "| meshllm served (gateway, openai client) | 99.0 (200) | 90.0 | 200.0 |" in text
     assert "| 1 / 10 |" in text
     assert "not measured: llama-server build failed: cmake exited 1" in text
@@ -121,7 +121,7 @@ def test_a_result_survives_the_trip_from_a_worker_process() -> None:
 
 
 def test_the_plot_is_written(tmp_path: Path) -> None:
-    from benchmarks.served_results import plot
+    from meshbench.served_results import plot
 
     path = tmp_path / "served.png"
     plot([*passing().values(), result("x", failed="no")], path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from benchmarks.span_hops import SERVER_KIND, SpanCollector, SpanRecord, breakdown, decode
+from meshbench.span_hops import SERVER_KIND, SpanCollector, SpanRecord, breakdown, decode
 
 MS = 1_000_000
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.mesh_bench import Sample, Stats
-from benchmarks.telemetry_overhead import Row, plot, report
+from meshbench.mesh_bench import Sample, Stats
+from meshbench.telemetry_overhead import Row, plot, report
 
 
 def stats(requests: int, seconds: float) -> Stats:

@@ -5,7 +5,7 @@
 (Serve's external-scaler API), a forged one asking for a thousand gets the bound, and one
 back to a single replica stops the extra one; ``model.status`` tells each count. The
 policy that decides is tested in tests/ops/test_scaling.py; the whole loop under load
-(slowdown, alert, scale-out, recovery) is ``benchmarks/ops_loop.py``.
+(slowdown, alert, scale-out, recovery) is ``meshbench/ops_loop.py``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import pii_bench
+from meshbench import pii_bench
 from shared.pii import PiiType
 from shared.pii.types import STRUCTURED_TYPES
 
@@ -68,7 +68,7 @@ def test_a_run_writes_the_results_table(tmp_path: Path) -> None:
     report = pii_bench.run(sentences=150, seed=3, probe_size=20)
     path = pii_bench.write_results(tmp_path, report, ["--sentences", "150"], plotted=False)
     text = path.read_text(encoding="utf-8")
-    assert "Command: `python -m benchmarks.pii_bench --sentences 150`" in text
+    assert "Command: `python -m meshbench.pii_bench --sentences 150`" in text
     assert "| id_card |" in text
     assert "MISSED" not in text
     assert "No plot: matplotlib is not installed" in text

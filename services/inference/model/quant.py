@@ -13,14 +13,14 @@ Two kernel families; :func:`prepare_linear` picks the first wherever it is avail
    once: the arithmetic llama.cpp uses. int4's offsets multiply the exact fp32 block sums
    of ``x``. Output is fp32. Decode steps run a whole layer in one call of these kernels
    (:class:`~services.inference.model.llama.Llama`). Speed against torch's kernels and the peers:
-   ``benchmarks/results/inference.md``; against fp32, int8 activations cost int8 weights
+   ``meshbench/results/inference.md``; against fp32, int8 activations cost int8 weights
    nothing measurable and int4 weights about twice torch's bf16 error
-   (``benchmarks/results/quant_quality.md``).
+   (``meshbench/results/quant_quality.md``).
 2. **torch's weight-only kernels** (the fallback): ``aten._weight_int8pack_mm`` and
    ``aten._weight_int4pack_mm_for_cpu``, fast only with bfloat16 activations (their fp32
    paths are scalar), so ``x`` is cast to bf16 for the call and back; per-channel int8 or
    int4 in groups of 32 with bf16 scales. Measured in
-   ``benchmarks/results/cpu_linear_kernels*.md``: with AVX-512 they stream 20-31 GB/s at
+   ``meshbench/results/cpu_linear_kernels*.md``: with AVX-512 they stream 20-31 GB/s at
    batch 1, with AVX2 only ~6 GB/s. fbgemm's dynamic int8 (activations quantized per
    tensor, over the whole batch) is not used: a row's result would depend on its
    neighbours, and it was 5x further from fp32 in KL divergence.
