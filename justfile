@@ -153,6 +153,11 @@ bench-feedback *args:
 bench-finetune *args:
     {{python}} -m meshbench.finetune_bench {{args}}
 
+# Training speed alone: the trainer's job against a plain transformers + PEFT loop, alternating.
+[group('bench')]
+bench-train-throughput *args:
+    {{python}} -m meshbench.train_throughput {{args}}
+
 # DP-SGD at epsilon 8, 4, 1 against the same job without privacy, on held-out IT tickets.
 [group('bench')]
 bench-dp *args:

@@ -22,6 +22,7 @@ from typing import Any
 
 from services.trainer.loop_checkpoint import report_checkpoint, restore
 from services.trainer.sft import (
+    CHECKPOINT_VALID_ROWS,
     HELD_OUT_ROWS,
     IGNORE,
     LORA_TARGETS,
@@ -195,7 +196,7 @@ class SupervisedRun:
 
         batch = collate([self.train_rows[i] for i in rows], self.pad, self.device)
         self.prepared.train()
-        loss = self.prepared(**batch).loss
+        loss = causal_lm_loss(self.prepared, batch)
         loss.backward()
         if hasattr(self.prepared, "clip_grad_norm_"):  # FSDP clips across its shards
             self.prepared.clip_grad_norm_(self.hp.max_grad_norm)
@@ -233,6 +234,7 @@ class SupervisedRun:
         state = self.state
         self.start_sample = {name: weight_sample(p) for name, p in self.params.items()}
         self.probe = collate(self.held_out[:1], self.pad, self.device)
+        self.probed = False  # this run's first checkpoint probes the output, and its last
         self.loop_started = self.last_report = time.monotonic()
         self.loop_tokens, self.window = 0, []
         while state["step"] < self.total:
@@ -270,27 +272,40 @@ class SupervisedRun:
         if not at_checkpoint:
             ray.train.report(metrics)
             return
+        checkpoint_started = time.monotonic()
+        # the weight deltas at every checkpoint; the effect on a held-out row (two forward
+        # passes, more than half a step's time) at the run's first checkpoint, so that an
+        # adapter the forward pass ignores fails early, and before the result is saved
+        probe = not self.probed or step == self.total
         change = measure_update(
             step, model=self.model, params=self.params, start=self.start_sample,
-            probe=self.probe, method=self.hp.method, sharded=self.sharded,
+            probe=self.probe if probe else None, method=self.hp.method, sharded=self.sharded,
         )  # fmt: skip
+        self.probed = True
         check_update(change)
         metrics["relative_change"] = change.relative_change
         # a sample, as OpenAI's checkpoint valid_loss is (the whole file is scored at the end)
-        sample = self.valid_rows[:HELD_OUT_ROWS]
+        sample = self.valid_rows[:CHECKPOINT_VALID_ROWS]
         metrics["valid_loss"] = self.evaluate(sample) if sample else None
         self.state["seconds"] = self.resumed_seconds + elapsed
         self.state["fingerprint"] = self.fingerprint
         self.state.update(self._checkpoint_state())
+        evaluated = time.monotonic()
         report_checkpoint(
             metrics, self.state, params=self.params, optimizer=self.optimizer,
             scheduler=self.scheduler, rank=self.rank, sharded=self.sharded,
+        )  # fmt: skip
+        _log().info(
+            "checkpoint", step=step, check_s=round(evaluated - checkpoint_started, 2),
+            write_s=round(time.monotonic() - evaluated, 2),
         )  # fmt: skip
 
     def finish(self) -> None:
         """Evaluate; rank 0 writes the model, the adapter and ``result.json``."""
         from services.trainer import base_model
 
+        # the loop's time to here, its last checkpoint included
+        seconds = self.resumed_seconds + time.monotonic() - self.loop_started
         after = self.evaluate(self.held_out)
         valid_loss = self.evaluate(self.valid_rows) if self.valid_rows else None
         trained = self._whole_model()
@@ -315,8 +330,8 @@ class SupervisedRun:
             "loss_before": state["before"],
             "loss_after": after,
             "tokens_seen": state["tokens"] * world,
-            "tokens_per_s": state["tokens"] * world / max(state["seconds"], 1e-9),
-            "train_seconds": state["seconds"],
+            "tokens_per_s": state["tokens"] * world / max(seconds, 1e-9),
+            "train_seconds": seconds,
             "wall_seconds": time.monotonic() - self.started,
             "resumed_from_step": self.resumed_from,
             "trainable_parameters": self.trainable_count,
@@ -407,6 +422,28 @@ def collate(rows: Sequence[Encoded], pad: int, device: Any) -> dict[str, Any]:
     }
 
 
+def causal_lm_loss(model: Any, batch: Mapping[str, Any]) -> Any:
+    """The mean next-token loss over the batch's trained tokens, as ``model(**batch).loss``
+    computes it, with logits only at the positions some row of the batch trains on.
+
+    The output layer and the softmax over the whole vocabulary (49k entries for SmolLM2) are a
+    fifth of a small model's work per position, and a chat row trains only on its answer;
+    ``logits_to_keep`` skips the prompt positions (a forward argument, so it passes through
+    the DDP and FSDP wrappers).
+    """
+    import torch.nn.functional as F
+
+    targets = batch["labels"][:, 1:]  # position i predicts token i + 1
+    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(1)
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
+    ).logits
+    picked = targets[:, keep]
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), picked.reshape(-1), ignore_index=IGNORE
+    )
+
+
 def _all_sum(values: list[float], world: int, device: Any) -> list[float]:
     if world == 1:
         return values
@@ -439,8 +476,9 @@ class _Evaluator:
             for i in range(0, len(mine), self.batch_rows):
                 batch = collate(mine[i : i + self.batch_rows], self.pad, self.device)
                 n = int((batch["labels"][:, 1:] != IGNORE).sum())
-                total += float(self.model(**batch).loss) * n
-                count += n
+                if n:
+                    total += float(causal_lm_loss(self.model, batch)) * n
+                    count += n
         self.model.train()
         if not self.sharded:
             total, count = _all_sum([total, count], self.world, self.device)
@@ -449,9 +487,10 @@ class _Evaluator:
 
 def measure_update(
     step: int, *, model: Any, params: Mapping[str, Any], start: Mapping[str, Any],
-    probe: Mapping[str, Any], method: str, sharded: bool,
+    probe: Mapping[str, Any] | None, method: str, sharded: bool,
 ) -> UpdateCheck:  # fmt: skip
-    """The guard's measurements (:class:`UpdateCheck`) of the weights now."""
+    """The guard's measurements (:class:`UpdateCheck`) of the weights now; the adapters'
+    effect on the output only with a ``probe`` (two forward passes)."""
     import torch
 
     moved = size = 0.0
@@ -465,7 +504,7 @@ def measure_update(
     b_matrices = [p for name, p in params.items() if "lora_B" in name and p.numel()]
     nonzero = sum(1 for p in b_matrices if bool(p.detach().abs().max() > 0))
     change = None
-    if not sharded:
+    if probe is not None and not sharded:
         inputs = {k: v for k, v in probe.items() if k != "labels"}
         model.eval()
         with torch.no_grad():

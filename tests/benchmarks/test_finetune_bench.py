@@ -37,3 +37,23 @@ def test_a_keyword_counts_only_as_a_whole_word_or_number() -> None:
     assert not payday.right("In 2026 we moved.")
     email = Fact(("alarm@",), "", (), "", "")
     assert email.right("Write to alarm@quillmore.example")
+
+
+def test_the_throughput_report_sums_each_side_over_its_runs() -> None:
+    from meshbench.train_throughput import write_results
+
+    def run(pair: int, label: str, tokens: int, seconds: float) -> dict[str, object]:
+        return {"pair": pair, "label": label, "steps": 60, "tokens": tokens,
+                "loop_seconds": seconds, "wall_seconds": seconds + 1}  # fmt: skip
+
+    report = {
+        "when": "now", "command": "python -m meshbench.train_throughput", "machine": ["m"],
+        "hyperparameters": {"n_epochs": 2},
+        "runs": [run(0, "peer: plain loop", 1000, 10.0), run(0, "ours: job", 1000, 20.0),
+                 run(1, "peer: plain loop", 1000, 30.0), run(1, "ours: job", 1000, 20.0)],
+    }  # fmt: skip
+    text = write_results(report)
+    # peer 2000 tokens in 40 s = 50/s; ours 2000 in 40 s = 50/s: the sums, not the mean rate
+    assert "peer 50.0 tokens/s, ours 50.0 tokens/s: **1.00x**" in text
+    assert text.count("| 1 |") == 2
+    assert text.count("| 2 |") == 2

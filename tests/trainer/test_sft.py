@@ -322,6 +322,56 @@ print(verdicts)
     assert result.stdout.strip().splitlines()[-1] == "['no-op', 'ok']"
 
 
+@pytest.mark.timeout(120)
+def test_the_loss_at_trained_positions_equals_the_full_loss() -> None:
+    """``causal_lm_loss`` (logits only where some row trains) gives the loss and gradients of
+    ``model(**batch).loss`` on a padded batch whose rows train on different spans; without a
+    probe the guard measures the weights only. A tiny random Llama, in a child."""
+    code = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from services.trainer.base_model import with_lora
+from services.trainer.sft import LORA_TARGETS
+from services.trainer.sft_loop import causal_lm_loss, measure_update, trainable_parameters
+from services.trainer.sft_loop import weight_sample
+
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+model = with_lora(LlamaForCausalLM(config), 4, 8, 0.0, LORA_TARGETS)
+ids = torch.randint(1, 64, (3, 14))
+mask = torch.ones_like(ids)
+mask[1, 10:] = 0  # a shorter, padded row
+labels = torch.full_like(ids, -100)
+labels[0, 6:14] = ids[0, 6:14]
+labels[1, 8:10] = ids[1, 8:10]
+labels[2, 12:14] = ids[2, 12:14]
+batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+params = trainable_parameters(model)
+with torch.no_grad():  # B starts at zero: move it so the adapters' gradients are not trivial
+    for name, p in params.items():
+        p.add_(0.05 * torch.randn_like(p))
+full = model(**batch).loss
+full.backward()
+grads = {n: p.grad.clone() for n, p in params.items()}
+model.zero_grad()
+ours = causal_lm_loss(model, batch)
+ours.backward()
+assert torch.allclose(full, ours, atol=1e-6), (float(full), float(ours))
+worst = max(float((p.grad - grads[n]).abs().max()) for n, p in params.items())
+assert worst < 1e-6, worst
+start = {n: weight_sample(p) for n, p in params.items()}
+check = measure_update(1, model=model, params=params, start=start, probe=None, method="lora",
+                       sharded=False)
+print(check.output_change, check.lora_b_nonzero == check.lora_b_total)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "None True"
+
+
 # ---------------------------------------------------------------- parallelism
 
 
