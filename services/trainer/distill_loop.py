@@ -8,8 +8,9 @@ chosen on the job's rows), then trained to match the teacher. The supervised loo
 - **the loss** is ``ALPHA * T^2 * KL(teacher || student)`` over every real token's
   next-token distribution at temperature ``T``, plus ``(1 - ALPHA) *`` the cross-entropy of
   the answer tokens (the job's labels);
-- **the result** adds what was cut (the layers kept, the channels kept per layer) and the
-  student's KL to the teacher on the held-out rows before and after training.
+- **the result** adds what was cut (the layers kept and the FFN width; which channels
+  were kept is not recorded) and the student's KL to the teacher on the held-out rows
+  before and after training.
 
 Data parallel (``ddp``) like a supervised job; the teacher runs on every worker.
 """

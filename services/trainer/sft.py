@@ -32,9 +32,9 @@ SCHEDULERS = ("linear", "cosine", "constant")
 PARALLEL = ("ddp", "fsdp")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 HELD_OUT_ROWS = 16
-# a checkpoint's valid_loss: one batch of validation rows, as OpenAI's per-step one is (a
-# pass over 16 rows cost more than a training step on two cores; the whole file is scored
-# at the end)
+# a checkpoint's valid_loss: the first rows of the validation file, a sample about a batch's
+# size as OpenAI's per-step one is (a pass over 16 rows cost more than a training step on
+# two cores; the whole file is scored at the end)
 CHECKPOINT_VALID_ROWS = 4
 MIN_RELATIVE_CHANGE = 1e-7
 
