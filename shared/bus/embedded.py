@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,7 +22,44 @@ from shared.logging import get_logger
 log = get_logger(__name__)
 
 
+# Ray's workers take 10002-19999; ports from here up to the kernel's ephemeral range are
+# only ever taken by a process that binds one by number.
+_FIRST_PORT = 20000
+_handed_out: set[int] = set()
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on, for a service started next.
+
+    Not one the kernel picks (binding port 0): those come from the range it also gives
+    outgoing connections, and while a mesh starts (Ray alone opens hundreds of
+    connections) one of them can take the port before the service binds it. This picks
+    below that range instead, never the same port twice in one process.
+    """
+    low, _ = _ephemeral_ports()
+    if low - _FIRST_PORT >= 1000:
+        for _ in range(200):
+            port = random.randrange(_FIRST_PORT, low)
+            if port not in _handed_out and _bindable(host, port):
+                _handed_out.add(port)
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])

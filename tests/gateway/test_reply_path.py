@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,10 +181,16 @@ def chat(max_tokens: int = 8, stream: bool = True, **extra: Any) -> dict[str, An
 
 
 async def stream(
-    mesh: Mesh, body: dict[str, Any], *, tenant: str = "acme", stop_after: int | None = None
+    mesh: Mesh,
+    body: dict[str, Any],
+    *,
+    tenant: str = "acme",
+    stop_after: int | None = None,
+    on_first_content: Callable[[], None] | None = None,
 ) -> Streamed:
     """POST ``body`` and read its SSE; hang up once ``stop_after`` words of text came, if set
-    (the fake model's tokens are words; the router may send several in one chunk)."""
+    (the fake model's tokens are words; the router may send several in one chunk).
+    ``on_first_content`` runs once, when the first text arrives."""
     headers = {"authorization": f"Bearer {mesh.keys[tenant]}"}
     async with (
         httpx.AsyncClient(timeout=60) as http,
@@ -207,6 +213,8 @@ async def stream(
             for choice in payload["choices"]:
                 content = choice["delta"].get("content")
                 if content:
+                    if on_first_content is not None and not seen.content_at:
+                        on_first_content()
                     seen.text[choice["index"]] += content
                     seen.content_at.append(time.monotonic())
                 if choice["finish_reason"]:
@@ -291,14 +299,10 @@ async def test_the_end_of_a_stream_waits_for_its_record_and_an_unstored_one_is_a
     mesh: Mesh,
 ) -> None:
     mesh.first.token_delay_s = 0.15
-
-    async def break_after_first_token() -> None:
-        await poll_until(lambda: mesh.first.in_flight, message="generation started")
-        mesh.break_audit(spool_too=True)
-
-    breaking = asyncio.create_task(break_after_first_token())
-    seen = await stream(mesh, chat(max_tokens=8))
-    await breaking
+    # broken once the client holds text: the request's own record was durable by then
+    seen = await stream(
+        mesh, chat(max_tokens=8), on_first_content=lambda: mesh.break_audit(spool_too=True)
+    )
     assert seen.text[0] == words(8)  # content went out as it was made...
     assert not seen.finish  # ...but not the end of the answer
     assert not seen.done

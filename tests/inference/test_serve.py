@@ -11,7 +11,6 @@ import asyncio
 import json
 import math
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from services.inference.settings import (
     InferenceSettings,
     ServeConfig,
 )
+from shared.bus.embedded import free_port
 from shared.deployments import CHAT_DEPLOYMENT, EMBEDDINGS_DEPLOYMENT
 from shared.openai_protocol import (
     InvalidRequestError,
@@ -56,12 +56,6 @@ def chat_request(content: str = QUESTION, **fields: Any) -> dict[str, Any]:
         "max_tokens": 24,
         **fields,
     }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Deployed:

