@@ -158,9 +158,11 @@ MODEL_DEPLOYMENTS = Topic(
     key="model",
     partitions=1,
     retention_ms=30 * DAY_MS,
-    producers=("trainer",),
+    producers=("release controller",),
     consumers=("router", "inference"),
-    description="Canary, promote, roll back and retire decisions for model versions.",
+    description="Canary (a traffic split with a lease), promote, roll back and retire "
+    "decisions for model versions; every router applies the split to callers naming no "
+    "version.",
 )
 MODEL_STATUS = Topic(
     name="model.status",

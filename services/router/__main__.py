@@ -12,11 +12,18 @@ from services.router.pools import Pools
 from services.router.routing import Router
 from services.router.scheduling import priority_with_aging
 from services.router.settings import RouterSettings
+from services.router.split import Splits
 from shared.bus import Bus
 from shared.health import HealthState
 from shared.service import run_service
 from shared.service_auth import ServiceTokenAuth, own_token
-from shared.topics import CANCELLATIONS, REQUESTS_HIGH, REQUESTS_LOW, REQUESTS_NORMAL
+from shared.topics import (
+    CANCELLATIONS,
+    MODEL_DEPLOYMENTS,
+    REQUESTS_HIGH,
+    REQUESTS_LOW,
+    REQUESTS_NORMAL,
+)
 
 NAME = "router"
 
@@ -41,6 +48,7 @@ async def build(settings: RouterSettings, bus: Bus, health: HealthState) -> Awai
         default_deadline_s=settings.default_deadline_s,
         rag=settings.rag,
         pii=settings.pii,
+        splits=Splits(max_lease_s=settings.release_max_lease_s),
     )
     worker = bus.add_worker(
         [REQUESTS_HIGH, REQUESTS_NORMAL, REQUESTS_LOW],
@@ -62,6 +70,14 @@ async def build(settings: RouterSettings, bus: Bus, health: HealthState) -> Awai
     bus.subscribe(
         CANCELLATIONS, group=f"{NAME}-cancel-{instance}", durable_dedup=False, from_latest=True
     )(router.on_cancel)
+    # every instance keeps every model's split. A split still live was decided (or renewed)
+    # within the longest lease, so reading that far back on each start rebuilds them all.
+    bus.subscribe(
+        MODEL_DEPLOYMENTS,
+        group=f"{NAME}-releases-{instance}",
+        durable_dedup=False,
+        rewind_s=settings.release_max_lease_s + 5,
+    )(router.on_deployment)
     health.readiness["pools"] = lambda: (
         None
         if any(pool.healthy for pool in pools.pools)

@@ -27,6 +27,11 @@ _queue_wait = histogram(
     unit="s",
     description="From the gateway's publish to the router starting the request, by priority",
 )
+_release_arms = _meter.create_counter(
+    "meshllm.router.release.requests",
+    unit="{request}",
+    description="Requests of a model under release, by the arm the split sent them to",
+)
 _done = _meter.create_counter(
     "meshllm.router.requests",
     unit="{request}",
@@ -72,6 +77,10 @@ class RouterMetrics:
     @staticmethod
     def started(priority: str, waited_s: float) -> None:
         _queue_wait.record(waited_s, {"priority": priority})
+
+    @staticmethod
+    def released(model: str, arm: str) -> None:
+        _release_arms.add(1, {"gen_ai.request.model": model[:64], "arm": arm})
 
     @staticmethod
     def finished(pool: str | None, priority: str, error_code: str | None) -> None:

@@ -30,6 +30,7 @@ from services.router.chunks import ChunkStream, Send
 from services.router.metrics import RouterMetrics
 from services.router.pools import Pool, Pools, Replica
 from services.router.settings import RagConfig
+from services.router.split import Choice, InvalidDecision, Splits
 from services.router.upstream import (
     Piece,
     ReplicaFailed,
@@ -130,7 +131,9 @@ class Router:
         service: str = "router",
         rag: RagConfig | None = None,
         pii: TenantPiiSettings | None = None,
+        splits: Splits | None = None,
     ) -> None:
+        """``splits``: the releases' traffic splits (none: every request as it is named)."""
         self._publisher = publisher
         self._pools = pools
         self._client = client
@@ -138,6 +141,7 @@ class Router:
         self._rag = rag if rag is not None else RagConfig()
         self._pii = pii if pii is not None else TenantPiiSettings()
         self._service = service
+        self.splits = splits if splits is not None else Splits(max_lease_s=300)
         self._running: dict[str, asyncio.Task[None]] = {}
         # ids cancelled before (or while) they ran; bounded, oldest forgotten first
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -156,6 +160,24 @@ class Router:
         if task is not None:
             log.info("request cancelled", request_id=event.request_id, reason=event.reason)
             task.cancel()
+
+    async def on_deployment(self, event: ev.ModelDeployment, ctx: EventContext) -> None:
+        """A release decision: start, move, renew or end a model's traffic split."""
+        try:
+            did = self.splits.apply(event)
+        except InvalidDecision as error:  # logged and dropped: the split stays as it was
+            log.warning("release decision refused", model=event.model[:64], error=str(error))
+            return
+        if did != "stale":
+            log.info(
+                "release decision",
+                model=event.model,
+                version=event.version,
+                action=ev.DeploymentAction.Name(event.action),
+                percent=event.traffic_percent,
+                release_id=event.release_id,
+                effect=did,
+            )
 
     # ---------------------------------------------------------------- requests
 
@@ -178,6 +200,14 @@ class Router:
         work.result()
 
     async def _serve(self, request: ev.InferenceRequest) -> None:
+        choice = self.splits.choose(request, time.time())
+        if choice is not None:
+            RouterMetrics.released(request.model, choice.arm)
+            if choice.version:  # the candidate: asked for by name from here on
+                named = ev.InferenceRequest()
+                named.CopyFrom(request)
+                named.model_version = choice.version
+                request = named
         reply_topic = self._reply_topic(request)
         started = time.monotonic()
         queue_wait_us = (
@@ -216,7 +246,9 @@ class Router:
             reply_topic, final, key=request.request_id, tenant=request.envelope.tenant
         )
         restricted = any(source.restricted for source in sources)
-        await self._audit(request, pool, outcome, queue_wait_us, prompted, restricted=restricted)
+        await self._audit(
+            request, pool, outcome, queue_wait_us, prompted, restricted=restricted, choice=choice
+        )
 
     async def _sources(self, request: ev.InferenceRequest) -> list[rag.Source]:
         """The knowledge-base sources of a RAG request, within the context budget."""
@@ -392,6 +424,7 @@ class Router:
         prompted: ev.InferenceRequest,
         *,
         restricted: bool = False,
+        choice: Choice | None = None,
     ) -> None:
         """The routing record; for an augmented prompt it holds the messages the model was
         given, redacted by the tenant's ``audit`` policy like the gateway's records."""
@@ -408,6 +441,9 @@ class Router:
         event.routing.replica = outcome.replica if outcome else ""
         event.routing.queue_wait_us = queue_wait_us
         event.routing.attempt = outcome.attempt if outcome else 0
+        if choice is not None:
+            event.routing.model_version = choice.version or "production"
+            event.routing.release_arm = choice.arm
         if prompted is not request and outcome is not None:  # the model was given it
             event.routing.prompt.extend(prompted.messages)
             event.routing.prompt_restricted = restricted

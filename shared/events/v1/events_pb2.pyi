@@ -320,7 +320,7 @@ class ResponseRecord(_message.Message):
     def __init__(self, choices: _Optional[_Iterable[_Union[Choice, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., status_code: _Optional[int] = ..., error: _Optional[_Union[ErrorInfo, _Mapping]] = ..., latency_us: _Optional[int] = ..., retrieved_chunk_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RoutingDecision(_message.Message):
-    __slots__ = ("pool", "replica", "queue_wait_us", "cache", "attempt", "prompt", "prompt_restricted")
+    __slots__ = ("pool", "replica", "queue_wait_us", "cache", "attempt", "prompt", "prompt_restricted", "model_version", "release_arm")
     POOL_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     QUEUE_WAIT_US_FIELD_NUMBER: _ClassVar[int]
@@ -328,6 +328,8 @@ class RoutingDecision(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_RESTRICTED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_ARM_FIELD_NUMBER: _ClassVar[int]
     pool: str
     replica: str
     queue_wait_us: int
@@ -335,7 +337,9 @@ class RoutingDecision(_message.Message):
     attempt: int
     prompt: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     prompt_restricted: bool
-    def __init__(self, pool: _Optional[str] = ..., replica: _Optional[str] = ..., queue_wait_us: _Optional[int] = ..., cache: _Optional[str] = ..., attempt: _Optional[int] = ..., prompt: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_restricted: _Optional[bool] = ...) -> None: ...
+    model_version: str
+    release_arm: str
+    def __init__(self, pool: _Optional[str] = ..., replica: _Optional[str] = ..., queue_wait_us: _Optional[int] = ..., cache: _Optional[str] = ..., attempt: _Optional[int] = ..., prompt: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_restricted: _Optional[bool] = ..., model_version: _Optional[str] = ..., release_arm: _Optional[str] = ...) -> None: ...
 
 class PolicyDecision(_message.Message):
     __slots__ = ("allow", "reasons", "action", "resource", "roles")
@@ -530,7 +534,7 @@ class ModelCandidate(_message.Message):
     def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., base_version: _Optional[str] = ..., artifact_uri: _Optional[str] = ..., job_id: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ModelDeployment(_message.Message):
-    __slots__ = ("envelope", "model", "version", "action", "traffic_percent", "pool", "reason")
+    __slots__ = ("envelope", "model", "version", "action", "traffic_percent", "pool", "reason", "release_id", "lease_s", "candidate_callers", "production_callers")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -538,6 +542,10 @@ class ModelDeployment(_message.Message):
     TRAFFIC_PERCENT_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_CALLERS_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTION_CALLERS_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     model: str
     version: str
@@ -545,7 +553,11 @@ class ModelDeployment(_message.Message):
     traffic_percent: int
     pool: str
     reason: str
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., action: _Optional[_Union[DeploymentAction, str]] = ..., traffic_percent: _Optional[int] = ..., pool: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    release_id: str
+    lease_s: int
+    candidate_callers: _containers.RepeatedScalarFieldContainer[str]
+    production_callers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., action: _Optional[_Union[DeploymentAction, str]] = ..., traffic_percent: _Optional[int] = ..., pool: _Optional[str] = ..., reason: _Optional[str] = ..., release_id: _Optional[str] = ..., lease_s: _Optional[int] = ..., candidate_callers: _Optional[_Iterable[str]] = ..., production_callers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
     __slots__ = ("envelope", "model", "version", "pool", "state", "replicas", "detail", "deployment", "max_replicas", "running_replicas")
