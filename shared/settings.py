@@ -204,6 +204,14 @@ class MeshSettings(BaseSettings):
     service_auth: ServiceAuthSettings = ServiceAuthSettings()
     # What PII is masked, tokenized or dropped per tenant, in logs, audit, feedback, training
     pii: TenantPiiSettings = TenantPiiSettings()
+    release_max_lease_s: float = Field(
+        300.0,
+        gt=0,
+        le=3600,
+        description="The longest a release's traffic split (a CANARY on model.deployments) "
+        "holds unrenewed; routers refuse longer leases, and routers and inference replicas "
+        "read this far back on start to find the live releases.",
+    )
 
     @property
     def signatures_required(self) -> bool:

@@ -133,8 +133,14 @@ async def paced(
             yield index, Delta.joined(waiting)
 
 
+def _same(model: LoadedModel, entry: ModelEntry) -> bool:
+    return (model.entry.version, model.entry.sha256) == (entry.version, entry.sha256)
+
+
 class ChatService:
-    """Serves one model name from a registry, one version at a time, OpenAI-style.
+    """Serves one model name from a registry, OpenAI-style: its current version (what a
+    request naming no version gets) and, during a release, versions alongside it (a
+    candidate, asked for by ``name:version``; :meth:`serve_alongside`).
 
     Not thread-safe: call it from one event loop (a Serve replica's).
     """
@@ -149,8 +155,13 @@ class ChatService:
         verify: bool = True,
         drain_timeout_s: float = 600.0,
         stream_interval_s: float = 0.0,
+        max_alongside: int = 1,
     ) -> None:
+        """``max_alongside``: versions served besides the current one at most (each holds
+        its own engine, so its weights and KV cache, in memory)."""
         self.registry = registry
+        self.max_alongside = max_alongside
+        self._alongside: dict[str, LoadedModel] = {}
         self.stream_interval_s = stream_interval_s
         self.model_name = model_name
         self.engine_settings = engine_settings
@@ -199,14 +210,15 @@ class ChatService:
             except UnknownModel as error:
                 raise ModelNotFoundError(error.message) from None
             old = self._current
-            if old is not None and (old.entry.version, old.entry.sha256) == (
-                entry.version,
-                entry.sha256,
-            ):
+            if old is not None and _same(old, entry):
                 return self.status()
-            new = await asyncio.to_thread(
-                load_model, entry, self.engine_settings, self.quant, verify=self.verify
-            )
+            beside = self._alongside.get(entry.version)
+            if beside is not None and _same(beside, entry):  # promoted: no load, no pause
+                new = self._alongside.pop(entry.version)
+            else:
+                new = await asyncio.to_thread(
+                    load_model, entry, self.engine_settings, self.quant, verify=self.verify
+                )
             self._current = new
             log.info(
                 "model switched",
@@ -215,11 +227,54 @@ class ChatService:
                 draining=old.in_flight if old else 0,
             )
             if old is not None:
-                self._retiring.add(old)
-                task = asyncio.create_task(self._retire(old), name=f"retire {old.model_id}")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._start_retiring(old)
             return self.status()
+
+    async def serve_alongside(self, versions: list[str]) -> dict[str, Any]:
+        """Serve exactly ``versions`` besides the current one, from now on: load those not
+        served yet (while everything keeps serving), retire the others once their
+        requests have finished. The current version in the list is ignored.
+
+        Raises:
+            ModelNotFoundError: a version is not in the registry (nothing changes).
+            ModelLoadError: a file is corrupt or unusable (nothing changes).
+            InvalidRequestError: more versions than ``max_alongside``.
+        """
+        async with self._switch_lock:
+            current = self.current.entry.version
+            wanted = list(dict.fromkeys(v for v in versions if v != current))
+            if len(wanted) > self.max_alongside:
+                raise invalid_field(
+                    "alongside",
+                    f"{len(wanted)} versions asked for; at most {self.max_alongside} are "
+                    "served beside the current one",
+                )
+            entries = {}
+            for version in wanted:
+                try:
+                    entries[version] = self.registry.resolve(self.model_name, version)
+                except UnknownModel as error:
+                    raise ModelNotFoundError(error.message) from None
+            loaded = {}
+            for version, entry in entries.items():
+                present = self._alongside.get(version)
+                if present is None or not _same(present, entry):
+                    loaded[version] = await asyncio.to_thread(
+                        load_model, entry, self.engine_settings, self.quant, verify=self.verify
+                    )
+            retired = [v for v in self._alongside if v not in entries or v in loaded]
+            for version in retired:
+                self._start_retiring(self._alongside.pop(version))
+            self._alongside.update(loaded)
+            if loaded or retired:
+                log.info("versions alongside", model=self.model_name, versions=wanted)
+            return self.status()
+
+    def _start_retiring(self, old: LoadedModel) -> None:
+        self._retiring.add(old)
+        task = asyncio.create_task(self._retire(old), name=f"retire {old.model_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _retire(self, old: LoadedModel) -> None:
         try:
@@ -253,6 +308,10 @@ class ChatService:
             "active": current.engine.active,
             "waiting": current.engine.waiting,
             "engine": dataclasses.asdict(current.engine.stats()),
+            "alongside": [
+                {"model": m.model_id, "version": v, "in_flight": m.in_flight}
+                for v, m in sorted(self._alongside.items())
+            ],
             "retiring": [
                 {"model": m.model_id, "in_flight": m.in_flight}
                 for m in sorted(self._retiring, key=lambda m: m.model_id)
@@ -264,6 +323,7 @@ class ChatService:
         current = self.current
         created = int(Path(current.entry.directory).stat().st_mtime)
         ids = [current.entry.name, current.model_id]
+        ids += [model.model_id for _, model in sorted(self._alongside.items())]
         return {
             "object": "list",
             "data": [
@@ -273,7 +333,7 @@ class ChatService:
 
     def stuck(self) -> str | None:
         """Why an engine is unhealthy (stuck, or its thread died); None when all are fine."""
-        for model in [self.current, *self._retiring]:
+        for model in [self.current, *self._alongside.values(), *self._retiring]:
             reason = model.engine.stuck()
             if reason is not None:
                 return f"{model.model_id}: {reason}"
@@ -281,9 +341,10 @@ class ChatService:
 
     def close(self) -> None:
         """Stop every engine now (the replica is going away)."""
-        for model in [self._current, *self._retiring]:
+        for model in [self._current, *self._alongside.values(), *self._retiring]:
             if model is not None:
                 model.engine.stop()
+        self._alongside.clear()
         self._retiring.clear()
 
     # ------------------------------------------------------------- requests
@@ -295,16 +356,20 @@ class ChatService:
             raise ModelNotFoundError(
                 f"model {request.model!r} is not served here; available: {available}"
             )
-        if request.version is not None and request.version != current.entry.version:
-            try:
-                self.registry.resolve(self.model_name, request.version)
-            except UnknownModel as error:
-                raise ModelNotFoundError(error.message) from None
-            raise ModelNotFoundError(
-                f"version {request.version!r} of {self.model_name!r} is registered but not "
-                f"served now; served: {current.model_id}"
-            )
-        return current
+        if request.version is None or request.version == current.entry.version:
+            return current
+        beside = self._alongside.get(request.version)
+        if beside is not None:
+            return beside
+        try:
+            self.registry.resolve(self.model_name, request.version)
+        except UnknownModel as error:
+            raise ModelNotFoundError(error.message) from None
+        served = ", ".join([current.model_id, *(m.model_id for m in self._alongside.values())])
+        raise ModelNotFoundError(
+            f"version {request.version!r} of {self.model_name!r} is registered but not "
+            f"served now; served: {served}"
+        )
 
     @staticmethod
     def _prompt_ids(model: LoadedModel, request: GenerationRequest) -> list[tuple[int, ...]]:

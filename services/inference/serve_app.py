@@ -83,12 +83,14 @@ class ChatDeployment:
             settings.quant,
             drain_timeout_s=settings.serve.reload_drain_timeout_s,
             stream_interval_s=settings.stream_interval_ms / 1000,
+            max_alongside=settings.serve.max_versions_alongside,
         )
         self._service.load_now(settings.model_version)
         # no guard given: one of no caller, so every request is refused (never open)
         self._frontend = HttpFrontend(self, embeddings, guard or ServiceGuard({}))
         self._settings = settings
         self._telemetry_task: asyncio.Task[None] | None = None
+        self._releases: asyncio.Task[Any] | None = None
 
     async def __call__(self, request: Request) -> Response:
         from opentelemetry import propagate, trace
@@ -106,12 +108,22 @@ class ChatDeployment:
             return await self._frontend.handle(request)
 
     async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
-        """Serve's ``user_config``: ``{"model_version": "..."}`` (null: the latest)."""
-        await self._service.switch((user_config or {}).get("model_version"))
+        """Serve's ``user_config``: ``{"model_version": "...", "alongside": [...]}``
+        (``model_version`` null: the latest; ``alongside``: versions served beside it)."""
+        config = user_config or {}
+        await self._service.switch(config.get("model_version"))
+        await self._service.serve_alongside(list(config.get("alongside") or []))
+        if self._releases is None and self._settings.serve.follow_releases:
+            # Serve calls this once a replica is up: from then on it follows the releases
+            self._releases = asyncio.create_task(_follow_releases(self._settings, self._service))
 
     async def reload(self, version: str | None = None) -> dict[str, Any]:
         """Switch this replica to ``version`` (None: the latest); returns ``status()``."""
         return await self._service.switch(version)
+
+    async def serve_alongside(self, versions: list[str]) -> dict[str, Any]:
+        """Serve exactly ``versions`` beside the current one; returns ``status()``."""
+        return await self._service.serve_alongside(versions)
 
     async def status(self) -> dict[str, Any]:
         """The served version, engine load, retiring engines, and this replica's id."""
@@ -182,6 +194,30 @@ async def _export_spans(settings: InferenceSettings) -> None:
         log.warning("spans stay local: no broker", error=f"{type(error).__name__}: {error}")
         return
     telemetry.export_spans_to_kafka(publisher, asyncio.get_running_loop())
+
+
+async def _follow_releases(settings: InferenceSettings, service: ChatService) -> Any:
+    """This replica's consumer of ``model.deployments`` (see :mod:`.releases`); None when
+    no broker is reachable (the replica serves its configured version only)."""
+    import uuid
+
+    from services.inference.releases import ReleaseFollower
+    from shared.bus import Bus
+    from shared.topics import MODEL_DEPLOYMENTS
+
+    bus = Bus(settings, service="inference")
+    bus.subscribe(
+        MODEL_DEPLOYMENTS,
+        group=f"inference-releases-{uuid.uuid4().hex[:12]}",
+        durable_dedup=False,
+        rewind_s=settings.release_max_lease_s + 5,
+    )(ReleaseFollower(service).on_decision)
+    try:
+        await asyncio.wait_for(bus.start(), 60)
+    except Exception as error:
+        log.warning("releases not followed: no broker", error=f"{type(error).__name__}: {error}")
+        return None
+    return bus
 
 
 def build_app(settings: InferenceSettings) -> serve.Application:

@@ -176,6 +176,18 @@ class ServeConfig(BaseModel):
         gt=0,
         description="After a model switch, how long the old engine may finish its requests.",
     )
+    follow_releases: bool = Field(
+        True,
+        description="Chat replicas apply the release decisions on model.deployments "
+        "(serve a candidate beside the current version, promote it, drop it).",
+    )
+    max_versions_alongside: int = Field(
+        1,
+        ge=0,
+        le=4,
+        description="Versions a chat replica may serve besides its current one during a "
+        "release (each holds its own engine: weights and KV cache).",
+    )
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(

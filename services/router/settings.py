@@ -92,13 +92,6 @@ class RouterSettings(MeshSettings):
     default_deadline_s: float = Field(
         120.0, gt=0, description="Deadline of a request that carries none."
     )
-    release_max_lease_s: float = Field(
-        300.0,
-        gt=0,
-        le=3600,
-        description="The longest a release's traffic split may hold unrenewed; a longer "
-        "lease is refused (see services/router/split.py).",
-    )
 
     @model_validator(mode="after")
     def _unique_pools(self) -> RouterSettings:

@@ -14,8 +14,13 @@ import openai
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from services.inference.registry import ModelRegistry
+from services.inference.settings import DEFAULT_MODEL_VERSION
+from shared.bus import Publisher
 from shared.bus.embedded import free_port
-from shared.topics import REQUESTS_HIGH, REQUESTS_LOW, REQUESTS_NORMAL
+from shared.events.v1 import events_pb2 as ev
+from shared.settings import MeshSettings
+from shared.topics import MODEL_DEPLOYMENTS, REQUESTS_HIGH, REQUESTS_LOW, REQUESTS_NORMAL
 from tests.e2e.conftest import Mesh, scrape, total
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -476,3 +481,80 @@ async def test_a_real_prometheus_scrapes_the_mesh_and_evaluates_the_rules(
     finally:
         process.terminate()
         await process.wait()
+
+
+async def test_a_release_split_sends_a_pinned_caller_to_a_candidate_served_beside_production(
+    mesh: Mesh, kafka_bootstrap: str
+) -> None:
+    """A CANARY on model.deployments: the inference replica loads the candidate beside the
+    current version, the router sends the pinned caller there and everyone else to
+    production; the rollback sends everyone back and the replica drops the candidate."""
+    model, candidate = "smollm2-135m-instruct", "cand-e2e"
+    registry = ModelRegistry(mesh.data_dir / "models")
+    registry.register(model, candidate, registry.resolve(model, None).path, copy=False)
+    developer_key = mesh.keys["developer"].split("-")[1]
+    publisher = Publisher(MeshSettings(kafka={"bootstrap": kafka_bootstrap}), service="tests")
+    await publisher.start()
+
+    async def decide(action: int, percent: int = 0, pins: tuple[str, ...] = ()) -> None:
+        event = ev.ModelDeployment(
+            model=model,
+            version=candidate,
+            action=action,  # type: ignore[arg-type]
+            traffic_percent=percent,
+            release_id="e2e-release",
+            lease_s=120,
+            candidate_callers=list(pins),
+        )
+        await publisher.publish(MODEL_DEPLOYMENTS, event)
+
+    async def answered_by(key: str, name: str = model) -> str:
+        reply = await client(mesh, key).chat.completions.create(
+            model=name, messages=QUESTION, temperature=0, max_tokens=4
+        )
+        return reply.model
+
+    async def eventually(check: Any, message: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if await check():
+                    return
+            except openai.NotFoundError:
+                pass  # not loaded yet, or not dropped yet
+            assert time.monotonic() < deadline, f"timed out waiting for {message}"
+            await asyncio.sleep(0.5)
+
+    try:
+        # no traffic yet: the replica loads the candidate, asked for by name only
+        await decide(ev.DEPLOYMENT_ACTION_CANARY)
+
+        async def served() -> bool:
+            return await answered_by("admin", f"{model}:{candidate}") == f"{model}:{candidate}"
+
+        await eventually(served, "the candidate served beside production")
+        await decide(ev.DEPLOYMENT_ACTION_CANARY, pins=(f"key:{developer_key}",))
+
+        async def developer_on_candidate() -> bool:
+            return await answered_by("developer") == f"{model}:{candidate}"
+
+        await eventually(developer_on_candidate, "the pinned caller on the candidate")
+        assert await answered_by("user") == f"{model}:{DEFAULT_MODEL_VERSION}"
+    finally:
+        await decide(ev.DEPLOYMENT_ACTION_ROLLBACK)
+
+    async def developer_back() -> bool:
+        return await answered_by("developer") == f"{model}:{DEFAULT_MODEL_VERSION}"
+
+    async def candidate_dropped() -> bool:
+        try:
+            await answered_by("admin", f"{model}:{candidate}")
+        except openai.NotFoundError as error:
+            return "registered but not served" in str(error)
+        return False
+
+    try:
+        await eventually(developer_back, "the rollback at the router")
+        await eventually(candidate_dropped, "the candidate dropped by the replica")
+    finally:
+        await publisher.stop()
