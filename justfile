@@ -158,6 +158,12 @@ bench-finetune *args:
 bench-train-throughput *args:
     {{python}} -m meshbench.train_throughput {{args}}
 
+# A release under load: 16 clients through the gateway while a candidate is loaded, takes
+# 5, 25, 50% of the callers and is promoted; failed requests counted (must be 0), a plot.
+[group('bench')]
+bench-release-load *args:
+    {{python}} -m meshbench.release_load {{args}}
+
 # DP-SGD at epsilon 8, 4, 1 against the same job without privacy, on held-out IT tickets.
 [group('bench')]
 bench-dp *args:

@@ -198,7 +198,8 @@ class ChatService:
 
         The new version is loaded on a new engine while the old one keeps serving; then
         new requests go to the new engine, and the old engine stops once its in-flight
-        requests have finished (in the background; see ``status()["retiring"]``).
+        requests have finished (in the background; see ``status()["retiring"]``). A version
+        served alongside is promoted as it is: its engine becomes the current one.
 
         Raises:
             ModelNotFoundError: no such version in the registry.
@@ -212,10 +213,12 @@ class ChatService:
             old = self._current
             if old is not None and _same(old, entry):
                 return self.status()
-            beside = self._alongside.get(entry.version)
+            beside = self._alongside.pop(entry.version, None)
             if beside is not None and _same(beside, entry):  # promoted: no load, no pause
-                new = self._alongside.pop(entry.version)
+                new = beside
             else:
+                if beside is not None:  # another file under that version name since
+                    self._start_retiring(beside)
                 new = await asyncio.to_thread(
                     load_model, entry, self.engine_settings, self.quant, verify=self.verify
                 )
@@ -255,13 +258,18 @@ class ChatService:
                     entries[version] = self.registry.resolve(self.model_name, version)
                 except UnknownModel as error:
                     raise ModelNotFoundError(error.message) from None
-            loaded = {}
-            for version, entry in entries.items():
-                present = self._alongside.get(version)
-                if present is None or not _same(present, entry):
-                    loaded[version] = await asyncio.to_thread(
-                        load_model, entry, self.engine_settings, self.quant, verify=self.verify
-                    )
+            loaded: dict[str, LoadedModel] = {}
+            try:
+                for version, entry in entries.items():
+                    present = self._alongside.get(version)
+                    if present is None or not _same(present, entry):
+                        loaded[version] = await asyncio.to_thread(
+                            load_model, entry, self.engine_settings, self.quant, verify=self.verify
+                        )
+            except BaseException:  # a load failed or the call was cancelled: undo the rest
+                for model in loaded.values():
+                    model.engine.stop()
+                raise
             retired = [v for v in self._alongside if v not in entries or v in loaded]
             for version in retired:
                 self._start_retiring(self._alongside.pop(version))
@@ -332,8 +340,23 @@ class ChatService:
         }
 
     def stuck(self) -> str | None:
-        """Why an engine is unhealthy (stuck, or its thread died); None when all are fine."""
-        for model in [self.current, *self._alongside.values(), *self._retiring]:
+        """Why an engine is unhealthy (stuck, or its thread died); None when all are fine.
+
+        A version served alongside that is stuck is stopped instead (its callers get an
+        error naming it): it must not take the replica, and production, down with it.
+        Called from the replica's event loop.
+        """
+        for version, model in list(self._alongside.items()):
+            reason = model.engine.stuck()
+            if reason is not None:
+                log.error("stopping a stuck version", model=model.model_id, reason=reason)
+                del self._alongside[version]
+                task = asyncio.get_running_loop().create_task(
+                    asyncio.to_thread(model.engine.stop), name=f"stop {model.model_id}"
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        for model in [self.current, *self._retiring]:
             reason = model.engine.stuck()
             if reason is not None:
                 return f"{model.model_id}: {reason}"

@@ -112,7 +112,8 @@ class ChatDeployment:
         (``model_version`` null: the latest; ``alongside``: versions served beside it)."""
         config = user_config or {}
         await self._service.switch(config.get("model_version"))
-        await self._service.serve_alongside(list(config.get("alongside") or []))
+        if "alongside" in config:  # else what the release decisions set stays
+            await self._service.serve_alongside(list(config["alongside"] or []))
         if self._releases is None and self._settings.serve.follow_releases:
             # Serve calls this once a replica is up: from then on it follows the releases
             self._releases = asyncio.create_task(_follow_releases(self._settings, self._service))
@@ -215,7 +216,12 @@ async def _follow_releases(settings: InferenceSettings, service: ChatService) ->
     try:
         await asyncio.wait_for(bus.start(), 60)
     except Exception as error:
-        log.warning("releases not followed: no broker", error=f"{type(error).__name__}: {error}")
+        log.warning(
+            "release decisions not followed: the bus did not start",
+            error=f"{type(error).__name__}: {error}",
+        )
+        with contextlib.suppress(Exception):
+            await bus.stop()
         return None
     return bus
 

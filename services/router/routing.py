@@ -164,7 +164,7 @@ class Router:
     async def on_deployment(self, event: ev.ModelDeployment, ctx: EventContext) -> None:
         """A release decision: start, move, renew or end a model's traffic split."""
         try:
-            did = self.splits.apply(event)
+            did = self.splits.apply(event, time.time())
         except InvalidDecision as error:  # logged and dropped: the split stays as it was
             log.warning("release decision refused", model=event.model[:64], error=str(error))
             return

@@ -15,7 +15,9 @@ each request (:meth:`Splits.choose`).
 - **Leases.** A split holds until its decision's time plus ``lease_s``; the controller
   renews it. A split nobody renews (the controller died, the release was forgotten) ends
   by itself and traffic goes back to production: traffic is never left split with no
-  controller watching.
+  controller watching. The lease counts from the decision's time, or from now if that is
+  later (a clock ahead of the router's cannot lengthen it); a decision dated more than
+  a minute ahead is refused.
 - **Requests that name a version** (``model:version``) get that version; a split never
   changes them.
 """
@@ -33,6 +35,7 @@ PINNED_CANDIDATE = "pinned-candidate"
 PINNED_PRODUCTION = "pinned-production"
 CALLER_KINDS = ("tenant", "key")
 MAX_NAME = 128
+MAX_CLOCK_SKEW_S = 60.0
 
 
 class InvalidDecision(ValueError):
@@ -45,6 +48,8 @@ class Split:
     candidate: str
     percent: int
     release_id: str
+    decided_at: float
+    """Unix seconds, the decision's ``occurred_at``."""
     expires_at: float
     """Unix seconds."""
     candidate_callers: frozenset[str] = frozenset()
@@ -81,7 +86,7 @@ def _callers(values: list[str], name: str) -> frozenset[str]:
     return frozenset(values)
 
 
-def split_of(event: ev.ModelDeployment, *, max_lease_s: float) -> Split:
+def split_of(event: ev.ModelDeployment, *, max_lease_s: float, now: float) -> Split:
     """The split a CANARY decision asks for.
 
     Raises:
@@ -100,12 +105,21 @@ def split_of(event: ev.ModelDeployment, *, max_lease_s: float) -> Split:
         )
     if not event.envelope.HasField("occurred_at"):
         raise InvalidDecision("envelope.occurred_at: required (the lease counts from it)")
+    decided_at = event.envelope.occurred_at.ToNanoseconds() / 1e9
+    if decided_at > now + MAX_CLOCK_SKEW_S:
+        raise InvalidDecision(
+            f"envelope.occurred_at: {decided_at - now:.0f} s in the future (at most "
+            f"{MAX_CLOCK_SKEW_S:g} s of clock skew is allowed)"
+        )
     return Split(
         model=event.model,
         candidate=event.version,
         percent=event.traffic_percent,
         release_id=event.release_id,
-        expires_at=event.envelope.occurred_at.ToNanoseconds() / 1e9 + event.lease_s,
+        decided_at=decided_at,
+        # from the decision's time, but never from later than now: a clock ahead of ours
+        # does not lengthen the lease
+        expires_at=min(decided_at, now) + event.lease_s,
         candidate_callers=_callers(list(event.candidate_callers), "candidate_callers"),
         production_callers=_callers(list(event.production_callers), "production_callers"),
     )
@@ -118,26 +132,31 @@ class Splits:
         self.max_lease_s = max_lease_s
         self._splits: dict[str, Split] = {}
 
-    def apply(self, event: ev.ModelDeployment) -> str:
-        """Take ``event`` into account; returns what it did, for the log.
+    def apply(self, event: ev.ModelDeployment, now: float) -> str:
+        """Take ``event`` into account at ``now`` (unix seconds); returns what it did.
 
         Raises:
             InvalidDecision: a CANARY that cannot be applied (nothing changes).
         """
+        for model in [m for m, split in self._splits.items() if split.expires_at <= now]:
+            del self._splits[model]  # lapsed
         current = self._splits.get(event.model)
         if event.action == ev.DEPLOYMENT_ACTION_CANARY:
-            split = split_of(event, max_lease_s=self.max_lease_s)
+            split = split_of(event, max_lease_s=self.max_lease_s, now=now)
             if (
                 current is not None
                 and split.release_id == current.release_id
-                and split.expires_at < current.expires_at
+                and split.decided_at < current.decided_at
             ):
-                return "stale"  # an older renewal, redelivered late
+                return "stale"  # an earlier decision of the release, redelivered late
             self._splits[event.model] = split
             return "split"
-        if event.action in (ev.DEPLOYMENT_ACTION_PROMOTE, ev.DEPLOYMENT_ACTION_ROLLBACK):
-            return "ended" if self._splits.pop(event.model, None) is not None else "no split"
-        if event.action == ev.DEPLOYMENT_ACTION_RETIRE:
+        if event.action in (
+            ev.DEPLOYMENT_ACTION_PROMOTE,
+            ev.DEPLOYMENT_ACTION_ROLLBACK,
+            ev.DEPLOYMENT_ACTION_RETIRE,
+        ):
+            # only a decision about the split's own candidate ends it
             if current is not None and current.candidate == event.version:
                 del self._splits[event.model]
                 return "ended"

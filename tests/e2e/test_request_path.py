@@ -491,7 +491,8 @@ async def test_a_release_split_sends_a_pinned_caller_to_a_candidate_served_besid
     production; the rollback sends everyone back and the replica drops the candidate."""
     model, candidate = "smollm2-135m-instruct", "cand-e2e"
     registry = ModelRegistry(mesh.data_dir / "models")
-    registry.register(model, candidate, registry.resolve(model, None).path, copy=False)
+    production = registry.resolve(model, None)
+    registry.register(model, candidate, production.path, copy=False, status="candidate")
     developer_key = mesh.keys["developer"].split("-")[1]
     publisher = Publisher(MeshSettings(kafka={"bootstrap": kafka_bootstrap}), service="tests")
     await publisher.start()

@@ -5,6 +5,7 @@ that started them."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from services.inference.chat import ChatService
 from services.inference.generation import EngineSettings
 from services.inference.registry import ModelRegistry, ensure_default
+from services.inference.releases import ReleaseFollower
 from services.inference.serve_app import _follow_releases
 from services.inference.settings import (
     DEFAULT_MODEL_NAME,
@@ -26,7 +28,9 @@ from shared.topics import MODEL_DEPLOYMENTS
 from tests.conftest import poll_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-CANDIDATE, OTHER = "cand-1", "cand-2"
+# names of this run only: a broker that outlives the run must not replay them to the next
+RUN = uuid.uuid4().hex[:6]
+CANDIDATE, OTHER = f"cand-{RUN}", f"other-{RUN}"
 CURRENT_ID = f"{DEFAULT_MODEL_NAME}:{DEFAULT_MODEL_VERSION}"
 CANDIDATE_ID = f"{DEFAULT_MODEL_NAME}:{CANDIDATE}"
 
@@ -64,13 +68,24 @@ async def streamed(service: ChatService, body: dict[str, Any]) -> list[dict[str,
     return [chunk async for chunk in service.chat_stream(body)]
 
 
+async def running(service: ChatService, body: dict[str, Any]) -> asyncio.Task[list[dict[str, Any]]]:
+    """A stream whose generation has begun (its first chunk came); the task reads it all."""
+    stream = service.chat_stream(body)
+    first = await stream.__anext__()
+
+    async def rest() -> list[dict[str, Any]]:
+        return [first, *[chunk async for chunk in stream]]
+
+    return asyncio.create_task(rest())
+
+
 async def test_a_candidate_is_served_beside_the_current_version_then_promoted_without_a_reload(
     service: ChatService,
 ) -> None:
     with pytest.raises(ModelNotFoundError, match="registered but not served now"):
         await service.chat(asking(CANDIDATE))
     # the current version keeps answering while the candidate loads
-    during_load = asyncio.create_task(streamed(service, asking(max_tokens=40)))
+    during_load = await running(service, asking(max_tokens=40))
     status = await service.serve_alongside([CANDIDATE])
     assert [m["model"] for m in status["alongside"]] == [CANDIDATE_ID]
     assert status["model"] == CURRENT_ID
@@ -85,14 +100,14 @@ async def test_a_candidate_is_served_beside_the_current_version_then_promoted_wi
 
     # promoted while a request runs on each: the candidate's engine becomes the current one
     beside = service._alongside[CANDIDATE]
-    on_current = asyncio.create_task(streamed(service, asking(max_tokens=40)))
-    on_candidate = asyncio.create_task(streamed(service, asking(CANDIDATE, max_tokens=40)))
-    await asyncio.sleep(0.5)
+    on_current = await running(service, asking(max_tokens=40))
+    on_candidate = await running(service, asking(CANDIDATE, max_tokens=40))
     promoted = await service.switch(CANDIDATE)
     assert service.current is beside  # no reload
     assert promoted["model"] == CANDIDATE_ID
+    assert promoted["in_flight"] == 1  # the candidate's request, now on the current engine
     assert promoted["alongside"] == []
-    assert [m["model"] for m in promoted["retiring"]] == [CURRENT_ID]
+    assert promoted["retiring"] == [{"model": CURRENT_ID, "in_flight": 1}]
     for task, model in ((on_current, CURRENT_ID), (on_candidate, CANDIDATE_ID)):
         chunks = await task
         assert {c["model"] for c in chunks} == {model}
@@ -113,12 +128,11 @@ async def test_dropping_the_candidate_retires_it_after_its_requests_and_bad_asks
         await service.serve_alongside(["v404"])
     assert [m["version"] for m in service.status()["alongside"]] == [CANDIDATE]
 
-    running = asyncio.create_task(streamed(service, asking(CANDIDATE, max_tokens=40)))
-    await asyncio.sleep(0.5)
+    on_candidate = await running(service, asking(CANDIDATE, max_tokens=40))
     status = await service.serve_alongside([])  # the release was rolled back
     assert status["alongside"] == []
-    assert [m["model"] for m in status["retiring"]] == [CANDIDATE_ID]
-    chunks = await running
+    assert status["retiring"] == [{"model": CANDIDATE_ID, "in_flight": 1}]
+    chunks = await on_candidate
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     with pytest.raises(ModelNotFoundError, match="registered but not served now"):
         await service.chat(asking(CANDIDATE))
@@ -140,7 +154,13 @@ async def test_a_replica_follows_the_release_decisions_on_the_topic(
         async def decide(action: int, version: str, model: str = DEFAULT_MODEL_NAME) -> None:
             await bus.publish(
                 MODEL_DEPLOYMENTS,
-                ev.ModelDeployment(model=model, version=version, action=action),  # type: ignore[arg-type]
+                ev.ModelDeployment(
+                    model=model,
+                    version=version,
+                    action=action,  # type: ignore[arg-type]
+                    release_id="r",
+                    lease_s=60,
+                ),
             )
 
         def beside() -> list[str]:
@@ -162,3 +182,43 @@ async def test_a_replica_follows_the_release_decisions_on_the_topic(
         assert (await service.chat(asking()))["model"] == CANDIDATE_ID
     finally:
         await bus.stop()
+
+
+async def test_a_rolled_back_candidate_answers_for_a_grace_period_unless_released_again(
+    service: ChatService,
+) -> None:
+    follower = ReleaseFollower(service, drop_after_s=1.5)
+
+    async def decide(action: int) -> None:
+        event = ev.ModelDeployment(
+            model=DEFAULT_MODEL_NAME, version=CANDIDATE, action=action,  # type: ignore[arg-type]
+            release_id="r", lease_s=60,
+        )  # fmt: skip
+        await follower.on_decision(event, None)  # type: ignore[arg-type]
+
+    def beside() -> list[str]:
+        return [m["version"] for m in service.status()["alongside"]]
+
+    await decide(ev.DEPLOYMENT_ACTION_CANARY)
+    assert beside() == [CANDIDATE]
+    await decide(ev.DEPLOYMENT_ACTION_ROLLBACK)
+    # a router that has not read the rollback yet still gets an answer
+    assert (await service.chat(asking(CANDIDATE)))["model"] == CANDIDATE_ID
+    await decide(ev.DEPLOYMENT_ACTION_CANARY)  # released again within the grace period
+    await asyncio.sleep(2)
+    assert beside() == [CANDIDATE]
+    await decide(ev.DEPLOYMENT_ACTION_ROLLBACK)
+    await poll_until(lambda: beside() == [], 10, message="the candidate dropped")
+
+
+async def test_a_stuck_candidate_is_retired_and_does_not_take_the_replica_down(
+    service: ChatService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await service.serve_alongside([CANDIDATE])
+    engine = service._alongside[CANDIDATE].engine
+    monkeypatch.setattr(engine, "stuck", lambda: "no step for 60 s")
+    assert service.stuck() is None  # the replica stays healthy
+    assert service.status()["alongside"] == []
+    with pytest.raises(ModelNotFoundError, match="registered but not served now"):
+        await service.chat(asking(CANDIDATE))
+    assert (await service.chat(asking()))["model"] == CURRENT_ID

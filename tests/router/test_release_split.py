@@ -123,7 +123,7 @@ async def test_bad_decisions_on_the_topic_change_nothing_and_a_lease_ends_by_its
     release = uuid.uuid4().hex
     with FakeBackend(free_port()) as fake:
         async with running_router(kafka_bootstrap, tmp_path, fake.url):
-            await client.publish(MODEL_DEPLOYMENTS, canary(model, "v2", 100, release, lease_s=12))
+            await client.publish(MODEL_DEPLOYMENTS, canary(model, "v2", 100, release))
 
             async def on(name: str, version: str) -> bool:
                 """Whether a caller of ``name`` is sent to ``version`` (empty: production)."""
@@ -139,14 +139,18 @@ async def test_bad_decisions_on_the_topic_change_nothing_and_a_lease_ends_by_its
                 canary(model, "v3", 100, ""),
                 canary(model, "v3", 100, release, candidate_callers=["*"]),
                 decision(model, 42, "v3"),
+                decision(model, ev.DEPLOYMENT_ACTION_ROLLBACK, "v3"),  # not its candidate
             ):
                 await client.publish(MODEL_DEPLOYMENTS, bad)
             # a good decision after them: once it is applied, so were (or were not) they
             await client.publish(MODEL_DEPLOYMENTS, canary(marker, "v9", 100, release))
             await poll_until_async(lambda: on(marker, "v9"), "the marker applied")
-            assert await on(model, "v2")  # not v3
-            # nobody renews the split: at its lease's end the callers are back on production
-            await poll_until_async(lambda: on(model, ""), "the lease ended", timeout=30)
+            assert await on(model, "v2")  # not v3, and still split
+            # nobody renews a split: at its lease's end the callers are back on production
+            short = f"short-{uuid.uuid4().hex[:6]}"
+            await client.publish(MODEL_DEPLOYMENTS, canary(short, "v2", 100, release, lease_s=8))
+            await poll_until_async(lambda: on(short, "v2"), "the short split applied")
+            await poll_until_async(lambda: on(short, ""), "the short lease ended")
 
 
 async def poll_until_async(

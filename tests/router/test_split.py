@@ -60,7 +60,7 @@ def chosen(splits: Splits, request: ev.InferenceRequest, now: float = NOW) -> Ch
 
 def split_at(percent: int, **fields: Any) -> Splits:
     splits = Splits(max_lease_s=300)
-    assert splits.apply(canary(percent, **fields)) == "split"
+    assert splits.apply(canary(percent, **fields), NOW) == "split"
     return splits
 
 
@@ -123,26 +123,46 @@ def test_a_split_nobody_renews_ends_at_its_lease_and_a_renewal_extends_it() -> N
     splits = split_at(100, lease_s=60)
     assert splits.choose(asking("k1"), NOW + 59) is not None
     assert splits.choose(asking("k1"), NOW + 60) is None  # all to production
-    assert splits.apply(canary(100, at=NOW + 50, lease_s=60)) == "split"
+    assert splits.apply(canary(100, at=NOW + 50, lease_s=60), NOW + 50) == "split"
     assert chosen(splits, asking("k1"), NOW + 100).version == "v2"
     # the earlier decision, redelivered after the renewal, does not shorten it
-    assert splits.apply(canary(100, at=NOW, lease_s=60)) == "stale"
+    assert splits.apply(canary(100, at=NOW, lease_s=60), NOW + 51) == "stale"
     assert splits.choose(asking("k1"), NOW + 100) is not None
 
 
 @pytest.mark.parametrize("action", [ev.DEPLOYMENT_ACTION_PROMOTE, ev.DEPLOYMENT_ACTION_ROLLBACK])
 def test_promote_and_rollback_end_the_split(action: int) -> None:
     splits = split_at(50)
-    assert splits.apply(ended(action)) == "ended"
+    assert splits.apply(ended(action), NOW) == "ended"
     assert splits.choose(asking("k1"), NOW) is None
-    assert splits.apply(ended(action)) == "no split"
+    assert splits.apply(ended(action), NOW) == "no split"
 
 
-def test_retiring_another_version_leaves_the_split() -> None:
+@pytest.mark.parametrize(
+    "action",
+    [ev.DEPLOYMENT_ACTION_PROMOTE, ev.DEPLOYMENT_ACTION_ROLLBACK, ev.DEPLOYMENT_ACTION_RETIRE],
+)
+def test_a_decision_about_another_version_leaves_the_split(action: int) -> None:
     splits = split_at(50)
-    assert splits.apply(ended(ev.DEPLOYMENT_ACTION_RETIRE, version="v0")) == "no split"
+    assert splits.apply(ended(action, version="v0"), NOW) == "no split"
     assert splits.live("smollm2", NOW) is not None
-    assert splits.apply(ended(ev.DEPLOYMENT_ACTION_RETIRE, version="v2")) == "ended"
+    assert splits.apply(ended(action, version="v2"), NOW) == "ended"
+
+
+def test_a_later_decision_with_a_shorter_lease_takes_over() -> None:
+    """Ramping down in a hurry: 0% on a short lease after 5% on a long one."""
+    splits = split_at(5, lease_s=300)
+    assert splits.apply(canary(0, at=NOW + 10, lease_s=60), NOW + 10) == "split"
+    assert chosen(splits, asking("k1"), NOW + 11).arm == PRODUCTION
+    assert splits.live("smollm2", NOW + 71) is None
+
+
+def test_a_clock_ahead_cannot_lengthen_a_lease_and_a_future_decision_is_refused() -> None:
+    splits = Splits(max_lease_s=300)
+    assert splits.apply(canary(50, at=NOW + 30, lease_s=60), NOW) == "split"
+    assert splits.live("smollm2", NOW + 61) is None  # counted from now, not from NOW + 30
+    with pytest.raises(InvalidDecision, match="in the future"):
+        splits.apply(canary(50, at=NOW + 3600, lease_s=60), NOW)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +185,7 @@ def test_a_decision_that_cannot_be_applied_is_refused_and_changes_nothing(
 ) -> None:
     splits = split_at(10)
     with pytest.raises(InvalidDecision, match=field):
-        splits.apply(event)
+        splits.apply(event, NOW)
     live = splits.live("smollm2", NOW)
     assert live is not None
     assert live.percent == 10
@@ -175,7 +195,7 @@ def test_a_decision_without_a_time_is_refused() -> None:
     event = canary()
     event.envelope.ClearField("occurred_at")
     with pytest.raises(InvalidDecision, match="occurred_at"):
-        Splits(max_lease_s=300).apply(event)
+        Splits(max_lease_s=300).apply(event, NOW)
 
 
 def test_the_bucket_is_uniform_enough_for_small_shares() -> None:
