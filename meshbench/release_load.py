@@ -194,7 +194,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         await asyncio.sleep(args.step_s)
         stop.set()
         await asyncio.gather(*loops)
-        return report(args, answers, phases, production.version)
+        key_ids = [key.split("-")[1] for key in keys]
+        return report(args, answers, phases, production.version, key_ids)
     finally:
         await release.stop()
         await asyncio.to_thread(mesh.stop)
@@ -220,10 +221,18 @@ async def served_by_name(client: Any, timeout: float) -> None:
 
 def report(
     args: argparse.Namespace, answers: list[Answer], phases: list[tuple[float, str]],
-    production: str,
+    production: str, key_ids: list[str],
 ) -> dict[str, Any]:  # fmt: skip
+    from services.router.split import bucket
+
     rows = []
     for _, name in phases:
+        percent = int(name.split("%")[0]) if name[0].isdigit() else None
+        hashed = (
+            sum(bucket(MODEL, "bench", f"key:{k}") < percent for k in key_ids)
+            if percent is not None
+            else None
+        )
         mine = [a for a in answers if a.phase == name]
         done = [a for a in mine if not a.error]
         on_candidate = sum(a.model.endswith(f":{CANDIDATE}") for a in done)
@@ -235,6 +244,7 @@ def report(
             "failed": len(mine) - len(done),
             "on_candidate": on_candidate,
             "candidate_share": on_candidate / len(done) if done else None,
+            "callers_hashed_to_candidate": hashed,
             "latency_p50_s": statistics.median(latencies) if latencies else None,
             "latency_p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
             if latencies else None,
@@ -264,10 +274,13 @@ def write(results: dict[str, Any]) -> None:
         return "—" if value is None else f"{value * scale:.{digits}f}"
 
     table = markdown_table(
-        ["phase", "answers", "failed", "on candidate", "share", "p50 s", "p99 s", "TTFT p50 s"],
+        ["phase", "answers", "failed", "on candidate", "share", "callers sent there",
+         "p50 s", "p99 s", "TTFT p50 s"],
         [
             [r["phase"], str(r["answers"]), str(r["failed"]), str(r["on_candidate"]),
              fmt(r["candidate_share"], 100, 0) + ("%" if r["candidate_share"] is not None else ""),
+             "—" if r["callers_hashed_to_candidate"] is None
+             else f"{r['callers_hashed_to_candidate']} of {results['callers']}",
              fmt(r["latency_p50_s"]), fmt(r["latency_p99_s"]), fmt(r["ttft_p50_s"])]
             for r in results["phases"]
         ],
@@ -289,7 +302,9 @@ def write(results: dict[str, Any]) -> None:
         table,
         "",
         "The share is of callers, not of requests: a caller (an API key) stays on one "
-        "version for the whole release, so with few callers the share moves in steps.",
+        "version for the whole release, so the share of answers follows how many of the "
+        'callers the hash put below the step ("callers sent there", computed from the '
+        "keys with the router's own hash), not the step itself.",
         "",
         *[f"- {line}" for line in results["machine"]],
     ]

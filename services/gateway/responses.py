@@ -86,7 +86,11 @@ class ResponseBuilder:
         return self.shapes.chunk(index, text, finish, role=role)
 
     def ending(self, reply: ev.FinalReply, *, include_usage: bool) -> list[dict[str, Any]]:
-        """The chunks that end a stream before ``[DONE]``: finish reasons, sources, usage."""
+        """The chunks that end a stream before ``[DONE]``: finish reasons, sources, usage.
+
+        They name the version that answered (``name:version``, as a whole response does):
+        the content chunks before them went out before the reply said which it was."""
+        self.shapes.model = model_name(reply) or self.shapes.model
         chunks = [self.chunk(c.index, None, c.finish_reason or "stop") for c in reply.choices]
         if reply.citations:  # an extension: a chunk with no choices carries the sources
             chunks.append({**self.shapes.envelope("chat.completion.chunk", []),

@@ -554,3 +554,18 @@ async def test_a_request_the_broker_never_takes_is_503_at_its_deadline(mesh: Mes
         assert marker not in json.dumps(asked)  # it never reached a replica
     finally:
         gateway.publisher = real
+
+
+async def test_a_stream_ends_with_chunks_naming_the_version_that_answered(mesh: Mesh) -> None:
+    headers = {"authorization": f"Bearer {mesh.keys['acme']}"}
+    body = chat(max_tokens=3, model="smollm2-135m-instruct:v7")
+    models = []
+    async with (
+        httpx.AsyncClient(timeout=60) as http,
+        http.stream("POST", f"{mesh.url}/chat/completions", json=body, headers=headers) as reply,
+    ):
+        async for line in reply.aiter_lines():
+            if line.startswith("data: {"):
+                models.append(json.loads(line[6:])["model"])
+    # the content went out before the reply said which version it was; the end says it
+    assert models[-1] == "smollm2-135m-instruct:v7"
