@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import statistics
 import tempfile
@@ -55,7 +56,8 @@ class Answer:
     seconds: float
     ttft_s: float | None
     model: str
-    phase: str
+    phase: str  # the phase it started in
+    key_id: str = ""
     error: str = ""
 
 
@@ -121,8 +123,9 @@ class Release:
         await self.publisher.stop()
 
 
-async def ask(client: Any, phase: list[str], t0: float, answers: list[Answer]) -> None:
+async def ask(client: Any, key_id: str, phase: list[str], t0: float, answers: list[Answer]) -> None:
     started = time.monotonic()
+    started_in = phase[0]
     first: float | None = None
     model = ""
     try:
@@ -140,7 +143,7 @@ async def ask(client: Any, phase: list[str], t0: float, answers: list[Answer]) -
     ended = time.monotonic()
     answers.append(
         Answer(started - t0, ended - started, first - started if first else None, model,
-               phase[0], error)
+               started_in, key_id, error)
     )  # fmt: skip
 
 
@@ -169,9 +172,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         t0 = time.monotonic()
         stop = asyncio.Event()
 
+        key_ids = [key.split("-")[1] for key in keys]
+
         async def client_loop() -> None:
             while not stop.is_set():
-                await ask(random.choice(clients), phase, t0, answers)
+                i = random.randrange(len(clients))
+                await ask(clients[i], key_ids[i], phase, t0, answers)
 
         def enter(name: str) -> None:
             phase[0] = name
@@ -194,8 +200,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         await asyncio.sleep(args.step_s)
         stop.set()
         await asyncio.gather(*loops)
-        key_ids = [key.split("-")[1] for key in keys]
-        return report(args, answers, phases, production.version, key_ids)
+        return report(vars(args), [asdict(a) for a in answers], phases, production.version,
+                      key_ids)  # fmt: skip
     finally:
         await release.stop()
         await asyncio.to_thread(mesh.stop)
@@ -220,10 +226,13 @@ async def served_by_name(client: Any, timeout: float) -> None:
 
 
 def report(
-    args: argparse.Namespace, answers: list[Answer], phases: list[tuple[float, str]],
-    production: str, key_ids: list[str],
+    args: dict[str, Any], timeline: list[dict[str, Any]], phases: list[tuple[float, str]],
+    production: str, key_ids: list[str], *, run_at: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    from services.router.split import bucket
+    """The results: per phase (an answer counts in the phase it started in), the answers,
+    failures, the share the candidate answered, and how many callers the router's own hash
+    sends there at that step."""
+    from shared.release_split import bucket
 
     rows = []
     for _, name in phases:
@@ -233,11 +242,11 @@ def report(
             if percent is not None
             else None
         )
-        mine = [a for a in answers if a.phase == name]
-        done = [a for a in mine if not a.error]
-        on_candidate = sum(a.model.endswith(f":{CANDIDATE}") for a in done)
-        latencies = sorted(a.seconds for a in done)
-        ttfts = sorted(a.ttft_s for a in done if a.ttft_s is not None)
+        mine = [a for a in timeline if a["phase"] == name]
+        done = [a for a in mine if not a["error"]]
+        on_candidate = sum(a["model"].endswith(f":{CANDIDATE}") for a in done)
+        latencies = sorted(a["seconds"] for a in done)
+        ttfts = sorted(a["ttft_s"] for a in done if a["ttft_s"] is not None)
         rows.append({
             "phase": name,
             "answers": len(mine),
@@ -246,24 +255,36 @@ def report(
             "candidate_share": on_candidate / len(done) if done else None,
             "callers_hashed_to_candidate": hashed,
             "latency_p50_s": statistics.median(latencies) if latencies else None,
-            "latency_p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+            # nearest rank: below 100 answers, the slowest
+            "latency_p99_s": latencies[max(0, math.ceil(0.99 * len(latencies)) - 1)]
             if latencies else None,
             "ttft_p50_s": statistics.median(ttfts) if ttfts else None,
         })  # fmt: skip
     return {
-        "clients": args.clients,
-        "callers": args.callers,
-        "step_s": args.step_s,
+        "run_at": run_at or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": _commit(),
+        "clients": args["clients"],
+        "callers": args["callers"],
+        "step_s": args["step_s"],
         "production_version": production,
         "candidate_version": CANDIDATE,
-        "answers": len(answers),
-        "failed": sum(bool(a.error) for a in answers),
-        "errors": sorted({a.error for a in answers if a.error})[:10],
+        "answers": len(timeline),
+        "failed": sum(bool(a["error"]) for a in timeline),
+        "errors": sorted({a["error"] for a in timeline if a["error"]})[:10],
         "phases": rows,
         "phase_starts": phases,
-        "timeline": [asdict(a) for a in answers],
+        "key_ids": key_ids,
+        "timeline": timeline,
         "machine": machine_lines(),
     }
+
+
+def _commit() -> str:
+    import subprocess
+
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS_DIR.parent,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    return done.stdout.strip() or "unknown"
 
 
 def write(results: dict[str, Any]) -> None:
@@ -297,6 +318,9 @@ def write(results: dict[str, Any]) -> None:
         "the bundled model's file registered as a new version (the mechanics, not a better "
         "model). Failed requests must be 0.",
         "",
+        f"Run at {results['run_at']} (commit {results['commit']})."
+        + (f" Note: {results['note']}." if results.get("note") else ""),
+        "",
         f"**{results['answers']} answers, {results['failed']} failed.**",
         "",
         table,
@@ -304,7 +328,8 @@ def write(results: dict[str, Any]) -> None:
         "The share is of callers, not of requests: a caller (an API key) stays on one "
         "version for the whole release, so the share of answers follows how many of the "
         'callers the hash put below the step ("callers sent there", computed from the '
-        "keys with the router's own hash), not the step itself.",
+        "keys with the router's own hash), not the step itself. An answer counts in the "
+        "phase it started in. p99 is the nearest rank: below 100 answers it is the slowest.",
         "",
         *[f"- {line}" for line in results["machine"]],
     ]

@@ -1,22 +1,22 @@
 """OpenAI chat and completion requests over a loaded model, without Ray: validation, the
-jobs one request makes (``n`` choices, several prompts), merging their streams into OpenAI
-chunks, usage, and switching model versions in place (:class:`ChatService`)."""
+jobs one request makes (``n`` choices, several prompts; their streams are merged by
+:mod:`.merging`), OpenAI chunks and usage, and the versions served: switching in place,
+and a candidate beside the current one during a release (:class:`ChatService`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import dataclasses
-import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from services.inference.engine_protocol import TextEngine
-from services.inference.generation import Delta, EngineSettings, InvalidRequest, SamplingParams
+from services.inference.generation import EngineSettings, InvalidRequest, SamplingParams
 from services.inference.loading import LoadedModel, load_model
+from services.inference.merging import Job, merge, paced
 from services.inference.model.gguf_model import ModelLoadError
 from services.inference.registry import ModelEntry, ModelRegistry, UnknownModel
 from shared.logging import get_logger
@@ -35,20 +35,10 @@ log = get_logger(__name__)
 # --------------------------------------------------------------------------- responses
 
 
-@dataclass(frozen=True)
-class _Job:
-    """One sequence to generate: choice ``index`` of prompt ``prompt_index``."""
-
-    index: int
-    prompt_index: int
-    ids: tuple[int, ...]
-    params: SamplingParams
-
-
 @dataclass
 class _Plan:
     request: GenerationRequest
-    jobs: list[_Job]
+    jobs: list[Job]
     prompt_tokens: int
 
 
@@ -62,75 +52,6 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
-
-
-def _stream(engine: TextEngine, job: _Job) -> AsyncGenerator[Delta, None]:
-    # TextEngine.stream is an async generator (typed as an iterator): close it when done.
-    return cast(AsyncGenerator[Delta, None], engine.stream(job.ids, job.params))
-
-
-async def _merge(model: LoadedModel, jobs: list[_Job]) -> AsyncGenerator[tuple[int, Delta], None]:
-    """The deltas of every job as they come, tagged with the job's choice index."""
-    engine = model.engine
-    if len(jobs) == 1:
-        job = jobs[0]
-        async with contextlib.aclosing(_stream(engine, job)) as deltas:
-            async for delta in deltas:
-                yield job.index, delta
-        return
-    queue: asyncio.Queue[tuple[int, Delta | BaseException | None]] = asyncio.Queue()
-
-    async def pump(job: _Job) -> None:
-        try:
-            async with contextlib.aclosing(_stream(engine, job)) as deltas:
-                async for delta in deltas:
-                    queue.put_nowait((job.index, delta))
-        except Exception as error:
-            queue.put_nowait((job.index, error))
-        else:
-            queue.put_nowait((job.index, None))
-
-    tasks = [asyncio.create_task(pump(job)) for job in jobs]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, item = await queue.get()
-            if item is None:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-# --------------------------------------------------------------------------- chat service
-
-
-async def paced(
-    deltas: AsyncIterator[tuple[int, Delta]], interval_s: float
-) -> AsyncGenerator[tuple[int, Delta], None]:
-    """``deltas`` with each choice's first one at once and the rest gathered, so that a
-    choice sends at most one delta per ``interval_s``; a finish goes out at once with what
-    was held. Every hop after the replica (HTTP, the router, Kafka, the gateway, the client)
-    then pays per chunk, not per token; at 100 ms a reader sees ten updates a second."""
-    held: dict[int, list[Delta]] = {}
-    sent_at: dict[int, float] = {}
-    async for index, delta in deltas:
-        waiting = held.setdefault(index, [])
-        waiting.append(delta)
-        now = time.monotonic()
-        last = sent_at.get(index)
-        if delta.finish_reason is not None or last is None or now - last >= interval_s:
-            yield index, Delta.joined(waiting)
-            held[index] = []
-            sent_at[index] = now
-    for index, waiting in held.items():
-        if waiting:
-            yield index, Delta.joined(waiting)
 
 
 def _same(model: LoadedModel, entry: ModelEntry) -> bool:
@@ -213,15 +134,15 @@ class ChatService:
             old = self._current
             if old is not None and _same(old, entry):
                 return self.status()
-            beside = self._alongside.pop(entry.version, None)
+            beside = self._alongside.get(entry.version)
             if beside is not None and _same(beside, entry):  # promoted: no load, no pause
-                new = beside
+                new = self._alongside.pop(entry.version)
             else:
-                if beside is not None:  # another file under that version name since
-                    self._start_retiring(beside)
                 new = await asyncio.to_thread(
                     load_model, entry, self.engine_settings, self.quant, verify=self.verify
                 )
+                if beside is not None:  # another file under that version name since
+                    self._start_retiring(self._alongside.pop(entry.version))
             self._current = new
             log.info(
                 "model switched",
@@ -277,6 +198,17 @@ class ChatService:
             if loaded or retired:
                 log.info("versions alongside", model=self.model_name, versions=wanted)
             return self.status()
+
+    async def drop_alongside(self, version: str) -> bool:
+        """Stop serving ``version`` beside the current one (after its requests); whether it
+        was served there."""
+        async with self._switch_lock:
+            model = self._alongside.pop(version, None)
+            if model is None:
+                return False
+            self._start_retiring(model)
+            log.info("version dropped", model=model.model_id)
+            return True
 
     def _start_retiring(self, old: LoadedModel) -> None:
         self._retiring.add(old)
@@ -342,25 +274,24 @@ class ChatService:
     def stuck(self) -> str | None:
         """Why an engine is unhealthy (stuck, or its thread died); None when all are fine.
 
-        A version served alongside that is stuck is stopped instead (its callers get an
-        error naming it): it must not take the replica, and production, down with it.
+        Only the current engine's counts. A stuck engine served alongside or retiring is
+        stopped instead (its callers get an error): it must not take the replica, and
+        production, down with it.
         Called from the replica's event loop.
         """
-        for version, model in list(self._alongside.items()):
+        for model in [*self._alongside.values(), *self._retiring]:
             reason = model.engine.stuck()
             if reason is not None:
-                log.error("stopping a stuck version", model=model.model_id, reason=reason)
-                del self._alongside[version]
+                log.error("stopping a stuck engine", model=model.model_id, reason=reason)
+                self._alongside = {v: m for v, m in self._alongside.items() if m is not model}
+                self._retiring.discard(model)
                 task = asyncio.get_running_loop().create_task(
                     asyncio.to_thread(model.engine.stop), name=f"stop {model.model_id}"
                 )
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-        for model in [self.current, *self._retiring]:
-            reason = model.engine.stuck()
-            if reason is not None:
-                return f"{model.model_id}: {reason}"
-        return None
+        reason = self.current.engine.stuck()
+        return f"{self.current.model_id}: {reason}" if reason is not None else None
 
     def close(self) -> None:
         """Stop every engine now (the replica is going away)."""
@@ -418,7 +349,7 @@ class ChatService:
     def _plan(self, model: LoadedModel, request: GenerationRequest) -> _Plan:
         engine = model.engine
         prompts = self._prompt_ids(model, request)
-        jobs: list[_Job] = []
+        jobs: list[Job] = []
         for prompt_index, ids in enumerate(prompts):
             max_tokens = request.max_tokens
             if max_tokens is None:
@@ -449,7 +380,7 @@ class ChatService:
                 except InvalidRequest as error:
                     param = request.prompt_param if error.param == "prompt" else error.param
                     raise invalid_field(param, error.message) from None
-                jobs.append(_Job(len(jobs), prompt_index, ids, params))
+                jobs.append(Job(len(jobs), prompt_index, ids, params))
         return _Plan(request, jobs, sum(len(ids) for ids in prompts))
 
     async def generate(self, body: Any, kind: RequestKind) -> dict[str, Any]:
@@ -467,7 +398,7 @@ class ChatService:
         completion_tokens = 0
         model.acquire()
         try:
-            async with contextlib.aclosing(_merge(model, plan.jobs)) as deltas:
+            async with contextlib.aclosing(merge(model, plan.jobs)) as deltas:
                 async for index, delta in deltas:
                     texts[index] += delta.text
                     if delta.finish_reason is not None:
@@ -495,7 +426,7 @@ class ChatService:
                 for job in plan.jobs:
                     yield shaper.chunk(job.index, "", role=True)
             async with (
-                contextlib.aclosing(_merge(model, plan.jobs)) as merged,
+                contextlib.aclosing(merge(model, plan.jobs)) as merged,
                 contextlib.aclosing(paced(merged, self.stream_interval_s)) as deltas,
             ):
                 async for index, delta in deltas:

@@ -8,12 +8,16 @@ has no call that reaches every replica, and a replica started later must catch u
 - PROMOTE of VERSION: VERSION becomes the current one (no reload when it was served
   beside it); the old one retires once its requests have finished;
 - ROLLBACK or RETIRE of VERSION: stop serving VERSION beside the current one, after its
-  requests, and after ``drop_after_s``: the routers read the same decision at their own
-  pace, and a request one of them sends to the candidate meanwhile is still answered.
+  requests, and after ``drop_after_s`` (``MESHLLM_SERVE__RELEASE_DROP_AFTER_S``, 10 s):
+  the routers read the same decision at their own pace, and a request one of them sends
+  to the candidate meanwhile is still answered. A router that reads it later than that
+  sends its candidate callers to a version no longer served (an error naming it). A
+  CANARY or PROMOTE of VERSION meanwhile calls the drop off.
 
 A replica reads the decisions of the last ``release_max_lease_s`` when it starts: a
 CANARY still live was made or renewed within that time. Decisions for other models are
-ignored; one that cannot be applied (a version the registry lacks, a corrupt file, more
+ignored; a CANARY the routers would refuse (:func:`shared.release_split.split_of`) is not
+loaded; one that cannot be applied (a version the registry lacks, a corrupt file, more
 versions than the replica may hold) is logged and changes nothing: the routers' callers of
 that version get an error naming it, and the release's online stage sees those errors.
 """
@@ -21,6 +25,7 @@ that version get an error naming it, and the release's online stage sees those e
 from __future__ import annotations
 
 import asyncio
+import time
 
 from services.inference.chat import ChatService
 from services.inference.model.gguf_model import ModelLoadError
@@ -28,6 +33,7 @@ from shared.bus import EventContext
 from shared.events.v1 import events_pb2 as ev
 from shared.logging import get_logger
 from shared.openai_protocol import OpenAIError
+from shared.release_split import InvalidDecision, split_of
 
 log = get_logger(__name__)
 
@@ -35,39 +41,52 @@ log = get_logger(__name__)
 class ReleaseFollower:
     """The handler of ``model.deployments`` in a chat replica."""
 
-    def __init__(self, service: ChatService, drop_after_s: float = 10.0) -> None:
+    def __init__(
+        self, service: ChatService, *, drop_after_s: float = 10.0, max_lease_s: float = 300.0
+    ) -> None:
         self.service = service
         self.drop_after_s = drop_after_s
-        self._decisions = 0  # a drop waiting for its time applies only if none came since
-        self._dropping: set[asyncio.Task[None]] = set()
+        self.max_lease_s = max_lease_s
+        # per version, how many CANARY/PROMOTE decisions came: a drop waiting for its time
+        # is called off by a decision that serves its version again, and by nothing else
+        self._served_again: dict[str, int] = {}
+        self._dropping: dict[str, asyncio.Task[None]] = {}
 
     async def on_decision(self, event: ev.ModelDeployment, ctx: EventContext) -> None:
         if event.model != self.service.model_name or not event.version:
             return
-        if event.action == ev.DEPLOYMENT_ACTION_CANARY and not (
-            event.release_id and event.lease_s and ":" not in event.version
-        ):
-            # the routers refuse it too: loading it would only cost memory
-            log.warning(
-                "release decision refused",
-                version=event.version[:64],
-                error="a CANARY needs a release id, a lease and a plain version",
-            )
-            return
-        self._decisions += 1
         action = event.action
-        if action in (ev.DEPLOYMENT_ACTION_ROLLBACK, ev.DEPLOYMENT_ACTION_RETIRE):
-            if event.version in self._beside():
-                task = asyncio.create_task(self._drop(event, self._decisions))
-                self._dropping.add(task)
-                task.add_done_callback(self._dropping.discard)
-            return
-        await self._apply(event)
-
-    async def _drop(self, event: ev.ModelDeployment, seen: int) -> None:
-        await asyncio.sleep(self.drop_after_s)
-        if self._decisions == seen:  # not re-released or promoted meanwhile
+        if action == ev.DEPLOYMENT_ACTION_CANARY:
+            try:  # what the routers refuse is not loaded either: it would only cost memory
+                split_of(event, max_lease_s=self.max_lease_s, now=time.time())
+            except InvalidDecision as error:
+                log.warning("release decision refused", version=event.version[:64],
+                            error=str(error))  # fmt: skip
+                return
+        if action in (ev.DEPLOYMENT_ACTION_CANARY, ev.DEPLOYMENT_ACTION_PROMOTE):
+            self._served_again[event.version] = self._served_again.get(event.version, 0) + 1
             await self._apply(event)
+        elif (
+            action in (ev.DEPLOYMENT_ACTION_ROLLBACK, ev.DEPLOYMENT_ACTION_RETIRE)
+            and event.version in self._beside()
+            and event.version not in self._dropping  # a repeated one keeps the first deadline
+        ):
+            version = event.version
+            seen = self._served_again.get(version, 0)
+            task = asyncio.create_task(self._drop(version, seen))
+            self._dropping[version] = task
+            task.add_done_callback(lambda _: self._dropping.pop(version, None))
+
+    async def _drop(self, version: str, seen: int) -> None:
+        await asyncio.sleep(self.drop_after_s)
+        if self._served_again.get(version, 0) != seen:
+            return  # released again or promoted meanwhile
+        try:
+            if await self.service.drop_alongside(version):
+                log.info("release decision applied", model=self.service.model_name,
+                         version=version, action="drop", beside=self._beside())  # fmt: skip
+        except Exception:  # a background task: nobody else would see it
+            log.exception("dropping a version failed", version=version[:64])
 
     async def _apply(self, event: ev.ModelDeployment) -> None:
         action = event.action
@@ -75,13 +94,8 @@ class ReleaseFollower:
             if action == ev.DEPLOYMENT_ACTION_CANARY:
                 if event.version not in self._beside():
                     await self.service.serve_alongside([event.version])
-            elif action == ev.DEPLOYMENT_ACTION_PROMOTE:
-                await self.service.switch(event.version)
-            elif action in (ev.DEPLOYMENT_ACTION_ROLLBACK, ev.DEPLOYMENT_ACTION_RETIRE):
-                beside = self._beside()
-                await self.service.serve_alongside([v for v in beside if v != event.version])
             else:
-                return
+                await self.service.switch(event.version)
         except (OpenAIError, ModelLoadError) as error:
             log.warning(
                 "release decision not applied",

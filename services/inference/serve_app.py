@@ -212,7 +212,13 @@ async def _follow_releases(settings: InferenceSettings, service: ChatService) ->
         group=f"inference-releases-{uuid.uuid4().hex[:12]}",
         durable_dedup=False,
         rewind_s=settings.release_max_lease_s + 5,
-    )(ReleaseFollower(service).on_decision)
+    )(
+        ReleaseFollower(
+            service,
+            drop_after_s=settings.serve.release_drop_after_s,
+            max_lease_s=settings.release_max_lease_s,
+        ).on_decision
+    )
     try:
         await asyncio.wait_for(bus.start(), 60)
     except Exception as error:

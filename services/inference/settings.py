@@ -181,6 +181,13 @@ class ServeConfig(BaseModel):
         description="Chat replicas apply the release decisions on model.deployments "
         "(serve a candidate beside the current version, promote it, drop it).",
     )
+    release_drop_after_s: float = Field(
+        10.0,
+        ge=0,
+        le=600,
+        description="After a release is rolled back, how long a chat replica still answers "
+        "its candidate (routers read the rollback at their own pace).",
+    )
     max_versions_alongside: int = Field(
         1,
         ge=0,

@@ -12,9 +12,9 @@ from services.router.pools import Pools
 from services.router.routing import Router
 from services.router.scheduling import priority_with_aging
 from services.router.settings import RouterSettings
-from services.router.split import Splits
 from shared.bus import Bus
 from shared.health import HealthState
+from shared.release_split import Splits
 from shared.service import run_service
 from shared.service_auth import ServiceTokenAuth, own_token
 from shared.topics import (

@@ -30,7 +30,6 @@ from services.router.chunks import ChunkStream, Send
 from services.router.metrics import RouterMetrics
 from services.router.pools import Pool, Pools, Replica
 from services.router.settings import RagConfig
-from services.router.split import Choice, InvalidDecision, Splits
 from services.router.upstream import (
     Piece,
     ReplicaFailed,
@@ -44,6 +43,7 @@ from shared.events.v1 import events_pb2 as ev
 from shared.logging import get_logger
 from shared.pii import Purpose, TenantPiiSettings
 from shared.pii.events import redact_audit_event
+from shared.release_split import Choice, InvalidDecision, Splits
 from shared.topics import AUDIT_EVENTS, REPLIES, Topic, by_name
 
 log = get_logger(__name__)

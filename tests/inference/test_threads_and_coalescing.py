@@ -109,7 +109,7 @@ async def test_a_reader_that_keeps_up_gets_each_token_at_once(
 async def _paced_from(
     items: list[tuple[int, Delta]], interval_s: float, gap_s: float = 0.0
 ) -> list[tuple[int, Delta]]:
-    from services.inference.chat import paced
+    from services.inference.merging import paced
 
     async def source() -> AsyncIterator[tuple[int, Delta]]:
         for item in items:

@@ -5,6 +5,7 @@ that started them."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -187,28 +188,44 @@ async def test_a_replica_follows_the_release_decisions_on_the_topic(
 async def test_a_rolled_back_candidate_answers_for_a_grace_period_unless_released_again(
     service: ChatService,
 ) -> None:
-    follower = ReleaseFollower(service, drop_after_s=1.5)
+    follower = ReleaseFollower(service, drop_after_s=3)
 
-    async def decide(action: int) -> None:
+    async def decide(action: int, version: str = CANDIDATE) -> None:
         event = ev.ModelDeployment(
-            model=DEFAULT_MODEL_NAME, version=CANDIDATE, action=action,  # type: ignore[arg-type]
+            model=DEFAULT_MODEL_NAME, version=version, action=action,  # type: ignore[arg-type]
             release_id="r", lease_s=60,
         )  # fmt: skip
+        event.envelope.occurred_at.FromNanoseconds(time.time_ns())
         await follower.on_decision(event, None)  # type: ignore[arg-type]
 
     def beside() -> list[str]:
         return [m["version"] for m in service.status()["alongside"]]
 
     await decide(ev.DEPLOYMENT_ACTION_CANARY)
-    assert beside() == [CANDIDATE]
+    engine = service._alongside[CANDIDATE]
     await decide(ev.DEPLOYMENT_ACTION_ROLLBACK)
     # a router that has not read the rollback yet still gets an answer
     assert (await service.chat(asking(CANDIDATE)))["model"] == CANDIDATE_ID
+    await decide(ev.DEPLOYMENT_ACTION_RETIRE, OTHER)  # about another version: no effect
     await decide(ev.DEPLOYMENT_ACTION_CANARY)  # released again within the grace period
-    await asyncio.sleep(2)
-    assert beside() == [CANDIDATE]
+    await asyncio.sleep(3.5)
+    assert service._alongside.get(CANDIDATE) is engine  # never dropped (nor reloaded)
     await decide(ev.DEPLOYMENT_ACTION_ROLLBACK)
-    await poll_until(lambda: beside() == [], 10, message="the candidate dropped")
+    await asyncio.sleep(1)
+    await decide(ev.DEPLOYMENT_ACTION_ROLLBACK)  # repeated: the first deadline holds
+    await poll_until(lambda: beside() == [], 2.5, message="the candidate dropped")
+
+
+async def test_a_canary_the_routers_would_refuse_is_not_loaded(service: ChatService) -> None:
+    follower = ReleaseFollower(service, max_lease_s=300)
+    for lease_s in (0, 3600):  # a split that never ends, or ends later than routers allow
+        event = ev.ModelDeployment(
+            model=DEFAULT_MODEL_NAME, version=CANDIDATE, release_id="r", lease_s=lease_s,
+            action=ev.DEPLOYMENT_ACTION_CANARY,
+        )  # fmt: skip
+        event.envelope.occurred_at.FromNanoseconds(time.time_ns())
+        await follower.on_decision(event, None)  # type: ignore[arg-type]
+    assert service.status()["alongside"] == []
 
 
 async def test_a_stuck_candidate_is_retired_and_does_not_take_the_replica_down(

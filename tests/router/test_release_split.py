@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from services.router.split import bucket
 from shared.bus import Bus
 from shared.bus.embedded import free_port
 from shared.events.v1 import events_pb2 as ev
+from shared.release_split import bucket
 from shared.topics import MODEL_DEPLOYMENTS
 from tests.conftest import poll_until
 from tests.fakes.openai_backend import FakeBackend
@@ -148,7 +148,7 @@ async def test_bad_decisions_on_the_topic_change_nothing_and_a_lease_ends_by_its
             assert await on(model, "v2")  # not v3, and still split
             # nobody renews a split: at its lease's end the callers are back on production
             short = f"short-{uuid.uuid4().hex[:6]}"
-            await client.publish(MODEL_DEPLOYMENTS, canary(short, "v2", 100, release, lease_s=8))
+            await client.publish(MODEL_DEPLOYMENTS, canary(short, "v2", 100, release, lease_s=20))
             await poll_until_async(lambda: on(short, "v2"), "the short split applied")
             await poll_until_async(lambda: on(short, ""), "the short lease ended")
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from services.router.split import (
+from shared.events.v1 import events_pb2 as ev
+from shared.release_split import (
     CANDIDATE,
     PINNED_CANDIDATE,
     PINNED_PRODUCTION,
@@ -17,7 +18,6 @@ from services.router.split import (
     Splits,
     bucket,
 )
-from shared.events.v1 import events_pb2 as ev
 
 NOW = 1_800_000_000.0
 
@@ -201,3 +201,19 @@ def test_a_decision_without_a_time_is_refused() -> None:
 def test_the_bucket_is_uniform_enough_for_small_shares() -> None:
     below = sum(bucket("m", "r", f"key:{i}") < 1 for i in range(50_000))
     assert abs(below / 50_000 - 0.01) < 4 * math.sqrt(0.01 * 0.99 / 50_000)
+
+
+def test_a_late_renewal_of_an_ended_release_does_not_reopen_its_split() -> None:
+    splits = split_at(50)
+    rollback = ended(ev.DEPLOYMENT_ACTION_ROLLBACK)
+    rollback.envelope.occurred_at.FromNanoseconds(int((NOW + 10) * 1e9))
+    assert splits.apply(rollback, NOW + 10) == "ended"
+    assert splits.apply(canary(50, at=NOW + 5), NOW + 11) == "stale"  # sent before the end
+    assert splits.live("smollm2", NOW + 11) is None
+
+
+def test_a_decision_from_a_clock_ahead_does_not_make_the_next_ones_stale() -> None:
+    splits = Splits(max_lease_s=300)
+    assert splits.apply(canary(50, at=NOW + 30), NOW) == "split"  # 30 s ahead of ours
+    assert splits.apply(canary(0, at=NOW + 5), NOW + 5) == "split"  # the ramp-down holds
+    assert chosen(splits, asking("k1"), NOW + 6).arm == PRODUCTION

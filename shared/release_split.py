@@ -2,8 +2,9 @@
 
 While a release runs, the release controller publishes CANARY decisions on
 ``model.deployments``: "callers of MODEL that name no version get VERSION, for P% of
-them". The router keeps the latest decision per model (:class:`Splits`) and asks it for
-each request (:meth:`Splits.choose`).
+them". Each router keeps the latest decision per model (:class:`Splits`) and asks it for
+each request (:meth:`Splits.choose`); inference replicas check a CANARY with the same
+:func:`split_of` before loading its version.
 
 - **Stable per caller.** A caller's bucket is a hash of the model, the release id and the
   caller (its API key, else its user, else the request): one caller sees one version for
@@ -105,21 +106,22 @@ def split_of(event: ev.ModelDeployment, *, max_lease_s: float, now: float) -> Sp
         )
     if not event.envelope.HasField("occurred_at"):
         raise InvalidDecision("envelope.occurred_at: required (the lease counts from it)")
-    decided_at = event.envelope.occurred_at.ToNanoseconds() / 1e9
-    if decided_at > now + MAX_CLOCK_SKEW_S:
+    stamped = event.envelope.occurred_at.ToNanoseconds() / 1e9
+    if stamped > now + MAX_CLOCK_SKEW_S:
         raise InvalidDecision(
-            f"envelope.occurred_at: {decided_at - now:.0f} s in the future (at most "
+            f"envelope.occurred_at: {stamped - now:.0f} s in the future (at most "
             f"{MAX_CLOCK_SKEW_S:g} s of clock skew is allowed)"
         )
+    # never later than now: a clock ahead of ours neither lengthens the lease nor makes
+    # the release's next decisions look older than this one
+    decided_at = min(stamped, now)
     return Split(
         model=event.model,
         candidate=event.version,
         percent=event.traffic_percent,
         release_id=event.release_id,
         decided_at=decided_at,
-        # from the decision's time, but never from later than now: a clock ahead of ours
-        # does not lengthen the lease
-        expires_at=min(decided_at, now) + event.lease_s,
+        expires_at=decided_at + event.lease_s,
         candidate_callers=_callers(list(event.candidate_callers), "candidate_callers"),
         production_callers=_callers(list(event.production_callers), "production_callers"),
     )
@@ -131,6 +133,9 @@ class Splits:
     def __init__(self, max_lease_s: float) -> None:
         self.max_lease_s = max_lease_s
         self._splits: dict[str, Split] = {}
+        # {release id: when it ended}: a renewal of an ended release, redelivered or sent
+        # late by its controller, must not reopen its split (kept a lease long)
+        self._ended: dict[str, float] = {}
 
     def apply(self, event: ev.ModelDeployment, now: float) -> str:
         """Take ``event`` into account at ``now`` (unix seconds); returns what it did.
@@ -140,6 +145,8 @@ class Splits:
         """
         for model in [m for m, split in self._splits.items() if split.expires_at <= now]:
             del self._splits[model]  # lapsed
+        for release in [r for r, at in self._ended.items() if at + self.max_lease_s < now]:
+            del self._ended[release]
         current = self._splits.get(event.model)
         if event.action == ev.DEPLOYMENT_ACTION_CANARY:
             split = split_of(event, max_lease_s=self.max_lease_s, now=now)
@@ -147,7 +154,7 @@ class Splits:
                 current is not None
                 and split.release_id == current.release_id
                 and split.decided_at < current.decided_at
-            ):
+            ) or split.decided_at <= self._ended.get(split.release_id, float("-inf")):
                 return "stale"  # an earlier decision of the release, redelivered late
             self._splits[event.model] = split
             return "split"
@@ -159,6 +166,8 @@ class Splits:
             # only a decision about the split's own candidate ends it
             if current is not None and current.candidate == event.version:
                 del self._splits[event.model]
+                stamped = event.envelope.occurred_at.ToNanoseconds() / 1e9
+                self._ended[current.release_id] = min(max(stamped, current.decided_at), now)
                 return "ended"
             return "no split"
         raise InvalidDecision(f"action: {event.action} is not a known deployment action")
