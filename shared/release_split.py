@@ -34,6 +34,8 @@ CANDIDATE = "candidate"
 PRODUCTION = "production"
 PINNED_CANDIDATE = "pinned-candidate"
 PINNED_PRODUCTION = "pinned-production"
+CANDIDATE_UNSERVED = "candidate-unserved"
+"""Sent to the candidate, which the replica did not serve: production answered."""
 CALLER_KINDS = ("tenant", "key")
 MAX_NAME = 128
 MAX_CLOCK_SKEW_S = 60.0

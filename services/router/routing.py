@@ -43,7 +43,7 @@ from shared.events.v1 import events_pb2 as ev
 from shared.logging import get_logger
 from shared.pii import Purpose, TenantPiiSettings
 from shared.pii.events import redact_audit_event
-from shared.release_split import Choice, InvalidDecision, Splits
+from shared.release_split import CANDIDATE_UNSERVED, Choice, InvalidDecision, Splits
 from shared.topics import AUDIT_EVENTS, REPLIES, Topic, by_name
 
 log = get_logger(__name__)
@@ -200,6 +200,7 @@ class Router:
         work.result()
 
     async def _serve(self, request: ev.InferenceRequest) -> None:
+        asked = request
         choice = self.splits.choose(request, time.time())
         if choice is not None:
             RouterMetrics.released(request.model, choice.arm)
@@ -226,7 +227,21 @@ class Router:
             pool = self._choose_pool(priority)
             async with pool.slots:
                 self._check_deadline(request)  # it may have expired while waiting for a slot
-                outcome = await self._attempts(prompted, pool, reply_topic)
+                try:
+                    outcome = await self._attempts(prompted, pool, reply_topic)
+                except RequestFailed as failure:
+                    if not (choice and choice.version and failure.info.code == "model_not_found"):
+                        raise
+                    # the split's candidate is not served where this went (a replica still
+                    # loading it, or one that dropped it on a rollback this router has not
+                    # read yet): production answers instead; nothing was streamed yet
+                    log.warning("candidate not served; production answers",
+                                request_id=request.request_id, version=choice.version)  # fmt: skip
+                    choice = Choice("", CANDIDATE_UNSERVED)
+                    RouterMetrics.released(asked.model, choice.arm)
+                    request = asked
+                    prompted = rag.augmented(request, sources) if sources else request
+                    outcome = await self._attempts(prompted, pool, reply_topic)
             final = outcome.reply
             final.citations.extend(rag.citations(sources))
         except RequestFailed as failure:

@@ -43,6 +43,7 @@ class Behaviour:
     completed: int = 0
     in_flight: int = 0  # streams being generated now (a freed slot shows here)
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    unserved: set[str] = field(default_factory=set)  # model names answered with a 404
 
 
 def reply_words(
@@ -61,6 +62,14 @@ def build_app(behaviour: Behaviour) -> Starlette:
         body = await request.json()
         behaviour.calls += 1
         behaviour.bodies.append(body)
+        if body.get("model") in behaviour.unserved:
+            error = {
+                "message": f"version of {body['model']!r} is registered but not served now",
+                "type": "invalid_request_error",
+                "code": "model_not_found",
+                "param": "model",
+            }
+            return JSONResponse({"error": error}, status_code=404)
         if behaviour.fail_status is not None:
             error = {"message": behaviour.reject_message, "type": "invalid_request_error"}
             if behaviour.fail_status >= 500:

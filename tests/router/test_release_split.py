@@ -162,3 +162,33 @@ async def poll_until_async(
         if asyncio.get_running_loop().time() > deadline:
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {message}")
         await asyncio.sleep(0.2)
+
+
+async def test_a_candidate_the_replica_does_not_serve_is_answered_by_production(
+    kafka_bootstrap: str, tmp_path: Path, mesh: tuple[Bus, Replies]
+) -> None:
+    """A replica still loading the candidate, or one that dropped it on a rollback the
+    router has not read yet, answers 404: the caller gets production's answer, not an
+    error."""
+    client, replies = mesh
+    model = f"m-{uuid.uuid4().hex[:6]}"
+    with FakeBackend(free_port()) as fake:
+        fake.behaviour.unserved = {f"{model}:v2"}
+        async with running_router(kafka_bootstrap, tmp_path, fake.url):
+            await client.publish(MODEL_DEPLOYMENTS, canary(model, "v2", 100, uuid.uuid4().hex))
+
+            async def fell_back() -> bool:
+                event = request(max_tokens=2, api_key_id="k")
+                event.model = model
+                final = await answered(client, replies, event)
+                await poll_until(lambda: event.request_id in replies.routing, message="record")
+                arm = replies.routing[event.request_id].release_arm
+                if arm != "candidate-unserved":
+                    return False
+                assert not final.HasField("error"), final.error
+                assert final.choices[0].text == "the quick "
+                return True
+
+            await poll_until_async(fell_back, "a fallback to production")
+    asked = [b["model"] for b in fake.behaviour.bodies if b["model"].startswith(model)]
+    assert asked[-2:] == [f"{model}:v2", model]  # the candidate refused, then production
