@@ -171,8 +171,8 @@ class Router:
         if did != "stale":
             log.info(
                 "release decision",
-                model=event.model,
-                version=event.version,
+                model=event.model[:64],
+                version=event.version[:64],
                 action=ev.DeploymentAction.Name(event.action),
                 percent=event.traffic_percent,
                 release_id=event.release_id,

@@ -65,10 +65,6 @@ def asking(version: str | None = None, max_tokens: int = 4) -> dict[str, Any]:
     }
 
 
-async def streamed(service: ChatService, body: dict[str, Any]) -> list[dict[str, Any]]:
-    return [chunk async for chunk in service.chat_stream(body)]
-
-
 async def running(service: ChatService, body: dict[str, Any]) -> asyncio.Task[list[dict[str, Any]]]:
     """A stream whose generation has begun (its first chunk came); the task reads it all."""
     stream = service.chat_stream(body)
